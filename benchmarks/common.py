@@ -1,0 +1,103 @@
+"""Shared pieces of the benchmark scripts: realistic kernels and covariances.
+
+``realistic_covariance`` builds the second moment of 3x3 patches of real
+feature maps: Fashion-MNIST images (random smooth images when the dataset is
+not installed) pushed through a random 3x3 conv + ReLU with ``channels``
+outputs, then im2col'ed with padding 1 exactly as the next conv would see them.
+The result is a full ``(channels*k*k, channels*k*k)`` PSD matrix with the
+strong spatial correlations, non-zero mean and spectrum decay of real
+activations.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+import numpy as np
+
+from sigmadecomp.datasets import DatasetNotFoundError, load_fashion_mnist
+
+
+def calibration_images(n_images=256, seed=0):
+    """``(N, 28, 28)`` float32 images: Fashion-MNIST if installed, else smooth noise."""
+    rng = np.random.default_rng(seed)
+    try:
+        images, _ = load_fashion_mnist(split="train")
+        idx = rng.choice(images.shape[0], size=n_images, replace=False)
+        return images[idx], "fashion-mnist"
+    except DatasetNotFoundError:
+        x = rng.standard_normal((n_images, 28, 28))
+        k = np.exp(-0.5 * (np.arange(-3, 4) / 1.5) ** 2)
+        k /= k.sum()
+        for ax in (1, 2):
+            x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), ax, x)
+        return x.astype(np.float32), "smooth-noise"
+
+
+def im2col(x, k=3, pad=1):
+    """Patches of ``x`` (N, C, H, W) as rows (N*H*W, C*k*k), column order (c, i, j)."""
+    N, C, H, W = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    Ho, Wo = H + 2 * pad - k + 1, W + 2 * pad - k + 1
+    cols = np.empty((N, C, k, k, Ho, Wo), dtype=x.dtype)
+    for i in range(k):
+        for j in range(k):
+            cols[:, :, i, j] = xp[:, :, i:i + Ho, j:j + Wo]
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(N * Ho * Wo, C * k * k)
+
+
+def realistic_covariance(channels=128, k=3, n_images=256, seed=0, stride=2):
+    """Second moment of ``k x k`` patches of ReLU feature maps with ``channels`` channels.
+
+    Returns ``(sigma, source)`` with ``sigma`` float64 of shape (n, n),
+    ``n = channels*k*k``, and the name of the image source.
+    """
+    rng = np.random.default_rng(seed)
+    images, source = calibration_images(n_images, seed)
+    x = images[:, None].astype(np.float64)
+    # first layer: 1 -> 32 channels, 3x3, ReLU; second: 32 -> channels, stride, ReLU
+    w1 = rng.standard_normal((32, 9)) / 3.0
+    h = np.maximum(im2col(x, 3, 1) @ w1.T, 0.0)
+    h = h.reshape(x.shape[0], 28, 28, 32).transpose(0, 3, 1, 2)[:, :, ::stride, ::stride]
+    w2 = rng.standard_normal((channels, 32 * 9)) / np.sqrt(32 * 9)
+    N, _, H, W = h.shape
+    f = np.maximum(im2col(np.ascontiguousarray(h), 3, 1) @ w2.T + 0.1, 0.0)
+    f = f.reshape(N, H, W, channels).transpose(0, 3, 1, 2)
+    U = im2col(np.ascontiguousarray(f), k, k // 2)
+    sigma = U.T @ U / U.shape[0]
+    return 0.5 * (sigma + sigma.T), source
+
+
+def trained_like_kernel(T=128, S=128, k=3, seed=0, decay=0.5):
+    """A random kernel with a decaying channel spectrum, like trained conv weights."""
+    rng = np.random.default_rng(seed)
+    n = S * k * k
+    U, _ = np.linalg.qr(rng.standard_normal((T, T)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, T)))
+    s = (1.0 + np.arange(T)) ** (-decay)
+    return ((U * s) @ V.T).reshape(T, S, k, k) / np.sqrt(n)
+
+
+class Timer:
+    """Wall-clock stopwatch (``time.perf_counter``)."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def write_csv(path, rows, fieldnames):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+NOTES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notes")

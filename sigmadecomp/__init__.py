@@ -1,0 +1,32 @@
+"""sigmadecomp: distribution-aware low-rank compression of convolutional networks.
+
+Decompositions chosen to preserve what each layer computes on real data: the
+error is measured in the Sigma-norm ``||(W - W~) Sigma^{1/2}||_F``, with
+``Sigma`` the second moment of the layer's input patches (Kalle et al.,
+NeurIPS 2025). With ``sigma=None`` every method is its classical Frobenius
+version.
+
+The core works on NumPy arrays and torch tensors alike; results follow the
+input's library, dtype and device.
+"""
+
+from .results import CPResult, SVDResult, Tucker2Result
+from .sigma import PSDRoot, psd_root, relative_sigma_error, sigma_norm
+from .svd import sigma_svd
+from .tenalg import fold, khatri_rao, unfold
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "unfold",
+    "fold",
+    "khatri_rao",
+    "sigma_norm",
+    "relative_sigma_error",
+    "psd_root",
+    "PSDRoot",
+    "sigma_svd",
+    "SVDResult",
+    "Tucker2Result",
+    "CPResult",
+]
