@@ -13,8 +13,9 @@ factorisation in this library follows one policy, implemented by
 :func:`psd_root`:
 
 * the matrix is symmetrised and eigen-decomposed in float64;
-* eigenvalues ``<= rtol * lambda_max`` (default ``rtol = 1e-10``) are treated
-  as exactly zero: their eigenvectors span the numerical null space, which the
+* eigenvalues ``<= rtol * lambda_max`` are treated as exactly zero (default
+  ``rtol = 1e-10`` for a float64 ``sigma`` and ``1e-6`` for a float32 one,
+  whose rounding alone makes eigenvalues of about ``1e-7 * lambda_max``): their eigenvectors span the numerical null space, which the
   Sigma-norm does not see;
 * an eigenvalue below ``-neg_rtol * lambda_max`` (default ``neg_rtol = 1e-8``)
   means the input is not a second-moment matrix: a ``ValueError`` is raised
@@ -43,9 +44,16 @@ __all__ = [
     "psd_solve",
     "DEFAULT_RTOL",
     "DEFAULT_NEG_RTOL",
+    "default_rtol",
 ]
 
-DEFAULT_RTOL = 1e-10
+DEFAULT_RTOL = None  # 1e-10 for float64 input, 1e-6 for float32 input
+_RTOL = {"float64": 1e-10, "float32": 1e-6}
+
+
+def default_rtol(dtype):
+    """The eigenvalue floor used when ``rtol=None``: 1e-10 (float64) or 1e-6 (float32)."""
+    return _RTOL.get(str(dtype).replace("torch.", ""), 1e-10)
 DEFAULT_NEG_RTOL = 1e-8
 
 
@@ -228,6 +236,7 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
         Symmetric positive semi-definite (NumPy or torch).
     rtol : float, optional
         Eigenvalues ``<= rtol * lambda_max`` count as zero (numerical null space).
+        Default: 1e-10 for a float64 ``sigma``, 1e-6 for a float32 one.
     neg_rtol : float, optional
         An eigenvalue below ``-neg_rtol * lambda_max`` raises ``ValueError``.
 
@@ -250,6 +259,8 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
     True
     """
     check_array(sigma, "sigma", ndim=2)
+    if rtol is None:
+        rtol = default_rtol(sigma.dtype)
     rtol = check_positive_float(rtol, "rtol", allow_zero=True)
     neg_rtol = check_positive_float(neg_rtol, "neg_rtol", allow_zero=True)
     n = sigma.shape[0]
@@ -269,7 +280,7 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
     return PSDRoot(eigenvalues=lam, eigenvectors=V, rank=rank, rtol=rtol)
 
 
-def psd_solve(A, b, *, rtol=DEFAULT_RTOL):
+def psd_solve(A, b, *, rtol=1e-10):
     """Solve ``A X = b`` for a symmetric PSD ``A`` (an exact least-squares minimiser).
 
     Uses Cholesky when ``A`` is numerically positive definite (its smallest

@@ -7,7 +7,7 @@ import numpy as np
 from . import _backend as B
 from ._validation import check_array, check_finite, check_int, check_sigma
 from .results import SVDResult
-from .sigma import DEFAULT_RTOL, psd_root
+from .sigma import DEFAULT_RTOL, default_rtol, psd_root
 
 __all__ = ["sigma_svd"]
 
@@ -34,7 +34,9 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL):
         approximation has no component in the floored null space, where the
         Sigma-norm cannot see it.
     rtol : float, optional
-        Eigenvalue floor relative to the largest eigenvalue of ``sigma``.
+        Eigenvalue floor relative to the largest eigenvalue of ``sigma``
+        (default: 1e-10 for a float64 ``sigma``, 1e-6 for float32; see
+        :func:`sigmadecomp.psd_root`).
 
     Returns
     -------
@@ -77,7 +79,7 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL):
         tail = float(xp.sum(s[rank:] ** 2))
         weighted = False
     else:
-        root = psd_root(S, rtol=rtol)
+        root = psd_root(S, rtol=default_rtol(sigma.dtype) if rtol is None else rtol)
         k = root.rank
         total = float(xp.sum((W @ S) * W))
         if k == 0:
