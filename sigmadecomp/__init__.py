@@ -14,6 +14,11 @@ from .results import CPResult, SVDResult, Tucker2Result
 from .sigma import PSDRoot, psd_root, relative_sigma_error, sigma_norm
 from .svd import sigma_svd
 from .tenalg import fold, khatri_rao, unfold
+from .tt import TTResult, tt_conv, tt_linear, tt_svd
+from .tucker2 import tucker2
+from .cp import cp
+from . import ranks
+from .ranks import allocate_ranks, evbmf, ratio_to_ranks
 
 __version__ = "0.1.0"
 
@@ -28,5 +33,15 @@ __all__ = [
     "sigma_svd",
     "SVDResult",
     "Tucker2Result",
+    "tucker2",
     "CPResult",
+    "cp",
+    "ranks",
+    "evbmf",
+    "ratio_to_ranks",
+    "allocate_ranks",
+    "tt_svd",
+    "tt_conv",
+    "tt_linear",
+    "TTResult",
 ]

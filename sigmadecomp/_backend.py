@@ -170,6 +170,8 @@ def cho_solve(L, b):
         return scipy.linalg.cho_solve((L, True), b, check_finite=False)
     import torch
 
+    if b.ndim == 1:
+        return torch.cholesky_solve(b[:, None], L, upper=False)[:, 0]
     return torch.cholesky_solve(b, L, upper=False)
 
 

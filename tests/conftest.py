@@ -79,3 +79,17 @@ def lib(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_torch_thread():
+    """Tiny problems run faster and more repeatably on one thread (no oversubscription)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

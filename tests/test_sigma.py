@@ -137,3 +137,13 @@ def test_sigma_validation_errors(rng):
         sigma_norm(np.ones((3, 4), dtype=np.int64))
     with pytest.raises(ValueError, match="sigma has ndim=1"):
         sigma_norm(D, np.ones(4))
+
+
+def test_psd_solve_vector_rhs_both_libraries(rng):
+    torch = pytest.importorskip("torch")
+    A = random_psd(rng, 5)
+    b = rng.standard_normal(5)
+    for lib_A, lib_b in ((A, b), (torch.from_numpy(A), torch.from_numpy(b))):
+        x = psd_solve(lib_A, lib_b)
+        assert x.shape == (5,)
+        np.testing.assert_allclose(np.asarray(x), np.linalg.solve(A, b), rtol=1e-8)
