@@ -1,0 +1,563 @@
+"""Tucker-2 decomposition of conv kernels: HOOI and Tucker2-ALS-Sigma.
+
+A kernel ``K`` of shape ``(T, S, H, W)`` is approximated on its two channel
+modes, ``K ~= G x_1 U_T x_2 U_S``, with ``U_T`` (T, r_T) and ``U_S`` (S, r_S)
+orthonormal and a core ``G`` of shape ``(r_T, r_S, H, W)``. Deployed, this is
+a 1x1 conv (S -> r_S), the HxW core conv (r_S -> r_T) and a 1x1 conv
+(r_T -> T).
+
+With ``sigma=None`` the factors minimise the Frobenius error (HOOI, the higher
+order orthogonal iteration on modes 0 and 1). With a second moment ``sigma``
+of the layer's input patches they minimise the Sigma-error
+``tr(D Sigma D^T)``, ``D = K_(1) - K~_(1)``, by alternating two exact block
+minimisers (design notes, section 4):
+
+* ``(U_T, G)`` given ``span(U_S)``: a reduced-rank regression with a closed
+  form. Its optimal value gives the error of the sweep for free.
+* ``U_S`` given ``(U_T, G)``: a quadratic whose normal operator costs one
+  ``r_T x n x n`` product per application, solved by conjugate gradients
+  warm-started at the current ``U_S`` with a Kronecker preconditioner (a dense
+  direct solve when ``S * r_S`` is small), then orthonormalised.
+
+Warm-started CG never increases the quadratic, so the objective is monotone
+whatever the inner accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import _backend as B
+from ._validation import (
+    check_array,
+    check_choice,
+    check_finite,
+    check_int,
+    check_positive_float,
+    check_sigma,
+)
+from .results import Tucker2Result
+from .sigma import default_rtol, psd_solve
+from .solvers import pcg
+
+__all__ = ["tucker2"]
+
+_INITS = ("frobenius", "hosvd", "random")
+_INNER = ("auto", "cg", "direct")
+_DIRECT_MAX = 512  # 'auto' uses a dense solve when S * r_S is at most this
+
+
+# ----------------------------------------------------------------------------
+# small helpers (all arrays float64 in the library/device of the kernel)
+# ----------------------------------------------------------------------------
+
+def _zeros(xp, shape, like):
+    return xp.zeros(shape, dtype=like.dtype, device=B.device(like))
+
+
+def _top_left(A, r):
+    """``(U[:, :r], s, Vh)`` of the thin SVD of ``A`` (T, m), zero-padded if ``m < r``."""
+    xp = B.namespace(A)
+    T, m = A.shape
+    if m < r:
+        A = xp.concat([A, _zeros(xp, (T, r - m), A)], axis=1)
+    U, s, Vh = B.svd(A)
+    U, Vh = B.svd_flip(U, Vh)
+    return U[:, :r], s, Vh[:, :m]
+
+
+def _top_left_gram(Y, r):
+    """Top-``r`` left singular vectors of ``Y`` (T, m) and ``U^T Y``, via the ``T x T`` Gram matrix.
+
+    Cheaper than an SVD when ``m > T``; only the dominant subspace is needed.
+    """
+    xp = B.namespace(Y)
+    T = Y.shape[0]
+    lam, V = B.eigh(Y @ Y.T)
+    U = xp.flip(V[:, T - r:], axis=1)
+    U, _ = B.svd_flip(U, _zeros(xp, (r, 1), U))
+    return U, U.T @ Y
+
+
+def _rel(sq_err, total):
+    if total <= 0.0:
+        return 0.0 if sq_err <= 0.0 else float("inf")
+    return float(np.sqrt(max(sq_err, 0.0) / total))
+
+
+def _orthonormal(X):
+    """Orthonormal basis (QR) of the columns of ``X`` and the ``R`` factor."""
+    Q, R = B.qr(X)
+    return Q, R
+
+
+# ----------------------------------------------------------------------------
+# Frobenius: HOSVD and HOOI
+# ----------------------------------------------------------------------------
+
+def _hosvd(K, r_T, r_S):
+    xp = B.namespace(K)
+    T, S = K.shape[:2]
+    U_T = _top_left(xp.reshape(K, (T, -1)), r_T)[0]
+    U_S = _top_left(xp.reshape(xp.moveaxis(K, 1, 0), (S, -1)), r_S)[0]
+    return U_T, U_S
+
+
+def _hooi_sweep(K, U_S, r_T, r_S):
+    """One HOOI sweep (U_T then U_S); returns ``(U_T, U_S, core)``."""
+    xp = B.namespace(K)
+    T, S, H, W = K.shape
+    A = B.einsum("tshw,sb->tbhw", K, U_S)
+    U_T = _top_left(xp.reshape(A, (T, -1)), r_T)[0]
+    Bm = B.einsum("tshw,ta->sahw", K, U_T)
+    U_S = _top_left(xp.reshape(Bm, (S, -1)), r_S)[0]
+    core = B.einsum("tshw,ta,sb->abhw", K, U_T, U_S)
+    return U_T, U_S, core
+
+
+_CANCEL = 1e-6  # below this squared relative error the "free" formulas lose digits
+
+
+def _frob_error(normsq, core, K=None, U_T=None, U_S=None):
+    """``sqrt(||K||^2 - ||G||^2) / ||K||``; recomputed from ``K - K~`` when that cancels."""
+    xp = B.namespace(core)
+    sq = normsq - float(xp.sum(core * core))
+    if K is not None and sq <= _CANCEL * normsq:
+        D = K - B.einsum("ta,abhw,sb->tshw", U_T, core, U_S)
+        sq = float(xp.sum(D * D))
+    return _rel(sq, normsq)
+
+
+def _frob_error_general(K, normsq, U_T, core, U_S):
+    """Frobenius error of a decomposition with orthonormal factors."""
+    xp = B.namespace(K)
+    proj = B.einsum("tshw,ta,sb->abhw", K, U_T, U_S)
+    sq = normsq - 2.0 * float(xp.sum(proj * core)) + float(xp.sum(core * core))
+    return _rel(sq, normsq)
+
+
+# ----------------------------------------------------------------------------
+# Sigma: the two exact block minimisers
+# ----------------------------------------------------------------------------
+
+def _block_out_core(KS3, S4, U_S, r_T, total, rtol, K1=None, Sig=None):
+    """Exact minimiser over ``(U_T, G)`` given ``span(U_S)``.
+
+    Parameters
+    ----------
+    KS3 : (T, S, P) array, ``K_(1) Sigma`` reshaped.
+    S4 : (S, P, S, P) array, ``Sigma`` reshaped.
+    U_S : (S, r_S) orthonormal.
+
+    Returns ``U_T`` (T, r_T), ``G`` (r_T, r_S, P), relative error, squared error.
+    With ``B = (U_S kron I_P)^T``, ``C = B Sigma B^T`` and ``N = K_(1) Sigma B^T``
+    the unconstrained minimiser is ``M* = N C^+``; ``U_T`` spans the top left
+    singular vectors of ``N C^{-1/2}`` (eigenvectors of its Gram matrix) and
+    ``G_(1) = U_T^T M*``. The squared error is ``tr(K Sigma K^T)`` minus the
+    kept squared singular values.
+    """
+    xp = B.namespace(KS3)
+    T, S, P = KS3.shape
+    r_S = U_S.shape[1]
+    m = r_S * P
+    N = xp.reshape(B.einsum("tsp,sb->tbp", KS3, U_S), (T, m))
+    C = xp.reshape(B.einsum("sb,spuq,uc->bpcq", U_S, S4, U_S), (m, m))
+    C = 0.5 * (C + C.T)
+    diag_max = float(xp.max(xp.abs(xp.linalg.diagonal(C))))
+    L = None
+    if diag_max > 0.0:
+        try:
+            L = B.cholesky(C)
+            if float(xp.min(xp.linalg.diagonal(L))) ** 2 <= 10.0 * rtol * diag_max:
+                L = None
+        except np.linalg.LinAlgError:
+            L = None
+    if L is not None:
+        Y = B.solve_triangular(L, N.T, lower=True).T  # N L^{-T}, (T, m)
+        U, SV = _top_left_gram(Y, r_T)
+        G1 = B.solve_triangular(L.T, SV.T, lower=False).T  # SV L^{-1}
+    else:  # singular C: minimum-norm solution under the eigenvalue floor
+        lam, V = B.eigh(C)
+        lam_max = float(lam[-1]) if m else 0.0
+        k = int(xp.sum(lam > rtol * lam_max)) if lam_max > 0 else 0
+        lam_k, V_k = lam[m - k:], V[:, m - k:]
+        root = xp.sqrt(lam_k)
+        Y = (N @ V_k) / root[None, :]
+        U, SV = _top_left_gram(Y, r_T)
+        G1 = (SV / root[None, :]) @ V_k.T
+    kept = float(xp.sum(SV * SV))
+    sq = total - kept
+    G = xp.reshape(G1, (r_T, r_S, P))
+    if sq <= _CANCEL * total and K1 is not None:  # tiny error: compute it from D directly
+        Z = xp.reshape(B.einsum("sb,tbp->tsp", U_S, G), (r_T, S * P))
+        D = K1 - U @ Z
+        sq = float(xp.sum((D @ Sig) * D))
+    return U, G, _rel(sq, total), sq
+
+
+def _nearest_kron(S4):
+    """``Sigma ~= Sigma_S kron Sigma_P`` (Van Loan-Pitsianis), both symmetric, traces >= 0."""
+    xp = B.namespace(S4)
+    S, P = S4.shape[:2]
+    R = xp.reshape(xp.permute_dims(S4, (0, 2, 1, 3)), (S * S, P * P))
+    lam, V = B.eigh(R.T @ R)
+    v = V[:, -1]
+    sig_P = xp.reshape(v, (P, P))
+    sig_S = xp.reshape(R @ v, (S, S))
+    if float(xp.sum(xp.linalg.diagonal(sig_P))) < 0:
+        sig_P, sig_S = -sig_P, -sig_S
+    return 0.5 * (sig_S + sig_S.T), 0.5 * (sig_P + sig_P.T)
+
+
+class _Kron:
+    """Preconditioner ``M = Sigma_S kron Q_P`` applied as ``X -> M^{-1} X`` on (S, r_S)."""
+
+    def __init__(self, sig_S, sig_P):
+        xp = B.namespace(sig_S)
+        lam, self.E_S = B.eigh(sig_S)
+        self.lam = xp.where(lam > 0, lam, 0.0)
+        self.sig_P = sig_P
+
+    def update(self, G):
+        xp = B.namespace(G)
+        Q = B.einsum("tbp,pq,tcq->bc", G, self.sig_P, G)
+        mu, self.E_G = B.eigh(0.5 * (Q + Q.T))
+        mu = xp.where(mu > 0, mu, 0.0)
+        d = self.lam[:, None] * mu[None, :]
+        floor = 1e-8 * max(float(xp.max(d)), 1e-300)
+        self.inv = 1.0 / xp.where(d > floor, d, floor)
+        return self
+
+    def __call__(self, R):
+        return self.E_S @ (((self.E_S.T @ R) @ self.E_G) * self.inv) @ self.E_G.T
+
+
+def _normal_operator(Sig, G):
+    """``X -> H(X)`` for the U_S block; one ``r_T x n x n`` GEMM per call."""
+    xp = B.namespace(G)
+    r_T, r_S, P = G.shape
+    n = Sig.shape[0]
+    S = n // P
+
+    def apply(X):
+        Z = xp.reshape(B.einsum("sb,tbp->tsp", X, G), (r_T, n))
+        ZS = xp.reshape(Z @ Sig, (r_T, S, P))
+        return B.einsum("tsp,tbp->sb", ZS, G)
+
+    return apply
+
+
+def _block_in(KS3, Sig, S4, U_T, G, U_S, *, solver, inner_rtol, inner_maxiter, precond, rtol):
+    """Minimise over ``U_S`` given ``(U_T, G)``; returns the new (unorthonormalised) X and CG iterations.
+
+    The objective is ``tr((Y - Z(X)) Sigma (Y - Z(X))^T)`` with ``Y = U_T^T K_(1)``
+    and ``Z(X)[t, (s, p)] = sum_b X[s, b] G[t, b, p]``; normal equations
+    ``H(X) = Z^*(Y Sigma)``.
+    """
+    xp = B.namespace(KS3)
+    T, S, P = KS3.shape
+    r_S = G.shape[1]
+    YS = B.einsum("ta,tsp->asp", U_T, KS3)  # U_T^T K Sigma
+    rhs = B.einsum("asp,abp->sb", YS, G)
+    if solver == "direct":
+        Hm = B.einsum("spuq,tbp,tcq->sbuc", S4, G, G)
+        Hm = xp.reshape(Hm, (S * r_S, S * r_S))
+        X = xp.reshape(psd_solve(Hm, xp.reshape(rhs, (-1, 1)), rtol=rtol), (S, r_S))
+        return X, 0
+    apply = _normal_operator(Sig, G)
+    R0 = rhs - apply(U_S)
+    D, info = pcg(apply, R0, rtol=inner_rtol, maxiter=inner_maxiter,
+                  precond=precond.update(G) if precond is not None else None)
+    return U_S + D, info.n_iter
+
+
+def _sigma_error_general(KS, Sig, total, U_T, G, U_S):
+    """Sigma-error of a decomposition with orthonormal ``U_T`` (one r_T x n x n GEMM)."""
+    xp = B.namespace(KS)
+    r_T, r_S, P = G.shape
+    n = KS.shape[1]
+    Z = xp.reshape(B.einsum("sb,tbp->tsp", U_S, G), (r_T, n))
+    cross = float(xp.sum((U_T.T @ KS) * Z))
+    quad = float(xp.sum((Z @ Sig) * Z))
+    return _rel(total - 2.0 * cross + quad, total)
+
+
+# ----------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------
+
+def _check_ranks(ranks, T, S):
+    if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__") or len(ranks) != 2:
+        raise ValueError(
+            f"ranks={ranks!r} is not allowed; ranks must be a pair (r_T, r_S) of integers"
+        )
+    r_T = check_int(ranks[0], "ranks[0] (r_T)", low=1, high=T)
+    r_S = check_int(ranks[1], "ranks[1] (r_S)", low=1, high=S)
+    return r_T, r_S
+
+
+def _check_user_init(init, K64, r_T, r_S):
+    """``(core, out_factor, in_factor)`` in float64, orthonormalised (same tensor)."""
+    if isinstance(init, Tucker2Result):
+        parts = (init.core, init.out_factor, init.in_factor)
+    else:
+        parts = tuple(init)
+        if len(parts) != 3:
+            raise ValueError(
+                f"init has {len(parts)} entries; a user-given init must be a Tucker2Result "
+                "or a tuple (core, out_factor, in_factor)"
+            )
+    T, S, H, W = K64.shape
+    want = ((r_T, r_S, H, W), (T, r_T), (S, r_S))
+    names = ("core", "out_factor", "in_factor")
+    out = []
+    for a, shp, nm in zip(parts, want, names):
+        check_array(a, f"init {nm}")
+        if tuple(a.shape) != shp:
+            raise ValueError(
+                f"init {nm} has shape {tuple(a.shape)}; for kernel shape {tuple(K64.shape)} "
+                f"and ranks ({r_T}, {r_S}) it must be {shp}"
+            )
+        a = B.asarray_like(a, K64)
+        check_finite(a, f"init {nm}")
+        out.append(a)
+    core, U_T, U_S = out
+    U_T, R_T = _orthonormal(U_T)
+    U_S, R_S = _orthonormal(U_S)
+    core = B.einsum("ia,abhw,jb->ijhw", R_T, core, R_S)
+    return core, U_T, U_S
+
+
+def _random_factors(rng, K64, r_T, r_S):
+    T, S = K64.shape[:2]
+    U_T = _orthonormal(B.random_normal(rng, (T, r_T), K64))[0]
+    U_S = _orthonormal(B.random_normal(rng, (S, r_S), K64))[0]
+    return U_T, U_S
+
+
+# ----------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------
+
+def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
+            callback=None, inner_solver="auto", inner_rtol=1e-2, inner_maxiter=10,
+            init_iter_max=100, init_tol=1e-6, rtol=None):
+    """Tucker-2 decomposition of a conv kernel on its two channel modes.
+
+    Minimises ``||(K_(1) - K~_(1)) Sigma^{1/2}||_F`` over
+    ``K~ = G x_1 U_T x_2 U_S`` (Tucker2-ALS-Sigma, Kalle et al., NeurIPS 2025),
+    or the Frobenius error ``||K - K~||_F`` when ``sigma`` is None (HOOI on
+    modes 0 and 1). Every Sigma-ALS sweep updates ``U_S`` (conjugate gradients
+    warm-started at the current ``U_S``, or a dense solve), then ``(U_T, G)``
+    jointly in closed form; both are exact block minimisers, so ``errors`` never
+    increases.
+
+    Parameters
+    ----------
+    kernel : array of shape (T, S, H, W)
+        NumPy array or torch tensor (any device), float32 or float64.
+    ranks : (int, int)
+        ``(r_T, r_S)`` with ``1 <= r_T <= T`` and ``1 <= r_S <= S``.
+    sigma : array of shape (S*H*W, S*H*W), optional
+        Symmetric PSD second moment of the input patches, indexed ``(s, h, w)``
+        like ``kernel.reshape(T, -1)``. ``None`` runs Frobenius HOOI.
+        Rank-deficient ``sigma`` is allowed (see ``rtol``).
+    init : {'frobenius', 'hosvd', 'random'}, Tucker2Result or tuple, optional
+        Starting point. Default ``'frobenius'`` when ``sigma`` is given (the
+        HOOI solution, so the Sigma-error is never worse than HOOI's) and
+        ``'hosvd'`` for HOOI. ``'random'``: random orthonormal factors drawn
+        from ``rng``. With ``sigma`` given, a string init only supplies
+        ``U_S``; ``(U_T, G)`` are its exact Sigma-optimal completion. A
+        :class:`Tucker2Result` or a tuple ``(core, out_factor, in_factor)`` is
+        used as given (factors orthonormalised by QR, which keeps the tensor).
+        With ``sigma=None``, ``'frobenius'`` and ``'hosvd'`` both start HOOI
+        from the HOSVD.
+    n_iter_max : int, optional
+        Maximum number of sweeps.
+    tol : float, optional
+        Stop when the relative error decreases by less than ``tol`` (absolute
+        change of the relative error, as in TensorLy) in one sweep.
+    rng : None, int or numpy.random.Generator, optional
+        Randomness for ``init='random'``.
+    callback : callable, optional
+        ``callback(result, error)`` is called with the current
+        :class:`Tucker2Result` and its relative error after the initial point
+        and after every sweep; returning ``True`` stops the run (``converged``
+        stays False).
+    inner_solver : {'auto', 'cg', 'direct'}, optional
+        How the ``U_S`` block is solved (Sigma only): preconditioned CG, a
+        dense solve of the ``(S*r_S)``-square normal equations, or ``'auto'``
+        (dense when ``S*r_S <= 512``).
+    inner_rtol : float, optional
+        CG stops when the residual has shrunk by this factor relative to its
+        value at the warm start.
+    inner_maxiter : int, optional
+        Maximum CG iterations per sweep (each costs one ``r_T x n x n`` GEMM).
+    init_iter_max, init_tol : int and float, optional
+        ``n_iter_max`` and ``tol`` of the HOOI run behind ``init='frobenius'``
+        (defaults: those of :func:`tucker2` itself, so the start is exactly
+        ``tucker2(kernel, ranks)``).
+    rtol : float, optional
+        Eigenvalue floor relative to the largest eigenvalue for the singular
+        systems of the Sigma-ALS (the policy of :func:`sigmadecomp.psd_root`):
+        default 1e-10 for a float64 ``sigma`` and 1e-6 for float32. Systems
+        that are numerically singular get the minimum-norm solution, which is
+        still an exact minimiser.
+
+    Returns
+    -------
+    Tucker2Result
+        ``core`` (r_T, r_S, H, W), ``out_factor`` (T, r_T) and ``in_factor``
+        (S, r_S) with orthonormal columns, in the library, dtype and device of
+        ``kernel``; ``errors`` (relative Sigma-error, or Frobenius when
+        ``sigma`` is None, of the initial point and after each sweep),
+        ``n_iter``, ``converged``, ``seconds`` and ``to_tensor()``. All algebra
+        is done in float64.
+
+    Notes
+    -----
+    With ``n = S*H*W`` a Sigma-ALS sweep costs ``inner_maxiter + 1``
+    products of an ``r_T x n`` by an ``n x n`` matrix (the CG operator), plus
+    the closed-form block: ``C = B Sigma B^T`` (about ``n^2 r_S`` flops), a
+    Cholesky factorisation of the ``(r_S*H*W)``-square ``C`` and a ``T x T``
+    eigen-decomposition. The error of the sweep comes from the closed form,
+    without a ``T x n x n`` product. ``tr(K Sigma K^T)`` and ``K_(1) Sigma``
+    are formed once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp import tucker2, relative_sigma_error
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((6, 5, 3, 3))
+    >>> X = rng.standard_normal((500, 45)) * np.linspace(0.2, 2.0, 45)
+    >>> Sigma = X.T @ X / 500
+    >>> hooi = tucker2(K, (3, 2))
+    >>> res = tucker2(K, (3, 2), Sigma)
+    >>> res.core.shape, res.out_factor.shape, res.in_factor.shape
+    ((3, 2, 3, 3), (6, 3), (5, 2))
+    >>> bool(np.all(np.diff(res.errors) <= 1e-12))
+    True
+    >>> bool(res.error <= relative_sigma_error(K, hooi.to_tensor(), Sigma))
+    True
+    >>> bool(np.isclose(res.error, relative_sigma_error(K, res.to_tensor(), Sigma)))
+    True
+    """
+    t0 = time.perf_counter()
+    check_array(kernel, "kernel", ndim=4)
+    check_finite(kernel, "kernel")
+    T, S, H, W = (int(d) for d in kernel.shape)
+    P, n = H * W, S * H * W
+    r_T, r_S = _check_ranks(ranks, T, S)
+    n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
+    tol = check_positive_float(tol, "tol", allow_zero=True)
+    inner_solver = check_choice(inner_solver, "inner_solver", _INNER)
+    inner_rtol = check_positive_float(inner_rtol, "inner_rtol", allow_zero=True)
+    inner_maxiter = check_int(inner_maxiter, "inner_maxiter", low=1)
+    init_iter_max = check_int(init_iter_max, "init_iter_max", low=0)
+    init_tol = check_positive_float(init_tol, "init_tol", allow_zero=True)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is not allowed; callback must be callable or None")
+    if init is None:
+        init = "hosvd" if sigma is None else "frobenius"
+    if isinstance(init, str):
+        check_choice(init, "init", _INITS)
+    elif not isinstance(init, (Tucker2Result, tuple, list)):
+        raise TypeError(
+            f"init of type {type(init).__name__} is not allowed; init must be one of "
+            f"{', '.join(repr(c) for c in _INITS)}, a Tucker2Result or a tuple "
+            "(core, out_factor, in_factor)"
+        )
+    rng = B.check_rng(rng)
+
+    K = B.as_compute(kernel)
+    xp = B.namespace(K)
+    Sig = check_sigma(sigma, n, K)
+    if rtol is None:
+        rtol = default_rtol(sigma.dtype) if sigma is not None else 1e-10
+    rtol = check_positive_float(rtol, "rtol", allow_zero=True)
+
+    def make_result(U_T, G, U_S, errors, n_done, converged):
+        cast = lambda a: xp.astype(a, kernel.dtype)
+        return Tucker2Result(
+            errors=list(errors), n_iter=n_done, converged=converged, weighted=Sig is not None,
+            seconds=time.perf_counter() - t0, core=cast(xp.reshape(G, (r_T, r_S, H, W))),
+            out_factor=cast(U_T), in_factor=cast(U_S),
+        )
+
+    def stop_requested(U_T, G, U_S, errors, n_done):
+        if callback is None:
+            return False
+        return bool(callback(make_result(U_T, G, U_S, errors, n_done, False), errors[-1]))
+
+    user_init = not isinstance(init, str)
+    if user_init:
+        G, U_T, U_S = _check_user_init(init, K, r_T, r_S)
+    elif init == "random":
+        U_T, U_S = _random_factors(rng, K, r_T, r_S)
+        G = None
+    elif init == "hosvd" or Sig is None:
+        U_T, U_S = _hosvd(K, r_T, r_S)
+        G = None
+    else:  # 'frobenius' with sigma: the HOOI solution
+        frob = tucker2(K, (r_T, r_S), None, init="hosvd", n_iter_max=init_iter_max, tol=init_tol)
+        U_T, U_S, G = frob.out_factor, frob.in_factor, frob.core
+
+    errors = []
+    converged = False
+    n_done = 0
+
+    if Sig is None:
+        # ---------------- HOOI ----------------
+        normsq = float(xp.sum(K * K))
+        if G is None:
+            G = B.einsum("tshw,ta,sb->abhw", K, U_T, U_S)
+            errors.append(_frob_error(normsq, G, K, U_T, U_S))
+        else:
+            G = xp.reshape(G, (r_T, r_S, H, W))
+            errors.append(_frob_error_general(K, normsq, U_T, G, U_S))
+        if not stop_requested(U_T, G, U_S, errors, 0):
+            for it in range(1, n_iter_max + 1):
+                U_T, U_S, G = _hooi_sweep(K, U_S, r_T, r_S)
+                errors.append(_frob_error(normsq, G, K, U_T, U_S))
+                n_done = it
+                if abs(errors[-2] - errors[-1]) < tol:
+                    converged = True
+                if stop_requested(U_T, G, U_S, errors, n_done) or converged:
+                    break
+        return make_result(U_T, G, U_S, errors, n_done, converged)
+
+    # ---------------- Tucker2-ALS-Sigma ----------------
+    K1 = xp.reshape(K, (T, n))
+    KS = K1 @ Sig
+    total = float(xp.sum(KS * K1))
+    KS3 = xp.reshape(KS, (T, S, P))
+    S4 = xp.reshape(Sig, (S, P, S, P))
+    if user_init:
+        G = xp.reshape(G, (r_T, r_S, P))
+        errors.append(_sigma_error_general(KS, Sig, total, U_T, G, U_S))
+    else:
+        U_T, G, err, _ = _block_out_core(KS3, S4, U_S, r_T, total, rtol, K1, Sig)
+        errors.append(err)
+    solver = inner_solver
+    if solver == "auto":
+        solver = "direct" if S * r_S <= _DIRECT_MAX else "cg"
+    precond = None
+    if solver == "cg":
+        precond = _Kron(*_nearest_kron(S4))
+
+    if not stop_requested(U_T, G, U_S, errors, 0):
+        for it in range(1, n_iter_max + 1):
+            X, _ = _block_in(KS3, Sig, S4, U_T, G, U_S, solver=solver, inner_rtol=inner_rtol,
+                             inner_maxiter=inner_maxiter, precond=precond, rtol=rtol)
+            U_S = _orthonormal(X)[0]
+            U_T, G, err, _ = _block_out_core(KS3, S4, U_S, r_T, total, rtol, K1, Sig)
+            errors.append(err)
+            n_done = it
+            if abs(errors[-2] - errors[-1]) < tol:
+                converged = True
+            if stop_requested(U_T, G, U_S, errors, n_done) or converged:
+                break
+    return make_result(U_T, G, U_S, errors, n_done, converged)
