@@ -1,0 +1,749 @@
+"""CP decomposition of conv kernels: CP-ALS (Frobenius) and CP-ALS-Sigma.
+
+A kernel ``K`` of shape ``(T, S, H, W)`` is approximated by ``R`` rank-one terms,
+
+    K ~= sum_r w_r a_r (x) b_r (x) c_r (x) d_r,     K~_(1) = A diag(w) Z^T,
+
+with ``Z = khatri_rao([B, C, D])`` of shape ``(n, R)``, ``n = S*H*W``. In a
+network this is a 1x1 conv (S -> R), an Hx1 and a 1xW depthwise conv and a
+1x1 conv (R -> T).
+
+``sigma=None`` minimises the Frobenius error (classical CP-ALS).
+With a second-moment matrix ``Sigma`` of shape ``(n, n)`` the objective is
+``tr((K_(1) - K~_(1)) Sigma (K_(1) - K~_(1))^T)``, the expected squared change
+of the layer output (Kalle et al., NeurIPS 2025). Every block update of both
+variants is the exact minimiser of that objective over one factor (the scale
+``w`` absorbed into it), so the error never increases:
+
+* output mode ``A``: closed form ``A = K Sigma Z (Z^T Sigma Z)^{-1}``;
+* spatial modes ``C`` and ``D``: small dense normal systems (``H*R`` and
+  ``W*R`` unknowns) built from ``Sigma`` contracted twice with ``B``;
+* input-channel mode ``B``: ``S*R`` unknowns, solved matrix-free by
+  preconditioned conjugate gradients warm-started at the current ``B`` (each
+  iteration one ``n x n x R`` product). CG from the current factor never
+  increases the quadratic, whatever the number of iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from . import _backend as B
+from ._validation import (
+    check_array,
+    check_choice,
+    check_finite,
+    check_int,
+    check_positive_float,
+    check_sigma,
+)
+from .results import CPResult
+from .sigma import psd_solve
+from .solvers import pcg
+
+__all__ = ["cp"]
+
+#: Sweeps of Frobenius CP-ALS (from the ``'svd'`` start) behind ``init='frobenius'``.
+FROBENIUS_INIT_SWEEPS = 25
+
+_CG_RTOL = 1e-2  # relative reduction of the initial CG residual per B-update
+_CG_MAXITER = 5
+_PRECOND_REFRESH = 5  # sweeps between rebuilds of the preconditioner's S x S blocks
+_PRECOND_JITTER = 1e-10  # relative diagonal shift keeping the diagonal blocks definite
+_INITS = ("frobenius", "svd", "random")
+
+
+# ----------------------------------------------------------------------------
+# small helpers (float64 arrays of one library)
+# ----------------------------------------------------------------------------
+
+def _normalize(X):
+    """Unit columns of ``X`` and their norms (a zero column stays zero, norm 0)."""
+    xp = B.namespace(X)
+    norms = xp.sqrt(xp.sum(X * X, axis=0))
+    safe = xp.where(norms == 0, 1.0, norms)
+    return X / safe[None, :], norms
+
+
+def _pair(C, D):
+    """``CD[(h, w), r] = C[h, r] D[w, r]`` of shape (H*W, R)."""
+    xp = B.namespace(C)
+    return xp.reshape(C[:, None, :] * D[None, :, :], (-1, C.shape[1]))
+
+
+def _solve_spd(V, rhs, l2_reg):
+    """Exact minimiser ``X`` of ``tr(X V X^T) - 2 tr(rhs X^T) + l2 ||X||^2`` (rows of X)."""
+    xp = B.namespace(V)
+    if l2_reg:
+        V = V + l2_reg * xp.eye(V.shape[0], dtype=V.dtype, device=B.device(V))
+    return psd_solve(V, rhs.T).T
+
+
+def _rel(f, norm2):
+    if norm2 <= 0.0:
+        return 0.0
+    return float(math.sqrt(max(f, 0.0) / norm2))
+
+
+# ----------------------------------------------------------------------------
+# the two ALS engines
+# ----------------------------------------------------------------------------
+
+class _ALSBase:
+    """Shared state: unit-column factors ``A, B, C, D`` and weights ``w``.
+
+    A block update for mode ``k`` solves for ``F_k diag(w)`` with the other three
+    factors fixed (unit columns), then splits it again into unit columns and
+    ``w``. ``objective()`` is ``tr(D Sigma D^T)`` (``Sigma = I`` for Frobenius).
+    """
+
+    def __init__(self, K, weights, factors, l2_reg):
+        self.K = K
+        self.T, self.S, self.H, self.W = K.shape
+        self.n = self.S * self.H * self.W
+        self.P = self.H * self.W
+        self.K1 = B.namespace(K).reshape(K, (self.T, self.n))
+        self.l2 = l2_reg
+        self.set_point(weights, factors)
+
+    # state -----------------------------------------------------------------
+    def set_point(self, weights, factors):
+        self.w = weights
+        self.F = list(factors)
+        for k in range(4):
+            self.F[k], norms = _normalize(self.F[k])
+            self.w = self.w * norms
+        self._invalidate()
+
+    def _invalidate(self):
+        self._cache = None  # product of the operator with Z for the current B, C, D
+
+    def point(self):
+        return self.w, list(self.F)
+
+    def Z(self):
+        xp = B.namespace(self.w)
+        _, Bf, C, D = self.F
+        return xp.reshape(Bf[:, None, :] * _pair(C, D)[None, :, :], (self.n, -1))
+
+    def sweep(self):
+        """One ALS sweep (modes A, B, C, D); returns the objective at its end."""
+        self.update_A()
+        self.update_B()
+        self.update_C()
+        return self.update_D()
+
+
+class _FrobeniusALS(_ALSBase):
+    """Classical CP-ALS: normal equations with Hadamard products of Gram matrices.
+
+    The MTTKRPs reuse ``P = K_(1)^T A`` (n x R) for modes B, C and D, so a sweep
+    costs two ``T x n x R`` products and no Khatri-Rao product larger than
+    ``n x R``.
+    """
+
+    def __init__(self, K, weights, factors, l2_reg):
+        super().__init__(K, weights, factors, l2_reg)
+        xp = B.namespace(K)
+        self.norm2 = float(xp.sum(self.K1 * self.K1))
+
+    def _grams(self):
+        return [F.T @ F for F in self.F]
+
+    def objective(self):
+        xp = B.namespace(self.w)
+        if self._cache is None:
+            self._cache = self.K1 @ self.Z()
+        Aw = self.F[0] * self.w[None, :]
+        cross = float(xp.sum(self._cache * Aw))
+        G = self._grams()
+        quad = float(xp.sum((Aw.T @ Aw) * G[1] * G[2] * G[3]))
+        return self.norm2 - 2.0 * cross + quad
+
+    def update_A(self):
+        if self._cache is None:
+            self._cache = self.K1 @ self.Z()
+        G = self._grams()
+        X = _solve_spd(G[1] * G[2] * G[3], self._cache, self.l2)
+        self.F[0], self.w = _normalize(X)
+        xp = B.namespace(X)
+        self._P = xp.reshape(self.K1.T @ self.F[0], (self.S, self.H, self.W, -1))
+
+    def _mttkrp(self, mode):
+        xp = B.namespace(self.w)
+        _, Bf, C, D = self.F
+        P = self._P
+        if mode == 1:
+            return xp.sum(xp.reshape(P, (self.S, self.P, -1)) * _pair(C, D)[None], axis=1)
+        if mode == 2:
+            Pb = xp.sum(P * Bf[:, None, None, :], axis=0)  # (H, W, R)
+            return xp.sum(Pb * D[None, :, :], axis=1)
+        Pb = xp.sum(P * Bf[:, None, None, :], axis=0)
+        return xp.sum(Pb * C[:, None, :], axis=0)
+
+    def _update(self, mode):
+        G = self._grams()
+        V = G[0]
+        for j in (1, 2, 3):
+            if j != mode:
+                V = V * G[j]
+        M = self._mttkrp(mode)
+        X = _solve_spd(V, M, self.l2)
+        self._invalidate()
+        return X, M, V
+
+    def update_B(self):
+        X, _, _ = self._update(1)
+        self.F[1], self.w = _normalize(X)
+
+    def update_C(self):
+        X, _, _ = self._update(2)
+        self.F[2], self.w = _normalize(X)
+
+    def update_D(self):
+        xp = B.namespace(self.w)
+        X, M, V = self._update(3)
+        f = self.norm2 - 2.0 * float(xp.sum(M * X)) + float(xp.sum((X.T @ X) * V))
+        self.F[3], self.w = _normalize(X)
+        return f
+
+
+class _SigmaALS(_ALSBase):
+    """CP-ALS in the Sigma-norm with exact block minimisers (design notes, section 4).
+
+    Cached products per sweep: ``Y = B^T Sigma`` (R, P, n) and
+    ``SB[r, p, p', q] = sum_{s,s'} B[s,r] Sigma[(s,p),(s',p')] B[s',q]``, two
+    ``n x n x R``-sized products after the B-update; from them the C- and
+    D-normal matrices, the next ``Sigma Z`` and the A-update come at a small
+    fraction of that cost. The B-update runs PCG (each iteration one
+    ``n x n x R`` product) warm-started at the current B, preconditioned by
+    exact diagonal blocks (one ``S x S`` Cholesky per component, built with
+    one ``n x n x R``-sized product every few sweeps) coupled through an
+    R x R correlation (see ``_coupled_preconditioner``; exact when ``Sigma = I``).
+    """
+
+    def __init__(self, K, weights, factors, l2_reg, sigma, *, cg_rtol=_CG_RTOL,
+                 cg_maxiter=_CG_MAXITER):
+        self.Sg = sigma
+        self.cg_rtol, self.cg_maxiter = cg_rtol, cg_maxiter
+        self.cg_iters = []
+        self._pc_age, self._Linv = 0, None
+        xp = B.namespace(sigma)
+        T, S, H, W = K.shape
+        P = H * W
+        # Sigma as (s, s', p, p'): the preconditioner blocks are one GEMM with it
+        S4 = xp.permute_dims(xp.reshape(sigma, (S, P, S, P)), (0, 2, 1, 3))
+        self._Sig_ssp = xp.reshape(S4, (S * S, P * P))
+        self._Sig_P = xp.sum(xp.linalg.diagonal(xp.permute_dims(S4, (2, 3, 0, 1))), axis=-1)
+        super().__init__(K, weights, factors, l2_reg)
+        self.SK = sigma @ self.K1.T  # (n, T), once
+        self.norm2 = float(xp.sum(self.K1.T * self.SK))
+
+    def _SZ(self):
+        if self._cache is None:
+            self._cache = self.Sg @ self.Z()
+        return self._cache
+
+    def objective(self):
+        xp = B.namespace(self.w)
+        Z = self.Z()
+        SZ = self._SZ()
+        Aw = self.F[0] * self.w[None, :]
+        cross = float(xp.sum((self.SK.T @ Z) * Aw))
+        quad = float(xp.sum((Aw.T @ Aw) * (Z.T @ SZ)))
+        return self.norm2 - 2.0 * cross + quad
+
+    def update_A(self):
+        Z = self.Z()
+        SZ = self._SZ()
+        X = _solve_spd(Z.T @ SZ, self.SK.T @ Z, self.l2)
+        self.F[0], self.w = _normalize(X)
+        self._Q = self.SK @ self.F[0]  # Sigma K^T A, (n, R): right-hand sides of B, C, D
+
+    # B: matrix-free normal operator ------------------------------------------
+    def _B_operator(self):
+        xp = B.namespace(self.w)
+        A, _, C, D = self.F
+        S, P, n = self.S, self.P, self.n
+        G = A.T @ A
+        CD = _pair(C, D)
+        l2 = self.l2
+
+        def from_SZ(SZ, X):
+            out = xp.sum(xp.reshape(SZ @ G, (S, P, -1)) * CD[None], axis=1)
+            return out + l2 * X if l2 else out
+
+        def apply(X):
+            Zx = xp.reshape(X[:, None, :] * CD[None, :, :], (n, -1))
+            return from_SZ(self.Sg @ Zx, X)
+
+        # the S x S blocks are refreshed every _PRECOND_REFRESH sweeps (any SPD
+        # preconditioner keeps CG monotone); the R x R coupling every sweep
+        if self._pc_age % _PRECOND_REFRESH == 0:
+            self._Linv = _block_inverse_factors(self._Sig_ssp, CD, xp.linalg.diagonal(G), l2, S)
+        self._pc_age += 1
+        precond = None if self._Linv is None else _coupled_preconditioner(
+            self._Linv, self._Sig_P, CD, G)
+        rhs = xp.sum(xp.reshape(self._Q, (S, P, -1)) * CD[None], axis=1)
+        return apply, from_SZ, precond, rhs
+
+    def update_B(self):
+        apply, from_SZ, precond, rhs = self._B_operator()
+        x0 = self.F[1] * self.w[None, :]
+        # H(x0) from the cached Sigma Z (Z(x0) = Z diag(w)): no extra product
+        r0 = rhs - from_SZ(self._SZ() * self.w[None, :], x0)
+        E, info = pcg(apply, r0, None, rtol=self.cg_rtol, maxiter=self.cg_maxiter,
+                      precond=precond)
+        self.cg_iters.append(info.n_iter)
+        self.F[1], self.w = _normalize(x0 + E)
+        self._invalidate()
+        self._after_B()
+
+    def _after_B(self):
+        xp = B.namespace(self.w)
+        S, P, n = self.S, self.P, self.n
+        Bf = self.F[1]
+        R = Bf.shape[1]
+        self._Y = xp.reshape(Bf.T @ xp.reshape(self.Sg, (S, P * n)), (R, P, n))
+        Y4 = xp.permute_dims(xp.reshape(self._Y, (R, P, S, P)), (0, 1, 3, 2))
+        SB = xp.reshape(xp.reshape(Y4, (R * P * P, S)) @ Bf, (R, P, P, R))
+        self._SB = xp.reshape(SB, (R, self.H, self.W, self.H, self.W, R))
+
+    # C and D: dense normal systems ------------------------------------------
+    def _normal_C(self):
+        xp = B.namespace(self.w)
+        A, Bf, C, D = self.F
+        G = A.T @ A
+        H, R = self.H, Bf.shape[1]
+        # two-operand contractions (a batched index in each) beat one 4-operand path
+        X = B.einsum("rhwkvq,wr->rhkvq", self._SB, D) * G[:, None, None, None, :]
+        N = B.einsum("rhkvq,vq->hrkq", X, D)
+        Qb = xp.sum(xp.reshape(self._Q, (self.S, H, self.W, R)) * Bf[:, None, None, :], axis=0)
+        rhs = xp.sum(Qb * D[None, :, :], axis=1)
+        return xp.reshape(N, (H * R, H * R)), rhs
+
+    def _normal_D(self):
+        xp = B.namespace(self.w)
+        A, Bf, C, D = self.F
+        G = A.T @ A
+        W, R = self.W, Bf.shape[1]
+        X = B.einsum("rhwkvq,hr->rwkvq", self._SB, C) * G[:, None, None, None, :]
+        N = B.einsum("rwkvq,kq->wrvq", X, C)
+        Qb = xp.sum(xp.reshape(self._Q, (self.S, self.H, W, R)) * Bf[:, None, None, :], axis=0)
+        rhs = xp.sum(Qb * C[:, None, :], axis=0)
+        return xp.reshape(N, (W * R, W * R)), rhs
+
+    def _solve_dense(self, N, rhs):
+        xp = B.namespace(N)
+        if self.l2:
+            N = N + self.l2 * xp.eye(N.shape[0], dtype=N.dtype, device=B.device(N))
+        x = psd_solve(N, xp.reshape(rhs, (-1, 1)))  # 2-D right-hand side for every library
+        return xp.reshape(x, rhs.shape)
+
+    def update_C(self):
+        N, rhs = self._normal_C()
+        X = self._solve_dense(N, rhs)
+        self.F[2], self.w = _normalize(X)
+        self._invalidate()
+
+    def update_D(self):
+        xp = B.namespace(self.w)
+        N, rhs = self._normal_D()
+        X = self._solve_dense(N, rhs)
+        x = xp.reshape(X, (-1,))
+        f = self.norm2 - 2.0 * float(xp.sum(rhs * X)) + float(xp.sum(x * (N @ x)))
+        self.F[3], self.w = _normalize(X)
+        # Sigma Z for the new C, D from Y (B unchanged): (Sigma Z)[m, q] = sum_p Y[q,p,m] CD[p,q]
+        CD = _pair(self.F[2], self.F[3])
+        self._cache = xp.sum(self._Y * xp.permute_dims(CD, (1, 0))[:, :, None], axis=1).T
+        return f
+
+
+def _block_inverse_factors(sig_ssp, CD, gdiag, l2, S):
+    """Inverse Cholesky factors ``L_r^{-1}`` (R, S, S) of the diagonal blocks of the B operator.
+
+    Block ``r`` is ``G[r, r] Sigma_r + l2 I`` with
+    ``Sigma_r = (I kron cd_r)^T Sigma (I kron cd_r)`` (S x S); all blocks come
+    from one GEMM, ``Sigma_(s s'),(p p') @ (cd_r kron cd_r)``. A tiny relative
+    diagonal shift keeps them definite (Sigma may be singular). Returns
+    ``None`` (no preconditioning) when Sigma sees none of the components or
+    the factorisation fails.
+    """
+    xp = B.namespace(CD)
+    R = CD.shape[1]
+    CC = xp.reshape(CD[:, None, :] * CD[None, :, :], (-1, R))
+    blocks = xp.reshape(sig_ssp @ CC, (S, S, R))
+    blocks = xp.permute_dims(blocks, (2, 0, 1)) * gdiag[:, None, None]  # symmetric blocks
+    diag = xp.linalg.diagonal(blocks)
+    top = float(xp.max(diag)) if diag.shape[0] else 0.0
+    if not top > 0.0:
+        return None
+    eye = xp.eye(S, dtype=CD.dtype, device=B.device(CD))
+    for rel in (_PRECOND_JITTER, 1e-6):
+        shift = rel * (xp.max(diag, axis=1) + rel * top) + l2
+        try:
+            L = xp.linalg.cholesky(blocks + shift[:, None, None] * eye[None])
+        except Exception:  # LinAlgError (NumPy) or torch's error: try a larger shift
+            continue
+        if bool(xp.all(xp.isfinite(L))):
+            return _tri_inv(L)
+    return None
+
+
+def _tri_inv(L):
+    """Inverses of a stack (R, S, S) of lower-triangular matrices."""
+    if B.is_torch(L):
+        import torch
+
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    from scipy.linalg import lapack
+
+    out = np.empty_like(L)
+    for i in range(L.shape[0]):  # the strict upper triangle of L (zeros) is left as is
+        inv, info = lapack.dtrtri(L[i], lower=1)
+        if info != 0:
+            return np.linalg.inv(L)
+        out[i] = inv
+    return out
+
+
+def _coupled_preconditioner(Linv, sig_P, CD, G):
+    """Preconditioner ``R -> M^{-1} R`` of the B normal operator.
+
+    The operator couples components ``r`` and ``q`` through
+    ``G[r, q] (I kron cd_r)^T Sigma (I kron cd_q)``. ``M`` keeps the diagonal
+    blocks ``M_rr = L_r L_r^T`` (see :func:`_block_inverse_factors`) and models
+    the coupling as ``M_rq = c[r, q] L_r L_q^T`` with the R x R correlation
+    ``c = G * (CD^T Sigma_P CD)`` normalised to a unit diagonal (``Sigma_P`` the
+    partial trace of Sigma over channels). ``M`` is SPD, and equal to the
+    operator when ``Sigma = I``. ``M^{-1} = L^{-T} (c^{-1} kron I) L^{-1}``.
+    """
+    xp = B.namespace(CD)
+    R = CD.shape[1]
+    c = G * (CD.T @ sig_P @ CD)
+    d = xp.sqrt(xp.abs(xp.linalg.diagonal(c)))
+    d = xp.where(d > 0, d, 1.0)
+    c = c / (d[:, None] * d[None, :])
+    lam, V = B.eigh(0.5 * (c + c.T))
+    if float(lam[-1]) > 0.0:
+        floor = _PRECOND_JITTER * float(lam[-1])
+        lam = xp.where(lam > floor, lam, floor)
+        c_inv = (V / lam[None, :]) @ V.T
+    else:
+        c_inv = xp.eye(R, dtype=CD.dtype, device=B.device(CD))
+    LinvT = xp.permute_dims(Linv, (0, 2, 1))
+
+    def apply(Rm):
+        Y = (Linv @ xp.permute_dims(Rm, (1, 0))[:, :, None])[:, :, 0]  # (R, S)
+        Y = c_inv @ Y  # coupling (c_inv symmetric)
+        Y = (LinvT @ Y[:, :, None])[:, :, 0]
+        return xp.permute_dims(Y, (1, 0))
+
+    return apply
+
+# ----------------------------------------------------------------------------
+# initialisation and input checks
+# ----------------------------------------------------------------------------
+
+def _svd_init(K, rank, rng):
+    """Leading left singular vectors of each unfolding, random columns beyond them."""
+    xp = B.namespace(K)
+    factors = []
+    for mode in range(4):
+        M = xp.reshape(xp.moveaxis(K, mode, 0), (K.shape[mode], -1))
+        U, _, Vh = B.svd(M)
+        U, _ = B.svd_flip(U, Vh)
+        k = min(rank, U.shape[1])
+        F = U[:, :k]
+        if k < rank:
+            F = xp.concat([F, B.random_normal(rng, (K.shape[mode], rank - k), K)], axis=1)
+        factors.append(F)
+    return factors
+
+
+def _random_init(K, rank, rng):
+    return [B.random_normal(rng, (K.shape[m], rank), K) for m in range(4)]
+
+
+def _best_scale(engine):
+    """Rescale ``w`` by the scalar that minimises the objective (cheap, uses the cache)."""
+    f1 = engine.objective()  # norm2 - 2 c + q at scale 1
+    q = _quad_part(engine)
+    c = 0.5 * (engine.norm2 + q - f1)
+    if q > 0:
+        engine.w = engine.w * (c / q)
+
+
+def _quad_part(engine):
+    xp = B.namespace(engine.w)
+    Aw = engine.F[0] * engine.w[None, :]
+    if isinstance(engine, _SigmaALS):
+        Z = engine.Z()
+        return float(xp.sum((Aw.T @ Aw) * (Z.T @ engine._SZ())))
+    G = engine._grams()
+    return float(xp.sum((Aw.T @ Aw) * G[1] * G[2] * G[3]))
+
+
+def _user_init(init, K, rank):
+    if isinstance(init, CPResult):
+        weights, factors = init.weights, init.factors
+    else:
+        try:
+            weights, factors = init
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"init of type {type(init).__name__} is not allowed; init must be one of "
+                f"{', '.join(repr(c) for c in _INITS)}, None, a CPResult or a tuple "
+                "(weights, factors)"
+            ) from None
+    factors = list(factors)
+    if len(factors) != 4:
+        raise ValueError(
+            f"init has {len(factors)} factors; a CP of a 4-D kernel needs 4 factors "
+            "[(T, R), (S, R), (H, R), (W, R)]"
+        )
+    check_array(weights, "init weights", ndim=1)
+    if tuple(weights.shape) != (rank,):
+        raise ValueError(
+            f"init weights have shape {tuple(weights.shape)}; they must be ({rank},) "
+            f"for rank={rank}"
+        )
+    out = []
+    for k, F in enumerate(factors):
+        check_array(F, f"init factors[{k}]", ndim=2)
+        want = (K.shape[k], rank)
+        if tuple(F.shape) != want:
+            raise ValueError(
+                f"init factors[{k}] has shape {tuple(F.shape)}; it must be {want} for a "
+                f"kernel of shape {tuple(K.shape)} and rank={rank}"
+            )
+        check_finite(F, f"init factors[{k}]")
+        out.append(B.asarray_like(F, K))  # a converted copy: never mutate the input
+    check_finite(weights, "init weights")
+    return B.asarray_like(weights, K), out
+
+
+def _sign_fix(w, factors):
+    """Deterministic signs: the largest-magnitude entry of each column of B, C, D is positive."""
+    xp = B.namespace(w)
+    factors = list(factors)
+    for k in (1, 2, 3):
+        F = factors[k]
+        idx = xp.argmax(xp.abs(F), axis=0)
+        picked = xp.take_along_axis(F, idx[None, :], axis=0)[0]
+        sgn = xp.where(picked < 0, -1.0, 1.0)
+        factors[k] = F * sgn[None, :]
+        factors[0] = factors[0] * sgn[None, :]
+    return w, factors
+
+
+def _result(engine, errors, n_iter, converged, weighted, seconds, like):
+    xp = B.namespace(like)
+    w, F = _sign_fix(*engine.point())
+    return CPResult(
+        errors=list(errors),
+        n_iter=n_iter,
+        converged=converged,
+        weighted=weighted,
+        seconds=seconds,
+        weights=xp.astype(w, like.dtype),
+        factors=[xp.astype(f, like.dtype) for f in F],
+    )
+
+
+# ----------------------------------------------------------------------------
+# the public function
+# ----------------------------------------------------------------------------
+
+def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
+       l2_reg=0.0, linesearch=False, callback=None):
+    """CP decomposition of a conv kernel by ALS, in the Frobenius or the Sigma-norm.
+
+    Approximates ``K`` (T, S, H, W) by ``sum_r w_r a_r (x) b_r (x) c_r (x) d_r``
+    minimising ``||K_(1) - K~_(1)||_F`` (``sigma=None``, classical CP-ALS) or
+    the Sigma-norm ``||(K_(1) - K~_(1)) Sigma^{1/2}||_F`` (CP-ALS-Sigma).
+    Each sweep updates the factors in the order A (output channels), B (input
+    channels), C (kernel rows), D (kernel columns); every update is the exact
+    minimiser over its factor, so ``errors`` never increases (for
+    ``l2_reg=0``). In CP-ALS-Sigma the A-update is closed form, C and D solve
+    small dense normal systems, and B is found by preconditioned CG
+    warm-started at the current B (at most 5 iterations or a 100-fold
+    reduction of the initial residual, each iteration one ``n x n x R``
+    product; CG from the current factor cannot increase the objective, so the
+    inexact inner solve keeps the sweep monotone). The CG preconditioner keeps
+    the exact ``S x S`` block of every component and an R x R coupling
+    between them; it is exact for ``Sigma = I``, where CP-ALS-Sigma reproduces
+    CP-ALS.
+
+    Parameters
+    ----------
+    kernel : array of shape (T, S, H, W)
+        NumPy array or torch tensor, float32 or float64 (any device).
+    rank : int
+        Number of rank-one terms ``R >= 1``.
+    sigma : array of shape (n, n), optional
+        Symmetric PSD second moment of the layer's input patches,
+        ``n = S*H*W``, indexed ``(s, h, w)`` row-major. Rank-deficient matrices
+        are fine: the dense solves use :func:`sigmadecomp.sigma.psd_solve`
+        (Cholesky, else the minimum-norm solution with eigenvalues
+        ``<= 1e-10 * lambda_max`` treated as zero, still an exact minimiser),
+        and CG stops at a direction in the null space. ``None``: Frobenius.
+    init : {'frobenius', 'svd', 'random'}, CPResult or (weights, factors), optional
+        Starting point. ``'svd'`` (default without ``sigma``): leading left
+        singular vectors of each unfolding, random normal columns where the
+        mode is smaller than ``rank``, scaled by the best scalar.
+        ``'frobenius'`` (default with ``sigma``): the result of
+        ``FROBENIUS_INIT_SWEEPS = 25`` sweeps of Frobenius CP-ALS from the
+        ``'svd'`` start (cheap: a Frobenius sweep costs two ``T x n x R``
+        products); since CP-ALS-Sigma is monotone, its Sigma-error is then
+        never worse than that of the Frobenius CP it starts from.
+        ``'random'``: standard normal factors drawn from ``rng``, best scalar.
+        A user-given CP (a :class:`CPResult` or ``(weights, factors)`` with
+        factors ``[(T, R), (S, R), (H, R), (W, R)]``) is copied, not modified.
+    n_iter_max : int, optional
+        Maximum number of sweeps (``>= 0``).
+    tol : float, optional
+        Stop when a sweep lowers the relative error by at most
+        ``tol * previous error``; ``0`` runs all ``n_iter_max`` sweeps.
+    rng : None, int or numpy.random.Generator, optional
+        Randomness for ``'random'`` and for the padding columns of ``'svd'``.
+    l2_reg : float, optional
+        Tikhonov term: each block update minimises
+        ``objective + l2_reg * ||F diag(w)||_F^2`` over its factor. The reported
+        ``errors`` are unregularised; with ``l2_reg > 0`` they need not be
+        monotone (the column normalisation moves weight between factors).
+    linesearch : bool, optional
+        After each sweep (from the third on), try the extrapolated point
+        ``F_old + s (F_new - F_old)`` with ``s = k ** (1/p)`` (``k`` the sweep,
+        ``p`` starting at 3 and growing by 1 after each rejection), accepting it
+        only if its error is lower, so ``errors`` stays monotone. Costs one
+        ``n x n x R`` (Sigma) or ``T x n x R`` (Frobenius) product per try,
+        re-used by the next sweep when accepted.
+    callback : callable, optional
+        Called after every sweep as ``callback(result)`` with a
+        :class:`CPResult` of the current iterate (``errors`` so far). Returning
+        ``True`` stops the run (``converged`` is then False).
+
+    Returns
+    -------
+    CPResult
+        ``weights`` (R,), ``factors`` ``[A (T, R), B (S, R), C (H, R), D (W, R)]``
+        with unit-norm columns (signs fixed: the largest-magnitude entry of
+        each column of B, C, D is positive), ``errors`` (relative Sigma-error,
+        relative Frobenius error when ``sigma`` is None, per sweep starting
+        with the initial point), ``n_iter``, ``converged``, ``seconds`` and
+        ``to_tensor()``. Arrays follow the kernel's library, dtype and
+        device; the algebra is done in float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp import cp, relative_sigma_error
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((6, 5, 3, 3))
+    >>> X = rng.standard_normal((200, 45)) * np.linspace(0.2, 2.0, 45)
+    >>> S = X.T @ X / 200
+    >>> plain = cp(K, 4)
+    >>> weighted = cp(K, 4, S)
+    >>> [f.shape for f in weighted.factors]
+    [(6, 4), (5, 4), (3, 4), (3, 4)]
+    >>> bool(np.all(np.diff(weighted.errors) <= 1e-12))
+    True
+    >>> e_plain = relative_sigma_error(K, plain.to_tensor(), S)
+    >>> bool(weighted.error <= e_plain + 1e-12)
+    True
+    """
+    t0 = time.perf_counter()
+    check_array(kernel, "kernel", ndim=4)
+    check_finite(kernel, "kernel")
+    rank = check_int(rank, "rank", low=1)
+    n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
+    tol = check_positive_float(tol, "tol", allow_zero=True)
+    l2_reg = check_positive_float(l2_reg, "l2_reg", allow_zero=True)
+    if not isinstance(linesearch, (bool, np.bool_)):
+        raise TypeError(f"linesearch={linesearch!r} is not allowed; linesearch must be True or False")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is not allowed; callback must be callable or None")
+    rng = B.check_rng(rng)
+    if any(int(s) == 0 for s in kernel.shape):
+        raise ValueError(f"kernel has shape {tuple(kernel.shape)}; every dimension must be positive")
+
+    K = B.as_compute(kernel)
+    T, S, H, W = K.shape
+    n = S * H * W
+    Sg = check_sigma(sigma, n, K)
+    weighted = Sg is not None
+
+    if init is None:
+        init = "frobenius" if weighted else "svd"
+    if isinstance(init, str):
+        check_choice(init, "init", _INITS)
+        if init == "frobenius":
+            fro = cp(K, rank, None, init="svd", n_iter_max=FROBENIUS_INIT_SWEEPS, tol=0.0,
+                     rng=rng, l2_reg=l2_reg, linesearch=linesearch)
+            w0, F0 = fro.weights, fro.factors
+        else:
+            F0 = _svd_init(K, rank, rng) if init == "svd" else _random_init(K, rank, rng)
+            w0 = None
+    else:
+        w0, F0 = _user_init(init, K, rank)
+
+    xp = B.namespace(K)
+    scale_init = w0 is None
+    if scale_init:
+        w0 = xp.ones((rank,), dtype=K.dtype, device=B.device(K))
+    if weighted:
+        engine = _SigmaALS(K, w0, F0, l2_reg, Sg)
+    else:
+        engine = _FrobeniusALS(K, w0, F0, l2_reg)
+    if scale_init:
+        _best_scale(engine)
+
+    norm2 = engine.norm2
+    f = engine.objective()
+    errors = [_rel(f, norm2)]
+    converged = False
+    n_iter = 0
+    power = 3.0
+    for it in range(1, n_iter_max + 1):
+        old = engine.point() if linesearch else None
+        f = engine.sweep()
+        n_iter = it
+        if linesearch and it >= 3:
+            f, power = _try_extrapolation(engine, old, f, it, power)
+        errors.append(_rel(f, norm2))
+        if callback is not None:
+            snap = _result(engine, errors, n_iter, False, weighted,
+                           time.perf_counter() - t0, kernel)
+            if callback(snap) is True:
+                break
+        prev, cur = errors[-2], errors[-1]
+        if prev - cur <= tol * prev:
+            converged = True
+            break
+    return _result(engine, errors, n_iter, converged, weighted, time.perf_counter() - t0, kernel)
+
+
+def _try_extrapolation(engine, old, f_new, it, power):
+    """Extrapolate along the last sweep; keep the new point only if it is better."""
+    w_old, F_old = old
+    w_new, F_new = engine.point()
+    s = it ** (1.0 / power)
+    # A carries the scale: extrapolate A diag(w) and the unit-column B, C, D
+    A_old = F_old[0] * w_old[None, :]
+    A_new = F_new[0] * w_new[None, :]
+    trial = [A_old + s * (A_new - A_old)]
+    trial += [F_old[k] + s * (F_new[k] - F_old[k]) for k in (1, 2, 3)]
+    xp = B.namespace(w_new)
+    saved_cache = engine._cache
+    engine.set_point(xp.ones_like(w_new), trial)
+    f_try = engine.objective()
+    if f_try < f_new:
+        return f_try, power
+    engine.w, engine.F = w_new, list(F_new)
+    engine._cache = saved_cache
+    return f_new, power + 1.0
