@@ -1,0 +1,505 @@
+"""Tensor-Train layers (Garipov et al. 2016; Novikov et al. 2015) built from plain torch ops.
+
+:class:`TTConv2d` evaluates a TT-conv kernel without forming it: the spatial
+core is a convolution of every input channel, reshaped to a single-channel
+image, with ``r_0`` filters (the conv's stride, padding and dilation); then
+each channel core ``G_k`` (``r_{k-1} x s_k x t_k x r_k``) contracts the input
+mode ``s_k`` and rank ``r_{k-1}`` into the output mode ``t_k`` and rank ``r_k``
+as one batched matrix product. :class:`TTLinear` is the same chain without the
+spatial core. Only ``reshape``, ``permute``, ``matmul`` and ``conv2d`` are used,
+so the layers trace, script and export like any other module.
+
+Both layers compute exactly the layer with the reconstructed weight
+(``TTResult.to_tensor()``), up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sigmadecomp.sigma import relative_sigma_error
+from sigmadecomp.tt import (
+    TTResult,
+    _chain,
+    auto_modes,
+    tt_conv,
+    tt_linear,
+    tt_mac_count,
+    tt_modes,
+    tt_ranks_for_ratio,
+)
+
+__all__ = ["TTConv2d", "TTLinear", "tt_compress_module", "tt_decompose", "tt_build"]
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _check_modes_ranks(in_modes, out_modes, ranks, n_bonds):
+    in_modes, out_modes = tuple(int(m) for m in in_modes), tuple(int(m) for m in out_modes)
+    if len(in_modes) != len(out_modes) or not in_modes:
+        raise ValueError(
+            f"in_modes={in_modes} and out_modes={out_modes} must be non-empty and of equal length"
+        )
+    ranks = tuple(int(r) for r in ranks)
+    if len(ranks) != n_bonds:
+        raise ValueError(f"ranks={ranks} has {len(ranks)} entries; this layer needs {n_bonds}")
+    return in_modes, out_modes, ranks
+
+
+def _as_cores(result, like):
+    return [torch.as_tensor(c).detach().to(dtype=like.dtype, device=like.device).clone()
+            for c in result.cores]
+
+
+def _set_bias(layer, bias, shift):
+    if layer.bias is None:
+        return
+    value = torch.zeros_like(layer.bias) if bias is None else bias.detach().to(layer.bias)
+    if shift is not None:
+        value = value + torch.as_tensor(shift).detach().to(layer.bias).reshape(-1)
+    layer.bias.copy_(value)
+
+
+class _TTChain(nn.Module):
+    """Holds ``cores`` (a ParameterList) and ``_modes`` (input modes); applies the chain."""
+
+    def _apply_cores(self, z: torch.Tensor) -> torch.Tensor:
+        """Contract ``z`` of shape (batch, S, r_0) with the channel cores; returns (batch, T).
+
+        Core ``k`` maps ``(s_k, r_{k-1})`` to ``(t_k, r_k)`` by one matrix product
+        over a batch of (remaining input modes x finished output modes) rows.
+        """
+        bp = z.shape[0]
+        rest = z.shape[1]
+        t_done = 1
+        r = z.shape[2]
+        for i, core in enumerate(self.cores):
+            s_k = self._modes[i]
+            t_k = core.shape[2]
+            r_next = core.shape[3]
+            rest = rest // s_k
+            z = z.reshape(bp, s_k, rest, t_done, r).permute(0, 2, 3, 1, 4)
+            z = z.reshape(bp * rest * t_done, s_k * r)
+            g = core.permute(1, 0, 2, 3).reshape(s_k * r, t_k * r_next)
+            z = torch.matmul(z, g)
+            t_done = t_done * t_k
+            r = r_next
+        return z.reshape(bp, t_done)
+
+
+class TTConv2d(_TTChain):
+    """Conv2d whose kernel is a Tensor-Train (Garipov's TT-conv).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        ``S = prod(in_modes)``, ``T = prod(out_modes)``.
+    kernel_size : int or (int, int)
+    in_modes, out_modes : sequence of int
+        Paired channel modes (length ``d``).
+    ranks : sequence of d int
+        ``(r_0, ..., r_{d-1})``; ``r_0`` is the number of spatial filters.
+    stride, padding, dilation, bias, padding_mode :
+        As for :class:`torch.nn.Conv2d` (``groups=1`` only).
+
+    Attributes
+    ----------
+    spatial : Parameter of shape (r_0, 1, H, W)
+    cores : ParameterList of (r_{k-1}, s_k, t_k, r_k)
+    bias : Parameter of shape (T,) or None
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp import tt_conv
+    >>> from sigmadecomp_torch.tt_layers import TTConv2d
+    >>> conv = torch.nn.Conv2d(8, 4, 3, padding=1).double()
+    >>> res = tt_conv(conv.weight.detach(), (2, 4), (2, 2), ranks=(3, 4))
+    >>> layer = TTConv2d.from_result(res, conv)
+    >>> x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    >>> ref = torch.nn.functional.conv2d(x, res.to_tensor(), conv.bias, padding=1)
+    >>> bool(torch.allclose(layer(x), ref, atol=1e-12))
+    True
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, in_modes, out_modes, ranks, *,
+                 stride=1, padding=0, dilation=1, bias=True, padding_mode="zeros",
+                 device=None, dtype=None):
+        super().__init__()
+        in_modes, out_modes, ranks = _check_modes_ranks(in_modes, out_modes, ranks, len(in_modes))
+        if math.prod(in_modes) != in_channels or math.prod(out_modes) != out_channels:
+            raise ValueError(
+                f"in_modes={in_modes} / out_modes={out_modes} must multiply to "
+                f"in_channels={in_channels} / out_channels={out_channels}"
+            )
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(
+                f"padding_mode={padding_mode!r} is not allowed; padding_mode must be one of "
+                "'zeros', 'reflect', 'replicate', 'circular'"
+            )
+        fk = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        self.in_modes, self.out_modes, self.ranks = in_modes, out_modes, ranks
+        self._modes = list(in_modes)
+        self._rev_pad = list(self._reversed_padding())
+        kh, kw = self.kernel_size
+        self.spatial = nn.Parameter(torch.empty((ranks[0], 1, kh, kw), **fk))
+        rr = ranks + (1,)
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty((rr[k], s, t, rr[k + 1]), **fk))
+             for k, (s, t) in enumerate(zip(in_modes, out_modes))]
+        )
+        self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
+        with torch.no_grad():
+            nn.init.normal_(self.spatial, std=1.0 / math.sqrt(kh * kw))
+            for c in self.cores:
+                nn.init.normal_(c, std=1.0 / math.sqrt(c.shape[0] * c.shape[1]))
+
+    @classmethod
+    def from_result(cls, result, conv, *, bias_shift=None):
+        """Build from a ``tt_conv`` result and the conv it approximates.
+
+        Keeps the conv's bias, stride, padding, dilation, padding mode, dtype
+        and device; the conv itself is not modified. ``bias_shift`` (shape
+        (T,)), if given, is added to the bias (a bias is created if the conv
+        has none): the centered-Sigma correction ``b + D mu``.
+
+        Raises
+        ------
+        ValueError
+            If ``conv`` is grouped or its weight shape differs from the result's.
+        """
+        if not isinstance(result, TTResult) or result.kind != "conv":
+            raise ValueError("result must be a TTResult of kind 'conv' (from sigmadecomp.tt_conv)")
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv of type {type(conv).__name__} is not allowed; it must be nn.Conv2d")
+        if conv.groups != 1:
+            raise ValueError(f"conv has groups={conv.groups}; TTConv2d supports groups=1 only")
+        if tuple(conv.weight.shape) != tuple(result.shape):
+            raise ValueError(
+                f"conv.weight has shape {tuple(conv.weight.shape)} but the result approximates "
+                f"shape {tuple(result.shape)}"
+            )
+        w = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, result.in_modes,
+                    result.out_modes, result.ranks, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, bias=conv.bias is not None or bias_shift is not None,
+                    padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+        cores = _as_cores(result, w)
+        kh, kw = conv.kernel_size
+        with torch.no_grad():
+            layer.spatial.copy_(cores[0].reshape(kh, kw, -1).permute(2, 0, 1).unsqueeze(1))
+            for p, c in zip(layer.cores, cores[1:]):
+                p.copy_(c)
+            _set_bias(layer, conv.bias, bias_shift)
+        layer.train(conv.training)
+        return layer
+
+    def kernel(self):
+        """The equivalent (T, S, H, W) kernel (for checks; the forward never forms it)."""
+        kh, kw = self.kernel_size
+        g0 = self.spatial.reshape(self.ranks[0], kh * kw).t().reshape(1, kh * kw, 1, self.ranks[0])
+        w = _chain([g0] + list(self.cores))  # (T, (h, w, s))
+        return w.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        z = x.reshape(n * c, 1, h, w)
+        if self.padding_mode != "zeros":
+            z = F.pad(z, self._rev_pad, mode=self.padding_mode)
+            z = F.conv2d(z, self.spatial, None, self.stride, 0, self.dilation)
+        else:
+            z = F.conv2d(z, self.spatial, None, self.stride, self.padding, self.dilation)
+        r0, ho, wo = z.shape[1], z.shape[2], z.shape[3]
+        z = z.reshape(n, c, r0, ho, wo).permute(0, 3, 4, 1, 2).reshape(n * ho * wo, c, r0)
+        y = self._apply_cores(z)
+        y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+    def _reversed_padding(self):
+        if isinstance(self.padding, str):  # 'valid' or 'same' (as nn.Conv2d computes it)
+            if self.padding == "valid":
+                return (0, 0, 0, 0)
+            out = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                out += [total // 2, total - total // 2]
+            return tuple(out)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}")
+
+
+class TTLinear(_TTChain):
+    """Linear layer whose weight is a TT-matrix (Novikov et al. 2015).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        ``N = prod(in_modes)``, ``T = prod(out_modes)``.
+    in_modes, out_modes : sequence of int
+        Paired modes (length ``d``).
+    ranks : sequence of d-1 int
+    bias : bool
+
+    Attributes
+    ----------
+    cores : ParameterList of (r_{k-1}, s_k, t_k, r_k)
+    bias : Parameter of shape (T,) or None
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp import tt_linear
+    >>> from sigmadecomp_torch.tt_layers import TTLinear
+    >>> lin = torch.nn.Linear(32, 10).double()
+    >>> layer = TTLinear.from_result(tt_linear(lin.weight.detach(), (4, 8), (2, 5), ranks=3), lin)
+    >>> layer(torch.randn(7, 32, dtype=torch.float64)).shape
+    torch.Size([7, 10])
+    """
+
+    def __init__(self, in_features, out_features, in_modes, out_modes, ranks, *, bias=True,
+                 device=None, dtype=None):
+        super().__init__()
+        in_modes, out_modes, ranks = _check_modes_ranks(in_modes, out_modes, ranks,
+                                                        len(in_modes) - 1)
+        if math.prod(in_modes) != in_features or math.prod(out_modes) != out_features:
+            raise ValueError(
+                f"in_modes={in_modes} / out_modes={out_modes} must multiply to "
+                f"in_features={in_features} / out_features={out_features}"
+            )
+        fk = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_modes, self.out_modes, self.ranks = in_modes, out_modes, ranks
+        self._modes = list(in_modes)
+        rr = (1,) + ranks + (1,)
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty((rr[k], s, t, rr[k + 1]), **fk))
+             for k, (s, t) in enumerate(zip(in_modes, out_modes))]
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        with torch.no_grad():
+            for c in self.cores:
+                nn.init.normal_(c, std=1.0 / math.sqrt(c.shape[0] * c.shape[1]))
+
+    @classmethod
+    def from_result(cls, result, linear, *, bias_shift=None):
+        """Build from a ``tt_linear`` result and the Linear it approximates.
+
+        The bias is kept; ``bias_shift`` (shape (T,)), if given, is added to it.
+        """
+        if not isinstance(result, TTResult) or result.kind != "matrix":
+            raise ValueError("result must be a TTResult of kind 'matrix' (from sigmadecomp.tt_linear)")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear of type {type(linear).__name__} is not allowed; it must be nn.Linear")
+        if tuple(linear.weight.shape) != tuple(result.shape):
+            raise ValueError(
+                f"linear.weight has shape {tuple(linear.weight.shape)} but the result approximates "
+                f"shape {tuple(result.shape)}"
+            )
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, result.in_modes, result.out_modes,
+                    result.ranks, bias=linear.bias is not None or bias_shift is not None,
+                    device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for p, c in zip(layer.cores, _as_cores(result, w)):
+                p.copy_(c)
+            _set_bias(layer, linear.bias, bias_shift)
+        layer.train(linear.training)
+        return layer
+
+    def weight(self):
+        """The equivalent (T, N) weight (for checks; the forward never forms it)."""
+        return _chain(list(self.cores))
+
+    def forward(self, x):
+        out_shape = list(x.shape[:-1])
+        out_shape.append(self.out_features)
+        z = x.reshape(-1, self.in_features, 1)
+        y = self._apply_cores(z)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(out_shape)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
+                f"bias={self.bias is not None}")
+
+
+_CORE_OPTS = ("eps", "n_iter_max", "tol", "dense_max", "cg_rtol", "cg_maxiter", "precond", "init",
+              "callback")
+
+
+def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
+    """Replace an ``nn.Conv2d`` (groups=1) or ``nn.Linear`` by its TT layer.
+
+    Parameters
+    ----------
+    module : nn.Conv2d or nn.Linear
+        Left unchanged.
+    ranks : int or sequence of int, optional
+        TT ranks (``d`` for a conv, ``d - 1`` for a Linear).
+    ratio : float, optional
+        Target compression ``params(weight) / params(cores)``; the largest
+        uniform rank reaching it (:func:`sigmadecomp.tt.tt_ranks_for_ratio`).
+        Give ``ranks`` or ``ratio`` (or ``eps``), not both.
+    sigma : array of shape (n, n), optional
+        Second moment of the layer input (``n = S*H*W`` in ``(s, h, w)`` order,
+        or ``in_features``); runs TT-ALS-Sigma. ``None``: TT-SVD.
+    **opts
+        ``in_modes``, ``out_modes`` (default: automatic), ``out_hw`` (output
+        height, width of a conv, for the multiply-add counts), and the options
+        of :func:`sigmadecomp.tt_conv` / :func:`sigmadecomp.tt_linear`
+        (``eps``, ``n_iter_max``, ``tol``, ``dense_max``, ``cg_rtol``,
+        ``cg_maxiter``, ``precond``, ``init``, ``callback``).
+
+    Returns
+    -------
+    new_module : TTConv2d or TTLinear
+        Same dtype, device, training mode, bias and conv geometry.
+    info : dict
+        ``method`` ('tt'), ``ranks``, ``in_modes``, ``out_modes``,
+        ``params_before`` / ``params_after`` (all parameters, bias included),
+        ``macs_before`` / ``macs_after`` (per sample; ``None`` for a conv
+        without ``out_hw``), ``rel_sigma_error`` (``None`` without ``sigma``),
+        ``rel_frobenius_error``, ``errors``, ``n_iter``, ``converged``,
+        ``seconds``, and ``result`` (the :class:`sigmadecomp.TTResult`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp_torch.tt_layers import tt_compress_module
+    >>> conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    >>> new, info = tt_compress_module(conv, ratio=4, out_hw=(8, 8))
+    >>> info["params_before"] / info["params_after"] > 3
+    True
+    >>> new(torch.randn(1, 16, 8, 8)).shape
+    torch.Size([1, 16, 8, 8])
+    """
+    t0 = time.perf_counter()
+    unknown = set(opts) - set(_CORE_OPTS) - {"in_modes", "out_modes", "out_hw"}
+    if unknown:
+        raise TypeError(
+            f"unexpected options {sorted(unknown)}; allowed: in_modes, out_modes, out_hw, "
+            + ", ".join(_CORE_OPTS)
+        )
+    if ranks is not None and ratio is not None:
+        raise ValueError("give ranks or ratio, not both")
+    in_modes, out_modes, out_hw = opts.get("in_modes"), opts.get("out_modes"), opts.get("out_hw")
+    core_kw = {k: opts[k] for k in _CORE_OPTS if k in opts}
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        weight = module.weight.detach()
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"module has groups={module.groups}; TT compression supports groups=1 only")
+        T, S, kh, kw = weight.shape
+        ks = (kh, kw)
+    elif isinstance(module, nn.Linear):
+        T, S = weight.shape
+        ks = None
+    else:
+        raise TypeError(
+            f"module of type {type(module).__name__} is not allowed; it must be nn.Conv2d or nn.Linear"
+        )
+    if in_modes is None and out_modes is None:
+        in_modes, out_modes = auto_modes(S, T)
+    elif in_modes is None or out_modes is None:
+        d = len(tuple(out_modes if in_modes is None else in_modes))
+        in_modes = tt_modes(S, d) if in_modes is None else tuple(in_modes)
+        out_modes = tt_modes(T, d) if out_modes is None else tuple(out_modes)
+    if ratio is not None:
+        ranks = tt_ranks_for_ratio(in_modes, out_modes, ratio, kernel_size=ks)
+    W64 = weight.to(torch.float64)
+    if ks is not None:
+        result = tt_conv(W64, in_modes, out_modes, ranks, sigma, **core_kw)
+        new = TTConv2d.from_result(result, module)
+    else:
+        result = tt_linear(W64, in_modes, out_modes, ranks, sigma, **core_kw)
+        new = TTLinear.from_result(result, module)
+    approx = result.to_tensor()
+    rel_frob = relative_sigma_error(W64, approx)
+    rel_sig = None if sigma is None else relative_sigma_error(W64, approx, sigma)
+    params_before = sum(p.numel() for p in module.parameters())
+    params_after = sum(p.numel() for p in new.parameters())
+    if ks is not None:
+        if out_hw is None:
+            macs_before = macs_after = None
+        else:
+            pos = int(out_hw[0]) * int(out_hw[1])
+            macs_before = T * S * kh * kw * pos
+            macs_after = tt_mac_count(result.in_modes, result.out_modes, result.ranks,
+                                      kernel_size=ks, out_hw=out_hw)
+    else:
+        macs_before = T * S
+        macs_after = tt_mac_count(result.in_modes, result.out_modes, result.ranks)
+    info = {
+        "method": "tt",
+        "ranks": result.ranks,
+        "in_modes": result.in_modes,
+        "out_modes": result.out_modes,
+        "params_before": int(params_before),
+        "params_after": int(params_after),
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "rel_sigma_error": rel_sig,
+        "rel_frobenius_error": rel_frob,
+        "errors": list(result.errors),
+        "n_iter": result.n_iter,
+        "converged": result.converged,
+        "seconds": time.perf_counter() - t0,
+        "result": result,
+    }
+    return new, info
+
+
+def tt_decompose(weight, ranks, sigma=None, options=None):
+    """``tt_conv`` for a 4-D weight, ``tt_linear`` for a 2-D one (automatic modes).
+
+    The plug-in form ``(weight, ranks, sigma, options) -> result`` of a layer
+    format: ``options`` holds keyword arguments of the core function
+    (``in_modes`` / ``out_modes`` included).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp_torch.tt_layers import tt_decompose
+    >>> tt_decompose(torch.randn(16, 8, 3, 3, dtype=torch.float64), 4).ranks
+    (4, 4)
+    """
+    options = dict(options or {})
+    in_modes, out_modes = options.pop("in_modes", None), options.pop("out_modes", None)
+    if weight.ndim == 4:
+        return tt_conv(weight, in_modes, out_modes, ranks, sigma, **options)
+    if weight.ndim == 2:
+        return tt_linear(weight, in_modes, out_modes, ranks, sigma, **options)
+    raise ValueError(f"weight has ndim={weight.ndim}; it must be 4 (conv) or 2 (Linear)")
+
+
+def tt_build(module, result, bias_shift=None):
+    """The TT layer replacing ``module`` (``from_result``), plug-in argument order."""
+    if isinstance(module, nn.Conv2d):
+        return TTConv2d.from_result(result, module, bias_shift=bias_shift)
+    if isinstance(module, nn.Linear):
+        return TTLinear.from_result(result, module, bias_shift=bias_shift)
+    raise TypeError(
+        f"module of type {type(module).__name__} is not allowed; it must be nn.Conv2d or nn.Linear"
+    )
