@@ -1,0 +1,75 @@
+"""Data-parallel collection over 2 gloo processes equals single-process collection."""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import collect_covariances, load_covariances, save_covariances  # noqa: E402
+
+WORLD = 2
+TIMEOUT = 120.0  # seconds for the whole spawned run (start-up included)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 3)).double().eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(4 + i, 2, 8, 8, generator=g, dtype=torch.float64) for i in range(5)]
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        shard = _batches()[rank::WORLD]  # uneven shards: 3 and 2 batches
+        stats = collect_covariances(_model(), shard, progress=False)
+        save_covariances(stats, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_gloo_workers_equal_one_process(tmp_path):
+    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"distributed collection did not finish within {TIMEOUT:.0f} s")
+    single = collect_covariances(_model(), _batches(), progress=False)
+    for rank in range(WORLD):
+        got = load_covariances(os.path.join(tmp_path, f"rank{rank}.pt"))
+        assert list(got) == list(single)
+        for name, s in single.items():
+            assert got[name].count == s.count
+            assert got[name].groups == s.groups
+            torch.testing.assert_close(got[name].sigma, s.sigma, rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(got[name].mean, s.mean, rtol=1e-13, atol=1e-13)
+    # each worker alone saw only part of the data: the all-reduce did the merge
+    part = collect_covariances(_model(), _batches()[0::WORLD], progress=False)
+    assert part["0"].count < single["0"].count

@@ -1,0 +1,281 @@
+"""compress: model surgery, the report, bad inputs, export."""
+
+import io
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from sigmadecomp.ranks import layer_params, ratio_to_ranks  # noqa: E402
+from sigmadecomp_torch import (  # noqa: E402
+    CPConv2d,
+    LowRankConv2d,
+    LowRankLinear,
+    Tucker2Conv2d,
+    collect_covariances,
+    compress,
+)
+
+F64 = torch.float64
+FAST = {"n_iter_max": 4}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny problems: no thread spin-up on busy shared runners (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 10, (3, 2), stride=2, padding=(1, 0), padding_mode="reflect")
+        self.proj = nn.Conv2d(10, 6, 1)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.fc = nn.Linear(6 * 4 * 3, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.grouped(self.proj(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _net(dtype=F64):
+    torch.manual_seed(0)
+    return Net().to(dtype).eval()
+
+
+def _data(n_batches=3, dtype=F64):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 3, 8, 6, generator=g, dtype=dtype) for _ in range(n_batches)]
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return collect_covariances(_net(), _data(), progress=False)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [type(m) for m in model.modules()])
+
+
+def _unchanged(model, snap):
+    state, types = snap
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+
+
+FULL = {"conv1": (8, 3), "conv2": (10, 8), "proj": 6, "fc": 5}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_ranks_keep_the_outputs(weighted, stats):
+    model = _net()
+    snap = _snapshot(model)
+    small, report = compress(model, "tucker2", ranks=FULL, covariances=stats if weighted else None,
+                             options=FAST, progress=False)
+    _unchanged(model, snap)  # the original is untouched
+    assert isinstance(small.conv1, Tucker2Conv2d) and isinstance(small.conv2, Tucker2Conv2d)
+    assert isinstance(small.proj, LowRankConv2d) and isinstance(small.fc, LowRankLinear)
+    assert type(small.grouped) is nn.Conv2d
+    x = torch.cat(_data())
+    with torch.no_grad():
+        y, z = model(x), small(x)
+    assert float((y - z).abs().max()) <= 1e-9 * float(y.abs().max())
+    assert [r["name"] for r in report.layers] == ["conv1", "conv2", "proj", "fc"]
+    for r in report.layers:
+        assert (r["sigma_error"] is None) != weighted
+        if weighted:  # exact on the data; free where sigma is singular (fc: 48 samples, n=72)
+            assert r["sigma_error"] < 1e-7
+        else:
+            assert r["frobenius_error"] < 1e-9
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+def test_sigma_beats_frobenius_on_the_data_and_report_is_true(method, stats):
+    model = _net()
+    frob, rep_f = compress(model, method, ratio=2.5, layers=["conv2"], options=FAST,
+                           progress=False)
+    sig, rep_s = compress(model, method, ratio=2.5, layers=["conv2"], covariances=stats,
+                          options=FAST, progress=False)
+    kind = {"svd": LowRankConv2d, "tucker2": Tucker2Conv2d, "cp": CPConv2d}[method]
+    assert isinstance(sig.conv2, kind) and isinstance(frob.conv2, kind)
+    x = torch.cat(_data())
+    with torch.no_grad():
+        h = torch.relu(model.conv1(x))
+        y = model.conv2(h)
+        e_f = float(((frob.conv2(h) - y) ** 2).sum())
+        e_s = float(((sig.conv2(h) - y) ** 2).sum())
+        energy = float(((y - model.conv2.bias[:, None, None]) ** 2).sum())
+    assert e_s <= e_f * (1 + 1e-9)
+    # the reported relative Sigma-error is the measured relative output error
+    assert rep_s.layers[0]["sigma_error"] == pytest.approx(math.sqrt(e_s / energy), rel=1e-7)
+    r = rep_s.layers[0]
+    expect = ratio_to_ranks((10, 8, 3, 2), method, 2.5)
+    assert r["ranks"] == expect
+    assert r["params_after"] == layer_params((10, 8, 3, 2), method, expect) + 10
+    assert r["params_before"] == 10 * 8 * 6 + 10
+
+
+def test_centered_bias_correction_lowers_the_output_error(stats):
+    model = _net()
+    plain, rp = compress(model, "svd", ratio=3, layers=["conv2", "fc"], covariances=stats,
+                         progress=False)
+    cent, rc = compress(model, "svd", ratio=3, layers=["conv2", "fc"], covariances=stats,
+                        centered=True, progress=False)
+    assert rc.centered and "centered" in str(rc)
+    x = torch.cat(_data())
+    with torch.no_grad():
+        h = torch.relu(model.conv1(x))
+        y = model.conv2(h)
+        e_p = float(((plain.conv2(h) - y) ** 2).sum())
+        e_c = float(((cent.conv2(h) - y) ** 2).sum())
+        energy = float(((y - model.conv2.bias[:, None, None]) ** 2).sum())
+    assert e_c < e_p
+    assert rc.layers[0]["sigma_error"] == pytest.approx(math.sqrt(e_c / energy), rel=1e-7)
+    assert rp.layers[0]["sigma_error"] == pytest.approx(math.sqrt(e_p / energy), rel=1e-7)
+
+
+def test_report_totals_table_and_json(stats):
+    model = _net()
+    small, rep = compress(model, "tucker2", ratio=2, covariances=stats, options=FAST,
+                          progress=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert rep.params_before == count(model) and rep.params_after == count(small)
+    assert rep.ratio == pytest.approx(count(model) / count(small))
+    assert rep.layer_params_before == sum(r["params_before"] for r in rep.layers)
+    for r in rep.layers:
+        mod = small.get_submodule(r["name"])
+        assert r["params_after"] == count(mod)
+    skipped = {s["name"]: s["reason"] for s in rep.skipped}
+    assert "groups=2" in skipped["grouped"]
+    text = str(rep)
+    assert "conv2" in text and "skipped grouped" in text and f"{rep.ratio:.2f}" in text
+    d = json.loads(rep.to_json())
+    assert d["totals"]["params_after"] == rep.params_after
+    assert [r["name"] for r in d["layers"]] == [r["name"] for r in rep.layers]
+    assert "rX=" in repr(rep)
+    # a layer that no rank can shrink is skipped with its reason
+    tiny = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 9))
+    _, rep = compress(tiny, "svd", ratio=2, progress=False)
+    assert [r["name"] for r in rep.layers] == ["1"]
+    assert "would not reduce" in rep.skipped[0]["reason"]
+
+
+def test_inplace_and_layer_selection(stats):
+    model = _net()
+    same, rep = compress(model, "tucker2", ratio=2, layers=lambda n, m: n == "conv2",
+                         inplace=True, options=FAST, progress=False)
+    assert same is model and isinstance(model.conv2, Tucker2Conv2d)
+    assert [r["name"] for r in rep.layers] == ["conv2"] and not rep.skipped
+    # layers without statistics are skipped when not named, an error when named
+    partial = {k: v for k, v in stats.items() if k != "fc"}
+    _, rep = compress(_net(), "svd", ratio=2, covariances=partial, progress=False)
+    assert any(s["name"] == "fc" and "no statistics" in s["reason"] for s in rep.skipped)
+
+
+def test_ranks_from_evbmf_and_budget(stats):
+    model = _net()
+    _, rep = compress(model, "tucker2", ranks="evbmf", covariances=stats, options=FAST,
+                      progress=False)
+    for r in rep.layers:
+        ranks = r["ranks"] if isinstance(r["ranks"], tuple) else (r["ranks"],)
+        assert all(v >= 1 for v in ranks)
+    names = ["conv2", "proj", "fc"]
+    _, rep = compress(model, "tucker2", budget=0.5, layers=names, covariances=stats,
+                      options=FAST, progress=False)
+    assert [r["name"] for r in rep.layers] == names
+    dense = sum(model.get_submodule(n).weight.numel() for n in names)
+    biases = sum(model.get_submodule(n).bias.numel() for n in names)
+    assert rep.layer_params_after - biases <= 0.5 * dense
+
+
+def test_bad_inputs_raise_and_leave_the_model_unchanged(stats):
+    model = _net()
+    snap = _snapshot(model)
+    cases = [
+        (dict(method="tucker2", ratio=1.0), ValueError, "ratio=1.0"),
+        (dict(method="tucker2", ratio=0.5), ValueError, "must be > 1"),
+        (dict(method="tucker3", ratio=2), ValueError, "method='tucker3'"),
+        (dict(method="tucker2", ranks={"conv2": (11, 2)}), ValueError, "conv2.*r_T"),
+        (dict(method="svd", ranks={"fc": 6}), ValueError, "'fc'.*at most 5"),
+        (dict(method="tucker2", ranks={"nope": 3}), ValueError, "'nope'"),
+        (dict(method="tucker2", ratio=2, layers=["conv9"]), ValueError, "'conv9'"),
+        (dict(method="tucker2", ratio=2, layers=["grouped"]), ValueError, "groups=2"),
+        (dict(method="tucker2", ratio=2, layers=["fc"], covariances={}), ValueError,
+         "no statistics"),
+        (dict(method="tucker2", ratio=2, centered=True), ValueError, "needs covariances"),
+        (dict(method="tucker2"), ValueError, "no way to choose ranks"),
+        (dict(method="tucker2", ranks="auto"), ValueError, "'evbmf'"),
+        (dict(method="tucker2", ratio=2, budget=0.5), ValueError, "budget"),
+        (dict(method="tucker2", ratio=2, layers=["proj"], covariances={"proj": stats["fc"]}),
+         ValueError, "needs \\(10, 10\\)"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            compress(model, inplace=True, progress=False, **kw)
+        _unchanged(model, snap)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_float32_model_and_export(stats):
+    model = _net(torch.float32)
+    stats32 = collect_covariances(model, _data(1, torch.float32), progress=False)
+    small, _ = compress(model, "cp", ratio=2, layers=["conv2", "proj", "fc"],
+                        covariances=stats32, options=FAST, progress=False)
+    assert all(p.dtype == torch.float32 for p in small.parameters())
+    x = _data(1, torch.float32)[0]
+    with torch.no_grad():
+        y = small(x)
+        scripted = torch.jit.script(small)
+        assert torch.allclose(scripted(x), y, atol=1e-6)
+        exported = torch.export.export(small, (x,))
+        assert torch.allclose(exported.module()(x), y, atol=1e-6)
+    # state_dict round trip into a second compression of the same architecture
+    other, _ = compress(model, "cp", ratio=2, layers=["conv2", "proj", "fc"], progress=False,
+                        options={"n_iter_max": 1})
+    buf = io.BytesIO()
+    torch.save(small.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(other(x), y)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_onnx_export_of_a_compressed_model():
+    onnx = pytest.importorskip("onnx")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).eval()
+    small, _ = compress(model, "cp", ratio=2, progress=False, options={"n_iter_max": 2})
+    buf = io.BytesIO()
+    torch.onnx.export(small, (torch.randn(2, 3, 6, 6),), buf, dynamo=False)
+    graph = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(graph)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("Conv") == 8  # two CP layers of four plain convolutions each
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_model_is_collected_and_compressed_on_the_gpu():
+    model = _net().cuda()
+    data = [x.cuda() for x in _data(1)]
+    stats = collect_covariances(model, data, progress=False)
+    assert all(s.sigma.is_cuda for s in stats.values())
+    small, _ = compress(model, "tucker2", ratio=2, layers=["conv2", "fc"], covariances=stats,
+                        options=FAST, progress=False)
+    assert all(p.is_cuda for p in small.parameters())
+    with torch.no_grad():
+        assert small(data[0]).is_cuda
