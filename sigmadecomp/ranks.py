@@ -33,7 +33,8 @@ cp         ``1x1 S->R``, ``Hx1`` and ``1xW`` depthwise,        ``R*(S + H + W + 
 
 The methods live in one table (:data:`METHODS`); a new format (for instance
 Tensor-Train) is added with :func:`register_method` and is then understood by
-every function of this module.
+the counts and :func:`ratio_to_ranks`, and by the allocation when its
+:class:`MethodSpec` provides candidates and an error curve.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from . import _backend as B
+from . import tt as _tt
 from ._validation import check_array, check_choice, check_finite, check_int, check_sigma
 
 __all__ = [
@@ -267,7 +269,7 @@ def register_method(name, spec):
     --------
     >>> from sigmadecomp import ranks
     >>> sorted(ranks.METHODS)
-    ['cp', 'svd', 'tucker2']
+    ['cp', 'svd', 'tt', 'tucker2']
     """
     if not isinstance(name, str) or not name or name == "dense":
         raise ValueError(f"name={name!r} is not allowed; name must be a non-empty string other than 'dense'")
@@ -518,6 +520,11 @@ register_method("tucker2", MethodSpec(
 register_method("cp", MethodSpec(
     ndims=(4,), check_ranks=_cp_ranks, params=_cp_params, macs=_cp_macs,
     from_budget=_cp_from_budget, candidates=_cp_candidates, curve=_cp_curve))
+# Tensor-Train (Garipov layout, automatic channel modes); no error proxy yet, so
+# it is not offered to the budget allocation.
+register_method("tt", MethodSpec(
+    ndims=(2, 4), check_ranks=_tt.tt_layer_ranks, params=_tt.tt_layer_params,
+    macs=_tt.tt_layer_macs, from_budget=_tt.tt_ranks_from_budget))
 
 
 
@@ -929,8 +936,10 @@ def error_curve(weight, method, sigma=None, *, out_hw=None, in_hw=None, keep_pro
     spec = _method(method, shape)
     if spec.candidates is None or spec.curve is None:
         raise ValueError(f"method={method!r} has no error curve; it cannot be allocated")
-    out_hw, in_hw = _hw_pair(shape, out_hw, in_hw) if (out_hw is not None or len(shape) == 2) \
-        else (None, None)
+    if out_hw is not None or len(shape) == 2:
+        out_hw, in_hw = _hw_pair(shape, out_hw, in_hw)
+    elif in_hw is not None:
+        raise ValueError(f"in_hw={in_hw!r} is not allowed without out_hw; give out_hw too")
     cands = spec.candidates(shape, bool(keep_proportion))
     params = np.array([spec.params(shape, r) for r in cands], dtype=np.int64)
     if len(shape) == 2 or out_hw is not None:

@@ -93,6 +93,18 @@ def _cp_decompose(weight, ranks, sigma, options):
     return cp(weight, ranks, sigma, **options)
 
 
+def _tt_decompose(weight, ranks, sigma, options):
+    from .tt_layers import tt_decompose
+
+    return tt_decompose(weight, ranks, sigma, options)
+
+
+def _tt_build(module, result, bias_shift):
+    from .tt_layers import tt_build
+
+    return tt_build(module, result, bias_shift)
+
+
 #: The factorized formats :func:`compress` knows, by ``method`` name.
 LAYER_METHODS: Dict[str, LayerMethod] = {
     "svd": LayerMethod("svd", _svd_decompose, _svd_build),
@@ -101,6 +113,7 @@ LAYER_METHODS: Dict[str, LayerMethod] = {
         lambda m, r, b: Tucker2Conv2d.from_result(m, r, bias_shift=b)),
     "cp": LayerMethod(
         "cp", _cp_decompose, lambda m, r, b: CPConv2d.from_result(m, r, bias_shift=b)),
+    "tt": LayerMethod("tt", _tt_decompose, _tt_build),
 }
 
 
@@ -121,9 +134,12 @@ def register_layer_method(name, spec):
 def layer_method_for(module, method):
     """The format used for ``module`` under ``method``.
 
-    Linear layers and 1x1 convs always use ``'svd'`` (the Sigma-SVD is their
-    exact optimum); other convs use ``method``.
+    Linear layers and 1x1 convs use ``'svd'`` (the Sigma-SVD is their exact
+    optimum) except under ``'tt'``, which tensorizes them too (TT-FC); other
+    convs use ``method``.
     """
+    if method == "tt":
+        return "tt"
     if isinstance(module, nn.Linear):
         return "svd"
     if tuple(module.kernel_size) == (1, 1):
@@ -326,10 +342,13 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     Parameters
     ----------
     model : torch.nn.Module
-    method : {'tucker2', 'cp', 'svd'}
+    method : {'tucker2', 'cp', 'svd', 'tt'}
         Format of the k x k convolutions. Linear layers and 1x1 convs use the
-        (Sigma-)SVD whatever the method; ``'svd'`` on a k x k conv factors
-        ``K_(1)`` into a k x k conv to ``r`` channels and a 1x1 conv.
+        (Sigma-)SVD under the other methods; ``'svd'`` on a k x k conv factors
+        ``K_(1)`` into a k x k conv to ``r`` channels and a 1x1 conv. ``'tt'``
+        (Tensor-Train, Garipov et al. 2016) applies to convs and Linear layers
+        alike, with automatic channel modes; its ranks are one int (uniform)
+        or the tuple of TT ranks.
     covariances : dict of str to LayerStats, optional
         Statistics from :func:`collect_covariances`: the Sigma algorithms are
         used. ``None``: the classical Frobenius algorithms.
