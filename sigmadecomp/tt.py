@@ -61,7 +61,7 @@ import numpy as np
 
 from . import _backend as B
 from ._validation import check_array, check_finite, check_int, check_positive_float, check_sigma
-from .results import _IterativeResult
+from .results import _IterativeResult, _fmt_err, _kind
 from .sigma import psd_solve
 from .solvers import pcg
 
@@ -85,16 +85,6 @@ __all__ = [
 # ----------------------------------------------------------------------------
 # result object
 # ----------------------------------------------------------------------------
-
-
-def _kind(x):
-    if B.is_torch(x):
-        return f"torch.{str(x.dtype).replace('torch.', '')} on {x.device}"
-    return f"numpy.{x.dtype}"
-
-
-def _fmt_err(e):
-    return "None" if e is None else f"{e:.6g}"
 
 
 @dataclass(repr=False)

@@ -82,14 +82,21 @@ def rng():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _single_torch_thread():
-    """Tiny problems run faster and more repeatably on one thread (no oversubscription)."""
+def _single_thread():
+    """Tiny problems run faster and more repeatably on one BLAS/torch thread."""
     try:
         import torch
-    except ImportError:
+    except ImportError:  # pragma: no cover - torch is an extra
+        torch = None
+    old = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
         yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    else:
+        with threadpool_limits(limits=1):
+            yield
+    if torch is not None:
+        torch.set_num_threads(old)

@@ -7,32 +7,6 @@ from sigmadecomp.cp import _FrobeniusALS, _SigmaALS, cp
 SHAPE = (5, 4, 3, 2)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny problems: one BLAS/torch thread avoids oversubscription on shared CI cores."""
-    torch = None
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        pass
-    n_torch = torch.get_num_threads() if torch is not None else None
-    if torch is not None:
-        torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = None
-    try:
-        if threadpool_limits is not None:
-            with threadpool_limits(limits=1):
-                yield
-        else:
-            yield
-    finally:
-        if torch is not None:
-            torch.set_num_threads(n_torch)
-
-
 def random_psd(rng, n, rank=None, spread=3.0):
     rank = n if rank is None else rank
     X = rng.standard_normal((max(rank, 1), n)) * np.geomspace(1.0 / spread, spread, n)

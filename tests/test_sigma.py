@@ -5,14 +5,7 @@ from hypothesis import strategies as st
 
 from sigmadecomp import psd_root, relative_sigma_error, sigma_norm
 from sigmadecomp.sigma import psd_solve
-
-
-def random_psd(rng, n, rank=None):
-    rank = n if rank is None else rank
-    X = rng.standard_normal((max(rank, 1), n)) * rng.uniform(0.1, 3.0, n)
-    if rank == 0:
-        X = X * 0
-    return X.T @ X / max(rank, 1)
+from _helpers import random_psd  # noqa: E402
 
 
 @given(

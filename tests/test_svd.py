@@ -5,12 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sigmadecomp import relative_sigma_error, sigma_norm, sigma_svd
-
-
-def random_psd(rng, n, rank=None):
-    rank = n if rank is None else rank
-    X = rng.standard_normal((rank, n)) * rng.uniform(0.1, 3.0, n)
-    return X.T @ X / rank
+from _helpers import random_psd  # noqa: E402
 
 
 def eckart_young(W, r):

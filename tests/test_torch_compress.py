@@ -23,13 +23,6 @@ F64 = torch.float64
 FAST = {"n_iter_max": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny problems: no thread spin-up on busy shared runners (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net(nn.Module):

@@ -10,13 +10,6 @@ from sigmadecomp.tt import tt_mac_count, tt_param_count  # noqa: E402
 from sigmadecomp_torch.tt_layers import TTConv2d, TTLinear, tt_compress_module  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny problems: avoid thread spin-up costs on busy shared runners (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CONV_CASES = [

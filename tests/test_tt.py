@@ -14,14 +14,7 @@ from sigmadecomp.tt import (
     tt_param_count,
     tt_ranks_for_ratio,
 )
-
-
-def random_psd(rng, n, rank=None):
-    rank = n if rank is None else rank
-    X = rng.standard_normal((max(rank, 1), n)) * rng.uniform(0.1, 3.0, n)
-    if rank == 0:
-        X = 0 * X
-    return X.T @ X / max(rank, 1)
+from _helpers import random_psd  # noqa: E402
 
 
 def conv_sigma(rng, S, H, W, n_samples=400):

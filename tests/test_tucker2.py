@@ -6,35 +6,7 @@ from hypothesis import strategies as st
 
 from sigmadecomp import Tucker2Result, relative_sigma_error, tucker2
 from sigmadecomp.tucker2 import _block_in, _block_out_core, _Kron, _nearest_kron
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The problems here are tiny: BLAS/torch threads only add contention on shared CI cores."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    old = torch.get_num_threads() if torch is not None else None
-    if torch is not None:
-        torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    if torch is not None:
-        torch.set_num_threads(old)
-
-
-def random_psd(rng, n, rank=None):
-    rank = n if rank is None else rank
-    X = rng.standard_normal((max(rank, 1), n)) * rng.uniform(0.1, 3.0, n)
-    if rank == 0:
-        X = 0 * X
-    return X.T @ X / max(rank, 1)
+from _helpers import random_psd  # noqa: E402
 
 
 def patch_covariance(rng, channels=4, k=3, n_images=20):
