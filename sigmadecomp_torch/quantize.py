@@ -1,0 +1,214 @@
+"""int8 per-channel weight quantization of (factorized) layers, and model size.
+
+Low-rank factorization and quantization compose: the factorized layers are
+plain ``nn.Conv2d`` / ``nn.Linear`` modules, so their weights can be stored as
+int8 with one float32 scale per output channel (symmetric, zero point 0).
+
+* :func:`quantize_weights` computes the scales with torch's own observer
+  (:class:`torch.ao.quantization.observer.PerChannelMinMaxObserver`, per-channel
+  symmetric, ``qint8``) and replaces each chosen weight by its fake-quantized
+  value (:func:`torch.fake_quantize_per_channel_affine` picks the codes; the
+  weight becomes ``code * scale``), so the model computes exactly what the
+  int8-weight model computes (weight-only quantization:
+  activations stay float). The int8 codes and scales are kept in the returned
+  :class:`QuantizedWeights`.
+* :func:`quantized_state_dict` is the compact ``state_dict`` to ship (int8
+  weights plus scales); :func:`load_quantized_state_dict` restores a model
+  from it; :func:`model_size_bytes` is the size of a serialized state dict.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from sigmadecomp_torch.quantize import quantize_weights, quantized_state_dict, model_size_bytes
+>>> model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 8, 1))
+>>> qmodel, qw = quantize_weights(model)
+>>> sorted(qw.int8), qw.int8['0'].dtype
+(['0', '2'], torch.int8)
+>>> bool(qw.max_abs_error['0'] <= 0.5 * float(qw.scales['0'].max()) + 1e-7)
+True
+>>> model_size_bytes(quantized_state_dict(qmodel, qw)) < 0.5 * model_size_bytes(model)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "QuantizedWeights",
+    "quantize_weights",
+    "quantized_state_dict",
+    "load_quantized_state_dict",
+    "model_size_bytes",
+]
+
+_SCALE_SUFFIX = ".weight_scale"
+
+
+@dataclass(repr=False)
+class QuantizedWeights:
+    """int8 codes and per-output-channel scales of quantized weights.
+
+    Attributes
+    ----------
+    int8 : dict of str to torch.Tensor (int8)
+        Codes, same shape as the weight; ``weight = int8 * scale[:, None, ...]``.
+    scales : dict of str to torch.Tensor (float32) of shape (out_channels,)
+    max_abs_error : dict of str to float
+        Largest ``|w - dequantized w|`` per layer (at most half a scale step).
+    """
+
+    int8: dict = field(default_factory=dict)
+    scales: dict = field(default_factory=dict)
+    max_abs_error: dict = field(default_factory=dict)
+
+    @property
+    def layers(self):
+        """Names of the quantized modules."""
+        return list(self.int8)
+
+    def __repr__(self):
+        worst = max(self.max_abs_error.values(), default=0.0)
+        return f"QuantizedWeights({len(self.int8)} layers, max |error| {worst:.3g})"
+
+
+def _chosen(model, layers):
+    modules = dict(model.named_modules())
+    kinds = (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)
+    if layers is None:
+        return [(n, m) for n, m in modules.items() if isinstance(m, kinds)]
+    if isinstance(layers, str):
+        layers = [layers]
+    out = {}
+    for prefix in layers:
+        if prefix not in modules:
+            raise ValueError(f"layers contains {prefix!r}, which is not a module of the model")
+        found = [
+            (n, m) for n, m in modules.items()
+            if isinstance(m, kinds) and (n == prefix or n.startswith(prefix + ".") or prefix == "")
+        ]
+        if not found:
+            raise ValueError(
+                f"layers contains {prefix!r}, which holds no Conv or Linear module to quantize"
+            )
+        out.update(found)
+    order = {n: i for i, n in enumerate(modules)}
+    return sorted(out.items(), key=lambda t: order[t[0]])
+
+
+def quantize_weights(model, *, layers=None, inplace=False):
+    """int8 per-output-channel symmetric weight quantization.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : None, str or list of str, optional
+        Module names; every ``Conv`` / ``Linear`` module at or under each name
+        is quantized (e.g. the names of factorized layers). Default: all.
+    inplace : bool, optional
+        Modify ``model`` itself; default works on a deep copy.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        With each chosen weight replaced by its dequantized int8 value (the
+        same numbers an int8-weight kernel computes with). Biases stay float.
+    quantized : QuantizedWeights
+
+    Notes
+    -----
+    Scales come from ``PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
+    qscheme=torch.per_channel_symmetric)``: ``scale_c = max|w_c| / 127.5``
+    (codes in [-128, 127]); rounding to nearest.
+    """
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be a torch.nn.Module")
+    if not inplace:
+        model = copy.deepcopy(model)
+    result = QuantizedWeights()
+    for name, module in _chosen(model, layers):
+        w = module.weight.detach()
+        obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        obs = obs.to(w.device)
+        obs(w.float())
+        scale, zero_point = obs.calculate_qparams()
+        scale = scale.to(w.device, torch.float32)
+        zero_point = zero_point.to(w.device, torch.int32)
+        fq = torch.fake_quantize_per_channel_affine(
+            w.float(), scale, zero_point, 0, obs.quant_min, obs.quant_max
+        )
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        # the int8 codes chosen by the fake-quantizer, and the exact dequantized weight
+        codes = torch.clamp(torch.round(fq / scale.view(shape)), obs.quant_min, obs.quant_max)
+        deq = codes * scale.view(shape)
+        result.int8[name] = codes.to(torch.int8)
+        result.scales[name] = scale
+        result.max_abs_error[name] = float((deq - w.float()).abs().max())
+        with torch.no_grad():
+            module.weight.copy_(deq.to(w.dtype))
+    return model, result
+
+
+def quantized_state_dict(model, quantized):
+    """The compact state dict: int8 weights plus ``<name>.weight_scale`` vectors.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model returned by :func:`quantize_weights`.
+    quantized : QuantizedWeights
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, codes in quantized.int8.items():
+        state[name + ".weight"] = codes.clone()
+        state[name + _SCALE_SUFFIX] = quantized.scales[name].clone()
+    return state
+
+
+def load_quantized_state_dict(model, state):
+    """Load a :func:`quantized_state_dict` into ``model`` (dequantizing int8 weights), in place.
+
+    Returns
+    -------
+    model : torch.nn.Module
+    """
+    plain = {}
+    for key, value in state.items():
+        if key.endswith(_SCALE_SUFFIX):
+            continue
+        scale_key = key[: -len(".weight")] + _SCALE_SUFFIX if key.endswith(".weight") else None
+        if scale_key is not None and scale_key in state:
+            scale = state[scale_key]
+            value = value.float() * scale.view((-1,) + (1,) * (value.ndim - 1))
+        plain[key] = value
+    model.load_state_dict(plain)
+    return model
+
+
+def model_size_bytes(model_or_state):
+    """Bytes of ``torch.save`` of a model's state dict (or of a given dict).
+
+    Parameters
+    ----------
+    model_or_state : torch.nn.Module or dict of str to torch.Tensor
+
+    Returns
+    -------
+    int
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return len(buf.getvalue())
