@@ -89,7 +89,7 @@ CONFIGS = {
         transfer_rx=(2, 3, 4, 6, 8), transfer_variants=("sigma", "sigma-centered"),
         datafree_rx=(3, 6), datafree_variants=("sigma-centered",),
         finetune_rx=(2, 3, 4, 6, 8), finetune_steps=100, quant_rx=(2, 3, 4, 6, 8),
-        budget_rx=(3,), tt_rx=(3,), tt_variants=("frobenius", "sigma-centered"),
+        budget_rx=(3,), tt_rx=(3, 6), tt_variants=("frobenius", "sigma"),
         latency=True, latency_seconds=0.2, latency_rounds=3, convergence=True, convergence_iter=30,
         options={"n_iter_max": 10},
     ),
@@ -131,14 +131,20 @@ def make_config(mode="default", **overrides):
 def count_macs(model, input_shape):
     """Multiply-adds of one forward pass per sample (Conv / Linear layers), by hooks.
 
-    Returns None when the model holds parameters outside ``Conv2d`` / ``Linear`` /
-    normalisation modules (e.g. Tensor-Train cores contracted by einsum), whose
-    multiply-adds hooks cannot see.
+    A model holding parameters outside ``Conv2d`` / ``Linear`` / normalisation
+    modules (e.g. Tensor-Train cores contracted by batched matrix products) is
+    counted with torch's ``FlopCounterMode`` instead (its matrix-product and
+    convolution FLOPs / 2), which sees those contractions.
     """
     counted = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)
     for m in model.modules():
         if not isinstance(m, counted) and any(True for _ in m.parameters(recurse=False)):
-            return None
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with torch.inference_mode(), counter:
+                model.eval()(torch.zeros((1,) + tuple(input_shape)))
+            return int(counter.get_total_flops()) // 2
     total = [0]
 
     def hook(module, args, out):
@@ -277,18 +283,23 @@ def run(cfg, *, out_dir=NOTES_DIR, progress=True, log=print, write=True):
     log(f"reference model: {count_parameters(model)} parameters, test accuracy "
         f"{base_acc:.4f} on {len(x_test)} test images")
 
+    have_tt = _tt_available() and bool(cfg["tt_rx"])
+    # Tensor-Train rows compress the convs and the final Linear layer (TT-FC)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    tt_names = names + [n for n in linear_names if n not in names]
+    stat_names = tt_names if have_tt else names
+
     # ---- statistics
     stats = {}
     for key, x in (("fmnist", x_cal), ("digits", x_dig), ("synthetic", x_syn)):
         t0 = time.perf_counter()
-        stats[key] = collect_covariances(model, make_loader(x, batch_size=256), layers=names,
+        stats[key] = collect_covariances(model, make_loader(x, batch_size=256), layers=stat_names,
                                          progress=progress)
         timings[f"statistics_{key}"] = time.perf_counter() - t0
     log(f"statistics of {len(names)} layers from {len(x_cal)} Fashion-MNIST training images, "
         f"{len(x_dig)} digits, {len(x_syn)} synthetic images "
         f"({sum(timings[k] for k in timings if k.startswith('statistics')):.1f} s)")
 
-    have_tt = _tt_available() and bool(cfg["tt_rx"])
     have_budget = bool(cfg["budget_rx"])
     tasks = _task_list(cfg, have_tt, have_budget)
     bar = _progress(len(tasks), progress, "experiment")
@@ -301,7 +312,7 @@ def run(cfg, *, out_dir=NOTES_DIR, progress=True, log=print, write=True):
 
     def do_compress(method, variant_key, rx, source="fmnist", budget=None):
         use_stats, centered = VARIANTS[variant_key]
-        kw = dict(layers=names, progress=False, centered=centered,
+        kw = dict(layers=tt_names if method == "tt" else names, progress=False, centered=centered,
                   covariances=stats[source] if use_stats else None,
                   options=dict(cfg["options"], rng=seed) if method in ("tucker2", "cp") else None)
         if budget is None:
@@ -670,15 +681,17 @@ def markdown(results, plots=()):
         f"multiply-adds per image), committed weights trained by "
         f"`python -m benchmarks.train_reference` (test accuracy "
         f"{_fmt_acc(info.get('test_accuracy'))}% on the full test set). Compressed layers: "
-        f"{', '.join(ref['layers'])} (all 3x3 convs but the first). Accuracy on "
+        f"{', '.join(ref['layers'])} (all 3x3 convs but the first; the Tensor-Train (`tt`) rows "
+        "also tensorize the final Linear layer, TT-FC). Accuracy on "
         f"{ref['test_images']} test images; original accuracy on them: "
         f"**{_fmt_acc(ref['accuracy'])}%**.",
         "",
         f"Statistics: {ref['calibration_images']} Fashion-MNIST training images (calibration); "
         f"transfer: all {ref['digits_images']} scikit-learn digits resized to 28x28; data-free: "
         f"{ref['synthetic_images']} synthetic smooth-noise images. rX is the per-layer parameter "
-        "compression ratio of the compressed convs; the whole-model ratio is lower (stem, "
-        "shortcuts, BatchNorm and classifier stay dense), see the second table. "
+        "compression ratio of the compressed layers; the whole-model ratio is lower (stem, "
+        "shortcuts, BatchNorm and, except for TT, the classifier stay dense), see the second "
+        "table. Multiply-adds of TT models are counted with torch's FlopCounterMode. "
         f"Frobenius + fine-tune: {cfg['finetune_steps']} SGD steps of batch 128. "
         f"ALS options: {cfg['options']}.",
         "",

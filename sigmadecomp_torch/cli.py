@@ -285,9 +285,9 @@ def build_parser():
                    help="calibration images: a folder of image files (flat or one sub-folder "
                         "per class), a directory with IDX files (MNIST layout, the training "
                         "split is preferred), or one IDX image file")
-    c.add_argument("--method", required=True, choices=["tucker2", "cp", "svd"],
+    c.add_argument("--method", required=True, choices=["tucker2", "cp", "svd", "tt"],
                    help="format of the k x k convolutions (1x1 convs and Linear layers use "
-                        "the SVD)")
+                        "the SVD, except with 'tt', Tensor-Train, which tensorizes them too)")
     r = c.add_mutually_exclusive_group()
     r.add_argument("--ratio", type=float, metavar="RX",
                    help="per-layer compression ratio rX = params(original) / params(factorized), "

@@ -260,6 +260,13 @@ def test_cli_compress_idx_data(tmp_path, small_model_file, capsys):
     assert cli.main(["compress", str(path), "--transfer-stats", str(stats_file), "--method", "cp",
                      "--ratio", "2", "--out", str(out2), "--no-progress", "--n-iter", "2"]) == 0
     assert json.loads((tmp_path / "cp.report.json").read_text())["method"] == "cp"
+    # and Tensor-Train from the same statistics
+    out3 = tmp_path / "tt.pt"
+    assert cli.main(["compress", str(path), "--transfer-stats", str(stats_file), "--method", "tt",
+                     "--ratio", "2", "--out", str(out3), "--no-progress", "--n-iter", "2"]) == 0
+    tt_report = json.loads((tmp_path / "tt.report.json").read_text())
+    assert tt_report["method"] == "tt"
+    assert tt_report["totals"]["params_after"] < tt_report["totals"]["params_before"]
 
 
 def test_cli_compress_image_folder_frobenius(tmp_path, small_model_file):
