@@ -822,8 +822,9 @@ def build_parser(parser=None):
                    help="the whole grid (more rX values, more calibration images, longer runs)")
     g.add_argument("--quick", action="store_true",
                    help="a small subset (one rX, 1000 test images): a check that everything runs")
-    p.add_argument("--out-dir", default=NOTES_DIR,
-                   help="where results.md, results.json and the PNG plots go (default: notes/)")
+    p.add_argument("--out-dir", default=None,
+                   help="where results.md, results.json and the PNG plots go (default: notes/; "
+                        "notes/quick/ with --quick, so a check never overwrites the results)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -834,6 +835,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     mode = "full" if args.full else "quick" if args.quick else "default"
     cfg = make_config(mode, threads=args.threads)
+    if args.out_dir is None:
+        args.out_dir = os.path.join(NOTES_DIR, "quick") if mode == "quick" else NOTES_DIR
+    os.makedirs(args.out_dir, exist_ok=True)
     try:
         results = run(cfg, out_dir=args.out_dir, progress=not args.no_progress)
     except DatasetNotFoundError as exc:

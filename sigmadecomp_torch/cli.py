@@ -265,7 +265,7 @@ def build_parser():
                    help="a small subset (one rX, 1000 test images) to check the set-up")
     d.add_argument("--out-dir", default=None,
                    help="directory for results.md, results.json and the PNGs (default: notes/ "
-                        "of the source tree)")
+                        "of the source tree; notes/quick/ with --quick)")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
