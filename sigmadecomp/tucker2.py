@@ -39,7 +39,7 @@ from ._validation import (
     check_sigma,
 )
 from .results import Tucker2Result
-from .sigma import default_rtol, psd_solve
+from .sigma import default_rtol, psd_root, psd_solve
 from .solvers import pcg
 
 __all__ = ["tucker2"]
@@ -178,15 +178,11 @@ def _block_out_core(KS3, S4, U_S, r_T, total, rtol, K1=None, Sig=None):
         Y = B.solve_triangular(L, N.T, lower=True).T  # N L^{-T}, (T, m)
         U, SV = _top_left_gram(Y, r_T)
         G1 = B.solve_triangular(L.T, SV.T, lower=False).T  # SV L^{-1}
-    else:  # singular C: minimum-norm solution under the eigenvalue floor
-        lam, V = B.eigh(C)
-        lam_max = float(lam[-1]) if m else 0.0
-        k = int(xp.sum(lam > rtol * lam_max)) if lam_max > 0 else 0
-        lam_k, V_k = lam[m - k:], V[:, m - k:]
-        root = xp.sqrt(lam_k)
-        Y = (N @ V_k) / root[None, :]
+    else:  # singular C: minimum-norm solution under the library's eigenvalue floor
+        root = psd_root(C, rtol=rtol)
+        Y = N @ root.pinv_factor.T  # N C^{+1/2} restricted to the kept eigenpairs
         U, SV = _top_left_gram(Y, r_T)
-        G1 = (SV / root[None, :]) @ V_k.T
+        G1 = SV @ root.pinv_factor
     kept = float(xp.sum(SV * SV))
     sq = total - kept
     G = xp.reshape(G1, (r_T, r_S, P))
