@@ -340,7 +340,7 @@ class _SigmaALS(_ALSBase):
         xp = B.namespace(N)
         if self.l2:
             N = N + self.l2 * xp.eye(N.shape[0], dtype=N.dtype, device=B.device(N))
-        x = psd_solve(N, xp.reshape(rhs, (-1, 1)))  # 2-D right-hand side for every library
+        x = psd_solve(N, xp.reshape(rhs, (-1,)))
         return xp.reshape(x, rhs.shape)
 
     def update_C(self):

@@ -10,3 +10,12 @@ def random_psd(rng, n, rank=None):
     if rank == 0:
         X = 0 * X
     return X.T @ X / max(rank, 1)
+
+
+def patches(x, k=3):
+    """Zero-padded k x k patches of ``x`` (N, C, H, W) as rows, columns ``(c, i, j)``."""
+    N, C, H, W = x.shape
+    p = k // 2
+    xp_ = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    cols = np.stack([xp_[:, :, i:i + H, j:j + W] for i in range(k) for j in range(k)], axis=2)
+    return cols.reshape(N, C * k * k, H * W).transpose(0, 2, 1).reshape(-1, C * k * k)

@@ -3,6 +3,7 @@ import pytest
 
 from sigmadecomp import CPResult, relative_sigma_error
 from sigmadecomp.cp import _FrobeniusALS, _SigmaALS, cp
+from _helpers import patches  # noqa: E402
 
 SHAPE = (5, 4, 3, 2)
 
@@ -31,15 +32,6 @@ def assert_monotone(errors, slack=1e-10):
     assert np.all(np.diff(e) <= slack * max(e[0], 1e-300)), e
 
 
-def _patches(x, k=3):
-    """Zero-padded k x k patches of x (N, C, H, W) as rows, columns (c, i, j)."""
-    N, C, H, W = x.shape
-    p = k // 2
-    xp_ = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    cols = np.stack([xp_[:, :, i:i + H, j:j + W] for i in range(k) for j in range(k)], axis=2)
-    return cols.reshape(N, C * k * k, H * W).transpose(0, 2, 1).reshape(-1, C * k * k)
-
-
 def real_patch_covariance(channels=4, n_images=24):
     """Second moment (36 x 36) of 3x3 patches of ReLU feature maps of real images."""
     from sigmadecomp.datasets import DatasetNotFoundError, load_fashion_mnist
@@ -51,9 +43,9 @@ def real_patch_covariance(channels=4, n_images=24):
     rng = np.random.default_rng(1)
     x = images[rng.choice(images.shape[0], n_images, replace=False)][:, None].astype(np.float64)
     w = rng.standard_normal((channels, 9)) / 3.0
-    f = np.maximum(_patches(x) @ w.T + 0.05, 0.0)  # (N*28*28, channels)
+    f = np.maximum(patches(x) @ w.T + 0.05, 0.0)  # (N*28*28, channels)
     f = f.reshape(n_images, 28, 28, channels).transpose(0, 3, 1, 2)
-    U = _patches(f)
+    U = patches(f)
     return U.T @ U / U.shape[0]
 
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from sigmadecomp import Tucker2Result, relative_sigma_error, tucker2
 from sigmadecomp.tucker2 import _block_in, _block_out_core, _Kron, _nearest_kron
-from _helpers import random_psd  # noqa: E402
+from _helpers import patches, random_psd  # noqa: E402
 
 
 def patch_covariance(rng, channels=4, k=3, n_images=20):
@@ -18,15 +18,9 @@ def patch_covariance(rng, channels=4, k=3, n_images=20):
     images = np.asarray(images[:n_images], dtype=np.float64)[:, ::2, ::2]  # 14x14
     N, Hh, Ww = images.shape
     w = rng.standard_normal((channels, 3, 3)) / 3.0
-    pad = np.pad(images, ((0, 0), (1, 1), (1, 1)))
-    feat = np.zeros((N, channels, Hh, Ww))
-    for i in range(3):
-        for j in range(3):
-            feat += w[None, :, i, j, None, None] * pad[:, None, i:i + Hh, j:j + Ww]
-    feat = np.maximum(feat + 0.05, 0.0)
-    fp = np.pad(feat, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    cols = np.stack([fp[:, :, i:i + Hh, j:j + Ww] for i in range(k) for j in range(k)], axis=2)
-    U = cols.transpose(0, 3, 4, 1, 2).reshape(N * Hh * Ww, channels * k * k)
+    feat = np.maximum(patches(images[:, None], 3) @ w.reshape(channels, 9).T + 0.05, 0.0)
+    feat = feat.reshape(N, Hh, Ww, channels).transpose(0, 3, 1, 2)
+    U = patches(feat, k)
     return U.T @ U / U.shape[0]
 
 
