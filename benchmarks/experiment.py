@@ -47,6 +47,7 @@ from benchmarks.common import NOTES_DIR
 from benchmarks.train_reference import INFO_FILE, WEIGHTS_FILE, augment, evaluate, load_reference
 from sigmadecomp.datasets import DatasetNotFoundError
 from sigmadecomp_torch.data import digits, fashion_mnist, make_loader, synthetic_images
+from sigmadecomp_torch.cli import add_demo_options
 from sigmadecomp_torch.models import conv3x3_names, count_parameters
 from sigmadecomp_torch.quantize import model_size_bytes, quantize_weights, quantized_state_dict
 
@@ -817,17 +818,7 @@ def build_parser(parser=None):
         prog="python -m benchmarks.experiment",
         description="Compress the reference CNN on Fashion-MNIST with Frobenius and Sigma "
                     "decompositions and compare accuracy without fine-tuning.")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--full", action="store_true",
-                   help="the whole grid (more rX values, more calibration images, longer runs)")
-    g.add_argument("--quick", action="store_true",
-                   help="a small subset (one rX, 1000 test images): a check that everything runs")
-    p.add_argument("--out-dir", default=None,
-                   help="where results.md, results.json and the PNG plots go (default: notes/; "
-                        "notes/quick/ with --quick, so a check never overwrites the results)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_demo_options(p)
     return p
 
 

@@ -72,6 +72,21 @@ def _ensure_fashion_mnist(log=print):
     return False
 
 
+def add_demo_options(parser):
+    """The options of the end-to-end experiment (``demo`` here, and the script's own)."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--full", action="store_true",
+                   help="the whole grid (more ratios, more calibration images; slow)")
+    g.add_argument("--quick", action="store_true",
+                   help="a small subset (one rX, 1000 test images) to check the set-up")
+    parser.add_argument("--out-dir", default=None,
+                        help="directory for results.md, results.json and the PNGs (default: "
+                             "notes/ of the source tree; notes/quick/ with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
 def _cmd_demo(args):
     if not _ensure_fashion_mnist():
         return 2
@@ -258,16 +273,7 @@ def build_parser():
                     "Frobenius and Sigma decompositions, evaluate without fine-tuning, and "
                     "write notes/results.md, results.json and plots. Installs the Debian "
                     "package dataset-fashion-mnist when it can, otherwise prints the command.")
-    g = d.add_mutually_exclusive_group()
-    g.add_argument("--full", action="store_true",
-                   help="the whole grid (more ratios, more calibration images; slow)")
-    g.add_argument("--quick", action="store_true",
-                   help="a small subset (one rX, 1000 test images) to check the set-up")
-    d.add_argument("--out-dir", default=None,
-                   help="directory for results.md, results.json and the PNGs (default: notes/ "
-                        "of the source tree; notes/quick/ with --quick)")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_demo_options(d)
     d.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser(
