@@ -205,12 +205,7 @@ def test_each_core_update_is_the_dense_least_squares_solution(rng, path, sigma_r
     opts = {"dense_max": 10**6 if path == "dense" else 0, "cg_rtol": 1e-13, "cg_maxiter": 500,
             "precond": "kron"}
     for k in range(3):
-        L = np.ones((1, 1, 1))
-        for j in range(k):
-            L = ttmod._left_interfaces_step(L, cores[j])
-        R = np.ones((1, 1, 1))
-        for j in range(2, k, -1):
-            R = ttmod._right_interfaces_step(cores[j], R)
+        L, R = _interfaces(cores, k)
         stats = {"dense": 0, "cg": 0, "cg_iter": 0}
         G = ttmod._update_core(k, cores, L, R, Wm, Wm @ S, S, ms, ns, opts, stats)
         assert stats["dense" if path == "dense" else "cg"] == 1
@@ -225,17 +220,23 @@ def test_each_core_update_is_the_dense_least_squares_solution(rng, path, sigma_r
         cores[k] = G
 
 
+def _interfaces(cores, k):
+    """Left and right interface products around core ``k`` of a 3-core train."""
+    L = np.ones((1, 1, 1))
+    for j in range(k):
+        L = ttmod._left_interfaces_step(L, cores[j])
+    R = np.ones((1, 1, 1))
+    for j in range(len(cores) - 1, k, -1):
+        R = ttmod._right_interfaces_step(cores[j], R)
+    return L, R
+
+
 def test_frobenius_core_update_is_least_squares(rng):
     ms, ns = [3, 2, 2], [2, 1, 3]
     Wm = rng.standard_normal((6, 12))
     cores = [rng.standard_normal(s) for s in [(1, 3, 2, 2), (2, 2, 1, 3), (3, 2, 3, 1)]]
     for k in range(3):
-        L = np.ones((1, 1, 1))
-        for j in range(k):
-            L = ttmod._left_interfaces_step(L, cores[j])
-        R = np.ones((1, 1, 1))
-        for j in range(2, k, -1):
-            R = ttmod._right_interfaces_step(cores[j], R)
+        L, R = _interfaces(cores, k)
         stats = {"dense": 0, "cg": 0, "cg_iter": 0}
         G = ttmod._update_core(k, cores, L, R, Wm, None, None, ms, ns, {"dense_max": 0}, stats)
         G_ref, _ = _brute_force_core(k, cores, Wm, np.eye(12))
