@@ -16,7 +16,7 @@ import numpy as np
 from sigmadecomp_torch.demo.experiment import LABELS, QUESTIONS, _acc, _rx_label
 
 __all__ = ["write_outputs", "print_summary", "markdown", "results_table", "shapes_table",
-           "quant_table", "findings_text", "write_plots"]
+           "quant_table", "findings_text", "write_plots", "accuracy_figure"]
 
 
 
@@ -220,6 +220,42 @@ def markdown(results, plots=()):
     return "\n".join(parts)
 
 
+STYLES = {"frobenius": ("tab:red", "o-"), "sigma": ("tab:blue", "s-"),
+          "sigma-centered": ("tab:green", "^-"), "frobenius+ft": ("tab:red", "D--"),
+          "transfer:sigma-centered": ("tab:purple", "v-"),
+          "datafree:sigma-centered": ("tab:orange", "d-"),
+          "int8:sigma-centered": ("tab:olive", "x:"),
+          "budget:sigma-centered": ("tab:cyan", "P-")}
+"""Colour and line style (marker, line) per variant; each variant has its own marker."""
+
+
+def accuracy_figure(results, method):
+    """The matplotlib figure of accuracy against rX for ``method`` (every rX labelled)."""
+    import matplotlib.pyplot as plt
+
+    rows, base = results["rows"], results["reference"]["accuracy"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for v, (color, style) in STYLES.items():
+        pts = sorted((r["rx_target"], r["accuracy"]) for r in rows
+                     if r["method"] == method and r["variant"] == v and r["accuracy"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=color,
+                    label=LABELS[v])
+    ax.axhline(100 * base, color="k", lw=0.8, ls=":", label="original")
+    ax.set_xlabel("per-layer compression ratio rX")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{method}: accuracy without fine-tuning")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["rx_target"] for r in rows if r["method"] == method
+                    and r.get("rx_target") is not None})
+    ax.set_xticks(ticks, [_rx_label(t) for t in ticks])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(results, out_dir):
     """PNG plots; returns their file names (relative to ``out_dir``)."""
     try:
@@ -229,34 +265,9 @@ def write_plots(results, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return []
-    rows, base = results["rows"], results["reference"]["accuracy"]
     files = []
-    styles = {"frobenius": ("tab:red", "o-"), "sigma": ("tab:blue", "s-"),
-              "sigma-centered": ("tab:green", "^-"), "frobenius+ft": ("tab:red", "D--"),
-              "transfer:sigma-centered": ("tab:purple", "v-"),
-              "datafree:sigma-centered": ("tab:orange", "d-"),
-              "int8:sigma-centered": ("tab:olive", "x:"),
-              "budget:sigma-centered": ("tab:cyan", "P-")}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for v, (color, style) in styles.items():
-            pts = sorted((r["rx_target"], r["accuracy"]) for r in rows
-                         if r["method"] == method and r["variant"] == v and r["accuracy"] is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=color,
-                        label=LABELS[v])
-        ax.axhline(100 * base, color="k", lw=0.8, ls=":", label="original")
-        ax.set_xlabel("per-layer compression ratio rX")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{method}: accuracy without fine-tuning")
-        ax.set_xscale("log", base=2)
-        ticks = sorted({r["rx_target"] for r in rows if r["method"] == method
-                        and r.get("rx_target") is not None})
-        ax.set_xticks(ticks, [_rx_label(t) for t in ticks])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+    for method in dict.fromkeys(r["method"] for r in results["rows"]):
+        fig = accuracy_figure(results, method)
         name = f"accuracy_vs_rx_{method}.png"
         fig.savefig(os.path.join(out_dir, name), dpi=110)
         plt.close(fig)
