@@ -54,13 +54,12 @@ def fresh_out_dir(parent=".", *, stamp=None):
     Examples
     --------
     >>> import os, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> first = fresh_out_dir(d, stamp="20250101-000000")
-    >>> os.path.basename(first)
-    'sigmadecomp-demo-20250101-000000'
-    >>> os.mkdir(first)
-    >>> os.path.basename(fresh_out_dir(d, stamp="20250101-000000"))
-    'sigmadecomp-demo-20250101-000000-2'
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     first = fresh_out_dir(d, stamp="20250101-000000")
+    ...     os.mkdir(first)
+    ...     second = fresh_out_dir(d, stamp="20250101-000000")
+    >>> os.path.basename(first), os.path.basename(second)
+    ('sigmadecomp-demo-20250101-000000', 'sigmadecomp-demo-20250101-000000-2')
     """
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(parent, f"sigmadecomp-demo-{stamp}")
