@@ -291,3 +291,28 @@ def test_accuracy_plot_labels_every_rx_and_tells_variants_apart():
     assert markers["Frobenius"] != markers["Frobenius + fine-tune"]
     assert len({markers[k] for k in ("Frobenius", "Frobenius + fine-tune", "Sigma")}) == 3
     plt.close(fig)
+
+
+def test_findings_state_each_comparison_with_its_figures():
+    from sigmadecomp_torch.demo.experiment import findings
+    from sigmadecomp_torch.demo.report import findings_text
+
+    acc = {("main", "frobenius"): 0.80, ("main", "sigma"): 0.90, ("main", "sigma-centered"): 0.89,
+           ("finetune", "frobenius+ft"): 0.88, ("transfer", "transfer:sigma"): 0.84}
+    rows = [{"kind": k, "method": "cp", "variant": v, "rx_target": 3, "accuracy": a}
+            for (k, v), a in acc.items()]
+    results = {"rows": rows, "reference": {"accuracy": 0.905},
+               "config": {"methods": ["cp"], "rx": [3]}}
+    found = {f["question"]: f for f in findings(results)}
+    assert set(found) == {"sigma_vs_frobenius", "sigma_vs_original", "sigma_vs_finetuned",
+                          "centered_vs_sigma", "transfer_keeps_gain"}
+    assert found["sigma_vs_frobenius"]["holds"] and found["sigma_vs_original"]["holds"]
+    assert not found["centered_vs_sigma"]["holds"]
+    assert found["centered_vs_sigma"]["difference"] == pytest.approx(-0.01)
+    assert not found["transfer_keeps_gain"]["holds"]  # 0.04 of a 0.10 gain: 40% kept
+    assert found["transfer_keeps_gain"]["note"] == "40% of the gain kept"
+    text = findings_text(dict(results, findings=list(found.values())))
+    assert "MISSED" not in text
+    assert "- cp rX=3: Sigma centered 89.00, Sigma 90.00 (-1.00)" in text
+    assert "**Centered Sigma + bias correction at least plain Sigma**: true at 0 of 1" in text
+    assert "never raises it at the optimum" in text

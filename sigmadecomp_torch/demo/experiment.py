@@ -509,25 +509,26 @@ def _rel_sigma_error(W, approx, sigma):
 # ----------------------------------------------------------------- findings
 
 QUESTIONS = {
-    # key: (statement, row a, row b, what it means)
+    # key: (statement, what it tells)
     "sigma_vs_frobenius": (
         "Sigma above Frobenius (both without fine-tuning)",
-        "the gain of choosing the factors for the layer's output on real inputs."),
+        "It shows the gain of choosing the factors for the layer's output on real inputs."),
     "sigma_vs_original": (
         "Sigma within 1 point of the original (rX <= 3)",
-        "how much accuracy the compression costs with no retraining at all."),
+        "It shows what the compression costs with no retraining at all."),
     "sigma_vs_finetuned": (
         "Sigma at least Frobenius + fine-tune (rX <= 3)",
-        "whether the data-aware factors replace a short fine-tuning of the classical ones."),
+        "It shows whether the data-aware factors can replace a short fine-tuning of the "
+        "classical ones."),
     "centered_vs_sigma": (
         "centered Sigma + bias correction at least plain Sigma",
-        "the bias correction lowers each layer's expected squared output error (never "
-        "raises it at the optimum), but accuracy is a different measure: it may move "
-        "either way by a few tenths of a point."),
+        "The bias correction lowers each layer's expected squared output error (it never "
+        "raises it at the optimum); accuracy is a different measure and may move either "
+        "way by a few tenths of a point."),
     "transfer_keeps_gain": (
         "statistics from another dataset (digits) keep at least half of the Sigma gain",
-        "how much of the gain survives when the calibration images come from another "
-        "distribution."),
+        "It shows how much of the gain survives when the calibration images come from "
+        "another distribution; the difference is Sigma from digits minus Sigma."),
 }
 
 
@@ -543,17 +544,18 @@ def findings(results):
 
     Each entry has ``question`` (a key of :data:`QUESTIONS`), ``method``,
     ``rx``, ``figures`` (the accuracies compared, in [0, 1]),
-    ``difference`` (the first figure minus the second, in [0, 1]) and
-    ``holds`` (whether the statement is true for that setting).
+    ``difference`` (the first figure minus the second, in [0, 1]),
+    ``holds`` (whether the statement is true for that setting) and ``note``
+    (a short remark or None).
     """
     rows, base = results["rows"], results["reference"]["accuracy"]
     cfg = results["config"]
     out = []
 
-    def add(question, method, rx, figures, holds):
+    def add(question, method, rx, figures, holds, note=None):
         a, b = list(figures.values())[:2]
         out.append({"question": question, "method": method, "rx": rx, "figures": figures,
-                    "difference": a - b, "holds": bool(holds)})
+                    "difference": a - b, "holds": bool(holds), "note": note})
 
     for method in cfg["methods"]:
         for rx in cfg["rx"]:
@@ -575,5 +577,6 @@ def findings(results):
             if ts is not None and f is not None and s is not None and s > f:
                 add("transfer_keeps_gain", method, rx,
                     {"Sigma from digits": ts, "Sigma": s, "Frobenius": f},
-                    ts - f >= 0.5 * (s - f))
+                    ts - f >= 0.5 * (s - f),
+                    note=f"{(ts - f) / (s - f):.0%} of the gain kept")
     return out

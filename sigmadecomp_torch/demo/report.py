@@ -111,12 +111,13 @@ def findings_text(results):
         diffs = [f["difference"] for f in group]
         lines.append(f"**{statement[0].upper()}{statement[1:]}**: true at {holds} of {len(group)} "
                      f"settings (difference {_points(min(diffs))} to {_points(max(diffs))} "
-                     f"points). This measures {meaning}")
+                     f"points). {meaning}")
         lines.append("")
         for f in group:
             figs = ", ".join(f"{k} {_fmt_acc(v)}" for k, v in f["figures"].items())
+            note = f"; {f['note']}" if f.get("note") else ""
             lines.append(f"- {f['method']} rX={_rx_label(f['rx'])}: {figs} "
-                         f"({_points(f['difference'])})")
+                         f"({_points(f['difference'])}{note})")
         lines.append("")
     return "\n".join(lines).rstrip()
 
