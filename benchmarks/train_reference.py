@@ -5,9 +5,10 @@
 Trains :class:`sigmadecomp_torch.models.ResNetSmall` (about 0.31 M parameters)
 with SGD + Nesterov momentum, a one-cycle learning-rate schedule, weight decay,
 and light augmentation (random horizontal flip, random 2-pixel shifts), then
-writes ``benchmarks/weights/resnet_small_fmnist.pt`` (a ``state_dict``) and
-``benchmarks/weights/resnet_small_fmnist.json`` (test accuracy, training
-settings, time). Needs the Debian package ``dataset-fashion-mnist``.
+writes ``sigmadecomp_torch/demo/weights/resnet_small_fmnist.pt`` (a
+``state_dict``, shipped with the package for ``sigmadecomp demo``) and
+``resnet_small_fmnist.json`` next to it (test accuracy, training settings,
+time). Needs the Debian package ``dataset-fashion-mnist``.
 The default settings take a few minutes on two CPU cores.
 """
 
@@ -24,47 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from sigmadecomp_torch.data import fashion_mnist
+from sigmadecomp_torch.demo.reference import (  # noqa: F401 (re-exported for the benchmarks)
+    INFO_FILE,
+    WEIGHTS_FILE,
+    augment,
+    evaluate,
+    load_reference,
+)
 from sigmadecomp_torch.models import ResNetSmall, count_parameters
-
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-WEIGHTS_FILE = os.path.join(WEIGHTS_DIR, "resnet_small_fmnist.pt")
-INFO_FILE = os.path.join(WEIGHTS_DIR, "resnet_small_fmnist.json")
-
-
-def load_reference(path=WEIGHTS_FILE):
-    """The trained reference model (eval mode) from its committed ``state_dict``."""
-    model = ResNetSmall()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-def reference_info(path=INFO_FILE):
-    """The JSON record written next to the weights (accuracy, settings)."""
-    with open(path) as f:
-        return json.load(f)
-
-
-@torch.no_grad()
-def evaluate(model, images, labels, *, batch_size=1000):
-    """Top-1 accuracy (a float in [0, 1]) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        correct += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(images)
-
-
-def augment(x, gen):
-    """Random horizontal flip and random shift by up to 2 pixels (zero fill)."""
-    n = x.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x, (2, 2, 2, 2))
-    dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()
-    return padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
-
 
 def train(*, epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0, progress=True, log=print):
     """Train a fresh :class:`ResNetSmall`; returns ``(model, info)``."""

@@ -28,22 +28,19 @@ The statistics can be saved and reused (``save_covariances`` /
 ``torch.distributed`` workers when a process group is initialised.
 """
 
-from .compress import (
-    LAYER_METHODS,
-    CompressionReport,
-    LayerMethod,
-    compress,
-    layer_method_for,
-    register_layer_method,
-)
-from .covariance import (
-    LayerStats,
-    collect_covariances,
-    load_covariances,
-    save_covariances,
-    select_layers,
-)
-from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
+import sys
+import types
+
+# The names below load their module (and torch) on first use, so that the
+# ``sigmadecomp`` command can parse its arguments and print help without torch.
+_EXPORTS = {
+    "compress": ("LAYER_METHODS", "CompressionReport", "LayerMethod", "compress",
+                 "layer_method_for", "register_layer_method"),
+    "covariance": ("LayerStats", "collect_covariances", "load_covariances", "save_covariances",
+                   "select_layers"),
+    "layers": ("CPConv2d", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "collect_covariances",
@@ -62,3 +59,31 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
 ]
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sigmadecomp_torch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps the function ``compress`` where importing the submodule of that name would put the module."""
+
+    def __setattr__(self, name, value):
+        if (isinstance(value, types.ModuleType) and name in _MODULE_OF
+                and value.__name__ == f"{__name__}.{name}"):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,108 +1,47 @@
 """The ``sigmadecomp`` command.
 
-    sigmadecomp demo [--full | --quick]
+    sigmadecomp demo [--quick | --full] [--out-dir DIR]
     sigmadecomp compress MODEL --data DIR --method tucker2 --ratio 3 --out OUT
 
-``demo`` runs the end-to-end experiment of the source tree
-(``benchmarks/experiment.py``: Fashion-MNIST, Frobenius against Sigma
-decompositions without fine-tuning) and writes its tables and plots.
-``compress`` compresses a saved model with calibration images from an image
-folder or IDX files and writes the compressed model and its report.
+``demo`` runs the end-to-end experiment installed with the package
+(:mod:`sigmadecomp_torch.demo`: Fashion-MNIST, Frobenius against Sigma
+decompositions without fine-tuning) and writes its tables and plots to a new
+folder. ``compress`` compresses a saved model with calibration images from an
+image folder or IDX files and writes the compressed model and its report.
 Run ``sigmadecomp <command> --help`` for every option.
+
+The module imports torch only when a command runs, so ``--help`` is quick and
+works without torch. Mistakes of the user end in one line naming the option
+and the fix, and a non-zero exit status (1; 2 for unknown options, as
+argparse; 3 when the demo's dataset is missing).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from sigmadecomp_torch.demo import TIMES, add_demo_options
 
-APT_COMMAND = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
+__all__ = ["main", "build_parser", "cli_default_layers"]
+
+TORCH_HINT = ("the sigmadecomp command needs PyTorch: pip install 'sigmadecomp[torch]' "
+              "(or pip install torch first, e.g. the CPU build)")
+
+
+class UserError(Exception):
+    """A mistake in the command line or its files; printed as one line, exit status 1."""
 
 
 # --------------------------------------------------------------------- demo
 
 
-def _import_experiment():
-    """``benchmarks.experiment`` from the source tree (it is not an installed package)."""
-    try:
-        import benchmarks.experiment as exp  # noqa: F401
-
-        return exp
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if (root / "benchmarks" / "experiment.py").exists():
-            sys.path.insert(0, str(root))
-            import benchmarks.experiment as exp
-
-            return exp
-        raise SystemExit(
-            "sigmadecomp demo needs the source tree (benchmarks/experiment.py and the "
-            "committed weights in benchmarks/weights): run it from a checkout of the "
-            "repository installed with  pip install -e \".[torch,bench]\""
-        ) from None
-
-
-def _ensure_fashion_mnist(log=print):
-    """Find the dataset; install the Debian package when possible, else say how. Returns bool."""
-    from sigmadecomp.datasets import DatasetNotFoundError, find_fashion_mnist
-
-    try:
-        find_fashion_mnist()
-        return True
-    except DatasetNotFoundError:
-        pass
-    cmd = APT_COMMAND if os.geteuid() == 0 else ["sudo"] + APT_COMMAND
-    if shutil.which("apt-get") and (os.geteuid() == 0 or shutil.which("sudo")):
-        log(f"Fashion-MNIST is not installed; running: {' '.join(cmd)}")
-        try:
-            subprocess.run(cmd, check=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-            find_fashion_mnist()
-            return True
-        except (subprocess.CalledProcessError, OSError, DatasetNotFoundError) as exc:
-            log(f"could not install it automatically ({exc})")
-    log("Fashion-MNIST is needed; install it with:\n    sudo apt-get install dataset-fashion-mnist\n"
-        "or set SIGMADECOMP_FASHION_MNIST to a directory holding the four IDX files.")
-    return False
-
-
-def add_demo_options(parser):
-    """The options of the end-to-end experiment (``demo`` here, and the script's own)."""
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--full", action="store_true",
-                   help="the whole grid (more ratios, more calibration images; slow)")
-    g.add_argument("--quick", action="store_true",
-                   help="a small subset (one rX, 1000 test images) to check the set-up")
-    parser.add_argument("--out-dir", default=None,
-                        help="directory for results.md, results.json and the PNGs (default: "
-                             "notes/ of the source tree; notes/quick/ with --quick)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
 def _cmd_demo(args):
-    if not _ensure_fashion_mnist():
-        return 2
-    exp = _import_experiment()
-    argv = []
-    if args.full:
-        argv.append("--full")
-    if args.quick:
-        argv.append("--quick")
-    if args.out_dir:
-        argv += ["--out-dir", args.out_dir]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if args.no_progress:
-        argv.append("--no-progress")
-    return exp.main(argv)
+    from sigmadecomp_torch.demo import main as demo_main
+
+    return demo_main(args)
 
 
 # ----------------------------------------------------------------- compress
@@ -111,6 +50,8 @@ def _cmd_demo(args):
 def _load_model(path):
     import torch
 
+    if not Path(path).is_file():
+        raise UserError(f"MODEL={path!r} is not a file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -118,25 +59,40 @@ def _load_model(path):
     except Exception:  # not a TorchScript archive
         scripted = None
     if scripted is not None:
-        raise SystemExit(
+        raise UserError(
             f"{path} is a TorchScript model. TorchScript graphs are compiled against their "
             "modules' types, so their layers cannot be replaced by factorized ones; save the "
             "Python module instead (torch.save(model, path)) and pass that file. The compressed "
-            "model can be written as TorchScript with --torchscript."
-        )
+            "model can be written as TorchScript with --torchscript.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    except AttributeError as exc:
+        # pickle stores classes by module and name; a class of the saving script is '__main__.X'
+        raise UserError(
+            f"could not load MODEL={path!r}: {exc}. The model's class must be importable here: "
+            "if it was defined in the script that saved it (its __main__), move the class into "
+            "a module (e.g. mynet.py), import it from there in that script, save the model "
+            "again, and run sigmadecomp with that module's directory on PYTHONPATH") from None
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"could not load MODEL={path!r}: {exc}. The module defining the model's class must "
+            "be importable: add its directory to PYTHONPATH") from None
     except Exception as exc:
-        raise SystemExit(f"could not load MODEL={path!r}: {exc}") from None
+        raise UserError(f"could not load MODEL={path!r}: {exc}") from None
     if not isinstance(obj, torch.nn.Module):
         hint = (" (a state_dict holds only weights: save the module itself with "
                 "torch.save(model, path))") if isinstance(obj, dict) else ""
-        raise SystemExit(f"MODEL={path!r} holds a {type(obj).__name__}, not a torch.nn.Module{hint}")
+        raise UserError(f"MODEL={path!r} holds a {type(obj).__name__}, not a torch.nn.Module{hint}")
     return obj.eval()
 
 
-def _default_layers(model, include_first):
-    """k x k convs (k > 1, ungrouped), without the first unless asked."""
+def cli_default_layers(model, *, include_first=False):
+    """The layers ``sigmadecomp compress`` compresses when ``--layers`` is not given.
+
+    Every k x k convolution with k > 1 and no groups, without the first one
+    unless ``include_first``; 1x1 convolutions and Linear layers (the
+    classifier) are left alone.
+    """
     from torch import nn
 
     names = [n for n, m in model.named_modules()
@@ -144,20 +100,112 @@ def _default_layers(model, include_first):
     return names if include_first else names[1:]
 
 
-def _first_in_channels(model):
+def _first_conv(model):
     from torch import nn
 
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return None
+            return name, m
+    return None, None
 
 
 def _parse_floats(text, name):
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise SystemExit(f"{name}={text!r} is not allowed; give comma-separated numbers") from None
+        raise UserError(f"{name}={text!r} is not allowed; give comma-separated numbers") from None
+
+
+def _choose_layers(args, model):
+    if args.layers in (None, "auto"):
+        layers = cli_default_layers(model, include_first=args.include_first)
+        if not layers:
+            raise UserError("no layer to compress: the model has no k x k convolution besides "
+                            "the first; name layers with --layers or use --layers all")
+        skipped = "" if args.include_first else ", the first conv"
+        print(f"layers: {len(layers)} k x k convs ({', '.join(layers)}); 1x1 convs, Linear "
+              f"layers{skipped} left alone (choose with --layers)")
+        return layers
+    if args.layers == "all":
+        print("layers: every Conv2d and Linear (--layers all)")
+        return None
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
+    known = dict(model.named_modules())
+    missing = [n for n in layers if n not in known]
+    if missing or not layers:
+        raise UserError(f"--layers={args.layers!r}: {', '.join(missing) or 'no name'} not in the "
+                        f"model; its modules include {', '.join(list(known)[1:6])}, ...")
+    return layers
+
+
+def _rank_choice(args):
+    """The rank keyword of compress and a sentence saying what was chosen."""
+    if args.ratio is not None:
+        if not args.ratio > 1:
+            raise UserError(f"--ratio={args.ratio:g} is not allowed; the per-layer ratio rX "
+                            "must be > 1")
+        return {"ratio": args.ratio}, f"ranks: per-layer ratio rX = {args.ratio:g} (--ratio)"
+    if args.budget is not None:
+        b = args.budget
+        if 0 < b < 1:
+            return ({"budget": b}, f"ranks: allocated across layers to keep {b:g} of their "
+                                   "parameters (--budget)")
+        if b >= 1 and b == int(b):
+            return ({"budget": int(b)}, f"ranks: allocated across layers to keep {int(b)} "
+                                        "parameters (--budget)")
+        raise UserError(f"--budget={b:g} is not allowed; give a whole parameter count (>= 1) or "
+                        "a fraction in (0, 1) of the compressed layers' parameters")
+    return ({"ranks": "evbmf"},
+            "ranks: EVBMF (estimated from each layer's weights, no size target); give --ratio "
+            "or --budget to set the size")
+
+
+def _warn_unmet_ratio(report, ratio):
+    """One line when some layers cannot reach the per-layer ratio (ranks at their minimum)."""
+    short = [r for r in report.layers if r["params_before"] / max(r["params_after"], 1) < 0.9 * ratio]
+    if short:
+        names = ", ".join(f"{r['name']} (ranks {r['ranks']}, rX "
+                          f"{r['params_before'] / max(r['params_after'], 1):.1f})" for r in short[:4])
+        more = f" and {len(short) - 4} more" if len(short) > 4 else ""
+        print(f"warning: --ratio {ratio:g} cannot be met by {len(short)} of {len(report.layers)} "
+              f"layers even at their smallest ranks: {names}{more}; the compressed layers reach "
+              f"rX = {report.layer_ratio:.1f}", file=sys.stderr)
+
+
+def _calibration_images(args, model):
+    import torch
+
+    from sigmadecomp_torch.data import load_images
+
+    first_name, first = _first_conv(model)
+    in_ch = first.in_channels if first is not None else None
+    if args.channels is not None and in_ch is not None and args.channels != in_ch:
+        raise UserError(f"--channels {args.channels} does not match the model: its first conv "
+                        f"{first_name!r} takes {in_ch} channels; use --channels {in_ch} or omit it")
+    channels = args.channels or (in_ch if in_ch in (1, 3) else None)
+    data = Path(args.data)
+    if not data.exists():
+        raise UserError(f"--data={args.data!r} does not exist; give a folder of images (flat or "
+                        "one sub-folder per class), a directory of IDX files, or an IDX file")
+    try:
+        x, _ = load_images(data, limit=args.calib_images, size=args.image_size,
+                           channels=channels, seed=args.seed)
+    except FileNotFoundError as exc:
+        raise UserError(f"--data={args.data!r}: {exc}; give a folder of images or IDX files") from None
+    except (ValueError, OSError) as exc:
+        hint = " (resize them with --image-size SIZE)" if "different sizes" in str(exc) else ""
+        raise UserError(f"--data={args.data!r}: {exc}{hint}") from None
+    if args.normalize:
+        vals = _parse_floats(args.normalize, "--normalize")
+        if len(vals) % 2 or 2 * x.shape[1] not in (2, len(vals)):
+            raise UserError(f"--normalize={args.normalize!r}: give MEAN,STD or one mean and one "
+                            f"std per channel ({x.shape[1]} channels)")
+        half = len(vals) // 2
+        mean = torch.tensor(vals[:half]).view(1, -1, 1, 1)
+        std = torch.tensor(vals[half:]).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    print(f"calibration: {len(x)} images of shape {tuple(x.shape[1:])} from {args.data}")
+    return x
 
 
 def _cmd_compress(args):
@@ -165,70 +213,56 @@ def _cmd_compress(args):
 
     from sigmadecomp_torch.compress import compress
     from sigmadecomp_torch.covariance import collect_covariances, load_covariances, save_covariances
-    from sigmadecomp_torch.data import load_images, make_loader
+    from sigmadecomp_torch.data import make_loader
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load_model(args.model)
-    if args.layers in (None, "auto"):
-        layers = _default_layers(model, args.include_first)
-    elif args.layers == "all":
-        layers = None
-    else:
-        layers = [s.strip() for s in args.layers.split(",") if s.strip()]
-    if layers == []:
-        raise SystemExit("no layer to compress: the model has no k x k convolution besides the "
-                         "first; name layers with --layers or use --layers all")
     weighted = not args.frobenius
     if weighted and args.data is None and args.transfer_stats is None:
-        raise SystemExit("give calibration images with --data DIR, statistics with "
-                         "--transfer-stats FILE, or --frobenius for data-free weight-space "
-                         "decompositions")
+        raise UserError("give calibration images with --data DIR, statistics with "
+                        "--transfer-stats FILE, or --frobenius for data-free weight-space "
+                        "decompositions")
     if args.centered and not weighted:
-        raise SystemExit("--centered needs statistics; it cannot be combined with --frobenius")
+        raise UserError("--centered needs statistics; it cannot be combined with --frobenius")
+    rank_kw, rank_text = _rank_choice(args)
+    model = _load_model(args.model)
+    layers = _choose_layers(args, model)
+    print(rank_text)
 
-    stats = None
+    stats, x = None, None
     if weighted and args.transfer_stats is not None:
-        stats = load_covariances(args.transfer_stats)
+        try:
+            stats = load_covariances(args.transfer_stats)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"--transfer-stats={args.transfer_stats!r}: {exc}") from None
         print(f"statistics of {len(stats)} layers from {args.transfer_stats}")
     elif weighted:
-        channels = args.channels or _first_in_channels(model)
-        x, _ = load_images(args.data, limit=args.calib_images, size=args.image_size,
-                           channels=channels if channels in (1, 3) else None, seed=args.seed)
-        if args.normalize:
-            vals = _parse_floats(args.normalize, "--normalize")
-            if len(vals) % 2:
-                raise SystemExit(f"--normalize={args.normalize!r}: give MEAN,STD or "
-                                 "M1,M2,M3,S1,S2,S3 (an even count of numbers)")
-            half = len(vals) // 2
-            mean = torch.tensor(vals[:half]).view(1, -1, 1, 1)
-            std = torch.tensor(vals[half:]).view(1, -1, 1, 1)
-            x = (x - mean) / std
-        print(f"calibration: {len(x)} images of shape {tuple(x.shape[1:])} from {args.data}")
-        stats = collect_covariances(model, make_loader(x, batch_size=args.batch_size),
-                                    layers=layers, progress=not args.no_progress)
+        x = _calibration_images(args, model)
+        try:
+            stats = collect_covariances(model, make_loader(x, batch_size=args.batch_size),
+                                        layers=layers, progress=not args.no_progress)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"the model failed on the calibration images of shape "
+                            f"{tuple(x.shape[1:])}: {first} (check --image-size, --channels "
+                            "and --normalize)") from None
         if args.save_stats:
             save_covariances(stats, args.save_stats)
             print(f"wrote statistics to {args.save_stats}")
 
     kw = dict(covariances=stats, layers=layers, centered=args.centered,
-              progress=not args.no_progress)
-    if args.ratio is not None:
-        kw["ratio"] = args.ratio
-    elif args.budget is not None:
-        kw["budget"] = int(args.budget) if args.budget >= 1 else args.budget
-    else:
-        kw["ranks"] = "evbmf"
+              progress=not args.no_progress, **rank_kw)
     if args.n_iter is not None:
         kw["options"] = {"n_iter_max": args.n_iter}
     try:
         small, report = compress(model, args.method, **kw)
     except (ValueError, TypeError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise UserError(str(exc)) from None
+    if args.ratio is not None:
+        _warn_unmet_ratio(report, args.ratio)
 
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(small, out)
     stem = out.with_suffix("")
     report.to_json(f"{stem}.report.json")
@@ -241,15 +275,18 @@ def _cmd_compress(args):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 scripted = torch.jit.script(small.eval())
         except Exception:
-            example = x[:1] if weighted and args.transfer_stats is None else None
-            if example is None:
-                raise SystemExit("torch.jit.script failed on this model and no calibration image "
-                                 "is at hand to trace it; use --data") from None
-            scripted = torch.jit.trace(small.eval(), example)
+            if x is None:
+                raise UserError("torch.jit.script failed on this model and no calibration image "
+                                "is at hand to trace it; use --data") from None
+            scripted = torch.jit.trace(small.eval(), x[:1])
         scripted.save(f"{stem}.torchscript.pt")
         written.append(f"{stem}.torchscript.pt")
     print(table)
     print("wrote " + ", ".join(written))
+    print(f"load it with torch.load({str(out)!r}, weights_only=False) where sigmadecomp_torch "
+          "(and the model's own classes) can be imported"
+          + (f"; {stem}.torchscript.pt is self-contained: torch.jit.load(path)"
+             if args.torchscript else "; --torchscript also writes a self-contained file"))
     return 0
 
 
@@ -260,19 +297,23 @@ def build_parser():
     """The argparse parser of the ``sigmadecomp`` command."""
     p = argparse.ArgumentParser(
         prog="sigmadecomp",
-        description="Distribution-aware low-rank compression of CNNs (Sigma-norm Tucker-2, "
-                    "CP, SVD): factors chosen to keep each layer's output on real data.",
+        description="Distribution-aware low-rank compression of CNNs (Sigma-norm SVD, "
+                    "Tucker-2, CP, Tensor-Train): factors chosen to keep each layer's output "
+                    "on real data.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     d = sub.add_parser(
-        "demo", help="run the Fashion-MNIST experiment and print its table",
-        description="Run the end-to-end experiment of the source tree: compress the committed "
-                    "reference CNN with Tucker-2 and CP at several compression ratios, with "
-                    "Frobenius and Sigma decompositions, evaluate without fine-tuning, and "
-                    "write notes/results.md, results.json and plots. Installs the Debian "
-                    "package dataset-fashion-mnist when it can, otherwise prints the command.")
+        "demo", help="run the Fashion-MNIST experiment and print its tables",
+        description="Run the end-to-end experiment installed with the package: compress the "
+                    "shipped reference CNN (Fashion-MNIST) with Tucker-2, CP and Tensor-Train "
+                    "at several compression ratios, Frobenius against Sigma decompositions, "
+                    "evaluate test accuracy without fine-tuning (and with a short fine-tuning, "
+                    "transferred and data-free statistics, int8 weights, CPU latency), print the "
+                    "tables and findings, and write results.md, results.json and plots to a new "
+                    f"folder. Takes {TIMES}. Needs the Debian package dataset-fashion-mnist; "
+                    "without it, prints the command that installs it and exits with status 3.")
     add_demo_options(d)
     d.set_defaults(func=_cmd_demo)
 
@@ -281,9 +322,11 @@ def build_parser():
         description="Compress a saved model (a pickled torch.nn.Module, saved with "
                     "torch.save(model, path)). Input statistics of the chosen layers are "
                     "collected on calibration images (an image folder or IDX files) or read "
-                    "from a statistics file, the layers are replaced by factorized ones, and "
-                    "the compressed model, its report (JSON and a text table) are written.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "from a statistics file, the layers are replaced by factorized ones (SVD, "
+                    "Tucker-2, CP or Tensor-Train), and the compressed model and its report "
+                    "(JSON and a text table) are written. Load the result with "
+                    "torch.load(OUT, weights_only=False) where sigmadecomp_torch is installed, "
+                    "or write a self-contained TorchScript file with --torchscript.")
     c.add_argument("model", metavar="MODEL",
                    help="the model file: a pickled nn.Module (torch.save(model, path)); a "
                         "TorchScript file is recognised and refused with an explanation")
@@ -292,15 +335,17 @@ def build_parser():
                         "per class), a directory with IDX files (MNIST layout, the training "
                         "split is preferred), or one IDX image file")
     c.add_argument("--method", required=True, choices=["tucker2", "cp", "svd", "tt"],
-                   help="format of the k x k convolutions (1x1 convs and Linear layers use "
-                        "the SVD, except with 'tt', Tensor-Train, which tensorizes them too)")
+                   help="format of the k x k convolutions (required): tucker2, cp, svd, or tt "
+                        "(Tensor-Train, which tensorizes 1x1 convs and Linear layers too; with "
+                        "the others those use the SVD)")
     r = c.add_mutually_exclusive_group()
     r.add_argument("--ratio", type=float, metavar="RX",
                    help="per-layer compression ratio rX = params(original) / params(factorized), "
-                        "> 1 (default: EVBMF ranks when neither --ratio nor --budget is given)")
+                        "> 1; a warning names layers that cannot reach it. Without --ratio and "
+                        "--budget, EVBMF estimates the ranks (no size target)")
     r.add_argument("--budget", type=float,
                    help="total weight parameters of the compressed layers after compression: "
-                        "an integer count, or a fraction in (0, 1) of their original total; "
+                        "a whole count, or a fraction in (0, 1) of their original total; "
                         "ranks are allocated across layers by their error curves")
     c.add_argument("--transfer-stats", metavar="FILE",
                    help="use statistics saved by --save-stats / save_covariances (e.g. from "
@@ -308,21 +353,24 @@ def build_parser():
     c.add_argument("--save-stats", metavar="FILE",
                    help="also save the collected statistics (.pt or .safetensors) for reuse")
     c.add_argument("--out", required=True, metavar="OUT",
-                   help="where to write the compressed model (torch.save of the module); the "
-                        "report goes to OUT's stem + .report.json and .report.txt")
+                   help="where to write the compressed model (torch.save of the module; load "
+                        "with torch.load(OUT, weights_only=False)); the report goes to OUT's "
+                        "stem + .report.json and .report.txt")
     c.add_argument("--layers", default="auto",
-                   help="comma-separated module names to compress; 'auto' = every k x k conv "
-                        "(k > 1) but the first; 'all' = every Conv2d and Linear")
+                   help="comma-separated module names to compress; 'auto' (default) = every "
+                        "k x k conv (k > 1) but the first; 'all' = every Conv2d and Linear")
     c.add_argument("--include-first", action="store_true",
                    help="with --layers auto, also compress the first k x k conv")
     c.add_argument("--centered", action="store_true",
-                   help="decompose in the centered covariance and correct the biases "
-                        "(never a larger expected output error than plain Sigma)")
+                   help="decompose in the centered covariance and correct the biases: each "
+                        "layer's expected squared output error is then at most plain Sigma's "
+                        "(at the optimum); accuracy may still differ either way by a little")
     c.add_argument("--frobenius", action="store_true",
                    help="classical weight-space decompositions, no statistics (data-free)")
     c.add_argument("--calib-images", type=int, default=1024,
-                   help="number of calibration images (a seeded random subset)")
-    c.add_argument("--batch-size", type=int, default=64, help="batch size for the statistics")
+                   help="number of calibration images, a seeded random subset (default: 1024)")
+    c.add_argument("--batch-size", type=int, default=64,
+                   help="batch size for the statistics (default: 64)")
     c.add_argument("--image-size", type=int, default=None,
                    help="resize images of a folder to SIZE x SIZE (default: keep; all images "
                         "must then have the same size)")
@@ -335,18 +383,32 @@ def build_parser():
     c.add_argument("--n-iter", type=int, default=None,
                    help="maximum ALS sweeps per layer (default: the decomposition's default)")
     c.add_argument("--torchscript", action="store_true",
-                   help="also write a TorchScript version (OUT's stem + .torchscript.pt)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
-    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+                   help="also write a self-contained TorchScript version (OUT's stem + "
+                        ".torchscript.pt; load with torch.jit.load)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration subset (default: 0)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compress)
     return p
 
 
 def main(argv=None):
-    """Entry point of the ``sigmadecomp`` console script; returns the exit status."""
+    """Entry point of the ``sigmadecomp`` console script; returns the exit status.
+
+    A mistake of the user raises ``SystemExit`` with a one-line message (exit
+    status 1); so does a missing torch.
+    """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        raise SystemExit(f"sigmadecomp {args.command}: error: {exc}") from None
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch" or (exc.name or "").startswith("torch."):
+            raise SystemExit(f"sigmadecomp {args.command}: error: {TORCH_HINT}") from None
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,6 +114,14 @@ class TTConv2d(_TTChain):
     spatial : Parameter of shape (r_0, 1, H, W)
     cores : ParameterList of (r_{k-1}, s_k, t_k, r_k)
     bias : Parameter of shape (T,) or None
+    max_chunk_elements : int
+        The spatial core's output is ``r_0`` times the layer's input and the
+        channel cores' intermediates are of the same order, so in eager mode
+        a batch is evaluated in chunks of samples whose largest intermediate
+        holds at most this many elements (default ``2**24``, 64 MiB in
+        float32; at least one sample per chunk). The output is the same; only
+        the peak memory changes. Traced, scripted and compiled graphs evaluate
+        the whole batch at once.
 
     Examples
     --------
@@ -213,7 +221,30 @@ class TTConv2d(_TTChain):
         w = _chain([g0] + list(self.cores))  # (T, (h, w, s))
         return w.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
+    max_chunk_elements = 2 ** 24
+
     def forward(self, x):
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            chunk = self._chunk_size(x)
+            if chunk < x.shape[0]:
+                return torch.cat([self._forward(part) for part in torch.split(x, chunk)])
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _chunk_size(self, x):
+        """Samples per chunk in eager mode (the whole batch when compiled)."""
+        if torch.compiler.is_compiling():
+            return x.shape[0]
+        h, w = x.shape[2] + 2 * self.kernel_size[0], x.shape[3] + 2 * self.kernel_size[1]
+        widths = [self.in_channels * self.ranks[0]]
+        rest, done = self.in_channels, 1
+        for s_k, t_k, r_k in zip(self.in_modes, self.out_modes, self.ranks[1:] + (1,)):
+            rest, done = rest // s_k, done * t_k
+            widths.append(rest * done * r_k)
+        per_sample = h * w * max(widths)  # an upper bound of the output positions x width
+        return max(1, int(self.max_chunk_elements) // per_sample)
+
+    def _forward(self, x):
         n, c, h, w = x.shape
         z = x.reshape(n * c, 1, h, w)
         if self.padding_mode != "zeros":

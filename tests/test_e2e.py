@@ -64,7 +64,7 @@ def test_reference_model_shape_and_size():
 
 
 def test_count_macs_matches_hand_count():
-    from benchmarks.experiment import count_macs
+    from sigmadecomp_torch.demo.experiment import count_macs
 
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
                           nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
@@ -122,17 +122,17 @@ def test_quantize_weights_bad_layer():
 # ---------------------------------------------------------------- experiment
 
 
-def _weights_available():
-    from benchmarks.train_reference import WEIGHTS_FILE
-
-    return os.path.exists(WEIGHTS_FILE)
-
-
 @needs_fashion
 def test_committed_weights_and_record():
-    if not _weights_available():
-        pytest.fail("benchmarks/weights/resnet_small_fmnist.pt is missing")
-    from benchmarks.train_reference import INFO_FILE, WEIGHTS_FILE, load_reference, reference_info
+    from sigmadecomp_torch.demo.reference import (
+        INFO_FILE,
+        WEIGHTS_FILE,
+        load_reference,
+        reference_info,
+    )
+
+    if not os.path.exists(WEIGHTS_FILE):
+        pytest.fail(f"{WEIGHTS_FILE} is missing")
 
     assert os.path.getsize(WEIGHTS_FILE) < 5 * 2**20
     info = reference_info(INFO_FILE)
@@ -144,7 +144,7 @@ def test_committed_weights_and_record():
 
 @needs_fashion
 def test_experiment_smoke(tmp_path):
-    from benchmarks import experiment
+    from sigmadecomp_torch.demo import experiment, report
 
     cfg = experiment.make_config(
         "quick", calib_images=64, test_images=200, digits_images=64, rx=(3,),
@@ -153,7 +153,9 @@ def test_experiment_smoke(tmp_path):
         layers=["layer1.conv2", "layer2.conv2"], options={"n_iter_max": 3},
         convergence_iter=3,
     )
-    res = experiment.run(cfg, out_dir=str(tmp_path), progress=False, log=lambda *a: None)
+    res = experiment.run(cfg, progress=False, log=lambda *a: None)
+    written = report.write_outputs(res, str(tmp_path))
+    assert {os.path.basename(p) for p in written} >= {"results.md", "results.json"}
     rows = res["rows"]
     assert {(r["method"], r["variant"]) for r in rows if r["kind"] == "main"} == {
         (m, v) for m in ("tucker2", "cp") for v in ("frobenius", "sigma", "sigma-centered")}
@@ -181,14 +183,17 @@ def test_experiment_smoke(tmp_path):
             cell = line.split("|")[3].strip()
             assert 0.0 <= float(cell) <= 100.0
     loaded = json.loads((tmp_path / "results.json").read_text())
-    assert len(loaded["rows"]) == len(rows) and loaded["targets"]
+    assert len(loaded["rows"]) == len(rows) and loaded["findings"]
+    # findings: stated with their figures, no pass/fail wording
+    assert "## Findings" in md and "MISSED" not in md
+    assert "Sigma above Frobenius" in md and "true at " in md
     for name in ("accuracy_vs_rx_tucker2.png", "accuracy_vs_rx_cp.png",
                  "results_als_convergence.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
 
 def test_experiment_config_errors():
-    from benchmarks import experiment
+    from sigmadecomp_torch.demo import experiment
 
     with pytest.raises(ValueError, match="mode='huge'"):
         experiment.make_config("huge")
@@ -313,11 +318,20 @@ def test_cli_compress_errors(tmp_path, small_model_file):
 
 def test_cli_demo_without_dataset_prints_install_command(monkeypatch, capsys):
     import sigmadecomp.datasets as ds
+    import sigmadecomp_torch.demo as demo
 
     def missing(directory=None):
         raise DatasetNotFoundError("not here")
 
     monkeypatch.setattr(ds, "find_fashion_mnist", missing)
-    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
-    assert cli.main(["demo", "--quick"]) == 2
-    assert "sudo apt-get install dataset-fashion-mnist" in capsys.readouterr().out
+    # no subprocess may run: the library never installs anything itself
+    import subprocess
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("the demo must not run a command")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    assert cli.main(["demo", "--quick"]) == demo.EXIT_NO_DATA == 3
+    err = capsys.readouterr().err
+    assert "    sudo apt-get install dataset-fashion-mnist\n" in err

@@ -210,3 +210,23 @@ def test_bias_shift_and_plugin_functions():
         tt_decompose(torch.zeros(2, 2, 2, dtype=torch.float64), 1)
     with pytest.raises(TypeError, match="nn.Conv2d or nn.Linear"):
         tt_build(nn.ReLU(), lres)
+
+
+def test_tt_conv_chunked_batches_give_the_same_output():
+    # large batches run in chunks of samples (bounded memory); the output must not change
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1, stride=2).double()
+    layer = TTConv2d.from_result(tt_conv(conv.weight.detach(), (4, 4), (2, 4), ranks=(5, 3)), conv)
+    x = torch.randn(7, 16, 9, 9, dtype=torch.float64)
+    whole = layer(x)
+    assert layer._chunk_size(x) >= 7  # the default bound keeps this batch whole
+    layer.max_chunk_elements = 3 * (9 + 6) ** 2 * 16 * 5  # three samples: (h + 2k)(w + 2k) S r_0 each
+    assert layer._chunk_size(x) == 3
+    torch.testing.assert_close(layer(x), whole, rtol=0, atol=1e-13)
+    layer.max_chunk_elements = 1  # one sample per chunk
+    assert layer._chunk_size(x) == 1
+    torch.testing.assert_close(layer(x), whole, rtol=0, atol=1e-13)
+    ref = torch.nn.functional.conv2d(x, layer.kernel(), conv.bias, stride=2, padding=1)
+    torch.testing.assert_close(whole, ref, rtol=0, atol=1e-12)
+    # a script compiled from the chunking layer runs whole batches, same values
+    torch.testing.assert_close(torch.jit.script(layer)(x), whole, rtol=0, atol=1e-13)

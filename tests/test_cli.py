@@ -1,0 +1,318 @@
+"""The ``sigmadecomp`` command: help, user errors as one line, choices said out loud."""
+
+import inspect
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_without_torch(code):
+    """Run ``code`` in a fresh interpreter where ``import torch`` fails, as in a core-only install."""
+    shim = "import sys; sys.modules['torch'] = None\n"
+    return subprocess.run([sys.executable, "-c", shim + code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+# --------------------------------------------------------- without torch
+
+
+def test_help_works_without_torch_and_does_not_import_it():
+    proc = _run_without_torch("from sigmadecomp_torch.cli import main\nmain(['--help'])")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: sigmadecomp" in proc.stdout and "Tensor-Train" in proc.stdout
+    proc = _run_without_torch("from sigmadecomp_torch.cli import main\nmain(['compress', '--help'])")
+    assert proc.returncode == 0, proc.stderr
+    assert "--method" in proc.stdout
+
+
+def test_compress_without_torch_is_one_line_with_the_fix():
+    proc = _run_without_torch(
+        "from sigmadecomp_torch.cli import main\n"
+        "main(['compress', 'm.pt', '--method', 'cp', '--frobenius', '--out', 'o.pt'])")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "sigmadecomp compress: error: the sigmadecomp command needs PyTorch: pip install "
+        "'sigmadecomp[torch]' (or pip install torch first, e.g. the CPU build)"]
+
+
+def test_demo_without_torch_is_one_line(tmp_path):
+    # the data check passes (an empty fake directory), then the experiment needs torch
+    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"")
+    proc = _run_without_torch(
+        f"import os; os.environ['SIGMADECOMP_FASHION_MNIST'] = {str(tmp_path)!r}\n"
+        "from sigmadecomp_torch.cli import main\n"
+        f"main(['demo', '--quick', '--out-dir', {str(tmp_path / 'out')!r}])")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "pip install 'sigmadecomp[torch]'" in proc.stderr
+
+
+# ------------------------------------------------------------- help text
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import cli  # noqa: E402
+from sigmadecomp_torch.models import ResNetSmall  # noqa: E402
+
+
+def _help(*argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(argv) + ["--help"])
+    assert info.value.code == 0
+
+
+def test_help_states_defaults_once_and_methods(capsys):
+    _help()
+    top = capsys.readouterr().out
+    assert "Tensor-Train" in top
+    _help("demo")
+    demo = capsys.readouterr().out
+    assert "Tensor-Train" in demo and "new" in demo and "minute" in demo
+    _help("compress")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and ") (default:" not in text
+    opts = text[text.index("options:"):]
+    method_help = opts[opts.index("--method {"):opts.index("--ratio RX")]
+    assert "required" in method_help and "default" not in method_help
+    assert "EVBMF" in text and "weights_only=False" in text
+
+
+def test_package_exports_stay_functions_after_submodule_import():
+    import sigmadecomp_torch
+    import sigmadecomp_torch.compress  # noqa: F401  (the submodule of the same name)
+
+    from sigmadecomp_torch import compress
+
+    assert inspect.isfunction(compress) and inspect.isfunction(sigmadecomp_torch.compress)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sigmadecomp_torch.nope  # noqa: B018
+
+
+# ------------------------------------------------------------ user errors
+
+
+def _write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    model = ResNetSmall(width=8).eval()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return str(path)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    _write_idx(d / "train-images-idx3-ubyte",
+               np.random.default_rng(0).integers(0, 256, (12, 28, 28)))
+    return str(d)
+
+
+def _error(argv):
+    """The message of the SystemExit a command raises (its exit status is then 1)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert isinstance(info.value.code, str), info.value.code
+    assert "\n" not in info.value.code.strip()
+    return info.value.code
+
+
+def _compress(model_file, tmp_path, *extra):
+    return ["compress", model_file, "--method", "tucker2", "--out", str(tmp_path / "o.pt"),
+            "--no-progress", "--n-iter", "2", *extra]
+
+
+def test_wrong_data_path(model_file, tmp_path):
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", str(tmp_path / "nope")))
+    assert msg.startswith("sigmadecomp compress: error: --data=")
+    assert "does not exist" in msg and "folder of images" in msg
+
+
+def test_folder_without_images(model_file, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", str(empty)))
+    assert "no image files" in msg and "--data=" in msg
+
+
+def test_channels_that_do_not_match_the_model(model_file, tmp_path, idx_dir):
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--channels", "3"))
+    assert "--channels 3 does not match" in msg and "takes 1 channels" in msg
+    assert "--channels 1" in msg
+
+
+def test_images_the_model_cannot_take(tmp_path, idx_dir):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 10 * 10, 3))  # made for 14 x 14 inputs
+    path = tmp_path / "fixed.pt"
+    torch.save(model, path)
+    msg = _error(_compress(str(path), tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--include-first"))
+    assert "failed on the calibration images of shape (1, 28, 28)" in msg
+    assert "--image-size" in msg
+
+
+def test_model_class_from_main_gets_the_hint(tmp_path):
+    main_module = sys.modules["__main__"]
+
+    class MyNet(nn.Sequential):
+        pass
+
+    MyNet.__module__, MyNet.__qualname__ = "__main__", "MyNet"
+    main_module.MyNet = MyNet  # as if defined in the script that saved it
+    try:
+        torch.save(MyNet(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)), tmp_path / "mine.pt")
+    finally:
+        del main_module.MyNet
+    msg = _error(_compress(str(tmp_path / "mine.pt"), tmp_path, "--frobenius", "--ratio", "2"))
+    assert "Can't get attribute 'MyNet'" in msg
+    assert "move the class into a module" in msg and "PYTHONPATH" in msg
+
+
+def test_model_class_from_a_missing_module_gets_the_hint(tmp_path, monkeypatch):
+    (tmp_path / "netmod_for_cli_test.py").write_text(
+        "from torch import nn\nclass Net(nn.Sequential):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import netmod_for_cli_test
+
+    torch.save(netmod_for_cli_test.Net(nn.Conv2d(1, 2, 3)), tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "netmod_for_cli_test")
+    sys.path.remove(str(tmp_path))
+    msg = _error(_compress(str(tmp_path / "net.pt"), tmp_path, "--frobenius", "--ratio", "2"))
+    assert "No module named 'netmod_for_cli_test'" in msg and "PYTHONPATH" in msg
+
+
+def test_model_path_that_is_not_a_file(tmp_path):
+    msg = _error(_compress(str(tmp_path / "missing.pt"), tmp_path, "--frobenius", "--ratio", "2"))
+    assert "MODEL=" in msg and "is not a file" in msg
+
+
+# ---------------------------------------------------------- said out loud
+
+
+def test_budget_that_is_neither_count_nor_fraction(model_file, tmp_path):
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--budget", "1.5"))
+    assert "--budget=1.5 is not allowed" in msg and "whole parameter count" in msg
+
+
+def test_ratio_not_above_one(model_file, tmp_path):
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "1"))
+    assert "--ratio=1 is not allowed" in msg and "> 1" in msg
+
+
+def test_unreachable_ratio_warns_and_reachable_one_does_not(model_file, tmp_path, capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "1000")) == 0
+    out, err = capsys.readouterr()
+    assert "ranks: per-layer ratio rX = 1000 (--ratio)" in out
+    assert "warning: --ratio 1000 cannot be met by 6 of 6 layers" in err
+    reached = json.loads((tmp_path / "o.report.json").read_text())["totals"]["layer_ratio"]
+    assert f"reach rX = {reached:.1f}" in err and reached < 1000
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2")) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err
+
+
+def test_default_ranks_and_layers_are_announced(model_file, tmp_path, capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius")) == 0
+    out = capsys.readouterr().out
+    assert "ranks: EVBMF" in out and "--ratio" in out
+    assert "layers: 6 k x k convs (layer1.conv1," in out and "the first conv left alone" in out
+    assert "weights_only=False" in out
+
+
+def test_budget_fraction_is_announced(model_file, tmp_path, capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--budget", "0.5")) == 0
+    assert "keep 0.5 of their parameters (--budget)" in capsys.readouterr().out
+
+
+def test_unknown_layer_name(model_file, tmp_path):
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2",
+                           "--layers", "layer1.conv1,nope"))
+    assert "--layers=" in msg and "nope not in the model" in msg
+
+
+# ------------------------------------------------------------------ demo
+
+
+def test_demo_writes_to_a_fresh_folder_by_default(tmp_path, monkeypatch, capsys):
+    import sigmadecomp.datasets as ds
+    from sigmadecomp_torch.demo import experiment, report
+
+    seen = {}
+    monkeypatch.setattr(ds, "find_fashion_mnist", lambda directory=None: tmp_path)
+    monkeypatch.setattr(experiment, "run", lambda cfg, progress=True: {"seconds": 0.0,
+                                                                      "mode": cfg["mode"]})
+    monkeypatch.setattr(report, "write_outputs",
+                        lambda results, out_dir: seen.setdefault("out", out_dir) and [out_dir])
+    monkeypatch.setattr(report, "print_summary", lambda results: None)
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("notes")
+    assert cli.main(["demo", "--quick", "--no-progress"]) == 0
+    out = seen["out"]
+    assert os.path.dirname(out) == "." and os.path.basename(out).startswith("sigmadecomp-demo-")
+    assert not os.path.exists(out)  # write_outputs (stubbed here) creates it
+    assert os.listdir("notes") == []
+    assert f"results go to {os.path.abspath(out)}" in capsys.readouterr().out
+
+
+def test_accuracy_plot_labels_every_rx_and_tells_variants_apart():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sigmadecomp_torch.demo.report import accuracy_figure
+
+    rows = [{"method": "cp", "variant": v, "rx_target": rx, "accuracy": 0.8}
+            for v in ("frobenius", "frobenius+ft", "sigma") for rx in (2, 3, 4, 6, 8)]
+    fig = accuracy_figure({"rows": rows, "reference": {"accuracy": 0.9}}, "cp")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "3", "4", "6", "8"]
+    markers = {line.get_label(): line.get_marker() for line in ax.get_lines()}
+    assert markers["Frobenius"] != markers["Frobenius + fine-tune"]
+    assert len({markers[k] for k in ("Frobenius", "Frobenius + fine-tune", "Sigma")}) == 3
+    plt.close(fig)
+
+
+def test_findings_state_each_comparison_with_its_figures():
+    from sigmadecomp_torch.demo.experiment import findings
+    from sigmadecomp_torch.demo.report import findings_text
+
+    acc = {("main", "frobenius"): 0.80, ("main", "sigma"): 0.90, ("main", "sigma-centered"): 0.89,
+           ("finetune", "frobenius+ft"): 0.88, ("transfer", "transfer:sigma"): 0.84}
+    rows = [{"kind": k, "method": "cp", "variant": v, "rx_target": 3, "accuracy": a}
+            for (k, v), a in acc.items()]
+    results = {"rows": rows, "reference": {"accuracy": 0.905},
+               "config": {"methods": ["cp"], "rx": [3]}}
+    found = {f["question"]: f for f in findings(results)}
+    assert set(found) == {"sigma_vs_frobenius", "sigma_vs_original", "sigma_vs_finetuned",
+                          "centered_vs_sigma", "transfer_keeps_gain"}
+    assert found["sigma_vs_frobenius"]["holds"] and found["sigma_vs_original"]["holds"]
+    assert not found["centered_vs_sigma"]["holds"]
+    assert found["centered_vs_sigma"]["difference"] == pytest.approx(-0.01)
+    assert not found["transfer_keeps_gain"]["holds"]  # 0.04 of a 0.10 gain: 40% kept
+    assert found["transfer_keeps_gain"]["note"] == "40% of the gain kept"
+    text = findings_text(dict(results, findings=list(found.values())))
+    assert "MISSED" not in text
+    assert "- cp rX=3: Sigma centered 89.00, Sigma 90.00 (-1.00)" in text
+    assert "**Centered Sigma + bias correction at least plain Sigma**: true at 0 of 1" in text
+    assert "never raises it at the optimum" in text
