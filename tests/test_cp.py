@@ -95,7 +95,7 @@ def test_each_block_update_is_the_exact_minimiser(kind, mode, l2):
     if S is None:
         eng = _FrobeniusALS(K, w, [f.copy() for f in F], l2)
     else:
-        eng = _SigmaALS(K, w, [f.copy() for f in F], l2, S, cg_rtol=1e-14, cg_maxiter=2000)
+        eng = _SigmaALS(K, w, [f.copy() for f in F], l2, S, inner_rtol=1e-13, inner_maxiter=2000)
     # bring the engine to the state in which `mode` is updated (A first)
     updates = [eng.update_A, eng.update_B, eng.update_C, eng.update_D]
     for k in range(mode):
@@ -123,7 +123,7 @@ def test_inexact_cg_update_never_increases_objective(rng):
     S = random_psd(rng, n, spread=30.0)
     for maxiter in (1, 2, 5):
         w, F = random_cp(rng, K.shape, 4)
-        eng = _SigmaALS(K, w, F, 0.0, S, cg_maxiter=maxiter)
+        eng = _SigmaALS(K, w, F, 0.0, S, inner_maxiter=maxiter)
         eng.update_A()
         before = dense_objective(K, *eng.point(), S)
         eng.update_B()
