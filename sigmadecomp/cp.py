@@ -29,8 +29,9 @@ that objective over one factor (the scale ``w`` absorbed into it):
   quadratic, whatever the number of iterations.
 
 Singular Sigma: minimum-norm solves (pseudo-inverses under an eigenvalue
-floor) in every block and in the CG preconditioner, so directions that Sigma
-does not see are never amplified; the factors keep whatever they had there.
+floor) for A, C and D, and a B correction that stays in the range of the CG
+preconditioner (pseudo-inverse blocks), so directions that Sigma does not
+see are never amplified.
 The reported errors are checked against cancellation (see :func:`cp`), and a
 sweep that would increase the objective through rounding is rejected, so the
 history is monotone.
@@ -698,9 +699,10 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     converged after such a sweep in which the B-update met ``inner_rtol``.
     CG started at the current factor never increases the quadratic, and a
     sweep that rounding would make worse is rejected (the run then stops with
-    the previous point), so ``errors`` never increases (for ``l2_reg=0``). The CG preconditioner keeps the ``S x S`` block of every
-    component (a pseudo-inverse where Sigma makes it singular) and an R x R
-    coupling between them; it is exact for ``Sigma = I``, where CP-ALS-Sigma
+    the previous point), so ``errors`` never increases (for ``l2_reg=0``).
+    The CG preconditioner keeps the ``S x S`` block of every component (a
+    pseudo-inverse where Sigma makes it singular) and an R x R coupling
+    between them; it is exact for ``Sigma = I``, where CP-ALS-Sigma
     reproduces CP-ALS.
 
     Parameters
