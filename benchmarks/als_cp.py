@@ -19,8 +19,13 @@ Measured in one run, every figure a median over repeated runs:
 * relative Sigma-error per sweep of all three (curves; TensorLy's iterates
   recorded through its callback outside the timed runs).
 
-BLAS runs on one thread for every method (``threadpoolctl``), which keeps the
-comparison fair and stable on a shared machine.
+* a CP-ALS-Sigma run with the default ``tol=1e-6`` (``n_iter_max=100``):
+  sweeps, seconds, final error and whether it converged; with the default
+  adaptive CG cap its last B-updates are solved to ``inner_rtol``.
+
+The timings run twice: first with the libraries' default threads, then with
+BLAS pinned to one thread (``threadpoolctl``), which keeps the comparison fair
+and stable on a shared machine; the CSV and plots come from the pinned run.
 
 Run from the repository root::
 
@@ -39,7 +44,7 @@ import numpy as np
 
 from benchmarks.common import NOTES_DIR, Timer, realistic_covariance, trained_like_kernel, write_csv
 from sigmadecomp import cp, relative_sigma_error
-from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS, _SigmaALS
+from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS, INNER_MAXITER_START, _SigmaALS
 
 
 def _median_time(fn, reps):
@@ -112,10 +117,13 @@ def run_rank(K, S, R, *, n_fro, n_sig, reps):
     ours_fro(n_fro, callback=lambda r: fro_sig.append(relative_sigma_error(K, r.to_tensor(), S)))
     sig = cp(K, R, S, n_iter_max=n_sig, tol=0.0, rng=0)  # default init: 'frobenius'
 
-    # CG iterations per B-update
-    eng = _SigmaALS(K, sig.weights, sig.factors, 0.0, S)
+    # CG iterations per B-update in the timed (default, tol=0) runs: the cap never grows
+    eng = _SigmaALS(K, sig.weights, sig.factors, 0.0, S, inner_maxiter=INNER_MAXITER_START)
     for _ in range(3):
         eng.sweep()
+    # a run to convergence with the defaults (tol=1e-6): the CG cap doubles on stalls
+    with Timer() as t_conv:
+        conv = cp(K, R, S, rng=0)
 
     rows = []
     for k, e in enumerate(tl_sig):
@@ -131,6 +139,8 @@ def run_rank(K, S, R, *, n_fro, n_sig, reps):
         rank=R, tl_sweep=t_tl, fro_sweep=t_fro, speedup=t_tl / t_fro, max_err_diff=diff,
         sig_sweep=t_sig, gemm=t_gemm, sig_over_gemm=sig_over_gemm, sig_over_gemm_cpu=sig_over_gemm_cpu, init=t_init,
         cg_iters=float(np.mean(eng.cg_iters)),
+        conv_seconds=t_conv.seconds, conv_iter=conv.n_iter, conv_error=conv.error,
+        conv_converged=conv.converged,
         fro_final_fro=fro.errors[-1], fro_final_sigma=fro_sig[-1],
         sig_start=sig.errors[0], sig_final=sig.errors[-1], n_fro=n_fro, n_sig=n_sig,
     )
@@ -173,6 +183,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke run, prints figures only")
     ap.add_argument("--out", default=None, help="directory for CSV/PNGs (default: notes/ for a full run)")
+    ap.add_argument("--threads", choices=("both", "default", "1"), default="both",
+                    help="thread settings to time: library defaults, BLAS pinned to one, or both "
+                         "(default, in that order; the CSV/PNGs come from the last one)")
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
@@ -187,7 +200,25 @@ def main(argv=None):
     print(f"kernel {K.shape}, sigma {S.shape} from {source}; "
           f"Frobenius init for Sigma = {FROBENIUS_INIT_SWEEPS} CP-ALS sweeps")
     rows, sums = [], []
-    with threadpool_limits(limits=1):
+    settings = {"both": ("default", 1), "default": ("default",), "1": (1,)}[args.threads]
+    for threads in settings:
+        print(f"--- threads: {threads}")
+        with threadpool_limits(limits=None if threads == "default" else threads):
+            rows, s = _run_all(K, S, ranks, n_fro, n_sig, reps)
+            sums.append((threads, s))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        write_csv(os.path.join(out, "als_cp.csv"), rows,
+                  ["rank", "method", "sweep", "time_s", "sigma_error", "frobenius_error"])
+        for R in ranks:
+            plot(rows, R, os.path.join(out, f"als_cp_R{R}.png"))
+        print(f"wrote {out}/als_cp.csv and als_cp_R*.png")
+    return sums
+
+
+def _run_all(K, S, ranks, n_fro, n_sig, reps):
+    rows, sums = [], []
+    if True:
         for R in ranks:
             t0 = time.perf_counter()
             r, s = run_rank(K, S, R, n_fro=n_fro, n_sig=n_sig, reps=reps)
@@ -203,17 +234,12 @@ def main(argv=None):
                 f"CG iters/B-update {s['cg_iters']:.1f}; init+setup {s['init'] * 1e3:.0f} ms\n"
                 f"        Sigma-error: Frobenius CP-ALS {s['fro_final_sigma']:.4f} "
                 f"(Frobenius error {s['fro_final_fro']:.4f}) | CP-ALS-Sigma "
-                f"{s['sig_start']:.4f} -> {s['sig_final']:.4f} after {n_sig} sweeps "
-                f"[{time.perf_counter() - t0:.0f} s]"
+                f"{s['sig_start']:.4f} -> {s['sig_final']:.4f} after {n_sig} sweeps\n"
+                f"        defaults (tol=1e-6): {s['conv_iter']} sweeps, {s['conv_seconds']:.1f} s, "
+                f"error {s['conv_error']:.5f}, converged={s['conv_converged']} "
+                f"[{time.perf_counter() - t0:.0f} s]", flush=True
             )
-    if out:
-        os.makedirs(out, exist_ok=True)
-        write_csv(os.path.join(out, "als_cp.csv"), rows,
-                  ["rank", "method", "sweep", "time_s", "sigma_error", "frobenius_error"])
-        for R in ranks:
-            plot(rows, R, os.path.join(out, f"als_cp_R{R}.png"))
-        print(f"wrote {out}/als_cp.csv and als_cp_R*.png")
-    return sums
+    return rows, sums
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sigmadecomp import CPResult, relative_sigma_error
-from sigmadecomp.cp import _FrobeniusALS, _SigmaALS, cp
+from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS, _FrobeniusALS, _SigmaALS, cp
 from _helpers import patches  # noqa: E402
 
 SHAPE = (5, 4, 3, 2)
@@ -95,7 +95,7 @@ def test_each_block_update_is_the_exact_minimiser(kind, mode, l2):
     if S is None:
         eng = _FrobeniusALS(K, w, [f.copy() for f in F], l2)
     else:
-        eng = _SigmaALS(K, w, [f.copy() for f in F], l2, S, cg_rtol=1e-14, cg_maxiter=2000)
+        eng = _SigmaALS(K, w, [f.copy() for f in F], l2, S, inner_rtol=1e-13, inner_maxiter=2000)
     # bring the engine to the state in which `mode` is updated (A first)
     updates = [eng.update_A, eng.update_B, eng.update_C, eng.update_D]
     for k in range(mode):
@@ -123,7 +123,7 @@ def test_inexact_cg_update_never_increases_objective(rng):
     S = random_psd(rng, n, spread=30.0)
     for maxiter in (1, 2, 5):
         w, F = random_cp(rng, K.shape, 4)
-        eng = _SigmaALS(K, w, F, 0.0, S, cg_maxiter=maxiter)
+        eng = _SigmaALS(K, w, F, 0.0, S, inner_maxiter=maxiter)
         eng.update_A()
         before = dense_objective(K, *eng.point(), S)
         eng.update_B()
@@ -338,6 +338,9 @@ def test_float32_and_torch_match_numpy_float64(lib, rng):
         (dict(linesearch="yes"), TypeError, "linesearch='yes'"),
         (dict(callback=5), TypeError, "callback=5"),
         (dict(rng="seed"), TypeError, "rng='seed'"),
+        (dict(inner_rtol=-1.0), ValueError, "inner_rtol=-1.0"),
+        (dict(inner_maxiter=0), ValueError, "inner_maxiter=0"),
+        (dict(inner_maxiter=2.5), TypeError, "inner_maxiter=2.5"),
     ],
 )
 def test_bad_input_messages(kwargs, exc, match):
@@ -383,3 +386,159 @@ def test_extrapolation_is_accepted_only_when_better(rng, weighted):
     assert f == f_new and power == 2.0
     np.testing.assert_array_equal(eng.point()[0], w1)
     assert eng.sweep() <= f_new * (1 + 1e-12)  # the engine keeps working from there
+
+
+# --------------------------------------------------------------------------
+# singular and ill-conditioned Sigma, exact B-updates, reproducibility
+# --------------------------------------------------------------------------
+
+def psd_with_spectrum(rng, n, rank, cond):
+    """A random PSD matrix of the given rank whose nonzero eigenvalues span ``cond``."""
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.geomspace(1.0, 1.0 / cond, n)
+    lam[rank:] = 0.0
+    S = (Q * lam) @ Q.T
+    return 0.5 * (S + S.T)
+
+
+def assert_reported_is_true(reported, true, K=None, S=None, float32=False):
+    """Reported error = recomputed error, to 1e-8 relative for float64 results.
+
+    Both carry rounding: entries of ``Sigma`` of order ``eps * lambda_max`` (also
+    in its null space, where the residual may be as large as ``K``) move
+    ``tr(D Sigma D^T)`` by up to about ``n eps lambda_max ||K||^2``; squared errors
+    therefore agree to ``2e-8`` relative plus a floor ``1e-13 lambda_max ||K||^2 /
+    tr(K Sigma K^T)`` (negligible unless the error is below about 1e-5). float32
+    results: the returned factors are rounded to float32.
+    """
+    if float32:
+        assert reported == pytest.approx(true, rel=1e-3, abs=1e-4)
+        return
+    K1 = K.reshape(K.shape[0], -1)
+    floor = 1e-13 * np.linalg.eigvalsh(S)[-1] * np.sum(K1 * K1) / np.sum((K1 @ S) * K1)
+    assert abs(reported ** 2 - true ** 2) <= 2e-8 * true ** 2 + floor, (reported, true)
+
+
+def test_singular_sigma_1x1_does_not_blow_up():
+    # an 8x8 kernel, Sigma of rank 6, R = 7: the jittered preconditioner amplified
+    # the null space (weights ~1e8, reported error 0.0 against a true 0.13)
+    rng = np.random.default_rng(0)
+    K = rng.standard_normal((8, 8, 1, 1))
+    X = rng.standard_normal((6, 8))
+    S = X.T @ X / 6
+    res = cp(K, 7, S)
+    true = relative_sigma_error(K, res.to_tensor(), S)
+    assert_reported_is_true(res.error, true, K, S)
+    assert np.abs(res.weights).max() <= 10 * np.linalg.norm(K)
+    assert_monotone(res.errors, slack=0.0)
+    fro = cp(K, 7, n_iter_max=FROBENIUS_INIT_SWEEPS, tol=0.0, init="svd")
+    assert true <= relative_sigma_error(K, fro.to_tensor(), S) + 1e-9
+
+
+@pytest.mark.parametrize("shape, R", [((8, 8, 1, 1), 7), ((4, 3, 3, 3), 4)])
+@pytest.mark.parametrize("cond", [1.0, 1e6, 1e12])
+def test_rank_deficient_sweep(lib, shape, R, cond):
+    """Reported = recomputed error, monotone, no worse than Frobenius CP, sane weights."""
+    rng = np.random.default_rng(int(np.log10(cond)) + 7 * shape[2])
+    K = rng.standard_normal(shape)
+    n = int(np.prod(shape[1:]))
+    S = psd_with_spectrum(rng, n, int(rng.integers(n // 2, n)), cond)
+    Kx, Sx = lib.asarray(K), lib.asarray(S)
+    S_seen = lib.to_numpy(Sx)  # the matrix cp was given (float32 rounding included)
+    res = cp(Kx, R, Sx, n_iter_max=8)
+    Kt = lib.to_numpy(res.to_tensor())
+    true = relative_sigma_error(K, Kt, S_seen)
+    assert_reported_is_true(res.error, true, K, S_seen, float32=lib.dtype_name == "float32")
+    assert_monotone(res.errors, slack=0.0)
+    fro = cp(Kx, R, n_iter_max=FROBENIUS_INIT_SWEEPS, tol=0.0, init="svd")
+    e_fro = relative_sigma_error(K, lib.to_numpy(fro.to_tensor()), S_seen)
+    assert true <= e_fro * (1 + 10 * lib.rtol) + 10 * lib.rtol
+    assert np.abs(lib.to_numpy(res.weights)).max() <= 10 * np.linalg.norm(K)
+
+
+def test_float32_rank_deficient_sigma_negative_rounding():
+    # X^T X in float32 has eigenvalues of about -1e-7 * largest; left in, the
+    # objective is unbounded below and ALS runs off along them
+    rng = np.random.default_rng(3)
+    K = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    X = rng.standard_normal((5, 8)).astype(np.float32)
+    S = X.T @ X / np.float32(5)
+    S = 0.5 * (S + S.T)
+    assert np.linalg.eigvalsh(S.astype(np.float64))[0] < 0  # really indefinite
+    res = cp(K, 7, S)
+    true = relative_sigma_error(K.astype(np.float64), res.to_tensor().astype(np.float64),
+                                S.astype(np.float64))
+    assert_reported_is_true(res.error, true, float32=True)
+    assert np.abs(res.weights).max() <= 10 * np.linalg.norm(K)
+
+
+@pytest.mark.parametrize("kind", ["full", "deficient", "1x1-deficient"])
+def test_b_update_equals_dense_minimiser_through_public_api(kind):
+    """One sweep with exact inner solves equals A, B, C, D dense minimisers in turn."""
+    rng = np.random.default_rng(11)
+    shape = (5, 6, 1, 1) if kind == "1x1-deficient" else SHAPE
+    K = rng.standard_normal(shape)
+    n = int(np.prod(shape[1:]))
+    S = random_psd(rng, n, rank=None if kind == "full" else n // 2 + 1, spread=30.0)
+    R = 3
+    w, F = random_cp(rng, shape, R)
+    res = cp(K, R, S, init=(w, F), n_iter_max=1, tol=0.0, inner_rtol=1e-13, inner_maxiter=2000)
+    # brute force: each block in turn by dense least squares
+    wk, Fk = np.ones(R), [f.copy() for f in F]
+    Fk[0] = Fk[0] * w
+    for mode in range(4):
+        X, _ = brute_force_block(K, wk, Fk, S, mode, 0.0)
+        Fk[mode] = X
+    f_ref = dense_objective(K, wk, Fk, S)
+    f_ours = dense_objective(K, res.weights, res.factors, S)
+    assert f_ours == pytest.approx(f_ref, rel=1e-8, abs=1e-12 * dense_objective(K, w, F, S))
+
+
+def test_converged_run_ends_with_exact_b_updates():
+    # the CG cap starts small and doubles on stalls: a converged run's last
+    # sweep solved B to inner_rtol, so one more exact sweep gains about tol
+    rng = np.random.default_rng(12347)
+    K = rng.standard_normal((6, 7, 3, 3))
+    S = random_psd(rng, 63, spread=100.0)
+    res = cp(K, 5, S, n_iter_max=300, tol=1e-5)
+    assert res.converged
+    more = cp(K, 5, S, init=res, n_iter_max=1, tol=0.0, inner_maxiter=5000)
+    assert more.error >= res.error * (1 - 1e-4)
+
+
+def test_fixed_inner_maxiter_is_respected(rng):
+    K = rng.standard_normal((6, 7, 3, 3))
+    S = random_psd(rng, 63, spread=100.0)
+    w, F = random_cp(rng, K.shape, 4)
+    eng = _SigmaALS(K, w, F, 0.0, S, inner_maxiter=2)
+    for _ in range(3):
+        eng.sweep()
+    assert max(eng.cg_iters) <= 2
+    exact = _SigmaALS(K, w, F, 0.0, S, inner_rtol=1e-10, inner_maxiter=5000)
+    exact.sweep()
+    assert exact.cg_residuals[-1] <= 1e-10
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_default_rng_is_reproducible(lib, weighted):
+    # H = W = 3 < rank: the 'svd' start fills columns with random numbers
+    rng = np.random.default_rng(4)
+    K = lib.asarray(rng.standard_normal((6, 5, 3, 3)))
+    S = lib.asarray(random_psd(rng, 45)) if weighted else None
+    a = cp(K, 5, S, n_iter_max=3)
+    b = cp(K, 5, S, n_iter_max=3)
+    np.testing.assert_array_equal(lib.to_numpy(a.weights), lib.to_numpy(b.weights))
+    for fa, fb in zip(a.factors, b.factors):
+        np.testing.assert_array_equal(lib.to_numpy(fa), lib.to_numpy(fb))
+    assert a.errors == b.errors
+
+
+def test_objective_does_not_cancel_near_exact_fit(rng):
+    # a rank-R kernel: the shortcut norm2 - 2c + q is all rounding near the end
+    w, F = random_cp(rng, (6, 5, 3, 3), 2)
+    K = cp_tensor(w, F)
+    S = random_psd(rng, 45)
+    res = cp(K, 2, S, init="svd", n_iter_max=60, tol=0.0, linesearch=True)
+    true = relative_sigma_error(K, res.to_tensor(), S)
+    assert res.error < 1e-5
+    assert_reported_is_true(res.error, true, K, S)
