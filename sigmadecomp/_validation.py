@@ -17,7 +17,13 @@ _FLOAT_NAMES = ("float32", "float64")
 
 
 def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    name = str(dtype)
+    if name.startswith("torch."):
+        return name[len("torch."):]
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return name
 
 
 # ----------------------------------------------------------------------------

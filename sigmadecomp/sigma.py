@@ -180,6 +180,21 @@ def _rel_sigma_error(K1, A1, S):
     return float(np.sqrt(num / den))
 
 
+def _ridge_result_fields(K1, approx1, S_user, ridge, error):
+    """``(ridge, sigma_error)`` for a result: the relative Sigma-error in the user's ``sigma``.
+
+    ``K1`` and ``approx1`` are float64 (T, n) (in the column order of
+    ``S_user``), ``S_user`` the validated float64 ``sigma`` or None, ``error``
+    the solver's final error in the ridged metric. With ``ridge == 0`` the two
+    metrics agree and no product is formed.
+    """
+    if S_user is None:
+        return 0.0, None
+    if not ridge:
+        return 0.0, error
+    return ridge, _rel_sigma_error(K1, approx1, S_user)
+
+
 def sigma_norm(delta, sigma=None):
     """Sigma-norm ``sqrt(tr(D Sigma D^T))`` of a weight change.
 

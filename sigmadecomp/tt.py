@@ -72,7 +72,7 @@ from ._validation import (
     check_sigma,
 )
 from .results import _IterativeResult, _fmt_err, _kind, _ridge_tail
-from .sigma import DEFAULT_RIDGE, _add_ridge, _rel_sigma_error, check_ridge, psd_solve
+from .sigma import DEFAULT_RIDGE, _add_ridge, _ridge_result_fields, check_ridge, psd_solve
 from .solvers import pcg
 
 __all__ = [
@@ -962,15 +962,6 @@ def _common(weight_m, ms, ns, ranks, eps, sigma, sigma_m, kw):
                       precond=precond, callback=callback, init=init)
 
 
-def _true_error(W, cores, S, ridge, errors):
-    """``(ridge, sigma_error)`` of a result: the error in the user's ``sigma`` (permuted like ``W``)."""
-    if S is None:
-        return 0.0, None
-    if not ridge:
-        return 0.0, errors[-1]
-    return ridge, _rel_sigma_error(W, _chain(cores), S)
-
-
 def _check_init(init, ms, ns):
     cores = list(init.cores) if isinstance(init, TTResult) else list(init)
     if len(cores) != len(ms):
@@ -1058,7 +1049,7 @@ def tt_linear(weight, in_modes=None, out_modes=None, ranks=None, sigma=None, *, 
         dict(n_iter_max=n_iter_max, tol=tol, dense_max=dense_max, cg_rtol=cg_rtol,
              cg_maxiter=cg_maxiter, precond=precond, callback=callback, init=init))
     xp = B.namespace(W)
-    ridge, sigma_error = _true_error(W, cores, S, ridge, errors)
+    ridge, sigma_error = _ridge_result_fields(W, _chain(cores), S, ridge, errors[-1])
     return TTResult(
         errors=errors, n_iter=n_iter, converged=converged, weighted=S is not None,
         seconds=time.perf_counter() - t0, ridge=ridge, sigma_error=sigma_error,
@@ -1142,7 +1133,7 @@ def tt_conv(kernel, in_modes=None, out_modes=None, ranks=None, sigma=None, *, ep
         Wm, [P] + list(ms), [1] + list(ns), ranks, eps, sigma, _add_ridge(Sp, ridge),
         dict(n_iter_max=n_iter_max, tol=tol, dense_max=dense_max, cg_rtol=cg_rtol,
              cg_maxiter=cg_maxiter, precond=precond, callback=callback, init=init))
-    ridge, sigma_error = _true_error(Wm, cores, Sp, ridge, errors)
+    ridge, sigma_error = _ridge_result_fields(Wm, _chain(cores), Sp, ridge, errors[-1])
     return TTResult(
         errors=errors, n_iter=n_iter, converged=converged, weighted=S is not None,
         seconds=time.perf_counter() - t0, ridge=ridge, sigma_error=sigma_error,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sigmadecomp import (
+    cp,
     psd_root,
     relative_sigma_error,
     sigma_norm,
@@ -39,6 +40,7 @@ ENTRY_POINTS = {
     "relative_sigma_error": lambda K, S: relative_sigma_error(K, 0.5 * K, S),
     "sigma_norm": lambda K, S: sigma_norm(K, S),
     "psd_root": lambda K, S: psd_root(S),
+    "cp": lambda K, S: cp(K, 2, S, n_iter_max=2),
 }
 
 
@@ -198,45 +200,23 @@ def _sigma(rng, n, cond, rank):
     return 0.5 * (S + S.T)
 
 
-def _run_svd(K, S, ridge):
-    return sigma_svd(K.reshape(K.shape[0], -1), 3, S, ridge=ridge)
+def _svd(K, S=None, ridge=0.0):
+    return sigma_svd(K.reshape(K.shape[0], -1), 3, S, **({"ridge": ridge} if S is not None else {}))
 
 
-def _frob_svd(K):
-    return sigma_svd(K.reshape(K.shape[0], -1), 3)
+def _tt_linear(K, S=None, ridge=0.0, **kw):
+    return tt_linear(K.reshape(K.shape[0], -1), None, (2, 3), ranks=3, sigma=S, ridge=ridge, **kw)
 
 
-def _run_tucker2(K, S, ridge):
-    return tucker2(K, (3, 2), S, n_iter_max=8, tol=0, ridge=ridge)
-
-
-def _frob_tucker2(K):
-    return tucker2(K, (3, 2))
-
-
-def _run_tt_conv(K, S, ridge):
-    return tt_conv(K, (2, 2), (2, 3), ranks=(2, 3), sigma=S, n_iter_max=3, tol=0, ridge=ridge)
-
-
-def _frob_tt_conv(K):
-    return tt_conv(K, (2, 2), (2, 3), ranks=(2, 3))
-
-
-def _run_tt_linear(K, S, ridge):
-    return tt_linear(K.reshape(K.shape[0], -1), None, (2, 3), ranks=3, sigma=S, n_iter_max=4,
-                     tol=0, ridge=ridge)
-
-
-def _frob_tt_linear(K):
-    return tt_linear(K.reshape(K.shape[0], -1), None, (2, 3), ranks=3)
-
-
-# name -> (run(K, sigma, ridge), frobenius(K), kernel sizes it takes)
+# name -> (run(K, sigma, ridge), frobenius(K), kernel sizes it takes); one line per solver
 SOLVERS = {
-    "sigma_svd": (_run_svd, _frob_svd, (1,)),
-    "tucker2": (_run_tucker2, _frob_tucker2, (1, 3)),
-    "tt_conv": (_run_tt_conv, _frob_tt_conv, (1, 3)),
-    "tt_linear": (_run_tt_linear, _frob_tt_linear, (1, 3)),
+    "sigma_svd": (_svd, _svd, (1,)),
+    "tucker2": (lambda K, S, r: tucker2(K, (3, 2), S, n_iter_max=8, tol=0, ridge=r),
+                lambda K: tucker2(K, (3, 2)), (1, 3)),
+    "tt_conv": (lambda K, S, r: tt_conv(K, (2, 2), (2, 3), ranks=(2, 3), sigma=S, n_iter_max=3,
+                                        tol=0, ridge=r),
+                lambda K: tt_conv(K, (2, 2), (2, 3), ranks=(2, 3)), (1, 3)),
+    "tt_linear": (lambda K, S, r: _tt_linear(K, S, r, n_iter_max=4, tol=0), _tt_linear, (1, 3)),
 }
 
 CONDS = [1.0, 1e6, 1e12]
