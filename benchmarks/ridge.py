@@ -14,17 +14,17 @@ each ``ridge`` this script reports, per method:
 
 Layers:
 
-* ``resnet.layer3.conv2``: the trained ResNetSmall (Fashion-MNIST) reference,
-  its 128 -> 128 3x3 conv at 4x4 resolution (n = 1152, 16 patches per image),
-  calibrated on 64 images = 1,024 patches; held out: 2,000 test images.
-* ``synthetic-256``: 3x3 patches of 256-channel ReLU features of Fashion-MNIST
-  images (random two-layer conv net, ``benchmarks.common``), n = 2304, 5
-  images = 980 patches; kernel ``trained_like_kernel(256, 256)``; held out: 200
+* ``resnet.layer2.conv2``: the trained ResNetSmall (Fashion-MNIST) reference,
+  its 64 -> 64 3x3 conv at 7x7 resolution (n = 576, 49 patches per image),
+  calibrated on 10 images = 490 patches; held out: 2,000 test images.
+* ``synthetic-128``: 3x3 patches of 128-channel ReLU features of Fashion-MNIST
+  images (random two-layer conv net, ``benchmarks.common``), n = 1152, 5
+  images = 980 patches; kernel ``trained_like_kernel(128, 128)``; held out: 200
   other images.
 
 Methods: ``sigma_svd`` of the flattened kernel (rank T/4), ``tucker2``
-(ranks (T/4, S/4)), ``tt_conv`` (uniform rank for a compression ratio of 8)
-and ``cp`` (rank for a compression ratio of 8, 20 sweeps), which has no
+(ranks (T/4, S/4), 20 sweeps), ``tt_conv`` (uniform rank for a compression ratio of 8)
+and ``cp`` (rank for a compression ratio of 8, 15 sweeps), which has no
 ``ridge`` option yet and is run on ``ridge_sigma(Sigma, ridge)`` -- the same
 objective.
 
@@ -49,8 +49,8 @@ from sigmadecomp.tt import auto_modes, tt_ranks_for_ratio
 RIDGES = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
 
 
-def resnet_layer(n_calib=64, n_held=2000):
-    """``(kernel, sigma_calib, sigma_held, description)`` of the reference ResNet's layer3.conv2."""
+def resnet_layer(n_calib=10, n_held=2000, name="layer2.conv2"):
+    """``(kernel, sigma_calib, sigma_held, description)`` of a 3x3 conv of the reference ResNet."""
     import torch
 
     from benchmarks.train_reference import load_reference
@@ -58,7 +58,6 @@ def resnet_layer(n_calib=64, n_held=2000):
     from sigmadecomp_torch import collect_covariances
 
     model = load_reference()
-    name = "layer3.conv2"
     train, _ = load_fashion_mnist(split="train")
     test, _ = load_fashion_mnist(split="test")
     rng = np.random.default_rng(0)
@@ -74,7 +73,7 @@ def resnet_layer(n_calib=64, n_held=2000):
 
 
 def _features(images, channels, seed=0):
-    """256-channel ReLU features (N, C, 14, 14) of a fixed random two-layer conv net."""
+    """``channels`` ReLU features (N, C, 14, 14) of a fixed random two-layer conv net."""
     rng = np.random.default_rng(seed)
     x = images[:, None].astype(np.float64)
     w1 = rng.standard_normal((32, 9)) / 3.0
@@ -86,7 +85,7 @@ def _features(images, channels, seed=0):
     return np.ascontiguousarray(f.reshape(N, H, W, channels).transpose(0, 3, 1, 2))
 
 
-def synthetic_layer(channels=256, n_calib=5, n_held=200):
+def synthetic_layer(channels=128, n_calib=5, n_held=200):
     images, source = calibration_images(n_calib + n_held, seed=1)
     feats = _features(images, channels)
 
@@ -111,13 +110,13 @@ def methods(K):
     return {
         "sigma_svd": (lambda S_, r: sigma_svd(W2, T // 4, S_, ridge=r),
                       lambda: sigma_svd(W2, T // 4)),
-        "tucker2": (lambda S_, r: tucker2(K, (T // 4, S // 4), S_, ridge=r, n_iter_max=50),
+        "tucker2": (lambda S_, r: tucker2(K, (T // 4, S // 4), S_, ridge=r, n_iter_max=20),
                     lambda: tucker2(K, (T // 4, S // 4))),
         "tt_conv": (lambda S_, r: tt_conv(K, im, om, ranks=tt_r, sigma=S_, ridge=r),
                     lambda: tt_conv(K, im, om, ranks=tt_r)),
         # cp has no ridge option yet: give it the ridged matrix (the same objective)
-        "cp": (lambda S_, r: cp(K, cp_rank, ridge_sigma(S_, r) if r else S_, n_iter_max=20),
-               lambda: cp(K, cp_rank, n_iter_max=20)),
+        "cp": (lambda S_, r: cp(K, cp_rank, ridge_sigma(S_, r) if r else S_, n_iter_max=15),
+               lambda: cp(K, cp_rank, n_iter_max=15)),
     }
 
 

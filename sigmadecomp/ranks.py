@@ -846,7 +846,7 @@ def _exact_error(method, weight, sigma, ranks):
         from .svd import sigma_svd
 
         W = B.namespace(weight).reshape(weight, (weight.shape[0], -1))
-        return sigma_svd(W, ranks, sigma).error
+        return sigma_svd(W, ranks, sigma).sigma_error
     if method == "tucker2":
         try:
             from .tucker2 import tucker2 as _run

@@ -365,3 +365,18 @@ def test_1x1_kernel_with_r_T_above_r_S_reaches_the_sigma_svd(rng, weighted):
     assert res.out_factor.shape == (7, 5)
     assert res.error >= best - 1e-9
     assert res.error == pytest.approx(best, rel=1e-5)
+
+
+def test_user_init_error_does_not_cancel(rng):
+    # a user-given start close to the kernel: total - 2 cross + quad loses most
+    # digits to cancellation; the error is recomputed from K - K~ instead
+    K = rng.standard_normal((5, 4, 3, 3))
+    Sig = random_psd(rng, 36)
+    exact = tucker2(K, (5, 4))
+    core = exact.core + 1e-6 * rng.standard_normal(exact.core.shape)
+    init = (core, exact.out_factor, exact.in_factor)
+    res = tucker2(K, (5, 4), Sig, init=init, n_iter_max=0, ridge=0)
+    approx = np.einsum("ta,abhw,sb->tshw", exact.out_factor, core, exact.in_factor)
+    direct = relative_sigma_error(K, approx, Sig)
+    assert 1e-8 < direct < 1e-5
+    assert res.errors[0] == pytest.approx(direct, rel=1e-6)
