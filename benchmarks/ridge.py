@@ -17,7 +17,7 @@ Layers:
 * ``resnet.layer2.conv2``: the trained ResNetSmall (Fashion-MNIST) reference,
   its 64 -> 64 3x3 conv at 7x7 resolution (n = 576, 49 patches per image),
   calibrated on 10 images = 490 patches; held out: 2,000 test images.
-* ``synthetic-128``: 3x3 patches of 128-channel ReLU features of Fashion-MNIST
+* ``synthetic-128`` (``--layers synthetic``): 3x3 patches of 128-channel ReLU features of Fashion-MNIST
   images (random two-layer conv net, ``benchmarks.common``), n = 1152, 5
   images = 980 patches; kernel ``trained_like_kernel(128, 128)``; held out: 200
   other images.
@@ -30,7 +30,7 @@ objective.
 
 Run from the repository root (a few minutes on 2 cores)::
 
-    python -m benchmarks.ridge [--quick] [--out notes/ridge.md]
+    python -m benchmarks.ridge [--quick] [--layers resnet synthetic] [--out FILE]
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def to_markdown(blocks):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="resnet layer only, ridge 0 and 1e-3")
-    ap.add_argument("--layers", nargs="*", default=["resnet", "synthetic"])
+    ap.add_argument("--layers", nargs="*", default=["resnet"],
+                    help="resnet (default) and/or synthetic")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     args = ap.parse_args(argv)

@@ -40,7 +40,7 @@ patches than ``n``) leave the Sigma-optimal factors free there; the solvers
 then may return weights far from the original in those directions. Their
 ``ridge`` option minimises the error in ``ridge_sigma(sigma, ridge) =
 sigma + ridge * (trace(sigma) / n) * I`` instead: a small multiple of the mean
-eigenvalue, which pins the unseen directions to the original weight while
+eigenvalue, which pulls the unseen directions toward the original weight while
 changing the Sigma-error very little (``notes/ridge.md``).
 """
 
@@ -82,7 +82,7 @@ DEFAULT_NEG_RTOL = None  # NEG_RTOL of sigma's dtype: 1e-8 for float64, 1e-4 for
 
 #: Default ``ridge`` of the solvers, as a multiple of the mean eigenvalue
 #: ``trace(sigma) / n``; chosen by the measurement in ``notes/ridge.md``.
-DEFAULT_RIDGE = 1e-3
+DEFAULT_RIDGE = 1e-2
 
 
 def default_rtol(dtype):

@@ -119,9 +119,9 @@ def test_psd_check_does_not_mutate_and_accepts_zero_and_psd(rng):
 # ridge
 # ---------------------------------------------------------------------------
 
-def _singular_patch_sigma(rng, channels=6, n_images=1, size=4):
+def _singular_patch_sigma(rng, channels=6, n_images=3, size=4):
     x = np.maximum(rng.standard_normal((n_images, channels, size, size)), 0.0)
-    U = patches(x)  # 16 patches of dimension 54: singular
+    U = patches(x)  # 48 patches of dimension 54: singular
     return U.T @ U / U.shape[0]
 
 
@@ -154,7 +154,7 @@ def test_ridge_keeps_unseen_directions_and_reports_both_errors(solver, rng):
     # the ridge costs little Sigma-error and keeps the kernel in the unseen directions
     assert ridged.sigma_error <= exact.sigma_error * 1.05 + 1e-3
     assert relative_sigma_error(K, A) < relative_sigma_error(K, A0)
-    assert "ridge=0.001" in repr(ridged) and "ridge" not in repr(exact)
+    assert f"ridge={DEFAULT_RIDGE:g}" in repr(ridged) and "ridge" not in repr(exact)
 
 
 def test_ridge_zero_reproduces_the_unregularised_solution(rng):
