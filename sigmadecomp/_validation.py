@@ -245,7 +245,9 @@ def check_psd(S, dtype, name="sigma", *, eigenvalues=None, tol=None):
                 break
             v = w / nw
         if m > 0.0:
-            shifted = S + (tol * m) * xp.eye(n, dtype=S.dtype, device=B.device(S))
+            shifted = xp.asarray(S, copy=True)
+            idx = xp.arange(n, device=B.device(S))
+            shifted[idx, idx] += tol * m
             try:
                 B.cholesky(shifted)
                 return

@@ -171,10 +171,13 @@ def _sq_sigma_norm(D, S):
     return xp.clip(val, 0.0, None) if hasattr(xp, "clip") else xp.maximum(val, 0.0)
 
 
-def _rel_sigma_error(K1, A1, S):
-    """Relative Sigma-error of float64 ``A1`` against ``K1`` (both (T, n)), no validation."""
+def _rel_sigma_error(K1, A1, S, den=None):
+    """Relative Sigma-error of float64 ``A1`` against ``K1`` (both (T, n)), no validation.
+
+    ``den``: ``tr(K1 S K1^T)`` when the caller has it (saves a ``T x n x n`` product).
+    """
     num = float(_sq_sigma_norm(K1 - A1, S))
-    den = float(_sq_sigma_norm(K1, S))
+    den = float(_sq_sigma_norm(K1, S)) if den is None else float(den)
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return float(np.sqrt(num / den))

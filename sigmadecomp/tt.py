@@ -1019,7 +1019,10 @@ _OPTIONS_DOC = """
     Notes
     -----
     Cost with ``sigma`` (``n`` the flattened input size, ``T`` outputs): one
-    ``T x n x n`` product for ``W Sigma`` and one per sweep for the error; a
+    Cholesky factorisation of ``sigma`` (``n^3 / 3`` flops) to check that it
+    is positive semi-definite, one ``T x n x n`` product for ``W Sigma`` and
+    one per sweep for the error (two more for ``sigma_error`` when
+    ``ridge > 0``); a
     dense update of core ``k`` contracts ``Sigma`` with the Gram matrices of
     the left and right interfaces (about ``n^2 (r_{k-1}^2 + r_k^2)`` flops)
     and factors a ``(r_{k-1} m_k r_k)``-square matrix (``dim^3 / 3`` flops,
