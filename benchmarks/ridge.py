@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import NOTES_DIR, calibration_images, im2col, trained_like_kernel
+from benchmarks.common import calibration_images, im2col, trained_like_kernel
 from sigmadecomp import cp, relative_sigma_error, sigma_svd, tt_conv, tucker2
 from sigmadecomp.sigma import ridge_sigma
 from sigmadecomp.tt import auto_modes, tt_ranks_for_ratio

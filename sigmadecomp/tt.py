@@ -1009,11 +1009,12 @@ _OPTIONS_DOC = """
         With ``sigma``: minimise in ``sigma + ridge * (trace(sigma) / n) * I``
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that
         directions ``sigma`` never saw (fewer calibration samples than ``n``)
-        stay close to the original weight. Default ``1e-2``: on real layers
+        stay close to the original weight. Default ``1e-2``: on a ResNet layer
         calibrated with fewer patches than ``n`` it raised the Sigma-error by
         less than 0.1% and lowered both the Frobenius error and the
         Sigma-error on held-out data, though not to TT-SVD's Frobenius error
-        (``notes/ridge.md``). ``0`` minimises the Sigma-error itself. ``errors`` are then relative errors in the ridged matrix and
+        (``notes/ridge.md``). ``0`` minimises the Sigma-error itself.
+        ``errors`` are then relative errors in the ridged matrix and
         ``sigma_error`` is the final relative Sigma-error in ``sigma`` itself.
 
     Notes
