@@ -17,7 +17,73 @@ _FLOAT_NAMES = ("float32", "float64")
 
 
 def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    name = str(dtype)
+    if name.startswith("torch."):
+        return name[len("torch."):]
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return name
+
+
+# ----------------------------------------------------------------------------
+# Numeric floors: every relative threshold of the Sigma algebra, named once.
+# ----------------------------------------------------------------------------
+# Floors that depend on the precision of the user's ``sigma`` are keyed by its
+# dtype. The float32 values are 1e4 times the float64 ones: a float32 sigma
+# carries eigenvalue noise of about 1e-7 to 1e-6 of lambda_max from its own
+# rounding (eps = 6e-8, growing mildly with n), so its floors must sit above
+# that, while the float64 floors sit far above float64 rounding (eps = 1.1e-16)
+# and are set by the conditioning the algebra tolerates.
+
+#: An eigenvalue ``<= ZERO_RTOL * lambda_max`` counts as exactly zero (the
+#: numerical null space). 1e-10 for float64 is ~1e6 times the rounding of a
+#: float64 Sigma of size a few thousand; 1e-6 for float32 is ~10 times the
+#: eigenvalue noise of a Sigma rounded to float32.
+ZERO_RTOL = {"float64": 1e-10, "float32": 1e-6}
+
+#: An eigenvalue below ``-NEG_RTOL * lambda_max`` means ``sigma`` is not a
+#: second-moment matrix and is refused. 100 times the zero floor: rounding in
+#: the accumulation of ``X^T X`` makes tiny negative eigenvalues of a singular
+#: Sigma, a genuinely indefinite matrix has negative eigenvalues of order one.
+NEG_RTOL = {"float64": 1e-8, "float32": 1e-4}
+
+#: ``max |sigma - sigma.T|`` above ``SYM_RTOL * max |sigma|`` is refused: a few
+#: hundred ulps of the dtype, what an ``X^T X`` computed blockwise may differ by.
+SYM_RTOL = {"float64": 1e-10, "float32": 1e-6}
+
+#: A Cholesky factor whose smallest pivot satisfies
+#: ``min(diag(L))^2 <= CHOL_PIVOT * rtol * max(diag(A))`` is treated as singular
+#: (the eigen-solve under the zero floor is used instead): a factor ten of
+#: margin over the zero floor, since Cholesky pivots bound the eigenvalues
+#: only up to a factor of order the condition number.
+CHOL_PIVOT = 10.0
+
+#: Below this squared relative error, error formulas of the form
+#: ``total - kept`` lose more than half their digits to cancellation and the
+#: error is recomputed from ``D = K - K~`` instead (sqrt(1e-6) = 1e-3 relative
+#: error; a double has 16 digits, so at least 10 remain in the shortcut above
+#: it).
+CANCEL = 1e-6
+
+#: Eigenvalues of CG preconditioner factors are raised to ``PRECOND_FLOOR``
+#: times the largest, so the preconditioner is positive definite (CG then
+#: stays monotone); a preconditioner needs no more precision than that.
+PRECOND_FLOOR = 1e-8
+
+
+def _floor(table, dtype):
+    return table.get(_dtype_name(dtype), table["float64"])
+
+
+def zero_rtol(dtype):
+    """:data:`ZERO_RTOL` for a ``sigma`` of this dtype (float64's for other dtypes)."""
+    return _floor(ZERO_RTOL, dtype)
+
+
+def neg_rtol(dtype):
+    """:data:`NEG_RTOL` for a ``sigma`` of this dtype (float64's for other dtypes)."""
+    return _floor(NEG_RTOL, dtype)
 
 
 def check_array(x, name, *, ndim=None, allow_none=False):
@@ -95,15 +161,16 @@ def check_choice(value, name, choices):
     return value
 
 
-def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None):
-    """Validate a ``(n, n)`` symmetric second-moment matrix.
+def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None, psd=True):
+    """Validate a ``(n, n)`` symmetric positive semi-definite second-moment matrix.
 
     Returns ``sigma`` converted to the library and device of ``like`` in float64
     and exactly symmetrised. Raises if the shape is wrong, the entries are not
-    finite, or the matrix is not symmetric to within ``sym_rtol`` (relative to
-    its largest entry; default 1e-6 for float32 input, 1e-10 for float64).
-    Positive semi-definiteness is checked where the matrix is factored
-    (:func:`sigmadecomp.psd_root`).
+    finite, the matrix is not symmetric to within ``sym_rtol`` (relative to its
+    largest entry; default :data:`SYM_RTOL` of its dtype) or, with ``psd=True``,
+    not positive semi-definite under the policy of :func:`check_psd`. Callers
+    that eigen-decompose ``sigma`` anyway pass ``psd=False`` and call
+    :func:`check_psd` with the eigenvalues.
     """
     if sigma is None:
         return None
@@ -114,7 +181,7 @@ def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None):
             f"the flattened input dimension n={n} of the weight"
         )
     if sym_rtol is None:
-        sym_rtol = 1e-6 if _dtype_name(sigma.dtype) == "float32" else 1e-10
+        sym_rtol = _floor(SYM_RTOL, sigma.dtype)
     s = B.asarray_like(sigma, like, dtype=B.namespace(like).float64)
     check_finite(s, name)
     xp = B.namespace(s)
@@ -126,4 +193,70 @@ def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None):
             f"{asym / max(scale, 1e-300):.3g} relative); {name} must be a symmetric "
             "positive semi-definite matrix"
         )
-    return 0.5 * (s + s.T)
+    s = 0.5 * (s + s.T)
+    if psd:
+        check_psd(s, sigma.dtype, name)
+    return s
+
+
+def _not_psd(name, lam_min, lam_max, tol):
+    return ValueError(
+        f"{name} is not positive semi-definite: smallest eigenvalue {lam_min:.3g}, "
+        f"largest {lam_max:.3g} (allowed: >= -{tol:g} * largest); {name} must be a "
+        "second-moment (covariance) matrix"
+    )
+
+
+def check_psd(S, dtype, name="sigma", *, eigenvalues=None, tol=None):
+    """Refuse a symmetric ``S`` whose smallest eigenvalue is below ``-tol * lambda_max``.
+
+    The one positive semi-definiteness policy of the library. ``S`` is the
+    symmetrised float64 matrix, ``dtype`` the dtype of the user's ``sigma``
+    (it sets ``tol``, default :data:`NEG_RTOL`) and ``name`` the user's
+    argument, which the message names together with the smallest and largest
+    eigenvalues.
+
+    With ``eigenvalues`` (ascending, from a decomposition the caller needs
+    anyway) the test is read off them. Otherwise a Cholesky factorisation of
+    ``S + tol * m * I`` is tried, with ``m <= lambda_max`` a cheap lower bound
+    (the largest diagonal entry and a few power-iteration Rayleigh quotients):
+    it succeeds only if ``lambda_min > -tol * m >= -tol * lambda_max`` (up to
+    the backward error of Cholesky, ~``n * eps`` of ``lambda_max``), which
+    accepts every second-moment matrix at about a third of the cost of an
+    eigen-decomposition. When it fails, the eigenvalues are computed and
+    decide exactly, so the outcome is the same as with ``eigenvalues``.
+    """
+    if tol is None:
+        tol = neg_rtol(dtype)
+    n = S.shape[0]
+    if n == 0:
+        return
+    xp = B.namespace(S)
+    if eigenvalues is None:
+        diag = xp.linalg.diagonal(S)
+        m = float(xp.max(diag))
+        v = xp.ones((n,), dtype=S.dtype, device=B.device(S))
+        for _ in range(3):  # Rayleigh quotients are lower bounds of lambda_max
+            w = S @ v
+            vv = float(xp.sum(v * v))
+            m = max(m, float(xp.sum(v * w)) / vv)
+            nw = float(xp.sqrt(xp.sum(w * w)))
+            if nw == 0.0:
+                break
+            v = w / nw
+        if m > 0.0:
+            shifted = xp.asarray(S, copy=True)
+            idx = xp.arange(n, device=B.device(S))
+            shifted[idx, idx] += tol * m
+            try:
+                B.cholesky(shifted)
+                return
+            except np.linalg.LinAlgError:
+                pass
+        elif m == 0.0 and float(xp.max(xp.abs(S))) == 0.0:
+            return  # the zero matrix
+        eigenvalues = xp.linalg.eigvalsh(S)
+    lam_min = float(eigenvalues[0])
+    lam_max = float(eigenvalues[-1])
+    if lam_max < 0 or lam_min < -tol * max(lam_max, 0.0):
+        raise _not_psd(name, lam_min, lam_max, tol)

@@ -727,7 +727,7 @@ def _check_weight(weight, name="weight"):
 
 def _whitened(weight, sigma):
     """``Y = K_(1) Sigma^{1/2}`` (symmetric floored root) as float64, shape of the weight."""
-    from .sigma import default_rtol, psd_root
+    from .sigma import default_neg_rtol, default_rtol, psd_root
 
     K = B.as_compute(weight)
     xp = B.namespace(K)
@@ -735,8 +735,8 @@ def _whitened(weight, sigma):
     K1 = xp.reshape(K, (T, -1))
     if sigma is None:
         return K
-    S = check_sigma(sigma, K1.shape[1], K1)
-    root = psd_root(S, rtol=default_rtol(sigma.dtype))
+    S = check_sigma(sigma, K1.shape[1], K1, psd=False)  # psd_root checks it
+    root = psd_root(S, rtol=default_rtol(sigma.dtype), neg_rtol=default_neg_rtol(sigma.dtype))
     return xp.reshape(K1 @ root.sqrt(), tuple(K.shape))
 
 
@@ -846,7 +846,7 @@ def _exact_error(method, weight, sigma, ranks):
         from .svd import sigma_svd
 
         W = B.namespace(weight).reshape(weight, (weight.shape[0], -1))
-        return sigma_svd(W, ranks, sigma).error
+        return sigma_svd(W, ranks, sigma).sigma_error
     if method == "tucker2":
         try:
             from .tucker2 import tucker2 as _run

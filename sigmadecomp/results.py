@@ -43,10 +43,17 @@ class SVDResult:
         Singular values of the whitened matrix ``W L`` (plain ``W`` when
         ``sigma`` is None), descending, float64.
     error : float
-        Relative Sigma-error (relative Frobenius error when ``sigma`` is None).
+        Relative error in the metric minimised: the Sigma-error in
+        ``ridge_sigma(sigma, ridge)`` (the plain Sigma-error when
+        ``ridge == 0``; relative Frobenius error when ``sigma`` is None).
     rank : int
     weighted : bool
         Whether a ``sigma`` was used.
+    ridge : float
+        The ``ridge`` used (0 without ``sigma``).
+    sigma_error : float or None
+        Relative Sigma-error in the user's ``sigma`` itself (``None`` without
+        ``sigma``); equal to ``error`` when ``ridge == 0``.
     """
 
     left: object
@@ -55,6 +62,8 @@ class SVDResult:
     error: float
     rank: int
     weighted: bool = False
+    ridge: float = 0.0
+    sigma_error: Optional[float] = None
 
     @property
     def factors(self):
@@ -70,8 +79,14 @@ class SVDResult:
         return (
             f"SVDResult(rank={self.rank}, left={_shape(self.left)}, "
             f"right={_shape(self.right)}, {norm} error={_fmt_err(self.error)}, "
-            f"{_kind(self.left)})"
+            f"{_ridge_tail(self)}{_kind(self.left)})"
         )
+
+
+def _ridge_tail(res):
+    if not res.ridge:
+        return ""
+    return f"ridge={res.ridge:g}, true Sigma error={_fmt_err(res.sigma_error)}, "
 
 
 @dataclass(repr=False)
@@ -81,6 +96,8 @@ class _IterativeResult:
     converged: bool = False
     weighted: bool = False
     seconds: float = 0.0
+    ridge: float = 0.0
+    sigma_error: Optional[float] = None
 
     @property
     def error(self) -> Optional[float]:
@@ -90,7 +107,7 @@ class _IterativeResult:
     def _tail(self):
         norm = "Sigma" if self.weighted else "Frobenius"
         return (
-            f"{norm} error={_fmt_err(self.error)}, n_iter={self.n_iter}, "
+            f"{norm} error={_fmt_err(self.error)}, {_ridge_tail(self)}n_iter={self.n_iter}, "
             f"converged={self.converged}"
         )
 
@@ -107,7 +124,15 @@ class Tucker2Result(_IterativeResult):
     in_factor : array of shape (S, r_S)
         ``U_S``, orthonormal columns.
     errors : list of float
-        Relative error after each sweep, starting with the initial point.
+        Relative error after each sweep, starting with the initial point, in
+        the metric minimised: the Sigma-error in ``ridge_sigma(sigma, ridge)``
+        (the plain Sigma-error when ``ridge == 0``, Frobenius without
+        ``sigma``).
+    ridge : float
+        The ``ridge`` used (0 without ``sigma``).
+    sigma_error : float or None
+        Relative Sigma-error of the result in the user's ``sigma`` itself
+        (``None`` without ``sigma``); equal to ``error`` when ``ridge == 0``.
     n_iter : int
         Sweeps performed.
     converged : bool

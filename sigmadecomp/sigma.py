@@ -9,22 +9,39 @@ Rank-deficient policy
 ---------------------
 Real covariances are often singular (zero padding, ReLU, fewer samples than
 ``n``) and, after accumulation in floating point, slightly indefinite. Every
-factorisation in this library follows one policy, implemented by
-:func:`psd_root`:
+entry point that takes a ``sigma`` (:func:`sigma_norm`,
+:func:`relative_sigma_error`, :func:`psd_root`, :func:`sigmadecomp.sigma_svd`,
+:func:`sigmadecomp.tucker2`, :func:`sigmadecomp.tt_conv`,
+:func:`sigmadecomp.tt_linear`) follows one policy, with the thresholds named
+once in ``sigmadecomp._validation`` (``ZERO_RTOL``, ``NEG_RTOL``, ...):
 
-* the matrix is symmetrised and eigen-decomposed in float64;
-* eigenvalues ``<= rtol * lambda_max`` are treated as exactly zero (default
-  ``rtol = 1e-10`` for a float64 ``sigma`` and ``1e-6`` for a float32 one,
-  whose rounding alone makes eigenvalues of about ``1e-7 * lambda_max``): their eigenvectors span the numerical null space, which the
-  Sigma-norm does not see;
-* an eigenvalue below ``-neg_rtol * lambda_max`` (default ``neg_rtol = 1e-8``)
-  means the input is not a second-moment matrix: a ``ValueError`` is raised
-  rather than returning a silently wrong answer.
+* the matrix is symmetrised and handled in float64;
+* an eigenvalue below ``-neg_rtol * lambda_max`` means the input is not a
+  second-moment matrix: a ``ValueError`` names the argument ``sigma`` and its
+  smallest and largest eigenvalues. Default ``neg_rtol = 1e-8`` for a float64
+  ``sigma`` and ``1e-4`` for a float32 one, whose rounding alone makes
+  negative eigenvalues of order ``1e-7 * lambda_max``. The check costs a
+  shifted Cholesky factorisation (about a third of an eigen-decomposition)
+  unless the entry point eigen-decomposes ``sigma`` anyway;
+* where ``sigma`` is factored (:func:`psd_root`), eigenvalues
+  ``<= rtol * lambda_max`` are treated as exactly zero (default ``rtol = 1e-10``
+  for float64, ``1e-6`` for float32): their eigenvectors span the numerical
+  null space, which the Sigma-norm does not see.
 
 Linear systems with a PSD matrix (:func:`psd_solve`) use Cholesky when it
 succeeds and otherwise the minimum-norm solution under the same eigenvalue
 floor, which is still an exact minimiser of the underlying least-squares
 problem.
+
+Ridge
+-----
+Directions that ``sigma`` never saw (its null space, e.g. fewer calibration
+patches than ``n``) leave the Sigma-optimal factors free there; the solvers
+then may return weights far from the original in those directions. Their
+``ridge`` option minimises the error in ``ridge_sigma(sigma, ridge) =
+sigma + ridge * (trace(sigma) / n) * I`` instead: a small multiple of the mean
+eigenvalue, which pulls the unseen directions toward the original weight while
+changing the Sigma-error very little (``notes/ridge.md``).
 """
 
 from __future__ import annotations
@@ -34,7 +51,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _backend as B
-from ._validation import check_array, check_finite, check_positive_float, check_sigma
+from ._validation import (
+    CHOL_PIVOT,
+    ZERO_RTOL,
+    check_array,
+    check_finite,
+    check_positive_float,
+    check_psd,
+    check_sigma,
+    neg_rtol as _neg_rtol,
+    zero_rtol,
+)
 
 __all__ = [
     "sigma_norm",
@@ -42,19 +69,86 @@ __all__ = [
     "psd_root",
     "PSDRoot",
     "psd_solve",
+    "ridge_sigma",
     "DEFAULT_RTOL",
     "DEFAULT_NEG_RTOL",
+    "DEFAULT_RIDGE",
     "default_rtol",
+    "default_neg_rtol",
 ]
 
-DEFAULT_RTOL = None  # 1e-10 for float64 input, 1e-6 for float32 input
-_RTOL = {"float64": 1e-10, "float32": 1e-6}
+DEFAULT_RTOL = None  # ZERO_RTOL of sigma's dtype: 1e-10 for float64, 1e-6 for float32
+DEFAULT_NEG_RTOL = None  # NEG_RTOL of sigma's dtype: 1e-8 for float64, 1e-4 for float32
+
+#: Default ``ridge`` of the solvers, as a multiple of the mean eigenvalue
+#: ``trace(sigma) / n``; chosen by the measurement in ``notes/ridge.md``.
+DEFAULT_RIDGE = 1e-2
 
 
 def default_rtol(dtype):
     """The eigenvalue floor used when ``rtol=None``: 1e-10 (float64) or 1e-6 (float32)."""
-    return _RTOL.get(str(dtype).replace("torch.", ""), 1e-10)
-DEFAULT_NEG_RTOL = 1e-8
+    return zero_rtol(dtype)
+
+
+def default_neg_rtol(dtype):
+    """The negative-eigenvalue tolerance used when ``neg_rtol=None``: 1e-8 (float64) or 1e-4 (float32)."""
+    return _neg_rtol(dtype)
+
+
+def check_ridge(ridge):
+    """Validate a ``ridge`` option (a finite float ``>= 0``)."""
+    return check_positive_float(ridge, "ridge", allow_zero=True)
+
+
+def _add_ridge(S, ridge):
+    """``S + ridge * (trace(S) / n) * I`` for a float64 ``S`` (a new array; ``S`` itself if ridge is 0)."""
+    if S is None or ridge == 0.0:
+        return S
+    xp = B.namespace(S)
+    n = S.shape[0]
+    if n == 0:
+        return S
+    shift = ridge * float(xp.sum(xp.linalg.diagonal(S))) / n
+    return S + shift * xp.eye(n, dtype=S.dtype, device=B.device(S))
+
+
+def ridge_sigma(sigma, ridge=DEFAULT_RIDGE):
+    """The matrix the solvers minimise in: ``sigma + ridge * (trace(sigma) / n) * I``.
+
+    Parameters
+    ----------
+    sigma : array of shape (n, n)
+        Symmetric PSD second moment (NumPy or torch).
+    ridge : float, optional
+        Multiple of the mean eigenvalue ``trace(sigma) / n`` added to the
+        diagonal, ``>= 0``.
+
+    Returns
+    -------
+    array of shape (n, n)
+        A new array in the library, dtype and device of ``sigma``; ``sigma``
+        is not modified.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp import tucker2, relative_sigma_error
+    >>> from sigmadecomp.sigma import ridge_sigma
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((4, 3, 3, 3))
+    >>> X = rng.standard_normal((10, 27))   # 10 samples, n = 27: singular
+    >>> S = X.T @ X / 10
+    >>> res = tucker2(K, (2, 2), S, ridge=1e-3)
+    >>> bool(np.isclose(res.error, relative_sigma_error(K, res.to_tensor(), ridge_sigma(S, 1e-3))))
+    True
+    >>> bool(np.isclose(res.sigma_error, relative_sigma_error(K, res.to_tensor(), S)))
+    True
+    """
+    check_array(sigma, "sigma", ndim=2)
+    ridge = check_ridge(ridge)
+    xp = B.namespace(sigma)
+    S = B.as_compute(sigma)
+    return xp.astype(_add_ridge(S, ridge) if ridge else S + 0.0, sigma.dtype)
 
 
 def _flatten_delta(delta, name="delta"):
@@ -77,6 +171,33 @@ def _sq_sigma_norm(D, S):
     return xp.clip(val, 0.0, None) if hasattr(xp, "clip") else xp.maximum(val, 0.0)
 
 
+def _rel_sigma_error(K1, A1, S, den=None):
+    """Relative Sigma-error of float64 ``A1`` against ``K1`` (both (T, n)), no validation.
+
+    ``den``: ``tr(K1 S K1^T)`` when the caller has it (saves a ``T x n x n`` product).
+    """
+    num = float(_sq_sigma_norm(K1 - A1, S))
+    den = float(_sq_sigma_norm(K1, S)) if den is None else float(den)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return float(np.sqrt(num / den))
+
+
+def _ridge_result_fields(K1, approx1, S_user, ridge, error):
+    """``(ridge, sigma_error)`` for a result: the relative Sigma-error in the user's ``sigma``.
+
+    ``K1`` and ``approx1`` are float64 (T, n) (in the column order of
+    ``S_user``), ``S_user`` the validated float64 ``sigma`` or None, ``error``
+    the solver's final error in the ridged metric. With ``ridge == 0`` the two
+    metrics agree and no product is formed.
+    """
+    if S_user is None:
+        return 0.0, None
+    if not ridge:
+        return 0.0, error
+    return ridge, _rel_sigma_error(K1, approx1, S_user)
+
+
 def sigma_norm(delta, sigma=None):
     """Sigma-norm ``sqrt(tr(D Sigma D^T))`` of a weight change.
 
@@ -88,14 +209,16 @@ def sigma_norm(delta, sigma=None):
         treated as a single row.
     sigma : array of shape (n, n) or None
         Symmetric PSD second-moment matrix. ``None`` gives the Frobenius norm.
+        An indefinite ``sigma`` (smallest eigenvalue below the tolerance of
+        the module's policy) raises ``ValueError``.
 
     Returns
     -------
     norm : 0-d array
         Same library, device and dtype as ``delta``. Computed in float64 as
         ``sum((D @ sigma) * D)`` -- no matrix square root is formed; a tiny
-        negative value caused by round-off in an indefinite ``sigma`` is
-        clamped to zero.
+        negative value caused by round-off (``sigma`` may have eigenvalues
+        down to ``-neg_rtol * lambda_max``) is clamped to zero.
 
     Examples
     --------
@@ -122,6 +245,8 @@ def relative_sigma_error(weight, approx, sigma=None):
     ----------
     weight, approx : arrays of the same shape (T, ...)
     sigma : array of shape (n, n) or None
+        Symmetric PSD second moment (checked as in :func:`sigma_norm`);
+        ``None`` gives the relative Frobenius error.
 
     Returns
     -------
@@ -146,11 +271,7 @@ def relative_sigma_error(weight, approx, sigma=None):
     K64 = B.as_compute(K)
     A64 = B.asarray_like(A, K64)
     S = check_sigma(sigma, K.shape[1], K64)
-    num = float(_sq_sigma_norm(K64 - A64, S))
-    den = float(_sq_sigma_norm(K64, S))
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return float(np.sqrt(num / den))
+    return _rel_sigma_error(K64, A64, S)
 
 
 @dataclass(repr=False)
@@ -239,6 +360,7 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
         Default: 1e-10 for a float64 ``sigma``, 1e-6 for a float32 one.
     neg_rtol : float, optional
         An eigenvalue below ``-neg_rtol * lambda_max`` raises ``ValueError``.
+        Default: 1e-8 for a float64 ``sigma``, 1e-4 for a float32 one.
 
     Returns
     -------
@@ -261,26 +383,36 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
     check_array(sigma, "sigma", ndim=2)
     if rtol is None:
         rtol = default_rtol(sigma.dtype)
+    if neg_rtol is None:
+        neg_rtol = default_neg_rtol(sigma.dtype)
     rtol = check_positive_float(rtol, "rtol", allow_zero=True)
     neg_rtol = check_positive_float(neg_rtol, "neg_rtol", allow_zero=True)
     n = sigma.shape[0]
-    S = check_sigma(sigma, n, B.as_compute(sigma))
+    S = check_sigma(sigma, n, B.as_compute(sigma), psd=False)
     lam, V = B.eigh(S)
+    check_psd(S, sigma.dtype, "sigma", eigenvalues=lam, tol=neg_rtol)
+    return _root_from_eigh(lam, V, rtol)
+
+
+def _root_from_eigh(lam, V, rtol):
     xp = B.namespace(lam)
-    lam_max = float(lam[-1]) if n else 0.0
-    lam_min = float(lam[0]) if n else 0.0
-    if lam_max < 0 or lam_min < -neg_rtol * max(lam_max, 0.0):
-        raise ValueError(
-            f"sigma is not positive semi-definite: smallest eigenvalue {lam_min:.3g}, "
-            f"largest {lam_max:.3g} (allowed: >= -{neg_rtol:g} * largest); sigma must "
-            "be a second-moment (covariance) matrix"
-        )
-    thresh = rtol * lam_max
-    rank = int(xp.sum(lam > thresh)) if lam_max > 0 else 0
+    lam_max = float(lam[-1]) if lam.shape[0] else 0.0
+    rank = int(xp.sum(lam > rtol * lam_max)) if lam_max > 0 else 0
     return PSDRoot(eigenvalues=lam, eigenvectors=V, rank=rank, rtol=rtol)
 
 
-def psd_solve(A, b, *, rtol=1e-10):
+def _psd_root_unchecked(S, rtol):
+    """:func:`psd_root` of an internal float64 symmetric matrix, without the PSD check.
+
+    For matrices built from an already validated ``sigma`` (``B Sigma B^T``):
+    they are PSD up to rounding, and an error about them would name a matrix
+    the user never gave.
+    """
+    lam, V = B.eigh(0.5 * (S + S.T))
+    return _root_from_eigh(lam, V, rtol)
+
+
+def psd_solve(A, b, *, rtol=ZERO_RTOL["float64"]):
     """Solve ``A X = b`` for a symmetric PSD ``A`` (an exact least-squares minimiser).
 
     Uses Cholesky when ``A`` is numerically positive definite (its smallest
@@ -314,7 +446,7 @@ def psd_solve(A, b, *, rtol=1e-10):
     try:
         L = B.cholesky(A)
         d = xp.linalg.diagonal(L)
-        if float(xp.min(d)) ** 2 > rtol * max(diag_max, 1e-300) * 10:
+        if float(xp.min(d)) ** 2 > CHOL_PIVOT * rtol * max(diag_max, 1e-300):
             return B.cho_solve(L, b)
     except np.linalg.LinAlgError:
         pass

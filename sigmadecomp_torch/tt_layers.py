@@ -377,7 +377,7 @@ class TTLinear(_TTChain):
 
 
 _CORE_OPTS = ("eps", "n_iter_max", "tol", "dense_max", "cg_rtol", "cg_maxiter", "precond", "init",
-              "callback")
+              "callback", "ridge")
 
 
 def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):

@@ -140,3 +140,33 @@ def test_psd_solve_vector_rhs_both_libraries(rng):
         x = psd_solve(lib_A, lib_b)
         assert x.shape == (5,)
         np.testing.assert_allclose(np.asarray(x), np.linalg.solve(A, b), rtol=1e-8)
+
+
+def test_check_psd_corner_cases():
+    from sigmadecomp._validation import check_psd
+
+    # a negative eigenvalue behind a zero diagonal, and an all-negative matrix
+    for S in (np.array([[0.0, 1.0], [1.0, 0.0]]), -np.eye(3), np.diag([0.0, -1e-3])):
+        lam = np.linalg.eigvalsh(S)
+        with pytest.raises(ValueError, match=f"smallest eigenvalue {lam[0]:.3g}, largest {lam[-1]:.3g}"):
+            check_psd(S, np.float64)
+    # zero, PSD of rank 1, and a float32-sized rounding error are accepted
+    check_psd(np.zeros((3, 3)), np.float64)
+    v = np.arange(1.0, 5.0)
+    check_psd(np.outer(v, v), np.float64)
+    S = np.outer(v, v) + np.diag([0.0, 0.0, 0.0, -1e-5 * 30])
+    with pytest.raises(ValueError, match="allowed: >= -1e-08"):
+        check_psd(S, np.float64)
+    check_psd(S, np.float32)  # within float32's 1e-4 of the largest eigenvalue (30)
+    # the Cholesky shortcut and the eigenvalues decide alike at the threshold
+    lam_max = 30.0
+    for frac, ok in ((0.9e-8, True), (1.1e-8, False)):
+        Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((4, 4)))
+        lam = np.array([-frac * lam_max, 1.0, 2.0, lam_max])
+        S = (Q * lam) @ Q.T
+        S = 0.5 * (S + S.T)
+        if ok:
+            check_psd(S, np.float64)
+        else:
+            with pytest.raises(ValueError, match="not positive semi-definite"):
+                check_psd(S, np.float64)

@@ -40,7 +40,7 @@ def test_error_is_whitened_tail_and_matches_direct(T, n, seed, data):
     r = data.draw(st.integers(1, min(T, n)))
     W = rng.standard_normal((T, n))
     S = random_psd(rng, n)
-    res = sigma_svd(W, r, sigma=S)
+    res = sigma_svd(W, r, sigma=S, ridge=0)
     L = np.linalg.cholesky(S + 0 * np.eye(n))
     s = np.linalg.svd(W @ L, compute_uv=False)
     tail = np.sqrt((s[r:] ** 2).sum() / (s**2).sum())
@@ -72,7 +72,7 @@ def test_never_beaten_by_other_rank_r_candidates(rng, sigma_rank):
     T, n, r = 3, 4, 1
     W = rng.standard_normal((T, n))
     S = random_psd(rng, n, sigma_rank)
-    res = sigma_svd(W, r, sigma=S)
+    res = sigma_svd(W, r, sigma=S, ridge=0)
     ours = float(sigma_norm(W - res.to_tensor(), S)) ** 2
     # random rank-r candidates and a multi-start local optimiser never do better
     for _ in range(2000):
@@ -89,7 +89,7 @@ def test_rank_deficient_sigma(lib, rng):
     W = rng.standard_normal((T, n))
     S = random_psd(rng, n, 3)
     for r in (1, 3, 5):  # r = 5 exceeds the rank Sigma can see
-        res = sigma_svd(lib.asarray(W), r, sigma=lib.asarray(S))
+        res = sigma_svd(lib.asarray(W), r, sigma=lib.asarray(S), ridge=0)
         X = lib.to_numpy(res.to_tensor())
         assert np.all(np.isfinite(X))
         assert res.left.shape == (T, r) and res.right.shape == (r, n)

@@ -257,7 +257,7 @@ def test_als_sigma_monotone_and_never_worse_than_tt_svd(seed, sigma_rank, r0, r1
     rng = np.random.default_rng(seed)
     K = rng.standard_normal((4, 6, 2, 2))
     S = random_psd(rng, 24, sigma_rank)
-    res = tt_conv(K, (2, 3), (2, 2), ranks=(r0, r1), sigma=S, n_iter_max=6, tol=0.0)
+    res = tt_conv(K, (2, 3), (2, 2), ranks=(r0, r1), sigma=S, n_iter_max=6, tol=0.0, ridge=0)
     plain = tt_conv(K, (2, 3), (2, 2), ranks=(r0, r1))
     e_svd = relative_sigma_error(K, plain.to_tensor(), S)
     assert res.errors[0] == pytest.approx(e_svd, rel=1e-9, abs=1e-12)
@@ -334,7 +334,7 @@ def test_sigma_permutation_is_consistent(rng):
     mask = np.zeros((S_in, H, W))
     mask[:, 0, 1] = 1.0
     Sig = np.diag(mask.ravel())
-    res = tt_conv(K, (2, 2), (2, 2), ranks=(1, 4), sigma=Sig, n_iter_max=10, tol=0.0)
+    res = tt_conv(K, (2, 2), (2, 2), ranks=(1, 4), sigma=Sig, n_iter_max=10, tol=0.0, ridge=0)
     # rank r_0 = 1 is enough to fit the only visible tap exactly
     assert res.error < 1e-8
     plain = tt_conv(K, (2, 2), (2, 2), ranks=(1, 4))
@@ -529,12 +529,13 @@ def test_kron_preconditioner_is_exact_for_kronecker_sigma(rng):
     S = np.kron(np.kron(S1, S2), S3)
     W = rng.standard_normal((8, 12))
     res = tt_linear(W, (2, 3, 2), (2, 2, 2), ranks=(2, 3), sigma=S, n_iter_max=3, tol=0.0,
-                    dense_max=0, cg_rtol=1e-9, precond="kron")
+                    dense_max=0, cg_rtol=1e-9, precond="kron", ridge=0)
     assert res.solves["cg"] == 9 and res.solves["cg_iter"] <= 9
-    ref = tt_linear(W, (2, 3, 2), (2, 2, 2), ranks=(2, 3), sigma=S, n_iter_max=3, tol=0.0)
+    ref = tt_linear(W, (2, 3, 2), (2, 2, 2), ranks=(2, 3), sigma=S, n_iter_max=3, tol=0.0,
+                    ridge=0)
     np.testing.assert_allclose(res.errors, ref.errors, rtol=1e-7)
     plain = tt_linear(W, (2, 3, 2), (2, 2, 2), ranks=(2, 3), sigma=S, n_iter_max=3, tol=0.0,
-                      dense_max=0, cg_rtol=1e-9, precond=None)
+                      dense_max=0, cg_rtol=1e-9, precond=None, ridge=0)
     assert plain.solves["cg_iter"] > 2 * res.solves["cg_iter"]
     with pytest.raises(ValueError, match="precond='jacobi' is not allowed"):
         tt_linear(W, (2, 3, 2), (2, 2, 2), ranks=2, sigma=S, precond="jacobi")
