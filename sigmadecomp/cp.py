@@ -46,6 +46,8 @@ import numpy as np
 
 from . import _backend as B
 from ._validation import (
+    CHOL_PIVOT,
+    ZERO_RTOL,
     check_array,
     check_choice,
     check_finite,
@@ -54,7 +56,7 @@ from ._validation import (
     check_sigma,
 )
 from .results import CPResult
-from .sigma import psd_solve
+from .sigma import DEFAULT_RIDGE, _add_ridge, _ridge_result_fields, check_ridge, psd_solve
 from .solvers import pcg
 
 __all__ = ["cp"]
@@ -69,7 +71,9 @@ INNER_RTOL = 1e-10
 INNER_MAXITER_START = 5
 INNER_MAXITER_LIMIT = 5000
 _PRECOND_REFRESH = 5  # sweeps between rebuilds of the preconditioner's S x S blocks
-_PINV_RTOL = 1e-10  # eigenvalues <= this * largest count as zero in the preconditioner
+# eigenvalues <= this * largest count as zero in the preconditioner: the zero floor
+# of the float64 algebra
+_PINV_RTOL = ZERO_RTOL["float64"]
 # The shortcut ``norm2 - 2 c + q`` of the objective loses about eps * (norm2 + 2|c| + q)
 # to rounding; below this fraction of that scale the objective is recomputed from
 # the residual instead (the cancellation would cost more than 1e-8 of its value).
@@ -137,7 +141,7 @@ def _nearest_psd(Sg):
         return Sg
     try:
         piv = xp.linalg.diagonal(B.cholesky(Sg))
-        if float(xp.min(piv * piv)) > 10.0 * _PINV_RTOL * dmax:
+        if float(xp.min(piv * piv)) > CHOL_PIVOT * _PINV_RTOL * dmax:
             return Sg
     except np.linalg.LinAlgError:
         pass
@@ -497,7 +501,7 @@ def _block_inverse_factors(sig_ssp, CD, gdiag, l2, S):
     if L is not None and bool(xp.all(xp.isfinite(L))):
         piv = xp.linalg.diagonal(L)
         # a block is definite enough when its smallest pivot^2 exceeds the floor
-        good = xp.min(piv * piv, axis=1) > 10.0 * _PINV_RTOL * xp.max(diag, axis=1)
+        good = xp.min(piv * piv, axis=1) > CHOL_PIVOT * _PINV_RTOL * xp.max(diag, axis=1)
         Linv = _tri_inv(L)
         if bool(xp.all(good)):
             return Linv
@@ -678,7 +682,8 @@ def _result(engine, errors, n_iter, converged, weighted, seconds, like):
 # ----------------------------------------------------------------------------
 
 def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
-       l2_reg=0.0, linesearch=False, callback=None, inner_rtol=INNER_RTOL, inner_maxiter=None):
+       l2_reg=0.0, linesearch=False, callback=None, inner_rtol=INNER_RTOL, inner_maxiter=None,
+       ridge=DEFAULT_RIDGE):
     """CP decomposition of a conv kernel by ALS, in the Frobenius or the Sigma-norm.
 
     Approximates ``K`` (T, S, H, W) by ``sum_r w_r a_r (x) b_r (x) c_r (x) d_r``
@@ -772,15 +777,25 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         condition number ``1e6`` that took about 160 iterations per update);
         a small value gives cheap, inexact sweeps that are still monotone but
         may stop at a worse point. Ignored without ``sigma``.
+    ridge : float, optional
+        Minimise in ``sigma + ridge * (trace(sigma) / n) * I``
+        (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that
+        directions ``sigma`` never saw stay close to the kernel; default
+        ``1e-2`` (``notes/ridge.md``), ``0`` minimises the Sigma-error itself.
+        Ignored without ``sigma``.
 
     Returns
     -------
     CPResult
         ``weights`` (R,), ``factors`` ``[A (T, R), B (S, R), C (H, R), D (W, R)]``
         with unit-norm columns (signs fixed: the largest-magnitude entry of
-        each column of B, C, D is positive), ``errors`` (relative Sigma-error,
-        relative Frobenius error when ``sigma`` is None, per sweep starting
-        with the initial point), ``n_iter``, ``converged``, ``seconds`` and
+        each column of B, C, D is positive), ``errors`` (relative error in the
+        metric minimised -- the Sigma-error in the ridged ``sigma``, the plain
+        Sigma-error when ``ridge=0``, Frobenius when ``sigma`` is None -- per
+        sweep starting with the initial point), ``sigma_error`` (the final
+        relative Sigma-error in ``sigma`` itself; ``None`` in the results
+        passed to ``callback`` when ``ridge > 0``), ``ridge``, ``n_iter``,
+        ``converged``, ``seconds`` and
         ``to_tensor()``. Arrays follow the kernel's library, dtype and
         device; the algebra is done in float64. Each error comes from the
         cheap expansion ``tr(K Sigma K^T) - 2 c + q`` unless that is within
@@ -805,9 +820,9 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     >>> bool(np.all(np.diff(weighted.errors) <= 1e-12))
     True
     >>> e_plain = relative_sigma_error(K, plain.to_tensor(), S)
-    >>> bool(weighted.error <= e_plain + 1e-12)
+    >>> bool(weighted.sigma_error <= e_plain + 1e-12)
     True
-    >>> abs(weighted.error - relative_sigma_error(K, weighted.to_tensor(), S)) < 1e-10
+    >>> abs(weighted.sigma_error - relative_sigma_error(K, weighted.to_tensor(), S)) < 1e-10
     True
     >>> again = cp(K, 4, S, n_iter_max=30)  # rng=None is a fixed seed: the same result
     >>> bool(np.array_equal(again.weights, weighted.weights))
@@ -835,10 +850,14 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     K = B.as_compute(kernel)
     T, S, H, W = K.shape
     n = S * H * W
-    Sg = check_sigma(sigma, n, K)
+    ridge = check_ridge(ridge)
+    Sg_user = check_sigma(sigma, n, K)
+    Sg = _add_ridge(Sg_user, ridge)
     weighted = Sg is not None
     if weighted:
         Sg = _nearest_psd(Sg)
+    else:
+        ridge = 0.0
 
     if init is None:
         init = "frobenius" if weighted else "svd"
@@ -901,7 +920,13 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
                 continue
             converged = True
             break
-    return _result(engine, errors, n_iter, converged, weighted, time.perf_counter() - t0, kernel)
+    res = _result(engine, errors, n_iter, converged, weighted, time.perf_counter() - t0, kernel)
+    if weighted:
+        w, F = engine.point()
+        K1 = xp.reshape(K, (T, n))
+        approx1 = (F[0] * w[None, :]) @ engine.Z().T
+        res.ridge, res.sigma_error = _ridge_result_fields(K1, approx1, Sg_user, ridge, res.error)
+    return res
 
 
 def _try_extrapolation(engine, old, f_new, it, power):

@@ -1,8 +1,16 @@
+import functools
+
 import numpy as np
 import pytest
 
 from sigmadecomp import CPResult, relative_sigma_error
-from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS, _FrobeniusALS, _SigmaALS, cp
+from sigmadecomp import cp as _cp
+from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS, _FrobeniusALS, _SigmaALS
+
+# These tests check CP-ALS-Sigma itself (exact blocks, monotone errors equal to the
+# recomputed Sigma-error), so they run it unregularised; the default ridge is
+# tested with the other solvers in test_sigma_policy.py.
+cp = functools.partial(_cp, ridge=0.0)
 from _helpers import patches  # noqa: E402
 
 SHAPE = (5, 4, 3, 2)
@@ -444,7 +452,9 @@ def test_rank_deficient_sweep(lib, shape, R, cond):
     n = int(np.prod(shape[1:]))
     S = psd_with_spectrum(rng, n, int(rng.integers(n // 2, n)), cond)
     Kx, Sx = lib.asarray(K), lib.asarray(S)
-    S_seen = lib.to_numpy(Sx)  # the matrix cp was given (float32 rounding included)
+    # the matrix cp was given (float32 rounding included), in its dtype: the PSD
+    # tolerance of the recomputation follows the dtype, as it did for cp
+    S_seen = lib.to_numpy(Sx).astype(lib.dtype_name)
     res = cp(Kx, R, Sx, n_iter_max=8)
     Kt = lib.to_numpy(res.to_tensor())
     true = relative_sigma_error(K, Kt, S_seen)
@@ -466,8 +476,7 @@ def test_float32_rank_deficient_sigma_negative_rounding():
     S = 0.5 * (S + S.T)
     assert np.linalg.eigvalsh(S.astype(np.float64))[0] < 0  # really indefinite
     res = cp(K, 7, S)
-    true = relative_sigma_error(K.astype(np.float64), res.to_tensor().astype(np.float64),
-                                S.astype(np.float64))
+    true = relative_sigma_error(K.astype(np.float64), res.to_tensor().astype(np.float64), S)
     assert_reported_is_true(res.error, true, float32=True)
     assert np.abs(res.weights).max() <= 10 * np.linalg.norm(K)
 

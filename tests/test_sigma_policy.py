@@ -23,6 +23,7 @@ from sigmadecomp import (
     tucker2,
 )
 from sigmadecomp._validation import NEG_RTOL, ZERO_RTOL
+from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS
 from sigmadecomp.sigma import DEFAULT_RIDGE, ridge_sigma
 
 from _helpers import patches  # noqa: E402
@@ -131,6 +132,7 @@ RIDGE_SOLVERS = {
     "tt_conv": lambda K, S, **kw: tt_conv(K, (2, 3), (2, 4), ranks=3, sigma=S, n_iter_max=5, **kw),
     "tt_linear": lambda K, S, **kw: tt_linear(K.reshape(K.shape[0], -1), (6, 9), (2, 4), ranks=3,
                                               sigma=S, n_iter_max=5, **kw),
+    "cp": lambda K, S, **kw: cp(K, 3, S, n_iter_max=8, **kw),
 }
 
 
@@ -217,6 +219,9 @@ SOLVERS = {
                                         tol=0, ridge=r),
                 lambda K: tt_conv(K, (2, 2), (2, 3), ranks=(2, 3)), (1, 3)),
     "tt_linear": (lambda K, S, r: _tt_linear(K, S, r, n_iter_max=4, tol=0), _tt_linear, (1, 3)),
+    # CP-ALS-Sigma starts from FROBENIUS_INIT_SWEEPS sweeps of CP-ALS: the Frobenius solution
+    "cp": (lambda K, S, r: cp(K, 3, S, n_iter_max=8, tol=0, ridge=r),
+           lambda K: cp(K, 3, n_iter_max=FROBENIUS_INIT_SWEEPS, tol=0), (1, 3)),
 }
 
 CONDS = [1.0, 1e6, 1e12]
