@@ -323,8 +323,14 @@ class CompressionReport:
 SIGMA_ERROR_WARN = 0.3
 
 #: Estimated floating-point operations of one CP layer above which
-#: :func:`compress` warns before starting (about a minute on a laptop CPU).
-CP_COST_WARN_FLOP = 2e12
+#: :func:`compress` warns before starting: 1e14 is over half an hour at
+#: 50 GFLOP/s. Ranks from ``ratio=`` stay below it on ResNet-50's largest
+#: 3x3 conv (512 x 512 x 3 x 3 at rX 3: about 3e13); a rank far beyond the
+#: layer's size (R = 20000 on a 64 x 64 x 3 x 3 conv: about 2e15) does not.
+CP_COST_WARN_FLOP = 1e14
+
+#: Throughput assumed to turn the estimate into a time in the warning.
+_ASSUMED_FLOPS = 50e9
 
 _SUPPORTED = (nn.Conv2d, nn.Linear)
 
@@ -705,8 +711,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         A layer's iterative decomposition stopped at ``n_iter_max`` before
         meeting ``tol`` (its row in the report has ``converged=False``).
     sigmadecomp.CompressionWarning
-        Explicit ranks that make a layer larger; a CP run estimated above
-        :data:`CP_COST_WARN_FLOP` operations; a layer whose relative
+        Explicit ranks that make a layer larger; a CP run estimated (from the
+        shapes, before any work) above :data:`CP_COST_WARN_FLOP` = 1e14
+        floating-point operations; a layer whose relative
         Sigma-error exceeds :data:`SIGMA_ERROR_WARN` = 0.3. That threshold
         comes from compressing each layer of the Fashion-MNIST reference
         ResNet alone at rX 1.5-12 (``benchmarks/sigma_error_threshold.py``):
@@ -888,9 +895,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             if flop > CP_COST_WARN_FLOP:
                 warnings.warn(
                     f"CP rank {p['ranks']} for layer {name!r} (weight {shape}) needs about "
-                    f"{flop:.1e} floating-point operations (likely minutes or more); "
-                    "choose a smaller rank or fewer n_iter_max", CompressionWarning,
-                    stacklevel=2)
+                    f"{flop:.1e} floating-point operations (~{flop / _ASSUMED_FLOPS / 60:.0f} "
+                    "min at 50 GFLOP/s); choose a smaller rank or fewer n_iter_max",
+                    CompressionWarning, stacklevel=2)
         auto_plan.append(p)
     plan = auto_plan
 
