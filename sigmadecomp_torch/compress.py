@@ -335,7 +335,31 @@ _ASSUMED_FLOPS = 50e9
 _SUPPORTED = (nn.Conv2d, nn.Linear)
 
 
-def default_layers(model, *, include_first=False, include_last=False):
+def _call_order(model, example_input):
+    """Names of the Conv2d/Linear modules in the order a forward pass first calls them."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, _SUPPORTED):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, _n=name: order.append(_n) if _n not in order else None))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            elif isinstance(example_input, dict):
+                model(**example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
+def default_layers(model, *, include_first=False, include_last=False, example_input=None):
     """The layers :func:`compress` factorizes when ``layers=None``.
 
     Every ``nn.Conv2d`` and ``nn.Linear`` of the model except the first one
@@ -346,7 +370,8 @@ def default_layers(model, *, include_first=False, include_last=False):
     (2025), who leave the first layer and the classifier alone. "First" and
     "last" follow the order in which the modules were registered
     (``model.named_modules()``), which is the order of execution in
-    sequential models; name the layers in ``layers=`` where it is not.
+    sequential models; give ``example_input`` (or name the layers in
+    ``layers=``) where it is not.
 
     A bare ``nn.Conv2d`` or ``nn.Linear`` given as the model is its own only
     layer: ``['']``.
@@ -356,6 +381,11 @@ def default_layers(model, *, include_first=False, include_last=False):
     model : torch.nn.Module
     include_first, include_last : bool, optional
         Keep the first (resp. last) layer in the list.
+    example_input : tensor, tuple or dict, optional
+        One input batch (``model(x)``, ``model(*x)`` or ``model(**x)``): the
+        first and last layer are then the first and last one the forward
+        pass calls (run in eval mode without gradients; the model's mode is
+        restored). Layers the pass never calls stay in the list.
 
     Returns
     -------
@@ -366,6 +396,7 @@ def default_layers(model, *, include_first=False, include_last=False):
 
     Examples
     --------
+    >>> import torch
     >>> from torch import nn
     >>> from sigmadecomp_torch import default_layers
     >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3),
@@ -374,6 +405,8 @@ def default_layers(model, *, include_first=False, include_last=False):
     ['2', '3']
     >>> default_layers(model, include_first=True)
     ['0', '2', '3']
+    >>> default_layers(model, example_input=torch.randn(1, 3, 5, 5))
+    ['2', '3']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
@@ -383,7 +416,10 @@ def default_layers(model, *, include_first=False, include_last=False):
     names = [n for n, m in model.named_modules() if isinstance(m, _SUPPORTED)]
     if not names:
         return []
-    first, last = names[0], names[-1]
+    called = _call_order(model, example_input) if example_input is not None else names
+    if not called:
+        return names
+    first, last = called[0], called[-1]
     return [n for n in names if (include_first or n != first) and (include_last or n != last)]
 
 
@@ -614,7 +650,6 @@ def _named_error(name, exc):
     except Exception:
         exc.add_note(f"raised while compressing layer {label}")
         return exc
-    new.__cause__ = exc
     return new
 
 
@@ -920,7 +955,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             bias_shift = D @ p["mean"] if centered else None
             new = spec.build(module, result, bias_shift)
         except Exception as e:
-            raise _named_error(name, e) from e
+            named_exc = _named_error(name, e)
+            if named_exc is e:  # the type cannot be rebuilt: the name is in a note
+                raise
+            raise named_exc from e
         new.train(module.training)
         _carry_requires_grad(module, new)
         seconds = time.perf_counter() - t0

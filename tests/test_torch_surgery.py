@@ -351,6 +351,14 @@ def test_an_error_inside_a_layer_names_it_and_keeps_type_and_cause():
         with pytest.raises(RuntimeError, match=r"^layer '2': solver exploded$") as info:
             compress(model, "broken", ratio=2, layers=["2"], progress=False)
         assert str(info.value.__cause__) == "solver exploded"
+
+        def odd(weight, ranks, sigma, options):  # a type that cannot take a plain message
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+        LAYER_METHODS["broken"] = LayerMethod("tucker2", odd, LAYER_METHODS["tucker2"].build)
+        with pytest.raises(UnicodeDecodeError) as info:
+            compress(model, "broken", ratio=2, layers=["2"], progress=False)
+        assert "layer '2'" in "".join(info.value.__notes__)
     finally:
         del LAYER_METHODS["broken"]
 
@@ -475,3 +483,26 @@ def test_compressed_models_of_every_default_stay_runnable(kind):
     assert rep.params_after == _count(small) < rep.params_before
     assert small(torch.randn(2, 3, 4, 4)).shape == (2, 4)
     assert math.isfinite(rep.ratio)
+
+
+def test_default_layers_follow_the_forward_pass_when_given_an_input():
+    class Backwards(nn.Module):  # classifier registered before the convs
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 2)
+            self.conv1 = nn.Conv2d(1, 4, 3)
+            self.conv2 = nn.Conv2d(4, 6, 3)
+            self.conv3 = nn.Conv2d(6, 6, 1)
+
+        def forward(self, x):
+            h = self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+            return self.fc(h.mean((2, 3)))
+
+    model = Backwards().train()
+    assert default_layers(model) == ["conv1", "conv2"]  # registration order
+    x = torch.randn(2, 1, 7, 7)
+    assert default_layers(model, example_input=x) == ["conv2", "conv3"]
+    assert default_layers(model, example_input=(x,)) == ["conv2", "conv3"]
+    assert default_layers(model, example_input={"x": x}) == ["conv2", "conv3"]
+    assert model.training
+    assert not any(m._forward_pre_hooks for m in model.modules())
