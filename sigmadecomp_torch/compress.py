@@ -623,6 +623,7 @@ def _sigma_for(name, module, stats, centered, cache):
     if key not in cache:
         full = stats.sigma.to(device=w.device, dtype=torch.float64)
         S = stats.centered().to(device=w.device, dtype=torch.float64) if centered else full
+        # the stats object is kept in the entry so its id cannot be reused during this call
         cache[key] = (S, stats.mean.to(w.device, torch.float64), full, stats)
     S, mean, full, _ = cache[key]
     return S, mean, full
