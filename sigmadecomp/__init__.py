@@ -10,6 +10,7 @@ The core works on NumPy arrays and torch tensors alike; results follow the
 input's library, dtype and device.
 """
 
+from .exceptions import CompressionWarning, ConvergenceWarning
 from .results import CPResult, SVDResult, Tucker2Result
 from .sigma import PSDRoot, psd_root, relative_sigma_error, sigma_norm
 from .svd import sigma_svd
@@ -44,4 +45,6 @@ __all__ = [
     "tt_conv",
     "tt_linear",
     "TTResult",
+    "ConvergenceWarning",
+    "CompressionWarning",
 ]

@@ -7,19 +7,23 @@ Examples
 --------
 >>> import torch
 >>> from torch import nn
->>> from sigmadecomp_torch import collect_covariances, compress
+>>> from sigmadecomp_torch import collect_covariances, compress, default_layers
 >>> _ = torch.manual_seed(0)
 >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
 ...                       nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
 ...                       nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
 >>> data = [torch.randn(16, 3, 8, 8) for _ in range(4)]   # or a DataLoader
 >>> stats = collect_covariances(model, data)
+>>> default_layers(model)  # the default: all Conv2d/Linear but the first and the last
+['2']
 >>> small, report = compress(model, 'tucker2', covariances=stats, ratio=3,
 ...                          options={'n_iter_max': 10})
 >>> print(report)  # doctest: +ELLIPSIS
 compress(method='tucker2', Sigma)
 layer ...
-model: 6378 -> 2042 parameters, rX = 3.12
+model: 6378 -> 3212 parameters, rX = 1.99
+skipped 0 (Conv2d 3x3): first layer (reads the model's input): left alone by default; ...
+skipped 6 (Linear): last layer (the model's output, e.g. the classifier): left alone ...
 >>> small(data[0]).shape
 torch.Size([16, 10])
 
@@ -34,8 +38,8 @@ import types
 # The names below load their module (and torch) on first use, so that the
 # ``sigmadecomp`` command can parse its arguments and print help without torch.
 _EXPORTS = {
-    "compress": ("LAYER_METHODS", "CompressionReport", "LayerMethod", "compress",
-                 "layer_method_for", "register_layer_method"),
+    "compress": ("LAYER_METHODS", "CompressionReport", "LayerMethod", "SIGMA_ERROR_WARN",
+                 "compress", "default_layers", "layer_method_for", "register_layer_method"),
     "covariance": ("LayerStats", "collect_covariances", "load_covariances", "save_covariances",
                    "select_layers"),
     "layers": ("CPConv2d", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d"),
@@ -49,6 +53,8 @@ __all__ = [
     "load_covariances",
     "select_layers",
     "compress",
+    "default_layers",
+    "SIGMA_ERROR_WARN",
     "CompressionReport",
     "LayerMethod",
     "LAYER_METHODS",

@@ -89,15 +89,13 @@ def _load_model(path):
 def cli_default_layers(model, *, include_first=False):
     """The layers ``sigmadecomp compress`` compresses when ``--layers`` is not given.
 
-    Every k x k convolution with k > 1 and no groups, without the first one
-    unless ``include_first``; 1x1 convolutions and Linear layers (the
-    classifier) are left alone.
+    The library's default, :func:`sigmadecomp_torch.default_layers`: every
+    Conv2d and Linear but the first (the layer reading the images) and the
+    last (the classifier); the first too with ``include_first``.
     """
-    from torch import nn
+    from .compress import default_layers
 
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.groups == 1]
-    return names if include_first else names[1:]
+    return default_layers(model, include_first=include_first)
 
 
 def _first_conv(model):
@@ -120,15 +118,18 @@ def _choose_layers(args, model):
     if args.layers in (None, "auto"):
         layers = cli_default_layers(model, include_first=args.include_first)
         if not layers:
-            raise UserError("no layer to compress: the model has no k x k convolution besides "
-                            "the first; name layers with --layers or use --layers all")
-        skipped = "" if args.include_first else ", the first conv"
-        print(f"layers: {len(layers)} k x k convs ({', '.join(layers)}); 1x1 convs, Linear "
-              f"layers{skipped} left alone (choose with --layers)")
+            raise UserError("no layer to compress: the model has no Conv2d or Linear besides "
+                            "the first and the last; name layers with --layers or use "
+                            "--layers all")
+        skipped = "the last layer" if args.include_first else "the first and the last layer"
+        print(f"layers: {len(layers)} Conv2d/Linear layers ({', '.join(layers)}); {skipped} "
+              "left alone (choose with --layers)")
         return layers
     if args.layers == "all":
+        from .compress import default_layers
+
         print("layers: every Conv2d and Linear (--layers all)")
-        return None
+        return default_layers(model, include_first=True, include_last=True)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     known = dict(model.named_modules())
     missing = [n for n in layers if n not in known]
@@ -358,9 +359,10 @@ def build_parser():
                         "stem + .report.json and .report.txt")
     c.add_argument("--layers", default="auto",
                    help="comma-separated module names to compress; 'auto' (default) = every "
-                        "k x k conv (k > 1) but the first; 'all' = every Conv2d and Linear")
+                        "Conv2d and Linear but the first and the last (the classifier), as "
+                        "compress() does; 'all' = every Conv2d and Linear")
     c.add_argument("--include-first", action="store_true",
-                   help="with --layers auto, also compress the first k x k conv")
+                   help="with --layers auto, also compress the first layer")
     c.add_argument("--centered", action="store_true",
                    help="decompose in the centered covariance and correct the biases: each "
                         "layer's expected squared output error is then at most plain Sigma's "

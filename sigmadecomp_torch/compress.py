@@ -17,11 +17,15 @@ A new format is added with :func:`register_layer_method`.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import math
 import numbers
+import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from sigmadecomp import ranks as _ranks
+from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
 from sigmadecomp.sigma import relative_sigma_error
 from sigmadecomp.svd import sigma_svd
 
@@ -37,6 +42,8 @@ from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 
 __all__ = [
     "compress",
+    "default_layers",
+    "SIGMA_ERROR_WARN",
     "CompressionReport",
     "LayerMethod",
     "LAYER_METHODS",
@@ -183,8 +190,11 @@ class CompressionReport:
         module, bias included), ``sigma_error`` (relative expected squared
         output change ``sqrt(tr(D M D^T) / tr(K Sigma K^T))`` with ``M`` the
         Sigma, or the centered covariance with bias correction; None without
-        statistics), ``frobenius_error`` (``||K - K~|| / ||K||``), ``n_iter``
-        and ``seconds``.
+        statistics), ``frobenius_error`` (``||K - K~|| / ||K||``), ``n_iter``,
+        ``converged`` (False when an iterative method stopped at
+        ``n_iter_max``; None for the closed-form SVD), ``seconds`` and
+        ``aliases`` (the module's other names when it is registered under
+        several; the one factorized module stands under all of them).
     skipped : list of dict
         ``name``, ``kind`` and ``reason`` of each candidate left as it was.
     params_before, params_after : int
@@ -255,20 +265,25 @@ class CompressionReport:
     def table(self):
         """The report as a plain-text table."""
         head = ["layer", "kind", "method", "ranks", "params", "->", "rX",
-                "sigma_err", "frob_err", "iters", "sec"]
+                "sigma_err", "frob_err", "iters", "conv", "sec"]
         rows = []
         for r in self.layers:
             ranks = r["ranks"]
             if isinstance(ranks, (tuple, list)):
                 ranks = "x".join(str(v) for v in ranks)
-            rows.append([r["name"], r["kind"], r["method"], str(ranks), str(r["params_before"]),
+            conv = r.get("converged")
+            label = r["name"] if r["name"] else "(model)"
+            if r.get("aliases"):
+                label += " = " + " = ".join(r["aliases"])
+            rows.append([label, r["kind"], r["method"], str(ranks), str(r["params_before"]),
                          str(r["params_after"]),
                          f"{r['params_before'] / max(r['params_after'], 1):.2f}",
                          _fmt(r["sigma_error"], ".4f"), _fmt(r["frobenius_error"], ".4f"),
-                         _fmt(r["n_iter"], "d"), f"{r['seconds']:.2f}"])
+                         _fmt(r["n_iter"], "d"), "-" if conv is None else ("yes" if conv else "NO"),
+                         f"{r['seconds']:.2f}"])
         rows.append([f"total ({len(self.layers)} layers)", "", "", "",
                      str(self.layer_params_before), str(self.layer_params_after),
-                     f"{self.layer_ratio:.2f}", "", "", "", f"{self.seconds:.2f}"])
+                     f"{self.layer_ratio:.2f}", "", "", "", "", f"{self.seconds:.2f}"])
         width = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in range(len(head))]
         left = {0, 1, 2, 3}
 
@@ -298,6 +313,259 @@ class CompressionReport:
                 f"{self.params_after}, rX={self.ratio:.3g})")
 
 
+# ------------------------------------------------------------ layer choice
+
+
+#: A layer whose relative Sigma-error (the relative change of its output on
+#: the calibration data) exceeds this gets a :class:`CompressionWarning`.
+#: Chosen from single-layer measurements on the reference network (see
+#: ``benchmarks/sigma_error_threshold.py`` and the docstring of :func:`compress`).
+SIGMA_ERROR_WARN = 0.2
+
+#: Estimated floating-point operations of one CP layer above which
+#: :func:`compress` warns before starting: 1e14 is over half an hour at
+#: 50 GFLOP/s. Ranks from ``ratio=`` stay below it on ResNet-50's largest
+#: 3x3 conv (512 x 512 x 3 x 3 at rX 3: about 3e13); a rank far beyond the
+#: layer's size (R = 20000 on a 64 x 64 x 3 x 3 conv: about 2e15) does not.
+CP_COST_WARN_FLOP = 1e14
+
+#: Throughput assumed to turn the estimate into a time in the warning.
+_ASSUMED_FLOPS = 50e9
+
+_SUPPORTED = (nn.Conv2d, nn.Linear)
+
+
+def _call_order(model, example_input):
+    """Names of the Conv2d/Linear modules in the order a forward pass first calls them."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, _SUPPORTED):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, _n=name: order.append(_n) if _n not in order else None))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            elif isinstance(example_input, dict):
+                model(**example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
+def default_layers(model, *, include_first=False, include_last=False, example_input=None):
+    """The layers :func:`compress` factorizes when ``layers=None``.
+
+    Every ``nn.Conv2d`` and ``nn.Linear`` of the model except the first one
+    in module order (the layer reading the model's input, e.g. the stem conv:
+    few input channels, little to gain and the most sensitive) and the last
+    one (the output layer, e.g. the classifier: cutting it to a low rank
+    removes directions the decision needs). This is the choice of Kalle et al.
+    (2025), who leave the first layer and the classifier alone. "First" and
+    "last" follow the order in which the modules were registered
+    (``model.named_modules()``), which is the order of execution in
+    sequential models; give ``example_input`` (or name the layers in
+    ``layers=``) where it is not.
+
+    A bare ``nn.Conv2d`` or ``nn.Linear`` given as the model is its own only
+    layer: ``['']``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    include_first, include_last : bool, optional
+        Keep the first (resp. last) layer in the list.
+    example_input : tensor, tuple or dict, optional
+        One input batch (``model(x)``, ``model(*x)`` or ``model(**x)``): the
+        first and last layer are then the first and last one the forward
+        pass calls (run in eval mode without gradients; the model's mode is
+        restored). Layers the pass never calls stay in the list.
+
+    Returns
+    -------
+    list of str
+        Dotted names in model order. Layers that cannot be factorized
+        (grouped convs, ...) are included; :func:`compress` skips them with
+        a reason.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import default_layers
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3),
+    ...                       nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32, 10))
+    >>> default_layers(model)
+    ['2', '3']
+    >>> default_layers(model, include_first=True)
+    ['0', '2', '3']
+    >>> default_layers(model, example_input=torch.randn(1, 3, 5, 5))
+    ['2', '3']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
+                        "a torch.nn.Module")
+    if isinstance(model, _SUPPORTED):
+        return [""]
+    names = [n for n, m in model.named_modules() if isinstance(m, _SUPPORTED)]
+    if not names:
+        return []
+    called = _call_order(model, example_input) if example_input is not None else names
+    if not called:
+        return names
+    first, last = called[0], called[-1]
+    return [n for n in names if (include_first or n != first) and (include_last or n != last)]
+
+
+def _default_exclusions(model):
+    """Skipped rows for the layers :func:`default_layers` leaves out."""
+    if isinstance(model, _SUPPORTED):
+        return []
+    names = [(n, m) for n, m in model.named_modules() if isinstance(m, _SUPPORTED)]
+    if not names:
+        return []
+    out = [{"name": names[0][0], "kind": _kind(names[0][1]),
+            "reason": "first layer (reads the model's input): left alone by default; "
+                      "name it in layers= to compress it"}]
+    if len(names) > 1:
+        out.append({"name": names[-1][0], "kind": _kind(names[-1][1]),
+                    "reason": "last layer (the model's output, e.g. the classifier): left "
+                              "alone by default; name it in layers= to compress it"})
+    return out
+
+
+def _unsupported_modules(model):
+    """Skipped rows for conv-like modules no factorized layer stands in for."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            reason = "transposed convolutions are not factorized (only Conv2d and Linear)"
+        elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d):
+            reason = (f"{type(m).__name__} layers are not factorized (only Conv2d and Linear); "
+                      "a Conv1d/Conv3d can be rewritten as a Conv2d/Linear by the user")
+        elif isinstance(m, nn.Bilinear):
+            reason = "Bilinear layers are not factorized (only Conv2d and Linear)"
+        else:
+            continue
+        out.append({"name": name, "kind": type(m).__name__, "reason": reason})
+    return out
+
+
+# -------------------------------------------------------- surgery obstacles
+
+
+_READ = re.compile(r"(?:\.\s*([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\])\s*\.\s*(?:weight|bias)\b")
+_SETUP_METHODS = frozenset({"__init__", "reset_parameters", "_reset_parameters",
+                            "init_weights", "_init_weights", "extra_repr", "__repr__",
+                            "__setstate__"})
+
+
+@functools.lru_cache(maxsize=None)
+def _children_read_by(cls):
+    """``{child name: 'Class.method'}`` of children whose weight/bias ``cls`` reads.
+
+    Found in the source of the class's methods (``self.out_proj.weight``,
+    ``layer.linear1.bias``, ``self.head[0].weight``), set-up methods excluded.
+    """
+    found = {}
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object or not issubclass(klass, nn.Module):
+            continue
+        for attr, fn in vars(klass).items():
+            if attr in _SETUP_METHODS:
+                continue
+            fn = getattr(fn, "__func__", fn)
+            if not inspect.isfunction(fn):
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            for m in _READ.finditer(src):
+                found.setdefault(m.group(1) or m.group(2), f"{klass.__name__}.{attr}")
+    return found
+
+
+def _read_by_ancestor(model, path):
+    """``(ancestor path, where)`` of a module that reads the parameters at ``path``."""
+    if not path:
+        return None
+    parts = path.split(".")
+    leaf = parts[-1]
+    for k in range(len(parts) - 1, -1, -1):
+        anc_path = ".".join(parts[:k])
+        anc = model.get_submodule(anc_path)
+        reads = _children_read_by(type(anc))
+        keys = {leaf}
+        if leaf.lstrip("-").isdigit() and k == len(parts) - 1 and hasattr(anc, "__len__"):
+            keys.add(str(int(leaf) - len(anc)))
+        for key in keys:
+            if key in reads:
+                return anc_path, reads[key]
+    return None
+
+
+def _forward_overridden(module):
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    cls = type(module)
+    if cls.forward is not base.forward:
+        return True
+    return base is nn.Conv2d and cls._conv_forward is not nn.Conv2d._conv_forward
+
+
+def _obstacle(model, module, paths, owners):
+    """Why ``module`` cannot be replaced by a factorized one (or None)."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "uninitialized lazy module: run one batch through the model first"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (f"grouped convolution (groups={module.groups}) is not supported by "
+                "the factorized layers")
+    if type(module) not in _SUPPORTED and _forward_overridden(module):
+        return (f"{type(module).__name__} overrides forward(); a factorized layer would not "
+                "reproduce what it computes")
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return ("its weight is parametrized (torch.nn.utils.parametrize); remove the "
+                "parametrization first")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks, which a replacement would silently drop"
+    for pname in ("weight", "bias"):
+        p = getattr(module, pname, None)
+        if p is None:
+            continue
+        others = [o for o in owners.get(id(p), []) if o[1] is not module]
+        if others:
+            where = ", ".join(f"{o[0]!r}.{o[2]}" if o[0] else o[2] for o in others[:3])
+            return (f"its {pname} is tied to {where}; compressing it would untie the "
+                    "shared parameter")
+    for path in paths:
+        found = _read_by_ancestor(model, path)
+        if found is not None:
+            anc_path, where = found
+            anc = model.get_submodule(anc_path)
+            at = f" ({anc_path!r})" if anc_path else ""
+            return (f"its parent {type(anc).__name__}{at} reads its weight/bias directly "
+                    f"(in {where}), which a factorized module does not have")
+    return None
+
+
+def _param_owners(model):
+    """``{id(parameter): [(module path, module, attribute), ...]}`` over all registrations."""
+    owners = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                lst = owners.setdefault(id(p), [])
+                if not any(o[1] is mod and o[2] == attr for o in lst):
+                    lst.append((path, mod, attr))
+    return owners
+
+
 # ----------------------------------------------------------------- compress
 
 
@@ -320,7 +588,27 @@ def _check_ratio(ratio):
     return float(ratio)
 
 
-def _sigma_for(name, module, stats, centered):
+def _check_not_meta(model, covariances):
+    for kind, items in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for n, t in items:
+            if t.is_meta:
+                raise ValueError(
+                    f"model has {kind} {n!r} on the meta device (shapes without data); "
+                    "compress needs the real weights: materialise the model first, e.g. "
+                    "model.to_empty(device='cpu') then model.load_state_dict(...)")
+    for k, st in (covariances or {}).items():
+        if isinstance(st, LayerStats) and (st.sigma.is_meta or st.mean.is_meta):
+            raise ValueError(f"covariances[{k!r}] is on the meta device (shapes without data); "
+                             "collect or load the statistics on a real device")
+
+
+def _sigma_for(name, module, stats, centered, cache):
+    """``(sigma, mean, full sigma)`` in float64 on the weight's device, once per statistic.
+
+    Layers reading one shared :class:`LayerStats` object (e.g. attention
+    q/k/v) get the very same tensors.
+    """
     if not isinstance(stats, LayerStats):
         raise TypeError(f"covariances[{name!r}] is a {type(stats).__name__}; it must be a "
                         "LayerStats from collect_covariances")
@@ -331,8 +619,47 @@ def _sigma_for(name, module, stats, centered):
             f"covariances[{name!r}] has sigma of shape {tuple(stats.sigma.shape)}; layer "
             f"{name!r} with weight {tuple(w.shape)} needs ({n}, {n})"
         )
-    S = stats.centered() if centered else stats.sigma
-    return S.to(device=w.device, dtype=torch.float64), stats.mean.to(w.device, torch.float64)
+    key = (id(stats), w.device)
+    if key not in cache:
+        full = stats.sigma.to(device=w.device, dtype=torch.float64)
+        S = stats.centered().to(device=w.device, dtype=torch.float64) if centered else full
+        # the stats object is kept in the entry so its id cannot be reused during this call
+        cache[key] = (S, stats.mean.to(w.device, torch.float64), full, stats)
+    S, mean, full, _ = cache[key]
+    return S, mean, full
+
+
+def _cp_flop(shape, rank, options, weighted):
+    """Rough floating-point operations of :func:`sigmadecomp.cp` on a ``shape`` kernel."""
+    T = shape[0]
+    n = int(math.prod(shape[1:]))
+    R = float(rank)
+    sweeps = int(options.get("n_iter_max", 100))
+    per_frob = 6 * T * n * R + 2 * R ** 3 + 4 * (T + n) * R ** 2
+    per_sigma = 16 * n * n * R + 4 * n * R ** 2 + 2 * R ** 3 + 4 * T * n * R
+    if not weighted:
+        return sweeps * per_frob
+    init = options.get("init", "frobenius")
+    return sweeps * per_sigma + (25 * per_frob if init in (None, "frobenius") else 0)
+
+
+def _named_error(name, exc):
+    """``exc`` again, of the same type, with the layer's name in front; chained to it."""
+    label = repr(name) if name else "(the model itself)"
+    try:
+        new = type(exc)(f"layer {label}: {exc}")
+    except Exception:
+        exc.add_note(f"raised while compressing layer {label}")
+        return exc
+    return new
+
+
+def _carry_requires_grad(old, new):
+    """Factors train (or stay frozen) like the weight they replace; the bias like the bias."""
+    w_flag = old.weight.requires_grad
+    b_flag = old.bias.requires_grad if getattr(old, "bias", None) is not None else w_flag
+    for pname, p in new.named_parameters():
+        p.requires_grad_(b_flag if pname.rsplit(".", 1)[-1] == "bias" else w_flag)
 
 
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
@@ -342,6 +669,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     Parameters
     ----------
     model : torch.nn.Module
+        A network, or a single ``nn.Conv2d`` / ``nn.Linear`` (then the
+        factorized layer itself is returned; its name in the report and in
+        ``covariances`` is ``''``).
     method : {'tucker2', 'cp', 'svd', 'tt'}
         Format of the k x k convolutions. Linear layers and 1x1 convs use the
         (Sigma-)SVD under the other methods; ``'svd'`` on a k x k conv factors
@@ -351,7 +681,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         or the tuple of TT ranks.
     covariances : dict of str to LayerStats, optional
         Statistics from :func:`collect_covariances`: the Sigma algorithms are
-        used. ``None``: the classical Frobenius algorithms.
+        used. ``None``: the classical Frobenius algorithms. Layers sharing one
+        ``LayerStats`` object (layers reading the same input) share its
+        prepared Sigma.
     ratio : float, optional
         Per-layer parameter compression ratio rX (> 1); each layer's ranks
         are the largest whose weight count is at most ``params / ratio``
@@ -360,17 +692,26 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         Explicit ranks by layer name (``int`` for svd/cp, ``(r_T, r_S)`` for
         Tucker-2; with ``layers=None`` and no ``ratio`` only these layers are
         compressed; with ``ratio`` the dict overrides it), or ``'evbmf'`` for
-        EVBMF ranks (Sigma-aware when statistics are given).
+        EVBMF ranks (Sigma-aware when statistics are given). Explicit ranks
+        that make a layer larger than the original warn
+        (:class:`sigmadecomp.CompressionWarning`), as does a CP rank whose
+        run is estimated to take minutes (before any work is done).
     budget : int or float, optional
         Total weight parameters of the chosen layers after compression (an
         int), or that fraction of their original total (a float in (0, 1));
         distributed over the layers by :func:`sigmadecomp.ranks.allocate_ranks`.
     layers : None, str, list of str, or callable, optional
-        Which modules may be compressed (names, or ``f(name, module) -> bool``);
-        default every ``Conv2d`` and ``Linear``. Named layers that cannot be
+        Which modules may be compressed (names, or ``f(name, module) -> bool``
+        over the ``Conv2d``/``Linear`` modules). Default
+        :func:`default_layers`: every ``Conv2d`` and ``Linear`` except the
+        first layer (reading the model's input) and the last (the output
+        layer, e.g. the classifier), which are listed in ``report.skipped``;
+        layers named in ``ranks`` are added. Named layers that cannot be
         compressed raise; other candidates are skipped with a reason.
     inplace : bool, optional
-        Modify ``model`` itself (default: work on a deep copy).
+        Modify ``model`` itself (default: work on a deep copy). A bare layer
+        cannot turn into another class: its factorized replacement is
+        returned and ``model`` is left as it is.
     centered : bool, optional
         Decompose in the centered covariance ``sigma - mu mu^T`` and correct the
         bias by ``(K_(1) - K~_(1)) mu`` (needs ``covariances``). The expected
@@ -385,7 +726,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     -------
     compressed_model : torch.nn.Module
         ``model`` itself when ``inplace``, otherwise a modified copy (the
-        original is untouched).
+        original is untouched); for a bare layer, the factorized layer.
     report : CompressionReport
         Printable table; ``to_dict()`` / ``to_json()``.
 
@@ -393,8 +734,47 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     ------
     ValueError
         Unknown method or layer name, ``ratio <= 1``, ranks out of range,
-        missing statistics, grouped convs named explicitly, or no way to
-        choose ranks. The model is left unchanged on every error.
+        missing statistics, a named layer that cannot be replaced (grouped
+        conv, tied weight, ...), a model or statistics on the ``meta``
+        device, or no way to choose ranks. The model is left unchanged on
+        every error. An error raised while decomposing a layer is re-raised
+        with the same type, the layer's name in front, chained to the
+        original (``__cause__``).
+
+    Warns
+    -----
+    sigmadecomp.ConvergenceWarning
+        A layer's iterative decomposition stopped at ``n_iter_max`` before
+        meeting ``tol`` (its row in the report has ``converged=False``).
+    sigmadecomp.CompressionWarning
+        Explicit ranks that make a layer larger; a CP run estimated (from the
+        shapes, before any work) above :data:`CP_COST_WARN_FLOP` = 1e14
+        floating-point operations; a layer whose relative
+        Sigma-error exceeds :data:`SIGMA_ERROR_WARN` = 0.2. That threshold
+        comes from compressing each layer of the Fashion-MNIST reference
+        ResNet alone at rX 1.5-12 (``benchmarks/sigma_error_threshold.py``,
+        ``notes/sigma_error_threshold.md``): no layer with an error up to 0.2
+        cost more than 0.75 points of test accuracy; between 0.2 and 0.3 some
+        did (up to 2 points); above 0.3 most did, up to tens of points.
+        Errors of several layers add up, so a model can lose accuracy with
+        every layer below the threshold.
+
+    Notes
+    -----
+    What is left alone, each with its reason in ``report.skipped``: grouped
+    convolutions; ``Conv1d``, ``Conv3d``, transposed convolutions and
+    ``Bilinear`` layers (listed when ``layers=None``); subclasses of
+    ``Conv2d``/``Linear`` that override ``forward``; parametrized weights and
+    modules with forward hooks; weights tied to another module's parameter;
+    and layers whose parent reads their ``weight``/``bias`` directly instead
+    of calling them (``nn.MultiheadAttention.out_proj``, the Linear layers of
+    ``nn.TransformerEncoderLayer``; found in the source of the enclosing
+    modules' methods). A module registered under several names is replaced by
+    one factorized module under every name (the report lists the other
+    names in ``aliases``), and every factor keeps the ``requires_grad`` of
+    the weight (the bias of the bias) it replaces. Convolutions called
+    functionally (``torch.nn.functional.conv2d`` with a weight parameter) are
+    not modules, so they are neither seen nor reported.
 
     Examples
     --------
@@ -403,8 +783,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     >>> from sigmadecomp_torch import compress
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3))
-    >>> small, report = compress(model, 'tucker2', ratio=3, options={'n_iter_max': 10},
-    ...                          progress=False)
+    >>> small, report = compress(model, 'tucker2', ratio=3, layers=['0', '2'],
+    ...                          options={'n_iter_max': 10, 'tol': 1e-3}, progress=False)
     >>> type(small[2]).__name__, small[2].ranks
     ('Tucker2Conv2d', (15, 15))
     >>> [(r['name'], r['params_before'], r['params_after']) for r in report.layers]
@@ -437,12 +817,38 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if covariances is not None and not hasattr(covariances, "items"):
         raise TypeError(f"covariances of type {type(covariances).__name__} is not allowed; "
                         "it must be a dict of layer name -> LayerStats")
+    _check_not_meta(model, covariances)
     options = dict(options or {})
 
-    explicit = ranks if hasattr(ranks, "items") else {}
-    if layers is None and explicit and ratio is None:
-        layers = list(explicit)
+    # every name of every module (a module registered twice has several)
+    paths = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        lst = paths.setdefault(id(mod), [])
+        if path not in lst:
+            lst.append(path)
+    canonical = {p: lst[0] for lst in paths.values() for p in lst}
+
+    def canon(n):
+        return canonical.get(n, n) if isinstance(n, str) else n
+
+    explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
+    skipped = []
     named = layers is not None and not callable(layers)
+    if layers is None:
+        if explicit and ratio is None:
+            layers, named = list(explicit), True
+        else:
+            layers = default_layers(model)
+            layers += [k for k in explicit if k not in layers]
+            skipped += [s for s in _default_exclusions(model) if s["name"] not in layers]
+            skipped += _unsupported_modules(model)
+    elif isinstance(layers, str):
+        layers = [canon(layers)]
+    elif not callable(layers):
+        try:
+            layers = [canon(n) for n in layers]
+        except TypeError:
+            pass  # select_layers explains
     chosen = select_layers(model, layers)
     chosen_names = {n for n, _ in chosen}
     for k in explicit:
@@ -451,15 +857,18 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                              f"compress; the chosen layers are {sorted(chosen_names)}")
 
     # -- plan: which layers, with which format, sigma and ranks (no work yet)
-    plan, skipped = [], []
+    owners = _param_owners(model)
+    sigma_cache = {}
+    plan = []
     for name, module in chosen:
         kind = _kind(module)
-        reason = None
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            reason = (f"grouped convolution (groups={module.groups}) is not supported by "
-                      "the factorized layers")
-        elif covariances is not None and name not in covariances:
-            reason = "no statistics for this layer in covariances"
+        names = paths.get(id(module), [name])
+        reason = _obstacle(model, module, names, owners)
+        stats_key = None
+        if reason is None and covariances is not None:
+            stats_key = next((n for n in names if n in covariances), None)
+            if stats_key is None:
+                reason = "no statistics for this layer in covariances"
         if reason is not None:
             if named:
                 raise ValueError(f"layer {name!r} cannot be compressed: {reason}")
@@ -468,14 +877,16 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         fmt = layer_method_for(module, method)
         if fmt not in LAYER_METHODS:
             raise ValueError(f"method {fmt!r} for layer {name!r} is not registered")
-        sig = mean = None
+        sig = mean = full = None
         if covariances is not None:
-            sig, mean = _sigma_for(name, module, covariances[name], centered)
+            sig, mean, full = _sigma_for(stats_key, module, covariances[stats_key], centered,
+                                         sigma_cache)
         plan.append({"name": name, "module": module, "kind": kind, "format": fmt,
-                     "sigma": sig, "mean": mean})
+                     "sigma": sig, "mean": mean, "full": full,
+                     "aliases": [n for n in names if n != name]})
     if not plan:
         raise ValueError("no layer can be compressed: "
-                         + ("; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+                         + ("; ".join(f"{s['name']!r}: {s['reason']}" for s in skipped)
                             or f"layers={layers!r} selects no Conv2d/Linear module"))
 
     # ranks
@@ -511,6 +922,19 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                             "reason": f"ranks {p['ranks']} would not reduce its {dense} "
                                       "weight parameters"})
             continue
+        if not auto and p["params"] > dense:
+            warnings.warn(
+                f"ranks {p['ranks']} for layer {name!r} (weight {shape}) give "
+                f"{p['params']} weight parameters, more than the {dense} of the original "
+                "layer; the layer is replaced anyway", CompressionWarning, stacklevel=2)
+        if rmeth == "cp":
+            flop = _cp_flop(shape, p["ranks"], options, p["sigma"] is not None)
+            if flop > CP_COST_WARN_FLOP:
+                warnings.warn(
+                    f"CP rank {p['ranks']} for layer {name!r} (weight {shape}) needs about "
+                    f"{flop:.1e} floating-point operations (~{flop / _ASSUMED_FLOPS / 60:.0f} "
+                    "min at 50 GFLOP/s); choose a smaller rank or fewer n_iter_max",
+                    CompressionWarning, stacklevel=2)
         auto_plan.append(p)
     plan = auto_plan
 
@@ -523,39 +947,63 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         t0 = time.perf_counter()
         W = module.weight.detach().to(torch.float64)
         opts = options if fmt != "svd" else {}
-        result = spec.decompose(W, p["ranks"], p["sigma"], opts)
-        approx = result.to_tensor()
-        if not isinstance(approx, torch.Tensor):
-            approx = torch.as_tensor(approx)
-        approx = approx.to(W).reshape(W.shape)
-        D = (W - approx).reshape(W.shape[0], -1)
-        bias_shift = D @ p["mean"] if centered else None
-        new = spec.build(module, result, bias_shift)
+        try:
+            result = spec.decompose(W, p["ranks"], p["sigma"], opts)
+            approx = result.to_tensor()
+            if not isinstance(approx, torch.Tensor):
+                approx = torch.as_tensor(approx)
+            approx = approx.to(W).reshape(W.shape)
+            D = (W - approx).reshape(W.shape[0], -1)
+            bias_shift = D @ p["mean"] if centered else None
+            new = spec.build(module, result, bias_shift)
+        except Exception as e:
+            named_exc = _named_error(name, e)
+            if named_exc is e:  # the type cannot be rebuilt: the name is in a note
+                raise
+            raise named_exc from e
         new.train(module.training)
+        _carry_requires_grad(module, new)
         seconds = time.perf_counter() - t0
         frob = relative_sigma_error(W, approx)
         sig_err = None
         if p["sigma"] is not None:
             K = W.reshape(W.shape[0], -1)
-            full = covariances[name].sigma.to(W.device, torch.float64)
             num = float(torch.sum((D @ p["sigma"]) * D).clamp_min(0))
-            den = float(torch.sum((K @ full) * K))
+            den = float(torch.sum((K @ p["full"]) * K))
             sig_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
         n_iter = getattr(result, "n_iter", None)
+        converged = getattr(result, "converged", None)
+        converged = None if converged is None else bool(converged)
+        if converged is False:
+            warnings.warn(
+                f"layer {name!r}: the {fmt} decomposition stopped after {n_iter} iterations "
+                "without meeting its tolerance (raise options['n_iter_max'] or "
+                "options['tol'])", ConvergenceWarning, stacklevel=2)
+        if sig_err is not None and sig_err > SIGMA_ERROR_WARN:
+            warnings.warn(
+                f"layer {name!r}: relative Sigma-error {sig_err:.3f} > {SIGMA_ERROR_WARN} "
+                f"at ranks {p['ranks']}; its output changes enough to cost accuracy (use "
+                "higher ranks for it, or leave it out of layers=)", CompressionWarning,
+                stacklevel=2)
         rows.append({
             "name": name, "kind": p["kind"], "method": fmt, "ranks": p["ranks"],
             "params_before": _n_params(module), "params_after": _n_params(new),
             "sigma_error": sig_err, "frobenius_error": float(frob),
-            "n_iter": None if n_iter is None else int(n_iter), "seconds": seconds,
+            "n_iter": None if n_iter is None else int(n_iter), "converged": converged,
+            "seconds": seconds, "aliases": list(p["aliases"]),
         })
-        new_modules[name] = new
+        new_modules[name] = (new, [name] + p["aliases"])
 
     params_before = _n_params(model)
-    target = model if inplace else copy.deepcopy(model)
-    for name, new in new_modules.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = target.get_submodule(parent_name) if parent_name else target
-        setattr(parent, child, new)
+    if isinstance(model, _SUPPORTED) and "" in new_modules:
+        target = new_modules[""][0]
+    else:
+        target = model if inplace else copy.deepcopy(model)
+        for name, (new, names) in new_modules.items():
+            for path in names:
+                parent_name, _, child = path.rpartition(".")
+                parent = target.get_submodule(parent_name) if parent_name else target
+                setattr(parent, child, new)
     report = CompressionReport(
         method=method, weighted=covariances is not None, centered=bool(centered),
         layers=rows, skipped=skipped, params_before=params_before,

@@ -222,7 +222,7 @@ def test_unreachable_ratio_warns_and_reachable_one_does_not(model_file, tmp_path
     assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "1000")) == 0
     out, err = capsys.readouterr()
     assert "ranks: per-layer ratio rX = 1000 (--ratio)" in out
-    assert "warning: --ratio 1000 cannot be met by 6 of 6 layers" in err
+    assert "warning: --ratio 1000 cannot be met by 9 of 9 layers" in err
     reached = json.loads((tmp_path / "o.report.json").read_text())["totals"]["layer_ratio"]
     assert f"reach rX = {reached:.1f}" in err and reached < 1000
     assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2")) == 0
@@ -234,7 +234,8 @@ def test_default_ranks_and_layers_are_announced(model_file, tmp_path, capsys):
     assert cli.main(_compress(model_file, tmp_path, "--frobenius")) == 0
     out = capsys.readouterr().out
     assert "ranks: EVBMF" in out and "--ratio" in out
-    assert "layers: 6 k x k convs (layer1.conv1," in out and "the first conv left alone" in out
+    assert "Conv2d/Linear layers (layer1.conv1," in out
+    assert "the first and the last layer left alone" in out
     assert "weights_only=False" in out
 
 
