@@ -290,6 +290,28 @@ class LayerStats:
 # --------------------------------------------------------------------------- hooks
 
 
+def _syrk_upper(X, out):
+    """``out += X^T X`` on the upper triangle (C order) of a float64 CPU ``out``.
+
+    A BLAS SYRK (half the multiply-adds of the full product, exactly the
+    triangle): ``dsyrk`` into ``out`` itself, or ``ssyrk`` into a float32
+    temporary for float32 rows. ``X`` (M, n) is read in place when contiguous.
+    """
+    import numpy as np
+    from scipy.linalg import blas
+
+    X = X.contiguous()
+    A = X.numpy().T  # Fortran (n, M): A A^T = X^T X
+    if X.dtype == torch.float64:
+        c = out.numpy().T  # Fortran view; its lower triangle is out's upper one
+        r = blas.dsyrk(1.0, A, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+        if not np.shares_memory(r, c):  # pragma: no cover - f2py made a copy
+            out.copy_(torch.from_numpy(np.ascontiguousarray(r.T)))
+        return
+    r = blas.ssyrk(1.0, A, trans=0, lower=1)  # float32 (n, n), lower (Fortran) filled
+    out += torch.from_numpy(np.ascontiguousarray(r.T)).triu()
+
+
 class _Run:
     """State of one collection shared by the hooks: the current batch's mask and
     the inputs already measured in this forward pass (to share statistics)."""
@@ -472,6 +494,9 @@ class _Accumulator:
         work of the full product); :meth:`result` mirrors the upper triangle.
         """
         n = X.shape[-1]
+        if X.ndim == 2 and X.device.type == "cpu" and self.xx.is_contiguous():
+            _syrk_upper(X, self.xx)
+            return
         block = max(96, -(-n // 8))
         if n <= block:
             self.xx += X.transpose(-1, -2) @ X
