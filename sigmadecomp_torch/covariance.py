@@ -1051,7 +1051,9 @@ def _all_reduce(accs):
             lead = a.link
             a.link = None
             lead.followers.remove(a)
-            a.xx, a.xs, a.count = lead.xx.clone(), lead.xs.clone(), lead.count
+            a.xx = None if lead.xx is None else lead.xx.clone()
+            a.xs = None if lead.xs is None else lead.xs.clone()
+            a.count = lead.count
     for a in accs:
         if a.link is None:
             a.all_reduce()

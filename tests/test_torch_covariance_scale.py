@@ -58,6 +58,6 @@ def test_collect_cost_resnet18_quick(capsys):
         assert r["collect"] > 0 and r["forward"] > 0 and r["stats_mib"] > 0
     names = [k for k, *_ in rows]
     assert names[0] == "conv1" and all(n == "conv1" or n.startswith("layer1.0.") for n in names)
-    assert all(0 < err < 1e-5 for _, _, _, err, _, _ in rows)
+    assert all(0 < err < 1e-5 and 0 < frac < 1 for _, _, _, err, _, _, frac in rows)
     with pytest.raises(SystemExit, match="--configs"):
         collect_cost.main(["--model", "resnet18", "--quick", "--configs", "exact@3"])
