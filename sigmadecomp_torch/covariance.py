@@ -870,13 +870,13 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     gram_dtype : torch.float64 or torch.float32, optional
         Dtype of the Gram product of each chunk of patches (the chunk's
         ``X^T X``), which is then added to the float64 sums. Default float64:
-        exact to float64 rounding. float32 is faster (about 1.2x to 2x on
-        CPU, with half the memory traffic for the patches) but each product
-        carries float32 rounding: entries deviate by about 1e-7 to 1e-6
+        exact to float64 rounding. float32 halves the memory traffic of the
+        patches and was about 1.1x faster on a ResNet-18 on CPU, but each
+        product carries float32 rounding: entries deviate by about 1e-7
         relative to the largest, so a rank-deficient ``sigma`` (few samples,
-        ReLU inputs, zero padding) gets small negative eigenvalues of that
-        size, which a strict PSD check rejects (see ``notes/collect_cost.md``
-        for measured figures).
+        ReLU inputs, zero padding) gets negative eigenvalues of about 1e-8
+        relative to the largest, which a strict PSD check may reject (see
+        ``notes/collect_cost.md`` for the measured figures).
 
     Returns
     -------
