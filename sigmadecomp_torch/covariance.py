@@ -14,8 +14,13 @@ of the layer output under a weight change ``D`` is ``tr(D sigma D^T)``.
 
 Accumulation is in float64: each chunk of patches is converted to float64 and
 its Gram matrix (upper blocks only) is added to a float64 sum. Float32
-products are not used: their rounding (about 1e-7 relative) makes a
-rank-deficient Sigma visibly indefinite. The statistics are sums, so they
+products (``gram_dtype=torch.float32``) are an opt-in: their rounding (about
+1e-7 relative) makes a rank-deficient Sigma visibly indefinite. The result
+can be stored in float32 (``dtype=torch.float32``) to halve its memory.
+Batches may be tensors, ``(inputs, targets)`` pairs, mappings of keyword
+arguments or anything with a ``forward`` callable; a token mask keeps padded
+positions out of the statistics of Linear layers; layers that read the same
+input tensor share one statistic. The statistics are sums, so they
 merge exactly (``a + b``) and are all-reduced through ``torch.distributed``
 when a process group is initialised. For a cheaper estimate,
 ``position_fraction`` keeps a random subset of the output positions.
@@ -29,8 +34,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import warnings
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +56,38 @@ __all__ = [
 _DEFAULT_CHUNK_BYTES = 1 << 26  # 64 MiB of patches per GEMM
 
 
+def _kind(module):
+    """Canonical kind of a supported module ("Conv2d" or "Linear")."""
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return type(module).__name__
+
+
+def _geometry(module):
+    """Conv geometry of a module (None for a Linear layer), JSON-friendly."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    pad = module.padding if isinstance(module.padding, str) else list(module.padding)
+    return {"kernel_size": list(module.kernel_size), "stride": list(module.stride),
+            "padding": pad, "dilation": list(module.dilation),
+            "padding_mode": str(module.padding_mode)}
+
+
+def _describe(kind, weight_shape, geometry, groups):
+    shape = "x".join(str(int(s)) for s in weight_shape) if weight_shape is not None else "?"
+    out = f"{kind} with weight {shape}"
+    if geometry:
+        g = geometry
+        out += (f", kernel_size={tuple(g['kernel_size'])}, stride={tuple(g['stride'])}, "
+                f"padding={g['padding'] if isinstance(g['padding'], str) else tuple(g['padding'])}"
+                f", dilation={tuple(g['dilation'])}, padding_mode={g['padding_mode']!r}")
+    if kind == "Conv2d":
+        out += f", groups={groups}"
+    return out
+
+
 @dataclass(repr=False, eq=False)
 class LayerStats:
     """Input statistics of one layer.
@@ -55,21 +95,32 @@ class LayerStats:
     Attributes
     ----------
     sigma : torch.Tensor of shape (n, n), or (groups, n, n) for a grouped conv
-        Uncentered second moment of the input patches, float64.
+        Uncentered second moment of the input patches; float64 (or float32
+        when collected with ``dtype=torch.float32``).
     mean : torch.Tensor of shape (n,), or (groups, n)
-        Mean input patch, float64.
+        Mean input patch, same dtype as ``sigma``.
     count : int
-        Number of patch vectors averaged (samples times output positions).
+        Number of patch vectors averaged (samples times output positions;
+        real tokens only when a mask was used).
     layer : str
         Description of the module the statistics came from (its ``repr``).
     groups : int
         Number of convolution groups (one statistic per group when > 1).
+    kind : str or None
+        ``"Conv2d"`` or ``"Linear"``: the kind of layer measured (None when
+        unknown, e.g. statistics built by hand).
+    weight_shape : tuple of int or None
+        Shape of that layer's weight.
+    geometry : dict or None
+        For a conv: ``kernel_size``, ``stride``, ``padding``, ``dilation`` and
+        ``padding_mode``; None for a Linear layer or when unknown.
 
     Notes
     -----
     ``a + b`` merges two statistics of the same layer exactly (count-weighted),
     e.g. from two datasets or two workers. :meth:`centered` gives the
-    covariance ``sigma - mean mean^T``.
+    covariance ``sigma - mean mean^T``. :meth:`check_compatible` refuses to
+    use the statistics for a layer of another kind or geometry.
 
     Examples
     --------
@@ -89,10 +140,16 @@ class LayerStats:
     count: int
     layer: str = ""
     groups: int = 1
+    kind: str | None = None
+    weight_shape: tuple | None = None
+    geometry: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.sigma, torch.Tensor) or not isinstance(self.mean, torch.Tensor):
             raise TypeError("LayerStats: sigma and mean must be torch tensors")
+        if not self.sigma.is_floating_point() or not self.mean.is_floating_point():
+            raise TypeError(f"LayerStats: sigma and mean have dtypes {self.sigma.dtype} and "
+                            f"{self.mean.dtype}; they must be floating point")
         want = 2 if self.groups == 1 else 3
         if self.sigma.ndim != want or self.sigma.shape[-1] != self.sigma.shape[-2]:
             raise ValueError(
@@ -111,6 +168,11 @@ class LayerStats:
         self.count = int(self.count)
         if self.count < 1:
             raise ValueError(f"LayerStats: count={self.count}; it must be at least 1")
+        if self.kind is not None and self.kind not in ("Conv2d", "Linear"):
+            raise ValueError(f"LayerStats: kind={self.kind!r}; it must be 'Conv2d', 'Linear' "
+                             "or None")
+        if self.weight_shape is not None:
+            self.weight_shape = tuple(int(s) for s in self.weight_shape)
 
     @property
     def n(self):
@@ -122,10 +184,78 @@ class LayerStats:
         m = self.mean.to(torch.float64)
         return self.sigma.to(torch.float64) - m[..., :, None] * m[..., None, :]
 
-    def to(self, device):
-        """A copy on ``device``."""
-        return LayerStats(self.sigma.to(device), self.mean.to(device), self.count,
-                          self.layer, self.groups)
+    def _meta(self):
+        return dict(layer=self.layer, groups=self.groups, kind=self.kind,
+                    weight_shape=self.weight_shape, geometry=self.geometry)
+
+    def to(self, device=None, dtype=None):
+        """A copy on ``device`` and/or in floating ``dtype``."""
+        return LayerStats(self.sigma.to(device=device, dtype=dtype),
+                          self.mean.to(device=device, dtype=dtype), self.count, **self._meta())
+
+    def check_compatible(self, module, name=None):
+        """Raise unless these statistics describe the input of ``module``.
+
+        The statistics of a layer depend on its input side only: the kind of
+        layer, the input size of its weight (``weight.shape[1:]``), its conv
+        geometry and its groups. Those must all match; the number of output
+        channels may differ (layers that read the same input share one
+        statistic). Statistics without a recorded kind (built by hand) are
+        checked on ``n`` and ``groups`` only.
+
+        Parameters
+        ----------
+        module : torch.nn.Conv2d or torch.nn.Linear
+        name : str, optional
+            The layer's name, used in the message.
+
+        Raises
+        ------
+        ValueError
+            When the statistics were collected on a layer of another kind,
+            input size or geometry.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from sigmadecomp_torch import collect_covariances
+        >>> conv = nn.Conv2d(2, 4, 3, padding=1)
+        >>> s = collect_covariances(conv, torch.randn(1, 2, 5, 5), progress=False)[""]
+        >>> s.check_compatible(nn.Conv2d(2, 8, 3, padding=1))   # other output size: fine
+        >>> s.check_compatible(nn.Conv2d(2, 4, 3, stride=2, padding=1), "b")
+        Traceback (most recent call last):
+        ...
+        ValueError: covariances['b'] were collected on a Conv2d with weight 4x2x3x3, ...
+        """
+        label = "covariances" if name is None else f"covariances[{name!r}]"
+        kind = _kind(module)
+        w = getattr(module, "weight", None)
+        if kind not in ("Conv2d", "Linear") or not isinstance(w, torch.Tensor):
+            raise TypeError(f"{label}: check_compatible needs an nn.Conv2d or nn.Linear "
+                            f"module, got {type(module).__name__}")
+        groups = int(module.groups) if kind == "Conv2d" else 1
+        geometry = _geometry(module)
+        n = int(w[0].numel())
+        mine = _describe(self.kind or "layer", self.weight_shape, self.geometry, self.groups)
+        theirs = _describe(kind, tuple(w.shape), geometry, groups)
+        if self.kind is None:
+            if self.n != n or self.groups != groups:
+                raise ValueError(
+                    f"{label} has sigma of shape {tuple(self.sigma.shape)}; the layer "
+                    f"({theirs}) needs ({n}, {n}) with groups={groups}"
+                )
+            return
+        same = (self.kind == kind and self.groups == groups
+                and (self.weight_shape is None
+                     or tuple(self.weight_shape[1:]) == tuple(w.shape[1:]))
+                and self.geometry == geometry and self.n == n)
+        if not same:
+            raise ValueError(
+                f"{label} were collected on a {mine}; the layer is a {theirs}. Statistics "
+                "of a layer with another kind, input size or geometry cannot be used "
+                "(collect them on this model)"
+            )
 
     def __add__(self, other):
         if not isinstance(other, LayerStats):
@@ -136,13 +266,20 @@ class LayerStats:
                 f"{tuple(self.sigma.shape)} and {tuple(other.sigma.shape)}, groups "
                 f"{self.groups} and {other.groups}"
             )
+        if (self.kind is not None and other.kind is not None
+                and (self.kind, self.geometry) != (other.kind, other.geometry)):
+            raise ValueError(
+                "cannot merge LayerStats of different layers: "
+                f"{_describe(self.kind, self.weight_shape, self.geometry, self.groups)} and "
+                f"{_describe(other.kind, other.weight_shape, other.geometry, other.groups)}"
+            )
         c = self.count + other.count
         wa, wb = self.count / c, other.count / c
         ob = other.sigma.to(self.sigma.device, torch.float64)
         om = other.mean.to(self.mean.device, torch.float64)
+        meta = self._meta() if self.kind is not None else other._meta()
         return LayerStats(wa * self.sigma.to(torch.float64) + wb * ob,
-                          wa * self.mean.to(torch.float64) + wb * om,
-                          c, self.layer, self.groups)
+                          wa * self.mean.to(torch.float64) + wb * om, c, **meta)
 
     def __repr__(self):
         shape = "x".join(str(s) for s in self.sigma.shape)
@@ -153,16 +290,78 @@ class LayerStats:
 # --------------------------------------------------------------------------- hooks
 
 
-class _Accumulator:
-    """Float64 sums of ``u u^T`` and ``u`` for one module (upper triangle blocks)."""
+def _syrk_upper(X, out):
+    """``out += X^T X`` on the upper triangle (C order) of a float64 CPU ``out``.
 
-    def __init__(self, name, module, chunk_bytes, fraction=1.0, seed=0):
+    A BLAS SYRK (half the multiply-adds of the full product, exactly the
+    triangle): ``dsyrk`` into ``out`` itself, or ``ssyrk`` into a float32
+    temporary for float32 rows. ``X`` (M, n) is read in place when contiguous.
+    """
+    import numpy as np
+    from scipy.linalg import blas
+
+    X = X.contiguous()
+    A = X.numpy().T  # Fortran (n, M): A A^T = X^T X
+    if X.dtype == torch.float64:
+        c = out.numpy().T  # Fortran view; its lower triangle is out's upper one
+        r = blas.dsyrk(1.0, A, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+        if not np.shares_memory(r, c):  # pragma: no cover - f2py made a copy
+            out.copy_(torch.from_numpy(np.ascontiguousarray(r.T)))
+        return
+    r = blas.ssyrk(1.0, A, trans=0, lower=1)  # float32 (n, n), lower (Fortran) filled
+    out += torch.from_numpy(np.ascontiguousarray(r.T)).triu()
+
+
+class _Run:
+    """State of one collection shared by the hooks: the current batch's mask and
+    the inputs already measured in this forward pass (to share statistics)."""
+
+    def __init__(self):
+        self.batch = -1
+        self.mask = None
+        self.registry = {}  # (id(x), signature) -> list of _Seen
+        self.serial = itertools.count()
+        self.mask_used = False
+
+    def start(self, mask):
+        self.batch += 1
+        self.mask = mask
+        self.registry = {}
+
+
+class _Seen:
+    """One measured input: a weak reference to the tensor, who measured it."""
+
+    __slots__ = ("ref", "acc", "serial")
+
+    def __init__(self, x, acc, serial):
+        self.ref = weakref.ref(x)
+        self.acc = acc
+        self.serial = serial
+
+
+class _Accumulator:
+    """Float64 sums of ``u u^T`` and ``u`` for one module (upper triangle blocks).
+
+    A module whose input in a forward pass is the very tensor another module
+    with the same input geometry has just measured (attention q/k/v) is
+    *linked* to that leader: it keeps no sums of its own and returns the
+    leader's statistics, as long as it reads exactly the leader's inputs in
+    every batch. The first batch that differs unlinks it: its sums are then
+    rebuilt from the leader's sums before that batch plus its own inputs.
+    """
+
+    def __init__(self, name, module, chunk_bytes, run, fraction=1.0, seed=0,
+                 gram_dtype=torch.float64):
         self.name = name
+        self.gram_dtype = gram_dtype
         self.module = module
+        self.run = run
         self.chunk_bytes = int(chunk_bytes)
         self.fraction = float(fraction)
         self.gen = torch.Generator().manual_seed(int(seed)) if self.fraction < 1 else None
         w = module.weight
+        self.device = w.device
         self.is_conv = isinstance(module, nn.Conv2d)
         if self.is_conv:
             self.groups = int(module.groups)
@@ -171,45 +370,133 @@ class _Accumulator:
         else:
             self.groups = 1
             self.n = int(module.in_features)
-        shape = (self.n, self.n) if self.groups == 1 else (self.groups, self.n, self.n)
-        self.xx = torch.zeros(shape, dtype=torch.float64, device=w.device)
-        self.xs = torch.zeros(shape[:-1], dtype=torch.float64, device=w.device)
+        self.signature = (_kind(module), tuple(w.shape[1:]), self.groups,
+                          json.dumps(_geometry(module)))
+        self.shape = (self.n, self.n) if self.groups == 1 else (self.groups, self.n, self.n)
+        self.xx = None  # allocated at the first input measured
+        self.xs = None
         self.count = 0
         self.batches = 0
+        self.calls = 0
+        self.first_batch = None
+        self.last_batch = None  # last batch this accumulator added data in
+        self.pre = None  # (xx, xs, count) before the current batch, kept for followers
+        self.masked = False
+        # sharing
+        self.link = None  # the leader this one follows
+        self.followers = []
+        self.held = []  # (x, mask, serial) read while linked, this batch
+        self.provided = []  # serials of the inputs measured this batch (leaders)
+
+    def _alloc(self):
+        if self.xx is None:
+            self.xx = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+            self.xs = torch.zeros(self.shape[:-1], dtype=torch.float64, device=self.device)
 
     # -- the hook ----------------------------------------------------------
     def __call__(self, module, args):
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"layer {self.name!r}: the input is not a tensor")
-        x = args[0].detach()
+        x = args[0]
+        if x.is_meta:
+            raise ValueError(f"layer {self.name!r}: its input is on the meta device (no "
+                             "data); statistics need real activations")
+        x = x.detach()
         if not x.is_floating_point():
             raise TypeError(f"layer {self.name!r}: input has dtype {x.dtype}; a floating "
                             "point input is required")
+        run = self.run
+        key = (id(args[0]), self.signature)
+        seen = [e for e in run.registry.get(key, ()) if e.ref() is args[0]]
+        if self.link is None and self.calls == 0:
+            for e in seen:
+                if e.acc.link is None and e.acc.first_batch == run.batch:
+                    self.link = e.acc
+                    e.acc.followers.append(self)
+                    break
+        self.calls += 1
+        if self.first_batch is None:
+            self.first_batch = run.batch
+        if self.link is not None:
+            for e in seen:
+                if e.acc is self.link:
+                    self.held.append((x, run.mask, e.serial))
+                    return None
+            self._unlink()
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"layer {self.name!r}: its input contains NaN or inf values (call "
-                f"{self.batches}); statistics need finite activations"
+                f"{self.calls - 1}); statistics need finite activations"
             )
+        if self.last_batch != run.batch:
+            if self.followers:
+                self.pre = (None if self.xx is None else self.xx.clone(),
+                            None if self.xs is None else self.xs.clone(), self.count)
+            self.last_batch = run.batch
+            self.provided = []
+            self.batches += 1
+        self._add(x, run.mask)
+        serial = next(run.serial)
+        self.provided.append(serial)
+        entries = run.registry.setdefault(key, [])
+        entries[:] = [e for e in entries if e.ref() is args[0]]  # drop dead ids
+        entries.append(_Seen(args[0], self, serial))
+        return None  # the input is left unchanged
+
+    def _add(self, x, mask):
+        self._alloc()
         if self.is_conv:
             self._add_conv(x)
         else:
-            self._add_linear(x)
-        self.batches += 1
-        return None  # the input is left unchanged
+            self._add_linear(x, mask)
+
+    def _unlink(self):
+        """Stop following the leader: rebuild own sums (exactly) and add what was held."""
+        lead, run = self.link, self.run
+        self.link = None
+        lead.followers.remove(self)
+        if lead.last_batch == run.batch:
+            xx, xs, count = lead.pre if lead.pre is not None else (None, None, 0)
+        else:
+            xx, xs, count = lead.xx, lead.xs, lead.count
+        self.xx = None if xx is None else xx.clone()
+        self.xs = None if xs is None else xs.clone()
+        self.count = count
+        self.masked = lead.masked
+        self.batches = lead.batches - (lead.last_batch == run.batch)
+        held, self.held = self.held, []
+        if held:
+            self.last_batch = run.batch
+            self.batches += 1
+            for x, mask, _ in held:
+                self._add(x, mask)
+
+    def end_batch(self):
+        """After a forward pass: check that a follower read exactly its leader's inputs."""
+        if self.link is None:
+            return
+        lead = self.link
+        provided = lead.provided if lead.last_batch == self.run.batch else []
+        if sorted(s for _, _, s in self.held) != sorted(provided):
+            self._unlink()
+        self.held = []
 
     def _keep(self, shape):
         """Bernoulli(fraction) mask of output positions (None: keep all)."""
         if self.gen is None:
             return None
-        return (torch.rand(shape, generator=self.gen) < self.fraction).to(self.xx.device)
+        return (torch.rand(shape, generator=self.gen) < self.fraction).to(self.device)
 
     def _gram(self, X):
-        """Add ``X^T X`` of a float64 (M, n) or (G, M, n) chunk to the sum.
+        """Add ``X^T X`` of a (M, n) or (G, M, n) chunk to the float64 sum.
 
         Only the blocks on and above the diagonal are formed (about half the
         work of the full product); :meth:`result` mirrors the upper triangle.
         """
         n = X.shape[-1]
+        if X.ndim == 2 and X.device.type == "cpu" and self.xx.is_contiguous():
+            _syrk_upper(X, self.xx)
+            return
         block = max(96, -(-n // 8))
         if n <= block:
             self.xx += X.transpose(-1, -2) @ X
@@ -219,26 +506,34 @@ class _Accumulator:
             self.xx[..., a:b, a:] += X[..., :, a:b].transpose(-1, -2) @ X[..., :, a:]
 
     def _add_rows(self, X):
-        """X: (M, n_total) float64 rows of patches."""
+        """X: (M, n_total) rows of patches (in ``gram_dtype``)."""
         if self.groups > 1:
             X = X.reshape(X.shape[0], self.groups, self.n).transpose(0, 1)  # (G, M, n)
-            s = X.sum(dim=1)
+            s = X.sum(dim=1, dtype=torch.float64)
         else:
-            s = X.sum(dim=0)
+            s = X.sum(dim=0, dtype=torch.float64)
         self.xs += s
         self._gram(X)
         self.count += int(X.shape[-2])
 
-    def _add_linear(self, x):
+    def _add_linear(self, x, mask=None):
         if x.ndim < 1 or x.shape[-1] != self.n:
             raise ValueError(
                 f"layer {self.name!r}: input has shape {tuple(x.shape)}; a Linear layer "
                 f"with in_features={self.n} needs inputs of shape (..., {self.n})"
             )
-        X = x.reshape(-1, self.n).to(self.xx.device)
+        if mask is not None:
+            if tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]
+                self.masked = self.run.mask_used = True
+            elif (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
+                  and tuple(x.shape[:2]) == tuple(mask.shape[::-1])):  # sequence first
+                x = x.transpose(0, 1)[mask.to(x.device)]
+                self.masked = self.run.mask_used = True
+        X = x.reshape(-1, self.n).to(self.device)
         rows = max(1, self.chunk_bytes // (self.n * (X.element_size() + 8)))
         for a in range(0, X.shape[0], rows):
-            self._add_rows(X[a:a + rows].to(torch.float64))
+            self._add_rows(X[a:a + rows].to(self.gram_dtype))
 
     def _add_conv(self, x):
         m = self.module
@@ -281,8 +576,8 @@ class _Accumulator:
                 # channels-last float64 copy of the (small) input; the patches are a
                 # strided view of it, copied once into (h, w, c)-ordered rows
                 # (subsampled: in the input's dtype, converted after the gather)
-                dt = torch.float64 if self.gen is None else xi.dtype
-                xl = torch.empty((nb, Hp, Wp, C), dtype=dt, device=self.xx.device)
+                dt = self.gram_dtype if self.gen is None else xi.dtype
+                xl = torch.empty((nb, Hp, Wp, C), dtype=dt, device=self.device)
                 xl.copy_(xi.permute(0, 2, 3, 1))
                 sN, sH, sW, sC = xl.stride()
             for r0 in range(0, Ho, rows):
@@ -293,17 +588,17 @@ class _Accumulator:
                                       xl.storage_offset() + r0 * sh * sH)
                     keep = self._keep((nb, r1 - r0, Wo))
                     if keep is not None:
-                        V = V[keep].to(torch.float64)
+                        V = V[keep].to(self.gram_dtype)
                     self._add_rows(V.reshape(-1, n_tot))
                     continue
                 xr = xi[:, :, r0 * sh:(r1 - 1) * sh + dh * (kh - 1) + 1]
                 U = F.unfold(xr, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
                 keep = self._keep((U.shape[0], U.shape[2]))
                 if keep is not None:
-                    self._add_rows(U.transpose(1, 2)[keep].to(torch.float64))
+                    self._add_rows(U.transpose(1, 2)[keep].to(self.gram_dtype))
                     continue
-                X = torch.empty((U.shape[0], U.shape[2], n_tot), dtype=torch.float64,
-                                device=self.xx.device)
+                X = torch.empty((U.shape[0], U.shape[2], n_tot), dtype=self.gram_dtype,
+                                device=self.device)
                 X.copy_(U.transpose(1, 2))
                 self._add_rows(X.view(-1, n_tot))
 
@@ -311,28 +606,37 @@ class _Accumulator:
     def all_reduce(self):
         import torch.distributed as dist
 
-        cnt = torch.tensor([float(self.count)], dtype=torch.float64, device=self.xx.device)
+        self._alloc()
+        cnt = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
         dist.all_reduce(self.xx)
         dist.all_reduce(self.xs)
         dist.all_reduce(cnt)
         self.count = int(round(float(cnt.item())))
 
-    def result(self):
-        S = torch.triu(self.xx) + torch.triu(self.xx, 1).transpose(-1, -2)
-        mean = self.xs
+    def result(self, dtype=torch.float64):
+        """The statistics as a LayerStats; frees the sums (call once).
+
+        Works in place on the sums so that at most two temporaries of one
+        layer's size exist at a time.
+        """
+        S, mean = self.xx, self.xs
+        self.xx = self.xs = None
+        S.triu_()
+        S += S.transpose(-1, -2).tril(-1)  # strict lower part = (upper part)^T
         if self.is_conv and self.groups == 1:
             # accumulated in (h, w, c) order; the convention is (c, h, w)
             kh, kw = self.module.kernel_size
             C = self.module.in_channels
             S = S.reshape(kh, kw, C, kh, kw, C).permute(2, 0, 1, 5, 3, 4).reshape(self.n, self.n)
             mean = mean.reshape(kh, kw, C).permute(2, 0, 1).reshape(self.n)
-        return LayerStats(
-            sigma=S / self.count,
-            mean=mean / self.count,
-            count=self.count,
-            layer=repr(self.module),
-            groups=self.groups,
-        )
+        S /= self.count
+        mean /= self.count
+        if dtype != torch.float64:
+            S, mean = S.to(dtype), mean.to(dtype)
+        m = self.module
+        return LayerStats(sigma=S, mean=mean, count=self.count, layer=repr(m),
+                          groups=self.groups, kind=_kind(m), weight_shape=tuple(m.weight.shape),
+                          geometry=_geometry(m))
 
 
 # ------------------------------------------------------------------- selection
@@ -402,15 +706,65 @@ def select_layers(model, layers=None, *, name="layers"):
 # --------------------------------------------------------------------- collect
 
 
-def _batch_input(batch, index):
+def _describe_item(v):
+    if isinstance(v, torch.Tensor):
+        return f"{str(v.dtype).replace('torch.', '')} tensor {tuple(v.shape)}"
+    return type(v).__name__
+
+
+def _to_device(v, device):
+    if isinstance(v, torch.Tensor):
+        if v.is_meta:
+            raise ValueError("the batch holds a tensor on the meta device (no data); "
+                             "statistics need real inputs")
+        return v.to(device)
+    return v
+
+
+def _run_batch(model, batch, index, device, forward):
+    """Run ``model`` on one batch by the documented rules (see collect_covariances)."""
+    if forward is not None:
+        return forward(model, batch)
     if isinstance(batch, torch.Tensor):
-        return batch
+        return model(_to_device(batch, device))
+    if isinstance(batch, Mapping):
+        return model(**{k: _to_device(v, device) for k, v in batch.items()})
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
+        first = batch[0]
+        if len(batch) == 1 or (len(batch) == 2 and first.is_floating_point()):
+            return model(_to_device(first, device))
+        items = ", ".join(_describe_item(v) for v in batch)
+        raise TypeError(
+            f"batch {index} is a {type(batch).__name__} of {len(batch)} items ({items}); "
+            "only (inputs,) and (inputs, targets) with floating-point inputs are taken "
+            "apart automatically (the model gets the inputs, the targets are not used). "
+            "Running the model on the first item alone would drop the others: pass "
+            "forward=lambda model, batch: model(*batch) (or whatever call the model "
+            "needs), or use dict batches, which run as model(**batch)"
+        )
     raise TypeError(
         f"batch {index} of type {type(batch).__name__} is not allowed; each batch must "
-        "be a tensor or a tuple/list whose first item is the input tensor"
+        "be a tensor, a tuple/list (inputs,) or (inputs, targets), or a mapping of "
+        "keyword arguments; for anything else pass forward=f(model, batch)"
     )
+
+
+def _batch_mask(mask, batch, index, device):
+    """The token mask of one batch (bool tensor) or None."""
+    if mask is None:
+        return None
+    if mask == "auto":
+        if not isinstance(batch, Mapping) or "attention_mask" not in batch:
+            return None
+        m, what = batch["attention_mask"], "batch['attention_mask']"
+    else:
+        m, what = mask(batch), "mask(batch)"
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor) or m.is_meta or m.is_complex():
+        raise TypeError(f"{what} of batch {index} is a {_describe_item(m)}; the token mask "
+                        "must be a real tensor (True/nonzero = a real token)")
+    return m.to(device) != 0
 
 
 def _model_device(model):
@@ -431,9 +785,21 @@ def _progress(iterable, *, total, enabled, desc):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
+def _check_not_meta(model):
+    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            if t.is_meta:
+                raise ValueError(
+                    f"model has its {what} {n!r} on the meta device (shapes only, no "
+                    "values); statistics need a model with real weights (e.g. "
+                    "model.to_empty(device='cpu') then load_state_dict)"
+                )
+
+
 def collect_covariances(model, data, *, layers=None, max_batches=None, progress=True,
                         device=None, chunk_bytes=_DEFAULT_CHUNK_BYTES, position_fraction=1.0,
-                        seed=0):
+                        seed=0, forward=None, mask="auto", dtype=torch.float64,
+                        gram_dtype=torch.float64):
     """Second moments of the input patches of a model's Conv2d/Linear layers.
 
     The model is run over ``data`` (in eval mode, without gradients); a forward
@@ -445,8 +811,17 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         Left in the training/eval mode it came in, with no hooks attached
         afterwards (also when a batch raises).
     data : iterable of batches, or a tensor
-        Each batch is a tensor or a tuple/list whose first item is the input
-        (as a ``DataLoader`` yields). A tensor ``data`` is one batch.
+        A tensor ``data`` is one batch. Each batch is run by these rules:
+
+        * a tensor ``x``: ``model(x)``;
+        * a mapping (a dict, a Hugging Face ``BatchEncoding``):
+          ``model(**batch)``, its tensors moved to ``device``;
+        * a tuple/list ``(x,)`` or ``(x, y)`` whose first item is a
+          floating-point tensor, as a ``DataLoader`` yields images and labels:
+          ``model(x)``; ``y`` (the targets) is not used;
+        * any other tuple/list (e.g. ``(input_ids, attention_mask)`` or three
+          items) is refused with a ``TypeError``: running the model on the first
+          item alone would silently drop the others. Pass ``forward`` for it.
     layers : None, str, list of str, or callable, optional
         Which modules (see :func:`select_layers`); default all ``nn.Conv2d``
         and ``nn.Linear``.
@@ -471,21 +846,60 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         the calibration data to rounding). Linear layers always use all rows.
     seed : int, optional
         Seed of the position draws (only used when ``position_fraction < 1``).
+    forward : callable, optional
+        ``forward(model, batch)`` runs the model on one batch, for batches the
+        rules above do not cover (the callable moves data to the device
+        itself). Its return value is not used.
+    mask : "auto", None or callable, optional
+        Token mask for padded sequences: a bool (or 0/1) tensor, True/1 for a
+        real token. Rows of a ``Linear`` layer's input whose leading shape
+        equals the mask's shape (``(batch, seq)``, or ``(seq, batch)`` for
+        sequence-first layers) enter the statistics only where the mask is
+        true, so ``count`` is the number of real tokens. Inputs of other
+        shapes (e.g. a classifier head after pooling) and convolutions use all
+        rows. ``"auto"`` (default): the ``"attention_mask"`` entry of mapping
+        batches (Hugging Face convention), no mask otherwise; a callable
+        ``mask(batch)`` returns the mask of any batch (e.g.
+        ``lambda b: ~b["src_key_padding_mask"]`` for
+        ``nn.TransformerEncoder``); None: no mask. A warning is given when a
+        mask was found but no chosen layer's input matched its shape.
+    dtype : torch.float64 or torch.float32, optional
+        Dtype of the returned ``sigma`` and ``mean``. Sums are always
+        accumulated in float64; float32 halves the memory of the result
+        (relative rounding of about 6e-8 per entry).
+    gram_dtype : torch.float64 or torch.float32, optional
+        Dtype of the Gram product of each chunk of patches (the chunk's
+        ``X^T X``), which is then added to the float64 sums. Default float64:
+        exact to float64 rounding. float32 halves the memory traffic of the
+        patches and was about 1.1x faster on a ResNet-18 on CPU, but each
+        product carries float32 rounding: entries deviate by about 1e-7
+        relative to the largest, so a rank-deficient ``sigma`` (few samples,
+        ReLU inputs, zero padding) gets negative eigenvalues of about 1e-8
+        relative to the largest, which a strict PSD check may reject (see
+        ``notes/collect_cost.md`` for the measured figures).
 
     Returns
     -------
     dict of str to LayerStats
         In model order. Grouped convs hold one statistic per group
-        (``sigma`` of shape ``(groups, n, n)``). When a ``torch.distributed``
-        process group is initialised the sums are all-reduced over it, so
-        every worker returns the statistics of the union of their data (all
-        workers must call this function with the same model and layers).
+        (``sigma`` of shape ``(groups, n, n)``). Layers that read the same
+        input tensor in every forward pass with the same input geometry (the
+        q/k/v projections of attention) share one statistic: their entries
+        are the *same* ``LayerStats`` object, computed once, so downstream
+        code can factorize it once (test with ``is``). When a
+        ``torch.distributed`` process group is initialised the sums are
+        all-reduced over it, so every worker returns the statistics of the
+        union of their data (all workers must call this function with the
+        same model and layers).
 
     Raises
     ------
     ValueError
         Empty ``data``, an input of the wrong shape, non-finite activations,
-        an unknown layer name, or a chosen layer that never ran.
+        an unknown layer name, a chosen layer that never ran, or a model or
+        batch on the ``meta`` device.
+    TypeError
+        A batch the rules above do not cover (pass ``forward``).
 
     Examples
     --------
@@ -497,6 +911,20 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     >>> stats = collect_covariances(model, [torch.randn(5, 3, 6, 6)], progress=False)
     >>> list(stats), tuple(stats['0'].sigma.shape), stats['0'].count
     (['0', '3'], (27, 27), 180)
+
+    Padded token batches as a mapping: only the real tokens count.
+
+    >>> lin = nn.Linear(4, 4)
+    >>> class Tiny(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.emb, self.proj = nn.Embedding(10, 4), lin
+    ...     def forward(self, input_ids, attention_mask):
+    ...         return self.proj(self.emb(input_ids))
+    >>> batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+    ...          "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    >>> collect_covariances(Tiny(), [batch], progress=False)["proj"].count
+    5
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model of type {type(model).__name__} is not allowed; model must "
@@ -512,6 +940,19 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
             or not 0 < position_fraction <= 1):
         raise ValueError(f"position_fraction={position_fraction!r} is not allowed; "
                          "position_fraction must be a number in (0, 1]")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward={forward!r} is not allowed; forward must be None or a "
+                        "callable forward(model, batch)")
+    if not (mask is None or callable(mask) or (isinstance(mask, str) and mask == "auto")):
+        raise ValueError(f"mask={mask!r} is not allowed; mask must be 'auto', None or a "
+                         "callable mask(batch) -> bool tensor")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype={dtype!r} is not allowed; dtype must be torch.float64 or "
+                         "torch.float32")
+    if gram_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"gram_dtype={gram_dtype!r} is not allowed; gram_dtype must be "
+                         "torch.float64 or torch.float32")
+    _check_not_meta(model)
     chosen = select_layers(model, layers)
     if not chosen:
         raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
@@ -521,12 +962,18 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     if device is None:
         device = _model_device(model)
     device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("device='meta' is not allowed; statistics need real data (use the "
+                         "device of the model's weights)")
 
-    accs = {name: _Accumulator(name, m, chunk_bytes, position_fraction, seed + i)
+    run = _Run()
+    accs = {name: _Accumulator(name, m, chunk_bytes, run, position_fraction, seed + i,
+                               gram_dtype)
             for i, (name, m) in enumerate(chosen)}
     modes = {m: m.training for m in model.modules()}
     handles = []
     n_batches = 0
+    mask_seen = False
     try:
         total = len(data) if hasattr(data, "__len__") else None
     except TypeError:
@@ -542,36 +989,91 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                        desc="collect_covariances")
         with torch.no_grad():
             for i, batch in enumerate(it):
-                x = _batch_input(batch, i).to(device)
-                model(x)
+                m = _batch_mask(mask, batch, i, device)
+                mask_seen = mask_seen or m is not None
+                run.start(m)
+                _run_batch(model, batch, i, device, forward)
+                for acc in accs.values():
+                    acc.end_batch()
                 n_batches += 1
     finally:
+        run.registry = {}
+        run.mask = None
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+    if mask_seen and not run.mask_used:
+        warnings.warn("a token mask was given but no chosen Linear layer had an input of "
+                      "the mask's shape; the statistics use every row", RuntimeWarning,
+                      stacklevel=2)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        for name in accs:
-            accs[name].all_reduce()
-    if all(a.count == 0 for a in accs.values()):
+        _all_reduce(list(accs.values()))
+    if all(a.count == 0 and a.link is None for a in accs.values()):
         raise ValueError("data yielded no batches (or the chosen layers never ran); "
                          "collect_covariances needs at least one batch")
+    results = {}
+    for name, acc in accs.items():
+        if acc.link is None and acc.count > 0:
+            results[name] = acc.result(dtype)
     out = {}
     for name, acc in accs.items():
-        if acc.count == 0:
+        src = acc.link.name if acc.link is not None else name
+        if src not in results:
             if layers is not None and not callable(layers):
                 raise ValueError(f"layer {name!r} was chosen in layers but never ran in "
                                  "the forward pass; no statistics for it")
             warnings.warn(f"layer {name!r} never ran in the forward pass; it has no "
                           "statistics", RuntimeWarning, stacklevel=2)
             continue
-        out[name] = acc.result()
+        out[name] = results[src]
     return out
 
 
+def _all_reduce(accs):
+    """Sum the statistics over the process group (identical calls on every rank).
+
+    Shared statistics stay shared only if every rank linked the same layers;
+    otherwise the followers get their own sums before the reduction.
+    """
+    import torch.distributed as dist
+
+    index = {id(a): i for i, a in enumerate(accs)}
+    links = torch.tensor([index[id(a.link)] if a.link is not None else -1 for a in accs],
+                         dtype=torch.float64)
+    lo, hi = links.clone(), links.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    for a, x, y in zip(accs, lo.tolist(), hi.tolist()):
+        if a.link is not None and x != y:
+            lead = a.link
+            a.link = None
+            lead.followers.remove(a)
+            a.xx = None if lead.xx is None else lead.xx.clone()
+            a.xs = None if lead.xs is None else lead.xs.clone()
+            a.count = lead.count
+    for a in accs:
+        if a.link is None:
+            a.all_reduce()
+
+
 # ------------------------------------------------------------------ save/load
+
+
+_FORMAT = "sigmadecomp.covariances/2"
+_FORMATS = ("sigmadecomp.covariances/1", _FORMAT)
+_META_KEY = "sigmadecomp.layers"
+
+
+def _entry_meta(v, same_as=None):
+    meta = {"count": int(v.count), "layer": str(v.layer), "groups": int(v.groups),
+            "kind": v.kind, "geometry": v.geometry,
+            "weight_shape": None if v.weight_shape is None else list(v.weight_shape)}
+    if same_as is not None:
+        meta["same_as"] = same_as
+    return meta
 
 
 def save_covariances(stats, path):
@@ -582,9 +1084,12 @@ def save_covariances(stats, path):
     stats : dict of str to LayerStats
     path : str or os.PathLike
         A name ending in ``.safetensors`` uses the safetensors format
-        (tensors ``<name>.sigma``, ``<name>.mean``, metadata for counts and
-        layers); anything else is a ``torch.save`` file holding a dict of plain
-        tensors, ints and strings (loadable with ``weights_only=True``).
+        (tensors ``<name>.sigma``, ``<name>.mean``, metadata for counts, layer
+        kinds, weight shapes and conv geometry); anything else is a
+        ``torch.save`` file holding a dict of plain tensors, ints and strings
+        (loadable with ``weights_only=True``). A statistic shared by several
+        layers (the same ``LayerStats`` object) is stored once and shared again
+        by :func:`load_covariances`.
 
     Examples
     --------
@@ -597,32 +1102,81 @@ def save_covariances(stats, path):
     >>> load_covariances(path)["fc"]
     LayerStats(sigma=3x3, count=7, groups=1, layer='Linear')
     """
-    path = str(path)
+    path = os.fspath(path)
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats of type {type(stats).__name__} is not allowed; "
+                        "save_covariances needs a mapping of name -> LayerStats")
+    first = {}
     for k, v in stats.items():
         if not isinstance(v, LayerStats):
             raise TypeError(f"stats[{k!r}] is a {type(v).__name__}; save_covariances "
                             "needs a mapping of name -> LayerStats")
+        if not isinstance(k, str):
+            raise TypeError(f"stats has the key {k!r}; layer names must be strings")
+        first.setdefault(id(v), k)
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        tensors = {}
-        meta = {}
+        tensors, meta = {}, {}
         for k, v in stats.items():
-            tensors[f"{k}.sigma"] = v.sigma.detach().cpu().contiguous()
-            tensors[f"{k}.mean"] = v.mean.detach().cpu().contiguous()
-            meta[k] = {"count": v.count, "layer": v.layer, "groups": v.groups}
-        save_file(tensors, path, metadata={"sigmadecomp.layers": json.dumps(meta)})
+            src = first[id(v)]
+            if src == k:
+                tensors[f"{k}.sigma"] = v.sigma.detach().cpu().contiguous()
+                tensors[f"{k}.mean"] = v.mean.detach().cpu().contiguous()
+            meta[k] = _entry_meta(v, None if src == k else src)
+        save_file(tensors, path, metadata={_META_KEY: json.dumps(meta),
+                                           "format": _FORMAT})
         return
-    payload = {
-        k: {"sigma": v.sigma.detach().cpu(), "mean": v.mean.detach().cpu(),
-            "count": int(v.count), "layer": str(v.layer), "groups": int(v.groups)}
-        for k, v in stats.items()
-    }
-    torch.save({"format": "sigmadecomp.covariances/1", "layers": payload}, path)
+    payload = {}
+    for k, v in stats.items():
+        src = first[id(v)]
+        entry = _entry_meta(v, None if src == k else src)
+        entry["geometry"] = json.dumps(entry["geometry"])
+        if src == k:
+            entry["sigma"], entry["mean"] = v.sigma.detach().cpu(), v.mean.detach().cpu()
+        payload[k] = entry
+    torch.save({"format": _FORMAT, "layers": payload}, path)
+
+
+def _build(path, name, info, sigma, mean, map_location):
+    try:
+        geometry = info.get("geometry")
+        if isinstance(geometry, str):
+            geometry = json.loads(geometry)
+        shape = info.get("weight_shape")
+        return LayerStats(sigma.to(map_location), mean.to(map_location), int(info["count"]),
+                          str(info["layer"]), int(info["groups"]), kind=info.get("kind"),
+                          weight_shape=None if shape is None else tuple(shape),
+                          geometry=geometry)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path!r}: the statistics of layer {name!r} are damaged "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _resolve_shared(path, entries, build):
+    """Build the LayerStats of every entry; ``same_as`` entries share their source's."""
+    out = {}
+    for k, info in entries.items():
+        if not isinstance(info, Mapping):
+            raise ValueError(f"{path!r}: the entry of layer {k!r} is a "
+                             f"{type(info).__name__}, not a statistics record")
+        if "same_as" not in info:
+            out[k] = build(k, info)
+    for k, info in entries.items():
+        if "same_as" in info:
+            src = info["same_as"]
+            if src not in out:
+                raise ValueError(f"{path!r}: layer {k!r} shares the statistics of "
+                                 f"{src!r}, which the file does not hold")
+            out[k] = out[src]
+    return {k: out[k] for k in entries}
 
 
 def load_covariances(path, *, map_location="cpu"):
     """Load statistics written by :func:`save_covariances`.
+
+    The format is recognised from the file's content (a renamed file is read
+    correctly or refused), not from its name.
 
     Parameters
     ----------
@@ -633,22 +1187,93 @@ def load_covariances(path, *, map_location="cpu"):
     Returns
     -------
     dict of str to LayerStats
-    """
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
 
-        out = {}
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        When the file is not a statistics file of this package (another
+        safetensors or ``torch.save`` file, a truncated or corrupt one, or an
+        unknown format); the message names the file and what is wrong.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = os.path.getsize(path)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return _load_torch(path, map_location)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return _load_safetensors(path, map_location)
+    raise ValueError(
+        f"{path!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors nor a "
+        "torch.save file; it is not a statistics file written by save_covariances"
+    )
+
+
+def _load_torch(path, map_location):
+    try:
+        with open(path, "rb") as f:  # a file object: the reader must not guess by name
+            obj = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the reader means a bad file
+        raise ValueError(
+            f"{path!r} could not be read as a torch.save file of statistics: it is "
+            f"truncated, corrupt or holds other objects ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if fmt not in _FORMATS or not isinstance(obj.get("layers"), dict):
+        what = (f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict)
+                else f"a {type(obj).__name__}")
+        raise ValueError(f"{path!r} is a torch.save file of {what}, not statistics written "
+                         f"by save_covariances (format {_FORMAT!r})")
+
+    def build(k, v):
+        if not isinstance(v.get("sigma"), torch.Tensor) or not isinstance(
+                v.get("mean"), torch.Tensor):
+            raise ValueError(f"{path!r}: the statistics of layer {k!r} lack their "
+                             "sigma/mean tensors")
+        return _build(path, k, v, v["sigma"], v["mean"], map_location)
+
+    return _resolve_shared(path, obj["layers"], build)
+
+
+def _load_safetensors(path, map_location):
+    from safetensors import safe_open
+
+    try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get("sigmadecomp.layers", "{}"))
-            for k, info in meta.items():
-                out[k] = LayerStats(f.get_tensor(f"{k}.sigma").to(map_location),
-                                    f.get_tensor(f"{k}.mean").to(map_location),
-                                    int(info["count"]), str(info["layer"]),
-                                    int(info["groups"]))
-        return out
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != "sigmadecomp.covariances/1":
-        raise ValueError(f"{path!r} is not a statistics file written by save_covariances")
-    return {k: LayerStats(v["sigma"], v["mean"], v["count"], v["layer"], v["groups"])
-            for k, v in obj["layers"].items()}
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            if _META_KEY not in meta:
+                raise ValueError(
+                    f"{path!r} is a safetensors file of {len(names)} tensors (e.g. "
+                    f"{names[:3]}) without statistics metadata; it was not written by "
+                    "save_covariances"
+                )
+            try:
+                entries = json.loads(meta[_META_KEY])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path!r}: its statistics metadata is not valid JSON "
+                                 f"({e})") from None
+            if not isinstance(entries, dict):
+                raise ValueError(f"{path!r}: its statistics metadata is a "
+                                 f"{type(entries).__name__}, not a mapping of layers")
+
+            def build(k, info):
+                pair = []
+                for part in ("sigma", "mean"):
+                    if f"{k}.{part}" not in names:
+                        raise ValueError(f"{path!r}: the tensor {k}.{part} of layer {k!r} "
+                                         "is missing")
+                    pair.append(f.get_tensor(f"{k}.{part}"))
+                return _build(path, k, info, pair[0], pair[1], map_location)
+
+            return _resolve_shared(path, entries, build)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader's own errors mean a bad file
+        raise ValueError(
+            f"{path!r} could not be read as a safetensors file of statistics: it is "
+            f"truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None

@@ -25,6 +25,20 @@ def _model():
                          nn.Linear(4 * 3 * 3, 3)).double().eval()
 
 
+class _QKV(nn.Module):
+    """q/k/v on one input (a shared statistic); on rank 1 k also reads another tensor."""
+
+    def __init__(self, rank=0):
+        super().__init__()
+        torch.manual_seed(1)
+        self.q, self.k, self.v = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+        self.rank = rank
+
+    def forward(self, x):
+        y = self.q(x) + self.k(x) + self.v(x)
+        return y if self.rank == 0 else y + self.k(2 * x)
+
+
 def _batches():
     g = torch.Generator().manual_seed(5)
     return [torch.randn(4 + i, 2, 8, 8, generator=g, dtype=torch.float64) for i in range(5)]
@@ -46,6 +60,10 @@ def _worker(rank, port, out_dir):
         shard = _batches()[rank::WORLD]  # uneven shards: 3 and 2 batches
         stats = collect_covariances(_model(), shard, progress=False)
         save_covariances(stats, os.path.join(out_dir, f"rank{rank}.pt"))
+        qkv = collect_covariances(_QKV(rank).double(), [b[:, 0, 0, :3] for b in shard],
+                                  progress=False)
+        assert qkv["q"] is qkv["v"] and qkv["k"] is not qkv["q"]  # k's link differs by rank
+        save_covariances(qkv, os.path.join(out_dir, f"qkv{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -70,6 +88,16 @@ def test_two_gloo_workers_equal_one_process(tmp_path):
             assert got[name].groups == s.groups
             torch.testing.assert_close(got[name].sigma, s.sigma, rtol=1e-13, atol=1e-13)
             torch.testing.assert_close(got[name].mean, s.mean, rtol=1e-13, atol=1e-13)
+    rows = [b[:, 0, 0, :3] for b in _batches()]
+    both = rows + [2 * r for r in rows[1::WORLD]]  # rank 1's k also read 2x
+    for rank in range(WORLD):
+        got = load_covariances(os.path.join(tmp_path, f"qkv{rank}.pt"))
+        qv = torch.cat(rows)
+        k = torch.cat(both)
+        for name, X in (("q", qv), ("v", qv), ("k", k)):
+            assert got[name].count == X.shape[0]
+            torch.testing.assert_close(got[name].sigma, X.T @ X / X.shape[0],
+                                       rtol=1e-13, atol=1e-13)
     # each worker alone saw only part of the data: the all-reduce did the merge
     part = collect_covariances(_model(), _batches()[0::WORLD], progress=False)
     assert part["0"].count < single["0"].count

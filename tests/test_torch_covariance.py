@@ -193,8 +193,8 @@ def test_errors_leave_no_hooks_and_name_the_problem():
         collect_covariances(model, [good], layers=["nope"], progress=False)
     with pytest.raises(ValueError, match="BatchNorm2d"):
         collect_covariances(model, [good], layers=["1"], progress=False)
-    with pytest.raises(TypeError, match="batch 0 of type dict"):
-        collect_covariances(model, [{"x": good}], progress=False)
+    with pytest.raises(TypeError, match="batch 0 of type int"):
+        collect_covariances(model, [3], progress=False)
     with pytest.raises(ValueError, match="max_batches=0"):
         collect_covariances(model, [good], max_batches=0, progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
