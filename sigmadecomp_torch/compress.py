@@ -613,12 +613,8 @@ def _sigma_for(name, module, stats, centered, cache):
         raise TypeError(f"covariances[{name!r}] is a {type(stats).__name__}; it must be a "
                         "LayerStats from collect_covariances")
     w = module.weight
-    n = int(w[0].numel())
-    if stats.groups != 1 or stats.n != n:
-        raise ValueError(
-            f"covariances[{name!r}] has sigma of shape {tuple(stats.sigma.shape)}; layer "
-            f"{name!r} with weight {tuple(w.shape)} needs ({n}, {n})"
-        )
+    # the statistics must describe this layer's input: kind, input size, geometry
+    stats.check_compatible(module, name)
     key = (id(stats), w.device)
     if key not in cache:
         full = stats.sigma.to(device=w.device, dtype=torch.float64)

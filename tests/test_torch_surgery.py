@@ -506,3 +506,15 @@ def test_default_layers_follow_the_forward_pass_when_given_an_input():
     assert default_layers(model, example_input={"x": x}) == ["conv2", "conv3"]
     assert model.training
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_statistics_of_another_layer_with_the_same_size_are_refused():
+    # same n = 16*3*3 but another stride: the patches differ, so must the statistics
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Flatten())
+    stats = collect_covariances(model, [torch.randn(2, 3, 8, 8)], progress=False)
+    swapped = dict(stats)
+    swapped["4"] = stats["2"]
+    with pytest.raises(ValueError, match=r"covariances\['4'\] were collected on a Conv2d"):
+        compress(model, "svd", covariances=swapped, ratio=2, layers=["4"], progress=False)
