@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from . import _backend as B
+from ._threads import solver_threads
 from ._validation import (
     check_array,
     check_choice,
@@ -559,6 +560,7 @@ def _result(engine, errors, n_iter, converged, weighted, seconds, like):
 # the public function
 # ----------------------------------------------------------------------------
 
+@solver_threads
 def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
        l2_reg=0.0, linesearch=False, callback=None):
     """CP decomposition of a conv kernel by ALS, in the Frobenius or the Sigma-norm.

@@ -81,22 +81,5 @@ def rng():
     return np.random.default_rng(12345)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _single_thread():
-    """Tiny problems run faster and more repeatably on one BLAS/torch thread."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is an extra
-        torch = None
-    old = torch.get_num_threads() if torch is not None else None
-    if torch is not None:
-        torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-    else:
-        with threadpool_limits(limits=1):
-            yield
-    if torch is not None:
-        torch.set_num_threads(old)
+# No session-wide thread pin: the solvers choose their own thread use
+# (sigmadecomp._threads), and the tests exercise that default policy.
