@@ -11,8 +11,10 @@ torch (float64) inputs, on the channel counts of ResNet-18's 3x3 layers
    before the policy existed),
 
 in rounds (default first in every round), and reports the median wall time of
-each, the CPU time of the default run, the thread count the policy chose and
-``default / best`` (best of the two pinned settings). The load average is
+each and its process CPU time (all threads; on a loaded machine the wall time
+of identical settings varies with the share of the cores the run gets, the CPU
+time much less; spinning worker threads show up as CPU time), the thread count
+the policy chose and ``default / best`` (best of the two pinned settings). The load average is
 recorded before and after every case: the machine may be shared.
 
 Sweeps are bounded so that the whole run takes minutes: the timings compare
@@ -115,7 +117,8 @@ def run_case(solver, lib, S, sweeps, reps, cores):
     call, ranks = make_case(solver, S, sweeps, lib)
     settings = {"default": None, "1": 1, "all": cores}
     wall = {k: [] for k in settings}
-    cpu, chosen = [], []
+    cpu = {k: [] for k in settings}
+    chosen = []
     load0 = os.getloadavg()[0]
     pause = 0.5
     if S <= 128:  # warm-up at default settings (caches, lazy imports)
@@ -125,35 +128,39 @@ def run_case(solver, lib, S, sweeps, reps, cores):
         for name, n in settings.items():  # default first in every round
             w, c = _timed(call, n, pause)
             wall[name].append(w)
+            cpu[name].append(c)
             if name == "default":
-                cpu.append(c)
                 chosen.append(_threads.last_choice)
     load1 = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in wall.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu.items()}
     best = min(med["1"], med["all"])
     chosen = sorted({c[1] if lib == "torch" else c[0] for c in chosen})
     return dict(solver=solver, lib=lib, channels=S, ranks=str(ranks), sweeps=sweeps,
                 default_s=med["default"], one_s=med["1"], all_s=med["all"],
                 ratio=med["default"] / best, best="1" if med["1"] <= med["all"] else "all",
-                default_cpu_per_wall=statistics.median(cpu) / med["default"],
+                default_cpu_s=cpu["default"], one_cpu_s=cpu["1"], all_cpu_s=cpu["all"],
                 policy_threads="/".join(str(c) for c in chosen), load_before=load0, load_after=load1)
 
 
 FIELDS = ["solver", "lib", "channels", "ranks", "sweeps", "default_s", "one_s", "all_s",
-          "ratio", "best", "policy_threads", "default_cpu_per_wall", "load_before", "load_after"]
+          "ratio", "best", "policy_threads", "default_cpu_s", "one_cpu_s", "all_cpu_s",
+          "load_before", "load_after"]
 
 
 def format_table(rows, cores):
     lines = [
         "| solver | input | channels | ranks | sweeps | default (s) | 1 thread (s) "
-        f"| {cores} threads (s) | default / best | policy threads | CPU/wall default | load before -> after |",
+        f"| {cores} threads (s) | default / best | policy threads "
+        f"| CPU s: default / 1 / {cores} | load before -> after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['solver']} | {r['lib']} | {r['channels']} | {r['ranks']} | {r['sweeps']} "
             f"| {r['default_s']:.3f} | {r['one_s']:.3f} | {r['all_s']:.3f} | {r['ratio']:.2f} "
-            f"| {r['policy_threads']} | {r['default_cpu_per_wall']:.2f} "
+            f"| {r['policy_threads']} "
+            f"| {r['default_cpu_s']:.2f} / {r['one_cpu_s']:.2f} / {r['all_cpu_s']:.2f} "
             f"| {r['load_before']:.2f} -> {r['load_after']:.2f} |")
     return "\n".join(lines)
 

@@ -48,12 +48,13 @@ from contextlib import contextmanager
 
 __all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "WORK_PER_THREAD"]
 
-#: Multiply-adds of the dominant product that justify one more thread. Below
-#: it the solvers run on one thread.
-WORK_PER_THREAD = 5 * 10**8
+#: Multiply-adds of the dominant product that justify one more thread (about
+#: 5-10 ms of one core: far above a thread wake-up). Below it the solvers run
+#: on one thread.
+WORK_PER_THREAD = 10**8
 
 #: Length of the /proc/stat sample that counts idle cores.
-IDLE_SAMPLE_SECONDS = 0.05
+IDLE_SAMPLE_SECONDS = 0.03
 
 # "auto": solvers choose; an int: the user fixed the count with threads(n).
 _OVERRIDE = contextvars.ContextVar("sigmadecomp_threads", default="auto")
@@ -155,9 +156,11 @@ def auto_thread_count(shape, with_sigma, cap):
     >>> auto_thread_count((128, 128, 3, 3), True, cap=64)   # 128 x 1152 x 1152
     1
     >>> auto_thread_count((256, 256, 3, 3), True, cap=64)   # 256 x 2304 x 2304
-    2
+    13
     >>> auto_thread_count((512, 512, 3, 3), True, cap=64)   # 512 x 4608 x 4608
-    21
+    64
+    >>> auto_thread_count((512, 512, 3, 3), False, cap=64)  # Frobenius: 512 x 4608 x 512
+    12
     >>> auto_thread_count((512, 512, 3, 3), True, cap=2)
     2
     """
