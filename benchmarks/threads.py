@@ -113,7 +113,7 @@ def _timed(fn, n, pause):
         return time.perf_counter() - w0, time.process_time() - c0
 
 
-def run_case(solver, lib, S, sweeps, reps, cores):
+def run_case(solver, lib, S, sweeps, reps, cores, all_reps=None):
     call, ranks = make_case(solver, S, sweeps, lib)
     settings = {"default": None, "1": 1, "all": cores}
     wall = {k: [] for k in settings}
@@ -124,8 +124,11 @@ def run_case(solver, lib, S, sweeps, reps, cores):
     if S <= 128:  # warm-up at default settings (caches, lazy imports)
         w, _ = _timed(call, None, 0.0)
         pause = min(0.5, 0.2 + w)
-    for _ in range(reps):
+    all_reps = reps if all_reps is None else all_reps
+    for rnd in range(reps):
         for name, n in settings.items():  # default first in every round
+            if name == "all" and rnd >= all_reps:
+                continue
             w, c = _timed(call, n, pause)
             wall[name].append(w)
             cpu[name].append(c)
@@ -137,13 +140,14 @@ def run_case(solver, lib, S, sweeps, reps, cores):
     best = min(med["1"], med["all"])
     chosen = sorted({c[1] if lib == "torch" else c[0] for c in chosen})
     return dict(solver=solver, lib=lib, channels=S, ranks=str(ranks), sweeps=sweeps,
+                reps=reps, all_reps=all_reps,
                 default_s=med["default"], one_s=med["1"], all_s=med["all"],
                 ratio=med["default"] / best, best="1" if med["1"] <= med["all"] else "all",
                 default_cpu_s=cpu["default"], one_cpu_s=cpu["1"], all_cpu_s=cpu["all"],
                 policy_threads="/".join(str(c) for c in chosen), load_before=load0, load_after=load1)
 
 
-FIELDS = ["solver", "lib", "channels", "ranks", "sweeps", "default_s", "one_s", "all_s",
+FIELDS = ["solver", "lib", "channels", "ranks", "sweeps", "reps", "all_reps", "default_s", "one_s", "all_s",
           "ratio", "best", "policy_threads", "default_cpu_s", "one_cpu_s", "all_cpu_s",
           "load_before", "load_after"]
 
@@ -188,10 +192,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small layers, seconds")
     ap.add_argument("--reps", type=int, default=3, help="rounds per case (median)")
+    ap.add_argument("--all-reps", type=int, default=None,
+                    help="rounds that include the all-cores setting (default: all)")
     ap.add_argument("--solvers", default=",".join(SOLVERS))
     ap.add_argument("--libs", default="numpy,torch")
     ap.add_argument("--channels", default=None, help="comma-separated, default 64,128,256,512")
     ap.add_argument("--out", default=None, help="CSV path (full run: notes/threads.csv)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out")
     args = ap.parse_args(argv)
     cores = available_cores()
     if args.quick:
@@ -206,10 +213,14 @@ def main(argv=None):
     rows = []
     t0 = time.perf_counter()
     out = args.out or (None if args.quick else os.path.join(NOTES_DIR, "threads.csv"))
+    if out and os.path.exists(out) and args.append:
+        with open(out, newline="") as fh:
+            rows = list(csv.DictReader(fh))
     for S in channels:
         for solver in args.solvers.split(","):
             for lib in args.libs.split(","):
-                row = run_case(solver, lib, S, sweeps.get(S, 2), max(1, args.reps), cores)
+                row = run_case(solver, lib, S, sweeps.get(S, 2), max(1, args.reps), cores,
+                               args.all_reps)
                 rows.append(row)
                 print(format_table([row], cores).splitlines()[-1], flush=True)
                 if out:  # rewritten after every case, so an interrupted run keeps its rows
