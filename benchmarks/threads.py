@@ -152,6 +152,15 @@ FIELDS = ["solver", "lib", "channels", "ranks", "sweeps", "reps", "all_reps", "d
           "load_before", "load_after"]
 
 
+def _typed(row):
+    """A CSV row with its numeric fields as floats."""
+    out = dict(row)
+    for k in ("default_s", "one_s", "all_s", "ratio", "default_cpu_s", "one_cpu_s", "all_cpu_s",
+              "load_before", "load_after"):
+        out[k] = float(out[k])
+    return out
+
+
 def format_table(rows, cores):
     lines = [
         "| solver | input | channels | ranks | sweeps | default (s) | 1 thread (s) "
@@ -199,8 +208,15 @@ def main(argv=None):
     ap.add_argument("--channels", default=None, help="comma-separated, default 64,128,256,512")
     ap.add_argument("--out", default=None, help="CSV path (full run: notes/threads.csv)")
     ap.add_argument("--append", action="store_true", help="keep the rows already in --out")
+    ap.add_argument("--table", default=None, metavar="CSV",
+                    help="print the markdown table of a CSV written by this script and exit")
     args = ap.parse_args(argv)
     cores = available_cores()
+    if args.table:
+        with open(args.table, newline="") as fh:
+            rows = [_typed(r) for r in csv.DictReader(fh)]
+        print(format_table(rows, cores))
+        return rows
     if args.quick:
         channels, sweeps = [8], {8: 2}
     else:
@@ -215,7 +231,7 @@ def main(argv=None):
     out = args.out or (None if args.quick else os.path.join(NOTES_DIR, "threads.csv"))
     if out and os.path.exists(out) and args.append:
         with open(out, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            rows = [_typed(r) for r in csv.DictReader(fh)]
     for S in channels:
         for solver in args.solvers.split(","):
             for lib in args.libs.split(","):

@@ -79,11 +79,18 @@ def _controller():
     return _controller_cache[1]
 
 
+def _blas_counts():
+    """Thread counts of the loaded BLAS pools (NumPy's and SciPy's may differ)."""
+    return [lib.num_threads for lib in _controller().lib_controllers if lib.user_api == "blas"]
+
+
 def _blas_threads():
-    """Largest thread count of the loaded BLAS pools (``None`` when none is loaded)."""
-    counts = [lib.num_threads for lib in _controller().lib_controllers
-              if lib.user_api == "blas"]
-    return max(counts) if counts else None
+    """Smallest thread count of the loaded BLAS pools (``None`` when none is loaded).
+
+    The smallest, so that the automatic choice never raises any pool's count.
+    """
+    counts = _blas_counts()
+    return min(counts) if counts else None
 
 
 def _torch():
@@ -176,7 +183,7 @@ def _limited(n_blas, n_torch):
     limiter = None
     torch, torch_old = _torch(), None
     try:
-        if n_blas is not None and _blas_threads() not in (None, n_blas):
+        if n_blas is not None and any(c != n_blas for c in _blas_counts()):
             limiter = _controller().limit(limits=n_blas, user_api="blas")
         if n_torch is not None and torch is not None:
             old = torch.get_num_threads()

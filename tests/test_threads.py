@@ -218,3 +218,20 @@ def test_benchmark_quick_runs(tmp_path):
         assert r["ratio"] == pytest.approx(r["default_s"] / min(r["one_s"], r["all_s"]))
         assert r["policy_threads"] == "1"  # a tiny layer runs on one thread
     assert out.read_text().count("\n") == len(rows) + 1
+
+
+def test_auto_never_raises_any_blas_pool(rng, spy, two_threads, monkeypatch):
+    """With the BLAS pools at different counts the choice is capped by the smallest."""
+    from threadpoolctl import ThreadpoolController
+
+    pools = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    if len(pools) < 2:
+        pytest.skip("one BLAS pool loaded")
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)
+    with threadpool_limits(limits={pools[0].prefix: 1}):
+        before = _state()
+        K, sig = _problem(rng, "numpy")
+        sigma_svd(K.reshape(6, -1), 3, sig)
+        assert _state() == before
+    assert spy and all(b == [1] * len(b) for b, _ in spy)
