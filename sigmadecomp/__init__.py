@@ -18,6 +18,7 @@ from .tenalg import fold, khatri_rao, unfold
 from .tt import TTResult, tt_conv, tt_linear, tt_svd
 from .tucker2 import tucker2
 from .cp import cp
+from ._threads import threads
 from . import ranks
 from .ranks import allocate_ranks, evbmf, ratio_to_ranks
 
@@ -47,4 +48,5 @@ __all__ = [
     "TTResult",
     "ConvergenceWarning",
     "CompressionWarning",
+    "threads",
 ]

@@ -45,6 +45,7 @@ import time
 import numpy as np
 
 from . import _backend as B
+from ._threads import solver_threads
 from ._validation import (
     CHOL_PIVOT,
     ZERO_RTOL,
@@ -681,6 +682,7 @@ def _result(engine, errors, n_iter, converged, weighted, seconds, like):
 # the public function
 # ----------------------------------------------------------------------------
 
+@solver_threads
 def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
        l2_reg=0.0, linesearch=False, callback=None, inner_rtol=INNER_RTOL, inner_maxiter=None,
        ridge=DEFAULT_RIDGE):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend as B
+from ._threads import solver_threads
 from ._validation import check_array, check_finite, check_int, check_sigma
 from .results import SVDResult
 from .sigma import (
@@ -22,6 +23,7 @@ from .sigma import (
 __all__ = ["sigma_svd"]
 
 
+@solver_threads
 def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDGE):
     """Best rank-``rank`` approximation of a matrix in the Sigma-norm.
 

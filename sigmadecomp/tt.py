@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _backend as B
+from ._threads import solver_threads
 from ._validation import (
     PRECOND_FLOOR,
     check_array,
@@ -641,6 +642,7 @@ def _tt_svd_dense(X, dims, ranks, eps):
     return cores, tails
 
 
+@solver_threads
 def tt_svd(tensor, ranks=None, *, eps=None):
     """TT-SVD of a tensor (Oseledets 2011) with given ranks or a relative tolerance.
 
@@ -1038,6 +1040,7 @@ _OPTIONS_DOC = """
 """
 
 
+@solver_threads
 def tt_linear(weight, in_modes=None, out_modes=None, ranks=None, sigma=None, *, eps=None,
               n_iter_max=None, tol=1e-6, dense_max=4096, cg_rtol=1e-4, cg_maxiter=50,
               precond="kron", init=None, callback=None, ridge=DEFAULT_RIDGE):
@@ -1115,6 +1118,7 @@ tt_linear.__doc__ = """TT-matrix decomposition of a Linear weight, Frobenius or 
     """
 
 
+@solver_threads
 def tt_conv(kernel, in_modes=None, out_modes=None, ranks=None, sigma=None, *, eps=None,
             n_iter_max=None, tol=1e-6, dense_max=4096, cg_rtol=1e-4, cg_maxiter=50,
             precond="kron", init=None, callback=None, ridge=DEFAULT_RIDGE):

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from . import _backend as B
+from ._threads import solver_threads
 from ._validation import (
     CANCEL,
     CHOL_PIVOT,
@@ -353,6 +354,7 @@ def _random_factors(rng, K64, r_T, r_S):
 # public function
 # ----------------------------------------------------------------------------
 
+@solver_threads
 def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
             callback=None, inner_solver="auto", inner_rtol=1e-2, inner_maxiter=10,
             init_iter_max=100, init_tol=1e-6, rtol=None, ridge=DEFAULT_RIDGE):

@@ -1,0 +1,237 @@
+"""Thread policy of the solvers (sigmadecomp._threads) and sigmadecomp.threads."""
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import sigmadecomp
+from sigmadecomp import _backend, _threads
+from sigmadecomp import cp, sigma_svd, tt_conv, tt_linear, tt_svd, tucker2
+from tests._helpers import random_psd
+
+torch = pytest.importorskip("torch")
+
+
+def _blas_counts():
+    return sorted(d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas")
+
+
+def _state():
+    return threadpool_info(), torch.get_num_threads()
+
+
+def _problem(rng, lib, T=6, S=4):
+    K = rng.standard_normal((T, S, 3, 3))
+    sig = random_psd(rng, S * 9)
+    if lib == "torch":
+        return torch.from_numpy(K), torch.from_numpy(sig)
+    return K, sig
+
+
+_CALLS = {
+    "sigma_svd": lambda K, s: sigma_svd(K.reshape(K.shape[0], -1), 3, s),
+    "tucker2": lambda K, s: tucker2(K, (3, 2), s, n_iter_max=2),
+    "cp": lambda K, s: cp(K, 3, s, n_iter_max=2),
+    "tt_conv": lambda K, s: tt_conv(K, (2, 2), (2, 3), 2, s, n_iter_max=2),
+    "tt_linear": lambda K, s: tt_linear(K.reshape(K.shape[0], -1), (4, 9), (2, 3), 2, s,
+                                        n_iter_max=2),
+    "tt_svd": lambda K, s: tt_svd(K, 2),
+}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records (BLAS thread counts, torch threads) at every eigh/svd the solvers call."""
+    seen = []
+    for name in ("svd", "eigh"):
+        orig = getattr(_backend, name)
+
+        def wrapped(*a, _orig=orig, **k):
+            seen.append((_blas_counts(), torch.get_num_threads()))
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(_backend, name, wrapped)
+    return seen
+
+
+@pytest.fixture
+def two_threads():
+    """BLAS pools and torch at 2 threads (the setting a 2-core machine starts with)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("name", sorted(_CALLS))
+def test_small_problem_runs_on_one_thread_and_restores(name, lib, rng, spy, two_threads):
+    K, sig = _problem(rng, lib)
+    with_sigma = name != "tt_svd"
+    before = _state()
+    _CALLS[name](K, sig if with_sigma else None)
+    assert _state() == before
+    assert spy, "the solver called no eigh/svd"
+    for blas, n_torch in spy:
+        assert blas and max(blas) == 1
+        if lib == "torch":
+            assert n_torch == 1
+        else:  # torch is left alone for NumPy inputs
+            assert n_torch == 2
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_large_work_uses_the_cores_allowed(lib, rng, spy, two_threads, monkeypatch):
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)  # every problem counts as large
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)  # an idle machine
+    K, sig = _problem(rng, lib)
+    sigma_svd(K.reshape(6, -1), 3, sig)
+    assert spy and all(max(b) == 2 for b, _ in spy)
+    if lib == "torch":
+        assert all(t == 2 for _, t in spy)
+    # never more than the user's limit
+    spy.clear()
+    with threadpool_limits(limits=1, user_api="blas"):
+        sigma_svd(K.reshape(6, -1), 3, sig)
+    assert spy and all(max(b) == 1 for b, _ in spy)
+
+
+@pytest.mark.parametrize("idle, expected", [(0.0, 1), (0.4, 1), (1.6, 2), (None, 2)])
+def test_busy_machine_caps_the_threads(idle, expected, rng, spy, two_threads, monkeypatch):
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: idle)
+    K, sig = _problem(rng, "numpy")
+    sigma_svd(K.reshape(6, -1), 3, sig)
+    assert spy and all(max(b) == expected for b, _ in spy)
+    assert _threads.last_choice == (expected, None)
+
+
+def test_idle_cores_reads_proc_stat(monkeypatch):
+    samples = iter([(100, 400, 4), (150, 600, 4)])  # 50 of 200 jiffies idle on 4 CPUs
+    monkeypatch.setattr(_threads, "_cpu_times", lambda: next(samples))
+    assert _threads.idle_cores(0.0) == pytest.approx(1.0)
+    monkeypatch.setattr(_threads, "_cpu_times", lambda: (_ for _ in ()).throw(OSError()))
+    assert _threads.idle_cores(0.0) is None
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("name", sorted(_CALLS))
+def test_settings_restored_when_the_solver_raises(name, lib, rng, two_threads, monkeypatch):
+    K, sig = _problem(rng, lib)
+
+    def boom(*a, **k):
+        # inside the policy: the settings differ from the caller's here
+        assert max(_blas_counts()) == 1
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(_backend, "svd", boom)
+    monkeypatch.setattr(_backend, "eigh", boom)
+    before = _state()
+    with pytest.raises(RuntimeError, match="boom"):
+        _CALLS[name](K, sig if name != "tt_svd" else None)
+    assert _state() == before
+
+
+def test_bad_input_error_is_the_solvers_and_settings_stay(rng, two_threads):
+    before = _state()
+    with pytest.raises(ValueError, match="sigma"):
+        tucker2(rng.standard_normal((6, 4, 3, 3)), (3, 2), np.eye(5))
+    with pytest.raises((TypeError, ValueError)):
+        tucker2([[1.0]], (1, 1))  # no shape: the solver's own validation answers
+    assert _state() == before
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_threads_override_and_nesting(lib, rng, spy, two_threads):
+    K, sig = _problem(rng, lib)
+    before = _state()
+    with sigmadecomp.threads(2):
+        assert max(_blas_counts()) == 2 and torch.get_num_threads() == 2
+        sigma_svd(K.reshape(6, -1), 3, sig)  # small, but the user asked for 2
+        assert spy and all(max(b) == 2 for b, _ in spy)
+        with sigmadecomp.threads(1):
+            assert _blas_counts() == [1] * len(_blas_counts())
+            assert torch.get_num_threads() == 1
+            with sigmadecomp.threads("auto"):
+                spy.clear()
+                sigma_svd(K.reshape(6, -1), 3, sig)
+                assert spy and all(max(b) == 1 for b, _ in spy)
+        assert max(_blas_counts()) == 2 and torch.get_num_threads() == 2
+    assert _state() == before
+
+
+def test_threads_restores_on_exception(two_threads):
+    before = _state()
+    with pytest.raises(KeyError):
+        with sigmadecomp.threads(1):
+            assert torch.get_num_threads() == 1
+            raise KeyError("x")
+    assert _state() == before
+
+
+def test_threads_as_decorator(two_threads):
+    @sigmadecomp.threads(1)
+    def inner():
+        return _blas_counts(), torch.get_num_threads()
+
+    blas, t = inner()
+    assert max(blas) == 1 and t == 1
+    assert max(_blas_counts()) == 2 and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "all", None])
+def test_threads_rejects_bad_n(bad):
+    with pytest.raises(ValueError, match=r"threads\(n=.*n must be 'auto' or an int >= 1"):
+        with sigmadecomp.threads(bad):
+            pass
+
+
+def test_auto_thread_count_rule(monkeypatch):
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1000)
+    # Sigma: T * n * n; Frobenius: T * n * min(T, n)
+    assert _threads.auto_thread_count((10, 10), True, cap=100) == 1
+    assert _threads.auto_thread_count((10, 20), True, cap=100) == 4
+    assert _threads.auto_thread_count((10, 20), False, cap=100) == 2
+    assert _threads.auto_thread_count((10, 20), True, cap=3) == 3
+    assert _threads.auto_thread_count((10, 2, 3), True, cap=100) == 1  # 360 multiply-adds
+
+
+def test_results_do_not_depend_on_the_setting(rng):
+    K, sig = _problem(rng, "numpy", T=8, S=6)
+    auto = tucker2(K, (4, 3), sig, n_iter_max=3)
+    with sigmadecomp.threads(2):
+        two = tucker2(K, (4, 3), sig, n_iter_max=3)
+    np.testing.assert_allclose(auto.to_tensor(), two.to_tensor(), rtol=1e-10, atol=1e-12)
+
+
+def test_benchmark_quick_runs(tmp_path):
+    from benchmarks import threads as bench
+
+    out = tmp_path / "t.csv"
+    rows = bench.main(["--quick", "--reps", "1", "--solvers", "sigma_svd", "--out", str(out)])
+    assert {(r["solver"], r["lib"]) for r in rows} == {("sigma_svd", "numpy"), ("sigma_svd", "torch")}
+    for r in rows:
+        assert r["default_s"] > 0 and r["one_s"] > 0 and r["all_s"] > 0
+        assert r["ratio"] == pytest.approx(r["default_s"] / min(r["one_s"], r["all_s"]))
+        assert r["policy_threads"] == "1"  # a tiny layer runs on one thread
+    assert out.read_text().count("\n") == len(rows) + 1
+
+
+def test_auto_never_raises_any_blas_pool(rng, spy, two_threads, monkeypatch):
+    """With the BLAS pools at different counts the choice is capped by the smallest."""
+    from threadpoolctl import ThreadpoolController
+
+    pools = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    if len(pools) < 2:
+        pytest.skip("one BLAS pool loaded")
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)
+    with threadpool_limits(limits={pools[0].prefix: 1}):
+        before = _state()
+        K, sig = _problem(rng, "numpy")
+        sigma_svd(K.reshape(6, -1), 3, sig)
+        assert _state() == before
+    assert spy and all(b == [1] * len(b) for b, _ in spy)
