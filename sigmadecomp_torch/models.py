@@ -30,6 +30,7 @@ __all__ = [
     "ResNetSmall",
     "conv3x3_names",
     "count_parameters",
+    "init_resnet_weights",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
 ]
@@ -102,18 +103,23 @@ class ResNetSmall(nn.Module):
         self.layer3 = BasicBlock(2 * w, 4 * w, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     def forward(self, x):
         x = (x - self.input_mean) / self.input_std
         x = self.stem(x)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def init_resnet_weights(model):
+    """He initialisation of every conv (fan-out, ReLU), BatchNorm at identity (in place)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def conv3x3_names(model, *, skip_first=True):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .models import init_resnet_weights
+
 __all__ = ["ResNet", "ImageNetBasicBlock", "Bottleneck", "resnet18", "resnet50"]
 
 
@@ -108,12 +110,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None

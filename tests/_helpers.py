@@ -1,5 +1,7 @@
 """Small builders shared by the test modules."""
 
+import struct
+
 import numpy as np
 
 
@@ -19,3 +21,10 @@ def patches(x, k=3):
     xp_ = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
     cols = np.stack([xp_[:, :, i:i + H, j:j + W] for i in range(k) for j in range(k)], axis=2)
     return cols.reshape(N, C * k * k, H * W).transpose(0, 2, 1).reshape(-1, C * k * k)
+
+
+def write_idx(path, array):
+    """Write ``array`` as an IDX file of unsigned bytes (the MNIST format) at ``path``."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + array.tobytes())

@@ -3,7 +3,6 @@
 import inspect
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -62,6 +61,7 @@ from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import cli  # noqa: E402
 from sigmadecomp_torch.models import ResNetSmall  # noqa: E402
+from _helpers import write_idx  # noqa: E402
 
 
 def _help(*argv):
@@ -100,12 +100,6 @@ def test_package_exports_stay_functions_after_submodule_import():
 # ------------------------------------------------------------ user errors
 
 
-def _write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
 @pytest.fixture
 def model_file(tmp_path):
     torch.manual_seed(0)
@@ -119,7 +113,7 @@ def model_file(tmp_path):
 def idx_dir(tmp_path):
     d = tmp_path / "idx"
     d.mkdir()
-    _write_idx(d / "train-images-idx3-ubyte",
+    write_idx(d / "train-images-idx3-ubyte",
                np.random.default_rng(0).integers(0, 256, (12, 28, 28)))
     return str(d)
 

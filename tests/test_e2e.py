@@ -4,7 +4,6 @@ import doctest
 import json
 import math
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from sigmadecomp.datasets import DatasetNotFoundError, find_fashion_mnist  # noq
 from sigmadecomp_torch import cli, data, models, quantize  # noqa: E402
 from sigmadecomp_torch.compress import default_layers  # noqa: E402
 from sigmadecomp_torch.models import ResNetSmall, conv3x3_names, count_parameters  # noqa: E402
+from _helpers import write_idx  # noqa: E402
 from sigmadecomp_torch.quantize import (  # noqa: E402
     load_quantized_state_dict,
     model_size_bytes,
@@ -205,12 +205,6 @@ def test_experiment_config_errors():
 # ----------------------------------------------------------------------- CLI
 
 
-def _write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
 @pytest.fixture
 def small_model_file(tmp_path):
     torch.manual_seed(0)
@@ -241,7 +235,7 @@ def test_cli_compress_idx_data(tmp_path, small_model_file, capsys):
     rng = np.random.default_rng(0)
     ddir = tmp_path / "data"
     ddir.mkdir()
-    _write_idx(ddir / "train-images-idx3-ubyte", rng.integers(0, 256, (24, 28, 28)))
+    write_idx(ddir / "train-images-idx3-ubyte", rng.integers(0, 256, (24, 28, 28)))
     out = tmp_path / "out" / "small.pt"
     stats_file = tmp_path / "stats.pt"
     code = cli.main(["compress", str(path), "--data", str(ddir), "--method", "tucker2",
