@@ -8,8 +8,9 @@ AdamW, a one-cycle learning-rate schedule and light augmentation (random
 horizontal flip, random 2-pixel shifts), then writes
 ``sigmadecomp_torch/demo/weights/vit_fmnist.pt`` (a ``state_dict``) and
 ``vit_fmnist.json`` next to it (test accuracy, architecture, settings, time).
-Needs the Debian package ``dataset-fashion-mnist``. The default settings take
-about five minutes on a shared two-core machine.
+Needs the Debian package ``dataset-fashion-mnist``. The default settings took
+467 s (test accuracy 80.21%) on a two-core machine shared with other jobs; one
+thread is used by default because two were slower there.
 """
 
 from __future__ import annotations
