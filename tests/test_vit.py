@@ -131,6 +131,7 @@ def test_vit_compress_quick(tmp_path):
     if not os.path.exists(VIT_WEIGHTS_FILE):
         pytest.skip("no committed ViT weights")
     _fashion_test(10)
+    pytest.importorskip("matplotlib")
     from benchmarks import vit_compress
     result = vit_compress.main(["--quick", "--out-dir", str(tmp_path)])
     assert (tmp_path / "vit_accuracy_vs_rx.png").stat().st_size > 1000
@@ -144,4 +145,8 @@ def test_vit_compress_quick(tmp_path):
     # at rX=2 Sigma-SVD keeps the trained model close to its accuracy
     sigma2 = [r for r in saved["rows"] if r["rx"] == 2 and r["method"] == "Sigma-SVD"]
     assert all(r["accuracy"] > saved["reference_accuracy"] - 0.1 for r in sigma2)
+    # ... and beats the Frobenius SVD at the same ranks (79.5 vs 67.5% on the full test set)
+    frob2 = {r["alloc"]: r["accuracy"] for r in saved["rows"]
+             if r["rx"] == 2 and r["method"] == "SVD (Frobenius)"}
+    assert all(r["accuracy"] > frob2[r["alloc"]] for r in sigma2)
     assert os.path.exists(VIT_INFO_FILE)
