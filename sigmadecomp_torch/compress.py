@@ -746,6 +746,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         process. Every process must call ``compress`` with the same model,
         statistics and arguments. ``True``: the same, but refuse to run
         without an initialized group; ``False``: decompose every layer here.
+        The processes are started by the user (``torchrun``, or
+        ``torch.multiprocessing.spawn`` as in ``benchmarks/parallel.py``),
+        each with its own copy of the model and statistics.
 
     Returns
     -------
