@@ -20,8 +20,8 @@ one thread per process as the tuned figure.
 
 Run::
 
-    python -m benchmarks.parallel              # a few minutes
-    python -m benchmarks.parallel --quick      # seconds
+    python -m benchmarks.parallel              # ~10 min on a loaded 2-core machine
+    python -m benchmarks.parallel --quick      # about half a minute, start-up included
 """
 
 from __future__ import annotations
