@@ -745,8 +745,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         process returns the same model and report (timings aside) as one
         process. Every process must call ``compress`` with the same model,
         statistics and arguments (pass ``False`` where only some processes
-        call it: the others would never answer). ``True``: the same, but refuse to run
-        without an initialized group; ``False``: decompose every layer here.
+        call it: the others would never answer). ``True``: the same, but
+        refuse to run without an initialized group; ``False``: decompose
+        every layer here.
         The processes are started by the user (``torchrun``, or
         ``torch.multiprocessing.spawn`` as in ``benchmarks/parallel.py``),
         each with its own copy of the model and statistics.
