@@ -37,6 +37,7 @@ from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
 from sigmadecomp.sigma import relative_sigma_error
 from sigmadecomp.svd import sigma_svd
 
+from . import parallel as _parallel
 from .covariance import LayerStats, select_layers
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 
@@ -650,6 +651,22 @@ def _named_error(name, exc):
     return new
 
 
+def _warn_layer(row):
+    """The warnings of one report row (after every layer is done, on every process)."""
+    name, ranks, sig_err = row["name"], row["ranks"], row["sigma_error"]
+    if row["converged"] is False:
+        warnings.warn(
+            f"layer {name!r}: the {row['method']} decomposition stopped after {row['n_iter']} "
+            "iterations without meeting its tolerance (raise options['n_iter_max'] or "
+            "options['tol'])", ConvergenceWarning, stacklevel=3)
+    if sig_err is not None and sig_err > SIGMA_ERROR_WARN:
+        warnings.warn(
+            f"layer {name!r}: relative Sigma-error {sig_err:.3f} > {SIGMA_ERROR_WARN} "
+            f"at ranks {ranks}; its output changes enough to cost accuracy (use "
+            "higher ranks for it, or leave it out of layers=)", CompressionWarning,
+            stacklevel=3)
+
+
 def _carry_requires_grad(old, new):
     """Factors train (or stay frozen) like the weight they replace; the bias like the bias."""
     w_flag = old.weight.requires_grad
@@ -659,7 +676,8 @@ def _carry_requires_grad(old, new):
 
 
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
-             layers=None, inplace=False, centered=False, options=None, progress=True):
+             layers=None, inplace=False, centered=False, options=None, progress=True,
+             distributed=None):
     """Replace Conv2d/Linear layers of a model by factorized layers.
 
     Parameters
@@ -717,6 +735,22 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         (e.g. ``n_iter_max``, ``tol``, ``rng`` of :func:`sigmadecomp.tucker2`).
     progress : bool, optional
         A tqdm bar over layers (only when stderr is a terminal).
+    distributed : None or bool, optional
+        Spread the layers over the processes of a ``torch.distributed``
+        process group. ``None`` (default): when a group is initialized with
+        more than one process (e.g. under ``torchrun --nproc_per_node N``,
+        gloo on CPU), every process decomposes its share of the layers
+        (balanced by a predicted cost, :mod:`sigmadecomp_torch.parallel`)
+        and the results are exchanged with ``all_gather_object``, so every
+        process returns the same model and report (timings aside) as one
+        process. Every process must call ``compress`` with the same model,
+        statistics and arguments (pass ``False`` where only some processes
+        call it: the others would never answer). ``True``: the same, but
+        refuse to run without an initialized group; ``False``: decompose
+        every layer here.
+        The processes are started by the user (``torchrun``, or
+        ``torch.multiprocessing.spawn`` as in ``benchmarks/parallel.py``),
+        each with its own copy of the model and statistics.
 
     Returns
     -------
@@ -936,9 +970,12 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
 
     # -- decompose (the model is untouched until every layer succeeded)
     rows, new_modules = [], {}
+    shard = _parallel.LayerShard(plan, options, distributed)  # this process's layers
     it = _progress(plan, total=len(plan), enabled=progress and len(plan) > 1, desc="compress")
     for p in it:
         name, module, fmt = p["name"], p["module"], p["format"]
+        if not shard.owns(name):
+            continue
         spec = LAYER_METHODS[fmt]
         t0 = time.perf_counter()
         W = module.weight.detach().to(torch.float64)
@@ -954,6 +991,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             new = spec.build(module, result, bias_shift)
         except Exception as e:
             named_exc = _named_error(name, e)
+            shard.abort(named_exc)
             if named_exc is e:  # the type cannot be rebuilt: the name is in a note
                 raise
             raise named_exc from e
@@ -970,17 +1008,6 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         n_iter = getattr(result, "n_iter", None)
         converged = getattr(result, "converged", None)
         converged = None if converged is None else bool(converged)
-        if converged is False:
-            warnings.warn(
-                f"layer {name!r}: the {fmt} decomposition stopped after {n_iter} iterations "
-                "without meeting its tolerance (raise options['n_iter_max'] or "
-                "options['tol'])", ConvergenceWarning, stacklevel=2)
-        if sig_err is not None and sig_err > SIGMA_ERROR_WARN:
-            warnings.warn(
-                f"layer {name!r}: relative Sigma-error {sig_err:.3f} > {SIGMA_ERROR_WARN} "
-                f"at ranks {p['ranks']}; its output changes enough to cost accuracy (use "
-                "higher ranks for it, or leave it out of layers=)", CompressionWarning,
-                stacklevel=2)
         rows.append({
             "name": name, "kind": p["kind"], "method": fmt, "ranks": p["ranks"],
             "params_before": _n_params(module), "params_after": _n_params(new),
@@ -989,6 +1016,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             "seconds": seconds, "aliases": list(p["aliases"]),
         })
         new_modules[name] = (new, [name] + p["aliases"])
+    rows, new_modules = shard.gather(rows, new_modules)  # all layers, on every process
+    for row in rows:
+        _warn_layer(row)
 
     params_before = _n_params(model)
     if isinstance(model, _SUPPORTED) and "" in new_modules:

@@ -1,0 +1,214 @@
+"""Layer-parallel compress over 2 gloo processes equals the one-process result."""
+
+import os
+import pickle
+import socket
+import time
+import warnings
+from datetime import timedelta
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
+from sigmadecomp_torch.compress import LAYER_METHODS, LayerMethod  # noqa: E402
+from sigmadecomp_torch.parallel import LayerShard, assign, layer_cost, resolve_group  # noqa: E402
+
+WORLD = 2
+TIMEOUT = 180.0  # seconds for the whole spawned run (start-up included)
+LAYERS = ["2", "4", "6", "8", "10"]  # "6" is a 1x1 conv (svd)
+OPTIONS = {"n_iter_max": 4, "tol": 0.0}  # stops at n_iter_max: every layer warns
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(12, 10, 1), nn.ReLU(),
+                         nn.Conv2d(10, 12, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(12, 8, 3), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 5)).double().eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(6, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(method, stats, distributed, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, report = compress(_model(), method, covariances=stats, ratio=2.5,
+                                 layers=LAYERS, options=OPTIONS, progress=False,
+                                 distributed=distributed, **kw)
+    return model, report, sorted(str(w.message) for w in caught)
+
+
+def _counting(fmt, calls, fail=None):
+    """LAYER_METHODS[fmt] with its decompose counting calls (and failing on ``fail``)."""
+    spec = LAYER_METHODS[fmt]
+
+    def decompose(weight, ranks, sigma, options):
+        calls.append(tuple(weight.shape))
+        if fail is not None and tuple(weight.shape) == fail:
+            raise ValueError("injected failure")
+        return spec.decompose(weight, ranks, sigma, options)
+
+    return LayerMethod(spec.rank_method, decompose, spec.build)
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    # statistics before the group exists: every process has the full (same) ones
+    stats = collect_covariances(_model(), _batches(), progress=False)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    out = {}
+    try:
+        for method in ("tucker2", "cp"):
+            ref = _run(method, stats, False)
+            saved = dict(LAYER_METHODS)
+            calls = []
+            try:
+                LAYER_METHODS[method] = _counting(method, calls)
+                LAYER_METHODS["svd"] = _counting("svd", calls)
+                got = _run(method, stats, None)
+            finally:
+                LAYER_METHODS.clear()
+                LAYER_METHODS.update(saved)
+            out[method] = {"ref": (ref[0].state_dict(), ref[1].to_dict(), ref[2], repr(ref[0])),
+                           "got": (got[0].state_dict(), got[1].to_dict(), got[2], repr(got[0])),
+                           "calls": calls}
+        # a failure on one process makes every process raise (nobody waits forever)
+        saved = dict(LAYER_METHODS)
+        try:
+            LAYER_METHODS["tucker2"] = _counting("tucker2", [], fail=(12, 12, 3, 3))
+            try:
+                _run("tucker2", stats, True)
+                out["failure"] = None
+            except Exception as e:
+                out["failure"] = (type(e).__name__, str(e))
+        finally:
+            LAYER_METHODS.clear()
+            LAYER_METHODS.update(saved)
+        # processes that planned differently are told so
+        try:
+            compress(_model(), "tucker2", covariances=stats, ratio=2.5 + rank,
+                     layers=LAYERS, options=OPTIONS, progress=False)
+            out["mismatch"] = None
+        except ValueError as e:
+            out["mismatch"] = str(e)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _strip_times(d):
+    d = dict(d)
+    d["layers"] = [{k: v for k, v in r.items() if k != "seconds"} for r in d["layers"]]
+    d["totals"] = {k: v for k, v in d["totals"].items() if k != "seconds"}
+    return d
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_gloo_workers_return_the_one_process_model_and_report(tmp_path):
+    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"distributed compress did not finish within {TIMEOUT:.0f} s")
+    outs = []
+    for rank in range(WORLD):
+        with open(os.path.join(tmp_path, f"rank{rank}.pkl"), "rb") as f:
+            outs.append(pickle.load(f))
+    for method in ("tucker2", "cp"):
+        ref_state, ref_report, ref_warn, ref_repr = outs[0][method]["ref"]
+        assert [r["name"] for r in ref_report["layers"]] == LAYERS
+        stopped = [w for w in ref_warn if "stopped after 4 iterations" in w]
+        assert len(stopped) == len(LAYERS) - 1  # every iterative layer stopped at n_iter_max
+        for rank in range(WORLD):
+            # the one-process result of each process is the same everywhere ...
+            s1, rep1, w1, repr1 = outs[rank][method]["ref"]
+            assert s1.keys() == ref_state.keys()
+            for k in ref_state:
+                assert torch.equal(s1[k], ref_state[k]), (method, rank, k)
+            # ... and the 2-process result equals it bit for bit, with the same report
+            state, report, warned, text = outs[rank][method]["got"]
+            assert text == ref_repr
+            assert state.keys() == ref_state.keys()
+            for k in ref_state:
+                assert state[k].dtype == ref_state[k].dtype
+                assert torch.equal(state[k], ref_state[k]), (method, rank, k)
+            assert _strip_times(report) == _strip_times(ref_report)
+            assert warned == ref_warn  # every process warns about every layer
+        # the layers were shared: each process decomposed some, together each once
+        counts = [len(outs[r][method]["calls"]) for r in range(WORLD)]
+        assert all(c > 0 for c in counts) and sum(counts) == len(LAYERS)
+    # the process whose layer failed raises the layer's error, the other one says who failed
+    failures = sorted(outs[r]["failure"] for r in range(WORLD))
+    assert all(f is not None for f in failures)
+    kinds = {f[0] for f in failures}
+    assert kinds == {"ValueError", "RuntimeError"}
+    assert any("injected failure" in f[1] and "'4'" in f[1] for f in failures)
+    assert any("process" in f[1] and "injected failure" in f[1] for f in failures
+               if f[0] == "RuntimeError")
+    for rank in range(WORLD):
+        assert "planned other layers" in outs[rank]["mismatch"]
+
+
+# ------------------------------------------------ scheduling (one process)
+
+
+def test_assign_is_longest_processing_time_first():
+    assert assign([5.0, 4.0, 3.0, 3.0, 3.0], 2) == [0, 1, 1, 0, 1]
+    assert assign([1.0, 1.0, 10.0], 3) == [1, 2, 0]
+    assert assign([2.0, 2.0], 1) == [0, 0]
+    assert assign([], 4) == []
+    with pytest.raises(ValueError, match="world_size=0"):
+        assign([1.0], 0)
+
+
+def test_layer_cost_grows_with_the_layer():
+    for fmt, small, large in (("tucker2", (8, 8), (60, 60)), ("cp", 8, 60), ("svd", 8, 60)):
+        a = layer_cost((32, 32, 3, 3), fmt, small, {}, True)
+        b = layer_cost((128, 128, 3, 3), fmt, large, {}, True)
+        assert 0 < a < b, fmt
+    # Sigma costs more than Frobenius
+    assert (layer_cost((64, 64, 3, 3), "tucker2", (20, 20), {}, True)
+            > layer_cost((64, 64, 3, 3), "tucker2", (20, 20), {}, False))
+
+
+def test_distributed_option_is_checked_and_one_process_is_the_default():
+    assert not dist.is_initialized()
+    assert resolve_group(None) is None and resolve_group(False) is None
+    with pytest.raises(ValueError, match="distributed=True"):
+        resolve_group(True)
+    with pytest.raises(TypeError, match="distributed='yes'"):
+        resolve_group("yes")
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3))
+    with pytest.raises(ValueError, match="distributed=True"):
+        compress(model, "tucker2", ratio=2, distributed=True, progress=False)
+    plan = [{"name": "1", "module": model[1], "format": "tucker2", "ranks": (4, 4),
+             "sigma": None}]
+    shard = LayerShard(plan, {}, None)
+    assert not shard.active and shard.owns("1")
+    rows, mods = [{"name": "1"}], {"1": (model[1], ["1"])}
+    assert shard.gather(rows, mods) == (rows, mods)
