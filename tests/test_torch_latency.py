@@ -107,3 +107,22 @@ def test_bare_layer_kept_dense():
                            min_speedup=1000, example_input=torch.randn(1, 16, 8, 8))
     assert type(out) is nn.Conv2d and torch.equal(out.weight, conv.weight)
     assert out is not conv and report.layers == []
+
+
+def test_latency_benchmark_quick(tmp_path):
+    from benchmarks import latency as bench
+    from sigmadecomp_torch import LAYER_METHODS
+
+    before = set(LAYER_METHODS)
+    out = tmp_path / "latency.md"
+    model_rows, layer_rows, macs = bench.main(["--quick", "--out", str(out)])
+    assert set(LAYER_METHODS) == before
+    assert macs[0] > macs[1] > 0
+    assert len(model_rows) == 2 * 2 * 2  # threads x batch x format
+    for _, _, _, med, _ in model_rows:
+        assert len(med) == 3 and all(0 < v < 1e5 for v in med.values())
+    forms = {r[1] for r in layer_rows}
+    assert forms == {"Tucker2Conv2d", "CPConv2d", "LowRankConv2d", "TTConv2d",
+                     "LowRankLinear", "TTLinear"}
+    text = out.read_text()
+    assert "## Whole model" in text and "min_speedup=1" in text
