@@ -28,7 +28,8 @@ The speed-up is set against the multiply-add reduction counted with
 :class:`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2). The machine's
 load average is printed with the figures. Run from the repository root::
 
-    python -m benchmarks.latency [--rounds 3] [--min-speedup 1.0] [--out notes/latency.md]
+    python -m benchmarks.latency [--rounds 3] [--min-speedup 1.0] [--min-run-time 0.5]
+                                 [--layer-shapes 4] [--out notes/latency.md]
 
 ``--quick`` runs a tiny version in seconds (64 x 64 input, short timings) and
 does not write the notes unless ``--out`` is given.
@@ -214,7 +215,8 @@ def render(args, layer_rows, model_rows, macs, verdicts, report, t_comp, seconds
     gate = f"min_speedup={args.min_speedup:g}"
     out = ["# Latency of compressed layers and of a compressed ResNet-18 (CPU)", "",
            f"Command: `python -m benchmarks.latency{' --quick' if args.quick else ''} "
-           f"--rounds {args.rounds} --min-speedup {args.min_speedup:g}`; torch "
+           f"--rounds {args.rounds} --min-speedup {args.min_speedup:g} --min-run-time "
+           f"{args.min_run_time:g} --layer-shapes {args.layer_shapes}`; torch "
            f"{torch.__version__}, {os.cpu_count()} CPUs, default threads "
            f"{torch.get_num_threads()}; total {seconds:.0f} s. Times are medians "
            "(torch.utils.benchmark `blocked_autorange`, then the median over "
@@ -268,6 +270,9 @@ def main(argv=None):
                     help="seconds of blocked_autorange per whole-model measurement")
     ap.add_argument("--out", default=None, help="markdown file (default notes/latency.md, "
                     "none with --quick)")
+    ap.add_argument("--layer-shapes", type=int, default=4,
+                    help="how many of the ResNet-18 conv shapes (64@56, 128@28, 256@14, "
+                    "512@7) to time per layer")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -280,17 +285,23 @@ def main(argv=None):
         shapes, layer_time = [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)], 0.05
     out = args.out if args.out is not None or args.quick else "notes/latency.md"
     print(f"load average {_load()}", flush=True)
+    shapes = shapes[:args.layer_shapes]
+
+    def write(layer_rows):
+        text = render(args, layer_rows, model_rows, macs, verdicts, report, t_comp,
+                      time.perf_counter() - t0)
+        if out:
+            with open(out, "w") as f:
+                f.write(text)
+        return text
+
     with _random_formats():
         model_rows, macs, verdicts, report, t_comp = whole_model(
             args.size, batches, (None, 1), args.min_speedup, args.min_run_time, args.rounds,
             layers)
+        write([])  # the whole-model figures are kept if the per-layer part is cut short
         layer_rows = per_layer(shapes, batches, layer_time, args.rounds)
-    text = render(args, layer_rows, model_rows, macs, verdicts, report, t_comp,
-                  time.perf_counter() - t0)
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
+    print(write(layer_rows))
     return model_rows, layer_rows, macs
 
 
