@@ -43,6 +43,7 @@ _EXPORTS = {
     "covariance": ("LayerStats", "collect_covariances", "load_covariances", "save_covariances",
                    "select_layers"),
     "layers": ("CPConv2d", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d"),
+    "latency": ("measure_latency",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -64,6 +65,7 @@ __all__ = [
     "CPConv2d",
     "LowRankConv2d",
     "LowRankLinear",
+    "measure_latency",
 ]
 
 

@@ -37,6 +37,7 @@ from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
 from sigmadecomp.sigma import relative_sigma_error
 from sigmadecomp.svd import sigma_svd
 
+from . import latency as _latency
 from . import parallel as _parallel
 from .covariance import LayerStats, select_layers
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
@@ -195,9 +196,12 @@ class CompressionReport:
         ``converged`` (False when an iterative method stopped at
         ``n_iter_max``; None for the closed-form SVD), ``seconds`` and
         ``aliases`` (the module's other names when it is registered under
-        several; the one factorized module stands under all of them).
+        several; the one factorized module stands under all of them); with
+        ``min_speedup`` also ``latency_dense_ms`` and ``latency_factorized_ms``
+        (median milliseconds at the layer's input size) for the timed layers.
     skipped : list of dict
-        ``name``, ``kind`` and ``reason`` of each candidate left as it was.
+        ``name``, ``kind`` and ``reason`` of each candidate left as it was
+        (with both latencies for a layer kept dense by ``min_speedup``).
     params_before, params_after : int
         Parameters of the whole model before and after.
     seconds : float
@@ -301,6 +305,10 @@ class CompressionReport:
         out += [line(["-" * w for w in width]), line(rows[-1])]
         out.append(f"model: {self.params_before} -> {self.params_after} parameters, "
                    f"rX = {self.ratio:.2f}")
+        for r in self.layers:
+            if r.get("latency_dense_ms") is not None:
+                out.append(f"latency {r['name']}: {r['latency_dense_ms']:.3f} ms dense -> "
+                           f"{r['latency_factorized_ms']:.3f} ms factorized")
         for s in self.skipped:
             out.append(f"skipped {s['name']} ({s['kind']}): {s['reason']}")
         return "\n".join(out)
@@ -677,7 +685,7 @@ def _carry_requires_grad(old, new):
 
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
-             distributed=None):
+             distributed=None, min_speedup=None, example_input=None):
     """Replace Conv2d/Linear layers of a model by factorized layers.
 
     Parameters
@@ -751,6 +759,18 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         The processes are started by the user (``torchrun``, or
         ``torch.multiprocessing.spawn`` as in ``benchmarks/parallel.py``),
         each with its own copy of the model and statistics.
+    min_speedup : float, optional
+        Keep a layer dense unless its factorized form runs at least this many
+        times faster than the dense layer (``1.0``: only strictly not slower).
+        Each layer is timed after its decomposition, dense and factorized
+        interleaved, at the input size, batch and memory format it sees in
+        ``example_input`` (:func:`sigmadecomp_torch.latency.compare_latency`,
+        torch's current threads); a layer kept dense is listed in
+        ``report.skipped`` with both times. ``None`` (default): no timing.
+        Requires ``example_input``. Layers the example pass never calls are
+        compressed without timing. Times are noisy on a busy machine.
+    example_input : tensor, tuple or dict, optional
+        One input batch of the model, for ``min_speedup``.
 
     Returns
     -------
@@ -849,6 +869,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                         "it must be a dict of layer name -> LayerStats")
     _check_not_meta(model, covariances)
     options = dict(options or {})
+    min_speedup = _latency.check_min_speedup(min_speedup, example_input)
 
     # every name of every module (a module registered twice has several)
     paths = {}
@@ -968,6 +989,12 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         auto_plan.append(p)
     plan = auto_plan
 
+    shapes = {}
+    if min_speedup is not None:  # input size of each layer, under any of its names
+        seen = _latency.input_shapes(model, example_input)
+        shapes = {p["name"]: next((seen[n] for n in [p["name"]] + p["aliases"] if n in seen),
+                                  None) for p in plan}
+
     # -- decompose (the model is untouched until every layer succeeded)
     rows, new_modules = [], {}
     shard = _parallel.LayerShard(plan, options, distributed)  # this process's layers
@@ -1008,7 +1035,16 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         n_iter = getattr(result, "n_iter", None)
         converged = getattr(result, "converged", None)
         converged = None if converged is None else bool(converged)
-        rows.append({
+        dense_reason = None
+        timing = {}
+        if shapes.get(name) is not None:
+            keep, d_ms, f_ms = _latency.speedup_verdict(module, new, shapes[name], min_speedup)
+            timing = {"latency_dense_ms": d_ms, "latency_factorized_ms": f_ms}
+            if not keep:
+                dense_reason = (f"factorized {d_ms / f_ms:.2f}x as fast as dense ({f_ms:.3f} "
+                                f"vs {d_ms:.3f} ms at input {tuple(shapes[name][0])}), "
+                                f"below min_speedup={min_speedup:g}: kept dense")
+        rows.append({**timing, "_dense_reason": dense_reason,
             "name": name, "kind": p["kind"], "method": fmt, "ranks": p["ranks"],
             "params_before": _n_params(module), "params_after": _n_params(new),
             "sigma_error": sig_err, "frobenius_error": float(frob),
@@ -1017,6 +1053,17 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         })
         new_modules[name] = (new, [name] + p["aliases"])
     rows, new_modules = shard.gather(rows, new_modules)  # all layers, on every process
+    kept = []
+    for row in rows:  # layers whose factorized form is not fast enough stay dense
+        reason = row.pop("_dense_reason")
+        if reason is None:
+            kept.append(row)
+            continue
+        new_modules.pop(row["name"])
+        skipped.append({"name": row["name"], "kind": row["kind"],
+                        "latency_dense_ms": row["latency_dense_ms"],
+                        "latency_factorized_ms": row["latency_factorized_ms"], "reason": reason})
+    rows = kept
     for row in rows:
         _warn_layer(row)
 
