@@ -1,6 +1,8 @@
 """Small builders shared by the test modules."""
 
+import socket
 import struct
+import time
 
 import numpy as np
 
@@ -28,3 +30,25 @@ def write_idx(path, array):
     array = np.asarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
     path.write_bytes(header + array.tobytes())
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(worker, args, nprocs, timeout, what):
+    """Run ``worker(rank, *args)`` in ``nprocs`` processes; fail the test after ``timeout`` s."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"{what} did not finish within {timeout:.0f} s")

@@ -1,18 +1,16 @@
 """Data-parallel collection over 2 gloo processes equals single-process collection."""
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, load_covariances, save_covariances  # noqa: E402
+from _helpers import free_port, spawn_workers  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 120.0  # seconds for the whole spawned run (start-up included)
@@ -44,12 +42,6 @@ def _batches():
     return [torch.randn(4 + i, 2, 8, 8, generator=g, dtype=torch.float64) for i in range(5)]
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -71,14 +63,7 @@ def _worker(rank, port, out_dir):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_workers_equal_one_process(tmp_path):
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed collection did not finish within {TIMEOUT:.0f} s")
+    spawn_workers(_worker, (free_port(), str(tmp_path)), WORLD, TIMEOUT, "distributed collection")
     single = collect_covariances(_model(), _batches(), progress=False)
     for rank in range(WORLD):
         got = load_covariances(os.path.join(tmp_path, f"rank{rank}.pt"))

@@ -2,8 +2,6 @@
 
 import os
 import pickle
-import socket
-import time
 import warnings
 from datetime import timedelta
 
@@ -11,12 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
 from sigmadecomp_torch.compress import LAYER_METHODS, LayerMethod  # noqa: E402
 from sigmadecomp_torch.parallel import LayerShard, assign, layer_cost, resolve_group  # noqa: E402
+from _helpers import free_port, spawn_workers  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 180.0  # seconds for the whole spawned run (start-up included)
@@ -38,12 +36,6 @@ def _model():
 def _batches():
     g = torch.Generator().manual_seed(5)
     return [torch.randn(6, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(3)]
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(method, stats, distributed, **kw):
@@ -127,14 +119,7 @@ def _strip_times(d):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_workers_return_the_one_process_model_and_report(tmp_path):
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed compress did not finish within {TIMEOUT:.0f} s")
+    spawn_workers(_worker, (free_port(), str(tmp_path)), WORLD, TIMEOUT, "distributed compress")
     outs = []
     for rank in range(WORLD):
         with open(os.path.join(tmp_path, f"rank{rank}.pkl"), "rb") as f:
