@@ -120,6 +120,20 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+def _checked_config(**config):
+    """The network's configuration, each value a positive int, the patch dividing the image."""
+    for name, value in config.items():
+        _check_positive_int(value, name)
+    image_size, patch, dim, heads = (config[k] for k in ("image_size", "patch", "dim", "heads"))
+    if image_size % patch:
+        raise ValueError(f"patch={patch} is not allowed with image_size={image_size}; "
+                         "image_size must be a multiple of patch")
+    if dim % heads:
+        raise ValueError(f"dim={dim} is not allowed with heads={heads}; dim must be a "
+                         "multiple of heads")
+    return dict(config)
+
+
 class ViT(nn.Module):
     """Vision Transformer built from plain ``nn.Linear`` layers.
 
@@ -151,15 +165,9 @@ class ViT(nn.Module):
     def __init__(self, image_size=28, patch=7, channels=1, dim=64, depth=4, heads=4,
                  mlp_dim=128, n_classes=10):
         super().__init__()
-        for name, value in [("image_size", image_size), ("patch", patch), ("channels", channels),
-                            ("dim", dim), ("depth", depth), ("heads", heads),
-                            ("mlp_dim", mlp_dim), ("n_classes", n_classes)]:
-            _check_positive_int(value, name)
-        if image_size % patch:
-            raise ValueError(f"patch={patch} is not allowed with image_size={image_size}; "
-                             "image_size must be a multiple of patch")
-        self.config = dict(image_size=image_size, patch=patch, channels=channels, dim=dim,
-                           depth=depth, heads=heads, mlp_dim=mlp_dim, n_classes=n_classes)
+        self.config = _checked_config(image_size=image_size, patch=patch, channels=channels,
+                                      dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                                      n_classes=n_classes)
         self.embed = _Embedding(image_size, patch, channels, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -182,18 +190,9 @@ class TorchViT(nn.Module):
     def __init__(self, image_size=28, patch=7, channels=1, dim=64, depth=4, heads=4,
                  mlp_dim=128, n_classes=10):
         super().__init__()
-        for name, value in [("image_size", image_size), ("patch", patch), ("channels", channels),
-                            ("dim", dim), ("depth", depth), ("heads", heads),
-                            ("mlp_dim", mlp_dim), ("n_classes", n_classes)]:
-            _check_positive_int(value, name)
-        if image_size % patch:
-            raise ValueError(f"patch={patch} is not allowed with image_size={image_size}; "
-                             "image_size must be a multiple of patch")
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not allowed with heads={heads}; dim must be a "
-                             "multiple of heads")
-        self.config = dict(image_size=image_size, patch=patch, channels=channels, dim=dim,
-                           depth=depth, heads=heads, mlp_dim=mlp_dim, n_classes=n_classes)
+        self.config = _checked_config(image_size=image_size, patch=patch, channels=channels,
+                                      dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                                      n_classes=n_classes)
         self.embed = _Embedding(image_size, patch, channels, dim)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, dim_feedforward=mlp_dim, dropout=0.0,
