@@ -134,7 +134,17 @@ def _checked_config(**config):
     return dict(config)
 
 
-class ViT(nn.Module):
+class _Backbone(nn.Module):
+    """Patch embedding, blocks, final norm, mean over tokens, classifier."""
+
+    def forward(self, images):
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+class ViT(_Backbone):
     """Vision Transformer built from plain ``nn.Linear`` layers.
 
     Parameters
@@ -173,14 +183,8 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
-    def forward(self, images):
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x).mean(1))
 
-
-class TorchViT(nn.Module):
+class TorchViT(_Backbone):
     """The same network as :class:`ViT` with ``nn.TransformerEncoderLayer`` blocks.
 
     Pre-norm (``norm_first=True``), GELU, ``batch_first=True``, no dropout.
@@ -200,12 +204,6 @@ class TorchViT(nn.Module):
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
-
-    def forward(self, images):
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x).mean(1))
 
     @classmethod
     def from_vit(cls, vit):
