@@ -134,8 +134,24 @@ def _checked_config(**config):
     return dict(config)
 
 
+def _torch_layer(dim, heads, mlp_dim):
+    return nn.TransformerEncoderLayer(dim, heads, dim_feedforward=mlp_dim, dropout=0.0,
+                                      activation="gelu", batch_first=True, norm_first=True)
+
+
 class _Backbone(nn.Module):
     """Patch embedding, blocks, final norm, mean over tokens, classifier."""
+
+    def __init__(self, block, image_size, patch, channels, dim, depth, heads, mlp_dim,
+                 n_classes):
+        super().__init__()
+        self.config = _checked_config(image_size=image_size, patch=patch, channels=channels,
+                                      dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                                      n_classes=n_classes)
+        self.embed = _Embedding(image_size, patch, channels, dim)
+        self.blocks = nn.ModuleList(block(dim, heads, mlp_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
 
     def forward(self, images):
         x = self.embed(images)
@@ -174,14 +190,8 @@ class ViT(_Backbone):
 
     def __init__(self, image_size=28, patch=7, channels=1, dim=64, depth=4, heads=4,
                  mlp_dim=128, n_classes=10):
-        super().__init__()
-        self.config = _checked_config(image_size=image_size, patch=patch, channels=channels,
-                                      dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
-                                      n_classes=n_classes)
-        self.embed = _Embedding(image_size, patch, channels, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, n_classes)
+        super().__init__(Block, image_size, patch, channels, dim, depth, heads, mlp_dim,
+                         n_classes)
 
 
 class TorchViT(_Backbone):
@@ -193,17 +203,8 @@ class TorchViT(_Backbone):
 
     def __init__(self, image_size=28, patch=7, channels=1, dim=64, depth=4, heads=4,
                  mlp_dim=128, n_classes=10):
-        super().__init__()
-        self.config = _checked_config(image_size=image_size, patch=patch, channels=channels,
-                                      dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
-                                      n_classes=n_classes)
-        self.embed = _Embedding(image_size, patch, channels, dim)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, dim_feedforward=mlp_dim, dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, n_classes)
+        super().__init__(_torch_layer, image_size, patch, channels, dim, depth, heads,
+                         mlp_dim, n_classes)
 
     @classmethod
     def from_vit(cls, vit):
