@@ -104,3 +104,16 @@ def _torch_single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture
+def small_model_file(tmp_path):
+    """A pickled ``ResNetSmall(width=8)`` (seed 0) on disk: ``(path, model)``."""
+    torch = pytest.importorskip("torch")
+    from sigmadecomp_torch.models import ResNetSmall
+
+    torch.manual_seed(0)
+    model = ResNetSmall(width=8).eval()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return path, model

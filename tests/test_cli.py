@@ -60,7 +60,6 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import cli  # noqa: E402
-from sigmadecomp_torch.models import ResNetSmall  # noqa: E402
 from _helpers import write_idx  # noqa: E402
 
 
@@ -101,12 +100,8 @@ def test_package_exports_stay_functions_after_submodule_import():
 
 
 @pytest.fixture
-def model_file(tmp_path):
-    torch.manual_seed(0)
-    model = ResNetSmall(width=8).eval()
-    path = tmp_path / "model.pt"
-    torch.save(model, path)
-    return str(path)
+def model_file(small_model_file):
+    return str(small_model_file[0])
 
 
 @pytest.fixture

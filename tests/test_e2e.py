@@ -205,15 +205,6 @@ def test_experiment_config_errors():
 # ----------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def small_model_file(tmp_path):
-    torch.manual_seed(0)
-    model = ResNetSmall(width=8).eval()
-    path = tmp_path / "model.pt"
-    torch.save(model, path)
-    return path, model
-
-
 def test_cli_help_explains_every_option(capsys):
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
