@@ -175,6 +175,19 @@ def _parse_settings(text):
     return out
 
 
+def _save_partial(out, args):
+    """Write the figures so far (JSON, and the notes in the full mode): an
+    interrupted run keeps what it measured."""
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+    if not args.quick and out.get("runs"):
+        out.setdefault("load_end", os.getloadavg())
+        write_notes(out, os.path.join(args.notes, "scale.md"),
+                    os.path.join(args.notes, "scale.png"))
+        del out["load_end"]
+
+
 def run(args):
     model = _model()
     batches = _batches(args.images, args.size, args.batch)
@@ -235,6 +248,7 @@ def run(args):
                     rec["latency_s"] = {b: latency(small, b, args.size, args.min_run_time)
                                         for b in sizes}
                 out["runs"].append(rec)
+                _save_partial(out, args)
                 print(f"{method} processes={procs} threads={threads}: {rec['seconds']:.1f} s "
                       f"({len(layers)} layers), peak RSS {rec['peak_rss_mib']:.0f} MiB, load "
                       f"{load0:.1f} -> {rec['load_after']:.1f}"
