@@ -59,7 +59,19 @@ TARGETS = {"tucker2": 600.0, "cp": 900.0, "memory_mib": 3 * 1024.0}
 
 
 def peak_rss_mib():
-    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    """Peak resident memory of this process so far (MiB).
+
+    ``VmHWM`` of ``/proc/self/status`` where available: ``ru_maxrss`` is
+    kept across ``exec`` on Linux, so a spawned worker would report its
+    parent's peak; otherwise ``ru_maxrss`` (KiB on Linux).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
