@@ -21,8 +21,8 @@ one run:
   process, and whether the model of each multi-process run is bit-identical
   to the one-process model with the same threads;
 * latency of the original and of each compressed model
-  (``torch.utils.benchmark``, median, batch 1 and 16, torch's default
-  threads).
+  (``torch.utils.benchmark``, median, batch 1 and 16, at torch's default
+  threads and at one thread).
 
 ``--n-iter-max`` bounds the sweeps of every layer (and the sweeps of the
 Tucker-2 HOOI start) to keep the run within minutes on a small machine;
@@ -102,16 +102,27 @@ def time_forward(model, batches):
     return time.perf_counter() - t0
 
 
-def latency(model, batch, size, min_run_time):
-    """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark)."""
+def latency(model, batch, size, min_run_time, threads=None):
+    """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark).
+
+    At torch's current thread count, or at ``threads``.
+    """
     from torch.utils import benchmark
 
     x = torch.rand(batch, 3, size, size)
     with torch.no_grad():
         model(x)  # warm-up
         t = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
-                            num_threads=torch.get_num_threads())
+                            num_threads=threads or torch.get_num_threads())
         return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def latencies(model, sizes, args):
+    """``{batch: seconds}`` at default threads, and the same at one thread
+    (less disturbed by other jobs on a shared machine)."""
+    out = {b: latency(model, b, args.size, args.min_run_time) for b in sizes}
+    one = {b: latency(model, b, args.size, args.min_run_time, threads=1) for b in sizes}
+    return out, one
 
 
 def _options(method, n_iter_max):
@@ -221,8 +232,8 @@ def run(args):
           f"of statistics, peak RSS {out['peak_rss_after_statistics_mib']:.0f} MiB, load "
           f"{out['load_after_statistics']:.1f}", flush=True)
     sizes = [1] if args.quick else [1, 16]
-    out["latency_original_s"] = {b: latency(model, b, args.size, args.min_run_time)
-                                 for b in sizes}
+    out["latency_original_s"], out["latency_original_1thread_s"] = latencies(model, sizes,
+                                                                             args)
     convs = conv_names(model)
     settings = _parse_settings(args.settings)
     stats_path = None
@@ -257,8 +268,7 @@ def run(args):
                            load_before=load0, load_after=os.getloadavg()[0],
                            layers=len(layers))
                 if small is not None and threads == "default":
-                    rec["latency_s"] = {b: latency(small, b, args.size, args.min_run_time)
-                                        for b in sizes}
+                    rec["latency_s"], rec["latency_1thread_s"] = latencies(small, sizes, args)
                 out["runs"].append(rec)
                 _save_partial(out, args)
                 print(f"{method} processes={procs} threads={threads}: {rec['seconds']:.1f} s "
@@ -327,15 +337,17 @@ def write_notes(out, path_md, path_png):
         "## Decomposition (`compress`, rX=3)",
         "",
         "| method | layers | processes | threads | seconds | peak RSS MiB | load before -> after "
-        "| identical to 1 process | latency b=1 / b=16 (ms) |",
-        "|---|---:|---:|---|---:|---:|---|---|---|",
+        "| identical to 1 process | latency b=1 / b=16 (ms), default threads | same, 1 thread |",
+        "|---|---:|---:|---|---:|---:|---|---|---|---|",
     ]
-    orig = out["latency_original_s"]
-    lines.append("| original | - | - | - | - | - | - | - | " + " / ".join(
-        f"{1e3 * v:.1f}" for v in orig.values()) + " |")
+
+    def _ms(lat):
+        return " / ".join(f"{1e3 * v:.1f}" for v in lat.values()) if lat else "-"
+
+    lines.append(f"| original | - | - | - | - | - | - | - | {_ms(out['latency_original_s'])} | "
+                 f"{_ms(out.get('latency_original_1thread_s'))} |")
     for r in runs:
-        lat = r.get("latency_s")
-        lat_s = " / ".join(f"{1e3 * v:.1f}" for v in lat.values()) if lat else "-"
+        lat_s = _ms(r.get("latency_s")) + " | " + _ms(r.get("latency_1thread_s"))
         ident = r.get("identical_to_1_process")
         ident = "-" if "identical_to_1_process" not in r else ("n/a" if ident is None
                                                                 else str(ident).lower())
