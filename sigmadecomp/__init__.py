@@ -11,7 +11,8 @@ input's library, dtype and device.
 """
 
 from .exceptions import CompressionWarning, ConvergenceWarning
-from .results import CPResult, SVDResult, Tucker2Result
+from .contract import InnerSolver
+from .results import CPResult, DecompositionResult, SVDResult, Tucker2Result
 from .sigma import PSDRoot, psd_root, relative_sigma_error, sigma_norm
 from .svd import sigma_svd
 from .tenalg import fold, khatri_rao, unfold
@@ -33,6 +34,8 @@ __all__ = [
     "psd_root",
     "PSDRoot",
     "sigma_svd",
+    "InnerSolver",
+    "DecompositionResult",
     "SVDResult",
     "Tucker2Result",
     "tucker2",

@@ -72,6 +72,20 @@ CANCEL = 1e-6
 PRECOND_FLOOR = 1e-8
 
 
+#: Points of the log-spaced grid on which EVBMF brackets the minimiser of its
+#: noise-variance objective before a bounded scalar search refines it: the
+#: objective has at most a few local minima over the bracket, and 400 points
+#: (a ratio of ~1.07 between neighbours over 12 decades) separate them at a
+#: cost of microseconds.
+EVB_GRID = 400
+
+#: Smallest positive scale used as a guard where a ratio to a largest
+#: eigenvalue or a previous error could divide by zero: the order of the
+#: smallest normal float64 (2.2e-308) with room to spare, so it never changes
+#: a result that is not otherwise 0/0.
+TINY = 1e-300
+
+
 def _floor(table, dtype):
     return table.get(_dtype_name(dtype), table["float64"])
 
