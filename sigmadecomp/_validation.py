@@ -59,6 +59,13 @@ SYM_RTOL = {"float64": 1e-10, "float32": 1e-6}
 #: only up to a factor of order the condition number.
 CHOL_PIVOT = 10.0
 
+#: CP-ALS evaluates its objective by the expansion ``f = tr(K S K^T) - 2 c + q``,
+#: whose rounding error is about ``eps * (tr(K S K^T) + 2|c| + q)``. While ``f``
+#: is at least ``EXPANSION_CANCEL`` times that scale the relative rounding error
+#: of ``f`` stays below ``eps / 1e-5 ~ 1e-11``; below it (a nearly exact fit, or
+#: large terms that cancel) the objective is recomputed from the residual.
+EXPANSION_CANCEL = 1e-5
+
 #: Below this squared relative error, error formulas of the form
 #: ``total - kept`` lose more than half their digits to cancellation and the
 #: error is recomputed from ``D = K - K~`` instead (sqrt(1e-6) = 1e-3 relative
@@ -78,6 +85,16 @@ PRECOND_FLOOR = 1e-8
 #: (a ratio of ~1.07 between neighbours over 12 decades) separate them at a
 #: cost of microseconds.
 EVB_GRID = 400
+
+#: The blocked upper-triangle ``X^T X`` of the statistics collector
+#: (``sigmadecomp_torch.covariance``) splits the ``n`` columns into blocks of
+#: ``max(GRAM_BLOCK_MIN, ceil(n / GRAM_BLOCKS))``: at most 8 block GEMMs, so
+#: the triangle costs about (1 + 1/8) / 2 of the full product, and at least 96
+#: columns per block so that each GEMM stays wide enough for the BLAS to run
+#: near its full speed (below that the loop overhead eats the saving; layers
+#: with ``n <= 96`` take one full product).
+GRAM_BLOCK_MIN = 96
+GRAM_BLOCKS = 8
 
 #: Smallest positive scale used as a guard where a ratio to a largest
 #: eigenvalue or a previous error could divide by zero: the order of the

@@ -1,3 +1,6 @@
+# One concept, the cost models of every factorized format (SVD, Tucker-2, CP and
+# Tensor-Train: parameter and multiply-add counts, ratio -> ranks, the method
+# registry); longer than ~600 lines because the TT counts live here too.
 """Cost models of the factorized formats: parameter and multiply-add counts, ratio -> ranks.
 
 Three ways to choose the ranks of a factorized layer:
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -499,7 +503,7 @@ def tt_param_count(in_modes, out_modes, ranks, *, kernel_size=None):
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_param_count
+    >>> from sigmadecomp.costs import tt_param_count
     >>> tt_param_count((4, 4, 8), (4, 4, 8), 16, kernel_size=(3, 3))  # r_0 clipped to 9
     7505
     >>> tt_param_count((4, 8), (2, 5), 3)   # Linear 32 -> 10: 4*2*3 + 3*8*5
@@ -531,7 +535,7 @@ def tt_mac_count(in_modes, out_modes, ranks, *, kernel_size=None, out_hw=None):
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_mac_count
+    >>> from sigmadecomp.costs import tt_mac_count
     >>> tt_mac_count((4, 8), (2, 5), 3)   # Linear 32 -> 10: 8*4*2*3 + 2*8*3*5
     432
     """
@@ -579,7 +583,7 @@ def tt_ranks_for_ratio(in_modes, out_modes, ratio, *, kernel_size=None):
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_ranks_for_ratio, tt_param_count
+    >>> from sigmadecomp.costs import tt_ranks_for_ratio, tt_param_count
     >>> r = tt_ranks_for_ratio((4, 4, 8), (4, 4, 8), 10, kernel_size=(3, 3))
     >>> r
     (9, 24, 24)
@@ -636,7 +640,7 @@ def tt_layer_ranks(shape, ranks):
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_layer_ranks
+    >>> from sigmadecomp.costs import tt_layer_ranks
     >>> tt_layer_ranks((128, 128, 3, 3), 16)
     (9, 16, 16)
     """
@@ -651,7 +655,7 @@ def tt_layer_params(shape, ranks):
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_layer_params
+    >>> from sigmadecomp.costs import tt_layer_params
     >>> tt_layer_params((128, 128, 3, 3), 16)
     7505
     """
@@ -663,14 +667,17 @@ def tt_layer_macs(shape, ranks, out_hw=None, in_hw=None):
     """Multiply-adds per sample of the TT layer for a weight shape (automatic modes).
 
     ``out_hw`` is required for a conv (all TT work happens at the output
-    resolution; ``in_hw`` is accepted and unused). A Linear weight ignores both.
+    resolution). A Linear weight ignores it. ``in_hw`` has no effect and is
+    deprecated (a ``DeprecationWarning`` when given).
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_layer_macs
+    >>> from sigmadecomp.costs import tt_layer_macs
     >>> tt_layer_macs((10, 64), 3)   # modes (8, 8) x (2, 5)
     624
     """
+    if in_hw is not None:
+        _deprecated_ignored("tt_layer_macs", "in_hw")
     im, om, ks = shape_modes(shape)
     if ks is None:
         return tt_mac_count(im, om, ranks)
@@ -692,7 +699,7 @@ def _largest_uniform_rank(im, om, ks, budget):
     return clip_ranks((lo,) * (len(dims) - 1), dims)
 
 
-def tt_ranks_from_budget(shape, budget, keep_proportion=True):
+def tt_ranks_from_budget(shape, budget, keep_proportion=None):
     """Largest uniform TT ranks whose parameter count is at most ``budget`` (at least 1).
 
     Parameters
@@ -701,9 +708,9 @@ def tt_ranks_from_budget(shape, budget, keep_proportion=True):
         ``(T, S, H, W)`` or ``(T, n)`` (automatic modes).
     budget : int
         Weight parameters allowed.
-    keep_proportion : bool
-        Accepted for interface compatibility with the other formats; TT
-        ranks are uniform (clipped per bond).
+    keep_proportion : bool, optional
+        Deprecated, no effect (TT ranks are uniform, clipped per bond); a
+        ``DeprecationWarning`` when given.
 
     Returns
     -------
@@ -712,14 +719,21 @@ def tt_ranks_from_budget(shape, budget, keep_proportion=True):
 
     Examples
     --------
-    >>> from sigmadecomp.tt import tt_ranks_from_budget, tt_layer_params
+    >>> from sigmadecomp.costs import tt_ranks_from_budget, tt_layer_params
     >>> r = tt_ranks_from_budget((128, 128, 3, 3), 128 * 128 * 9 // 8)
     >>> r, tt_layer_params((128, 128, 3, 3), r) <= 128 * 128 * 9 // 8
     ((9, 27, 27), True)
     """
+    if keep_proportion is not None:
+        _deprecated_ignored("tt_ranks_from_budget", "keep_proportion")
     im, om, ks = shape_modes(shape)
     budget = check_int(budget, "budget")
     return _largest_uniform_rank(im, om, ks, budget)
+
+
+def _deprecated_ignored(fname, arg):
+    warnings.warn(f"{fname}({arg}=...) has no effect, is deprecated and will be removed in the "
+                  f"next release; leave {arg} out", DeprecationWarning, stacklevel=3)
 
 
 register_method("svd", MethodSpec(
@@ -735,4 +749,5 @@ register_method("cp", MethodSpec(
 # it is not offered to the budget allocation.
 register_method("tt", MethodSpec(
     ndims=(2, 4), check_ranks=tt_layer_ranks, params=tt_layer_params,
-    macs=tt_layer_macs, from_budget=tt_ranks_from_budget))
+    macs=lambda shape, ranks, out_hw, in_hw: tt_layer_macs(shape, ranks, out_hw),
+    from_budget=lambda shape, budget, keep_proportion: tt_ranks_from_budget(shape, budget)))

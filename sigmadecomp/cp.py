@@ -47,6 +47,7 @@ from . import _backend as B
 from ._threads import solver_threads
 from ._validation import (
     CHOL_PIVOT,
+    EXPANSION_CANCEL,
     ZERO_RTOL,
     check_array,
     check_finite,
@@ -84,10 +85,7 @@ _PRECOND_REFRESH = 5  # sweeps between rebuilds of the preconditioner's S x S bl
 # eigenvalues <= this * largest count as zero in the preconditioner: the zero floor
 # of the float64 algebra
 _PINV_RTOL = ZERO_RTOL["float64"]
-# The shortcut ``norm2 - 2 c + q`` of the objective loses about eps * (norm2 + 2|c| + q)
-# to rounding; below this fraction of that scale the objective is recomputed from
-# the residual instead (the cancellation would cost more than 1e-8 of its value).
-_CANCEL = 1e-5
+_CANCEL = EXPANSION_CANCEL  # named and explained in sigmadecomp._validation
 #: Defaults of ``inner`` (:class:`sigmadecomp.InnerSolver`) for the B-update: CG
 #: (always preconditioned) to ``rtol``; ``maxiter=None`` is the adaptive cap.
 INNER_DEFAULTS = {"method": "cg", "rtol": INNER_RTOL, "maxiter": None, "dense_max": None,

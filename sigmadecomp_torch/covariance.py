@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
+
 __all__ = [
     "LayerStats",
     "collect_covariances",
@@ -497,7 +499,7 @@ class _Accumulator:
         if X.ndim == 2 and X.device.type == "cpu" and self.xx.is_contiguous():
             _syrk_upper(X, self.xx)
             return
-        block = max(96, -(-n // 8))
+        block = max(GRAM_BLOCK_MIN, -(-n // GRAM_BLOCKS))  # why: sigmadecomp._validation
         if n <= block:
             self.xx += X.transpose(-1, -2) @ X
             return
