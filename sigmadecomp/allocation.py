@@ -1,3 +1,5 @@
+# One concept, the allocation of a budget over layers (error curves and the
+# multiple-choice knapsack); slightly longer than ~600 lines for it.
 """Error-versus-rank curves and the global allocation of a budget over layers.
 
 Each layer offers rank choices in increasing cost (the ``candidates`` of its

@@ -1,3 +1,5 @@
+# One concept, CP decomposition (Frobenius and Sigma CP-ALS: the two engines, the
+# preconditioner of the B-update, the public function); longer than ~600 lines for it.
 """CP decomposition of conv kernels: CP-ALS (Frobenius) and CP-ALS-Sigma.
 
 A kernel ``K`` of shape ``(T, S, H, W)`` is approximated by ``R`` rank-one terms,

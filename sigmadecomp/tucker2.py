@@ -1,3 +1,5 @@
+# One concept, Tucker-2 decomposition (HOOI and Tucker2-ALS-Sigma with its two block
+# minimisers); slightly longer than ~600 lines for it.
 """Tucker-2 decomposition of conv kernels: HOOI and Tucker2-ALS-Sigma.
 
 A kernel ``K`` of shape ``(T, S, H, W)`` is approximated on its two channel
