@@ -55,10 +55,10 @@ class DecompositionResult:
         starting point and after each sweep (one entry for a closed form).
     error : float
         The last entry of ``errors``.
-    n_iter : int
-        Sweeps performed (0 for a closed form).
-    converged : bool
-        Whether the ``tol`` criterion was met (always True for a closed form).
+    n_iter : int or None
+        Sweeps performed (``None`` for a closed form, which has none).
+    converged : bool or None
+        Whether the ``tol`` criterion was met (``None`` for a closed form).
     weighted : bool
         Whether a ``sigma`` was used.
     seconds : float
@@ -121,8 +121,9 @@ class SVDResult(DecompositionResult):
         ``ridge == 0``; relative Frobenius error when ``sigma`` is None).
         ``errors == [error]``.
     rank : int
-    weighted, ridge, sigma_error, n_iter (0), converged (True), seconds :
-        as for :class:`DecompositionResult`.
+    weighted, ridge, sigma_error, seconds : as for :class:`DecompositionResult`.
+    n_iter, converged : None
+        A closed form has no iterations and no tolerance.
     """
 
     left: object = None
@@ -130,7 +131,8 @@ class SVDResult(DecompositionResult):
     singular_values: object = None
     error: Optional[float] = None
     rank: int = 0
-    converged: bool = True
+    n_iter: Optional[int] = None
+    converged: Optional[bool] = None
 
     def __post_init__(self):
         if not self.errors and self.error is not None:

@@ -43,9 +43,9 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
 
     The call follows the solver contract of :mod:`sigmadecomp.contract`. A
     closed form has no iterations: ``init``, ``n_iter_max``, ``tol``, ``rng``
-    and ``inner`` are validated but have no effect, and ``callback`` is called
+    and ``inner`` are validated but have no effect, ``callback`` is called
     once, with the result (its return value is ignored: there is nothing left
-    to stop).
+    to stop), and the result's ``n_iter`` and ``converged`` are ``None``.
 
     Parameters
     ----------
