@@ -108,7 +108,8 @@ def tt_svd_dense(X, dims, ranks, eps):
         r = min(ranks[k], int(s.shape[0]))
         if delta2 is not None:
             s2 = B.to_numpy(s) ** 2
-            tail_from = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail_from[j] = sum s2[j:]
+            # tail_from[j] = sum s2[j:]
+            tail_from = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
             r_tol = int(np.argmax(tail_from <= delta2))
             r = max(1, min(r, r_tol))
         tails.append(float(xp.sum(s[r:] ** 2)))

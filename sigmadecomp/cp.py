@@ -22,11 +22,11 @@ that objective over one factor (the scale ``w`` absorbed into it):
 * input-channel mode ``B``: ``S*R`` unknowns, solved matrix-free by
   preconditioned conjugate gradients warm-started at the current ``B`` (each
   iteration one ``n x n x R`` product) until the relative residual of its
-  normal equations is at most ``inner_rtol`` or a cap on the iterations is
+  normal equations is at most ``inner.rtol`` or a cap on the iterations is
   hit. By default the cap starts at a few iterations (cheap, inexact sweeps)
   and doubles whenever the outer progress stalls, so a run only stops as
-  converged after a sweep whose B-update met ``inner_rtol``; a fixed
-  ``inner_maxiter`` makes every B-update exact (large cap) or inexact by
+  converged after a sweep whose B-update met ``inner.rtol``; a fixed
+  ``inner.maxiter`` makes every B-update exact (large cap) or inexact by
   choice (small cap). CG from the current factor never increases the
   quadratic, whatever the number of iterations.
 
@@ -77,9 +77,9 @@ __all__ = ["cp"]
 #: Sweeps of Frobenius CP-ALS (from the ``'svd'`` start) behind ``init='frobenius'``.
 FROBENIUS_INIT_SWEEPS = 25
 
-#: Default ``inner_rtol``: relative residual of the B-update's normal equations.
+#: Default ``inner.rtol``: relative residual of the B-update's normal equations.
 INNER_RTOL = 1e-10
-#: With ``inner_maxiter=None`` the CG cap of a B-update starts here and doubles
+#: With ``inner.maxiter=None`` the CG cap of a B-update starts here and doubles
 #: whenever the outer progress stalls, up to ``INNER_MAXITER_LIMIT``.
 INNER_MAXITER_START = 5
 INNER_MAXITER_LIMIT = 5000

@@ -492,7 +492,8 @@ def test_b_update_equals_dense_minimiser_through_public_api(kind):
     S = random_psd(rng, n, rank=None if kind == "full" else n // 2 + 1, spread=30.0)
     R = 3
     w, F = random_cp(rng, shape, R)
-    res = cp(K, R, S, init=(w, F), n_iter_max=1, tol=0.0, inner=InnerSolver(rtol=1e-13, maxiter=2000))
+    res = cp(K, R, S, init=(w, F), n_iter_max=1, tol=0.0,
+             inner=InnerSolver(rtol=1e-13, maxiter=2000))
     # brute force: each block in turn by dense least squares
     wk, Fk = np.ones(R), [f.copy() for f in F]
     Fk[0] = Fk[0] * w

@@ -311,7 +311,8 @@ def test_all_libraries_agree_with_numpy_reference(lib, rng):
     S = conv_sigma(rng, 6, 3, 3)
     ref = tt_conv(K, (3, 4), S, in_modes=(2, 3), out_modes=(2, 2), n_iter_max=3, tol=0.0)
     Kl = lib.asarray(K)
-    res = tt_conv(Kl, (3, 4), lib.asarray(S), in_modes=(2, 3), out_modes=(2, 2), n_iter_max=3, tol=0.0)
+    res = tt_conv(Kl, (3, 4), lib.asarray(S), in_modes=(2, 3), out_modes=(2, 2), n_iter_max=3,
+                  tol=0.0)
     assert all(lib.is_same_kind(c) for c in res.cores)
     assert lib.is_same_kind(res.to_tensor())
     # the algebra runs in float64 on the rounded inputs
@@ -327,7 +328,8 @@ def test_sigma_permutation_is_consistent(rng):
     mask = np.zeros((S_in, H, W))
     mask[:, 0, 1] = 1.0
     Sig = np.diag(mask.ravel())
-    res = tt_conv(K, (1, 4), Sig, in_modes=(2, 2), out_modes=(2, 2), n_iter_max=10, tol=0.0, ridge=0)
+    res = tt_conv(K, (1, 4), Sig, in_modes=(2, 2), out_modes=(2, 2), n_iter_max=10, tol=0.0,
+                  ridge=0)
     # rank r_0 = 1 is enough to fit the only visible tap exactly
     assert res.error < 1e-8
     plain = tt_conv(K, (1, 4), in_modes=(2, 2), out_modes=(2, 2))
@@ -524,7 +526,8 @@ def test_kron_preconditioner_is_exact_for_kronecker_sigma(rng):
     res = tt_linear(W, (2, 3), S, in_modes=(2, 3, 2), out_modes=(2, 2, 2), n_iter_max=3,
                     tol=0.0, inner=InnerSolver(method="cg", rtol=1e-9, precond=True), ridge=0)
     assert res.solves["cg"] == 9 and res.solves["cg_iter"] <= 9
-    ref = tt_linear(W, (2, 3), S, in_modes=(2, 3, 2), out_modes=(2, 2, 2), n_iter_max=3, tol=0.0, ridge=0)
+    ref = tt_linear(W, (2, 3), S, in_modes=(2, 3, 2), out_modes=(2, 2, 2), n_iter_max=3, tol=0.0,
+                    ridge=0)
     np.testing.assert_allclose(res.errors, ref.errors, rtol=1e-7)
     plain = tt_linear(W, (2, 3), S, in_modes=(2, 3, 2), out_modes=(2, 2, 2), n_iter_max=3,
                       tol=0.0, inner=InnerSolver(method="cg", rtol=1e-9, precond=False), ridge=0)
