@@ -79,6 +79,25 @@ CANCEL = 1e-6
 PRECOND_FLOOR = 1e-8
 
 
+#: EVBMF searches its noise variance in ``[lo, hi]`` with ``lo`` raised to at
+#: least ``EVB_BRACKET * hi``: the grid below then spans at most 12 decades,
+#: and a variance smaller than 1e-12 of the mean squared entry is rounding
+#: noise of float64 data rather than a noise level. The bounded search that
+#: refines the grid point stops at the same relative width in log scale.
+EVB_BRACKET = 1e-12
+
+#: Relative slack when a parameter count is compared with the bound
+#: ``params(dense) / ratio`` computed in floating point: far above its
+#: rounding (~1e-16) and far below one unit of the counts, so that an exact
+#: ratio (``ratio=4`` on a layer whose size divides by 4) is met, not missed
+#: by rounding.
+COUNT_SLACK = 1e-12
+
+#: Slack subtracted from ``log(n) / log(8)`` before the ceiling that picks the
+#: number of TT modes: ``n = 8**k`` must give ``k`` modes although the quotient
+#: of two rounded logarithms may exceed ``k`` by a few ulps.
+LOG_SLACK = 1e-9
+
 #: Points of the log-spaced grid on which EVBMF brackets the minimiser of its
 #: noise-variance objective before a bounded scalar search refines it: the
 #: objective has at most a few local minima over the bracket, and 400 points

@@ -50,7 +50,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from ._validation import check_int, check_positive_float
+from ._validation import COUNT_SLACK, check_int, check_positive_float
 from .tt_modes import bond_caps, check_tt_ranks, clip_ranks, core_dims, shape_modes
 
 __all__ = [
@@ -448,7 +448,7 @@ def ratio_to_ranks(shape, method, ratio, *, keep_proportion=True):
     shape = check_shape(shape)
     spec = method_spec(method, shape)
     ratio = _check_ratio(ratio)
-    budget = int(math.floor(math.prod(shape) / ratio * (1 + 1e-12)))
+    budget = int(math.floor(math.prod(shape) / ratio * (1 + COUNT_SLACK)))
     return spec.from_budget(shape, budget, bool(keep_proportion))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _backend as B
-from ._validation import EVB_GRID, check_array, check_finite, check_sigma
+from ._validation import EVB_BRACKET, EVB_GRID, check_array, check_finite, check_sigma
 from .costs import method_spec
 
 __all__ = ["EVBMFResult", "evbmf", "evbmf_ranks", "whitened_spectra", "check_weight",
@@ -109,7 +109,7 @@ def evbmf_from_singular_values(sv, L, M, sigma2=None):
             lo = 0.0
             if hbar >= 0:
                 lo = max(sv2[hbar] / (M * xbar), float(np.sum(sv2[hbar:])) / (M * (L - hbar)))
-            lo = min(max(lo, hi * 1e-12), hi)
+            lo = min(max(lo, hi * EVB_BRACKET), hi)
             if lo >= hi:
                 s2 = hi
             else:
@@ -122,7 +122,7 @@ def evbmf_from_singular_values(sv, L, M, sigma2=None):
                     res = minimize_scalar(
                         lambda u: float(_evb_objective(math.exp(u), sv2, M, alpha, xbar)[0]),
                         bounds=(math.log(a), math.log(b)), method="bounded",
-                        options={"xatol": 1e-12})
+                        options={"xatol": EVB_BRACKET})
                     if res.fun < best:
                         s2 = math.exp(res.x)
     else:

@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from ._validation import check_int
+from ._validation import LOG_SLACK, check_int
 
 __all__ = [
     "tt_modes",
@@ -98,7 +98,7 @@ def auto_modes(in_size, out_size, d=None):
     in_size = check_int(in_size, "in_size", low=1)
     out_size = check_int(out_size, "out_size", low=1)
     if d is None:
-        d = max(1, math.ceil(math.log(max(in_size, out_size)) / math.log(8) - 1e-9))
+        d = max(1, math.ceil(math.log(max(in_size, out_size)) / math.log(8) - LOG_SLACK))
     d = check_int(d, "d", low=1)
     return tt_modes(in_size, d), tt_modes(out_size, d)
 
