@@ -7,7 +7,9 @@ NeurIPS 2025). With ``sigma=None`` every method is its classical Frobenius
 version.
 
 The core works on NumPy arrays and torch tensors alike; results follow the
-input's library, dtype and device.
+input's library, dtype and device. Every decomposition has the same call shape
+and options and returns a :class:`DecompositionResult` (the solver contract,
+:mod:`sigmadecomp.contract`).
 """
 
 from .exceptions import CompressionWarning, ConvergenceWarning

@@ -110,11 +110,11 @@ class InnerSolver:
     >>> import numpy as np
     >>> from sigmadecomp import InnerSolver, tucker2
     >>> rng = np.random.default_rng(0)
-    >>> K = rng.standard_normal((6, 5, 3, 3))
-    >>> X = rng.standard_normal((300, 45))
-    >>> S = X.T @ X / 300
-    >>> a = tucker2(K, (3, 2), S, inner=InnerSolver(method="cg", rtol=1e-6, maxiter=50))
-    >>> b = tucker2(K, (3, 2), S, inner={"method": "cg", "rtol": 1e-6, "maxiter": 50})
+    >>> K = rng.standard_normal((6, 5, 2, 2))
+    >>> X = rng.standard_normal((100, 20))
+    >>> S = X.T @ X / 100
+    >>> a = tucker2(K, (3, 2), S, n_iter_max=5, inner=InnerSolver(method="cg", maxiter=20))
+    >>> b = tucker2(K, (3, 2), S, n_iter_max=5, inner={"method": "cg", "maxiter": 20})
     >>> bool(np.allclose(a.to_tensor(), b.to_tensor()))
     True
     """
