@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigmadecomp.sigma import relative_sigma_error
+from sigmadecomp._tt_algebra import tt_matrix
 from sigmadecomp.tt import (
     TTResult,
-    _chain,
     auto_modes,
     tt_conv,
     tt_linear,
@@ -129,7 +129,7 @@ class TTConv2d(_TTChain):
     >>> from sigmadecomp import tt_conv
     >>> from sigmadecomp_torch.tt_layers import TTConv2d
     >>> conv = torch.nn.Conv2d(8, 4, 3, padding=1).double()
-    >>> res = tt_conv(conv.weight.detach(), (2, 4), (2, 2), ranks=(3, 4))
+    >>> res = tt_conv(conv.weight.detach(), (3, 4), in_modes=(2, 4), out_modes=(2, 2))
     >>> layer = TTConv2d.from_result(res, conv)
     >>> x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     >>> ref = torch.nn.functional.conv2d(x, res.to_tensor(), conv.bias, padding=1)
@@ -218,7 +218,7 @@ class TTConv2d(_TTChain):
         """The equivalent (T, S, H, W) kernel (for checks; the forward never forms it)."""
         kh, kw = self.kernel_size
         g0 = self.spatial.reshape(self.ranks[0], kh * kw).t().reshape(1, kh * kw, 1, self.ranks[0])
-        w = _chain([g0] + list(self.cores))  # (T, (h, w, s))
+        w = tt_matrix([g0] + list(self.cores))  # (T, (h, w, s))
         return w.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
     max_chunk_elements = 2 ** 24
@@ -302,7 +302,8 @@ class TTLinear(_TTChain):
     >>> from sigmadecomp import tt_linear
     >>> from sigmadecomp_torch.tt_layers import TTLinear
     >>> lin = torch.nn.Linear(32, 10).double()
-    >>> layer = TTLinear.from_result(tt_linear(lin.weight.detach(), (4, 8), (2, 5), ranks=3), lin)
+    >>> res = tt_linear(lin.weight.detach(), 3, in_modes=(4, 8), out_modes=(2, 5))
+    >>> layer = TTLinear.from_result(res, lin)
     >>> layer(torch.randn(7, 32, dtype=torch.float64)).shape
     torch.Size([7, 10])
     """
@@ -359,7 +360,7 @@ class TTLinear(_TTChain):
 
     def weight(self):
         """The equivalent (T, N) weight (for checks; the forward never forms it)."""
-        return _chain(list(self.cores))
+        return tt_matrix(list(self.cores))
 
     def forward(self, x):
         out_shape = list(x.shape[:-1])
@@ -376,8 +377,9 @@ class TTLinear(_TTChain):
                 f"bias={self.bias is not None}")
 
 
-_CORE_OPTS = ("eps", "n_iter_max", "tol", "dense_max", "cg_rtol", "cg_maxiter", "precond", "init",
-              "callback", "ridge")
+_CORE_OPTS = ("eps", "init", "n_iter_max", "tol", "rng", "callback", "rtol", "ridge", "inner",
+              # deprecated spellings, still accepted by the core with a warning
+              "dense_max", "cg_rtol", "cg_maxiter", "precond")
 
 
 def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
@@ -400,8 +402,8 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         ``in_modes``, ``out_modes`` (default: automatic), ``out_hw`` (output
         height, width of a conv, for the multiply-add counts), and the options
         of :func:`sigmadecomp.tt_conv` / :func:`sigmadecomp.tt_linear`
-        (``eps``, ``n_iter_max``, ``tol``, ``dense_max``, ``cg_rtol``,
-        ``cg_maxiter``, ``precond``, ``init``, ``callback``).
+        (``eps``, ``init``, ``n_iter_max``, ``tol``, ``rng``, ``callback``,
+        ``rtol``, ``ridge``, ``inner``).
 
     Returns
     -------
@@ -461,10 +463,10 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         ranks = tt_ranks_for_ratio(in_modes, out_modes, ratio, kernel_size=ks)
     W64 = weight.to(torch.float64)
     if ks is not None:
-        result = tt_conv(W64, in_modes, out_modes, ranks, sigma, **core_kw)
+        result = tt_conv(W64, ranks, sigma, in_modes=in_modes, out_modes=out_modes, **core_kw)
         new = TTConv2d.from_result(result, module)
     else:
-        result = tt_linear(W64, in_modes, out_modes, ranks, sigma, **core_kw)
+        result = tt_linear(W64, ranks, sigma, in_modes=in_modes, out_modes=out_modes, **core_kw)
         new = TTLinear.from_result(result, module)
     approx = result.to_tensor()
     rel_frob = relative_sigma_error(W64, approx)
@@ -519,9 +521,9 @@ def tt_decompose(weight, ranks, sigma=None, options=None):
     options = dict(options or {})
     in_modes, out_modes = options.pop("in_modes", None), options.pop("out_modes", None)
     if weight.ndim == 4:
-        return tt_conv(weight, in_modes, out_modes, ranks, sigma, **options)
+        return tt_conv(weight, ranks, sigma, in_modes=in_modes, out_modes=out_modes, **options)
     if weight.ndim == 2:
-        return tt_linear(weight, in_modes, out_modes, ranks, sigma, **options)
+        return tt_linear(weight, ranks, sigma, in_modes=in_modes, out_modes=out_modes, **options)
     raise ValueError(f"weight has ndim={weight.ndim}; it must be 4 (conv) or 2 (Linear)")
 
 
