@@ -53,7 +53,7 @@ def resnet_layer(n_calib=10, n_held=2000, name="layer2.conv2"):
     """``(kernel, sigma_calib, sigma_held, description)`` of a 3x3 conv of the reference ResNet."""
     import torch
 
-    from benchmarks.train_reference import load_reference
+    from sigmadecomp_torch.demo.reference import load_reference
     from sigmadecomp.datasets import load_fashion_mnist
     from sigmadecomp_torch import collect_covariances
 
