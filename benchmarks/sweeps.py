@@ -1,0 +1,347 @@
+"""Sigma-error against sweeps and wall time for tucker2 and cp; the choice of defaults.
+
+Run from the repository root::
+
+    python -m benchmarks.sweeps --method tucker2          # the measurement (tens of minutes)
+    python -m benchmarks.sweeps --method cp
+    python -m benchmarks.sweeps --quick                   # tiny smoke run (seconds)
+    python -m benchmarks.sweeps --report                  # notes/sweeps.md tables + PNG from the CSVs
+
+Problems (kernels at rX=3, ranks from :func:`sigmadecomp.ranks.ratio_to_ranks`):
+
+* ``resnet18/<layer>``: torchvision's ResNet-18 layout
+  (:func:`sigmadecomp_torch.resnet.resnet18`, random Kaiming weights); Sigma
+  is collected by :func:`sigmadecomp_torch.collect_covariances` from
+  ``--images`` random smooth images (:func:`sigmadecomp_torch.data.synthetic_images`,
+  3 channels) at ``--size`` x ``--size`` pixels;
+* ``reference/<layer>``: the trained reference network of the demo, Sigma
+  from 256 Fashion-MNIST training images.
+
+Every configuration runs with ``tol=0`` up to ``--max-sweeps`` sweeps or
+``--max-seconds`` of wall time, recording (sweep, seconds since the call,
+error in the metric minimised) through the solver's callback. The converged
+error ``e*`` of a problem is the lowest error any configuration reached
+(including a long reference run with tight inner solves). A configuration
+"reaches the target" at the first sweep whose error is within 0.1% of
+``e*``. Stopping rules are evaluated on the recorded curves: the sweep at
+which a rule would stop, its error relative to ``e*`` and its time.
+
+BLAS and torch run one thread (``sigmadecomp.threads(1)``) and times are
+CPU seconds of the process, so the figures do not depend on the other jobs
+of a shared machine; the machine load is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+
+import numpy as np
+
+from benchmarks.common import NOTES_DIR, write_csv
+
+TARGET = 1e-3  # within 0.1% of the converged error
+
+RESNET_LAYERS = {64: "layer1.0.conv2", 128: "layer2.0.conv2", 256: "layer3.0.conv2",
+                 512: "layer4.0.conv2"}
+REFERENCE_LAYERS = {64: "layer2.conv2", 128: "layer3.conv2"}
+
+#: configurations: name -> keyword arguments of the solver (tol=0 added)
+TUCKER2_CONFIGS = {
+    "default": {},
+    "hooi10": {"init_iter_max": 10},
+    "hooi3": {"init_iter_max": 3},
+    "hosvd": {"init": "hosvd"},
+    "whitened": {"init": "whitened"},
+    "cg1e-1x3": {"inner_rtol": 1e-1, "inner_maxiter": 3},
+    "cg1e-3x30": {"inner_rtol": 1e-3, "inner_maxiter": 30},
+    "reference": {"inner_rtol": 1e-8, "inner_maxiter": 200},
+}
+CP_CONFIGS = {
+    # the previous default: CG cap 5, doubled when a sweep gains < tol (needs tol > 0)
+    "adaptive": {"inner_maxiter": "adaptive", "tol": 1e-6},
+    "exact1e-10": {"inner_rtol": 1e-10, "inner_maxiter": 5000},
+    "exact1e-8": {"inner_rtol": 1e-8, "inner_maxiter": 5000},
+    "fixed5": {"inner_rtol": 1e-10, "inner_maxiter": 5},
+}
+
+
+# ---------------------------------------------------------------------------
+# problems
+# ---------------------------------------------------------------------------
+
+def _resnet_problems(channels, n_images, size, seed=0):
+    import torch
+
+    from sigmadecomp_torch import collect_covariances
+    from sigmadecomp_torch.data import synthetic_images
+    from sigmadecomp_torch.resnet import resnet18
+
+    torch.manual_seed(seed)
+    model = resnet18().eval()
+    names = [RESNET_LAYERS[c] for c in channels]
+    x = synthetic_images(n_images, (3, size, size), seed=seed)
+    x = (x - x.mean()) / x.std()
+    stats = collect_covariances(model, torch.split(x, 4), layers=names, progress=False)
+    mods = dict(model.named_modules())
+    return [(f"resnet18/{nm}", mods[nm].weight.detach().double().numpy(),
+             stats[nm].sigma.numpy()) for nm in names]
+
+
+def _reference_problems(channels, n_images=256, seed=0):
+    import torch
+
+    from sigmadecomp_torch import collect_covariances
+    from sigmadecomp_torch.data import fashion_mnist
+    from sigmadecomp_torch.demo.reference import load_reference
+
+    model = load_reference()
+    names = [REFERENCE_LAYERS[c] for c in channels if c in REFERENCE_LAYERS]
+    x, _ = fashion_mnist("train", limit=n_images, seed=seed)
+    stats = collect_covariances(model, torch.split(x, 128), layers=names, progress=False)
+    mods = dict(model.named_modules())
+    return [(f"reference/{nm}", mods[nm].weight.detach().double().numpy(),
+             stats[nm].sigma.numpy()) for nm in names]
+
+
+def load_problems(channels, *, n_images, size, cache=None, reference=True):
+    """``[(name, kernel, sigma)]`` float64 NumPy; cached as .npz under ``cache`` if given."""
+    key = f"sweeps_{'-'.join(map(str, channels))}_{n_images}_{size}_{int(reference)}.npz"
+    path = os.path.join(cache, key) if cache else None
+    if path and os.path.exists(path):
+        z = np.load(path)
+        names = list(z["names"])
+        return [(str(n), z[f"K{i}"], z[f"S{i}"]) for i, n in enumerate(names)]
+    probs = _resnet_problems(channels, n_images, size)
+    if reference:
+        probs += _reference_problems(channels)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        arrs = {"names": np.array([p[0] for p in probs])}
+        for i, (_, K, S) in enumerate(probs):
+            arrs[f"K{i}"], arrs[f"S{i}"] = K, S
+        np.savez(path, **arrs)
+    return probs
+
+
+# ---------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------
+
+def run_one(method, K, S, kwargs, *, max_sweeps, max_seconds):
+    """Run one configuration; returns ``[(sweep, cpu_seconds, error)]`` and the result.
+
+    Times are CPU seconds of this process (``time.process_time``): with one
+    thread they equal wall time on an idle machine and do not grow with the
+    other jobs of a shared one.
+    """
+    from sigmadecomp import cp, tucker2
+    from sigmadecomp.ranks import ratio_to_ranks
+
+    ranks = ratio_to_ranks(K.shape, method, 3)
+    rec = []
+    t0 = time.process_time()
+
+    def callback(res, *rest):
+        t = time.process_time() - t0
+        errs = res.errors
+        if not rec and len(errs) > 1:  # cp reports after the first sweep only
+            rec.append((0, float("nan"), float(errs[0])))
+        rec.append((len(errs) - 1, t, float(errs[-1])))
+        return t > max_seconds
+
+    fn = tucker2 if method == "tucker2" else cp
+    kw = dict({"tol": 0.0}, n_iter_max=max_sweeps, callback=callback, **kwargs)
+    if method == "tucker2":
+        res = fn(K, tuple(ranks), S, **kw)
+    else:
+        res = fn(K, int(ranks), S, **kw)
+    return rec, res
+
+
+def first_within(rec, e_star, target=TARGET):
+    for sweep, t, e in rec:
+        if e <= e_star * (1 + target):
+            return sweep, t
+    return None, None
+
+
+def stop_rule(rec, tol, patience=1, relative=True):
+    """Sweep at which ``(e_prev - e) <= tol * (e_prev if relative else 1)`` held ``patience`` times in a row."""
+    run = 0
+    for (s0, _, e0), (s1, t1, e1) in zip(rec, rec[1:]):
+        dec = e0 - e1
+        if dec <= tol * (e0 if relative else 1.0):
+            run += 1
+            if run >= patience:
+                return s1, t1, e1
+        else:
+            run = 0
+    s, t, e = rec[-1]
+    return s, t, e
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=("tucker2", "cp"), default="tucker2")
+    p.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--configs", nargs="+", default=None)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--max-sweeps", type=int, default=300)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="CPU seconds per run")
+    p.add_argument("--no-reference", action="store_true", help="ResNet-18 layers only")
+    p.add_argument("--only", nargs="+", default=None, help="run only problems whose name contains one of these")
+    p.add_argument("--cache", default=None, help="directory for the collected statistics")
+    p.add_argument("--out", default=None, help="CSV of the curves (default notes/sweeps_<method>.csv)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    p.add_argument("--report", action="store_true", help="write notes/sweeps.md and the PNG from the CSVs")
+    p.add_argument("--starts", action="store_true",
+                   help="tucker2 only: CPU time and error of each start (n_iter_max=0)")
+    args = p.parse_args(argv)
+
+    if args.report:
+        return report()
+
+    import torch
+
+    from sigmadecomp import threads
+
+    torch.set_num_threads(1)
+    if args.quick:
+        args.channels, args.images, args.size = [64], 2, 32
+        args.max_sweeps, args.max_seconds = 5, 10.0
+        args.no_reference = True
+    configs = TUCKER2_CONFIGS if args.method == "tucker2" else CP_CONFIGS
+    names = args.configs or list(configs)
+    if args.quick:
+        names = names[:2]
+    out = args.out or os.path.join(NOTES_DIR, f"sweeps_{args.method}.csv")
+    if args.quick and args.out is None:
+        out = None
+
+    probs = load_problems(args.channels, n_images=args.images, size=args.size, cache=args.cache,
+                          reference=not args.no_reference)
+    if args.only:
+        probs = [p_ for p_ in probs if any(o in p_[0] for o in args.only)]
+    if args.starts:
+        return run_starts(probs, out or None)
+    rows = []
+    for pname, K, S in probs:
+        for cname in names:
+            with threads(1):
+                rec, res = run_one(args.method, K, S, configs[cname], max_sweeps=args.max_sweeps,
+                                   max_seconds=args.max_seconds)
+            for sweep, t, e in rec:
+                rows.append({"method": args.method, "problem": pname, "config": cname,
+                             "sweep": sweep, "seconds": f"{t:.4f}", "error": f"{e:.12g}"})
+            last = rec[-1]
+            print(f"{pname:28s} {cname:12s} sweeps={last[0]:4d} t={last[1]:8.2f}s "
+                  f"err={last[2]:.8f}  load={os.getloadavg()[0]:.1f}", flush=True)
+            if out:
+                write_csv(out, rows, ["method", "problem", "config", "sweep", "seconds", "error"])
+    return 0
+
+
+STARTS = {
+    "default": {},  # HOOI to tucker2's own default tol (relative 1e-4), at most 100 sweeps
+    "hooi100": {"init": "frobenius", "init_iter_max": 100, "init_tol": 1e-6},
+    "hooi10": {"init": "frobenius", "init_iter_max": 10},
+    "hooi3": {"init": "frobenius", "init_iter_max": 3},
+    "hosvd": {"init": "hosvd"},
+    "whitened": {"init": "whitened"},
+}
+
+
+def run_starts(probs, out):
+    """CPU seconds and error of each tucker2 start: ``tucker2(..., n_iter_max=0)``."""
+    from sigmadecomp import threads, tucker2
+    from sigmadecomp.ranks import ratio_to_ranks
+
+    rows = []
+    for pname, K, S in probs:
+        ranks = tuple(ratio_to_ranks(K.shape, "tucker2", 3))
+        for name, kw in STARTS.items():
+            with threads(1):
+                t0 = time.process_time()
+                res = tucker2(K, ranks, S, n_iter_max=0, **kw)
+                t = time.process_time() - t0
+            rows.append({"problem": pname, "start": name, "seconds": f"{t:.3f}",
+                         "error": f"{res.errors[0]:.10g}"})
+            print(f"{pname:28s} {name:9s} cpu={t:8.2f}s err0={res.errors[0]:.6f}", flush=True)
+            if out:
+                write_csv(out.replace(".csv", "_starts.csv"), rows, ["problem", "start", "seconds", "error"])
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+def _read(path):
+    curves = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = (r["problem"], r["config"])
+            curves.setdefault(key, []).append((int(r["sweep"]), float(r["seconds"]), float(r["error"])))
+    return curves
+
+
+def summarise(curves):
+    """Per problem: ``e*`` and per config the time/sweeps to reach it within 0.1%."""
+    out = {}
+    for (prob, cfg), rec in curves.items():
+        out.setdefault(prob, {})[cfg] = rec
+    table = []
+    for prob, cfgs in out.items():
+        e_star = min(e for rec in cfgs.values() for _, _, e in rec)
+        for cfg, rec in cfgs.items():
+            s, t = first_within(rec, e_star)
+            sec_per_sweep = (rec[-1][1] - rec[1][1]) / max(rec[-1][0] - rec[1][0], 1) if len(rec) > 2 else float("nan")
+            table.append({"problem": prob, "config": cfg, "e_star": e_star, "sweeps_to_target": s,
+                          "seconds_to_target": t, "final_sweep": rec[-1][0], "final_error": rec[-1][2],
+                          "seconds_per_sweep": sec_per_sweep, "start_seconds": rec[1][1] if len(rec) > 1 else float("nan")})
+    return out, table
+
+
+def report():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for method in ("tucker2", "cp"):
+        path = os.path.join(NOTES_DIR, f"sweeps_{method}.csv")
+        if not os.path.exists(path):
+            continue
+        groups, table = summarise(_read(path))
+        for r in table:
+            print(method, r)
+        probs = sorted(groups)
+        fig, axes = plt.subplots(2, len(probs), figsize=(4 * len(probs), 7), squeeze=False)
+        for j, prob in enumerate(probs):
+            e_star = min(e for rec in groups[prob].values() for _, _, e in rec)
+            for cfg, rec in sorted(groups[prob].items()):
+                s = [r[0] for r in rec]
+                t = [r[1] for r in rec]
+                g = [max(r[2] / e_star - 1, 1e-7) for r in rec]
+                axes[0, j].semilogy(s, g, label=cfg)
+                axes[1, j].semilogy(t, g, label=cfg)
+            for i in range(2):
+                axes[i, j].axhline(TARGET, color="k", lw=0.8, ls="--")
+            axes[0, j].set_title(prob, fontsize=9)
+            axes[0, j].set_xlabel("sweep")
+            axes[1, j].set_xlabel("seconds")
+        axes[0, 0].set_ylabel("error / converged - 1")
+        axes[1, 0].set_ylabel("error / converged - 1")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"{method}, rX=3: relative excess over the converged error")
+        fig.tight_layout()
+        fig.savefig(os.path.join(NOTES_DIR, f"sweeps_{method}.png"), dpi=90)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
