@@ -524,7 +524,8 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     With ``n = S*H*W`` a Sigma-ALS sweep costs ``inner_maxiter + 1``
     products of an ``r_T x n`` by an ``n x n`` matrix (the CG operator,
     float32 by default), plus the closed-form block: ``C = B Sigma B^T``
-    (about ``n^2 r_S`` flops), a Cholesky factorisation of the ``(r_S*H*W)``-square ``C`` and a ``T x T``
+    (about ``n^2 r_S`` flops), a Cholesky factorisation of the
+    ``(r_S*H*W)``-square ``C`` and a ``T x T``
     eigen-decomposition. The error of the sweep comes from the closed form,
     without a ``T x n x n`` product. ``tr(K Sigma K^T)`` and ``K_(1) Sigma``
     are formed once. Checking that ``sigma`` is positive semi-definite costs
