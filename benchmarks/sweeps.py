@@ -198,6 +198,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="CSV of the curves (default notes/sweeps_<method>.csv)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     p.add_argument("--report", action="store_true", help="write notes/sweeps.md and the PNG from the CSVs")
+    p.add_argument("--compare", action="store_true",
+                   help="tucker2 only: whole default runs, previous defaults against the current ones")
     p.add_argument("--starts", action="store_true",
                    help="tucker2 only: CPU time and error of each start (n_iter_max=0)")
     args = p.parse_args(argv)
@@ -228,6 +230,8 @@ def main(argv=None):
         probs = [p_ for p_ in probs if any(o in p_[0] for o in args.only)]
     if args.starts:
         return run_starts(probs, out or None, args.configs)
+    if args.compare:
+        return run_compare(probs, out or None)
     rows = []
     for pname, K, S in probs:
         for cname in names:
@@ -253,6 +257,52 @@ STARTS = {
     "hosvd": {"init": "hosvd"},
     "whitened": {"init": "whitened"},
 }
+
+
+def run_compare(probs, out, repeats=2):
+    """CPU time and final error of default ``tucker2`` runs: previous defaults against current ones.
+
+    The previous defaults are emulated with the current code: an absolute
+    stopping rule ``|e_prev - e| < 1e-6`` (through the callback), a HOOI start
+    of up to 100 sweeps to a relative ``init_tol`` of 2.5e-6 (about the old
+    absolute 1e-6 at HOOI errors of 0.2-0.5) and a float64 CG operator.
+    """
+    from sigmadecomp import threads, tucker2
+    import importlib
+
+    T2 = importlib.import_module("sigmadecomp.tucker2")
+    from sigmadecomp.ranks import ratio_to_ranks
+
+    def old_stop(res, *rest):
+        e = res.errors
+        return len(e) > 1 and abs(e[-2] - e[-1]) < 1e-6
+
+    rows = []
+    for pname, K, S in probs:
+        ranks = tuple(ratio_to_ranks(K.shape, "tucker2", 3))
+        for name in ("previous", "current"):
+            for rep in range(repeats):
+                saved = T2.CG_FLOAT32_RTOL
+                try:
+                    if name == "previous":
+                        T2.CG_FLOAT32_RTOL = float("inf")
+                        kw = dict(tol=0.0, init_tol=2.5e-6, callback=old_stop)
+                    else:
+                        kw = {}
+                    with threads(1):
+                        t0 = time.process_time()
+                        res = tucker2(K, ranks, S, **kw)
+                        t = time.process_time() - t0
+                finally:
+                    T2.CG_FLOAT32_RTOL = saved
+                rows.append({"problem": pname, "defaults": name, "run": rep, "seconds": f"{t:.3f}",
+                             "sweeps": res.n_iter, "error": f"{res.error:.10g}"})
+                print(f"{pname:28s} {name:9s} cpu={t:8.2f}s sweeps={res.n_iter:3d} "
+                      f"err={res.error:.8f}", flush=True)
+                if out:
+                    write_csv(out.replace(".csv", "_compare.csv"), rows,
+                              ["problem", "defaults", "run", "seconds", "sweeps", "error"])
+    return 0
 
 
 def run_starts(probs, out, names=None):

@@ -714,10 +714,10 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     ``INNER_MAXITER_START = 5`` iterations that doubles, up to
     ``INNER_MAXITER_LIMIT = 5000``, whenever a sweep lowers the error by at
     most ``tol`` (the run then only counts as converged after a sweep whose
-    B-update met ``inner_rtol``). Inexact sweeps are cheaper (about 10x on a
-    64-channel layer) but follow another path than exact ALS and may stop at
-    a worse point: from identical starts, 7 of 60 small problems ended
-    1.01-1.6x worse with a cap of 5.
+    B-update met ``inner_rtol``). Inexact sweeps are cheaper (PER_SWEEP_PLACEHOLDER)
+    but follow another path than exact ALS: from identical starts, 25 sweeps
+    with a cap of 5 ended more than 1e-4 away from exact ALS on 28 of 60
+    small random problems (13 worse, by up to 1.3%; ``notes/sweeps.md``).
     CG started at the current factor never increases the quadratic, and a
     sweep that rounding would make worse is rejected (the run then stops with
     the previous point), so ``errors`` never increases (for ``l2_reg=0``).
