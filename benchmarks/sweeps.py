@@ -411,25 +411,31 @@ def report():
             continue
         groups, table = summarise(_read(path))
         print(markdown_tables(method, groups, table))
+        with open(path) as f:  # which clock each problem's times are on (column 'clock')
+            clock = {r["problem"]: r.get("clock") or "cpu" for r in csv.DictReader(f)}
         probs = sorted(groups)
+        names = sorted({cfg for cfgs in groups.values() for cfg in cfgs})
+        colour = {cfg: f"C{i % 10}" for i, cfg in enumerate(names)}
         fig, axes = plt.subplots(2, len(probs), figsize=(4 * len(probs), 7), squeeze=False)
         for j, prob in enumerate(probs):
             e_star = min(e for rec in groups[prob].values() for _, _, e in rec)
             for cfg, rec in sorted(groups[prob].items()):
+                rec = [r for r in rec if r[1] == r[1]]
                 s = [r[0] for r in rec]
                 t = [r[1] for r in rec]
                 g = [max(r[2] / e_star - 1, 1e-7) for r in rec]
-                axes[0, j].semilogy(s, g, label=cfg)
-                axes[1, j].semilogy(t, g, label=cfg)
+                axes[0, j].semilogy(s, g, label=cfg, color=colour[cfg])
+                axes[1, j].semilogy(t, g, label=cfg, color=colour[cfg])
             for i in range(2):
                 axes[i, j].axhline(TARGET, color="k", lw=0.8, ls="--")
             axes[0, j].set_title(prob, fontsize=9)
             axes[0, j].set_xlabel("sweep")
-            axes[1, j].set_xlabel("seconds")
+            axes[1, j].set_xlabel(f"seconds ({clock.get(prob, 'cpu')}, one thread)")
+            axes[0, j].legend(fontsize=7)
         axes[0, 0].set_ylabel("error / converged - 1")
         axes[1, 0].set_ylabel("error / converged - 1")
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"{method}, rX=3: relative excess over the converged error (dashed: 0.1%)")
+        ref = "the converged error" if method == "tucker2" else "the lowest error reached"
+        fig.suptitle(f"{method}, rX=3: relative excess over {ref} (dashed: 0.1%)", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(NOTES_DIR, f"sweeps_{method}.png"), dpi=80)
     return 0

@@ -62,13 +62,13 @@ _DIRECT_MAX = 512  # 'auto' uses a dense solve when S * r_S is at most this
 
 #: Default ``tol``: stop when a sweep lowers the relative error by at most this
 #: fraction of its value. On the curves of five ResNet-18 and reference-network
-#: layers at rX=3 this rule stops 0.03-0.06% above the converged error (1e-4:
+#: layers at rX=3 this rule stops 0.02-0.06% above the converged error (1e-4:
 #: up to 0.09%), after about half the sweeps of the earlier absolute 1e-6
 #: (notes/sweeps.md).
 TOL = 5e-5
 #: With ``inner_rtol`` at least this, the CG operator of the U_S block multiplies
 #: by a float32 copy of Sigma (rounding ~1e-6 relative, far below the tolerance):
-#: 15-25% less time per run on 128-channel layers, errors equal to 1e-8
+#: 15-27% less time per run on 128-channel layers, errors equal to 1e-7
 #: (notes/sweeps.md). Everything else, and every error, stays in float64.
 CG_FLOAT32_RTOL = 1e-4
 
