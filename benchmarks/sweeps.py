@@ -200,6 +200,8 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="write notes/sweeps.md and the PNG from the CSVs")
     p.add_argument("--compare", action="store_true",
                    help="tucker2 only: whole default runs, previous defaults against the current ones")
+    p.add_argument("--float32", action="store_true",
+                   help="tucker2 only: 20 sweeps with the float64 and the float32 CG operator")
     p.add_argument("--starts", action="store_true",
                    help="tucker2 only: CPU time and error of each start (n_iter_max=0)")
     args = p.parse_args(argv)
@@ -232,6 +234,8 @@ def main(argv=None):
         return run_starts(probs, out or None, args.configs)
     if args.compare:
         return run_compare(probs, out or None)
+    if args.float32:
+        return run_float32(probs)
     rows = []
     for pname, K, S in probs:
         for cname in names:
@@ -302,6 +306,32 @@ def run_compare(probs, out, repeats=2):
                 if out:
                     write_csv(out.replace(".csv", "_compare.csv"), rows,
                               ["problem", "defaults", "run", "seconds", "sweeps", "error"])
+    return 0
+
+
+def run_float32(probs, sweeps=20, repeats=2):
+    """CPU seconds and errors of ``sweeps`` Sigma-ALS sweeps (HOSVD start) with either CG operator."""
+    import importlib
+
+    from sigmadecomp import threads, tucker2
+    from sigmadecomp.ranks import ratio_to_ranks
+
+    T2 = importlib.import_module("sigmadecomp.tucker2")
+    saved = T2.CG_FLOAT32_RTOL
+    for pname, K, S in probs:
+        ranks = tuple(ratio_to_ranks(K.shape, "tucker2", 3))
+        for _ in range(repeats):
+            for name, limit in (("float64", float("inf")), ("float32", saved)):
+                T2.CG_FLOAT32_RTOL = limit
+                try:
+                    with threads(1):
+                        t0 = time.process_time()
+                        res = tucker2(K, ranks, S, n_iter_max=sweeps, tol=0, init="hosvd")
+                        t = time.process_time() - t0
+                finally:
+                    T2.CG_FLOAT32_RTOL = saved
+                print(f"{pname:28s} {name} cpu={t:.2f}s err5={res.errors[5]:.8f} "
+                      f"err{sweeps}={res.errors[-1]:.8f}", flush=True)
     return 0
 
 
