@@ -113,14 +113,27 @@ def _problems(count):
             random_start(rng, (T, S_, H, W), R)
 
 
-def test_default_runs_match_exact_als_from_identical_starts():
-    """60 small problems: default cp (tol=0, 25 sweeps) = dense exact ALS to 1e-4."""
+def _match_exact_als(count):
+    """Problems among the first ``count`` where default cp and dense exact ALS differ."""
     sweeps = 25
     worse = []
-    for i, (K, S, (w, F)) in enumerate(_problems(60)):
+    for i, (K, S, (w, F)) in enumerate(_problems(count)):
         res = cp(K, len(w), S, init=(w, F), n_iter_max=sweeps, tol=0.0, ridge=0.0)
         f_ours = objective(K, res.weights, res.factors, S)
         f_ref = dense_als(K, w, F, S, sweeps)
         if abs(f_ours - f_ref) > 1e-4 * f_ref + 1e-12 * float(np.sum(K * K)):
             worse.append((i, f_ours / f_ref))
+    return worse
+
+
+def test_default_runs_match_exact_als_from_identical_starts_fast():
+    """The first 12 of the 60 problems below (a CG capped at 5 iterations fails 5 of them)."""
+    worse = _match_exact_als(12)
+    assert not worse, worse
+
+
+@pytest.mark.slow
+def test_default_runs_match_exact_als_from_identical_starts():
+    """60 small problems: default cp (tol=0, 25 sweeps) = dense exact ALS to 1e-4."""
+    worse = _match_exact_als(60)
     assert not worse, worse
