@@ -21,7 +21,9 @@ Measured in one run, every figure a median over repeated runs:
 
 * a CP-ALS-Sigma run with the default ``tol=1e-6`` (``n_iter_max=100``):
   sweeps, seconds, final error and whether it converged; with the default
-  adaptive CG cap its last B-updates are solved to ``inner.rtol``.
+  (exact) B-updates every one is solved to ``inner.rtol``. The figures in
+  ``notes/als_convergence.md`` were taken when the default was the capped
+  schedule that is now ``inner={'maxiter': 'adaptive'}`` (see ``notes/sweeps.md``).
 
 The timings run twice: first with the libraries' default threads, then with
 BLAS pinned to one thread (``threadpoolctl``), which keeps the comparison fair

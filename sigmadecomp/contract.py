@@ -96,9 +96,10 @@ class InnerSolver:
     rtol : float, optional
         CG stops when the residual of the normal equations has shrunk by this
         factor.
-    maxiter : int, optional
-        Cap on the CG iterations of one block update (CP: ``None`` is its
-        adaptive cap).
+    maxiter : int or str, optional
+        Cap on the CG iterations of one block update (CP: ``None`` solves
+        every B-update to ``rtol``, ``'adaptive'`` is a cap that starts small
+        and doubles when the outer progress stalls).
     dense_max : int, optional
         Largest system ``'auto'`` solves densely.
     precond : bool, optional
@@ -129,11 +130,12 @@ class InnerSolver:
 _FIELDS = tuple(f.name for f in fields(InnerSolver))
 
 
-def check_inner(inner, name="inner", *, defaults, methods=_METHODS, solver=""):
+def check_inner(inner, name="inner", *, defaults, methods=_METHODS, solver="", maxiter_words=()):
     """Validate ``inner`` and fill its ``None`` fields from ``defaults`` (a dict).
 
     Returns a complete :class:`InnerSolver`. ``methods`` are the values of
-    ``method`` the solver supports; ``precond=False`` is refused when
+    ``method`` the solver supports; ``maxiter_words`` the strings it accepts
+    for ``maxiter`` besides an integer (cp: ``'adaptive'``); ``precond=False`` is refused when
     ``defaults['precond']`` is None (a solver that is always preconditioned).
     """
     if inner is None:
@@ -160,7 +162,14 @@ def check_inner(inner, name="inner", *, defaults, methods=_METHODS, solver=""):
     check_choice(vals["method"], f"{name}.method", methods)
     if vals["rtol"] is not None:
         vals["rtol"] = check_positive_float(vals["rtol"], f"{name}.rtol", allow_zero=True)
-    if vals["maxiter"] is not None:
+    if isinstance(vals["maxiter"], str):
+        if vals["maxiter"] not in maxiter_words:
+            allowed = "".join(f", {w!r}" for w in maxiter_words)
+            raise ValueError(
+                f"{name}.maxiter={vals['maxiter']!r} is not allowed; {name}.maxiter must be "
+                f"None, an integer >= 1{allowed}"
+            )
+    elif vals["maxiter"] is not None:
         vals["maxiter"] = check_int(vals["maxiter"], f"{name}.maxiter", low=1)
     if vals["dense_max"] is not None:
         vals["dense_max"] = check_int(vals["dense_max"], f"{name}.dense_max", low=0)

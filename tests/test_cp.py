@@ -352,6 +352,7 @@ def test_float32_and_torch_match_numpy_float64(lib, rng):
         (dict(inner={"maxiter": 2.5}), TypeError, "inner.maxiter=2.5"),
         (dict(inner={"method": "direct"}), ValueError, "inner.method='direct' is not allowed"),
         (dict(inner={"precond": False}), ValueError, "inner.precond=False is not allowed"),
+        (dict(inner={"maxiter": "exact"}), ValueError, "inner.maxiter='exact'.*'adaptive'"),
     ],
 )
 def test_bad_input_messages(kwargs, exc, match):
@@ -505,15 +506,16 @@ def test_b_update_equals_dense_minimiser_through_public_api(kind):
     assert f_ours == pytest.approx(f_ref, rel=1e-8, abs=1e-12 * dense_objective(K, w, F, S))
 
 
-def test_converged_run_ends_with_exact_b_updates():
-    # the CG cap starts small and doubles on stalls: a converged run's last
-    # sweep solved B to inner_rtol, so one more exact sweep gains about tol
+def test_adaptive_converged_run_ends_with_exact_b_updates():
+    # inner_maxiter='adaptive': the CG cap starts small and doubles on stalls; a
+    # converged run's last sweep solved B to inner_rtol, so one more exact sweep
+    # gains about tol
     rng = np.random.default_rng(12347)
     K = rng.standard_normal((6, 7, 3, 3))
     S = random_psd(rng, 63, spread=100.0)
-    res = cp(K, 5, S, n_iter_max=300, tol=1e-5)
+    res = cp(K, 5, S, n_iter_max=300, tol=1e-5, inner={"maxiter": "adaptive"})
     assert res.converged
-    more = cp(K, 5, S, init=res, n_iter_max=1, tol=0.0, inner={"maxiter": 5000})
+    more = cp(K, 5, S, init=res, n_iter_max=1, tol=0.0)
     assert more.error >= res.error * (1 - 1e-4)
 
 
