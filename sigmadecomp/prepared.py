@@ -186,6 +186,19 @@ class PreparedSigma:
             self._roots[rtol] = _root_from_eigh(lam, V, rtol)
         return self._roots[rtol]
 
+    def discard_factorization(self):
+        """Free the eigen-decomposition and the roots built from it (the PSD test stays done).
+
+        For a caller that holds many prepared matrices and knows that no
+        later step needs a root (an ``n x n`` eigenvector matrix each). A
+        later :meth:`eigh` or :meth:`root` recomputes it (counted in
+        :attr:`eigh_count`).
+        """
+        self._eigh = None
+        self._roots.clear()
+        self._copies.clear()
+        return self
+
     def like(self, x):
         """This object in the library and on the device of ``x`` (itself if they match).
 

@@ -382,6 +382,11 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
                     "min at 50 GFLOP/s); choose a smaller rank or fewer n_iter_max",
                     CompressionWarning, stacklevel=3)
         kept.append(p)
+    if sigma_aware:  # only the Sigma-SVD needs the factorization again: free the others
+        needed = {id(p.sigma) for p in kept if p.method == "svd"}
+        for p in plans:
+            if p.sigma is not None and id(p.sigma) not in needed:
+                p.sigma.discard_factorization()
     return kept
 
 
@@ -456,11 +461,14 @@ def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
     shard = _parallel.LayerShard(plans, options, distributed)  # this process's layers
     it = _progress(plans, total=len(plans), enabled=progress and len(plans) > 1,
                    desc="compress")
+    last_user = {id(p.sigma): p.name for p in plans if p.sigma is not None}
     for p in it:
         if not shard.owns(p.name):
             continue
         with _naming(p.name, shard):
             new, row, _ = decompose_layer(p)
+        if p.sigma is not None and last_user[id(p.sigma)] == p.name:
+            p.sigma.discard_factorization()  # no later layer reads it: free the n x n factors
         row["_dense_reason"] = None
         if shapes.get(p.name) is not None:
             shape = shapes[p.name]

@@ -144,3 +144,13 @@ def test_input_untouched_and_dtype_device_follow():
     Q = P.like(np.zeros(1))
     assert isinstance(Q.matrix, np.ndarray) and P.like(P.matrix) is P
     np.testing.assert_array_equal(Q.matrix, P.matrix.numpy())
+
+
+def test_discard_factorization_frees_and_recomputes_on_demand():
+    _, S = _problem("numpy", "float64", True)
+    P = PreparedSigma(S)
+    first = psd_root(P).sqrt()
+    P.discard_factorization()
+    assert P.psd_checked and P.eigh_count == 1 and "eigh=no" in repr(P)
+    np.testing.assert_allclose(psd_root(P).sqrt(), first, rtol=0, atol=1e-13)
+    assert P.eigh_count == 2
