@@ -16,6 +16,11 @@ Both paths run the same steps, with the same core calls, in the same run:
 * ``prepared``: the same calls with a ``PreparedSigma`` made per layer (its
   construction is timed too).
 
+Each case is timed twice: the whole per-layer steps (``--part full``), and
+the Sigma steps only (``--part sigma``: rank selection and what each solver
+does with ``sigma`` before iterating -- validation, PSD test, factorization
+-- without the iterations, which are the same in both paths).
+
 Each path's time is the median of ``--repeats`` runs (default 3); the ranks,
 errors and weights of the two paths are compared (they must agree to
 rounding). Rank selection modes: ``evbmf``, ``budget`` (error curves and the
@@ -35,7 +40,7 @@ Cases:
 Run from the repository root (torch pinned to one thread, to share the
 machine; ``--threads`` to change)::
 
-    python -m benchmarks.prepared_sigma [--quick] [--repeats 3] [--out notes/prepared_sigma.md]
+    python -m benchmarks.prepared_sigma [--quick] [--part all|sigma|full] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -86,11 +91,27 @@ def _decompose(fmt, W, ranks, sigma, options):
     return cp(W, ranks, sigma, **options)
 
 
-def run_path(layers, prepared, mode, options, ratio=3.0, budget=0.4):
+def _sigma_steps_of_solver(fmt, W, sigma):
+    """What a solver does with ``sigma`` before iterating (``check_sigma``, ``psd_root``)."""
+    from sigmadecomp._validation import check_sigma
+    from sigmadecomp.prepared import prepared_or
+    from sigmadecomp.sigma import psd_root
+
+    n = W.reshape(W.shape[0], -1).shape[1]
+    if fmt == "svd":  # sigma_svd: validate, then factor (the PSD test reads the eigenvalues)
+        S = check_sigma(sigma, n, W, psd=False)
+        return psd_root(prepared_or(sigma, S))
+    return check_sigma(sigma, n, W)  # tucker2 / cp / tt: validate and PSD-test
+
+
+def run_path(layers, prepared, mode, options, ratio=3.0, budget=0.4, solve=True):
     """One pass of rank selection -> decomposition -> report over ``layers``.
 
     ``layers``: list of ``(name, W, fmt, S)`` with float64 torch ``W``, ``S``.
-    Returns ``(seconds, {name: (ranks, sigma_error, approx)})``.
+    Returns ``(seconds, {name: (ranks, sigma_error, approx)})``. With
+    ``solve=False`` the decomposition is replaced by the Sigma work the
+    solver does before iterating (and the report by the original weight),
+    so only the steps that change between the two paths are timed.
     """
     import torch
 
@@ -107,6 +128,10 @@ def run_path(layers, prepared, mode, options, ratio=3.0, budget=0.4):
             r = R.evbmf_ranks(W, fmt, sig[name])
         else:
             r = R.ratio_to_ranks(tuple(W.shape), fmt, ratio)
+        if not solve:
+            _sigma_steps_of_solver(fmt, W, sig[name])
+            out[name] = (r, 0.0, W)
+            continue
         res = _decompose(fmt, W, r, sig[name], options)
         approx = torch.as_tensor(res.to_tensor()).reshape(W.shape)
         # the report: as compress computes it from the matrix (no factorization)
@@ -118,7 +143,7 @@ def run_path(layers, prepared, mode, options, ratio=3.0, budget=0.4):
     return time.perf_counter() - t0, out
 
 
-def compare(label, layers, mode, options, repeats):
+def compare(label, layers, mode, options, repeats, solve=True):
     counter, real = _count_eigh([S for _, _, _, S in layers])
     try:
         times = {True: [], False: []}
@@ -127,7 +152,7 @@ def compare(label, layers, mode, options, repeats):
         for _ in range(repeats):
             for prepared in (False, True):  # interleaved, so load changes hit both
                 counter["n"] = 0
-                sec, out = run_path(layers, prepared, mode, options)
+                sec, out = run_path(layers, prepared, mode, options, solve=solve)
                 times[prepared].append(sec)
                 eighs[prepared] = counter["n"]
                 results[prepared] = out
@@ -139,7 +164,7 @@ def compare(label, layers, mode, options, repeats):
     w_diff = max(float((a[n][2] - b[n][2]).abs().max() / a[n][2].abs().max().clamp_min(1e-300))
                  for n in a)
     plain, prep = statistics.median(times[False]), statistics.median(times[True])
-    return {"case": label, "mode": mode, "layers": len(layers), "plain_s": plain,
+    return {"case": label + ("" if solve else ", Sigma steps only"), "mode": mode, "layers": len(layers), "plain_s": plain,
             "prepared_s": prep, "speedup": plain / prep, "eigh_plain": eighs[False],
             "eigh_prepared": eighs[True], "same_ranks": same_ranks,
             "max_rel_err_diff": err_diff, "max_rel_weight_diff": w_diff,
@@ -202,6 +227,9 @@ def main(argv=None):
     p.add_argument("--method", default="tucker2", choices=["tucker2", "cp"])
     p.add_argument("--n-iter-max", type=int, default=10,
                    help="sweeps of the iterative methods (the same in both paths)")
+    p.add_argument("--part", default="all", choices=["all", "sigma", "full"],
+                   help="'sigma': only the Sigma steps (no solver iterations); 'full': the "
+                        "whole per-layer steps")
     p.add_argument("--out", default=None, help="write the table (markdown) here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -209,16 +237,20 @@ def main(argv=None):
     options = {"n_iter_max": 3 if args.quick else args.n_iter_max}
     rows = []
     ref = reference_layers(args.method, 128 if args.quick else 512)
-    for mode in ("evbmf", "budget", "ratio"):
-        rows.append(compare("reference", ref, mode, options, repeats))
-        print(_fmt_rows(rows[-1:]).splitlines()[-1], flush=True)
     ch, tk, sv = large_layers(args.quick)
     n = ch * 9
-    for label, layers in ((f"large {ch}x{ch}x3x3 Tucker-2 (n={n})", tk),
-                          (f"large {ch}x{ch}x3x3 Sigma-SVD (n={n})", sv)):
-        for mode in ("evbmf", "ratio"):
-            rows.append(compare(label, layers, mode, options, repeats))
-            print(_fmt_rows(rows[-1:]).splitlines()[-1], flush=True)
+    large = ((f"large {ch}x{ch}x3x3 Tucker-2 (n={n})", tk),
+             (f"large {ch}x{ch}x3x3 Sigma-SVD (n={n})", sv))
+    cases = []
+    if args.part in ("all", "sigma"):  # the steps that differ, without the solver iterations
+        cases += [("reference", ref, m, False) for m in ("evbmf", "budget", "ratio")]
+        cases += [(lab, lay, m, False) for lab, lay in large for m in ("evbmf", "ratio")]
+    if args.part in ("all", "full"):
+        cases += [("reference", ref, m, True) for m in ("evbmf", "budget", "ratio")]
+        cases += [(lab, lay, m, True) for lab, lay in large for m in ("evbmf", "ratio")]
+    for label, layers, mode, solve in cases:
+        rows.append(compare(label, layers, mode, options, repeats, solve=solve))
+        print(_fmt_rows(rows[-1:]).splitlines()[-1], flush=True)
     table = _fmt_rows(rows)
     print(table)
     if args.out:
