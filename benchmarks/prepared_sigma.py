@@ -164,7 +164,8 @@ def compare(label, layers, mode, options, repeats, solve=True):
     w_diff = max(float((a[n][2] - b[n][2]).abs().max() / a[n][2].abs().max().clamp_min(1e-300))
                  for n in a)
     plain, prep = statistics.median(times[False]), statistics.median(times[True])
-    return {"case": label + ("" if solve else ", Sigma steps only"), "mode": mode, "layers": len(layers), "plain_s": plain,
+    return {"case": label + ("" if solve else ", Sigma steps only"), "mode": mode,
+            "layers": len(layers), "plain_s": plain,
             "prepared_s": prep, "speedup": plain / prep, "eigh_plain": eighs[False],
             "eigh_prepared": eighs[True], "same_ranks": same_ranks,
             "max_rel_err_diff": err_diff, "max_rel_weight_diff": w_diff,

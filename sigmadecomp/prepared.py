@@ -224,7 +224,7 @@ class PreparedSigma:
         return other
 
     def validated(self, n, like, name="sigma", *, psd=True):
-        """The matrix for a function expecting an ``(n, n)`` ``sigma`` (what ``check_sigma`` returns).
+        """The matrix for a function expecting an ``(n, n)`` ``sigma``, as ``check_sigma`` gives it.
 
         In the library and on the device of ``like``, float64, PSD-tested
         once when ``psd``.
@@ -265,7 +265,7 @@ def prepare_sigma(sigma, *, like=None, name="sigma"):
 
 
 def prepared_or(sigma, matrix):
-    """``sigma`` (moved to ``matrix``'s library and device) if it is a :class:`PreparedSigma`, else ``matrix``.
+    """``sigma`` if it is a :class:`PreparedSigma` (in ``matrix``'s library/device), else ``matrix``.
 
     For a function that has validated its ``sigma`` into ``matrix`` with
     :func:`sigmadecomp._validation.check_sigma` and then factorizes it:

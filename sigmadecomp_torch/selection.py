@@ -22,7 +22,7 @@ __all__ = ["default_layers", "module_kind", "module_names", "obstacle", "param_o
 
 
 def module_kind(module):
-    """The kind of a layer as the report shows it: ``'Linear'``, ``'Conv2d 3x3'``, ``'Conv2d 3x3 g4'``."""
+    """A layer's kind as the report shows it: ``'Linear'``, ``'Conv2d 3x3'``, ``'Conv2d 3x3 g4'``."""
     if isinstance(module, nn.Linear):
         return "Linear"
     kh, kw = module.kernel_size
