@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sigmadecomp._tt_algebra import tt_matrix
 from sigmadecomp.prepared import prepare_sigma
 from sigmadecomp.tt import (
     TTResult,
-    _chain,
     auto_modes,
     tt_conv,
     tt_linear,
@@ -140,7 +140,7 @@ class TTConv2d(_TTChain):
     >>> from sigmadecomp import tt_conv
     >>> from sigmadecomp_torch.tt_layers import TTConv2d
     >>> conv = torch.nn.Conv2d(8, 4, 3, padding=1).double()
-    >>> res = tt_conv(conv.weight.detach(), in_modes=(2, 4), out_modes=(2, 2), ranks=(3, 4))
+    >>> res = tt_conv(conv.weight.detach(), (3, 4), in_modes=(2, 4), out_modes=(2, 2))
     >>> layer = TTConv2d.from_result(conv, res)
     >>> x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     >>> ref = torch.nn.functional.conv2d(x, res.to_tensor(), conv.bias, padding=1)
@@ -232,7 +232,7 @@ class TTConv2d(_TTChain):
         """The equivalent (T, S, H, W) kernel (for checks; the forward never forms it)."""
         kh, kw = self.kernel_size
         g0 = self.spatial.reshape(self.ranks[0], kh * kw).t().reshape(1, kh * kw, 1, self.ranks[0])
-        w = _chain([g0] + list(self.cores))  # (T, (h, w, s))
+        w = tt_matrix([g0] + list(self.cores))  # (T, (h, w, s))
         return w.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
     max_chunk_elements = 2 ** 24
@@ -316,7 +316,7 @@ class TTLinear(_TTChain):
     >>> from sigmadecomp import tt_linear
     >>> from sigmadecomp_torch.tt_layers import TTLinear
     >>> lin = torch.nn.Linear(32, 10).double()
-    >>> res = tt_linear(lin.weight.detach(), in_modes=(4, 8), out_modes=(2, 5), ranks=3)
+    >>> res = tt_linear(lin.weight.detach(), 3, in_modes=(4, 8), out_modes=(2, 5))
     >>> layer = TTLinear.from_result(lin, res)
     >>> layer(torch.randn(7, 32, dtype=torch.float64)).shape
     torch.Size([7, 10])
@@ -377,7 +377,7 @@ class TTLinear(_TTChain):
 
     def weight(self):
         """The equivalent (T, N) weight (for checks; the forward never forms it)."""
-        return _chain(list(self.cores))
+        return tt_matrix(list(self.cores))
 
     def forward(self, x):
         out_shape = list(x.shape[:-1])
@@ -394,8 +394,9 @@ class TTLinear(_TTChain):
                 f"bias={self.bias is not None}")
 
 
-_CORE_OPTS = ("eps", "n_iter_max", "tol", "dense_max", "cg_rtol", "cg_maxiter", "precond", "init",
-              "callback", "ridge")
+_CORE_OPTS = ("eps", "init", "n_iter_max", "tol", "rng", "callback", "rtol", "ridge", "inner",
+              # deprecated spellings, still accepted by the core with a warning
+              "dense_max", "cg_rtol", "cg_maxiter", "precond")
 
 
 def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
@@ -424,8 +425,8 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         ``in_modes``, ``out_modes`` (default: automatic), ``out_hw`` (output
         height, width of a conv, for the multiply-add counts), and the options
         of :func:`sigmadecomp.tt_conv` / :func:`sigmadecomp.tt_linear`
-        (``eps``, ``n_iter_max``, ``tol``, ``dense_max``, ``cg_rtol``,
-        ``cg_maxiter``, ``precond``, ``init``, ``callback``).
+        (``eps``, ``init``, ``n_iter_max``, ``tol``, ``rng``, ``callback``,
+        ``rtol``, ``ridge``, ``inner``).
 
     Returns
     -------
@@ -538,9 +539,9 @@ def tt_decompose(weight, ranks, sigma=None, options=None):
     """
     options = dict(options or {})
     if weight.ndim == 4:
-        return tt_conv(weight, ranks=ranks, sigma=sigma, **options)
+        return tt_conv(weight, ranks, sigma, **options)
     if weight.ndim == 2:
-        return tt_linear(weight, ranks=ranks, sigma=sigma, **options)
+        return tt_linear(weight, ranks, sigma, **options)
     raise ValueError(f"weight has ndim={weight.ndim}; it must be 4 (conv) or 2 (Linear)")
 
 
