@@ -37,7 +37,7 @@ def patch_sigma(conv, x):
 def test_tt_conv_layer_equals_reconstructed_kernel(case):
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 6, **case).double()
-    res = tt_conv(conv.weight.detach(), (2, 6), (2, 3), ranks=(3, 4))
+    res = tt_conv(conv.weight.detach(), (3, 4), in_modes=(2, 6), out_modes=(2, 3))
     layer = TTConv2d.from_result(conv, res)
     x = torch.randn(2, 12, 9, 8, dtype=torch.float64)
     ref = conv._conv_forward(x, res.to_tensor(), conv.bias)
@@ -52,7 +52,8 @@ def test_tt_conv_layer_equals_reconstructed_kernel(case):
 def test_full_rank_tt_conv_layer_reproduces_the_conv():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1).double()
-    layer = TTConv2d.from_result(conv, tt_conv(conv.weight.detach(), (2, 2), (3, 2), ranks=100))
+    res = tt_conv(conv.weight.detach(), 100, in_modes=(2, 2), out_modes=(3, 2))
+    layer = TTConv2d.from_result(conv, res)
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-10)
 
@@ -60,20 +61,21 @@ def test_full_rank_tt_conv_layer_reproduces_the_conv():
 def test_tt_linear_layer_equals_reconstructed_weight():
     torch.manual_seed(0)
     lin = nn.Linear(24, 10).double()
-    res = tt_linear(lin.weight.detach(), (2, 3, 4), (1, 2, 5), ranks=(2, 3))
+    res = tt_linear(lin.weight.detach(), (2, 3), in_modes=(2, 3, 4), out_modes=(1, 2, 5))
     layer = TTLinear.from_result(lin, res)
     x = torch.randn(3, 4, 24, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.linear(x, res.to_tensor(), lin.bias), rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.weight(), res.to_tensor(), rtol=0, atol=1e-12)
     nob = nn.Linear(24, 10, bias=False).double()
-    layer = TTLinear.from_result(nob, tt_linear(nob.weight.detach(), (2, 3, 4), (1, 2, 5), ranks=2))
+    res = tt_linear(nob.weight.detach(), 2, in_modes=(2, 3, 4), out_modes=(1, 2, 5))
+    layer = TTLinear.from_result(nob, res)
     assert layer.bias is None
 
 
 def test_float32_layers_follow_module_dtype():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1)
-    res = tt_conv(conv.weight.detach().double(), (2, 4), (2, 4), ranks=(4, 6))
+    res = tt_conv(conv.weight.detach().double(), (4, 6), in_modes=(2, 4), out_modes=(2, 4))
     layer = TTConv2d.from_result(conv, res)
     assert all(p.dtype == torch.float32 for p in layer.parameters())
     x = torch.randn(2, 8, 6, 6)
@@ -83,12 +85,12 @@ def test_float32_layers_follow_module_dtype():
 
 def test_from_result_rejects_mismatches():
     conv = nn.Conv2d(8, 8, 3, groups=2)
-    res = tt_conv(torch.randn(8, 4, 3, 3, dtype=torch.float64), (2, 2), (2, 4), ranks=2)
+    res = tt_conv(torch.randn(8, 4, 3, 3, dtype=torch.float64), 2, in_modes=(2, 2), out_modes=(2, 4))
     with pytest.raises(ValueError, match="groups=2"):
         TTConv2d.from_result(conv, res)
     with pytest.raises(ValueError, match="shape"):
         TTConv2d.from_result(nn.Conv2d(4, 8, 1), res)
-    lres = tt_linear(torch.randn(8, 4, dtype=torch.float64), (2, 2), (2, 4), ranks=2)
+    lres = tt_linear(torch.randn(8, 4, dtype=torch.float64), 2, in_modes=(2, 2), out_modes=(2, 4))
     with pytest.raises(ValueError, match="kind 'conv'"):
         TTConv2d.from_result(nn.Conv2d(4, 8, 1), lres)
     with pytest.raises(ValueError, match="kind 'matrix'"):
@@ -216,7 +218,8 @@ def test_tt_conv_chunked_batches_give_the_same_output():
     # large batches run in chunks of samples (bounded memory); the output must not change
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 3, padding=1, stride=2).double()
-    layer = TTConv2d.from_result(conv, tt_conv(conv.weight.detach(), (4, 4), (2, 4), ranks=(5, 3)))
+    res = tt_conv(conv.weight.detach(), (5, 3), in_modes=(4, 4), out_modes=(2, 4))
+    layer = TTConv2d.from_result(conv, res)
     x = torch.randn(7, 16, 9, 9, dtype=torch.float64)
     whole = layer(x)
     assert layer._chunk_size(x) >= 7  # the default bound keeps this batch whole
