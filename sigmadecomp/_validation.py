@@ -221,9 +221,18 @@ def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None, psd=True):
     not positive semi-definite under the policy of :func:`check_psd`. Callers
     that eigen-decompose ``sigma`` anyway pass ``psd=False`` and call
     :func:`check_psd` with the eigenvalues.
+
+    A :class:`sigmadecomp.prepared.PreparedSigma` is accepted in place of the
+    matrix: its checks ran when it was made, its PSD test runs at most once,
+    and its matrix is returned (converted to ``like``'s library and device).
     """
     if sigma is None:
         return None
+    if type(sigma).__name__ == "PreparedSigma":
+        from .prepared import PreparedSigma
+
+        if isinstance(sigma, PreparedSigma):
+            return sigma.validated(n, like, name, psd=psd)
     check_array(sigma, name, ndim=2)
     if tuple(sigma.shape) != (n, n):
         raise ValueError(

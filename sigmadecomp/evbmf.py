@@ -210,6 +210,7 @@ def check_weight(weight, name="weight"):
 
 def _whitened(weight, sigma):
     """``Y = K_(1) Sigma^{1/2}`` (symmetric floored root) as float64, shape of the weight."""
+    from .prepared import prepared_or
     from .sigma import default_neg_rtol, default_rtol, psd_root
 
     K = B.as_compute(weight)
@@ -219,7 +220,8 @@ def _whitened(weight, sigma):
     if sigma is None:
         return K
     S = check_sigma(sigma, K1.shape[1], K1, psd=False)  # psd_root checks it
-    root = psd_root(S, rtol=default_rtol(sigma.dtype), neg_rtol=default_neg_rtol(sigma.dtype))
+    root = psd_root(prepared_or(sigma, S), rtol=default_rtol(sigma.dtype),
+                    neg_rtol=default_neg_rtol(sigma.dtype))  # once per PreparedSigma
     return xp.reshape(K1 @ root.sqrt(), tuple(K.shape))
 
 

@@ -14,6 +14,7 @@ from .contract import (
     check_tol,
     relative_error,
 )
+from .prepared import prepared_or
 from .results import SVDResult
 from .sigma import (
     DEFAULT_RIDGE,
@@ -145,7 +146,7 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
     else:
         rtol = default_rtol(sigma.dtype) if rtol is None else rtol
         neg = default_neg_rtol(sigma.dtype)
-        root = psd_root(S, rtol=rtol, neg_rtol=neg)
+        root = psd_root(prepared_or(sigma, S), rtol=rtol, neg_rtol=neg)  # once per PreparedSigma
         if ridge:  # sigma + c I has the eigenvectors of sigma and eigenvalues lam + c
             S_user, S = S, _add_ridge(S, ridge)
             c = float(S[0, 0] - S_user[0, 0])
