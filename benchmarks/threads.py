@@ -97,7 +97,7 @@ def make_case(solver, S, sweeps, lib):
     if solver == "tt_conv":
         ms, ns = auto_modes(S, S)
         r = tt_ranks_for_ratio(ms, ns, RATIO, kernel_size=(3, 3))
-        return (lambda: tt_conv(K, ms, ns, r, sigma, n_iter_max=sweeps)), r
+        return (lambda: tt_conv(K, r, sigma, in_modes=ms, out_modes=ns, n_iter_max=sweeps)), r
     raise ValueError(f"solver={solver!r} is not allowed; one of {SOLVERS}")
 
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigmadecomp._threads import busy_machine_threads
+from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
 __all__ = [
     "LayerStats",
@@ -292,6 +293,31 @@ class LayerStats:
 # --------------------------------------------------------------------------- hooks
 
 
+def add_gram(xx, X, work=None):
+    """Add the upper triangle of ``X^T X`` of a (M, n) or (G, M, n) chunk to ``xx``.
+
+    ``xx`` is the float64 ``(n, n)`` (or ``(G, n, n)``) sum of the collector;
+    only the blocks on and above the diagonal are formed (about half the work
+    of the full product) and the collector mirrors the upper triangle at the
+    end, so an implementation that adds the full product is also correct
+    (``benchmarks/collect_cost.py`` times that variant). A CPU chunk takes one
+    BLAS SYRK, others blocked GEMMs. ``work``: a float32 ``(n, n)`` matrix,
+    zero below the diagonal, reused by the SYRK of float32 chunks (see
+    :func:`_syrk_upper`).
+    """
+    n = X.shape[-1]
+    if X.ndim == 2 and X.device.type == "cpu" and xx.is_contiguous():
+        _syrk_upper(X, xx, work)
+        return
+    block = max(GRAM_BLOCK_MIN, -(-n // GRAM_BLOCKS))  # why: sigmadecomp._validation
+    if n <= block:
+        xx += X.transpose(-1, -2) @ X
+        return
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        xx[..., a:b, a:] += X[..., :, a:b].transpose(-1, -2) @ X[..., :, a:]
+
+
 def _syrk_upper(X, out, work=None):
     """``out += X^T X`` on the upper triangle (C order) of a float64 CPU ``out``.
 
@@ -535,25 +561,15 @@ class _Accumulator:
         return (torch.rand(shape, generator=self.gen) < self.fraction).to(self.device)
 
     def _gram(self, X):
-        """Add ``X^T X`` of a (M, n) or (G, M, n) chunk to the float64 sum.
-
-        Only the blocks on and above the diagonal are formed (about half the
-        work of the full product); :meth:`result` mirrors the upper triangle.
-        """
+        """Add ``X^T X`` of a chunk to the float64 sum (:func:`add_gram`); float32
+        CPU chunks reuse one float32 work matrix of the collection."""
         n = X.shape[-1]
-        if X.ndim == 2 and X.device.type == "cpu" and self.xx.is_contiguous():
-            work = None
-            if X.dtype != torch.float64:
-                work = self.run.buffer("gram", (n, n), torch.float32, "cpu", zero=True)
-            _syrk_upper(X.to(torch.float32) if work is not None else X, self.xx, work)
+        if (X.ndim == 2 and X.device.type == "cpu" and X.dtype == torch.float32
+                and self.xx.is_contiguous()):
+            work = self.run.buffer("gram", (n, n), torch.float32, "cpu", zero=True)
+            add_gram(self.xx, X, work=work)
             return
-        block = max(96, -(-n // 8))
-        if n <= block:
-            self.xx += X.transpose(-1, -2) @ X
-            return
-        for a in range(0, n, block):
-            b = min(a + block, n)
-            self.xx[..., a:b, a:] += X[..., :, a:b].transpose(-1, -2) @ X[..., :, a:]
+        add_gram(self.xx, X)
 
     def _add_rows(self, X):
         """X: (M, n_total) rows of patches (in ``gram_dtype``)."""
