@@ -78,7 +78,7 @@ def test_float32_cg_operator_changes_errors_only_by_rounding(monkeypatch):
     rng = np.random.default_rng(5)
     K = rng.standard_normal((10, 12, 3, 3))
     Sig = random_psd(rng, 108, spread=10.0)
-    kw = dict(n_iter_max=15, tol=0, inner={"method": "cg"})
+    kw = dict(n_iter_max=15, tol=0)
     f32 = tucker2(K, (5, 4), Sig, inner={"method": "cg"}, **kw)  # default rtol 1e-2: float32
     monkeypatch.setattr(t2mod, "CG_FLOAT32_RTOL", float("inf"))
     f64 = tucker2(K, (5, 4), Sig, inner={"method": "cg"}, **kw)
