@@ -376,8 +376,9 @@ class _Run:
         CPU every new patch matrix would pay its page faults again (measured
         here: 64 MiB of fresh memory cost more time than the SYRK on it). One
         buffer per ``slot`` and device grows to the largest request and is
-        dropped with the collection. ``zero=True`` zeroes a buffer only when it
-        is (re)allocated (for the float32 SYRK's untouched triangle).
+        dropped with the collection. ``zero=True`` zeroes the view only when the
+        buffer was (re)allocated or last served another shape or dtype (for
+        the float32 SYRK, whose untouched triangle must stay zero).
         """
         device = torch.device(device)
         numel = 1
