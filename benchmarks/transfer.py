@@ -3,6 +3,7 @@
     python -m benchmarks.transfer                       # Tucker-2 and CP, rX 2 3 4 6
     python -m benchmarks.transfer --methods cp --rx 4   # one cell
     python -m benchmarks.transfer --quick               # small, for a smoke test
+    python -m benchmarks.transfer --merge a.json b.json --out all.json --png all.png
 
 The committed reference network (``sigmadecomp_torch/demo/weights``); every
 3x3 conv but the stem is compressed at the per-layer ratio rX, without
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--png", default=None, help="PNG of the fraction of the gain kept")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no run: join the rows of earlier --out files (e.g. one per method), "
+                        "print the table, write --out / --png")
     args = p.parse_args(argv)
     if args.quick:
         d = dict(methods=["tucker2"], rx=[4.0], rules=["moments", "a=0.5"], iters=3, calib=256,
@@ -90,6 +94,8 @@ def main(argv=None, *, log=print):
     from sigmadecomp_torch.transfer import shrink_covariances
 
     args = parse_args(argv)
+    if args.merge:
+        return merge(args, log=log)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model = load_reference()
@@ -164,6 +170,27 @@ def main(argv=None, *, log=print):
     log(table(out))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    if args.png:
+        plot(out, args.png)
+    return out
+
+
+def merge(args, *, log=print):
+    """Join the rows of several result files (later files win for a repeated row)."""
+    rows, parts = {}, []
+    for path in args.merge:
+        with open(path) as f:
+            part = json.load(f)
+        parts.append({"file": os.path.basename(path), "config": part["config"],
+                      "seconds": part["seconds"]})
+        for r in part["rows"]:
+            rows[(r["method"], r["rx"], r["row"])] = r
+    out = {"reference_accuracy": part["reference_accuracy"], "layers": part["layers"],
+           "rows": list(rows.values()), "parts": parts}
+    log(table(out))
+    if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
     if args.png:
