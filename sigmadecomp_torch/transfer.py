@@ -54,8 +54,13 @@ Examples
 >>> shrunk = shrink_covariances(stats, "auto", model=model)
 >>> 0.0 <= shrunk.alphas["3"] <= 1.0, stats["3"] is not shrunk["3"]
 (True, True)
->>> small, report = compress(model, "tucker2", covariances=shrunk, ratio=2,
-...                          options={"n_iter_max": 3})
+>>> import warnings
+>>> with warnings.catch_warnings():   # random weights: large errors, which compress warns of
+...     warnings.simplefilter("ignore")
+...     small, report = compress(model, "tucker2", covariances=shrunk, ratio=2,
+...                              options={"n_iter_max": 3})
+>>> small(torch.rand(2, 3, 8, 8)).shape
+torch.Size([2, 4])
 """
 
 from __future__ import annotations
