@@ -183,8 +183,9 @@ def merge(args, *, log=print):
     for path in args.merge:
         with open(path) as f:
             part = json.load(f)
-        parts.append({"file": os.path.basename(path), "config": part["config"],
-                      "seconds": part["seconds"]})
+        cfg = {k: (os.path.basename(v) if k in ("out", "png") and v else v)
+               for k, v in part["config"].items()}
+        parts.append({"file": os.path.basename(path), "config": cfg, "seconds": part["seconds"]})
         for r in part["rows"]:
             rows[(r["method"], r["rx"], r["row"])] = r
     out = {"reference_accuracy": part["reference_accuracy"], "layers": part["layers"],
