@@ -238,7 +238,8 @@ def test_auto_rule_is_deterministic_in_range_and_lists_layers_without_batchnorm(
 def test_moments_rule_keeps_statistics_that_match_the_batchnorm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, momentum=None),
+                          nn.Conv2d(6, 8, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(8, momentum=None),
                           nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 2))
     x = torch.randn(64, 3, 5, 5)
     model.train()
@@ -312,3 +313,23 @@ def test_rules_say_what_they_need(setup):
         shrink_covariances([1, 2], 0.1)
     assert math.isclose(shrink_covariances(stats, "oas", images=10**9).alphas["3"], 0.0,
                         abs_tol=1e-6)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs(tmp_path):
+    """benchmarks/transfer.py --quick end to end (minutes: Fashion-MNIST, digits, 10 fits)."""
+    from sigmadecomp.datasets import DatasetNotFoundError, find_fashion_mnist
+
+    pytest.importorskip("sklearn")
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    from benchmarks import transfer as bench
+
+    out = bench.main(["--quick", "--out", str(tmp_path / "t.json")], log=lambda *a: None)
+    labels = {r["row"] for r in out["rows"]}
+    assert labels == {"frobenius", "sigma", "digits", "digits+moments", "digits+a=0.5"}
+    moments = next(r for r in out["rows"] if r["row"] == "digits+moments")
+    assert all(0.0 <= a <= 1.0 for a in moments["alphas"].values())
+    assert (tmp_path / "t.json").exists()
