@@ -525,7 +525,8 @@ def _convergence(model, stats, names, cfg):
         hist = {}
         for label, sig in (("frobenius", None), ("sigma", sigma)):
             t0 = time.perf_counter()
-            res = fn(W, ranks, sig, n_iter_max=n_iter, tol=0.0, rng=cfg["seed"])
+            inner = {"maxiter": "adaptive"} if method == "cp" else None  # as in the grid
+            res = fn(W, ranks, sig, n_iter_max=n_iter, tol=0.0, rng=cfg["seed"], inner=inner)
             hist[label] = {"errors": [float(e) for e in res.errors], "n_iter": int(res.n_iter),
                            "seconds": time.perf_counter() - t0,
                            "sigma_error": _rel_sigma_error(W, res.to_tensor(), sigma)}
