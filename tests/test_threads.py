@@ -32,9 +32,9 @@ _CALLS = {
     "sigma_svd": lambda K, s: sigma_svd(K.reshape(K.shape[0], -1), 3, s),
     "tucker2": lambda K, s: tucker2(K, (3, 2), s, n_iter_max=2),
     "cp": lambda K, s: cp(K, 3, s, n_iter_max=2),
-    "tt_conv": lambda K, s: tt_conv(K, (2, 2), (2, 3), 2, s, n_iter_max=2),
-    "tt_linear": lambda K, s: tt_linear(K.reshape(K.shape[0], -1), (4, 9), (2, 3), 2, s,
-                                        n_iter_max=2),
+    "tt_conv": lambda K, s: tt_conv(K, 2, s, in_modes=(2, 2), out_modes=(2, 3), n_iter_max=2),
+    "tt_linear": lambda K, s: tt_linear(K.reshape(K.shape[0], -1), 2, s, in_modes=(4, 9),
+                                        out_modes=(2, 3), n_iter_max=2),
     "tt_svd": lambda K, s: tt_svd(K, 2),
 }
 
