@@ -44,6 +44,7 @@ _EXPORTS = {
                    "select_layers"),
     "layers": ("CPConv2d", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d"),
     "latency": ("measure_latency",),
+    "batchnorm": ("BatchNormReport", "covariances_from_batchnorm"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -66,6 +67,8 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "measure_latency",
+    "covariances_from_batchnorm",
+    "BatchNormReport",
 ]
 
 
