@@ -39,18 +39,20 @@ import torch
 VARIANTS = {
     # name: None (Frobenius) | "synthetic" | "real" | dict of covariances_from_batchnorm options
     "frobenius": None,
+    "bn-prop-fit": dict(spatial="propagate", shrinkage="bn"),   # the default
     "synthetic": "synthetic",
+    "real": "real",
     "bn-indep": dict(spatial="independent", shrinkage=0.0),
+    "bn-kernel-fit": dict(spatial="kernel", shrinkage="bn"),
+    "bn-prop": dict(spatial="propagate", shrinkage=0.0),
     "bn-kernel": dict(spatial="kernel", shrinkage=0.0),
     "bn-indep-fit": dict(spatial="independent", shrinkage="bn"),
     "bn-kernel-half": dict(spatial="kernel", shrinkage=0.5),
-    "bn-kernel-fit": dict(spatial="kernel", shrinkage="bn"),
     "bn-indep-gain": dict(spatial="independent", shrinkage="bn-gain"),
     "bn-kernel-gain": dict(spatial="kernel", shrinkage="bn-gain"),
-    "bn-prop": dict(spatial="propagate", shrinkage=0.0),
-    "bn-prop-fit": dict(spatial="propagate", shrinkage="bn"),   # the default
-    "real": "real",
 }
+DEFAULT_VARIANTS = ("frobenius", "bn-prop-fit", "synthetic", "real", "bn-indep",
+                    "bn-kernel-fit", "bn-prop", "bn-kernel")
 
 
 def statistics(model, names, variants, n_images, seed):
@@ -81,7 +83,8 @@ def statistics(model, names, variants, n_images, seed):
 
 
 def run(*, quick=False, rx=None, methods=("tucker2", "cp"), variants=None, centered=True,
-        threads=1, seed=0, log=print):
+        threads=1, seed=0, log=print, on_row=None):
+    """Compress and evaluate every (variant, method, rX); ``on_row(result)`` after each."""
     from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
     from sigmadecomp_torch import compress
     from sigmadecomp_torch.data import fashion_mnist
@@ -91,7 +94,7 @@ def run(*, quick=False, rx=None, methods=("tucker2", "cp"), variants=None, cente
     if threads:
         torch.set_num_threads(int(threads))
     rx = tuple(rx) if rx else ((3, 6) if quick else (2, 3, 4, 6))
-    variants = tuple(variants) if variants else tuple(VARIANTS)
+    variants = tuple(variants) if variants else DEFAULT_VARIANTS
     n_test = 2000 if quick else 10000
     options = {"n_iter_max": 5 if quick else 10, "rng": seed}
     model = load_reference()
@@ -99,13 +102,25 @@ def run(*, quick=False, rx=None, methods=("tucker2", "cp"), variants=None, cente
     x_test, y_test = fashion_mnist("test", limit=None if n_test >= 10000 else n_test, seed=seed)
     base = evaluate(model, x_test, y_test, batch_size=250)
     log(f"reference accuracy {100 * base:.2f}% on {len(x_test)} test images; layers {names}")
-    stats, stat_seconds, reports = statistics(model, names, variants, 2048, seed)
-    log("statistics seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in stat_seconds.items()))
+    stat_seconds, reports = {}, {}
     rows = []
-    for method in methods:
-        for r in rx:
-            for v in variants:
-                cov = stats[v]
+    result = {
+        "reference_accuracy": base, "test_images": len(x_test), "layers": names,
+        "centered": bool(centered), "options": {k: v for k, v in options.items()},
+        "rx": list(rx), "methods": list(methods), "variants": list(variants), "rows": rows,
+        "statistics_seconds": stat_seconds, "bn_reports": reports,
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "machine": platform.machine()},
+    }
+    # one variant at a time over all settings: an interrupted run keeps whole rows
+    for v in variants:
+        st, sec, rep = statistics(model, names, (v,), 2048, seed)
+        cov = st[v]
+        stat_seconds.update(sec)
+        reports.update(rep)
+        log(f"statistics {v}: {sec[v]:.1f} s")
+        for method in methods:
+            for r in rx:
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
@@ -117,16 +132,11 @@ def run(*, quick=False, rx=None, methods=("tucker2", "cp"), variants=None, cente
                 with torch.inference_mode():
                     acc = evaluate(cm, x_test, y_test, batch_size=250)
                 rows.append({"method": method, "rx": r, "variant": v, "accuracy": acc,
-                             "seconds": sec})
+                             "seconds": sec, "load": os.getloadavg()[0]})
                 log(f"{method:8s} rX={r:<3g} {v:15s} {100 * acc:6.2f}%  ({sec:.1f} s)")
-    return {
-        "reference_accuracy": base, "test_images": len(x_test), "layers": names,
-        "centered": bool(centered), "options": {k: v for k, v in options.items()},
-        "rx": list(rx), "methods": list(methods), "variants": list(variants), "rows": rows,
-        "statistics_seconds": stat_seconds, "bn_reports": reports,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "machine": platform.machine(), "load": os.getloadavg()},
-    }
+                if on_row is not None:
+                    on_row(result)
+    return result
 
 
 def table(res):
@@ -186,11 +196,15 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("notes", "datafree"),
                    help="prefix of the .json and .png written")
     a = p.parse_args(argv)
+
+    def save(res):
+        with open(a.out + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+
     res = run(quick=a.quick, rx=a.rx, methods=a.methods, variants=a.variants,
-              centered=not a.uncentered, threads=a.threads)
+              centered=not a.uncentered, threads=a.threads, on_row=save)
     print(table(res))
-    with open(a.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    save(res)
     plot(res, a.out + ".png")
     print(f"wrote {a.out}.json, {a.out}.png")
 

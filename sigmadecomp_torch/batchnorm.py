@@ -5,47 +5,63 @@ BatchNorm branches as in a residual block) has, per channel ``c``, a
 pre-activation ``z_c`` with mean ``beta_c`` and variance
 ``gamma_c^2 v_c / (v_c + eps)`` (``v_c`` the running variance): in eval mode
 BatchNorm is affine in the standardised ``y_c``. :func:`covariances_from_batchnorm`
-turns this into the second moment ``Sigma`` of the layer's input patches,
-without any data:
+turns this into the second moment ``Sigma`` of the layer's input patches
+(and their mean) without any data. The per-channel marginals always come
+from BatchNorm; what couples channels and positions is one of three models
+(``spatial=``):
 
-1. **Pre-activation covariance.** Model ``z`` as a stationary Gaussian field.
-   With ``spatial="kernel"`` the correlations between channels and positions
-   are those of ``y = conv(K, x)`` for the producing layer's kernel ``K`` and
-   an input ``x`` that is white (independent, unit variance per channel and
-   position): ``Cov(y_c(p), y_c'(p + d)) = sum_{s,a} K[c,s,a] K[c',s,a-e]``
-   with ``e = stride * d / dilation`` of the producer. Only the correlations
-   are taken from this model; each channel's variance is BatchNorm's. Branches
-   that are added (residual blocks) are taken as independent. With
-   ``spatial="independent"`` channels and positions are uncorrelated.
-2. **ReLU.** Exact moments of a rectified bivariate Gaussian:
-   ``E[X+ Y+] = s1 s2 [(ab + r) Phi2(a, b; r) + a phi(b) Phi((a - r b)/q)
-   + b phi(a) Phi((b - r a)/q) + q phi(a) phi((b - r a)/q)]`` with
-   ``a = m1/s1``, ``b = m2/s2``, correlation ``r``, ``q = sqrt(1 - r^2)``;
-   ``Phi2`` through Owen's T function.
-3. **Patches.** ``Sigma[(s,h,w),(s',h',w')]`` is the field moment at offset
-   ``((h'-h) dh, (w'-w) dw)`` times the fraction of output positions at which
-   both entries lie inside the input (zero padding); this fraction needs the
-   input size (``input_shape=``), without it borders are ignored.
-4. **Shrinkage** toward the Frobenius metric,
-   ``Sigma_a = (1 - a) Sigma + a tr(Sigma)/n I`` (and the mean scaled by
-   ``sqrt(1 - a)``, so that the covariance shrinks the same way). With
-   ``shrinkage="bn"`` the weight ``a`` is fitted per layer to the layer's
-   *own* output BatchNorm, where there is one: its running variances are
-   measurements of the true input covariance ``C`` along the rows ``k_c`` of
-   the weight, ``running_var_c = k_c^T C k_c``, exactly the quadratic forms the
-   Sigma-error is made of. ``a`` minimises the spread of
-   ``log(k_c^T C_a k_c) - log(running_var_c)`` over channels (a global scale
-   is free, it does not change any decomposition). Layers without such a
-   BatchNorm get the median ``a`` of the fitted layers (0.5 if none).
+* ``"propagate"`` (the default when ``input_shape=(C, H, W)`` is given):
+  smooth Gaussian-noise images (:func:`sigmadecomp_torch.data.synthetic_images`)
+  are pushed through a copy of the model whose BatchNorm layers normalise
+  with the statistics of each batch, so that every BatchNorm output has
+  exactly the mean ``beta`` and standard deviation ``|gamma|`` it has on the
+  training data, while the correlations between channels and positions are
+  those the network's own weights create; the patch statistics are then
+  collected as :func:`collect_covariances` does. This is a Monte-Carlo
+  propagation of the moments through every layer, not only the last one.
+* ``"kernel"`` (the default otherwise): a stationary Gaussian field whose
+  correlations are those of ``y = conv(K, x)`` for the producing layer's
+  kernel ``K`` and a white input ``x`` (independent, unit variance per
+  channel and position): ``Cov(y_c(p), y_c'(p + d)) = sum_{s,a} K[c,s,a]
+  K[c',s,a-e]`` with ``e = stride * d / dilation`` of the producer; added
+  branches (residual blocks) are taken as independent. ReLU moments are
+  exact for a rectified bivariate Gaussian:
+  ``E[X+ Y+] = s1 s2 [(ab + r) Phi2(a, b; r) + a phi(b) Phi((a - r b)/q)
+  + b phi(a) Phi((b - r a)/q) + q phi(a) phi((b - r a)/q)]`` with
+  ``a = m1/s1``, ``b = m2/s2``, correlation ``r``, ``q = sqrt(1 - r^2)``,
+  ``Phi2`` through Owen's T function (:func:`relu_moments`). The patch
+  matrix ``Sigma[(s,h,w),(s',h',w')]`` is the field moment at offset
+  ``((h'-h) dh, (w'-w) dw)`` times the fraction of output positions at which
+  both entries lie inside the input (zero padding; needs ``input_shape``,
+  without it the maps are taken as infinite).
+* ``"independent"``: the same without any correlation (channels and
+  positions independent; cross terms are products of the means).
+
+**Shrinkage** toward the Frobenius metric,
+``Sigma_a = (1 - a) Sigma + a tr(Sigma)/n I`` (with the mean scaled by
+``sqrt(1 - a)``, so that the covariance shrinks the same way). With
+``shrinkage="bn"`` (the default) ``a`` is fitted per layer to the layer's
+*own* output BatchNorm, where there is one: its running variances are
+measurements of the true input covariance ``C`` along the rows ``k_c`` of the
+weight, ``running_var_c = k_c^T C k_c`` -- the very quadratic forms the
+Sigma-error is made of. ``a`` in ``[0, 1]`` minimises the spread over
+channels of ``log(k_c^T C_a k_c / running_var_c)`` (a global scale is free,
+it changes no decomposition); ``a = 1`` is chosen when the model explains
+these variances no better than the Frobenius metric does. Layers without
+such a BatchNorm get the median ``a`` of the fitted layers (0.5 if none).
+``shrinkage="bn-gain"`` also fits a gain of the model's correlations
+(non-negative least squares on the same equations).
 
 Finding the BatchNorm feeding a layer needs the graph: ``graph="fx"`` traces
 the model with :func:`torch.fx.symbolic_trace` (additions of branches, ReLU as
 module, function or method, Identity and Dropout are followed);
-``graph="sequential"`` reads the leaf modules in registration order (right for
-``nn.Sequential``-style models, blind to residual additions); ``"auto"`` tries
-fx first. Layers whose input comes from anything else (pooling, flatten,
-concatenation, another activation, the model input, a grouped producer when
-``spatial="kernel"`` is asked, ...) are listed in the report with the reason.
+``graph="sequential"`` reads the children of ``nn.Sequential`` containers in
+order (a layer is modelled when the modules just before it in its own
+``nn.Sequential`` are BatchNorm [+ ReLU]; residual additions and layers outside
+an ``nn.Sequential`` are not seen); ``"auto"`` tries fx first and falls back
+to the containers when tracing fails. Layers whose input comes from anything
+else (pooling, flatten, concatenation, another activation, the model input,
+a grouped conv, ...) are listed in the report with the reason.
 
 Examples
 --------
@@ -56,7 +72,7 @@ Examples
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
 ...                       nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
 ...                       nn.Conv2d(16, 4, 1)).eval()
->>> stats, report = covariances_from_batchnorm(model, input_shape=(3, 12, 12))
+>>> stats, report = covariances_from_batchnorm(model, input_shape=(3, 12, 12), samples=64)
 >>> sorted(stats), stats['3'].sigma.shape
 (['3', '6'], torch.Size([72, 72]))
 >>> report.skipped
@@ -106,7 +122,8 @@ class BatchNormReport:
     modelled : dict of str to dict
         Per modelled layer: ``branches`` (list of ``(bn, producer)`` names),
         ``relu``, ``spatial`` (the model used for each branch), ``shrinkage``
-        (the ``a`` used), ``fitted`` (whether ``a`` was fitted to an output
+        (the ``a`` used), ``gain`` (the correlation gain, 1 unless
+        ``shrinkage="bn-gain"``), ``fitted`` (whether ``a`` was fitted to an output
         BatchNorm, and its name), ``fit_spread`` (the spread of the log
         variance ratios at ``a = 0``, at the chosen ``a`` and at ``a = 1``).
     skipped : dict of str to str
@@ -488,25 +505,37 @@ def _sources_fx(model, names):
 
 
 def _sources_sequential(model, names):
-    leaves = [(n, m) for n, m in model.named_modules()
-              if not any(True for _ in m.children()) and not isinstance(m, _PASS)]
-    pos = {n: i for i, (n, _) in enumerate(leaves)}
+    """Sources read from ``nn.Sequential`` containers: the children before a layer in its
+    own ``nn.Sequential`` are what it reads (what feeds the first child is not known)."""
+    modules = dict(model.named_modules())
     out = {}
     for name in names:
-        i = pos[name] - 1
-        relu = i >= 0 and isinstance(leaves[i][1], nn.ReLU)
+        parent_name, _, key = name.rpartition(".")
+        parent = modules[parent_name] if parent_name or name else None
+        if not isinstance(parent, nn.Sequential):
+            out[name] = ("not inside an nn.Sequential; without tracing (graph='fx') what "
+                         "feeds it is not known")
+            continue
+        keys = list(parent._modules)
+        kids = list(parent._modules.values())
+        i = keys.index(key) - 1
+        while i >= 0 and isinstance(kids[i], _PASS):
+            i -= 1
+        relu = i >= 0 and isinstance(kids[i], nn.ReLU)
         if relu:
             i -= 1
-        if i < 0 or not isinstance(leaves[i][1], _BN):
-            what = "the model input" if i < 0 else (f"{type(leaves[i][1]).__name__} "
-                                                    f"{leaves[i][0]!r}")
-            out[name] = f"the module before it (registration order) is {what}, not a BatchNorm"
+        if i < 0 or not isinstance(kids[i], _BN):
+            what = ("nothing (it is the first module of its nn.Sequential)" if i < 0
+                    else f"{type(kids[i]).__name__}")
+            out[name] = f"the module before it in its nn.Sequential is {what}, not a BatchNorm"
             continue
-        prod = leaves[i - 1] if i >= 1 else None
-        pname = prod[0] if prod is not None and isinstance(prod[1], (nn.Conv2d, nn.Linear)) else None
-        j = pos[name] + 1
-        out_bn = leaves[j][0] if j < len(leaves) and isinstance(leaves[j][1], _BN) else None
-        out[name] = _Source(relu, [(leaves[i][0], pname)], out_bn)
+        pre = (parent_name + "." if parent_name else "")
+        pname = None
+        if i >= 1 and isinstance(kids[i - 1], (nn.Conv2d, nn.Linear)):
+            pname = pre + keys[i - 1]
+        j = keys.index(key) + 1
+        out_bn = pre + keys[j] if j < len(kids) and isinstance(kids[j], _BN) else None
+        out[name] = _Source(relu, [(pre + keys[i], pname)], out_bn)
     return out
 
 
@@ -583,18 +612,26 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
         Shape of one input sample, e.g. ``(1, 28, 28)``: used for the spatial
         size of each conv's input (zero-padding at the borders). Without it
         the maps are taken as infinite (no border effect).
-    spatial : {"kernel", "independent"}, optional
-        Pre-activation correlations from the producing layer's weights under
-        a white input (``"kernel"``, the default), or none (channels and
-        positions independent). A branch whose producer is not a plain
-        Conv2d/Linear is treated as independent (said in the report).
-    shrinkage : "bn" or float in [0, 1], optional
+    spatial : {"auto", "propagate", "kernel", "independent"}, optional
+        How channels and positions are coupled (module docstring):
+        smooth noise propagated through the model with BatchNorm on batch
+        statistics, the producing layer's kernel under a white input, or
+        none. ``"auto"``: ``"propagate"`` when ``input_shape`` is
+        ``(C, H, W)``, else ``"kernel"``. With ``"kernel"`` a branch whose
+        producer is not a plain Conv2d/Linear is treated as independent
+        (said in the report).
+    shrinkage : "bn", "bn-gain" or float in [0, 1], optional
         Weight ``a`` of the Frobenius metric: fitted per layer to its output
-        BatchNorm (``"bn"``, the default) or fixed.
+        BatchNorm (``"bn"``, the default; ``"bn-gain"`` also fits a gain of
+        the correlations) or fixed.
     graph : {"auto", "fx", "sequential"}, optional
         How the BatchNorm feeding each layer is found: torch.fx tracing, the
-        registration order of the leaf modules, or fx with the registration
-        order as fallback when tracing fails.
+        order of the children of ``nn.Sequential`` containers, or fx with the
+        containers as fallback when tracing fails.
+    samples : int, optional
+        Number of noise images for ``spatial="propagate"`` (default 2048).
+    seed : int, optional
+        Seed of those images.
 
     Returns
     -------
@@ -605,12 +642,20 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
         The modelled layers (sources, shrinkage, fit) and the others with the
         reason they were not modelled.
 
+    Notes
+    -----
+    The statistics describe the training distribution as the BatchNorm
+    layers saw it; ``count`` is 1 (merging them with measured statistics by
+    ``+`` weights them as one sample). The model is assumed to be in the
+    state it will be used in (eval-mode BatchNorm).
+
     Raises
     ------
     ValueError
         For an unknown ``spatial`` or ``graph``, a ``shrinkage`` outside
-        ``[0, 1]``, a malformed ``input_shape``, or ``graph="fx"`` on a model
-        that cannot be traced.
+        ``[0, 1]``, a malformed ``input_shape``, ``spatial="propagate"``
+        without ``input_shape=(C, H, W)``, ``samples < 2``, or ``graph="fx"``
+        on a model that cannot be traced.
     TypeError
         When ``model`` is not an ``nn.Module``.
 
@@ -626,7 +671,7 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
     >>> stats, report = covariances_from_batchnorm(model)
     >>> sorted(stats), report.modelled['3']['relu']
     (['3', '6'], True)
-    >>> small, rep = compress(model, 'svd', covariances=stats, ranks={'3': 16}, progress=False)
+    >>> small, rep = compress(model, 'svd', covariances=stats, ranks={'3': 24}, progress=False)
     >>> small(torch.randn(4, 20)).shape
     torch.Size([4, 5])
     """
