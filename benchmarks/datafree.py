@@ -139,6 +139,38 @@ def run(*, quick=False, rx=None, methods=("tucker2", "cp"), variants=None, cente
     return result
 
 
+def spreads(seed=0, n_images=2048):
+    """How well each Sigma explains the running variances of the layer's output BatchNorm.
+
+    For each compressed layer and statistic, the spread (standard deviation over
+    output channels) of ``log(k_c^T C k_c / running_var_c)`` with ``C`` the
+    centered covariance: ~0 means the statistic predicts the layer's output
+    variances up to one global scale (the measurement the shrinkage rule uses).
+    """
+    from sigmadecomp_torch.demo.reference import load_reference
+    from sigmadecomp_torch.models import conv3x3_names
+
+    model = load_reference()
+    names = conv3x3_names(model, skip_first=True)
+    mods = dict(model.named_modules())
+    keys = ("real", "synthetic", "bn-indep", "bn-kernel", "bn-prop", "frobenius")
+    stats = {k: statistics(model, names, (k,), n_images, seed)[0][k] for k in keys}
+    out = {}
+    for n in names:
+        K = mods[n].weight.detach().double().reshape(mods[n].weight.shape[0], -1)
+        v = mods[n.replace("conv", "bn")].running_var.double()
+        row = {}
+        for k in keys:
+            if stats[k] is None:  # Frobenius: C proportional to I
+                q = (K * K).sum(1)
+            else:
+                C = stats[k][n].centered()
+                q = torch.einsum("ti,ij,tj->t", K, C, K)
+            row[k] = float(torch.log(q / v).std(unbiased=False))
+        out[n] = row
+    return out
+
+
 def table(res):
     """Markdown table: one row per (method, variant), one column per rX."""
     acc = {(r["method"], r["variant"], r["rx"]): r["accuracy"] for r in res["rows"]}
@@ -193,9 +225,21 @@ def main(argv=None):
     p.add_argument("--uncentered", action="store_true",
                    help="plain Sigma instead of centered Sigma + bias correction")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--spreads", action="store_true",
+                   help="only print how well each statistic explains the output BatchNorm "
+                        "variances (spread of log ratios per layer)")
     p.add_argument("--out", default=os.path.join("notes", "datafree"),
                    help="prefix of the .json and .png written")
     a = p.parse_args(argv)
+    if a.spreads:
+        torch.set_num_threads(a.threads)
+        res = spreads()
+        cols = list(next(iter(res.values())))
+        print("| layer | " + " | ".join(cols) + " |")
+        print("|" + "---|" * (1 + len(cols)))
+        for n, row in res.items():
+            print(f"| {n} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+        return
 
     def save(res):
         with open(a.out + ".json", "w") as f:
