@@ -171,6 +171,48 @@ def spreads(seed=0, n_images=2048):
     return out
 
 
+def correlations(seed=0, n_images=1024):
+    """Correlation structure of each statistic against Sigma from real images, per layer.
+
+    ``chan``: mean |correlation| between channels at the centre pixel (centered
+    covariance); ``agree``: correlation coefficient between those off-diagonal
+    entries and the real ones; ``nbr``: mean correlation of a channel with
+    itself one pixel to the right; ``var``: correlation coefficient of the
+    log channel variances with the real ones; ``mean``: the same for the
+    channel means (centre pixel).
+    """
+    from sigmadecomp_torch.demo.reference import load_reference
+    from sigmadecomp_torch.models import conv3x3_names
+
+    model = load_reference()
+    names = conv3x3_names(model, skip_first=True)
+    keys = ("real", "bn-kernel", "bn-prop", "synthetic")
+    stats = {k: statistics(model, names, (k,), n_images, seed)[0][k] for k in keys}
+    out = {}
+    for n in names:
+        row = {}
+        ref_off = ref_var = ref_mean = None
+        for k in keys:
+            mean = stats[k][n].mean.reshape(-1, 9)[:, 4]
+            C = stats[k][n].centered()
+            S = C.shape[0] // 9
+            C = C.reshape(S, 9, S, 9)
+            c = C[:, 4, :, 4]
+            d = c.diagonal().clamp_min(1e-30).sqrt()
+            corr = c / d[:, None] / d[None, :]
+            off = corr[~torch.eye(S, dtype=torch.bool)]
+            if ref_off is None:
+                ref_off, ref_var, ref_mean = off, d.log(), mean
+            i = torch.arange(S)
+            row[k] = {"chan": float(off.abs().mean()),
+                      "agree": float(np.corrcoef(off.numpy(), ref_off.numpy())[0, 1]),
+                      "nbr": float((C[i, 4, i, 5] / C[i, 4, i, 4]).mean()),
+                      "var": float(np.corrcoef(d.log().numpy(), ref_var.numpy())[0, 1]),
+                      "mean": float(np.corrcoef(mean.numpy(), ref_mean.numpy())[0, 1])}
+        out[n] = row
+    return out
+
+
 def table(res):
     """Markdown table: one row per (method, variant), one column per rX."""
     acc = {(r["method"], r["variant"], r["rx"]): r["accuracy"] for r in res["rows"]}
@@ -225,12 +267,28 @@ def main(argv=None):
     p.add_argument("--uncentered", action="store_true",
                    help="plain Sigma instead of centered Sigma + bias correction")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--correlations", action="store_true",
+                   help="only print the correlation structure of each statistic against "
+                        "the real one")
     p.add_argument("--spreads", action="store_true",
                    help="only print how well each statistic explains the output BatchNorm "
                         "variances (spread of log ratios per layer)")
     p.add_argument("--out", default=os.path.join("notes", "datafree"),
                    help="prefix of the .json and .png written")
     a = p.parse_args(argv)
+    if a.correlations:
+        torch.set_num_threads(a.threads)
+        res = correlations()
+        keys = list(next(iter(res.values())))
+        print("| layer | " + " | ".join(f"{k} chan / agree / nbr / var / mean" for k in keys)
+              + " |")
+        print("|" + "---|" * (1 + len(keys)))
+        for n, row in res.items():
+            print(f"| {n} | " + " | ".join(
+                f"{row[k]['chan']:.2f} / {row[k]['agree']:.2f} / {row[k]['nbr']:.2f} / "
+                f"{row[k]['var']:.2f} / {row[k]['mean']:.2f}"
+                for k in keys) + " |")
+        return
     if a.spreads:
         torch.set_num_threads(a.threads)
         res = spreads()
