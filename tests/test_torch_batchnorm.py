@@ -148,6 +148,8 @@ def test_fitted_shrinkage_reads_the_output_batchnorm():
     assert rep.modelled["3"]["shrinkage"] == 1.0
 
 
+@pytest.mark.filterwarnings("ignore::sigmadecomp.exceptions.CompressionWarning")
+@pytest.mark.filterwarnings("ignore::sigmadecomp.exceptions.ConvergenceWarning")
 def test_compress_accepts_the_statistics():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
