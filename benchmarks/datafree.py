@@ -234,7 +234,9 @@ def plot(res, path):
     fig, axes = plt.subplots(1, len(res["methods"]), figsize=(5.5 * len(res["methods"]), 4.2),
                              squeeze=False)
     style = {"frobenius": ("k", "o", "-"), "synthetic": ("tab:gray", "s", "--"),
-             "real": ("tab:green", "^", "-"), "bn-kernel-fit": ("tab:red", "D", "-")}
+             "real": ("tab:green", "^", "-"), "bn-prop-fit": ("tab:red", "D", "-"),
+             "bn-prop": ("tab:pink", ".", ":"), "bn-indep": ("tab:orange", ".", ":"),
+             "bn-kernel": ("tab:blue", ".", ":"), "bn-kernel-fit": ("tab:purple", ".", ":")}
     for ax, m in zip(axes[0], res["methods"]):
         for v in res["variants"]:
             pts = sorted((r["rx"], 100 * r["accuracy"]) for r in res["rows"]
@@ -243,7 +245,7 @@ def plot(res, path):
                 continue
             c, mk, ls = style.get(v, (None, ".", ":"))
             ax.plot(*zip(*pts), color=c, marker=mk, linestyle=ls, label=v,
-                    linewidth=2 if v == "bn-kernel-fit" else 1)
+                    linewidth=2 if v == "bn-prop-fit" else 1)
         ax.axhline(100 * res["reference_accuracy"], color="k", linewidth=0.5)
         ax.set_title(f"{m}, no fine-tuning ({res['test_images']} test images)")
         ax.set_xlabel("per-layer compression ratio rX")
