@@ -754,8 +754,9 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
     fit = shrinkage in _FITS
     if fit:
         for name, (module, src, sigma, mean, _) in raw.items():
-            if src.output_bn is not None and \
-                    modules[src.output_bn].running_var.shape[0] == module.weight.shape[0]:
+            out_var = (getattr(modules[src.output_bn], "running_var", None)
+                       if src.output_bn is not None else None)
+            if out_var is not None and out_var.shape[0] == module.weight.shape[0]:
                 fitted[name] = _fit_shrinkage(module, sigma, mean, modules[src.output_bn],
                                               gain=shrinkage == "bn-gain")
         fallback = ((float(np.median([f[0][0] for f in fitted.values()])),

@@ -294,3 +294,22 @@ def test_bad_input(kwargs, match):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model of type dict"):
         covariances_from_batchnorm({})
+
+
+def test_layers_without_output_batchnorm_get_the_median_fitted_shrinkage():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[4].running_var.uniform_(0.5, 2.0)
+    _, rep = covariances_from_batchnorm(model, spatial="kernel")
+    fitted, other = rep.modelled["3"], rep.modelled["6"]
+    assert fitted["fitted"] == "4" and other["fitted"] is None
+    assert other["shrinkage"] == fitted["shrinkage"]
+    # an output BatchNorm without running statistics is not used for the fit
+    model[4].running_var = None
+    model[4].running_mean = None
+    model[4].track_running_stats = False
+    _, rep = covariances_from_batchnorm(model, spatial="kernel", layers=["3"])
+    assert rep.modelled["3"]["fitted"] is None and rep.modelled["3"]["shrinkage"] == 0.5
