@@ -45,6 +45,7 @@ _EXPORTS = {
     "layers": ("CPConv2d", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d"),
     "latency": ("measure_latency",),
     "transfer": ("shrink_covariances", "ShrunkCovariances"),
+    "batchnorm": ("BatchNormReport", "covariances_from_batchnorm"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -69,6 +70,8 @@ __all__ = [
     "measure_latency",
     "shrink_covariances",
     "ShrunkCovariances",
+    "covariances_from_batchnorm",
+    "BatchNormReport",
 ]
 
 

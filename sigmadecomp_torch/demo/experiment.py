@@ -9,8 +9,11 @@ fine-tuning**, Frobenius against Sigma decompositions. Steps:
 2. Input statistics (Sigma, mean) of the compressed layers from a calibration
    subset of the *training* set; for the transfer setting from scikit-learn's
    digits resized to 28x28 (skipped without scikit-learn), shrunk toward the
-   Frobenius metric layer by layer (:mod:`sigmadecomp_torch.transfer`); for the data-free
-   setting from synthetic smooth images.
+   Frobenius metric layer by layer (:mod:`sigmadecomp_torch.transfer`); for the
+   data-free setting from the model's BatchNorm layers alone
+   (:func:`sigmadecomp_torch.covariances_from_batchnorm`: smooth noise pushed
+   through the model with BatchNorm on batch statistics, shrinkage fitted to
+   each layer's output BatchNorm).
 3. Compress every 3x3 conv but the first with Tucker-2 and CP at several
    per-layer compression ratios rX, each with the Frobenius algorithm, the
    Sigma algorithm, and Sigma with the centered covariance and bias
@@ -67,8 +70,8 @@ LABELS = {
     "frobenius+ft": "Frobenius + fine-tune",
     "transfer:sigma": "Sigma from digits, shrunk (transfer)",
     "transfer:sigma-centered": "Sigma centered from digits, shrunk (transfer)",
-    "datafree:sigma": "Sigma from synthetic inputs (data-free)",
-    "datafree:sigma-centered": "Sigma centered from synthetic inputs (data-free)",
+    "datafree:sigma": "Sigma from BatchNorm statistics (data-free)",
+    "datafree:sigma-centered": "Sigma centered from BatchNorm statistics (data-free)",
     "budget:sigma-centered": "Sigma centered, budget-allocated ranks",
     "int8:sigma-centered": "Sigma centered + int8 weights",
 }
@@ -279,6 +282,7 @@ def run(cfg, *, progress=True, log=print):
         writes them.
     """
     from sigmadecomp_torch.compress import compress
+    from sigmadecomp_torch.batchnorm import covariances_from_batchnorm
     from sigmadecomp_torch.covariance import collect_covariances
 
     t_run = time.perf_counter()
@@ -316,7 +320,7 @@ def run(cfg, *, progress=True, log=print):
 
     # ---- statistics
     stats = {}
-    for key, x in (("fmnist", x_cal), ("digits", x_dig), ("synthetic", x_syn)):
+    for key, x in (("fmnist", x_cal), ("digits", x_dig)):
         if x is None:
             continue
         t0 = time.perf_counter()
@@ -332,6 +336,14 @@ def run(cfg, *, progress=True, log=print):
         log("digits statistics shrunk toward the Frobenius metric, a per layer: "
             + ", ".join(f"{k} {a:g}" for k, a in stats["digits"].alphas.items()))
     # ---- end transfer
+    # -- data-free statistics: from the BatchNorm layers, no image (the key stays
+    # "synthetic": as many smooth-noise images are pushed through the model) --
+    t0 = time.perf_counter()
+    stats["synthetic"], _ = covariances_from_batchnorm(
+        model, layers=names, input_shape=tuple(x_syn.shape[1:]), samples=len(x_syn),
+        seed=seed + 2)
+    timings["statistics_synthetic"] = time.perf_counter() - t0
+    # -- end of the data-free statistics --
     log(f"statistics of {len(names)} layers from {len(x_cal)} Fashion-MNIST training images, "
         f"{0 if x_dig is None else len(x_dig)} digits, {len(x_syn)} synthetic images "
         f"({sum(timings[k] for k in timings if k.startswith('statistics')):.1f} s)")

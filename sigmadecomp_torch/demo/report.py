@@ -168,10 +168,12 @@ def markdown(results, plots=()):
         f"**{_fmt_acc(ref['accuracy'])}%**.",
         "",
         f"Statistics: {ref['calibration_images']} Fashion-MNIST training images (calibration); "
-        + (f"transfer: {ref['digits_images']} scikit-learn digits resized to 28x28; "
+        + (f"transfer: {ref['digits_images']} scikit-learn digits resized to 28x28, the "
+           "statistics shrunk toward the Frobenius metric per layer (`shrink_covariances`); "
            if ref["digits_images"] else "transfer: skipped (scikit-learn not installed); ")
-        + f"data-free: "
-        f"{ref['synthetic_images']} synthetic smooth-noise images. rX is the per-layer parameter "
+        + "data-free: from the model's BatchNorm layers (`covariances_from_batchnorm`, "
+        f"{ref['synthetic_images']} smooth-noise samples pushed through the model, no image "
+        "data). rX is the per-layer parameter "
         "compression ratio of the compressed layers; the whole-model ratio is lower (stem, "
         "shortcuts, BatchNorm and, except for TT, the classifier stay dense), see the second "
         "table. Multiply-adds of TT models are counted with torch's FlopCounterMode. "
