@@ -44,6 +44,8 @@ _EXPORTS = {
                    "select_layers"),
     "layers": ("CPConv2d", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d"),
     "latency": ("measure_latency",),
+    "sequential": ("CrossStats", "collect_cross_covariances", "corrected_target",
+                   "sequential_compress"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -66,6 +68,10 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "measure_latency",
+    "sequential_compress",
+    "collect_cross_covariances",
+    "corrected_target",
+    "CrossStats",
 ]
 
 

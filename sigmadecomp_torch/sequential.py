@@ -379,8 +379,8 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
     Parameters
     ----------
     original, compressed : torch.nn.Module
-        The original model and a copy of it with some layers replaced. The
-        chosen layers must exist under the same names in both and be
+        The original model and a copy of it with some layers replaced (the
+        same object twice is allowed: it is copied). The chosen layers must exist under the same names in both and be
         ``nn.Conv2d`` (``groups=1``) or ``nn.Linear`` in the original.
     data : tensor or iterable of batches
         As for :func:`collect_covariances` (a tensor is one batch).
@@ -422,6 +422,8 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
         raise ValueError(f"mask={mask!r} is not allowed; mask must be 'auto', None or a "
                          "callable mask(batch) -> bool tensor")
     data = _check_reiterable(data)
+    if compressed is original:  # hooks on one module would see both passes
+        compressed = copy.deepcopy(original)
     comp_modules = dict(compressed.named_modules())
     if layers is None:
         chosen = [(n, m) for n, m in select_layers(original)
@@ -573,8 +575,13 @@ def _layer_groups(model, names, batch, device, forward, independent):
                 handles.append(modules[name].register_forward_hook(post(name)))
         model.eval()
         with torch.enable_grad():
-            small = _first_samples(batch) if forward is None else batch
-            _run_batch(model, small, 0, device, forward)
+            try:  # two samples suffice for the graph's structure
+                _run_batch(model, _first_samples(batch), 0, device, forward)
+            except Exception:  # noqa: BLE001 - a batch that cannot be cut: run it whole
+                order.clear()
+                inputs.clear()
+                zeros.clear()
+                _run_batch(model, batch, 0, device, forward)
             deps = {}
             if independent:
                 for b in order:
