@@ -92,7 +92,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON file of the rows")
     ap.add_argument("--plot", default=None, help="PNG of accuracy vs rX")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="no run: merge the rows of earlier --out files, print the table "
+                         "(and --plot, --out the merged rows)")
     args = ap.parse_args(argv)
+    if args.combine:
+        return _combine(args)
     methods = args.methods or (["tucker2", "cp"] if args.quick else ["tucker2", "cp", "tt"])
     ratios = args.ratios or ([4.0] if args.quick else [2, 3, 4, 6, 8])
     calib = args.calib or (512 if args.quick else 2048)
@@ -125,16 +130,7 @@ def main(argv=None):
                 errs = " ".join(f"{e:.3f}" for e in row["layer_errors"] if e is not None)
                 print(f"{method:8s} rX={rx:<4g} {variant:10s} acc {100 * acc:6.2f}%  "
                       f"{sec:6.1f} s  layer errors {errs}", flush=True)
-    table = ["| method | rX | " + " | ".join(args.variants) + " | time seq/one-shot |",
-             "|---|---|" + "---|" * len(args.variants) + "---|"]
-    for method in methods:
-        for rx in ratios:
-            sel = {r["variant"]: r for r in rows if r["method"] == method and r["rx"] == rx}
-            cells = [f"{100 * sel[v]['accuracy']:.2f}" for v in args.variants]
-            tr = (f"{sel['sequential']['seconds'] / sel['oneshot']['seconds']:.2f}x"
-                  if "sequential" in sel and "oneshot" in sel else "-")
-            table.append(f"| {method} | {rx:g} | " + " | ".join(cells) + f" | {tr} |")
-    print("\n".join(table))
+    print(_table(rows, methods, ratios, args.variants))
     result = {"original_accuracy": base, "test_images": n_test, "calibration_images": calib,
               "threads": args.threads, "centered": args.centered, "n_iter_max": args.iters,
               "rows": rows}
@@ -143,6 +139,46 @@ def main(argv=None):
             json.dump(result, f, indent=1)
     if args.plot:
         _plot(result, methods, args.variants, args.plot)
+    return result
+
+
+def _table(rows, methods, ratios, variants):
+    head = ["| method | rX | " + " | ".join(variants) + " | gain seq - one-shot | "
+            "time one-shot (s) | time seq (s) | ratio |",
+            "|---|---|" + "---|" * len(variants) + "---|---|---|---|"]
+    for method in methods:
+        for rx in ratios:
+            sel = {r["variant"]: r for r in rows if r["method"] == method and r["rx"] == rx}
+            if not sel:
+                continue
+            cells = [f"{100 * sel[v]['accuracy']:.2f}" if v in sel else "-" for v in variants]
+            if "sequential" in sel and "oneshot" in sel:
+                a, b = sel["oneshot"], sel["sequential"]
+                extra = (f"{100 * (b['accuracy'] - a['accuracy']):+.2f} | {a['seconds']:.0f} | "
+                         f"{b['seconds']:.0f} | {b['seconds'] / a['seconds']:.2f}x")
+            else:
+                extra = "- | - | - | -"
+            head.append(f"| {method} | {rx:g} | " + " | ".join(cells) + f" | {extra} |")
+    return "\n".join(head)
+
+
+def _combine(args):
+    rows, first = [], None
+    for path in args.combine:
+        with open(path) as f:
+            res = json.load(f)
+        first = first or res
+        rows += res["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ratios = sorted({r["rx"] for r in rows})
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    print(_table(rows, methods, ratios, variants))
+    result = dict(first, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        _plot(result, methods, variants, args.plot)
     return result
 
 

@@ -159,7 +159,7 @@ def test_sequential_beats_one_shot_on_the_final_output():
     assert err_seq < 0.9 * err_one
     # the report's output error is the measured relative change of that output
     row = [r for r in rep.layers if r["name"] == "4"][0]
-    b = net[4].bias
+    b = net[4].bias.detach()
     expect = (err_seq / float(((y - b) ** 2).sum())) ** 0.5
     assert row["output_error"] == pytest.approx(expect, rel=1e-6)
     assert [r["group"] for r in rep.layers] == [0, 1]
@@ -326,3 +326,18 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="grouped"):
         g = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2))
         collect_cross_covariances(g, g, torch.randn(1, 2, 5, 5), layers="0")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs(tmp_path):
+    pytest.importorskip("sigmadecomp.datasets").load_fashion_mnist  # noqa: B018
+    from benchmarks import sequential as bench
+
+    out = tmp_path / "seq.json"
+    res = bench.main(["--quick", "--methods", "tucker2", "--variants", "oneshot",
+                      "sequential", "--calib", "256", "--test", "500", "--iters", "3",
+                      "--out", str(out)])
+    assert out.exists()
+    assert {(r["variant"], r["rx"]) for r in res["rows"]} == {("oneshot", 4.0),
+                                                            ("sequential", 4.0)}
+    assert all(0 < r["accuracy"] <= 1 for r in res["rows"])
