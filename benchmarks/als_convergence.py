@@ -143,7 +143,7 @@ def time_to_reach(rows, target):
 def run_hooi(K, Sig, ranks, n_iter_max):
     tr = Trace()
 
-    def cb(res, _err):
+    def cb(res):
         tr.add(len(tr.rows), lambda: relative_sigma_error(K, res.to_tensor(), Sig))
 
     tucker2(K, ranks, None, n_iter_max=n_iter_max, tol=0, callback=cb)
@@ -153,8 +153,8 @@ def run_hooi(K, Sig, ranks, n_iter_max):
 def run_ours(K, Sig, ranks, n_iter_max, **options):
     tr = Trace()
 
-    def cb(res, err):
-        tr.add(len(tr.rows), lambda: err)
+    def cb(res):
+        tr.add(len(tr.rows), lambda: res.errors[-1])
 
     res = tucker2(K, ranks, Sig, n_iter_max=n_iter_max, tol=0, callback=cb, **options)
     return tr.rows, res
@@ -191,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--baseline-sweeps", type=int, default=5, help="sweeps of the published method")
     ap.add_argument("--sweeps", type=int, default=40, help="sweeps of ours and HOOI")
     ap.add_argument("--inner-maxiter", type=int, default=10,
-                    help="CG iterations per sweep of ours (tucker2's inner_maxiter)")
+                    help="CG iterations per sweep of ours (tucker2's inner.maxiter)")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     ap.add_argument("--torch", action="store_true",
                     help="also time ours on torch CPU tensors (same code path; not in the CSV)")
@@ -240,7 +240,7 @@ def main(argv=None):
 
     ours_runs, hooi_runs, gemms = [], [], []
     for run in range(args.runs):
-        rows, res = run_ours(K, Sig, ranks, args.sweeps, inner_maxiter=args.inner_maxiter)
+        rows, res = run_ours(K, Sig, ranks, args.sweeps, inner={"maxiter": args.inner_maxiter})
         ours_runs.append(rows)
         gemms.append(gemm_seconds(Sig, ranks[0]))  # measured under the same load as the run
         csv_rows += [dict(method="ours", run=run, sweep=s, seconds=f"{t:.4f}", error=f"{e:.8g}")
@@ -284,7 +284,8 @@ def main(argv=None):
     print(summary)
     if torch is not None:
         Kt, St = torch.as_tensor(K), torch.as_tensor(Sig)
-        hits = [time_to_reach(run_ours(Kt, St, ranks, args.sweeps, inner_maxiter=args.inner_maxiter)[0],
+        hits = [time_to_reach(run_ours(Kt, St, ranks, args.sweeps,
+                                       inner={"maxiter": args.inner_maxiter})[0],
                               target)[0] for _ in range(args.runs)]
         hits = [h for h in hits if h is not None]
         print(f"ours on torch CPU tensors: target reached in {statistics.median(hits):.2f} s "

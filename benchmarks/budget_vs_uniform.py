@@ -58,7 +58,7 @@ def model_layers(n_calib=2000):
     """3x3 convs of the committed reference model and their input covariances."""
     import torch
 
-    from benchmarks.train_reference import load_reference
+    from sigmadecomp_torch.demo.reference import load_reference
     from sigmadecomp_torch import collect_covariances
     from sigmadecomp_torch.data import fashion_mnist, make_loader
     from sigmadecomp_torch.models import conv3x3_names
@@ -93,7 +93,7 @@ def actual_error(method, K, sigma, r, n_iter):
 
 def compress_and_score(model_stats, method, choice, n_iter, n_test):
     """Compress the model with ``choice``; per-layer Sigma-errors and test accuracy."""
-    from benchmarks.train_reference import evaluate
+    from sigmadecomp_torch.demo.reference import evaluate
     from sigmadecomp_torch import compress
     from sigmadecomp_torch.data import fashion_mnist
 
@@ -132,7 +132,7 @@ def main(argv=None):
         f"{k} {tuple(v.weight.shape)}" for k, v in layers.items()) + f" ({t_load.seconds:.1f} s)")
     base_acc = None
     if model_stats is not None:
-        from benchmarks.train_reference import evaluate
+        from sigmadecomp_torch.demo.reference import evaluate
         from sigmadecomp_torch.data import fashion_mnist
 
         x, y = fashion_mnist("test", limit=args.n_test, seed=0)

@@ -42,13 +42,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 from torch import nn
 
 from benchmarks.common import calibration_images
 from sigmadecomp_torch import collect_covariances
-from sigmadecomp_torch import covariance as _cov
+from sigmadecomp_torch import covariance as cov_module
 from sigmadecomp_torch.models import ResNetSmall, conv3x3_names
 
 
@@ -74,8 +75,8 @@ def _macs(model, x):
     return fwd, gram
 
 
-def _full_gram(self, X):
-    self.xx += X.transpose(-1, -2) @ X
+def _full_gram(xx, X):
+    xx += X.transpose(-1, -2) @ X
 
 
 _CONFIGS = {
@@ -273,12 +274,8 @@ def main(argv=None):
         return lambda: collect_covariances(model, batches, position_fraction=f, progress=False)
 
     def collect_full_gemm():
-        orig = _cov._Accumulator._gram
-        _cov._Accumulator._gram = _full_gram
-        try:
+        with mock.patch.object(cov_module, "add_gram", _full_gram):
             collect_covariances(model, batches, progress=False)
-        finally:
-            _cov._Accumulator._gram = orig
 
     runs = {"forward": forward, "collect (all)": collect_all, "collect (3x3)": collect_3x3,
             "collect (full GEMM)": collect_full_gemm}

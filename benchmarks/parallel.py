@@ -93,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--method", default="tucker2", choices=["tucker2", "cp", "svd"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweeps", type=int, default=3, help="n_iter_max of each layer")
-    ap.add_argument("--init", default="hosvd", help="init option of the solver")
+    ap.add_argument("--init", default="svd", help="init option of the solver")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per process (0: default)")
     ap.add_argument("--quick", action="store_true", help="layer1 only, one repeat")
@@ -101,8 +101,6 @@ def main(argv=None):
     args.layers = QUICK_LAYERS if args.quick else LAYERS
     if args.quick:
         args.repeats, args.sweeps = 1, 1
-    if args.init == "svd" and args.method == "tucker2":
-        args.init = "hosvd"
     if args.threads:
         torch.set_num_threads(args.threads)
 

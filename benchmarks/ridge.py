@@ -53,7 +53,7 @@ def resnet_layer(n_calib=10, n_held=2000, name="layer2.conv2"):
     """``(kernel, sigma_calib, sigma_held, description)`` of a 3x3 conv of the reference ResNet."""
     import torch
 
-    from benchmarks.train_reference import load_reference
+    from sigmadecomp_torch.demo.reference import load_reference
     from sigmadecomp.datasets import load_fashion_mnist
     from sigmadecomp_torch import collect_covariances
 
@@ -112,8 +112,8 @@ def methods(K):
                       lambda: sigma_svd(W2, T // 4)),
         "tucker2": (lambda S_, r: tucker2(K, (T // 4, S // 4), S_, ridge=r, n_iter_max=20),
                     lambda: tucker2(K, (T // 4, S // 4))),
-        "tt_conv": (lambda S_, r: tt_conv(K, im, om, ranks=tt_r, sigma=S_, ridge=r),
-                    lambda: tt_conv(K, im, om, ranks=tt_r)),
+        "tt_conv": (lambda S_, r: tt_conv(K, tt_r, S_, in_modes=im, out_modes=om, ridge=r),
+                    lambda: tt_conv(K, tt_r, in_modes=im, out_modes=om)),
         # cp has no ridge option yet: give it the ridged matrix (the same objective)
         "cp": (lambda S_, r: cp(K, cp_rank, ridge_sigma(S_, r) if r else S_, n_iter_max=15),
                lambda: cp(K, cp_rank, n_iter_max=15)),

@@ -7,19 +7,27 @@ one run:
 
 * the forward pass over the calibration batches against
   ``collect_covariances`` over the same batches (every Conv2d and Linear),
-  and the bytes of the statistics;
-* ``compress(..., method, ratio=3)`` with the statistics, for each method
-  (default ``tucker2`` and ``cp``), at default thread settings first and then
-  pinned to one thread (``sigmadecomp.threads(1)``): whole-model seconds and
-  the seconds of every layer (from the report);
-* peak resident memory of the process after each phase
-  (``ru_maxrss``, a running maximum);
+  the bytes of the statistics and the peak resident memory after it;
+* ``compress(model, method, ratio=3)`` of every Conv2d with the statistics,
+  for each method (default ``tucker2`` and ``cp``) and each *setting*
+  ``P:T`` -- ``P`` processes (1: this process; 2: processes spawned with
+  ``torch.multiprocessing`` in a gloo group, ``compress`` spreading the
+  layers over them, timed from a barrier before the call to one after it),
+  ``T`` threads (``default``: no thread setting at all, the library's own
+  policy; ``1``: ``sigmadecomp.threads(1)`` around the call in every
+  process). The default setting runs first. Whole-model seconds, the seconds
+  of every layer (from the report, measured by the process that decomposed
+  it), the Sigma-error of every layer, the peak resident memory of each
+  process, and whether the model of each multi-process run is bit-identical
+  to the one-process model with the same threads;
 * latency of the original and of each compressed model
-  (``torch.utils.benchmark``, median, batch 1 and 16).
+  (``torch.utils.benchmark``, median, batch 1 and 16, at torch's default
+  threads and at one thread).
 
-Sweeps can be bounded (``--n-iter-max``) to keep the run within minutes on a
-small machine; the report says what was used. Layer-parallel decomposition
-over processes is not measured here.
+``--n-iter-max`` bounds the sweeps of every layer (and the sweeps of the
+Tucker-2 HOOI start) to keep the run within minutes on a small machine;
+``--cp-layers`` restricts CP to a subset of the convs. The notes say what
+was used.
 
 Run from the repository root::
 
@@ -35,18 +43,35 @@ import contextlib
 import json
 import os
 import resource
+import tempfile
 import time
+import warnings
 
 import torch
 
 import sigmadecomp
 from benchmarks.common import NOTES_DIR
-from sigmadecomp_torch import collect_covariances, compress
+from sigmadecomp_torch import collect_covariances, compress, load_covariances, save_covariances
 from sigmadecomp_torch.resnet import resnet18
+
+#: The issue's targets on 2 cores at default settings.
+TARGETS = {"tucker2": 600.0, "cp": 900.0, "memory_mib": 3 * 1024.0}
 
 
 def peak_rss_mib():
-    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    """Peak resident memory of this process so far (MiB).
+
+    ``VmHWM`` of ``/proc/self/status`` where available: ``ru_maxrss`` is
+    kept across ``exec`` on Linux, so a spawned worker would report its
+    parent's peak; otherwise ``ru_maxrss`` (KiB on Linux).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -60,6 +85,15 @@ def _batches(n_images, size, batch, seed=0):
     return out
 
 
+def _model():
+    torch.manual_seed(0)
+    return resnet18().eval()
+
+
+def conv_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 def time_forward(model, batches):
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -68,61 +102,187 @@ def time_forward(model, batches):
     return time.perf_counter() - t0
 
 
-def latency(model, batch, size, min_run_time):
-    """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark)."""
+def latency(model, batch, size, min_run_time, threads=None):
+    """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark).
+
+    At torch's current thread count, or at ``threads``.
+    """
     from torch.utils import benchmark
 
     x = torch.rand(batch, 3, size, size)
     with torch.no_grad():
         model(x)  # warm-up
         t = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
-                            num_threads=torch.get_num_threads())
+                            num_threads=threads or torch.get_num_threads())
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
+def latencies(model, sizes, args):
+    """``{batch: seconds}`` at default threads, and the same at one thread
+    (less disturbed by other jobs on a shared machine)."""
+    out = {b: latency(model, b, args.size, args.min_run_time) for b in sizes}
+    one = {b: latency(model, b, args.size, args.min_run_time, threads=1) for b in sizes}
+    return out, one
+
+
+def _options(method, n_iter_max):
+    if n_iter_max is None:
+        return {}
+    opts = {"n_iter_max": n_iter_max}
+    if method == "tucker2":
+        opts["init_iter_max"] = n_iter_max
+    return opts
+
+
+def _compress(model, stats, method, layers, n_iter_max, threads, distributed):
+    ctx = contextlib.nullcontext() if threads == "default" else sigmadecomp.threads(int(threads))
+    with ctx, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bounded sweeps: a ConvergenceWarning per layer
+        t0 = time.perf_counter()
+        small, report = compress(model, method, covariances=stats, ratio=3.0, layers=layers,
+                                 options=_options(method, n_iter_max), progress=False,
+                                 distributed=distributed)
+        return small, report, time.perf_counter() - t0
+
+
+def _worker(rank, world, init_method, stats_path, out_path, job):
+    import torch.distributed as dist
+
+    stats = load_covariances(stats_path)
+    model = _model()
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        dist.barrier()
+        t0 = time.perf_counter()
+        small, report, _ = _compress(model, stats, job["method"], job["layers"],
+                                     job["n_iter_max"], job["threads"], None)
+        dist.barrier()
+        wall = time.perf_counter() - t0
+        rss = torch.tensor([peak_rss_mib()], dtype=torch.float64)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            torch.save({"seconds": wall, "report": _rows(report), "peak_rss_mib": float(rss),
+                        "state": small.state_dict()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, stats_path, job):
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "out.pt")
+        mp.spawn(_worker, args=(world, "file://" + os.path.join(tmp, "pg"), stats_path,
+                                out_path, job), nprocs=world, join=True)
+        return torch.load(out_path, weights_only=False)
+
+
+def _rows(report):
+    return [{"name": r["name"], "method": r["method"], "ranks": r["ranks"],
+             "seconds": r["seconds"], "sigma_error": r["sigma_error"], "n_iter": r["n_iter"]}
+            for r in report.layers]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _parse_settings(text):
+    out = []
+    for item in text.split(","):
+        p, _, t = item.partition(":")
+        if not p.isdigit() or int(p) < 1 or not (t == "default" or t.isdigit()):
+            raise ValueError(f"--settings item {item!r} is not allowed; use P:T with P a "
+                             "process count and T 'default' or a thread count")
+        out.append((int(p), t))
+    return out
+
+
+def _save_partial(out, args):
+    """Write the figures so far (JSON, and the notes in the full mode): an
+    interrupted run keeps what it measured."""
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+    if not args.quick and out.get("runs"):
+        out.setdefault("load_end", os.getloadavg())
+        write_notes(out, os.path.join(args.notes, "scale.md"),
+                    os.path.join(args.notes, "scale.png"))
+        del out["load_end"]
+
+
 def run(args):
-    torch.manual_seed(0)
-    model = resnet18().eval()
+    model = _model()
     batches = _batches(args.images, args.size, args.batch)
     out = {"images": args.images, "size": args.size, "batch": args.batch,
-           "torch_threads": torch.get_num_threads(), "load_start": os.getloadavg()[0],
-           "n_iter_max": args.n_iter_max, "ratio": args.ratio,
-           "layers": "all Conv2d and Linear" if args.layers is None else ", ".join(args.layers)}
+           "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+           "load_start": os.getloadavg(), "n_iter_max": args.n_iter_max, "ratio": 3.0,
+           "settings": args.settings, "methods": args.methods}
+    time_forward(model, batches[:1])  # warm-up
     out["forward_s"] = time_forward(model, batches)
     t0 = time.perf_counter()
     stats = collect_covariances(model, batches, layers=args.layers, progress=False)
     out["statistics_s"] = time.perf_counter() - t0
     out["statistics_mib"] = sum(s.sigma.numel() * s.sigma.element_size()
-                                for s in stats.values()) / 2**20
+                                for s in {id(v): v for v in stats.values()}.values()) / 2**20
     out["peak_rss_after_statistics_mib"] = peak_rss_mib()
+    out["load_after_statistics"] = os.getloadavg()[0]
     print(f"forward {out['forward_s']:.2f} s, statistics {out['statistics_s']:.2f} s "
           f"({out['statistics_s'] / out['forward_s']:.1f}x), {out['statistics_mib']:.0f} MiB "
-          f"of statistics, peak RSS {out['peak_rss_after_statistics_mib']:.0f} MiB", flush=True)
-    options = {} if args.n_iter_max is None else {"n_iter_max": args.n_iter_max}
-    sizes = [1, 16] if not args.quick else [1]
-    out["latency_original_s"] = {b: latency(model, b, args.size, args.min_run_time) for b in sizes}
+          f"of statistics, peak RSS {out['peak_rss_after_statistics_mib']:.0f} MiB, load "
+          f"{out['load_after_statistics']:.1f}", flush=True)
+    sizes = [1] if args.quick else [1, 16]
+    out["latency_original_s"], out["latency_original_1thread_s"] = latencies(model, sizes,
+                                                                             args)
+    convs = conv_names(model)
+    settings = _parse_settings(args.settings)
+    stats_path = None
     out["runs"] = []
-    for method in args.methods.split(","):
-        for setting in ("default", "1"):
-            ctx = contextlib.nullcontext() if setting == "default" else sigmadecomp.threads(1)
-            with ctx:
-                t0 = time.perf_counter()
-                small, report = compress(model, method, covariances=stats, ratio=args.ratio,
-                                         layers=args.layers, options=dict(options),
-                                         progress=False)
-                wall = time.perf_counter() - t0
-            rec = {"method": method, "threads": setting, "seconds": wall,
-                   "layers": [(r["name"], r["seconds"]) for r in report.layers],
-                   "compression": report.ratio,
-                   "peak_rss_mib": peak_rss_mib(), "load": os.getloadavg()[0]}
-            if setting == "default":
-                rec["latency_s"] = {b: latency(small, b, args.size, args.min_run_time)
-                                    for b in sizes}
-            out["runs"].append(rec)
-            print(f"{method} threads={setting}: {wall:.1f} s, peak RSS "
-                  f"{rec['peak_rss_mib']:.0f} MiB, load {rec['load']:.1f}", flush=True)
-    out["load_end"] = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(p > 1 for p, _ in settings):
+            stats_path = os.path.join(tmp, "stats.pt")
+            save_covariances(stats, stats_path)
+        for method in args.methods.split(","):
+            layers = args.layers or convs
+            if method == "cp" and args.cp_layers:
+                layers = [n for n in layers if n in args.cp_layers]
+            one = {}  # threads -> state of the one-process model
+            for procs, threads in settings:
+                load0 = os.getloadavg()[0]
+                if procs == 1:
+                    rss0 = peak_rss_mib()
+                    small, report, wall = _compress(model, stats, method, layers,
+                                                    args.n_iter_max, threads, False)
+                    rec = {"seconds": wall, "report": _rows(report),
+                           "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss0}
+                    one[threads] = small.state_dict()
+                else:
+                    job = {"method": method, "layers": layers, "n_iter_max": args.n_iter_max,
+                           "threads": threads}
+                    rec = _spawn(procs, stats_path, job)
+                    state = rec.pop("state")
+                    rec["identical_to_1_process"] = (_same(state, one[threads])
+                                                     if threads in one else None)
+                    small = None
+                rec.update(method=method, processes=procs, threads=threads,
+                           load_before=load0, load_after=os.getloadavg()[0],
+                           layers=len(layers))
+                if small is not None and threads == "default":
+                    rec["latency_s"], rec["latency_1thread_s"] = latencies(small, sizes, args)
+                out["runs"].append(rec)
+                _save_partial(out, args)
+                print(f"{method} processes={procs} threads={threads}: {rec['seconds']:.1f} s "
+                      f"({len(layers)} layers), peak RSS {rec['peak_rss_mib']:.0f} MiB, load "
+                      f"{load0:.1f} -> {rec['load_after']:.1f}"
+                      + (f", identical to 1 process: {rec['identical_to_1_process']}"
+                         if "identical_to_1_process" in rec else ""), flush=True)
+    out["load_end"] = os.getloadavg()
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
+
+
+def _fmt_s(v):
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
 def write_notes(out, path_md, path_png):
@@ -131,44 +291,82 @@ def write_notes(out, path_md, path_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in out["runs"] if r["threads"] == "default"]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    runs = out["runs"]
+    names = []
+    for r in runs:
+        for row in r["report"]:
+            if row["name"] not in names:
+                names.append(row["name"])
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
-        names = [n for n, _ in r["layers"]]
-        ax.bar([j + i * width for j in range(len(names))], [s for _, s in r["layers"]],
-               width=width, label=r["method"])
-    ax.set_xticks(range(len(names)))
+        sec = {row["name"]: row["seconds"] for row in r["report"]}
+        xs = [j + i * width for j, n in enumerate(names) if n in sec]
+        ax.bar(xs, [sec[n] for n in names if n in sec], width=width,
+               label=f"{r['method']}, {r['processes']} proc., threads {r['threads']}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
     ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_ylabel("seconds (default threads)")
+    ax.set_ylabel("seconds per layer")
     ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(f"ResNet-18, decomposition time per layer, rX={out['ratio']}")
+    ax.legend(fontsize=7)
+    ax.set_title(f"ResNet-18 (224x224), decomposition time per layer at rX=3, "
+                 f"n_iter_max={out['n_iter_max']}")
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
-    lines = ["# ResNet-18 at scale", "", "Command: `python -m benchmarks.scale` "
-             f"(images {out['images']} x {out['size']}^2, batches of {out['batch']}, "
-             f"n_iter_max={out['n_iter_max']}, rX={out['ratio']}, torch threads "
-             f"{out['torch_threads']}, load average {out['load_start']:.1f} -> "
-             f"{out['load_end']:.1f}).", "",
-             f"- forward over the calibration batches: {out['forward_s']:.2f} s",
-             f"- `collect_covariances`: {out['statistics_s']:.2f} s "
-             f"({out['statistics_s'] / out['forward_s']:.1f}x the forward), statistics "
-             f"{out['statistics_mib']:.0f} MiB, peak RSS {out['peak_rss_after_statistics_mib']:.0f} MiB",
-             "", "| method | threads | seconds | peak RSS MiB | load | latency b=1 / b=16 (ms) |",
-             "|---|---|---:|---:|---:|---|"]
-    orig = out["latency_original_s"]
-    lines.append("| original | - | - | - | - | " + " / ".join(
-        f"{1e3 * v:.1f}" for v in orig.values()) + " |")
-    for r in out["runs"]:
-        lat = r.get("latency_s")
-        lat_s = " / ".join(f"{1e3 * v:.1f}" for v in lat.values()) if lat else "-"
-        lines.append(f"| {r['method']} | {r['threads']} | {r['seconds']:.1f} "
-                     f"| {r['peak_rss_mib']:.0f} | {r['load']:.1f} | {lat_s} |")
-    lines += ["", f"Per-layer seconds: `{os.path.basename(path_png)}` and below.", ""]
-    for r in out["runs"]:
-        lines.append(f"- {r['method']} ({r['threads']}): " + ", ".join(
-            f"{n} {s:.1f}" for n, s in r["layers"]))
+    plt.close(fig)
+
+    ratio = out["statistics_s"] / out["forward_s"]
+    ls, le = out["load_start"], out["load_end"]
+    lines = [
+        "# ResNet-18 at scale",
+        "",
+        f"Command: `python -m benchmarks.scale` ({out['images']} random images of "
+        f"{out['size']}x{out['size']}, batches of {out['batch']}, every Conv2d at rX=3, "
+        f"n_iter_max={out['n_iter_max']}, settings {out['settings']}; {out['cores']} cores, "
+        f"torch threads {out['torch_threads']}). Load average (1, 5, 15 min) at the start "
+        f"{ls[0]:.1f}, {ls[1]:.1f}, {ls[2]:.1f}; at the end {le[0]:.1f}, {le[1]:.1f}, "
+        f"{le[2]:.1f}.",
+        "",
+        "## Statistics",
+        "",
+        f"- forward pass over the {out['images']} images: {out['forward_s']:.2f} s",
+        f"- `collect_covariances` (every Conv2d and the Linear layer, exact float64): {out['statistics_s']:.1f} s, **{ratio:.1f}x the forward pass**",
+        f"- statistics: {out['statistics_mib']:.0f} MiB; peak RSS after them "
+        f"{out['peak_rss_after_statistics_mib']:.0f} MiB",
+        "",
+        "## Decomposition (`compress`, rX=3)",
+        "",
+        "| method | layers | processes | threads | seconds | peak RSS MiB | load before -> after "
+        "| identical to 1 process | latency b=1 / b=16 (ms), default threads | same, 1 thread |",
+        "|---|---:|---:|---|---:|---:|---|---|---|---|",
+    ]
+
+    def _ms(lat):
+        return " / ".join(f"{1e3 * v:.1f}" for v in lat.values()) if lat else "-"
+
+    lines.append(f"| original | - | - | - | - | - | - | - | {_ms(out['latency_original_s'])} | "
+                 f"{_ms(out.get('latency_original_1thread_s'))} |")
+    for r in runs:
+        lat_s = _ms(r.get("latency_s")) + " | " + _ms(r.get("latency_1thread_s"))
+        ident = r.get("identical_to_1_process")
+        ident = "-" if "identical_to_1_process" not in r else ("n/a" if ident is None
+                                                                else str(ident).lower())
+        lines.append(f"| {r['method']} | {r['layers']} | {r['processes']} | {r['threads']} | "
+                     f"{_fmt_s(r['seconds'])} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['load_before']:.1f} -> {r['load_after']:.1f} | {ident} | {lat_s} |")
+    lines += ["", f"Per-layer seconds: `{os.path.basename(path_png)}` and the table below "
+              "(seconds, Sigma-error).", ""]
+    head = "| layer | " + " | ".join(f"{r['method']} {r['processes']}p/{r['threads']}"
+                                     for r in runs) + " |"
+    lines += [head, "|---|" + "---:|" * len(runs)]
+    for n in names:
+        cells = []
+        for r in runs:
+            row = next((x for x in r["report"] if x["name"] == n), None)
+            cells.append("-" if row is None else
+                         f"{_fmt_s(row['seconds'])} ({row['sigma_error']:.3f})"
+                         if row["sigma_error"] is not None else _fmt_s(row["seconds"]))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     with open(path_md, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
@@ -179,26 +377,32 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--ratio", type=float, default=3.0)
     ap.add_argument("--methods", default="tucker2,cp")
+    ap.add_argument("--settings", default="1:default,1:1,2:1",
+                    help="comma-separated P:T (processes:threads), default first")
     ap.add_argument("--n-iter-max", type=int, default=None, help="bound the sweeps per layer")
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--layers", default=None,
-                    help="comma-separated layer names (default: every Conv2d and Linear)")
+                    help="comma-separated layer names (default: every Conv2d)")
+    ap.add_argument("--cp-layers", default=None,
+                    help="comma-separated layer names CP is restricted to (default: all)")
     ap.add_argument("--json", default=None, help="also write the raw figures here")
+    ap.add_argument("--notes", default=NOTES_DIR, help="folder of scale.md and scale.png")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.size, args.batch = 2, 32, 2
         args.n_iter_max, args.min_run_time = 1, 0.05
         args.layers = args.layers or "layer1.0.conv1,layer1.0.conv2"
-    if args.layers:
-        args.layers = args.layers.split(",")
+    for name in ("layers", "cp_layers"):
+        if getattr(args, name):
+            setattr(args, name, getattr(args, name).split(","))
     out = run(args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
     if not args.quick:
-        write_notes(out, os.path.join(NOTES_DIR, "scale.md"), os.path.join(NOTES_DIR, "scale.png"))
+        write_notes(out, os.path.join(args.notes, "scale.md"),
+                    os.path.join(args.notes, "scale.png"))
     return out
 
 

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from benchmarks.train_reference import evaluate, load_reference
+from sigmadecomp_torch.demo.reference import evaluate, load_reference
 from sigmadecomp_torch import collect_covariances, compress
 from sigmadecomp_torch.data import fashion_mnist, make_loader
 

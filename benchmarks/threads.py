@@ -10,7 +10,8 @@ torch (float64) inputs, on the channel counts of ResNet-18's 3x3 layers
 3. on all cores (``sigmadecomp.threads(cores)``: what every call ran at
    before the policy existed),
 
-in rounds (default first in every round), and reports the median wall time of
+in rounds (after one untimed warm-up call; default first in the first round,
+the order rotated in the others), and reports the median wall time of
 each and its process CPU time (all threads; on a loaded machine the wall time
 of identical settings varies with the share of the cores the run gets, the CPU
 time much less; spinning worker threads show up as CPU time), the thread count
@@ -96,7 +97,7 @@ def make_case(solver, S, sweeps, lib):
     if solver == "tt_conv":
         ms, ns = auto_modes(S, S)
         r = tt_ranks_for_ratio(ms, ns, RATIO, kernel_size=(3, 3))
-        return (lambda: tt_conv(K, ms, ns, r, sigma, n_iter_max=sweeps)), r
+        return (lambda: tt_conv(K, r, sigma, in_modes=ms, out_modes=ns, n_iter_max=sweeps)), r
     raise ValueError(f"solver={solver!r} is not allowed; one of {SOLVERS}")
 
 
@@ -120,13 +121,18 @@ def run_case(solver, lib, S, sweeps, reps, cores, all_reps=None):
     cpu = {k: [] for k in settings}
     chosen = []
     load0 = os.getloadavg()[0]
-    pause = 0.5
-    if S <= 128:  # warm-up at default settings (caches, lazy imports)
-        w, _ = _timed(call, None, 0.0)
-        pause = min(0.5, 0.2 + w)
+    # warm-up at default settings (first-touch of the arrays, caches, lazy imports);
+    # without it the first timed call, the default one, pays those costs alone
+    w, _ = _timed(call, None, 0.0)
+    pause = min(0.5, 0.2 + w)
     all_reps = reps if all_reps is None else all_reps
+    names = list(settings)
     for rnd in range(reps):
-        for name, n in settings.items():  # default first in every round
+        # the order rotates between rounds (default first in the first), so that
+        # no setting always runs first after the pause or right after another
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            n = settings[name]
             if name == "all" and rnd >= all_reps:
                 continue
             w, c = _timed(call, n, pause)

@@ -15,24 +15,19 @@ The default settings take a few minutes on two CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from benchmarks.training import AUGMENTATION, LABEL_SMOOTHING, environment, fit, save_weights
 from sigmadecomp_torch.data import fashion_mnist
-from sigmadecomp_torch.demo.reference import (  # noqa: F401 (re-exported for the benchmarks)
+from sigmadecomp_torch.demo.reference import (  # noqa: F401 (re-exported for older imports)
     INFO_FILE,
     WEIGHTS_FILE,
-    augment,
     evaluate,
     load_reference,
 )
 from sigmadecomp_torch.models import ResNetSmall, count_parameters
+
 
 def train(*, epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0, progress=True, log=print):
     """Train a fresh :class:`ResNetSmall`; returns ``(model, info)``."""
@@ -48,37 +43,11 @@ def train(*, epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0, progre
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, momentum=0.9, nesterov=True,
     )
-    steps_per_epoch = len(x_train) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25
+        opt, max_lr=lr, total_steps=epochs * (len(x_train) // batch_size), pct_start=0.25
     )
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        progress = False
-    t0 = time.perf_counter()
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        it = range(steps_per_epoch)
-        if progress:
-            it = tqdm(it, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        total = 0.0
-        for step in it:
-            idx = perm[step * batch_size:(step + 1) * batch_size]
-            xb = augment(x_train[idx], gen)
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        acc = evaluate(model, x_test, y_test)
-        history.append({"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "test_accuracy": acc})
-        log(f"epoch {epoch + 1}: train loss {total / steps_per_epoch:.4f}, test accuracy {acc:.4f}")
-    seconds = time.perf_counter() - t0
-    model.eval()
+    history, seconds = fit(model, opt, sched, (x_train, y_train), (x_test, y_test), epochs=epochs,
+                           batch_size=batch_size, gen=gen, progress=progress, log=log)
     info = {
         "model": "ResNetSmall(width=32)",
         "parameters": count_parameters(model),
@@ -87,14 +56,12 @@ def train(*, epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0, progre
         "settings": {
             "epochs": epochs, "batch_size": batch_size, "optimizer": "SGD nesterov momentum 0.9",
             "max_lr": lr, "schedule": "OneCycleLR pct_start=0.25", "weight_decay": weight_decay,
-            "label_smoothing": 0.05, "augmentation": "random horizontal flip, random shift <= 2 px",
+            "label_smoothing": LABEL_SMOOTHING, "augmentation": AUGMENTATION,
             "seed": seed, "threads": torch.get_num_threads(),
         },
         "history": history,
         "train_seconds": round(seconds, 1),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "machine": platform.machine(),
+        **environment(),
         "command": "python -m benchmarks.train_reference",
     }
     return model, info
@@ -117,13 +84,7 @@ def main(argv=None):
     if args.epochs != 8 or args.batch_size != 128 or args.lr != 0.1 or args.seed != 0:
         info["command"] += (f" --epochs {args.epochs} --batch-size {args.batch_size}"
                             f" --lr {args.lr} --seed {args.seed}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(model.state_dict(), args.out)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
-    print(f"test accuracy {info['test_accuracy']:.4f}, {info['parameters']} parameters, "
-          f"{info['train_seconds']:.0f} s; wrote {args.out}")
+    save_weights(model, info, args.out)
 
 
 if __name__ == "__main__":

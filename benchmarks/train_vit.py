@@ -16,17 +16,12 @@ thread is used by default because two were slower there.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from benchmarks.training import AUGMENTATION, LABEL_SMOOTHING, environment, fit, save_weights
 from sigmadecomp_torch.data import fashion_mnist
-from sigmadecomp_torch.demo.reference import augment, evaluate
+from sigmadecomp_torch.demo.reference import evaluate
 from sigmadecomp_torch.models import count_parameters
 from sigmadecomp_torch.vit import VIT_WEIGHTS_FILE, ViT
 
@@ -44,32 +39,10 @@ def train(*, epochs=3, batch_size=128, lr=2e-3, weight_decay=0.05, seed=0, log=p
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    steps_per_epoch = len(x_train) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.2)
-    t0 = time.perf_counter()
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size:(step + 1) * batch_size]
-            loss = F.cross_entropy(model(augment(x_train[idx], gen)), y_train[idx],
-                                   label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        acc = evaluate(model, x_test, y_test)
-        history.append({"epoch": epoch + 1, "train_loss": round(total / steps_per_epoch, 4),
-                         "test_accuracy": acc,
-                         "seconds": round(time.perf_counter() - t0, 1)})
-        log(f"epoch {epoch + 1}: train loss {total / steps_per_epoch:.4f}, test accuracy {acc:.4f}"
-            f" ({time.perf_counter() - t0:.0f} s)")
-    seconds = time.perf_counter() - t0
-    model.eval()
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * (len(x_train) // batch_size), pct_start=0.2)
+    history, seconds = fit(model, opt, sched, (x_train, y_train), (x_test, y_test), epochs=epochs,
+                           batch_size=batch_size, gen=gen, log=log)
     info = {
         "model": "ViT (sigmadecomp_torch.vit)",
         "config": model.config,
@@ -79,14 +52,12 @@ def train(*, epochs=3, batch_size=128, lr=2e-3, weight_decay=0.05, seed=0, log=p
         "settings": {
             "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW",
             "max_lr": lr, "schedule": "OneCycleLR pct_start=0.2", "weight_decay": weight_decay,
-            "label_smoothing": 0.05, "augmentation": "random horizontal flip, random shift <= 2 px",
+            "label_smoothing": LABEL_SMOOTHING, "augmentation": AUGMENTATION,
             "seed": seed, "threads": torch.get_num_threads(),
         },
         "history": history,
         "train_seconds": round(seconds, 1),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "machine": platform.machine(),
+        **environment(),
         "command": "python -m benchmarks.train_vit",
     }
     return model, info
@@ -110,13 +81,7 @@ def main(argv=None):
     model, info = train(**settings)
     changed = {k: v for k, v in settings.items() if v != DEFAULTS[k]}
     info["command"] += "".join(f" --{k.replace('_', '-')} {v}" for k, v in changed.items())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(model.state_dict(), args.out)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
-    print(f"test accuracy {info['test_accuracy']:.4f}, {info['parameters']} parameters, "
-          f"{info['train_seconds']:.0f} s; wrote {args.out}")
+    save_weights(model, info, args.out)
 
 
 if __name__ == "__main__":

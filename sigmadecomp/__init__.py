@@ -7,11 +7,14 @@ NeurIPS 2025). With ``sigma=None`` every method is its classical Frobenius
 version.
 
 The core works on NumPy arrays and torch tensors alike; results follow the
-input's library, dtype and device.
+input's library, dtype and device. Every decomposition has the same call shape
+and options and returns a :class:`DecompositionResult` (the solver contract,
+:mod:`sigmadecomp.contract`).
 """
 
 from .exceptions import CompressionWarning, ConvergenceWarning
-from .results import CPResult, SVDResult, Tucker2Result
+from .contract import InnerSolver
+from .results import CPResult, DecompositionResult, SVDResult, Tucker2Result
 from .sigma import PSDRoot, psd_root, relative_sigma_error, sigma_norm
 from .svd import sigma_svd
 from .tenalg import fold, khatri_rao, unfold
@@ -33,6 +36,8 @@ __all__ = [
     "psd_root",
     "PSDRoot",
     "sigma_svd",
+    "InnerSolver",
+    "DecompositionResult",
     "SVDResult",
     "Tucker2Result",
     "tucker2",

@@ -29,11 +29,9 @@ __all__ = [
     "eigh",
     "svd",
     "svd_flip",
-    "solve",
     "solve_triangular",
     "cholesky",
     "cho_solve",
-    "kron",
     "check_rng",
     "random_normal",
     "qr",
@@ -77,10 +75,6 @@ def asarray_like(x, like, dtype=None):
     if is_torch_array(x):
         x = x.detach().cpu().numpy()
     return xp.asarray(np.asarray(x), dtype=dtype)
-
-
-def float64_of(xp):
-    return xp.float64
 
 
 def as_compute(x, dtype=None):
@@ -135,14 +129,6 @@ def svd_flip(u, vh):
     return u * signs[None, :], vh * signs[:, None]
 
 
-def solve(a, b):
-    """Solve ``a @ x = b`` for a square, non-singular ``a``."""
-    if is_numpy_array(a):
-        return scipy.linalg.solve(a, b, check_finite=False)
-    xp = namespace(a)
-    return xp.linalg.solve(a, b)
-
-
 def solve_triangular(a, b, *, lower):
     """Solve ``a @ x = b`` with ``a`` triangular."""
     if is_numpy_array(a):
@@ -182,14 +168,6 @@ def qr(a):
         return scipy.linalg.qr(a, mode="economic", check_finite=False)
     q, r = xp.linalg.qr(a)
     return q, r
-
-
-def kron(a, b):
-    """Kronecker product of two matrices."""
-    xp = namespace(a)
-    m, n = a.shape
-    p, q = b.shape
-    return xp.reshape(a[:, None, :, None] * b[None, :, None, :], (m * p, n * q))
 
 
 def check_rng(rng):

@@ -20,10 +20,12 @@ call only:
   raises a count: limits set by the user (environment variables,
   ``threadpoolctl``, ``torch.set_num_threads``) are respected;
 * when that asks for more than one thread, it is further capped by the cores
-  idle right now (on Linux: ``/proc/stat`` sampled over ``IDLE_SAMPLE_SECONDS``,
-  rounded, at least 1). A solver that wants several threads runs for seconds
-  to minutes, so the sample costs little; on a machine busy with other jobs
-  extra threads would only wait for cores and spin.
+  free right now (:func:`free_cores`: the smaller of the idle cores in a
+  ``/proc/stat`` sample over ``IDLE_SAMPLE_SECONDS`` and the cores left by
+  the 1-minute load average of the other tasks; rounded, at least 1). A
+  solver that wants several threads runs for seconds to minutes, so the
+  sample costs little; on a machine busy with other jobs extra threads would
+  only wait for cores and spin.
 
 The settings in force before the call are restored when it returns or raises.
 Calls nested inside a solver (for instance the Frobenius start of a
@@ -46,7 +48,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-__all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "WORK_PER_THREAD"]
+__all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "free_cores",
+           "busy_machine_threads", "WORK_PER_THREAD"]
 
 #: Multiply-adds of the dominant product that justify one more thread (about
 #: 5-10 ms of one core: far above a thread wake-up). Below it the solvers run
@@ -130,14 +133,51 @@ def idle_cores(seconds=None):
     return n_cpus * (idle1 - idle0) / (total1 - total0)
 
 
+def _load_average():
+    """1-minute load average of the machine (``None`` when unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # pragma: no cover - not available
+        return None
+
+
+def free_cores(seconds=None):
+    """Cores free for this process right now (``None`` when unknown).
+
+    The smaller of two estimates: the idle cores over a short sample
+    (:func:`idle_cores`; it misses jobs that happen to wait for a moment) and
+    the available cores minus the 1-minute load average of the *other*
+    runnable tasks (the load average less one for this process; it reacts
+    slowly but does not miss bursty jobs); both count all cores of the
+    machine. On a 2-core machine at load 2.4 the second gives 0.6: no core is
+    free, even when the sample caught one idle.
+
+    Examples
+    --------
+    >>> from sigmadecomp._threads import free_cores
+    >>> n = free_cores(0.01)
+    >>> n is None or n >= 0.0
+    True
+    """
+    estimates = []
+    idle = idle_cores(seconds)
+    if idle is not None:
+        estimates.append(idle)
+    load1 = _load_average()
+    if load1 is not None:
+        # the load average counts the runnable tasks of the whole machine
+        estimates.append(max(0.0, (os.cpu_count() or 1) - max(0.0, load1 - 1.0)))
+    return min(estimates) if estimates else None
+
+
 def _load_capped(n):
-    """``n`` capped by the idle cores (rounded, at least 1) when ``n > 1``."""
+    """``n`` capped by the free cores (rounded, at least 1) when ``n > 1``."""
     if n <= 1:
         return n
-    idle = idle_cores()
-    if idle is None:
+    free = free_cores()
+    if free is None:
         return n
-    return max(1, min(n, int(idle + 0.5)))
+    return max(1, min(n, int(free + 0.5)))
 
 
 def auto_thread_count(shape, with_sigma, cap):
@@ -256,6 +296,46 @@ def threads(n="auto"):
                 yield
     finally:
         _OVERRIDE.reset(token)
+
+
+@contextmanager
+def busy_machine_threads():
+    """Cap the BLAS pools and torch's intra-op pool at the free cores for a block.
+
+    For the torch code outside the solvers (forward passes, the statistics'
+    Gram products), whose many calls each pay a wake-up of every worker
+    thread: on a machine whose cores are taken by other jobs, threads beyond
+    the free cores only wait and spin. Inside, both pools run at most
+    ``max(1, round(free_cores()))`` threads, never more than before; nothing
+    changes on an idle machine, inside ``threads(n)`` (the user's count is
+    kept) or when the free cores are unknown. The previous settings are
+    restored on exit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp._threads import busy_machine_threads
+    >>> before = torch.get_num_threads()
+    >>> with busy_machine_threads():
+    ...     1 <= torch.get_num_threads() <= before
+    True
+    >>> torch.get_num_threads() == before
+    True
+    """
+    if _OVERRIDE.get() != "auto" or _IN_SOLVER.get():
+        yield
+        return
+    torch = _torch()
+    blas = _blas_threads()
+    current = max(blas or 1, torch.get_num_threads() if torch is not None else 1)
+    if current <= 1:
+        yield
+        return
+    n = _load_capped(current)
+    n_blas = None if blas is None or blas <= n else n
+    n_torch = None if torch is None or torch.get_num_threads() <= n else n
+    with _limited(n_blas, n_torch):
+        yield
 
 
 def solver_threads(func):

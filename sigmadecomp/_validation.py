@@ -59,6 +59,13 @@ SYM_RTOL = {"float64": 1e-10, "float32": 1e-6}
 #: only up to a factor of order the condition number.
 CHOL_PIVOT = 10.0
 
+#: CP-ALS evaluates its objective by the expansion ``f = tr(K S K^T) - 2 c + q``,
+#: whose rounding error is about ``eps * (tr(K S K^T) + 2|c| + q)``. While ``f``
+#: is at least ``EXPANSION_CANCEL`` times that scale the relative rounding error
+#: of ``f`` stays below ``eps / 1e-5 ~ 1e-11``; below it (a nearly exact fit, or
+#: large terms that cancel) the objective is recomputed from the residual.
+EXPANSION_CANCEL = 1e-5
+
 #: Below this squared relative error, error formulas of the form
 #: ``total - kept`` lose more than half their digits to cancellation and the
 #: error is recomputed from ``D = K - K~`` instead (sqrt(1e-6) = 1e-3 relative
@@ -70,6 +77,49 @@ CANCEL = 1e-6
 #: times the largest, so the preconditioner is positive definite (CG then
 #: stays monotone); a preconditioner needs no more precision than that.
 PRECOND_FLOOR = 1e-8
+
+
+#: EVBMF searches its noise variance in ``[lo, hi]`` with ``lo`` raised to at
+#: least ``EVB_BRACKET * hi``: the grid below then spans at most 12 decades,
+#: and a variance smaller than 1e-12 of the mean squared entry is rounding
+#: noise of float64 data rather than a noise level. The bounded search that
+#: refines the grid point stops at the same relative width in log scale.
+EVB_BRACKET = 1e-12
+
+#: Relative slack when a parameter count is compared with the bound
+#: ``params(dense) / ratio`` computed in floating point: far above its
+#: rounding (~1e-16) and far below one unit of the counts, so that an exact
+#: ratio (``ratio=4`` on a layer whose size divides by 4) is met, not missed
+#: by rounding.
+COUNT_SLACK = 1e-12
+
+#: Slack subtracted from ``log(n) / log(8)`` before the ceiling that picks the
+#: number of TT modes: ``n = 8**k`` must give ``k`` modes although the quotient
+#: of two rounded logarithms may exceed ``k`` by a few ulps.
+LOG_SLACK = 1e-9
+
+#: Points of the log-spaced grid on which EVBMF brackets the minimiser of its
+#: noise-variance objective before a bounded scalar search refines it: the
+#: objective has at most a few local minima over the bracket, and 400 points
+#: (a ratio of ~1.07 between neighbours over 12 decades) separate them at a
+#: cost of microseconds.
+EVB_GRID = 400
+
+#: The blocked upper-triangle ``X^T X`` of the statistics collector
+#: (``sigmadecomp_torch.covariance``) splits the ``n`` columns into blocks of
+#: ``max(GRAM_BLOCK_MIN, ceil(n / GRAM_BLOCKS))``: at most 8 block GEMMs, so
+#: the triangle costs about (1 + 1/8) / 2 of the full product, and at least 96
+#: columns per block so that each GEMM stays wide enough for the BLAS to run
+#: near its full speed (below that the loop overhead eats the saving; layers
+#: with ``n <= 96`` take one full product).
+GRAM_BLOCK_MIN = 96
+GRAM_BLOCKS = 8
+
+#: Smallest positive scale used as a guard where a ratio to a largest
+#: eigenvalue or a previous error could divide by zero: the order of the
+#: smallest normal float64 (2.2e-308) with room to spare, so it never changes
+#: a result that is not otherwise 0/0.
+TINY = 1e-300
 
 
 def _floor(table, dtype):
@@ -171,9 +221,18 @@ def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None, psd=True):
     not positive semi-definite under the policy of :func:`check_psd`. Callers
     that eigen-decompose ``sigma`` anyway pass ``psd=False`` and call
     :func:`check_psd` with the eigenvalues.
+
+    A :class:`sigmadecomp.prepared.PreparedSigma` is accepted in place of the
+    matrix: its checks ran when it was made, its PSD test runs at most once,
+    and its matrix is returned (converted to ``like``'s library and device).
     """
     if sigma is None:
         return None
+    if type(sigma).__name__ == "PreparedSigma":
+        from .prepared import PreparedSigma
+
+        if isinstance(sigma, PreparedSigma):
+            return sigma.validated(n, like, name, psd=psd)
     check_array(sigma, name, ndim=2)
     if tuple(sigma.shape) != (n, n):
         raise ValueError(

@@ -1,18 +1,22 @@
 """Result objects returned by the decompositions.
 
-Every result holds its factors in the library, dtype and device of the input,
-the relative Sigma-error (``errors`` history for iterative methods), and
-``to_tensor()`` to rebuild the approximated weight.
+Every decomposition returns a subclass of :class:`DecompositionResult`: the
+factors as a tuple in the library, dtype and device of the input, the history
+``errors`` of the relative error minimised, ``n_iter``, ``converged``,
+``sigma_error``, ``ridge`` and ``to_tensor()`` to rebuild the approximated
+weight.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from . import _backend as B
+from ._tt_algebra import tt_matrix
 
-__all__ = ["SVDResult", "Tucker2Result", "CPResult"]
+__all__ = ["DecompositionResult", "SVDResult", "Tucker2Result", "CPResult", "TTResult"]
 
 
 def _shape(x):
@@ -29,8 +33,75 @@ def _fmt_err(e):
     return "None" if e is None else f"{e:.6g}"
 
 
+def _ridge_tail(res):
+    if not res.ridge:
+        return ""
+    return f"ridge={res.ridge:g}, true Sigma error={_fmt_err(res.sigma_error)}, "
+
+
 @dataclass(repr=False)
-class SVDResult:
+class DecompositionResult:
+    """What every decomposition returns (the base of the result classes).
+
+    Attributes
+    ----------
+    factors : tuple of arrays
+        The factors of the format (see each subclass), in the library, dtype
+        and device of the input.
+    errors : list of float
+        Relative error in the metric minimised -- the Sigma-error in
+        ``ridge_sigma(sigma, ridge)`` (the plain Sigma-error when
+        ``ridge == 0``; relative Frobenius error without ``sigma``) -- of the
+        starting point and after each sweep (one entry for a closed form).
+    error : float
+        The last entry of ``errors``.
+    n_iter : int or None
+        Sweeps performed (``None`` for a closed form, which has none).
+    converged : bool or None
+        Whether the ``tol`` criterion was met (``None`` for a closed form).
+    weighted : bool
+        Whether a ``sigma`` was used.
+    seconds : float
+        Wall time of the call.
+    ridge : float
+        The ``ridge`` used (0 without ``sigma``).
+    sigma_error : float or None
+        Relative Sigma-error in the user's ``sigma`` itself (``None`` without
+        ``sigma``, and in partial results passed to a callback when
+        ``ridge > 0``); equal to ``error`` when ``ridge == 0``.
+    """
+
+    errors: List[float] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    weighted: bool = False
+    seconds: float = 0.0
+    ridge: float = 0.0
+    sigma_error: Optional[float] = None
+
+    @property
+    def error(self) -> Optional[float]:
+        """Final relative error (last entry of ``errors``)."""
+        return self.errors[-1] if self.errors else None
+
+    @property
+    def factors(self) -> tuple:
+        raise NotImplementedError
+
+    def to_tensor(self):
+        """The approximated weight."""
+        raise NotImplementedError
+
+    def _tail(self):
+        norm = "Sigma" if self.weighted else "Frobenius"
+        return (
+            f"{norm} error={_fmt_err(self.error)}, {_ridge_tail(self)}n_iter={self.n_iter}, "
+            f"converged={self.converged}"
+        )
+
+
+@dataclass(repr=False)
+class SVDResult(DecompositionResult):
     """Rank-``r`` factorisation ``W ~= left @ right`` of a ``(T, n)`` matrix.
 
     Attributes
@@ -39,6 +110,8 @@ class SVDResult:
         Orthonormal columns (zero columns when ``r`` exceeds the rank that
         ``sigma`` can see).
     right : array of shape (r, n)
+    factors : tuple
+        ``(left, right)``.
     singular_values : array of shape (min(T, k),)
         Singular values of the whitened matrix ``W L`` (plain ``W`` when
         ``sigma`` is None), descending, float64.
@@ -46,24 +119,26 @@ class SVDResult:
         Relative error in the metric minimised: the Sigma-error in
         ``ridge_sigma(sigma, ridge)`` (the plain Sigma-error when
         ``ridge == 0``; relative Frobenius error when ``sigma`` is None).
+        ``errors == [error]``.
     rank : int
-    weighted : bool
-        Whether a ``sigma`` was used.
-    ridge : float
-        The ``ridge`` used (0 without ``sigma``).
-    sigma_error : float or None
-        Relative Sigma-error in the user's ``sigma`` itself (``None`` without
-        ``sigma``); equal to ``error`` when ``ridge == 0``.
+    weighted, ridge, sigma_error, seconds : as for :class:`DecompositionResult`.
+    n_iter, converged : None
+        A closed form has no iterations and no tolerance.
     """
 
-    left: object
-    right: object
-    singular_values: object
-    error: float
-    rank: int
-    weighted: bool = False
-    ridge: float = 0.0
-    sigma_error: Optional[float] = None
+    left: object = None
+    right: object = None
+    singular_values: object = None
+    error: Optional[float] = None
+    rank: int = 0
+    n_iter: Optional[int] = None
+    converged: Optional[bool] = None
+
+    def __post_init__(self):
+        if not self.errors and self.error is not None:
+            self.errors = [self.error]
+        elif self.errors and self.error is None:
+            self.error = self.errors[-1]
 
     @property
     def factors(self):
@@ -83,37 +158,8 @@ class SVDResult:
         )
 
 
-def _ridge_tail(res):
-    if not res.ridge:
-        return ""
-    return f"ridge={res.ridge:g}, true Sigma error={_fmt_err(res.sigma_error)}, "
-
-
 @dataclass(repr=False)
-class _IterativeResult:
-    errors: List[float] = field(default_factory=list)
-    n_iter: int = 0
-    converged: bool = False
-    weighted: bool = False
-    seconds: float = 0.0
-    ridge: float = 0.0
-    sigma_error: Optional[float] = None
-
-    @property
-    def error(self) -> Optional[float]:
-        """Final relative error (last entry of ``errors``)."""
-        return self.errors[-1] if self.errors else None
-
-    def _tail(self):
-        norm = "Sigma" if self.weighted else "Frobenius"
-        return (
-            f"{norm} error={_fmt_err(self.error)}, {_ridge_tail(self)}n_iter={self.n_iter}, "
-            f"converged={self.converged}"
-        )
-
-
-@dataclass(repr=False)
-class Tucker2Result(_IterativeResult):
+class Tucker2Result(DecompositionResult):
     """Tucker-2 decomposition ``K ~= G x_1 U_T x_2 U_S`` of a ``(T, S, H, W)`` kernel.
 
     Attributes
@@ -123,20 +169,10 @@ class Tucker2Result(_IterativeResult):
         ``U_T``, orthonormal columns.
     in_factor : array of shape (S, r_S)
         ``U_S``, orthonormal columns.
-    errors : list of float
-        Relative error after each sweep, starting with the initial point, in
-        the metric minimised: the Sigma-error in ``ridge_sigma(sigma, ridge)``
-        (the plain Sigma-error when ``ridge == 0``, Frobenius without
-        ``sigma``).
-    ridge : float
-        The ``ridge`` used (0 without ``sigma``).
-    sigma_error : float or None
-        Relative Sigma-error of the result in the user's ``sigma`` itself
-        (``None`` without ``sigma``); equal to ``error`` when ``ridge == 0``.
-    n_iter : int
-        Sweeps performed.
-    converged : bool
-        Whether the tolerance was met before ``n_iter_max``.
+    factors : tuple
+        ``(out_factor, in_factor)``.
+    errors, error, n_iter, converged, weighted, seconds, ridge, sigma_error :
+        as for :class:`DecompositionResult`.
     """
 
     core: object = None
@@ -144,7 +180,13 @@ class Tucker2Result(_IterativeResult):
     in_factor: object = None
 
     @property
+    def factors(self):
+        """``(out_factor, in_factor)``; the core is ``core``."""
+        return self.out_factor, self.in_factor
+
+    @property
     def ranks(self):
+        """``(r_T, r_S)``."""
         return int(self.out_factor.shape[1]), int(self.in_factor.shape[1])
 
     def to_tensor(self):
@@ -159,19 +201,23 @@ class Tucker2Result(_IterativeResult):
 
 
 @dataclass(repr=False)
-class CPResult(_IterativeResult):
+class CPResult(DecompositionResult):
     """CP decomposition ``K ~= sum_r w_r a_r (x) b_r (x) c_r (x) d_r``.
 
     Attributes
     ----------
     weights : array of shape (R,)
-    factors : list of arrays [(T, R), (S, R), (H, R), (W, R)]
+    factors : tuple of arrays ((T, R), (S, R), (H, R), (W, R))
         Unit-norm columns (the scale is in ``weights``).
-    errors, n_iter, converged : as for :class:`Tucker2Result`.
+    errors, error, n_iter, converged, weighted, seconds, ridge, sigma_error :
+        as for :class:`DecompositionResult`.
     """
 
     weights: object = None
-    factors: list = field(default_factory=list)
+    factors: tuple = ()
+
+    def __post_init__(self):
+        self.factors = tuple(self.factors)
 
     @property
     def rank(self):
@@ -187,4 +233,99 @@ class CPResult(_IterativeResult):
         return (
             f"CPResult(rank={self.rank}, factors=[{shapes}], {self._tail()}, "
             f"{_kind(self.weights)})"
+        )
+
+
+@dataclass(repr=False)
+class TTResult(DecompositionResult):
+    """A Tensor-Train decomposition.
+
+    Attributes
+    ----------
+    cores : tuple of arrays
+        ``kind='tensor'``: 3-D cores ``(r_{k-1}, I_k, r_k)``.
+        ``kind='matrix'`` / ``'conv'``: 4-D cores ``(r_{k-1}, m_k, n_k, r_k)``
+        (input mode ``m_k``, output mode ``n_k``); for a conv the first core is
+        the spatial core ``(1, H*W, 1, r_0)``.
+    kind : {'tensor', 'matrix', 'conv'}
+    shape : tuple of int
+        Shape of the approximated array (``(T, S, H, W)`` for a conv,
+        ``(T, N)`` for a Linear weight).
+    in_modes, out_modes : tuple of int
+        Channel factorisations ``S = prod in_modes`` (``N`` for a Linear
+        weight), ``T = prod out_modes``; empty for ``kind='tensor'``.
+    solves : dict
+        Core updates by method: ``{'dense': ..., 'cg': ..., 'cg_iter': ...}``
+        (total CG iterations).
+    svd_tails : list of float
+        Squared Frobenius norm discarded by each truncation of the TT-SVD
+        (absolute, in the float64 computation). Their sum bounds the squared
+        Frobenius error of the TT-SVD point.
+    errors : list of float
+        Relative error in the metric minimised, starting at the TT-SVD point,
+        then one entry per ALS sweep: the Sigma-error in
+        ``ridge_sigma(sigma, ridge)`` (the plain Sigma-error when ``ridge=0``;
+        relative Frobenius error when no ``sigma`` was given).
+    ridge : float
+        The ``ridge`` used (0 without ``sigma``).
+    sigma_error : float or None
+        Final relative Sigma-error in the user's ``sigma`` itself (``None``
+        without ``sigma``); equal to ``error`` when ``ridge == 0``.
+    n_iter, converged, weighted, seconds : as for the other results.
+    """
+
+    cores: tuple = ()
+    kind: str = "tensor"
+    shape: tuple = ()
+    in_modes: tuple = ()
+    out_modes: tuple = ()
+    svd_tails: list = field(default_factory=list)
+    solves: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.cores = tuple(self.cores)
+
+    @property
+    def factors(self):
+        """The cores (``cores``)."""
+        return self.cores
+
+    @property
+    def ranks(self):
+        """Internal TT ranks ``(r_0, ..., r_{d-1})`` (boundary ranks of 1 excluded)."""
+        return tuple(int(c.shape[-1]) for c in self.cores[:-1])
+
+    @property
+    def kernel_size(self):
+        """``(H, W)`` for a conv, else ``None``."""
+        return tuple(self.shape[2:]) if self.kind == "conv" else None
+
+    @property
+    def n_params(self):
+        """Number of entries in all cores."""
+        return int(sum(math.prod(c.shape) for c in self.cores))
+
+    def to_tensor(self):
+        """Reconstruct the approximated array (its original shape and layout)."""
+        if self.kind == "tensor":
+            cur = self.cores[0]
+            for c in self.cores[1:]:
+                cur = B.einsum("...a,abc->...bc", cur, c)
+            xp = B.namespace(cur)
+            return xp.reshape(cur, self.shape)
+        Wt = tt_matrix(self.cores)
+        xp = B.namespace(Wt)
+        if self.kind == "matrix":
+            return Wt
+        T, S, H, Wd = self.shape
+        return xp.permute_dims(xp.reshape(Wt, (T, H, Wd, S)), (0, 3, 1, 2))
+
+    def __repr__(self):
+        modes = "" if self.kind == "tensor" else f", in_modes={self.in_modes}, out_modes={self.out_modes}"
+        norm = "Sigma" if self.weighted else "Frobenius"
+        kind = _kind(self.cores[0]) if self.cores else ""
+        return (
+            f"TTResult(kind={self.kind!r}, shape={self.shape}, ranks={self.ranks}{modes}, "
+            f"{norm} error={_fmt_err(self.error)}, {_ridge_tail(self)}n_iter={self.n_iter}, "
+            f"converged={self.converged}, {kind})"
         )

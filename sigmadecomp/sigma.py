@@ -353,8 +353,10 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
 
     Parameters
     ----------
-    sigma : array of shape (n, n)
-        Symmetric positive semi-definite (NumPy or torch).
+    sigma : array of shape (n, n) or PreparedSigma
+        Symmetric positive semi-definite (NumPy or torch). A
+        :class:`sigmadecomp.prepared.PreparedSigma` gives the same root from
+        its cached eigen-decomposition.
     rtol : float, optional
         Eigenvalues ``<= rtol * lambda_max`` count as zero (numerical null space).
         Default: 1e-10 for a float64 ``sigma``, 1e-6 for a float32 one.
@@ -380,13 +382,18 @@ def psd_root(sigma, *, rtol=DEFAULT_RTOL, neg_rtol=DEFAULT_NEG_RTOL):
     >>> bool(np.allclose(L @ L.T, S))
     True
     """
-    check_array(sigma, "sigma", ndim=2)
+    from .prepared import PreparedSigma
+
+    if not isinstance(sigma, PreparedSigma):
+        check_array(sigma, "sigma", ndim=2)
     if rtol is None:
         rtol = default_rtol(sigma.dtype)
     if neg_rtol is None:
         neg_rtol = default_neg_rtol(sigma.dtype)
     rtol = check_positive_float(rtol, "rtol", allow_zero=True)
     neg_rtol = check_positive_float(neg_rtol, "neg_rtol", allow_zero=True)
+    if isinstance(sigma, PreparedSigma):  # its eigen-decomposition is computed once
+        return sigma.root(rtol=rtol, neg_rtol=neg_rtol)
     n = sigma.shape[0]
     S = check_sigma(sigma, n, B.as_compute(sigma), psd=False)
     lam, V = B.eigh(S)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
+import time
 
 from . import _backend as B
 from ._threads import solver_threads
 from ._validation import check_array, check_finite, check_int, check_sigma
+from .contract import (
+    check_callback,
+    check_init_name,
+    check_inner,
+    check_tol,
+    relative_error,
+)
+from .prepared import prepared_or
 from .results import SVDResult
 from .sigma import (
     DEFAULT_RIDGE,
@@ -24,7 +32,8 @@ __all__ = ["sigma_svd"]
 
 
 @solver_threads
-def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDGE):
+def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None, rng=None,
+              callback=None, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDGE, inner=None):
     """Best rank-``rank`` approximation of a matrix in the Sigma-norm.
 
     Minimises ``||(W - X) Sigma^{1/2}||_F`` over matrices ``X`` of rank at most
@@ -32,6 +41,12 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDG
     truncated SVD of the whitened matrix, un-whitened (design notes, section 4).
     The squared error is the tail of the squared singular values of ``W L``.
     ``sigma=None`` is the plain truncated SVD (Eckart-Young).
+
+    The call follows the solver contract of :mod:`sigmadecomp.contract`. A
+    closed form has no iterations: ``init``, ``n_iter_max``, ``tol``, ``rng``
+    and ``inner`` are validated but have no effect, ``callback`` is called
+    once, with the result (its return value is ignored: there is nothing left
+    to stop), and the result's ``n_iter`` and ``converged`` are ``None``.
 
     Parameters
     ----------
@@ -47,6 +62,12 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDG
         :func:`sigmadecomp.psd_root`: with ``ridge=0`` the approximation has
         no component in the floored null space, where the Sigma-norm cannot
         see it.
+    init : {None, 'svd', 'frobenius'}, optional
+        Accepted for the common contract; both names are the closed form.
+    n_iter_max, tol, rng, inner : optional
+        Accepted for the common contract and validated; no effect.
+    callback : callable, optional
+        ``callback(result)``, called once with the final :class:`SVDResult`.
     rtol : float, optional
         Eigenvalue floor relative to the largest eigenvalue of ``sigma``
         (default: 1e-10 for a float64 ``sigma``, 1e-6 for float32; see
@@ -91,8 +112,22 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDG
     >>> exact.error == exact.sigma_error and exact.sigma_error <= res.sigma_error
     True
     """
+    t0 = time.perf_counter()
     check_array(weight, "weight", ndim=2)
     check_finite(weight, "weight")
+    if init is not None:
+        if not isinstance(init, str):
+            raise TypeError(
+                f"init of type {type(init).__name__} is not allowed for sigma_svd; it is a "
+                "closed form without a starting point (init must be None, 'svd' or 'frobenius')")
+        init = check_init_name(init, "sigma_svd", ("svd", "frobenius"))
+    if n_iter_max is not None:
+        check_int(n_iter_max, "n_iter_max", low=0)
+    if tol is not None:
+        check_tol(tol)
+    B.check_rng(rng)
+    check_inner(inner, defaults={"precond": True}, solver="sigma_svd")
+    callback = check_callback(callback, "sigma_svd")
     T, n = weight.shape
     rank = check_int(rank, "rank", low=1, high=min(T, n))
     W = B.as_compute(weight)
@@ -111,7 +146,7 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDG
     else:
         rtol = default_rtol(sigma.dtype) if rtol is None else rtol
         neg = default_neg_rtol(sigma.dtype)
-        root = psd_root(S, rtol=rtol, neg_rtol=neg)
+        root = psd_root(prepared_or(sigma, S), rtol=rtol, neg_rtol=neg)  # once per PreparedSigma
         if ridge:  # sigma + c I has the eigenvectors of sigma and eigenvalues lam + c
             S_user, S = S, _add_ridge(S, ridge)
             c = float(S[0, 0] - S_user[0, 0])
@@ -135,14 +170,11 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDG
             tail = float(xp.sum(s[r:] ** 2)) + float(root.null_energy(W))
         weighted = True
 
-    if total <= 0.0:
-        error = 0.0 if tail <= 0.0 else float("inf")
-    else:
-        error = float(np.sqrt(max(tail, 0.0) / total))
+    error = relative_error(tail, total)
     sigma_error = None
     if S is not None:
         sigma_error = _rel_sigma_error(W, left @ right, S_user) if ridge else error
-    return SVDResult(
+    result = SVDResult(
         left=xp.astype(left, weight.dtype),
         right=xp.astype(right, weight.dtype),
         singular_values=s,
@@ -151,4 +183,8 @@ def sigma_svd(weight, rank, sigma=None, *, rtol=DEFAULT_RTOL, ridge=DEFAULT_RIDG
         weighted=weighted,
         ridge=ridge if S is not None else 0.0,
         sigma_error=sigma_error,
+        seconds=time.perf_counter() - t0,
     )
+    if callback is not None:
+        callback(result)
+    return result

@@ -46,6 +46,7 @@ _EXPORTS = {
     "latency": ("measure_latency",),
     "sequential": ("CrossStats", "collect_cross_covariances", "corrected_target",
                    "sequential_compress"),
+    "transfer": ("shrink_covariances", "ShrunkCovariances"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -72,6 +73,8 @@ __all__ = [
     "collect_cross_covariances",
     "corrected_target",
     "CrossStats",
+    "shrink_covariances",
+    "ShrunkCovariances",
 ]
 
 

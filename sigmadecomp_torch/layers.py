@@ -23,6 +23,7 @@ bias correction ``b~ = b + (K_(1) - K~_(1)) mu`` of the centered variant.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import nn
@@ -62,9 +63,27 @@ def _check_conv(conv, name):
                          "supported; factorize each group separately")
 
 
-def _set(param_owner, value):
-    with torch.no_grad():
-        param_owner.weight.copy_(value)
+def _stack(original, bias_shift, parts):
+    """The modules of a factorized layer, weights set, as an ``OrderedDict`` for ``nn.Sequential``.
+
+    ``parts`` is a list of ``(name, make, weight)``: ``make(bias=..., device=...,
+    dtype=...)`` creates a plain ``nn.Conv2d`` / ``nn.Linear`` and ``weight``
+    is copied into it. Every factor takes the dtype and device of
+    ``original``'s weight; the last one carries the bias
+    (:func:`factorized_bias`), the others have none.
+    """
+    bias = factorized_bias(original, bias_shift)
+    w = original.weight
+    modules = OrderedDict()
+    for i, (name, make, weight) in enumerate(parts):
+        last = i == len(parts) - 1
+        mod = make(bias=last and bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            mod.weight.copy_(weight)
+            if last and bias is not None:
+                mod.bias.copy_(bias)
+        modules[name] = mod
+    return modules
 
 
 def _geom(conv):
@@ -110,18 +129,11 @@ class Tucker2Conv2d(nn.Sequential):
                 f"{tuple(U_T.shape)}, in_factor {tuple(U_S.shape)} do not fit a kernel "
                 f"{tuple(w.shape)}; need ({rT}, {rS}, {H}, {W}), ({T}, r_T), ({S}, r_S)"
             )
-        bias = factorized_bias(conv, bias_shift)
-        kw = dict(device=w.device, dtype=w.dtype)
-        first = nn.Conv2d(S, rS, 1, bias=False, **kw)
-        core_conv = nn.Conv2d(rS, rT, (H, W), bias=False, **_geom(conv), **kw)
-        last = nn.Conv2d(rT, T, 1, bias=bias is not None, **kw)
-        _set(first, U_S.T.reshape(rS, S, 1, 1))
-        _set(core_conv, core)
-        _set(last, U_T.reshape(T, rT, 1, 1))
-        if bias is not None:
-            with torch.no_grad():
-                last.bias.copy_(bias)
-        super().__init__(OrderedDict([("first", first), ("core", core_conv), ("last", last)]))
+        super().__init__(_stack(conv, bias_shift, [
+            ("first", partial(nn.Conv2d, S, rS, 1), U_S.T.reshape(rS, S, 1, 1)),
+            ("core", partial(nn.Conv2d, rS, rT, (H, W), **_geom(conv)), core),
+            ("last", partial(nn.Conv2d, rT, T, 1), U_T.reshape(T, rT, 1, 1)),
+        ]))
 
     @classmethod
     def from_result(cls, conv, result, *, bias_shift=None):
@@ -179,29 +191,21 @@ class CPConv2d(nn.Sequential):
         if got != want:
             raise ValueError(f"CPConv2d: factor shapes {got} do not fit a kernel "
                              f"{tuple(w.shape)} at rank {R}; need {want}")
-        bias = factorized_bias(conv, bias_shift)
-        kw = dict(device=w.device, dtype=w.dtype)
         if conv.padding == "same" or conv.padding == "valid":
             ph = pw = conv.padding
         else:
             ph, pw = (conv.padding[0], 0), (0, conv.padding[1])
-        first = nn.Conv2d(S, R, 1, bias=False, **kw)
-        vert = nn.Conv2d(R, R, (H, 1), stride=(conv.stride[0], 1), padding=ph,
-                         dilation=(conv.dilation[0], 1), groups=R, bias=False,
-                         padding_mode=conv.padding_mode, **kw)
-        horiz = nn.Conv2d(R, R, (1, W), stride=(1, conv.stride[1]), padding=pw,
-                          dilation=(1, conv.dilation[1]), groups=R, bias=False,
-                          padding_mode=conv.padding_mode, **kw)
-        last = nn.Conv2d(R, T, 1, bias=bias is not None, **kw)
-        _set(first, Bf.T.reshape(R, S, 1, 1))
-        _set(vert, C.T.reshape(R, 1, H, 1))
-        _set(horiz, D.T.reshape(R, 1, 1, W))
-        _set(last, (A * lam[None, :]).reshape(T, R, 1, 1))
-        if bias is not None:
-            with torch.no_grad():
-                last.bias.copy_(bias)
-        super().__init__(OrderedDict([("first", first), ("vertical", vert),
-                                      ("horizontal", horiz), ("last", last)]))
+        depthwise = dict(groups=R, padding_mode=conv.padding_mode)
+        super().__init__(_stack(conv, bias_shift, [
+            ("first", partial(nn.Conv2d, S, R, 1), Bf.T.reshape(R, S, 1, 1)),
+            ("vertical", partial(nn.Conv2d, R, R, (H, 1), stride=(conv.stride[0], 1),
+                                 padding=ph, dilation=(conv.dilation[0], 1), **depthwise),
+             C.T.reshape(R, 1, H, 1)),
+            ("horizontal", partial(nn.Conv2d, R, R, (1, W), stride=(1, conv.stride[1]),
+                                   padding=pw, dilation=(1, conv.dilation[1]), **depthwise),
+             D.T.reshape(R, 1, 1, W)),
+            ("last", partial(nn.Conv2d, R, T, 1), (A * lam[None, :]).reshape(T, R, 1, 1)),
+        ]))
 
     @classmethod
     def from_result(cls, conv, result, *, bias_shift=None):
@@ -244,16 +248,10 @@ class LowRankConv2d(nn.Sequential):
             raise ValueError(f"LowRankConv2d: left {tuple(L.shape)}, right "
                              f"{tuple(Rt.shape)} do not fit a kernel {tuple(w.shape)}; "
                              f"need ({T}, r) and (r, {S * H * W})")
-        bias = factorized_bias(conv, bias_shift)
-        kw = dict(device=w.device, dtype=w.dtype)
-        first = nn.Conv2d(S, r, (H, W), bias=False, **_geom(conv), **kw)
-        last = nn.Conv2d(r, T, 1, bias=bias is not None, **kw)
-        _set(first, Rt.reshape(r, S, H, W))
-        _set(last, L.reshape(T, r, 1, 1))
-        if bias is not None:
-            with torch.no_grad():
-                last.bias.copy_(bias)
-        super().__init__(OrderedDict([("first", first), ("last", last)]))
+        super().__init__(_stack(conv, bias_shift, [
+            ("first", partial(nn.Conv2d, S, r, (H, W), **_geom(conv)), Rt.reshape(r, S, H, W)),
+            ("last", partial(nn.Conv2d, r, T, 1), L.reshape(T, r, 1, 1)),
+        ]))
 
     @classmethod
     def from_result(cls, conv, result, *, bias_shift=None):
@@ -297,16 +295,10 @@ class LowRankLinear(nn.Sequential):
             raise ValueError(f"LowRankLinear: left {tuple(L.shape)}, right "
                              f"{tuple(Rt.shape)} do not fit a weight {tuple(w.shape)}; "
                              f"need ({T}, r) and (r, {n})")
-        bias = factorized_bias(linear, bias_shift)
-        kw = dict(device=w.device, dtype=w.dtype)
-        first = nn.Linear(n, r, bias=False, **kw)
-        last = nn.Linear(r, T, bias=bias is not None, **kw)
-        _set(first, Rt)
-        _set(last, L)
-        if bias is not None:
-            with torch.no_grad():
-                last.bias.copy_(bias)
-        super().__init__(OrderedDict([("first", first), ("last", last)]))
+        super().__init__(_stack(linear, bias_shift, [
+            ("first", partial(nn.Linear, n, r), Rt),
+            ("last", partial(nn.Linear, r, T), L),
+        ]))
 
     @classmethod
     def from_result(cls, linear, result, *, bias_shift=None):

@@ -163,9 +163,9 @@ class LayerShard:
 
     Parameters
     ----------
-    plan : list of dict
-        :func:`compress`'s plan: ``name``, ``module``, ``format``, ``ranks``,
-        ``sigma`` per layer, in model order.
+    plan : list of LayerPlan
+        :func:`compress`'s plan (``name``, ``module``, ``method``, ``ranks``,
+        ``sigma`` per layer), in model order.
     options : dict
     distributed : None or bool
         See :func:`resolve_group`.
@@ -177,14 +177,14 @@ class LayerShard:
     def __init__(self, plan, options, distributed):
         group = resolve_group(distributed)
         self.rank, self.world_size = group if group is not None else (0, 1)
-        self.names = [p["name"] for p in plan]
-        self.devices = {p["name"]: p["module"].weight.device for p in plan}
+        self.names = [p.name for p in plan]
+        self.devices = {p.name: p.module.weight.device for p in plan}
         # what every process must agree on: same layers, formats and ranks
-        self.signature = [(p["name"], p["format"], p["ranks"],
-                           tuple(p["module"].weight.shape)) for p in plan]
+        self.signature = [(p.name, p.method, p.ranks, tuple(p.module.weight.shape))
+                          for p in plan]
         if self.world_size > 1:
-            costs = [layer_cost(tuple(p["module"].weight.shape), p["format"], p["ranks"],
-                                options, p["sigma"] is not None) for p in plan]
+            costs = [layer_cost(tuple(p.module.weight.shape), p.method, p.ranks, options,
+                                p.sigma is not None) for p in plan]
             owner = assign(costs, self.world_size)
         else:
             owner = [0] * len(plan)

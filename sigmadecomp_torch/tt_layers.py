@@ -16,16 +16,16 @@ Both layers compute exactly the layer with the reconstructed weight
 from __future__ import annotations
 
 import math
-import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigmadecomp.sigma import relative_sigma_error
+from sigmadecomp._tt_algebra import tt_matrix
+from sigmadecomp.prepared import prepare_sigma
 from sigmadecomp.tt import (
     TTResult,
-    _chain,
     auto_modes,
     tt_conv,
     tt_linear,
@@ -56,6 +56,17 @@ def _check_modes_ranks(in_modes, out_modes, ranks, n_bonds):
 def _as_cores(result, like):
     return [torch.as_tensor(c).detach().to(dtype=like.dtype, device=like.device).clone()
             for c in result.cores]
+
+
+def _module_first(cls, module, result):
+    """``(module, result)`` of a ``from_result`` call, also from the old order (with a warning)."""
+    if isinstance(module, TTResult) and isinstance(result, nn.Module):
+        warnings.warn(
+            f"{cls.__name__}.from_result(result, module) is deprecated; the order is "
+            f"{cls.__name__}.from_result(module, result), as for every factorized layer",
+            DeprecationWarning, stacklevel=3)
+        return result, module
+    return module, result
 
 
 def _set_bias(layer, bias, shift):
@@ -129,8 +140,8 @@ class TTConv2d(_TTChain):
     >>> from sigmadecomp import tt_conv
     >>> from sigmadecomp_torch.tt_layers import TTConv2d
     >>> conv = torch.nn.Conv2d(8, 4, 3, padding=1).double()
-    >>> res = tt_conv(conv.weight.detach(), (2, 4), (2, 2), ranks=(3, 4))
-    >>> layer = TTConv2d.from_result(res, conv)
+    >>> res = tt_conv(conv.weight.detach(), (3, 4), in_modes=(2, 4), out_modes=(2, 2))
+    >>> layer = TTConv2d.from_result(conv, res)
     >>> x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     >>> ref = torch.nn.functional.conv2d(x, res.to_tensor(), conv.bias, padding=1)
     >>> bool(torch.allclose(layer(x), ref, atol=1e-12))
@@ -175,19 +186,22 @@ class TTConv2d(_TTChain):
                 nn.init.normal_(c, std=1.0 / math.sqrt(c.shape[0] * c.shape[1]))
 
     @classmethod
-    def from_result(cls, result, conv, *, bias_shift=None):
-        """Build from a ``tt_conv`` result and the conv it approximates.
+    def from_result(cls, conv, result, *, bias_shift=None):
+        """Build from the conv and a ``tt_conv`` result approximating its kernel.
 
         Keeps the conv's bias, stride, padding, dilation, padding mode, dtype
         and device; the conv itself is not modified. ``bias_shift`` (shape
         (T,)), if given, is added to the bias (a bias is created if the conv
-        has none): the centered-Sigma correction ``b + D mu``.
+        has none): the centered-Sigma correction ``b + D mu``. The argument
+        order is that of every factorized layer's ``from_result``; the old
+        order ``(result, conv)`` still works with a ``DeprecationWarning``.
 
         Raises
         ------
         ValueError
             If ``conv`` is grouped or its weight shape differs from the result's.
         """
+        conv, result = _module_first(cls, conv, result)
         if not isinstance(result, TTResult) or result.kind != "conv":
             raise ValueError("result must be a TTResult of kind 'conv' (from sigmadecomp.tt_conv)")
         if not isinstance(conv, nn.Conv2d):
@@ -218,7 +232,7 @@ class TTConv2d(_TTChain):
         """The equivalent (T, S, H, W) kernel (for checks; the forward never forms it)."""
         kh, kw = self.kernel_size
         g0 = self.spatial.reshape(self.ranks[0], kh * kw).t().reshape(1, kh * kw, 1, self.ranks[0])
-        w = _chain([g0] + list(self.cores))  # (T, (h, w, s))
+        w = tt_matrix([g0] + list(self.cores))  # (T, (h, w, s))
         return w.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
     max_chunk_elements = 2 ** 24
@@ -302,7 +316,8 @@ class TTLinear(_TTChain):
     >>> from sigmadecomp import tt_linear
     >>> from sigmadecomp_torch.tt_layers import TTLinear
     >>> lin = torch.nn.Linear(32, 10).double()
-    >>> layer = TTLinear.from_result(tt_linear(lin.weight.detach(), (4, 8), (2, 5), ranks=3), lin)
+    >>> res = tt_linear(lin.weight.detach(), 3, in_modes=(4, 8), out_modes=(2, 5))
+    >>> layer = TTLinear.from_result(lin, res)
     >>> layer(torch.randn(7, 32, dtype=torch.float64)).shape
     torch.Size([7, 10])
     """
@@ -332,11 +347,14 @@ class TTLinear(_TTChain):
                 nn.init.normal_(c, std=1.0 / math.sqrt(c.shape[0] * c.shape[1]))
 
     @classmethod
-    def from_result(cls, result, linear, *, bias_shift=None):
-        """Build from a ``tt_linear`` result and the Linear it approximates.
+    def from_result(cls, linear, result, *, bias_shift=None):
+        """Build from the Linear layer and a ``tt_linear`` result approximating its weight.
 
         The bias is kept; ``bias_shift`` (shape (T,)), if given, is added to it.
+        The old argument order ``(result, linear)`` still works with a
+        ``DeprecationWarning``.
         """
+        linear, result = _module_first(cls, linear, result)
         if not isinstance(result, TTResult) or result.kind != "matrix":
             raise ValueError("result must be a TTResult of kind 'matrix' (from sigmadecomp.tt_linear)")
         if not isinstance(linear, nn.Linear):
@@ -359,7 +377,7 @@ class TTLinear(_TTChain):
 
     def weight(self):
         """The equivalent (T, N) weight (for checks; the forward never forms it)."""
-        return _chain(list(self.cores))
+        return tt_matrix(list(self.cores))
 
     def forward(self, x):
         out_shape = list(x.shape[:-1])
@@ -376,12 +394,19 @@ class TTLinear(_TTChain):
                 f"bias={self.bias is not None}")
 
 
-_CORE_OPTS = ("eps", "n_iter_max", "tol", "dense_max", "cg_rtol", "cg_maxiter", "precond", "init",
-              "callback", "ridge")
+_CORE_OPTS = ("eps", "init", "n_iter_max", "tol", "rng", "callback", "rtol", "ridge", "inner",
+              # deprecated spellings, still accepted by the core with a warning
+              "dense_max", "cg_rtol", "cg_maxiter", "precond")
 
 
 def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
     """Replace an ``nn.Conv2d`` (groups=1) or ``nn.Linear`` by its TT layer.
+
+    The per-layer step of :func:`sigmadecomp_torch.compress` (its
+    :func:`~sigmadecomp_torch.compress.decompose_layer`) for one module and a
+    plain ``sigma``, with TT-specific extras: the channel modes, and
+    multiply-add counts in the returned ``info``. For a model, use
+    ``compress(model, 'tt', ...)``.
 
     Parameters
     ----------
@@ -400,8 +425,8 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         ``in_modes``, ``out_modes`` (default: automatic), ``out_hw`` (output
         height, width of a conv, for the multiply-add counts), and the options
         of :func:`sigmadecomp.tt_conv` / :func:`sigmadecomp.tt_linear`
-        (``eps``, ``n_iter_max``, ``tol``, ``dense_max``, ``cg_rtol``,
-        ``cg_maxiter``, ``precond``, ``init``, ``callback``).
+        (``eps``, ``init``, ``n_iter_max``, ``tol``, ``rng``, ``callback``,
+        ``rtol``, ``ridge``, ``inner``).
 
     Returns
     -------
@@ -426,7 +451,6 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
     >>> new(torch.randn(1, 16, 8, 8)).shape
     torch.Size([1, 16, 8, 8])
     """
-    t0 = time.perf_counter()
     unknown = set(opts) - set(_CORE_OPTS) - {"in_modes", "out_modes", "out_hw"}
     if unknown:
         raise TypeError(
@@ -436,16 +460,13 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
     if ranks is not None and ratio is not None:
         raise ValueError("give ranks or ratio, not both")
     in_modes, out_modes, out_hw = opts.get("in_modes"), opts.get("out_modes"), opts.get("out_hw")
-    core_kw = {k: opts[k] for k in _CORE_OPTS if k in opts}
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        weight = module.weight.detach()
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise ValueError(f"module has groups={module.groups}; TT compression supports groups=1 only")
-        T, S, kh, kw = weight.shape
+        T, S, kh, kw = module.weight.shape
         ks = (kh, kw)
     elif isinstance(module, nn.Linear):
-        T, S = weight.shape
+        T, S = module.weight.shape
         ks = None
     else:
         raise TypeError(
@@ -459,18 +480,18 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         out_modes = tt_modes(T, d) if out_modes is None else tuple(out_modes)
     if ratio is not None:
         ranks = tt_ranks_for_ratio(in_modes, out_modes, ratio, kernel_size=ks)
-    W64 = weight.to(torch.float64)
-    if ks is not None:
-        result = tt_conv(W64, in_modes, out_modes, ranks, sigma, **core_kw)
-        new = TTConv2d.from_result(result, module)
-    else:
-        result = tt_linear(W64, in_modes, out_modes, ranks, sigma, **core_kw)
-        new = TTLinear.from_result(result, module)
-    approx = result.to_tensor()
-    rel_frob = relative_sigma_error(W64, approx)
-    rel_sig = None if sigma is None else relative_sigma_error(W64, approx, sigma)
-    params_before = sum(p.numel() for p in module.parameters())
-    params_after = sum(p.numel() for p in new.parameters())
+    # the one per-layer step of compress: decompose, build, measure
+    from .compress import LayerPlan, decompose_layer
+    from .selection import module_kind
+
+    W64 = module.weight.detach().to(torch.float64)
+    sigma = prepare_sigma(sigma, like=W64)
+    options = {k: opts[k] for k in _CORE_OPTS if k in opts}
+    options.update(in_modes=tuple(in_modes), out_modes=tuple(out_modes))
+    plan = LayerPlan(name="", module=module, kind=module_kind(module), method="tt",
+                     sigma=sigma, sigma_full=None if sigma is None else sigma.matrix,
+                     ranks=ranks, options=options)
+    new, row, result = decompose_layer(plan)
     if ks is not None:
         if out_hw is None:
             macs_before = macs_after = None
@@ -487,16 +508,16 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         "ranks": result.ranks,
         "in_modes": result.in_modes,
         "out_modes": result.out_modes,
-        "params_before": int(params_before),
-        "params_after": int(params_after),
+        "params_before": row["params_before"],
+        "params_after": row["params_after"],
         "macs_before": macs_before,
         "macs_after": macs_after,
-        "rel_sigma_error": rel_sig,
-        "rel_frobenius_error": rel_frob,
+        "rel_sigma_error": row["sigma_error"],
+        "rel_frobenius_error": row["frobenius_error"],
         "errors": list(result.errors),
         "n_iter": result.n_iter,
         "converged": result.converged,
-        "seconds": time.perf_counter() - t0,
+        "seconds": row["seconds"],
         "result": result,
     }
     return new, info
@@ -517,20 +538,19 @@ def tt_decompose(weight, ranks, sigma=None, options=None):
     (4, 4)
     """
     options = dict(options or {})
-    in_modes, out_modes = options.pop("in_modes", None), options.pop("out_modes", None)
     if weight.ndim == 4:
-        return tt_conv(weight, in_modes, out_modes, ranks, sigma, **options)
+        return tt_conv(weight, ranks, sigma, **options)
     if weight.ndim == 2:
-        return tt_linear(weight, in_modes, out_modes, ranks, sigma, **options)
+        return tt_linear(weight, ranks, sigma, **options)
     raise ValueError(f"weight has ndim={weight.ndim}; it must be 4 (conv) or 2 (Linear)")
 
 
 def tt_build(module, result, bias_shift=None):
-    """The TT layer replacing ``module`` (``from_result``), plug-in argument order."""
+    """The TT layer replacing ``module`` (its ``from_result``), the plug-in form of a format."""
     if isinstance(module, nn.Conv2d):
-        return TTConv2d.from_result(result, module, bias_shift=bias_shift)
+        return TTConv2d.from_result(module, result, bias_shift=bias_shift)
     if isinstance(module, nn.Linear):
-        return TTLinear.from_result(result, module, bias_shift=bias_shift)
+        return TTLinear.from_result(module, result, bias_shift=bias_shift)
     raise TypeError(
         f"module of type {type(module).__name__} is not allowed; it must be nn.Conv2d or nn.Linear"
     )

@@ -12,7 +12,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
-from sigmadecomp_torch.compress import LAYER_METHODS, LayerMethod  # noqa: E402
+from sigmadecomp_torch.compress import LAYER_METHODS, LayerMethod, LayerPlan  # noqa: E402
 from sigmadecomp_torch.parallel import LayerShard, assign, layer_cost, resolve_group  # noqa: E402
 from _helpers import free_port, spawn_workers  # noqa: E402
 
@@ -191,8 +191,7 @@ def test_distributed_option_is_checked_and_one_process_is_the_default():
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3))
     with pytest.raises(ValueError, match="distributed=True"):
         compress(model, "tucker2", ratio=2, distributed=True, progress=False)
-    plan = [{"name": "1", "module": model[1], "format": "tucker2", "ranks": (4, 4),
-             "sigma": None}]
+    plan = [LayerPlan("1", model[1], "Conv2d 3x3", "tucker2", ranks=(4, 4))]
     shard = LayerShard(plan, {}, None)
     assert not shard.active and shard.owns("1")
     rows, mods = [{"name": "1"}], {"1": (model[1], ["1"])}

@@ -35,9 +35,9 @@ from _helpers import patches  # noqa: E402
 ENTRY_POINTS = {
     "sigma_svd": lambda K, S: sigma_svd(K.reshape(K.shape[0], -1), 2, S),
     "tucker2": lambda K, S: tucker2(K, (2, 2), S, n_iter_max=2),
-    "tt_conv": lambda K, S: tt_conv(K, (2, 2), (2, 2), ranks=2, sigma=S, n_iter_max=2),
-    "tt_linear": lambda K, S: tt_linear(K.reshape(K.shape[0], -1), (4, 9), (2, 2), ranks=2,
-                                        sigma=S, n_iter_max=2),
+    "tt_conv": lambda K, S: tt_conv(K, 2, S, in_modes=(2, 2), out_modes=(2, 2), n_iter_max=2),
+    "tt_linear": lambda K, S: tt_linear(K.reshape(K.shape[0], -1), 2, S, in_modes=(4, 9),
+                                        out_modes=(2, 2), n_iter_max=2),
     "relative_sigma_error": lambda K, S: relative_sigma_error(K, 0.5 * K, S),
     "sigma_norm": lambda K, S: sigma_norm(K, S),
     "psd_root": lambda K, S: psd_root(S),
@@ -129,9 +129,10 @@ def _singular_patch_sigma(rng, channels=6, n_images=3, size=4):
 RIDGE_SOLVERS = {
     "sigma_svd": lambda K, S, **kw: sigma_svd(K.reshape(K.shape[0], -1), 3, S, **kw),
     "tucker2": lambda K, S, **kw: tucker2(K, (3, 3), S, n_iter_max=10, **kw),
-    "tt_conv": lambda K, S, **kw: tt_conv(K, (2, 3), (2, 4), ranks=3, sigma=S, n_iter_max=5, **kw),
-    "tt_linear": lambda K, S, **kw: tt_linear(K.reshape(K.shape[0], -1), (6, 9), (2, 4), ranks=3,
-                                              sigma=S, n_iter_max=5, **kw),
+    "tt_conv": lambda K, S, **kw: tt_conv(K, 3, S, in_modes=(2, 3), out_modes=(2, 4),
+                                          n_iter_max=5, **kw),
+    "tt_linear": lambda K, S, **kw: tt_linear(K.reshape(K.shape[0], -1), 3, S, in_modes=(6, 9),
+                                              out_modes=(2, 4), n_iter_max=5, **kw),
     "cp": lambda K, S, **kw: cp(K, 3, S, n_iter_max=8, **kw),
 }
 
@@ -207,7 +208,7 @@ def _svd(K, S=None, ridge=0.0):
 
 
 def _tt_linear(K, S=None, ridge=0.0, **kw):
-    return tt_linear(K.reshape(K.shape[0], -1), None, (2, 3), ranks=3, sigma=S, ridge=ridge, **kw)
+    return tt_linear(K.reshape(K.shape[0], -1), 3, S, out_modes=(2, 3), ridge=ridge, **kw)
 
 
 # name -> (run(K, sigma, ridge), frobenius(K), kernel sizes it takes); one line per solver
@@ -215,9 +216,9 @@ SOLVERS = {
     "sigma_svd": (_svd, _svd, (1,)),
     "tucker2": (lambda K, S, r: tucker2(K, (3, 2), S, n_iter_max=8, tol=0, ridge=r),
                 lambda K: tucker2(K, (3, 2)), (1, 3)),
-    "tt_conv": (lambda K, S, r: tt_conv(K, (2, 2), (2, 3), ranks=(2, 3), sigma=S, n_iter_max=3,
-                                        tol=0, ridge=r),
-                lambda K: tt_conv(K, (2, 2), (2, 3), ranks=(2, 3)), (1, 3)),
+    "tt_conv": (lambda K, S, r: tt_conv(K, (2, 3), S, in_modes=(2, 2), out_modes=(2, 3),
+                                        n_iter_max=3, tol=0, ridge=r),
+                lambda K: tt_conv(K, (2, 3), in_modes=(2, 2), out_modes=(2, 3)), (1, 3)),
     "tt_linear": (lambda K, S, r: _tt_linear(K, S, r, n_iter_max=4, tol=0), _tt_linear, (1, 3)),
     # CP-ALS-Sigma starts from FROBENIUS_INIT_SWEEPS sweeps of CP-ALS: the Frobenius solution
     "cp": (lambda K, S, r: cp(K, 3, S, n_iter_max=8, tol=0, ridge=r),

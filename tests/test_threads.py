@@ -32,9 +32,9 @@ _CALLS = {
     "sigma_svd": lambda K, s: sigma_svd(K.reshape(K.shape[0], -1), 3, s),
     "tucker2": lambda K, s: tucker2(K, (3, 2), s, n_iter_max=2),
     "cp": lambda K, s: cp(K, 3, s, n_iter_max=2),
-    "tt_conv": lambda K, s: tt_conv(K, (2, 2), (2, 3), 2, s, n_iter_max=2),
-    "tt_linear": lambda K, s: tt_linear(K.reshape(K.shape[0], -1), (4, 9), (2, 3), 2, s,
-                                        n_iter_max=2),
+    "tt_conv": lambda K, s: tt_conv(K, 2, s, in_modes=(2, 2), out_modes=(2, 3), n_iter_max=2),
+    "tt_linear": lambda K, s: tt_linear(K.reshape(K.shape[0], -1), 2, s, in_modes=(4, 9),
+                                        out_modes=(2, 3), n_iter_max=2),
     "tt_svd": lambda K, s: tt_svd(K, 2),
 }
 
@@ -87,6 +87,7 @@ def test_small_problem_runs_on_one_thread_and_restores(name, lib, rng, spy, two_
 def test_large_work_uses_the_cores_allowed(lib, rng, spy, two_threads, monkeypatch):
     monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)  # every problem counts as large
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)  # an idle machine
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
     K, sig = _problem(rng, lib)
     sigma_svd(K.reshape(6, -1), 3, sig)
     assert spy and all(max(b) == 2 for b, _ in spy)
@@ -103,10 +104,48 @@ def test_large_work_uses_the_cores_allowed(lib, rng, spy, two_threads, monkeypat
 def test_busy_machine_caps_the_threads(idle, expected, rng, spy, two_threads, monkeypatch):
     monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: idle)
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
     K, sig = _problem(rng, "numpy")
     sigma_svd(K.reshape(6, -1), 3, sig)
     assert spy and all(max(b) == expected for b, _ in spy)
     assert _threads.last_choice == (expected, None)
+
+
+@pytest.mark.parametrize("idle, load, expected", [
+    (2.0, 0.5, 2.0),   # idle machine: this process not yet counted in the load
+    (2.0, 1.3, 1.7),   # this process alone on the machine
+    (1.0, 2.4, 0.6),   # the sample caught an idle core, the load says none is free
+    (0.2, 0.0, 0.2),   # the sample sees a burst the load average has not yet
+    (None, 2.4, 0.6),
+    (1.5, None, 1.5),
+    (None, None, None),
+])
+def test_free_cores_takes_the_smaller_estimate(idle, load, expected, monkeypatch):
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: idle)
+    monkeypatch.setattr(_threads, "_load_average", lambda: load)
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
+    got = _threads.free_cores()
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize("load, expected", [(0.5, 2), (3.0, 1)])
+def test_busy_machine_threads_caps_torch_and_blas(load, expected, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 2.0)
+    monkeypatch.setattr(_threads, "_load_average", lambda: load)
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
+    old = torch.get_num_threads()
+    with threadpool_limits(limits=2, user_api="blas"):
+        torch.set_num_threads(2)
+        try:
+            with _threads.busy_machine_threads():
+                assert torch.get_num_threads() == expected
+                assert max(_threads._blas_counts()) == expected
+            assert torch.get_num_threads() == 2 and min(_threads._blas_counts()) == 2
+            with sigmadecomp.threads(2), _threads.busy_machine_threads():  # the user's count
+                assert torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(old)
 
 
 def test_idle_cores_reads_proc_stat(monkeypatch):
@@ -229,6 +268,7 @@ def test_auto_never_raises_any_blas_pool(rng, spy, two_threads, monkeypatch):
         pytest.skip("one BLAS pool loaded")
     monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
     with threadpool_limits(limits={pools[0].prefix: 1}):
         before = _state()
         K, sig = _problem(rng, "numpy")

@@ -61,3 +61,25 @@ def test_collect_cost_resnet18_quick(capsys):
     assert all(0 < err < 1e-5 and 0 < frac < 1 for _, _, _, err, _, _, frac in rows)
     with pytest.raises(SystemExit, match="--configs"):
         collect_cost.main(["--model", "resnet18", "--quick", "--configs", "exact@3"])
+
+
+@pytest.mark.parametrize("n, block", [(1, 256), (7, 3), (40, 16), (300, 256)])
+def test_in_place_mirror_and_permutation(n, block):
+    """The result is built in place: mirror of the upper triangle, then S[p][:, p]."""
+    from sigmadecomp_torch.covariance import _mirror_upper_, _permute_sym_
+
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    full = A + A.T
+    S = full.triu().clone()
+    S += torch.randn(n, n, generator=g, dtype=torch.float64).tril(-1)  # junk below
+    assert _mirror_upper_(S, block=block) is S
+    assert torch.equal(S, full)
+    order = torch.randperm(n, generator=g)
+    ptr = S.data_ptr()
+    _permute_sym_(S, order, block=block)
+    assert S.data_ptr() == ptr
+    assert torch.equal(S, full[order][:, order])
+    G = torch.stack([full.triu(), (2 * full).triu()])  # (groups, n, n)
+    _mirror_upper_(G, block=block)
+    assert torch.equal(G[0], full) and torch.equal(G[1], 2 * full)

@@ -37,8 +37,8 @@ def patch_sigma(conv, x):
 def test_tt_conv_layer_equals_reconstructed_kernel(case):
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 6, **case).double()
-    res = tt_conv(conv.weight.detach(), (2, 6), (2, 3), ranks=(3, 4))
-    layer = TTConv2d.from_result(res, conv)
+    res = tt_conv(conv.weight.detach(), (3, 4), in_modes=(2, 6), out_modes=(2, 3))
+    layer = TTConv2d.from_result(conv, res)
     x = torch.randn(2, 12, 9, 8, dtype=torch.float64)
     ref = conv._conv_forward(x, res.to_tensor(), conv.bias)
     out = layer(x)
@@ -52,7 +52,8 @@ def test_tt_conv_layer_equals_reconstructed_kernel(case):
 def test_full_rank_tt_conv_layer_reproduces_the_conv():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1).double()
-    layer = TTConv2d.from_result(tt_conv(conv.weight.detach(), (2, 2), (3, 2), ranks=100), conv)
+    res = tt_conv(conv.weight.detach(), 100, in_modes=(2, 2), out_modes=(3, 2))
+    layer = TTConv2d.from_result(conv, res)
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-10)
 
@@ -60,21 +61,22 @@ def test_full_rank_tt_conv_layer_reproduces_the_conv():
 def test_tt_linear_layer_equals_reconstructed_weight():
     torch.manual_seed(0)
     lin = nn.Linear(24, 10).double()
-    res = tt_linear(lin.weight.detach(), (2, 3, 4), (1, 2, 5), ranks=(2, 3))
-    layer = TTLinear.from_result(res, lin)
+    res = tt_linear(lin.weight.detach(), (2, 3), in_modes=(2, 3, 4), out_modes=(1, 2, 5))
+    layer = TTLinear.from_result(lin, res)
     x = torch.randn(3, 4, 24, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.linear(x, res.to_tensor(), lin.bias), rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.weight(), res.to_tensor(), rtol=0, atol=1e-12)
     nob = nn.Linear(24, 10, bias=False).double()
-    layer = TTLinear.from_result(tt_linear(nob.weight.detach(), (2, 3, 4), (1, 2, 5), ranks=2), nob)
+    res = tt_linear(nob.weight.detach(), 2, in_modes=(2, 3, 4), out_modes=(1, 2, 5))
+    layer = TTLinear.from_result(nob, res)
     assert layer.bias is None
 
 
 def test_float32_layers_follow_module_dtype():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1)
-    res = tt_conv(conv.weight.detach().double(), (2, 4), (2, 4), ranks=(4, 6))
-    layer = TTConv2d.from_result(res, conv)
+    res = tt_conv(conv.weight.detach().double(), (4, 6), in_modes=(2, 4), out_modes=(2, 4))
+    layer = TTConv2d.from_result(conv, res)
     assert all(p.dtype == torch.float32 for p in layer.parameters())
     x = torch.randn(2, 8, 6, 6)
     ref = F.conv2d(x.double(), res.to_tensor(), conv.bias.double(), padding=1)
@@ -83,18 +85,18 @@ def test_float32_layers_follow_module_dtype():
 
 def test_from_result_rejects_mismatches():
     conv = nn.Conv2d(8, 8, 3, groups=2)
-    res = tt_conv(torch.randn(8, 4, 3, 3, dtype=torch.float64), (2, 2), (2, 4), ranks=2)
+    res = tt_conv(torch.randn(8, 4, 3, 3, dtype=torch.float64), 2, in_modes=(2, 2), out_modes=(2, 4))
     with pytest.raises(ValueError, match="groups=2"):
-        TTConv2d.from_result(res, conv)
+        TTConv2d.from_result(conv, res)
     with pytest.raises(ValueError, match="shape"):
-        TTConv2d.from_result(res, nn.Conv2d(4, 8, 1))
-    lres = tt_linear(torch.randn(8, 4, dtype=torch.float64), (2, 2), (2, 4), ranks=2)
+        TTConv2d.from_result(nn.Conv2d(4, 8, 1), res)
+    lres = tt_linear(torch.randn(8, 4, dtype=torch.float64), 2, in_modes=(2, 2), out_modes=(2, 4))
     with pytest.raises(ValueError, match="kind 'conv'"):
-        TTConv2d.from_result(lres, nn.Conv2d(4, 8, 1))
+        TTConv2d.from_result(nn.Conv2d(4, 8, 1), lres)
     with pytest.raises(ValueError, match="kind 'matrix'"):
-        TTLinear.from_result(res, nn.Linear(4, 8))
+        TTLinear.from_result(nn.Linear(4, 8), res)
     with pytest.raises(TypeError, match="nn.Linear"):
-        TTLinear.from_result(lres, nn.Conv2d(4, 8, 1))
+        TTLinear.from_result(nn.Conv2d(4, 8, 1), lres)
 
 
 def test_compress_conv_with_sigma_report_and_data_error():
@@ -216,7 +218,8 @@ def test_tt_conv_chunked_batches_give_the_same_output():
     # large batches run in chunks of samples (bounded memory); the output must not change
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 3, padding=1, stride=2).double()
-    layer = TTConv2d.from_result(tt_conv(conv.weight.detach(), (4, 4), (2, 4), ranks=(5, 3)), conv)
+    res = tt_conv(conv.weight.detach(), (5, 3), in_modes=(4, 4), out_modes=(2, 4))
+    layer = TTConv2d.from_result(conv, res)
     x = torch.randn(7, 16, 9, 9, dtype=torch.float64)
     whole = layer(x)
     assert layer._chunk_size(x) >= 7  # the default bound keeps this batch whole
@@ -230,3 +233,20 @@ def test_tt_conv_chunked_batches_give_the_same_output():
     torch.testing.assert_close(whole, ref, rtol=0, atol=1e-12)
     # a script compiled from the chunking layer runs whole batches, same values
     torch.testing.assert_close(torch.jit.script(layer)(x), whole, rtol=0, atol=1e-13)
+
+
+def test_from_result_old_argument_order_warns_and_builds_the_same_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, 3, padding=1).double()
+    res = tt_conv(conv.weight.detach(), in_modes=(2, 4), out_modes=(2, 2), ranks=(3, 4))
+    with pytest.warns(DeprecationWarning, match=r"from_result\(module, result\)"):
+        old = TTConv2d.from_result(res, conv)
+    new = TTConv2d.from_result(conv, res)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    lin = nn.Linear(12, 6).double()
+    lres = tt_linear(lin.weight.detach(), in_modes=(3, 4), out_modes=(2, 3), ranks=2)
+    with pytest.warns(DeprecationWarning, match="TTLinear.from_result"):
+        old = TTLinear.from_result(lres, lin)
+    z = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(old(z), TTLinear.from_result(lin, lres)(z), rtol=0, atol=0)

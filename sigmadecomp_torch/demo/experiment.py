@@ -8,7 +8,8 @@ fine-tuning**, Frobenius against Sigma decompositions. Steps:
    ``dataset-fashion-mnist``, or ``$SIGMADECOMP_FASHION_MNIST``).
 2. Input statistics (Sigma, mean) of the compressed layers from a calibration
    subset of the *training* set; for the transfer setting from scikit-learn's
-   digits resized to 28x28 (skipped without scikit-learn); for the data-free
+   digits resized to 28x28 (skipped without scikit-learn), shrunk toward the
+   Frobenius metric layer by layer (:mod:`sigmadecomp_torch.transfer`); for the data-free
    setting from synthetic smooth images.
 3. Compress every 3x3 conv but the first with Tucker-2 and CP at several
    per-layer compression ratios rX, each with the Frobenius algorithm, the
@@ -64,8 +65,8 @@ LABELS = {
     "sigma": "Sigma",
     "sigma-centered": "Sigma centered + bias corr.",
     "frobenius+ft": "Frobenius + fine-tune",
-    "transfer:sigma": "Sigma from digits (transfer)",
-    "transfer:sigma-centered": "Sigma centered from digits (transfer)",
+    "transfer:sigma": "Sigma from digits, shrunk (transfer)",
+    "transfer:sigma-centered": "Sigma centered from digits, shrunk (transfer)",
     "datafree:sigma": "Sigma from synthetic inputs (data-free)",
     "datafree:sigma-centered": "Sigma centered from synthetic inputs (data-free)",
     "budget:sigma-centered": "Sigma centered, budget-allocated ranks",
@@ -217,6 +218,22 @@ def _rx_label(rx):
     return f"{rx:g}"
 
 
+def _solver_options(cfg, method, seed):
+    """Solver options of one grid cell: the mode's sweeps and seed; CP's B-updates adaptive.
+
+    CP-ALS-Sigma solves every B-update exactly by default, at about 10x the
+    time of a sweep whose CG cap starts at 5 and doubles when progress stalls
+    (``notes/sweeps.md``); with the grid's few sweeps the two end within a
+    fraction of a percent, so the demo takes the cheaper schedule.
+    """
+    if method not in ("tucker2", "cp"):
+        return None
+    options = dict(cfg["options"], rng=seed)
+    if method == "cp":
+        options["inner"] = {"maxiter": "adaptive"}
+    return options
+
+
 def _task_list(cfg, have_tt, have_budget):
     tasks = []
     for method in cfg["methods"]:
@@ -306,6 +323,15 @@ def run(cfg, *, progress=True, log=print):
         stats[key] = collect_covariances(model, make_loader(x, batch_size=256), layers=stat_names,
                                          progress=progress)
         timings[f"statistics_{key}"] = time.perf_counter() - t0
+    # ---- transfer: the digits statistics shrunk toward the Frobenius metric, per layer,
+    # by shrink_covariances' default rule (BatchNorm output moments; notes/transfer.md)
+    if "digits" in stats:
+        from sigmadecomp_torch.transfer import shrink_covariances
+
+        stats["digits"] = shrink_covariances(stats["digits"], "auto", model=model)
+        log("digits statistics shrunk toward the Frobenius metric, a per layer: "
+            + ", ".join(f"{k} {a:g}" for k, a in stats["digits"].alphas.items()))
+    # ---- end transfer
     log(f"statistics of {len(names)} layers from {len(x_cal)} Fashion-MNIST training images, "
         f"{0 if x_dig is None else len(x_dig)} digits, {len(x_syn)} synthetic images "
         f"({sum(timings[k] for k in timings if k.startswith('statistics')):.1f} s)")
@@ -324,7 +350,7 @@ def run(cfg, *, progress=True, log=print):
         use_stats, centered = VARIANTS[variant_key]
         kw = dict(layers=tt_names if method == "tt" else names, progress=False, centered=centered,
                   covariances=stats[source] if use_stats else None,
-                  options=dict(cfg["options"], rng=seed) if method in ("tucker2", "cp") else None)
+                  options=_solver_options(cfg, method, seed))
         if budget is None:
             kw["ratio"] = rx
         else:
@@ -499,7 +525,8 @@ def _convergence(model, stats, names, cfg):
         hist = {}
         for label, sig in (("frobenius", None), ("sigma", sigma)):
             t0 = time.perf_counter()
-            res = fn(W, ranks, sig, n_iter_max=n_iter, tol=0.0, rng=cfg["seed"])
+            inner = {"maxiter": "adaptive"} if method == "cp" else None  # as in the grid
+            res = fn(W, ranks, sig, n_iter_max=n_iter, tol=0.0, rng=cfg["seed"], inner=inner)
             hist[label] = {"errors": [float(e) for e in res.errors], "n_iter": int(res.n_iter),
                            "seconds": time.perf_counter() - t0,
                            "sigma_error": _rel_sigma_error(W, res.to_tensor(), sigma)}

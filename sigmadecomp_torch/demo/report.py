@@ -176,7 +176,8 @@ def markdown(results, plots=()):
         "shortcuts, BatchNorm and, except for TT, the classifier stay dense), see the second "
         "table. Multiply-adds of TT models are counted with torch's FlopCounterMode. "
         f"Frobenius + fine-tune: {cfg['finetune_steps']} SGD steps of batch 128. "
-        f"ALS options: {cfg['options']}.",
+        f"ALS options: {cfg['options']}; CP's B-updates use the adaptive CG cap "
+        "(`inner={'maxiter': 'adaptive'}`) instead of the exact default.",
         "",
         "## Test accuracy (%) without fine-tuning",
         "",

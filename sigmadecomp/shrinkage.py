@@ -1,0 +1,313 @@
+"""Shrinkage of a second moment toward the Frobenius metric.
+
+Statistics gathered on another dataset than the one the network will see
+weight the input directions wrongly: a direction the calibration images
+excite strongly may be quiet on the real inputs and the other way round. The
+Sigma solvers trust ``sigma`` fully; the Frobenius solvers ignore it. Between
+the two lies the shrunk matrix
+
+    shrink_sigma(sigma, alpha) = (1 - alpha) * sigma + alpha * (trace(sigma) / n) * I
+
+``alpha = 0`` is ``sigma`` itself, ``alpha = 1`` a multiple of the identity,
+for which every Sigma solver returns its Frobenius solution (the solvers are
+invariant to a positive scale of ``sigma``). The identity term keeps the
+trace, so the matrix stays on the scale of ``sigma``.
+
+Choosing ``alpha`` from data
+----------------------------
+* :func:`holdout_alpha` -- fit the weight at each candidate ``alpha`` with the
+  statistics of one part of the calibration data and keep the ``alpha`` whose
+  fit has the lowest Sigma-error in the statistics of the other part. It
+  measures what the shrinkage is for (the error of the fit on inputs the fit
+  did not see) but only detects a mismatch between the two parts: both come
+  from the calibration distribution.
+* :func:`moment_alpha` -- keep the ``alpha`` under which the layer's output
+  channels have the energies the network says they have on its own training
+  data, e.g. ``running_var + running_mean**2`` of the BatchNorm that follows
+  the layer. It compares the calibration statistics with the training
+  distribution, so it can see a shift of distribution, but only through the
+  ``T`` directions of the kernel's rows.
+* :func:`oas_alpha` -- the analytic oracle-approximating shrinkage of Chen et
+  al. (2010) for ``count`` independent samples. It corrects sampling noise
+  only.
+
+Examples
+--------
+>>> import numpy as np
+>>> from sigmadecomp.shrinkage import shrink_sigma
+>>> S = np.diag([3.0, 1.0])
+>>> shrink_sigma(S, 0.5)
+array([[2.5, 0. ],
+       [0. , 1.5]])
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _backend as B
+from ._validation import check_array, check_finite
+from .sigma import relative_sigma_error
+
+__all__ = [
+    "shrink_sigma",
+    "check_alpha",
+    "holdout_alpha",
+    "moment_alpha",
+    "oas_alpha",
+    "DEFAULT_ALPHAS",
+]
+
+#: The candidate values searched by :func:`holdout_alpha` and :func:`moment_alpha`.
+DEFAULT_ALPHAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def check_alpha(alpha, name="alpha"):
+    """``alpha`` as a float in ``[0, 1]``, or a clear error naming it."""
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not np.isfinite(float(alpha))):
+        raise TypeError(f"{name}={alpha!r} is not allowed; {name} must be a real number "
+                        "in [0, 1]")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"{name}={alpha!r} is not allowed; {name} must be in [0, 1] "
+                         "(0 keeps sigma, 1 gives the Frobenius metric)")
+    return float(alpha)
+
+
+def _check_alphas(alphas):
+    if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
+        raise TypeError(f"alphas={alphas!r} is not allowed; alphas must be a sequence of "
+                        "numbers in [0, 1]")
+    out = sorted({check_alpha(a, "alphas[i]") for a in alphas})
+    if not out:
+        raise ValueError("alphas is empty; give at least one value in [0, 1]")
+    return out
+
+
+def shrink_sigma(sigma, alpha):
+    """``(1 - alpha) * sigma + alpha * (trace(sigma) / n) * I``.
+
+    Parameters
+    ----------
+    sigma : array of shape (n, n) or (groups, n, n)
+        Symmetric PSD second moment(s), NumPy or torch; a stack is shrunk
+        matrix by matrix (each toward its own mean eigenvalue).
+    alpha : float in [0, 1]
+        ``0`` returns a copy of ``sigma``, ``1`` the multiple of the identity
+        with the same trace.
+
+    Returns
+    -------
+    array like ``sigma``
+        A new array in the library, dtype and device of ``sigma``; ``sigma``
+        is not modified. It is PSD when ``sigma`` is, with the same trace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.shrinkage import shrink_sigma
+    >>> S = np.array([[2.0, 1.0], [1.0, 0.0]])
+    >>> shrink_sigma(S, 0.0).tolist(), shrink_sigma(S, 1.0).tolist()
+    ([[2.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])
+    >>> float(np.trace(shrink_sigma(S, 0.3)))
+    2.0
+    """
+    check_array(sigma, "sigma", ndim=(2, 3))
+    alpha = check_alpha(alpha)
+    if sigma.shape[-1] != sigma.shape[-2]:
+        raise ValueError(f"sigma has shape {tuple(sigma.shape)}; its last two axes must be "
+                         "equal (n, n)")
+    check_finite(sigma, "sigma")
+    xp = B.namespace(sigma)
+    n = sigma.shape[-1]
+    if n == 0:
+        return sigma + 0.0
+    S = B.as_compute(sigma)
+    mean_eig = xp.sum(xp.linalg.diagonal(S), axis=-1) / n
+    eye = xp.eye(n, dtype=S.dtype, device=B.device(S))
+    if S.ndim == 3:
+        mean_eig = mean_eig[:, None, None]
+    out = (1.0 - alpha) * S + alpha * mean_eig * eye
+    return xp.astype(out, sigma.dtype)
+
+
+def _flat(weight):
+    check_array(weight, "weight")
+    if weight.ndim < 2:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; it must be (T, ...) with "
+                         "at least 2 dimensions")
+    xp = B.namespace(weight)
+    return xp.reshape(B.as_compute(weight), (weight.shape[0], -1))
+
+
+def holdout_alpha(weight, sigma_fit, sigma_check, fit, *, alphas=DEFAULT_ALPHAS):
+    """The ``alpha`` whose fit on ``sigma_fit`` is best in ``sigma_check``.
+
+    For each candidate, ``fit(weight, shrink_sigma(sigma_fit, alpha))`` gives
+    an approximation of ``weight``; its relative Sigma-error is measured in
+    ``sigma_check`` (statistics of data the fit did not see). The smallest
+    error wins; ties go to the smaller ``alpha`` (less change to the data).
+
+    Parameters
+    ----------
+    weight : array of shape (T, ...)
+    sigma_fit, sigma_check : arrays of shape (n, n), n = prod(weight.shape[1:])
+        Second moments of two disjoint parts of the calibration data.
+    fit : callable ``(weight, sigma) -> approx``
+        The decomposition to tune, returning an array of ``weight``'s shape
+        (e.g. ``lambda K, S: tucker2(K, ranks, S).to_tensor()``). It should
+        be deterministic (fixed ``rng``) so that the choice is.
+    alphas : sequence of float in [0, 1], optional
+        Candidates (:data:`DEFAULT_ALPHAS`).
+
+    Returns
+    -------
+    alpha : float
+    errors : dict of float to float
+        Held-out relative Sigma-error per candidate.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp import sigma_svd
+    >>> from sigmadecomp.shrinkage import holdout_alpha
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((6, 8))
+    >>> X = rng.standard_normal((400, 8)) * np.linspace(0.2, 2.0, 8)
+    >>> S1, S2 = X[:200].T @ X[:200] / 200, X[200:].T @ X[200:] / 200
+    >>> fit = lambda W, S: sigma_svd(W, 2, S).to_tensor()
+    >>> alpha, errors = holdout_alpha(K, S1, S2, fit, alphas=(0.0, 0.5, 1.0))
+    >>> alpha, errors[alpha] == min(errors.values())
+    (0.0, True)
+    """
+    K = _flat(weight)
+    alphas = _check_alphas(alphas)
+    check_array(sigma_fit, "sigma_fit", ndim=2)
+    check_array(sigma_check, "sigma_check", ndim=2)
+    n = K.shape[1]
+    for name, S in (("sigma_fit", sigma_fit), ("sigma_check", sigma_check)):
+        if tuple(S.shape) != (n, n):
+            raise ValueError(f"{name} has shape {tuple(S.shape)}; it must be ({n}, {n}) for "
+                             f"a weight of shape {tuple(weight.shape)}")
+    if not callable(fit):
+        raise TypeError(f"fit={fit!r} is not allowed; fit must be a callable "
+                        "(weight, sigma) -> approximation")
+    errors = {}
+    for a in alphas:
+        approx = fit(weight, shrink_sigma(sigma_fit, a))
+        errors[a] = float(relative_sigma_error(weight, B.asarray_like(approx, weight),
+                                               sigma_check))
+    best = min(alphas, key=lambda a: (errors[a], a))
+    return best, errors
+
+
+def moment_alpha(weight, sigma, target, *, alphas=DEFAULT_ALPHAS):
+    """The ``alpha`` under which the output channels have the ``target`` energies.
+
+    Under a second moment ``S`` the output channel ``t`` of the layer has the
+    mean square ``q_t = (K_(1) S K_(1)^T)[t, t]``. When the network tells
+    what those are on its training data (``target``; e.g.
+    ``running_var + running_mean**2`` of a BatchNorm reading the layer's
+    output, bias-free layer), the candidate whose ``log q_t - log target_t``
+    varies least over the channels wins. The spread ignores a common factor,
+    as the solvers do. Ties go to the smaller ``alpha``.
+
+    Parameters
+    ----------
+    weight : array of shape (T, ...)
+    sigma : array of shape (n, n)
+        Calibration second moment, ``n = prod(weight.shape[1:])``.
+    target : array of shape (T,)
+        Positive expected mean square of each output channel.
+    alphas : sequence of float in [0, 1], optional
+
+    Returns
+    -------
+    alpha : float
+    spreads : dict of float to float
+        Standard deviation over the channels of ``log q_t - log target_t``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.shrinkage import moment_alpha
+    >>> K = np.eye(3)
+    >>> S = np.diag([4.0, 1.0, 1.0])
+    >>> moment_alpha(K, S, np.ones(3))[0]   # only the identity gives equal energies
+    1.0
+    >>> moment_alpha(K, S, np.array([4.0, 1.0, 1.0]))[0]
+    0.0
+    """
+    K = _flat(weight)
+    alphas = _check_alphas(alphas)
+    check_array(sigma, "sigma", ndim=2)
+    n, T = K.shape[1], K.shape[0]
+    if tuple(sigma.shape) != (n, n):
+        raise ValueError(f"sigma has shape {tuple(sigma.shape)}; it must be ({n}, {n}) for a "
+                         f"weight of shape {tuple(weight.shape)}")
+    tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
+                     dtype=np.float64).reshape(-1)
+    if tgt.shape != (T,):
+        raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
+                         "output channel")
+    if not np.all(np.isfinite(tgt)) or np.any(tgt <= 0):
+        raise ValueError("target must be finite and positive (an expected mean square per "
+                         "output channel)")
+    Kn = B.to_numpy(K).astype(np.float64)
+    Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
+    keep = np.einsum("tn,tn->t", Kn, Kn) > 0  # an all-zero row carries no information
+    if not np.any(keep):
+        return alphas[0], {a: 0.0 for a in alphas}
+    q_sigma = np.einsum("tn,nm,tm->t", Kn[keep], Sn, Kn[keep])
+    q_eye = np.einsum("tn,tn->t", Kn[keep], Kn[keep]) * (np.trace(Sn) / n)
+    log_t = np.log(tgt[keep])
+    spreads = {}
+    for a in alphas:
+        q = (1.0 - a) * q_sigma + a * q_eye
+        with np.errstate(divide="ignore"):
+            d = np.log(q) - log_t
+        spreads[a] = float(np.std(d)) if np.all(np.isfinite(d)) else float("inf")
+    best = min(alphas, key=lambda a: (spreads[a], a))
+    return best, spreads
+
+
+def oas_alpha(sigma, count):
+    """Oracle-approximating shrinkage intensity (Chen et al., 2010).
+
+    ``rho = ((1 - 2/n) tr(S^2) + tr(S)^2) / ((count + 1 - 2/n) (tr(S^2) - tr(S)^2/n))``,
+    clipped to ``[0, 1]``; the estimator for ``count`` independent Gaussian
+    samples. Patches of one image overlap and are far from independent, so
+    ``count`` should be the number of independent samples (e.g. images), not
+    of patches. It corrects sampling noise, not a shift of distribution.
+
+    Parameters
+    ----------
+    sigma : array of shape (n, n)
+    count : int
+        Number of independent samples behind ``sigma`` (>= 1).
+
+    Returns
+    -------
+    alpha : float in [0, 1]
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.shrinkage import oas_alpha
+    >>> S = np.diag([2.0, 1.0, 0.5])
+    >>> oas_alpha(S, 10) > oas_alpha(S, 1000)
+    True
+    """
+    check_array(sigma, "sigma", ndim=2)
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"count={count!r} is not allowed; count must be a positive integer")
+    S = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
+    n = S.shape[0]
+    tr = float(np.trace(S))
+    tr2 = float(np.sum(S * S))
+    den = (count + 1.0 - 2.0 / n) * (tr2 - tr * tr / n)
+    if den <= 0:  # already a multiple of the identity
+        return 1.0
+    return float(min(1.0, max(0.0, ((1.0 - 2.0 / n) * tr2 + tr * tr) / den)))

@@ -1,0 +1,230 @@
+"""TT-ALS: sweeps of exact core updates in the Sigma-norm (or Frobenius).
+
+The approximation is linear in each core, so every update is the exact
+minimiser of ``tr(D Sigma D^T)`` over that core. The normal operator is block
+diagonal in the output index ``n_k`` (the output side is not weighted), so one
+``(r_{k-1} m_k r_k)``-square system is shared by the ``n_k`` right-hand sides.
+It is formed densely when that size is at most ``dense_max`` and solved by
+Cholesky (minimum-norm eigen-solve when it is singular,
+:func:`sigmadecomp.sigma.psd_solve`), otherwise solved matrix-free by
+conjugate gradients warm-started at the current core (which never increases
+the objective), preconditioned by a Kronecker model of ``Sigma`` built from
+its partial traces. Cores are kept in canonical (orthogonal) gauge, which does
+not change the approximation but keeps the systems well conditioned. A sweep
+that raises the error -- possible only through the eigenvalue floor of
+singular solves -- is rejected (the previous cores are kept and the run ends),
+so ``errors`` never increases.
+
+:func:`core_update` is the documented internal entry point to one update
+(tests compare it with a brute-force least-squares solve).
+"""
+
+from __future__ import annotations
+
+from . import _backend as B
+from .contract import relative_error, tol_reached
+from ._tt_algebra import (
+    left_interface_step,
+    left_orthogonalize_one,
+    right_interface_step,
+    right_orthogonalize,
+    tt_matrix,
+)
+from ._validation import PRECOND_FLOOR, TINY, zero_rtol
+from .sigma import psd_solve
+from .solvers import pcg
+
+__all__ = ["core_update", "als_sweeps"]
+
+
+#: Largest interface Gram matrix (entries; 256 MB in float64) of a dense core update;
+#: a core whose Gram would be larger is updated by CG.
+GRAM_MAX = 2**25
+
+
+def _sq_err(W, approx, S):
+    D = W - approx
+    xp = B.namespace(D)
+    if S is None:
+        return float(xp.sum(D * D))
+    return max(float(xp.sum((D @ S) * D)), 0.0)
+
+
+def _kron_preconditioner(S, L, R, X, m, Y, rtol=PRECOND_FLOOR):
+    """``Z -> P^{-1} Z`` with ``P = A (x) M (x) I_n (x) B`` a Kronecker model of the normal operator.
+
+    ``A`` (r_{k-1}^2), ``M`` (m_k^2) and ``B`` (r_k^2) are the left, middle and
+    right factors the normal operator would have if ``Sigma`` were a Kronecker
+    product over (before, mode k, after): each is the interface contracted
+    with the matching partial trace of ``Sigma`` (``O(n^2)`` work, no
+    ``n x n x r`` product). CG is invariant to the scale of ``P``; eigenvalues
+    below ``rtol`` times the largest are raised to that floor so ``P`` is
+    positive definite, which keeps warm-started CG monotone.
+    """
+    xp = B.namespace(S)
+    S6 = xp.reshape(S, (X, m, Y, X, m, Y))
+    c = B.einsum("xsyXsy->xX", S6)  # partial trace over (mode k, after)
+    d = B.einsum("xsyxsY->yY", S6)  # partial trace over (before, mode k)
+    Lt = B.einsum("xta,Xta->xX", L, L)
+    Rt = B.einsum("byu,bYu->yY", R, R)
+    A = B.einsum("xta,Xtc,xX->ac", L, L, c)
+    Bm = B.einsum("byu,dYu,yY->bd", R, R, d)
+    M = B.einsum("xsyXSY,xX,yY->sS", S6, Lt, Rt)
+
+    def inv_root(F):
+        lam, V = B.eigh(0.5 * (F + F.T))
+        top = float(lam[-1]) if lam.shape[0] else 0.0
+        floor = max(top, TINY) * rtol
+        return V, 1.0 / xp.where(lam > floor, lam, floor)
+
+    VA, iA = inv_root(A)
+    VM, iM = inv_root(M)
+    VB, iB = inv_root(Bm)
+    scale = iA[:, None, None] * iM[None, :, None] * iB[None, None, :]
+
+    def apply(Z):  # Z: (a, m, n, b)
+        Zt = B.einsum("amnb,aA,mM,bB->AMnB", Z, VA, VM, VB)
+        Zt = Zt * scale[:, :, None, :]
+        return B.einsum("AMnB,aA,mM,bB->amnb", Zt, VA, VM, VB)
+
+    return apply
+
+
+def _update_core(k, cores, L, R, W, WS, S, opts, stats):
+    """Exact (or CG, warm-started) minimiser of the objective over core ``k``.
+
+    ``L`` (M_<, T_<, a) and ``R`` (b, M_>, T_>) are the interfaces left and
+    right of core ``k``; ``WS = W @ S``; ``opts`` holds the checked inner
+    options (``method``, ``dense_max``, ``rtol``, ``maxiter``, ``precond``)
+    and ``psd_rtol``, the eigenvalue floor of the dense solves.
+    """
+    xp = B.namespace(W)
+    a, m, n, b = cores[k].shape
+    X, Tl, _ = L.shape
+    _, Y, Tu = R.shape
+    if S is None:
+        rhs = B.einsum("tnuxmy,xta,byu->amnb", xp.reshape(W, (Tl, n, Tu, X, m, Y)), L, R)
+        Lg = B.einsum("xta,xtc->ac", L, L)
+        Rg = B.einsum("byu,dyu->bd", R, R)
+        G = psd_solve(Lg, xp.reshape(rhs, (a, m * n * b)), rtol=opts["psd_rtol"])
+        G = xp.reshape(G, (a, m * n, b))
+        Rginv = psd_solve(Rg, xp.eye(b, dtype=W.dtype, device=B.device(W)), rtol=opts["psd_rtol"])
+        G = B.einsum("aqb,bd->aqd", G, Rginv)
+        stats["dense"] += 1
+        return xp.reshape(G, (a, m, n, b))
+    rhs = B.einsum("tnuxmy,xta,byu->amnb", xp.reshape(WS, (Tl, n, Tu, X, m, Y)), L, R)
+    dim = a * m * b
+    gram = max((X * a) ** 2, (Y * b) ** 2)
+    method = opts["method"]
+    if method == "direct" or (method == "auto" and dim <= opts["dense_max"] and gram <= GRAM_MAX):
+        S6 = xp.reshape(S, (X, m, Y, X, m, Y))
+        Lg = B.einsum("xta,Xtc->xaXc", L, L)
+        Rg = B.einsum("byu,dYu->byYd", R, R)
+        H = B.einsum("xmyXMY,xaXc,byYd->ambcMd", S6, Lg, Rg)
+        H = xp.reshape(H, (dim, dim))
+        rhs_m = xp.reshape(xp.permute_dims(rhs, (0, 1, 3, 2)), (dim, n))
+        G = psd_solve(H, rhs_m, rtol=opts["psd_rtol"])
+        stats["dense"] += 1
+        return xp.permute_dims(xp.reshape(G, (a, m, b, n)), (0, 1, 3, 2))
+
+    def apply(Z):
+        Wt = B.einsum("xta,amnb,byu->tnuxmy", L, Z, R)
+        Yt = xp.reshape(xp.reshape(Wt, (Tl * n * Tu, X * m * Y)) @ S, (Tl, n, Tu, X, m, Y))
+        return B.einsum("tnuxmy,xta,byu->amnb", Yt, L, R)
+
+    precond = _kron_preconditioner(S, L, R, X, m, Y) if opts["precond"] else None
+    G, info = pcg(apply, rhs, x0=cores[k], rtol=opts["rtol"], maxiter=opts["maxiter"],
+                  precond=precond)
+    stats["cg"] += 1
+    stats["cg_iter"] += info.n_iter
+    return G
+
+
+def core_update(weight, cores, k, sigma=None, *, method="auto", dense_max=4096, rtol=1e-4,
+                maxiter=50, precond=True, psd_rtol=None):
+    """The update of core ``k`` that TT-ALS would make (internal entry point).
+
+    Parameters
+    ----------
+    weight : array of shape (T, N)
+        float64 TT-matrix weight (for a conv: ``(T, (h, w, s))``).
+    cores : sequence of 4-D float64 arrays
+        The current cores (any gauge).
+    k : int
+    sigma : array of shape (N, N), optional
+        float64 Sigma in the column order of ``weight``; None: Frobenius.
+    method, dense_max, rtol, maxiter, precond :
+        The inner options (see :class:`sigmadecomp.InnerSolver`).
+    psd_rtol : float, optional
+        Eigenvalue floor of the dense solves (default: the float64 zero floor).
+
+    Returns
+    -------
+    core : array
+        The new core ``k`` (the others unchanged).
+    stats : dict
+        ``{'dense': ..., 'cg': ..., 'cg_iter': ...}`` of this update.
+    """
+    xp = B.namespace(weight)
+    one = xp.ones((1, 1, 1), dtype=weight.dtype, device=B.device(weight))
+    L = one
+    for j in range(k):
+        L = left_interface_step(L, cores[j])
+    R = one
+    for j in range(len(cores) - 1, k, -1):
+        R = right_interface_step(cores[j], R)
+    opts = {"method": method, "dense_max": dense_max, "rtol": rtol, "maxiter": maxiter,
+            "precond": precond, "psd_rtol": zero_rtol("float64") if psd_rtol is None else psd_rtol}
+    stats = {"dense": 0, "cg": 0, "cg_iter": 0}
+    WS = None if sigma is None else weight @ sigma
+    return _update_core(k, list(cores), L, R, weight, WS, sigma, opts, stats), stats
+
+
+def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None):
+    """TT-ALS sweeps from ``cores`` on the float64 ``W`` (T, N) in the metric ``S`` (or None).
+
+    ``on_point(cores, errors, n_iter, converged)`` is called at the starting
+    point and after every sweep; a ``True`` return stops the run. Returns
+    ``(cores, errors, n_iter, converged, stats)``; ``converged`` is True when
+    the ``tol`` rule held (or ``n_iter_max == 0``: nothing to iterate).
+    """
+    xp = B.namespace(W)
+    cores = list(cores)
+    total = _sq_err(W, 0.0 * W, S)
+
+    def rel(sq):
+        return relative_error(sq, total)
+
+    errors = [rel(_sq_err(W, tt_matrix(cores), S))]
+    D = len(cores)
+    WS = None if S is None else W @ S
+    stats = {"dense": 0, "cg": 0, "cg_iter": 0}
+    converged = n_iter_max == 0
+    n_iter = 0
+    if on_point is not None and on_point(cores, errors, 0, converged) is True:
+        return cores, errors, 0, converged, stats
+    one = xp.ones((1, 1, 1), dtype=W.dtype, device=B.device(W))
+    for it in range(1, n_iter_max + 1):
+        before = cores
+        cores = right_orthogonalize(cores)
+        rights = [None] * D
+        rights[D - 1] = one
+        for k in range(D - 1, 0, -1):
+            rights[k - 1] = right_interface_step(cores[k], rights[k])
+        L = one
+        for k in range(D):
+            cores[k] = _update_core(k, cores, L, rights[k], W, WS, S, opts, stats)
+            if k < D - 1:
+                left_orthogonalize_one(cores, k)
+                L = left_interface_step(L, cores[k])
+        n_iter = it
+        errors.append(rel(_sq_err(W, tt_matrix(cores), S)))
+        if errors[-1] > errors[-2]:
+            # every update is an exact minimiser, so only the eigenvalue floor of the
+            # singular solves (or CG rounding) can make a sweep worse: reject it
+            cores, errors[-1] = before, errors[-2]
+        converged = tol_reached(errors[-2], errors[-1], tol)
+        stop = on_point is not None and on_point(cores, errors, n_iter, converged) is True
+        if converged or stop:
+            break
+    return cores, errors, n_iter, converged, stats

@@ -1,0 +1,285 @@
+"""Which layers of a model :func:`sigmadecomp_torch.compress` may replace, and why not others.
+
+The first step of the pipeline: the default choice of layers
+(:func:`default_layers`), the modules listed as skipped with their reason
+(first/last layer, kinds no factorized layer stands in for), and the
+obstacles that keep a chosen layer dense (grouped convolution, overridden
+``forward``, parametrization, hooks, tied weights, a parent that reads the
+layer's weight directly).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import torch
+from torch import nn
+
+__all__ = ["default_layers", "module_kind", "module_names", "obstacle", "param_owners",
+           "default_exclusions", "unsupported_modules", "n_params", "SUPPORTED"]
+
+
+def module_kind(module):
+    """A layer's kind as the report shows it: ``'Linear'``, ``'Conv2d 3x3'``, ``'Conv2d 3x3 g4'``."""
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    kh, kw = module.kernel_size
+    g = f" g{module.groups}" if module.groups != 1 else ""
+    return f"Conv2d {kh}x{kw}{g}"
+
+
+def n_params(module):
+    """Parameters of a module (bias included)."""
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+#: The module types a factorized layer stands in for.
+SUPPORTED = (nn.Conv2d, nn.Linear)
+
+
+def _call_order(model, example_input):
+    """Names of the Conv2d/Linear modules in the order a forward pass first calls them."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, SUPPORTED):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, _n=name: order.append(_n) if _n not in order else None))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            elif isinstance(example_input, dict):
+                model(**example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
+def default_layers(model, *, include_first=False, include_last=False, example_input=None):
+    """The layers :func:`compress` factorizes when ``layers=None``.
+
+    Every ``nn.Conv2d`` and ``nn.Linear`` of the model except the first one
+    in module order (the layer reading the model's input, e.g. the stem conv:
+    few input channels, little to gain and the most sensitive) and the last
+    one (the output layer, e.g. the classifier: cutting it to a low rank
+    removes directions the decision needs). This is the choice of Kalle et al.
+    (2025), who leave the first layer and the classifier alone. "First" and
+    "last" follow the order in which the modules were registered
+    (``model.named_modules()``), which is the order of execution in
+    sequential models; give ``example_input`` (or name the layers in
+    ``layers=``) where it is not.
+
+    A bare ``nn.Conv2d`` or ``nn.Linear`` given as the model is its own only
+    layer: ``['']``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    include_first, include_last : bool, optional
+        Keep the first (resp. last) layer in the list.
+    example_input : tensor, tuple or dict, optional
+        One input batch (``model(x)``, ``model(*x)`` or ``model(**x)``): the
+        first and last layer are then the first and last one the forward
+        pass calls (run in eval mode without gradients; the model's mode is
+        restored). Layers the pass never calls stay in the list.
+
+    Returns
+    -------
+    list of str
+        Dotted names in model order. Layers that cannot be factorized
+        (grouped convs, ...) are included; :func:`compress` skips them with
+        a reason.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import default_layers
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3),
+    ...                       nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32, 10))
+    >>> default_layers(model)
+    ['2', '3']
+    >>> default_layers(model, include_first=True)
+    ['0', '2', '3']
+    >>> default_layers(model, example_input=torch.randn(1, 3, 5, 5))
+    ['2', '3']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
+                        "a torch.nn.Module")
+    if isinstance(model, SUPPORTED):
+        return [""]
+    names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+    if not names:
+        return []
+    called = _call_order(model, example_input) if example_input is not None else names
+    if not called:
+        return names
+    first, last = called[0], called[-1]
+    return [n for n in names if (include_first or n != first) and (include_last or n != last)]
+
+
+def default_exclusions(model):
+    """Skipped rows for the layers :func:`default_layers` leaves out."""
+    if isinstance(model, SUPPORTED):
+        return []
+    names = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+    if not names:
+        return []
+    out = [{"name": names[0][0], "kind": module_kind(names[0][1]),
+            "reason": "first layer (reads the model's input): left alone by default; "
+                      "name it in layers= to compress it"}]
+    if len(names) > 1:
+        out.append({"name": names[-1][0], "kind": module_kind(names[-1][1]),
+                    "reason": "last layer (the model's output, e.g. the classifier): left "
+                              "alone by default; name it in layers= to compress it"})
+    return out
+
+
+def unsupported_modules(model):
+    """Skipped rows for conv-like modules no factorized layer stands in for."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            reason = "transposed convolutions are not factorized (only Conv2d and Linear)"
+        elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d):
+            reason = (f"{type(m).__name__} layers are not factorized (only Conv2d and Linear); "
+                      "a Conv1d/Conv3d can be rewritten as a Conv2d/Linear by the user")
+        elif isinstance(m, nn.Bilinear):
+            reason = "Bilinear layers are not factorized (only Conv2d and Linear)"
+        else:
+            continue
+        out.append({"name": name, "kind": type(m).__name__, "reason": reason})
+    return out
+
+
+# -------------------------------------------------------- surgery obstacles
+
+
+_READ = re.compile(r"(?:\.\s*([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\])\s*\.\s*(?:weight|bias)\b")
+_SETUP_METHODS = frozenset({"__init__", "reset_parameters", "_reset_parameters",
+                            "init_weights", "_init_weights", "extra_repr", "__repr__",
+                            "__setstate__"})
+
+
+@functools.lru_cache(maxsize=None)
+def _children_read_by(cls):
+    """``{child name: 'Class.method'}`` of children whose weight/bias ``cls`` reads.
+
+    Found in the source of the class's methods (``self.out_proj.weight``,
+    ``layer.linear1.bias``, ``self.head[0].weight``), set-up methods excluded.
+    """
+    found = {}
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object or not issubclass(klass, nn.Module):
+            continue
+        for attr, fn in vars(klass).items():
+            if attr in _SETUP_METHODS:
+                continue
+            fn = getattr(fn, "__func__", fn)
+            if not inspect.isfunction(fn):
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            for m in _READ.finditer(src):
+                found.setdefault(m.group(1) or m.group(2), f"{klass.__name__}.{attr}")
+    return found
+
+
+def _read_by_ancestor(model, path):
+    """``(ancestor path, where)`` of a module that reads the parameters at ``path``."""
+    if not path:
+        return None
+    parts = path.split(".")
+    leaf = parts[-1]
+    for k in range(len(parts) - 1, -1, -1):
+        anc_path = ".".join(parts[:k])
+        anc = model.get_submodule(anc_path)
+        reads = _children_read_by(type(anc))
+        keys = {leaf}
+        if leaf.lstrip("-").isdigit() and k == len(parts) - 1 and hasattr(anc, "__len__"):
+            keys.add(str(int(leaf) - len(anc)))
+        for key in keys:
+            if key in reads:
+                return anc_path, reads[key]
+    return None
+
+
+def _forward_overridden(module):
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    cls = type(module)
+    if cls.forward is not base.forward:
+        return True
+    return base is nn.Conv2d and cls._conv_forward is not nn.Conv2d._conv_forward
+
+
+def obstacle(model, module, paths, owners):
+    """Why ``module`` cannot be replaced by a factorized one (or None)."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "uninitialized lazy module: run one batch through the model first"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (f"grouped convolution (groups={module.groups}) is not supported by "
+                "the factorized layers")
+    if type(module) not in SUPPORTED and _forward_overridden(module):
+        return (f"{type(module).__name__} overrides forward(); a factorized layer would not "
+                "reproduce what it computes")
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return ("its weight is parametrized (torch.nn.utils.parametrize); remove the "
+                "parametrization first")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks, which a replacement would silently drop"
+    for pname in ("weight", "bias"):
+        p = getattr(module, pname, None)
+        if p is None:
+            continue
+        others = [o for o in owners.get(id(p), []) if o[1] is not module]
+        if others:
+            where = ", ".join(f"{o[0]!r}.{o[2]}" if o[0] else o[2] for o in others[:3])
+            return (f"its {pname} is tied to {where}; compressing it would untie the "
+                    "shared parameter")
+    for path in paths:
+        found = _read_by_ancestor(model, path)
+        if found is not None:
+            anc_path, where = found
+            anc = model.get_submodule(anc_path)
+            at = f" ({anc_path!r})" if anc_path else ""
+            return (f"its parent {type(anc).__name__}{at} reads its weight/bias directly "
+                    f"(in {where}), which a factorized module does not have")
+    return None
+
+
+def param_owners(model):
+    """``{id(parameter): [(module path, module, attribute), ...]}`` over all registrations."""
+    owners = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                lst = owners.setdefault(id(p), [])
+                if not any(o[1] is mod and o[2] == attr for o in lst):
+                    lst.append((path, mod, attr))
+    return owners
+
+
+
+def module_names(model):
+    """``{id(module): [name, ...]}``: every name of every module, in registration order.
+
+    A module registered under several names (shared) has several; the first
+    is its canonical name.
+    """
+    paths = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        lst = paths.setdefault(id(mod), [])
+        if path not in lst:
+            lst.append(path)
+    return paths

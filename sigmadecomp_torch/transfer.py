@@ -1,0 +1,389 @@
+"""Statistics from another dataset: shrink them toward the Frobenius metric.
+
+Input statistics collected on images unlike those the network will see (e.g.
+handwritten digits for a Fashion-MNIST network) weight the input directions
+wrongly, and the Sigma solvers trust them fully. :func:`shrink_covariances`
+returns new statistics with each layer's second moment shrunk,
+
+    sigma_a = (1 - a) * sigma + a * (trace(sigma) / n) * I,   mean_a = sqrt(1 - a) * mean,
+
+so that the centered covariance shrinks the same way,
+``sigma_a - mean_a mean_a^T = (1 - a) C + a (trace(sigma) / n) I``. ``a = 0``
+keeps the statistics, ``a = 1`` gives the Frobenius solution. ``a`` is given,
+or chosen per layer by a rule that uses the statistics and the model only:
+
+``'moments'`` (what ``'auto'`` means)
+    A network with BatchNorm records, in the running mean and variance of
+    the BatchNorm reading a layer's output, the mean square of every output
+    channel on its *training* data: ``running_var + running_mean**2`` for a
+    bias-free layer. Under the calibration statistics the same channel has
+    the mean square ``(K_(1) sigma_a K_(1)^T)[t, t]``. The rule keeps the ``a``
+    for which the two agree best up to a common factor (the least spread of
+    their log ratio over the channels, :func:`sigmadecomp.shrinkage.moment_alpha`).
+    It compares the calibration data with the training distribution itself,
+    in the directions of the kernel's rows, which are the directions the
+    Sigma-error weighs. On matching statistics it picks ``a`` near 0; on
+    shifted ones it shrinks. Layers with no BatchNorm reading their output
+    (and no ``targets`` entry) are left unshrunk and listed in ``skipped``.
+``'holdout'``
+    Fit each layer at every candidate ``a`` with ``stats`` and measure the
+    relative Sigma-error in ``holdout`` (statistics of other batches of the
+    calibration data); keep the best ``a`` and apply it to ``stats + holdout``
+    (:func:`sigmadecomp.shrinkage.holdout_alpha`). It measures the fit on
+    unseen inputs, but both halves come from the same distribution, so it
+    corrects sampling noise, not a shift of distribution.
+``'oas'``
+    The analytic oracle-approximating shrinkage (Chen et al., 2010) for
+    ``images`` independent samples (:func:`sigmadecomp.shrinkage.oas_alpha`).
+    Sampling noise only, as ``'holdout'``.
+
+``notes/transfer.md`` has the measurements behind the choice of ``'auto'``.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from sigmadecomp_torch import collect_covariances, compress
+>>> from sigmadecomp_torch.transfer import shrink_covariances
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+...                       nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+...                       nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+>>> _ = model.train()(torch.randn(64, 3, 8, 8))   # BatchNorm learns the training moments
+>>> stats = collect_covariances(model.eval(), [torch.rand(16, 3, 8, 8)], progress=False)
+>>> shrunk = shrink_covariances(stats, "auto", model=model)
+>>> 0.0 <= shrunk.alphas["3"] <= 1.0, stats["3"] is not shrunk["3"]
+(True, True)
+>>> import warnings
+>>> with warnings.catch_warnings():   # random weights: large errors, which compress warns of
+...     warnings.simplefilter("ignore")
+...     small, report = compress(model, "tucker2", covariances=shrunk, ratio=2,
+...                              options={"n_iter_max": 3})
+>>> small(torch.rand(2, 3, 8, 8)).shape
+torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from sigmadecomp.shrinkage import (
+    DEFAULT_ALPHAS,
+    check_alpha,
+    holdout_alpha,
+    moment_alpha,
+    oas_alpha,
+    shrink_sigma,
+)
+
+__all__ = ["shrink_covariances", "ShrunkCovariances", "output_moments", "RULES"]
+
+#: The data-only rules of :func:`shrink_covariances` (``'auto'`` is ``'moments'``).
+RULES = ("moments", "holdout", "oas")
+AUTO_RULE = "moments"
+
+
+class ShrunkCovariances(dict):
+    """Shrunk statistics by layer name (a ``dict`` of ``LayerStats``), with how.
+
+    Attributes
+    ----------
+    alphas : dict of str to float
+        The ``a`` applied to each layer.
+    rule : str
+        ``'given'`` for a float or dict ``alpha``, else the rule used.
+    scores : dict of str to dict
+        Per layer, the rule's score of every candidate (held-out Sigma-error
+        for ``'holdout'``, spread of the log energy ratio for ``'moments'``).
+    skipped : dict of str to str
+        Layers left unshrunk by the rule, with the reason.
+    """
+
+    def __init__(self, items, *, alphas, rule, scores=None, skipped=None):
+        super().__init__(items)
+        self.alphas = dict(alphas)
+        self.rule = rule
+        self.scores = dict(scores or {})
+        self.skipped = dict(skipped or {})
+
+    def __repr__(self):
+        shown = ", ".join(f"{k}: {v:g}" for k, v in self.alphas.items())
+        return f"ShrunkCovariances(rule={self.rule!r}, alphas={{{shown}}})"
+
+
+def _shrink_stats(st, a):
+    if a == 0.0:
+        return dataclasses.replace(st, sigma=st.sigma.clone(), mean=st.mean.clone())
+    return dataclasses.replace(st, sigma=shrink_sigma(st.sigma, a),
+                               mean=st.mean * math.sqrt(1.0 - a))
+
+
+def _check_stats(stats):
+    from sigmadecomp_torch.covariance import LayerStats
+
+    if not isinstance(stats, dict):
+        raise TypeError(f"stats of type {type(stats).__name__} is not allowed; stats must be a "
+                        "dict of layer name to LayerStats (collect_covariances)")
+    for k, v in stats.items():
+        if not isinstance(v, LayerStats):
+            raise TypeError(f"stats[{k!r}] is a {type(v).__name__}; every value must be a "
+                            "LayerStats")
+
+
+def output_moments(model, names):
+    """Training mean square of each output channel, from the BatchNorm after each layer.
+
+    For every name, the ``BatchNorm2d`` / ``BatchNorm1d`` registered right
+    after the layer in the same parent module (the ``conv -> bn`` order of
+    ``nn.Sequential`` blocks and of ResNet-style ``conv1, bn1`` attributes),
+    with as many features as the layer has outputs and running statistics,
+    gives ``running_var + running_mean**2``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    names : iterable of str
+
+    Returns
+    -------
+    targets : dict of str to torch.Tensor of shape (T,)
+        float64; only for the layers where such a BatchNorm was found.
+    reasons : dict of str to str
+        Why the other layers have none.
+    """
+    modules = dict(model.named_modules())
+    children = {}
+    for name, mod in model.named_modules():
+        children[name] = list(mod.named_children())
+    targets, reasons = {}, {}
+    for name in names:
+        layer = modules.get(name)
+        if layer is None:
+            reasons[name] = "no module of that name in the model"
+            continue
+        parent, _, leaf = name.rpartition(".")
+        sibs = children.get(parent, [])
+        idx = [i for i, (n, _) in enumerate(sibs) if n == leaf]
+        nxt = sibs[idx[0] + 1][1] if idx and idx[0] + 1 < len(sibs) else None
+        T = layer.weight.shape[0]
+        if not isinstance(nxt, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            reasons[name] = "no BatchNorm registered right after it"
+        elif nxt.num_features != T or nxt.running_var is None or nxt.running_mean is None:
+            reasons[name] = (f"the BatchNorm after it has {nxt.num_features} features or no "
+                             f"running statistics; the layer has {T} outputs")
+        else:
+            t = (nxt.running_var.detach() + nxt.running_mean.detach() ** 2).to(torch.float64)
+            if getattr(layer, "bias", None) is not None:
+                reasons[name] = "the layer has a bias (its output moments are not modelled)"
+                continue
+            targets[name] = t.cpu()
+    return targets, reasons
+
+
+def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method="tucker2",
+                       ratio=None, ranks=None, options=None, targets=None, images=None,
+                       alphas=DEFAULT_ALPHAS):
+    """New statistics shrunk toward the Frobenius metric, layer by layer.
+
+    Parameters
+    ----------
+    stats : dict of str to LayerStats
+        From :func:`sigmadecomp_torch.collect_covariances`; not modified.
+    alpha : float, dict of str to float, or {'auto', 'moments', 'holdout', 'oas'}, optional
+        A float in ``[0, 1]`` for every layer; a dict by layer name (layers
+        not in it keep ``a = 0``); or a rule choosing ``a`` per layer among
+        ``alphas`` (see the module docstring). ``'auto'`` (default) is
+        ``'moments'``, the rule that kept the most of the gain in
+        ``notes/transfer.md``.
+    model : torch.nn.Module, optional
+        The network; needed by ``'moments'`` (its BatchNorm statistics,
+        :func:`output_moments`) unless ``targets`` gives them, and by
+        ``'holdout'`` (the weights to fit).
+    holdout : dict of str to LayerStats, optional
+        ``'holdout'`` only: statistics of other batches of the calibration
+        data, measured on the same layers.
+    method : {'tucker2', 'cp', 'svd'}, optional
+        ``'holdout'`` only: the decomposition whose fit is measured.
+    ratio : float, optional
+        ``'holdout'`` only: the per-layer compression ratio (> 1), or
+    ranks : dict of str to int or tuple, optional
+        ``'holdout'`` only: explicit ranks by layer name.
+    options : dict, optional
+        ``'holdout'`` only: keyword arguments of the decomposition
+        (e.g. ``n_iter_max``, ``rng``).
+    targets : dict of str to tensor of shape (T,), optional
+        ``'moments'`` only: the expected mean square of each output channel
+        on the training data, for layers whose BatchNorm is not found.
+    images : int, optional
+        ``'oas'`` only: the number of independent samples behind the
+        statistics, e.g. the number of calibration images. Default: the
+        statistics' ``count`` of patches, which overlap and overstate it.
+    alphas : sequence of float in [0, 1], optional
+        The candidates of the rules.
+
+    Returns
+    -------
+    ShrunkCovariances
+        A dict of new ``LayerStats`` (same keys, dtype, device, count and
+        metadata; usable as ``covariances=`` in
+        :func:`sigmadecomp_torch.compress`) with the attributes ``alphas``,
+        ``rule``, ``scores`` and ``skipped``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        A bad ``alpha`` (out of ``[0, 1]``, unknown rule, dict with unknown
+        layer names) or a rule without what it needs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp_torch import LayerStats
+    >>> from sigmadecomp_torch.transfer import shrink_covariances
+    >>> st = LayerStats(torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)),
+    ...                 torch.zeros(2, dtype=torch.float64), 100)
+    >>> shrink_covariances({"fc": st}, 0.5)["fc"].sigma.diagonal().tolist()
+    [2.5, 1.5]
+    >>> shrink_covariances({"fc": st}, {"fc": 1.0})["fc"].sigma.diagonal().tolist()
+    [2.0, 2.0]
+    """
+    _check_stats(stats)
+    scores, skipped = {}, {}
+    if isinstance(alpha, str):
+        if alpha not in ("auto",) + RULES:
+            raise ValueError(f"alpha={alpha!r} is not allowed; alpha must be a float in [0, 1], "
+                             f"a dict of layer name to float, or one of "
+                             f"{', '.join(repr(r) for r in ('auto',) + RULES)}")
+        rule = AUTO_RULE if alpha == "auto" else alpha
+        if rule == "moments":
+            chosen = _rule_moments(stats, model, targets, alphas, scores, skipped)
+        elif rule == "holdout":
+            chosen = _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas,
+                                   scores)
+            stats = {k: (v + holdout[k]) for k, v in stats.items()}
+        else:
+            chosen = _rule_oas(stats, images, scores)
+    elif isinstance(alpha, dict):
+        unknown = sorted(set(alpha) - set(stats))
+        if unknown:
+            raise ValueError(f"alpha names layers {unknown} that are not in stats; allowed: "
+                             f"{sorted(stats)}")
+        chosen = {k: check_alpha(alpha.get(k, 0.0), f"alpha[{k!r}]") for k in stats}
+        rule = "given"
+    elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        a = check_alpha(alpha)
+        chosen = {k: a for k in stats}
+        rule = "given"
+    else:
+        raise TypeError(f"alpha={alpha!r} is not allowed; alpha must be a float in [0, 1], a "
+                        "dict of layer name to float, or one of 'auto', 'moments', 'holdout', "
+                        "'oas'")
+    # layers that shared one LayerStats (same input) keep sharing when their a agrees
+    cache, out = {}, {}
+    for k, st in stats.items():
+        key = (id(st), chosen[k])
+        if key not in cache:
+            cache[key] = _shrink_stats(st, chosen[k])
+        out[k] = cache[key]
+    return ShrunkCovariances(out, alphas=chosen, rule=rule, scores=scores, skipped=skipped)
+
+
+def _weight_of(model, name, st):
+    if model is None:
+        raise ValueError("this rule needs model= (the network whose layers the statistics "
+                         "describe)")
+    mod = dict(model.named_modules()).get(name)
+    if mod is None or not hasattr(mod, "weight"):
+        raise ValueError(f"stats has layer {name!r}, which is not a layer of the model")
+    st.check_compatible(mod, name)
+    return mod.weight.detach().to(torch.float64).cpu()
+
+
+def _rule_moments(stats, model, targets, alphas, scores, skipped):
+    if model is None and targets is None:
+        raise ValueError("alpha='moments' (and 'auto') needs model= (BatchNorm statistics) or "
+                         "targets= (mean square of each output channel)")
+    found, reasons = ({}, {}) if model is None else output_moments(model, stats)
+    if targets is not None:
+        if not isinstance(targets, dict):
+            raise TypeError(f"targets of type {type(targets).__name__} is not allowed; targets "
+                            "must be a dict of layer name to a tensor of shape (T,)")
+        found.update({k: torch.as_tensor(v, dtype=torch.float64).cpu()
+                      for k, v in targets.items()})
+    chosen = {}
+    for k, st in stats.items():
+        if k not in found or st.groups != 1:
+            chosen[k] = 0.0
+            skipped[k] = ("grouped statistics" if st.groups != 1
+                          else reasons.get(k, "no target given"))
+            continue
+        if model is not None:
+            W = _weight_of(model, k, st)
+        else:
+            raise ValueError("alpha='moments' with targets= also needs model= (the weights)")
+        chosen[k], scores[k] = moment_alpha(W, st.sigma.to(torch.float64).cpu(), found[k],
+                                            alphas=alphas)
+    return chosen
+
+
+def _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas, scores):
+    from sigmadecomp.cp import cp
+    from sigmadecomp.ranks import ratio_to_ranks
+    from sigmadecomp.svd import sigma_svd
+    from sigmadecomp.tucker2 import tucker2
+
+    if holdout is None:
+        raise ValueError("alpha='holdout' needs holdout= (statistics of other calibration "
+                         "batches, same layers)")
+    _check_stats(holdout)
+    missing = sorted(set(stats) - set(holdout))
+    if missing:
+        raise ValueError(f"holdout has no statistics for layers {missing}")
+    fns = {"tucker2": tucker2, "cp": cp, "svd": sigma_svd}
+    if method not in fns:
+        raise ValueError(f"method={method!r} is not allowed with alpha='holdout'; method must "
+                         f"be one of {', '.join(repr(m) for m in fns)}")
+    if ratio is None and ranks is None:
+        raise ValueError("alpha='holdout' needs ratio= or ranks= (the fit to measure)")
+    opts = dict(options or {})
+    chosen = {}
+    for k, st in stats.items():
+        if st.groups != 1:
+            chosen[k] = 0.0
+            continue
+        W = _weight_of(model, k, st)
+        m = method if W.ndim == 4 and W.shape[2] * W.shape[3] > 1 else "svd"
+        if ranks is not None and k in ranks:
+            r = ranks[k]
+        else:
+            r = ratio_to_ranks(tuple(W.shape) if m != "svd" else (W.shape[0], W[0].numel()),
+                               m, ratio)
+        r = tuple(int(v) for v in r) if isinstance(r, (tuple, list)) else int(r)
+        kw = opts if m != "svd" else {}
+
+        def fit(K, S, _fn=fns[m], _r=r, _kw=kw, _m=m):
+            if _m == "svd":
+                return _fn(K.reshape(K.shape[0], -1), _r, S).to_tensor().reshape(K.shape)
+            return _fn(K, _r, S, **_kw).to_tensor()
+
+        chosen[k], scores[k] = holdout_alpha(W, st.sigma.to(torch.float64).cpu(),
+                                             holdout[k].sigma.to(torch.float64).cpu(), fit,
+                                             alphas=alphas)
+    return chosen
+
+
+def _rule_oas(stats, images, scores):
+    chosen = {}
+    for k, st in stats.items():
+        if st.groups != 1:
+            chosen[k] = 0.0
+            continue
+        n_img = st.count if images is None else images
+        chosen[k] = oas_alpha(st.sigma, n_img)
+        scores[k] = {"images": int(n_img)}
+    return chosen

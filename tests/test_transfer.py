@@ -1,0 +1,335 @@
+"""Shrinkage of statistics toward the Frobenius metric (core and torch adapter)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sigmadecomp import sigma_svd, tucker2
+from sigmadecomp.shrinkage import (
+    check_alpha,
+    holdout_alpha,
+    moment_alpha,
+    oas_alpha,
+    shrink_sigma,
+)
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import LayerStats, collect_covariances, compress  # noqa: E402
+from sigmadecomp_torch.transfer import (  # noqa: E402
+    ShrunkCovariances,
+    output_moments,
+    shrink_covariances,
+)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::sigmadecomp.ConvergenceWarning"),
+              pytest.mark.filterwarnings("ignore::sigmadecomp.CompressionWarning")]
+
+
+def _psd(rng, n, m=None):
+    X = rng.standard_normal((m or 3 * n, n)) * np.linspace(0.1, 3.0, n)
+    return X.T @ X / X.shape[0]
+
+
+# ------------------------------------------------------------------ core
+
+
+def test_shrink_sigma_endpoints_trace_and_psd(lib, rng):
+    S = _psd(rng, 6, m=4)  # rank 4 of 6
+    Sx = lib.asarray(S)
+    for a in (0.0, 0.3, 1.0):
+        out = shrink_sigma(Sx, a)
+        assert lib.is_same_kind(out)
+        o = lib.to_numpy(out)
+        assert np.isclose(np.trace(o), np.trace(S), rtol=lib.rtol)
+        assert np.linalg.eigvalsh(o).min() >= -lib.rtol * np.trace(S)
+    np.testing.assert_allclose(lib.to_numpy(shrink_sigma(Sx, 0.0)), S, rtol=lib.rtol)
+    np.testing.assert_allclose(lib.to_numpy(shrink_sigma(Sx, 1.0)), np.trace(S) / 6 * np.eye(6),
+                               rtol=lib.rtol, atol=lib.rtol * np.trace(S))
+    np.testing.assert_allclose(lib.to_numpy(shrink_sigma(Sx, 0.3)),
+                               0.7 * S + 0.3 * np.trace(S) / 6 * np.eye(6), rtol=lib.rtol,
+                               atol=lib.rtol * np.trace(S))
+
+
+def test_shrink_sigma_new_array_and_stack(rng):
+    S = _psd(rng, 4)
+    before = S.copy()
+    out = shrink_sigma(S, 0.0)
+    assert out is not S
+    out[0, 0] = 123.0
+    np.testing.assert_array_equal(S, before)
+    stack = np.stack([S, 2 * _psd(rng, 4)])
+    got = shrink_sigma(stack, 0.5)
+    for g in range(2):
+        np.testing.assert_allclose(got[g], shrink_sigma(stack[g], 0.5))
+
+
+@pytest.mark.parametrize("bad, err", [(-0.1, ValueError), (1.5, ValueError), (True, TypeError),
+                                      (float("nan"), TypeError), ("half", TypeError),
+                                      (None, TypeError)])
+def test_bad_alpha_core(bad, err, rng):
+    with pytest.raises(err, match="alpha"):
+        shrink_sigma(_psd(rng, 3), bad)
+    with pytest.raises(err, match="alpha"):
+        check_alpha(bad)
+
+
+def test_alpha_one_gives_the_frobenius_solution(rng):
+    K = rng.standard_normal((6, 4, 3, 3))
+    S = _psd(rng, 36)
+    S1 = shrink_sigma(S, 1.0)
+    # matrix case: exact
+    W = K.reshape(6, -1)
+    np.testing.assert_allclose(sigma_svd(W, 2, S1).to_tensor(),
+                               sigma_svd(W, 2, np.eye(36)).to_tensor(), atol=1e-10)
+    np.testing.assert_allclose(sigma_svd(W, 2, S1).to_tensor(),
+                               sigma_svd(W, 2, None).to_tensor(), atol=1e-10)
+    # Tucker-2: the solver result equals the Sigma = I one
+    a = tucker2(K, (3, 2), S1, n_iter_max=5, rng=0).to_tensor()
+    b = tucker2(K, (3, 2), np.eye(36), n_iter_max=5, rng=0).to_tensor()
+    np.testing.assert_allclose(a, b, atol=1e-8)
+
+
+def test_holdout_alpha_picks_zero_when_the_check_is_the_fit(rng):
+    W = rng.standard_normal((5, 8))
+    S = _psd(rng, 8)
+    fit = lambda K, Sg: sigma_svd(K, 2, Sg).to_tensor()  # noqa: E731
+    a, errs = holdout_alpha(W, S, S, fit)
+    assert a == 0.0
+    assert errs[0.0] == min(errs.values()) and len(errs) > 2
+    # checked in the identity metric, the Frobenius fit (a = 1) is the best
+    a1, errs1 = holdout_alpha(W, S, np.eye(8), fit)
+    assert a1 == 1.0 and errs1[1.0] < errs1[0.0]
+    with pytest.raises(ValueError, match="sigma_check"):
+        holdout_alpha(W, S, np.eye(7), fit)
+
+
+def test_moment_alpha_finds_the_metric_behind_the_targets(rng):
+    K = rng.standard_normal((12, 8))
+    S = _psd(rng, 8)
+    for a_true in (0.0, 0.3, 1.0):
+        St = shrink_sigma(S, a_true)
+        target = 2.5 * np.einsum("tn,nm,tm->t", K, St, K)  # any common factor
+        a, spreads = moment_alpha(K, S, target)
+        assert a == a_true
+        assert spreads[a] < 1e-10
+    with pytest.raises(ValueError, match="target"):
+        moment_alpha(K, S, np.ones(5))
+    with pytest.raises(ValueError, match="target"):
+        moment_alpha(K, S, -np.ones(12))
+
+
+def test_oas_alpha_in_range_and_shrinks_less_with_more_samples(rng):
+    S = _psd(rng, 10)
+    vals = [oas_alpha(S, c) for c in (5, 50, 5000)]
+    assert all(0.0 <= v <= 1.0 for v in vals)
+    assert vals[0] >= vals[1] >= vals[2]
+    assert oas_alpha(np.eye(4), 3) == 1.0
+    with pytest.raises(ValueError, match="count"):
+        oas_alpha(S, 0)
+
+
+# ------------------------------------------------------------------ torch adapter
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),  # no BatchNorm after it
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(32, 2, 6, 6))  # BatchNorm learns "training" moments
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    gen = torch.Generator().manual_seed(1)
+    # calibration data of another distribution: positive, smaller, shifted
+    data = [torch.rand(16, 2, 6, 6, generator=gen) * 0.5 for _ in range(2)]
+    stats = collect_covariances(model, data, layers=["3", "6", "10"], progress=False)
+    return model, stats
+
+
+def _copy(stats):
+    return {k: (v.sigma.clone(), v.mean.clone(), v.count) for k, v in stats.items()}
+
+
+def _same(stats, saved):
+    return all(torch.equal(v.sigma, saved[k][0]) and torch.equal(v.mean, saved[k][1])
+               and v.count == saved[k][2] for k, v in stats.items())
+
+
+def test_alpha_zero_is_the_identity_with_new_objects(setup):
+    _, stats = setup
+    out = shrink_covariances(stats, 0.0)
+    assert isinstance(out, ShrunkCovariances) and out.rule == "given"
+    for k, v in stats.items():
+        assert out[k] is not v and out[k].sigma is not v.sigma
+        assert torch.equal(out[k].sigma, v.sigma) and torch.equal(out[k].mean, v.mean)
+
+
+@pytest.mark.parametrize("alpha", [0.4, "auto", "moments", "oas"])
+def test_metadata_preserved_inputs_untouched_and_compress_accepts(setup, alpha):
+    model, stats = setup
+    saved = _copy(stats)
+    out = shrink_covariances(stats, alpha, model=model, images=32)
+    assert _same(stats, saved)
+    assert set(out) == set(stats)
+    for k, v in stats.items():
+        o = out[k]
+        assert (o.count, o.layer, o.groups, o.kind, o.weight_shape, o.geometry) == (
+            v.count, v.layer, v.groups, v.kind, v.weight_shape, v.geometry)
+        assert o.sigma.dtype == v.sigma.dtype and o.sigma.device == v.sigma.device
+        assert 0.0 <= out.alphas[k] <= 1.0
+        a = out.alphas[k]
+        n = v.sigma.shape[0]
+        want = (1 - a) * v.sigma + a * v.sigma.trace() / n * torch.eye(n, dtype=v.sigma.dtype)
+        torch.testing.assert_close(o.sigma, want)
+        # the centered covariance shrinks the same way
+        C = v.centered()
+        torch.testing.assert_close(o.centered(),
+                                   (1 - a) * C + a * v.sigma.trace() / n
+                                   * torch.eye(n, dtype=C.dtype))
+    small, report = compress(model, "tucker2", covariances=out, layers=["3"], ratio=2,
+                             options={"n_iter_max": 2})
+    assert [r["name"] for r in report.layers] == ["3"]
+    assert small(torch.rand(2, 2, 6, 6)).shape == (2, 3)
+
+
+def test_alpha_one_compresses_like_frobenius():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(),
+                          nn.Linear(9, 3)).eval()
+    data = [torch.rand(64, 10) + 1.0]
+    stats = collect_covariances(model, data, layers=["2"], progress=False)
+    shrunk = shrink_covariances(stats, 1.0)
+    a, _ = compress(model, "svd", covariances=shrunk, layers=["2"], ranks={"2": 3})
+    b, _ = compress(model, "svd", covariances=None, layers=["2"], ranks={"2": 3})
+    x = torch.rand(5, 10)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+    c, _ = compress(model, "svd", covariances=stats, layers=["2"], ranks={"2": 3})
+    assert not torch.allclose(c(x), b(x), atol=1e-4)  # the unshrunk statistics do differ
+
+
+def test_auto_rule_is_deterministic_in_range_and_lists_layers_without_batchnorm(setup):
+    model, stats = setup
+    a = shrink_covariances(stats, "auto", model=model)
+    b = shrink_covariances(stats, "auto", model=model)
+    assert a.rule == "moments" and a.alphas == b.alphas
+    assert all(0.0 <= v <= 1.0 for v in a.alphas.values())
+    for k in stats:
+        torch.testing.assert_close(a[k].sigma, b[k].sigma, rtol=0, atol=0)
+    # layer '6' has no BatchNorm reading its output; "10" is a Linear (none either)
+    assert set(a.skipped) == {"6", "10"} and a.alphas["6"] == a.alphas["10"] == 0.0
+    assert "BatchNorm" in a.skipped["6"]
+    assert set(a.scores) == {"3"}
+    # the rule sees the shift: these statistics are not the BatchNorm's
+    assert a.alphas["3"] > 0.0
+
+
+def test_moments_rule_keeps_statistics_that_match_the_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(8, momentum=None),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 2))
+    x = torch.randn(64, 3, 5, 5)
+    model.train()
+    with torch.no_grad():
+        model(x)  # momentum=None: running statistics of exactly this batch
+    model.eval()
+    stats = collect_covariances(model, [x], layers=["2"], progress=False)
+    out = shrink_covariances(stats, "moments", model=model)
+    assert out.alphas["2"] <= 0.02  # the unbiased running_var is n/(n-1) off
+
+
+def test_output_moments_finds_the_batchnorm(setup):
+    model, _ = setup
+    targets, reasons = output_moments(model, ["0", "3", "6", "10"])
+    assert set(targets) == {"0", "3"} and set(reasons) == {"6", "10"}
+    bn = model[4]
+    torch.testing.assert_close(targets["3"], (bn.running_var + bn.running_mean ** 2).double())
+
+
+def test_holdout_rule(setup):
+    model, stats = setup
+    gen = torch.Generator().manual_seed(2)
+    other = collect_covariances(model, [torch.rand(16, 2, 6, 6, generator=gen) * 0.5],
+                                layers=["3", "6", "10"], progress=False)
+    saved, saved_o = _copy(stats), _copy(other)
+    out = shrink_covariances(stats, "holdout", holdout=other, model=model, method="tucker2",
+                             ratio=2, options={"n_iter_max": 2, "rng": 0}, alphas=(0, 0.5, 1))
+    assert _same(stats, saved) and _same(other, saved_o)
+    assert out.rule == "holdout" and set(out.scores) == set(stats)
+    for k in stats:
+        assert set(out.scores[k]) == {0.0, 0.5, 1.0}
+        assert out.alphas[k] == min(out.scores[k], key=lambda a: (out.scores[k][a], a))
+        assert out[k].count == stats[k].count + other[k].count  # applied to all the data
+    again = shrink_covariances(stats, "holdout", holdout=other, model=model, method="tucker2",
+                               ratio=2, options={"n_iter_max": 2, "rng": 0}, alphas=(0, 0.5, 1))
+    assert again.alphas == out.alphas
+
+
+def test_layers_sharing_statistics_keep_sharing():
+    e = torch.eye(3, dtype=torch.float64)
+    st = LayerStats(2 * e, torch.zeros(3, dtype=torch.float64), 10)
+    out = shrink_covariances({"a": st, "b": st}, 0.2)
+    assert out["a"] is out["b"]
+    out = shrink_covariances({"a": st, "b": st}, {"a": 0.2})
+    assert out["a"] is not out["b"] and out.alphas == {"a": 0.2, "b": 0.0}
+
+
+@pytest.mark.parametrize("alpha, err, match", [
+    (-0.5, ValueError, "alpha"), (2, ValueError, "alpha"), (True, TypeError, "alpha"),
+    ("best", ValueError, "alpha='best'"), ([0.1], TypeError, "alpha"),
+    (float("inf"), TypeError, "alpha"), ({"nope": 0.1}, ValueError, "nope"),
+    ({"3": 1.2}, ValueError, r"alpha\['3'\]"),
+])
+def test_bad_alpha_adapter(setup, alpha, err, match):
+    _, stats = setup
+    with pytest.raises(err, match=match):
+        shrink_covariances(stats, alpha)
+
+
+def test_rules_say_what_they_need(setup):
+    model, stats = setup
+    with pytest.raises(ValueError, match="model="):
+        shrink_covariances(stats, "moments")
+    with pytest.raises(ValueError, match="holdout="):
+        shrink_covariances(stats, "holdout", model=model, ratio=2)
+    with pytest.raises(ValueError, match="ratio= or ranks="):
+        shrink_covariances(stats, "holdout", holdout=stats, model=model)
+    with pytest.raises(ValueError, match="method="):
+        shrink_covariances(stats, "holdout", holdout=stats, model=model, ratio=2, method="tt")
+    with pytest.raises(TypeError, match="stats"):
+        shrink_covariances([1, 2], 0.1)
+    assert math.isclose(shrink_covariances(stats, "oas", images=10**9).alphas["3"], 0.0,
+                        abs_tol=1e-6)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs(tmp_path):
+    """benchmarks/transfer.py --quick end to end (minutes: Fashion-MNIST, digits, 10 fits)."""
+    from sigmadecomp.datasets import DatasetNotFoundError, find_fashion_mnist
+
+    pytest.importorskip("sklearn")
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    from benchmarks import transfer as bench
+
+    out = bench.main(["--quick", "--out", str(tmp_path / "t.json")], log=lambda *a: None)
+    labels = {r["row"] for r in out["rows"]}
+    assert labels == {"frobenius", "sigma", "digits", "digits+moments", "digits+a=0.5"}
+    moments = next(r for r in out["rows"] if r["row"] == "digits+moments")
+    assert all(0.0 <= a <= 1.0 for a in moments["alphas"].values())
+    assert (tmp_path / "t.json").exists()
