@@ -548,7 +548,8 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
 
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
-             distributed=None, min_speedup=None, example_input=None):
+             distributed=None, min_speedup=None, example_input=None, data=None,
+             sequential=False):
     """Replace Conv2d/Linear layers of a model by factorized layers.
 
     Parameters
@@ -634,6 +635,17 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         compressed without timing. Times are noisy on a busy machine.
     example_input : tensor, tuple or dict, optional
         One input batch of the model, for ``min_speedup``.
+    data : tensor or iterable of batches, optional
+        Calibration data. Without ``sequential``: the statistics are
+        collected from it (:func:`collect_covariances` over every layer) and
+        used as ``covariances``. Cannot be combined with ``covariances``.
+    sequential : bool, optional
+        Error-compensating sequential compression
+        (:func:`sigmadecomp_torch.sequential.sequential_compress`, needs
+        ``data``, a list or ``DataLoader``): layers are compressed in network
+        order, each fitted to the inputs it gets once the earlier layers are
+        compressed, with the target corrected by the cross-moment of the
+        original and the compressed inputs. Default False (one-shot).
 
     Returns
     -------
@@ -704,6 +716,24 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     [('0', 4640, 1474), ('2', 9248, 3017)]
     """
     t_start = time.perf_counter()
+    # --- data= / sequential= (sigmadecomp_torch.sequential) ---------------------------
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential={sequential!r} is not allowed; it must be True or False")
+    if (sequential or data is not None) and covariances is not None:
+        raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
+                         "statistics are then collected from data; give one or the other")
+    if sequential:
+        from .sequential import sequential_compress
+
+        return sequential_compress(
+            model, method, data, ratio=ratio, ranks=ranks, budget=budget, layers=layers,
+            inplace=inplace, centered=centered, options=options, progress=progress,
+            distributed=distributed, min_speedup=min_speedup, example_input=example_input)
+    if data is not None and isinstance(model, nn.Module):
+        from .covariance import collect_covariances
+
+        covariances = collect_covariances(model, data, progress=progress)
+    # --- end data= / sequential= -------------------------------------------------------
     ratio = _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
     options = dict(options or {})
     min_speedup = _latency.check_min_speedup(min_speedup, example_input)

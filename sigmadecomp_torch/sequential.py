@@ -1,0 +1,963 @@
+"""Error-compensating sequential compression.
+
+One-shot statistics fit every layer to its input in the *original* model.
+Once earlier layers are compressed, a layer sees another input, and its own
+error adds to theirs. Sequential compression fits the layers in network
+order, each to the inputs it will really get:
+
+    minimise over K~   E || K x_o - K~ x_c ||^2
+
+with ``x_o`` a layer's input patch in the original model and ``x_c`` the same
+patch in the model whose earlier layers are already compressed. With
+``Sigma_cc = E[x_c x_c^T]`` and ``Sigma_oc = E[x_o x_c^T]``,
+
+    E || K x_o - K~ x_c ||^2 = || (K~ - K') Sigma_cc^{1/2} ||_F^2 + const,
+    K' = K Sigma_oc Sigma_cc^+,
+
+so every Sigma decomposition applies unchanged to the corrected target
+``K'`` in the metric ``Sigma_cc`` (``const = E||K x_o||^2 - tr(K' Sigma_cc
+K'^T)`` does not depend on ``K~``). The pseudo-inverse follows the package's
+eigenvalue floor (:func:`sigmadecomp.sigma.psd_solve`): directions of
+``Sigma_cc`` below ``1e-10 * lambda_max`` are treated as absent, and ``K'``
+has no component along them.
+
+Centered variant: with a free bias ``b~`` the best one is
+``b~ = b + K mu_o - K~ mu_c`` and the error becomes
+``E || K (x_o - mu_o) - K~ (x_c - mu_c) ||^2``, the same problem in the
+centered moments ``C_cc = Sigma_cc - mu_c mu_c^T`` and
+``C_oc = Sigma_oc - mu_o mu_c^T``: target ``K'_c = K C_oc C_cc^+``, metric
+``C_cc``, and that bias.
+
+The statistics need the original and the partly compressed model run side
+by side on the same batches (:func:`collect_cross_covariances`);
+:func:`sequential_compress` does so once per group of layers whose inputs do
+not depend on each other, and compresses each group with
+:func:`sigmadecomp_torch.compress`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sigmadecomp.sigma import psd_solve
+
+from .covariance import (LayerStats, _batch_mask, _model_device, _progress, _run_batch,
+                         select_layers)
+
+__all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
+           "sequential_compress"]
+
+_DEFAULT_CHUNK_BYTES = 1 << 26
+
+
+# ------------------------------------------------------------------ statistics
+
+
+@dataclass(repr=False, eq=False)
+class CrossStats:
+    """Joint input statistics of one layer in the original and the compressed model.
+
+    Attributes
+    ----------
+    sigma_cc : torch.Tensor of shape (n, n)
+        ``E[x_c x_c^T]``: second moment of the layer's input patches in the
+        compressed model (float64).
+    sigma_oc : torch.Tensor of shape (n, n)
+        ``E[x_o x_c^T]``: cross moment of the original and the compressed
+        model's patches (float64; not symmetric).
+    mean_o, mean_c : torch.Tensor of shape (n,)
+        Mean patch in the original and in the compressed model.
+    count : int
+        Number of patch pairs averaged.
+    output_energy : float
+        ``E || K x_o ||^2`` with the original layer's weight ``K`` (the
+        squared output norm, bias excluded, that relative errors refer to).
+    layer : str
+        ``repr`` of the original module.
+
+    Examples
+    --------
+    >>> import torch
+    >>> e = torch.eye(2, dtype=torch.float64)
+    >>> z = torch.zeros(2, dtype=torch.float64)
+    >>> s = CrossStats(e, 0.5 * e, z, z, 10, 1.0)
+    >>> s.layer_stats().sigma.tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+
+    sigma_cc: torch.Tensor
+    sigma_oc: torch.Tensor
+    mean_o: torch.Tensor
+    mean_c: torch.Tensor
+    count: int
+    output_energy: float
+    layer: str = ""
+
+    @property
+    def n(self):
+        """Dimension of one input patch."""
+        return int(self.sigma_cc.shape[-1])
+
+    def layer_stats(self):
+        """``Sigma_cc`` and ``mu_c`` as a :class:`LayerStats` (the metric of the fit)."""
+        return LayerStats(self.sigma_cc, self.mean_c, self.count, layer=self.layer)
+
+    def __repr__(self):
+        return (f"CrossStats(n={self.n}, count={self.count}, "
+                f"output_energy={self.output_energy:.4g}, layer={self.layer!r})")
+
+
+def _patch_rows(module, x, name):
+    """The (M, n) patch rows of a Conv2d/Linear input, in (s, h, w) order."""
+    if isinstance(module, nn.Conv2d):
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != module.in_channels:
+            raise ValueError(f"layer {name!r}: input has shape {tuple(x.shape)}; this Conv2d "
+                             f"needs inputs of shape (N, {module.in_channels}, H, W)")
+        pad = list(module._reversed_padding_repeated_twice)
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        U = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        return U.transpose(1, 2).reshape(-1, U.shape[1])
+    n = module.in_features
+    if x.shape[-1] != n:
+        raise ValueError(f"layer {name!r}: input has shape {tuple(x.shape)}; a Linear layer "
+                         f"with in_features={n} needs inputs of shape (..., {n})")
+    return x.reshape(-1, n)
+
+
+def _apply_mask(x, mask):
+    """Rows of a Linear input kept by a (batch, seq) or (seq, batch) token mask."""
+    if mask is None:
+        return x
+    if tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x[mask.to(x.device)]
+    if (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
+            and tuple(x.shape[:2]) == tuple(mask.shape[::-1])):
+        return x.transpose(0, 1)[mask.to(x.device)]
+    return x
+
+
+class _CrossAccumulator:
+    """Float64 sums of ``x_c x_c^T``, ``x_o x_c^T``, ``x_o``, ``x_c``, ``||K x_o||^2``.
+
+    The hook on the original module queues its inputs; the hook on the
+    compressed model's module pairs each of its inputs with the queued one of
+    the same call (calls are matched in order within a batch).
+    """
+
+    def __init__(self, name, module, chunk_bytes):
+        self.name = name
+        self.module = module
+        self.is_conv = isinstance(module, nn.Conv2d)
+        w = module.weight.detach()
+        self.device = w.device
+        self.K = w.reshape(w.shape[0], -1).to(torch.float64)
+        n = self.K.shape[1]
+        self.n = n
+        self.chunk_bytes = int(chunk_bytes)
+        self.cc = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+        self.oc = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+        self.so = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.sc = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.energy = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count = 0
+        self.queue = []
+        self.mask = None
+
+    def hook_original(self, module, args):
+        self.queue.append(self._input(args).detach())
+
+    def hook_compressed(self, module, args):
+        xc = self._input(args).detach()
+        if not self.queue:
+            raise RuntimeError(f"layer {self.name!r} ran more often in the compressed model "
+                               "than in the original one in the same batch; the two "
+                               "forward passes must call it the same number of times")
+        xo = self.queue.pop(0)
+        if xo.shape != xc.shape:
+            raise ValueError(f"layer {self.name!r}: input of shape {tuple(xc.shape)} in the "
+                             f"compressed model, {tuple(xo.shape)} in the original")
+        self._add(xo, xc)
+
+    def _input(self, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"layer {self.name!r}: the input is not a tensor")
+        x = args[0]
+        if not x.is_floating_point():
+            raise TypeError(f"layer {self.name!r}: input has dtype {x.dtype}; a floating "
+                            "point input is required")
+        return x
+
+    def _add(self, xo, xc):
+        if not self.is_conv:
+            xo, xc = _apply_mask(xo, self.mask), _apply_mask(xc, self.mask)
+        if not (bool(torch.isfinite(xo).all()) and bool(torch.isfinite(xc).all())):
+            raise ValueError(f"layer {self.name!r}: its input contains NaN or inf values; "
+                             "statistics need finite activations")
+        if self.is_conv:
+            if xo.ndim == 3:
+                xo, xc = xo.unsqueeze(0), xc.unsqueeze(0)
+            m = self.module
+            per = max(1, xo[0].numel() * self.n // max(1, m.in_channels))  # rough patch size
+            step = max(1, self.chunk_bytes // (8 * 2 * per))
+            for i in range(0, xo.shape[0], step):
+                self._rows(_patch_rows(m, xo[i:i + step], self.name),
+                           _patch_rows(m, xc[i:i + step], self.name))
+        else:
+            Xo = _patch_rows(self.module, xo, self.name)
+            Xc = _patch_rows(self.module, xc, self.name)
+            step = max(1, self.chunk_bytes // (8 * 2 * self.n))
+            for i in range(0, Xo.shape[0], step):
+                self._rows(Xo[i:i + step], Xc[i:i + step])
+
+    def _rows(self, Xo, Xc):
+        Xo = Xo.to(self.device, torch.float64)
+        Xc = Xc.to(self.device, torch.float64)
+        self.cc += Xc.T @ Xc
+        self.oc += Xo.T @ Xc
+        self.so += Xo.sum(0)
+        self.sc += Xc.sum(0)
+        Y = Xo @ self.K.T
+        self.energy += (Y * Y).sum()
+        self.count += int(Xo.shape[0])
+
+    def all_reduce(self):
+        import torch.distributed as dist
+
+        cnt = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        for t in (self.cc, self.oc, self.so, self.sc, self.energy, cnt):
+            dist.all_reduce(t)
+        self.count = int(round(float(cnt.item())))
+
+    def result(self):
+        c = self.count
+        cc = self.cc / c
+        cc = 0.5 * (cc + cc.T)
+        return CrossStats(cc, self.oc / c, self.so / c, self.sc / c, c,
+                          float(self.energy) / c, repr(self.module))
+
+
+class _OutputAccumulator:
+    """``E||y_o - y_c||^2`` of one layer's outputs (original vs compressed model)."""
+
+    def __init__(self, name, bias):
+        self.name = name
+        self.bias = bias
+        self.queue = []
+        self.diff = 0.0
+        self.energy = 0.0
+        self.count = 0
+
+    def hook_original(self, module, args, out):
+        self.queue.append(out.detach())
+
+    def hook_compressed(self, module, args, out):
+        if not self.queue:
+            return
+        yo = self.queue.pop(0).to(torch.float64)
+        yc = out.detach().to(torch.float64)
+        if yo.shape != yc.shape:
+            return
+        self.diff += float(((yo - yc) ** 2).sum())
+        ref = yo
+        if self.bias is not None:
+            shape = [1] * yo.ndim
+            shape[1 if yo.ndim == 4 else -1] = -1
+            ref = yo - self.bias.to(yo).reshape(shape)
+        self.energy += float((ref * ref).sum())
+        self.count += 1
+
+    def all_reduce(self, device):
+        import torch.distributed as dist
+
+        t = torch.tensor([self.diff, self.energy], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        self.diff, self.energy = float(t[0]), float(t[1])
+
+    def relative(self):
+        if self.count == 0:
+            return None
+        if self.energy <= 0:
+            return 0.0 if self.diff == 0 else math.inf
+        return math.sqrt(self.diff / self.energy)
+
+
+def _check_reiterable(data, name="data"):
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, Iterator):
+        raise TypeError(f"{name} of type {type(data).__name__} is an iterator, which can be "
+                        "read only once; sequential compression runs the data once per "
+                        "group of layers: pass a list of batches, a tensor or a DataLoader")
+    try:
+        iter(data)
+    except TypeError:
+        raise TypeError(f"{name} of type {type(data).__name__} is not allowed; it must be a "
+                        "tensor or an iterable of batches (a list or a DataLoader)") from None
+    return data
+
+
+def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forward, mask,
+              device, progress, desc):
+    """Run both models on every batch with the given accumulators hooked in."""
+    handles = []
+    modes = {m: m.training for m in list(original.modules()) + list(compressed.modules())}
+    try:
+        for acc, m_o, m_c in cross:
+            handles.append(m_o.register_forward_pre_hook(acc.hook_original))
+            handles.append(m_c.register_forward_pre_hook(acc.hook_compressed))
+        for acc, m_o, m_c in outputs:
+            handles.append(m_o.register_forward_hook(acc.hook_original))
+            handles.append(m_c.register_forward_hook(acc.hook_compressed))
+        original.eval()
+        compressed.eval()
+        n_batches = 0
+        it = _progress(data, total=None, enabled=progress, desc=desc)
+        with torch.no_grad():
+            for i, batch in enumerate(it):
+                if max_batches is not None and i >= max_batches:
+                    break
+                m = _batch_mask(mask, batch, i, device)
+                for acc, _, _ in cross:
+                    acc.mask = m
+                    acc.queue = []
+                for acc, _, _ in outputs:
+                    acc.queue = []
+                _run_batch(original, batch, i, device, forward)
+                _run_batch(compressed, batch, i, device, forward)
+                for acc, _, _ in cross:
+                    if acc.queue:
+                        raise RuntimeError(
+                            f"layer {acc.name!r} ran {len(acc.queue)} more time(s) in the "
+                            f"original model than in the compressed one in batch {i}; the "
+                            "two forward passes must call it the same number of times")
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        for acc, _, _ in list(cross) + list(outputs):
+            acc.queue = []
+    if n_batches == 0:
+        raise ValueError("data yielded no batches; sequential compression needs at least "
+                         "one batch")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for acc, _, _ in cross:
+            acc.all_reduce()
+        for acc, m_o, _ in outputs:
+            acc.all_reduce(m_o.weight.device)
+
+
+def collect_cross_covariances(original, compressed, data, *, layers=None, max_batches=None,
+                              forward=None, mask="auto", device=None,
+                              chunk_bytes=_DEFAULT_CHUNK_BYTES, progress=False):
+    """Joint input statistics of layers in an original and a compressed model.
+
+    Both models are run (eval mode, no gradients) on every batch; forward
+    pre-hooks on the chosen layer of each model gather the im2col patches of
+    its input exactly as :func:`collect_covariances` does (padding mode,
+    stride, dilation; rows of a Linear input, token mask applied), and pair
+    the i-th call of the layer in the original model with its i-th call in
+    the compressed one. Sums are in float64 and are all-reduced through
+    ``torch.distributed`` when a process group is initialised.
+
+    Parameters
+    ----------
+    original, compressed : torch.nn.Module
+        The original model and a copy of it with some layers replaced (the
+        same object twice is allowed: it is copied). The chosen layers must exist under the same names in both and be
+        ``nn.Conv2d`` (``groups=1``) or ``nn.Linear`` in the original.
+    data : tensor or iterable of batches
+        As for :func:`collect_covariances` (a tensor is one batch).
+    layers : str or list of str, optional
+        Names of the layers (default: every Conv2d/Linear of ``original``
+        that is still one in ``compressed``).
+    max_batches, forward, mask, device, chunk_bytes, progress
+        As for :func:`collect_covariances`.
+
+    Returns
+    -------
+    dict of str to CrossStats
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> s = collect_cross_covariances(net, net, torch.randn(32, 4), layers=["2"])["2"]
+    >>> bool(torch.allclose(s.sigma_oc, s.sigma_cc)), s.count
+    (True, 32)
+    """
+    for what, m in (("original", original), ("compressed", compressed)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{what} of type {type(m).__name__} is not allowed; it must be a "
+                            "torch.nn.Module")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes!r} is not allowed; chunk_bytes must be "
+                         "a positive integer")
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
+                         "None or a positive integer")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward={forward!r} is not allowed; forward must be None or a "
+                        "callable forward(model, batch)")
+    if not (mask is None or callable(mask) or (isinstance(mask, str) and mask == "auto")):
+        raise ValueError(f"mask={mask!r} is not allowed; mask must be 'auto', None or a "
+                         "callable mask(batch) -> bool tensor")
+    data = _check_reiterable(data)
+    if compressed is original:  # hooks on one module would see both passes
+        compressed = copy.deepcopy(original)
+    comp_modules = dict(compressed.named_modules())
+    if layers is None:
+        chosen = [(n, m) for n, m in select_layers(original)
+                  if isinstance(comp_modules.get(n), (nn.Conv2d, nn.Linear))]
+    else:
+        chosen = select_layers(original, layers)
+    cross = []
+    for name, m in chosen:
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError(f"layer {name!r} is a grouped convolution (groups={m.groups}); "
+                             "cross statistics are gathered for groups=1 only")
+        mc = comp_modules.get(name)
+        if mc is None:
+            raise ValueError(f"layer {name!r} of the original model is not a module of the "
+                             "compressed model")
+        cross.append((_CrossAccumulator(name, m, chunk_bytes), m, mc))
+    if device is None:
+        device = _model_device(original)
+    _run_pair(original, compressed, data, cross=cross, outputs=[], max_batches=max_batches,
+              forward=forward, mask=mask, device=torch.device(device), progress=progress,
+              desc="cross statistics")
+    out = {}
+    for acc, _, _ in cross:
+        if acc.count == 0:
+            raise ValueError(f"layer {acc.name!r} never ran in the forward pass; no "
+                             "statistics for it")
+        out[acc.name] = acc.result()
+    return out
+
+
+def corrected_target(weight, stats, *, centered=False, ridge=0.0):
+    """The corrected target ``K'`` (and bias shift) of the sequential objective.
+
+    Parameters
+    ----------
+    weight : torch.Tensor of shape (T, ...)
+        The original layer's weight ``K`` (any float dtype; flattened to
+        ``(T, n)``).
+    stats : CrossStats
+    centered : bool, optional
+        Use the centered moments (target ``K C_oc C_cc^+``).
+    ridge : float, optional
+        Solve with ``M + ridge * (trace(M) / n) * I`` in place of the metric
+        ``M`` (``Sigma_cc``, or ``C_cc`` when centered): the target of the
+        ridge-regularised objective ``E||K x_o - K~ x_c||^2 + ridge *
+        (trace(M) / n) ||K~||_F^2``, which is what a solver run with the same
+        ``ridge`` (:func:`sigmadecomp.sigma.ridge_sigma`) minimises. Give a
+        solver's ridge here: a target without it can be far larger than
+        ``K`` along weak directions of ``M``, where the ridged solver does not
+        follow it. Default 0: the exact ``K Sigma_oc Sigma_cc^+``.
+
+    Returns
+    -------
+    target : torch.Tensor of the weight's shape, float64
+        ``K Sigma_oc Sigma_cc^+`` (pseudo-inverse under the eigenvalue floor of
+        :func:`sigmadecomp.sigma.psd_solve`).
+    bias_shift : torch.Tensor of shape (T,) or None
+        With ``centered``: ``K mu_o - K' mu_c``, the bias change that, with
+        the usual centered bias correction ``(K' - K~) mu_c``, gives the best
+        bias ``b + K mu_o - K~ mu_c``. None otherwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> e = torch.eye(3, dtype=torch.float64)
+    >>> z = torch.zeros(3, dtype=torch.float64)
+    >>> K = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
+    >>> target, _ = corrected_target(K, CrossStats(e, 0.5 * e, z, z, 1, 1.0))
+    >>> target.tolist()
+    [[0.0, 0.5, 1.0], [1.5, 2.0, 2.5]]
+    """
+    if not isinstance(stats, CrossStats):
+        raise TypeError(f"stats of type {type(stats).__name__} is not allowed; it must be "
+                        "a CrossStats")
+    K = weight.detach().reshape(weight.shape[0], -1).to(stats.sigma_cc.device, torch.float64)
+    if K.shape[1] != stats.n:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has {K.shape[1]} inputs per "
+                         f"output; the statistics have n={stats.n}")
+    Scc, Soc = stats.sigma_cc, stats.sigma_oc
+    if centered:
+        mo, mc = stats.mean_o, stats.mean_c
+        Scc = Scc - mc[:, None] * mc[None, :]
+        Soc = Soc - mo[:, None] * mc[None, :]
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 \
+            or not math.isfinite(ridge):
+        raise ValueError(f"ridge={ridge!r} is not allowed; ridge must be a finite number >= 0")
+    Scc = 0.5 * (Scc + Scc.T)
+    if ridge:
+        n = Scc.shape[0]
+        Scc = Scc + (ridge * float(torch.trace(Scc)) / n) * torch.eye(n, dtype=Scc.dtype,
+                                                                        device=Scc.device)
+    # K' = K Soc Scc^+  <=>  K'^T = Scc^+ (Soc^T K^T)   (Scc symmetric)
+    target = psd_solve(Scc, Soc.T @ K.T).T
+    shift = None
+    if centered:
+        shift = K @ stats.mean_o - target @ stats.mean_c
+    return target.reshape(weight.shape).contiguous(), shift
+
+
+# ------------------------------------------------------------------- grouping
+
+
+def _first_samples(batch, k=2):
+    """A small slice of a batch (tensors cut along their first axis)."""
+    def cut(v):
+        return v[:k] if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+
+    if isinstance(batch, torch.Tensor):
+        return cut(batch)
+    if isinstance(batch, Mapping):
+        return {key: cut(v) for key, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return batch
+
+
+def _layer_groups(model, names, batch, device, forward, independent):
+    """Groups of layers in call order; a layer joins the current group unless its
+    input depends (through the autograd graph of one small batch) on a layer of it.
+
+    Returns ``(groups, never_called)``.
+    """
+    modules = dict(model.named_modules())
+    wanted = set(names)
+    order, inputs, zeros, handles = [], {}, {}, []
+
+    def pre(name):
+        def hook(module, args):
+            if name not in order:
+                order.append(name)
+            if args and isinstance(args[0], torch.Tensor):
+                inputs.setdefault(name, []).append(args[0])
+        return hook
+
+    def post(name):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            z = torch.zeros_like(out, requires_grad=True)
+            zeros.setdefault(name, []).append(z)
+            return out + z
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(pre(name)))
+            if independent:
+                handles.append(modules[name].register_forward_hook(post(name)))
+        model.eval()
+        with torch.enable_grad():
+            try:  # two samples suffice for the graph's structure
+                _run_batch(model, _first_samples(batch), 0, device, forward)
+            except Exception:  # noqa: BLE001 - a batch that cannot be cut: run it whole
+                order.clear()
+                inputs.clear()
+                zeros.clear()
+                _run_batch(model, batch, 0, device, forward)
+            deps = {}
+            if independent:
+                for b in order:
+                    others = [(a, z) for a in order if a != b for z in zeros.get(a, [])]
+                    found = set()
+                    for x in inputs.get(b, []):
+                        if not x.requires_grad or not others:
+                            continue
+                        grads = torch.autograd.grad(x.sum(), [z for _, z in others],
+                                                    allow_unused=True, retain_graph=True)
+                        found |= {a for (a, _), g in zip(others, grads) if g is not None}
+                    deps[b] = found
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    groups = []
+    for name in order:
+        if name not in wanted:
+            continue
+        if groups and independent and not (deps.get(name, set()) & set(groups[-1])):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    never = [n for n in names if n not in order]
+    return groups, never
+
+
+# --------------------------------------------------------------- compression
+
+
+def _candidates(model, layers, ranks, ratio):
+    """``(names in model order, named, skipped rows)`` like :func:`compress` chooses them."""
+    from .compress import default_layers
+
+    explicit = dict(ranks) if hasattr(ranks, "items") else {}
+    skipped = []
+    named = layers is not None and not callable(layers)
+    if layers is None:
+        if explicit and ratio is None:
+            layers, named = list(explicit), True
+        else:
+            default = default_layers(model)
+            for n, m in select_layers(model):
+                if n not in default and n not in explicit:
+                    skipped.append({"name": n, "kind": type(m).__name__,
+                                    "reason": "first or last layer: left alone by default; "
+                                              "name it in layers= to compress it"})
+            layers = default + [k for k in explicit if k not in default]
+    chosen = [n for n, _ in select_layers(model, layers)]
+    for k in explicit:
+        if k not in chosen:
+            raise ValueError(f"ranks contains {k!r}, which is not among the layers to "
+                             f"compress; the chosen layers are {sorted(chosen)}")
+    return chosen, named, skipped
+
+
+def _budget_ranks(model, method, names, budget, data, *, max_batches, forward, mask):
+    """Ranks of a budget allocation from the original model's one-shot statistics."""
+    from sigmadecomp import ranks as _ranks
+
+    from .compress import LAYER_METHODS, layer_method_for
+    from .covariance import collect_covariances
+
+    modules = dict(model.named_modules())
+    names = [n for n in names
+             if not (isinstance(modules[n], nn.Conv2d) and modules[n].groups != 1)]
+    stats = collect_covariances(model, data, layers=names, max_batches=max_batches,
+                                progress=False, forward=forward, mask=mask)
+    specs, methods = {}, {}
+    for n in names:
+        if n not in stats:
+            continue
+        m = modules[n]
+        specs[n] = _ranks.LayerSpec(m.weight.detach().to(torch.float64),
+                                    stats[n].sigma.to(m.weight.device, torch.float64))
+        methods[n] = LAYER_METHODS[layer_method_for(m, method)].rank_method
+    return _ranks.allocate_ranks(specs, budget, method=methods)
+
+
+def sequential_compress(model, method, data, *, ratio=None, ranks=None, budget=None,
+                        layers=None, inplace=False, centered=False, options=None,
+                        progress=True, distributed=None, min_speedup=None,
+                        example_input=None, cross=True, independent=True, target_ridge=None,
+                        max_batches=None, forward=None, mask="auto"):
+    """Compress layer by layer, each fitted to the inputs it gets once earlier ones are compressed.
+
+    This is what ``compress(model, method, data=data, sequential=True, ...)``
+    runs. Layers are taken in the order the forward pass calls them, in
+    groups whose inputs do not depend on each other (found once from the
+    autograd graph of a two-sample batch). For each group the original model
+    and the partly compressed copy are run side by side over ``data``
+    (:func:`collect_cross_covariances`); each layer's weight ``K`` is
+    replaced by the corrected target ``K' = K Sigma_oc Sigma_cc^+``
+    (:func:`corrected_target`) and decomposed by :func:`compress` in the
+    metric ``Sigma_cc``. So the fit minimises ``E||K x_o - K~ x_c||^2``, the
+    change of the layer's output from the original model to the compressed
+    one, upstream errors included.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Never modified unless ``inplace`` (and then only after every layer
+        succeeded).
+    method : {'tucker2', 'cp', 'svd', 'tt'}
+    data : tensor or re-iterable of batches
+        Calibration batches (a list or a ``DataLoader``; an iterator is
+        refused: the data are read once per group, plus once for the
+        budget allocation and once for the final output errors). Batch rules
+        as in :func:`collect_covariances`.
+    ratio, ranks, budget, layers, inplace, centered, options, progress, distributed, \
+min_speedup, example_input
+        As for :func:`compress`. ``ranks='evbmf'`` is evaluated on the
+        corrected target in the metric ``Sigma_cc``; ``budget`` is allocated
+        up front from the one-shot statistics of the original model (the
+        corrections are not known before the layers are compressed).
+        ``centered`` fits the centered moments and sets the bias to
+        ``b + K mu_o - K~ mu_c`` (see the module notes).
+    cross : bool, optional
+        ``True`` (default): the corrected target. ``False``: decompose ``K``
+        itself in the metric ``Sigma_cc`` of the compressed model's inputs
+        (plain re-collection, kept as an ablation: it ignores that the layer
+        should undo the upstream change).
+    target_ridge : float, optional
+        ``ridge`` of :func:`corrected_target`. ``None`` (default): the ridge
+        the layer's solver minimises with, so the fit is the exact optimum of
+        the ridge-regularised objective: ``options['ridge']`` or
+        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (1e-2) for Tucker-2 and TT,
+        1e-2 for the SVD of Linear and 1x1 layers (``compress`` passes it no
+        options); CP minimises without a ridge, and gets the target
+        regularised with 1e-2 (the unregularised target of a near-singular
+        ``Sigma_cc`` is dominated by its weakest directions).
+    independent : bool, optional
+        Compress layers whose inputs do not depend on each other in one
+        group (one pass over the data for all of them). ``False``: one
+        layer per group.
+    max_batches, forward, mask
+        As for :func:`collect_covariances`.
+
+    Returns
+    -------
+    compressed_model : torch.nn.Module
+    report : CompressionReport
+        Rows as from :func:`compress`, where ``sigma_error`` and
+        ``frobenius_error`` measure the fit to the corrected target ``K'``
+        (in ``Sigma_cc``, resp. relative to ``||K'||``), plus
+        ``output_error``: the measured relative change
+        ``sqrt(E||y_o - y_c||^2 / E||y_o - b||^2)`` of the layer's output
+        (original model vs the final compressed one) on ``data``,
+        ``target_change`` (``||K' - K|| / ||K||``) and ``group`` (the index
+        of the pass that compressed the layer).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments (named in the message), as :func:`compress`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import compress
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+    ...                     nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> data = [torch.randn(64, 8) for _ in range(2)]
+    >>> small, report = compress(net, 'svd', ratio=2, data=data, sequential=True,
+    ...                          progress=False)
+    >>> [(r['name'], r['ranks'], r['group']) for r in report.layers]
+    [('2', 4, 0), ('4', 4, 1)]
+    """
+    from .compress import compress, layer_method_for
+
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
+                        "a torch.nn.Module")
+    if data is None:
+        raise ValueError("data=None is not allowed with sequential=True; sequential "
+                         "compression needs calibration batches (data=...)")
+    data = _check_reiterable(data)
+    for flag, value in (("cross", cross), ("independent", independent),
+                        ("inplace", inplace), ("centered", centered)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}={value!r} is not allowed; {flag} must be True or False")
+    if method not in ("svd", "tucker2", "cp", "tt"):
+        from .compress import LAYER_METHODS
+
+        if method not in LAYER_METHODS:
+            allowed = ", ".join(repr(m) for m in LAYER_METHODS)
+            raise ValueError(f"method={method!r} is not allowed; method must be one of "
+                             f"{allowed}")
+    if target_ridge is not None and (isinstance(target_ridge, bool)
+                                     or not isinstance(target_ridge, (int, float))
+                                     or not math.isfinite(target_ridge) or target_ridge < 0):
+        raise ValueError(f"target_ridge={target_ridge!r} is not allowed; target_ridge must "
+                         "be None or a finite number >= 0")
+    if ratio is None and ranks is None and budget is None:
+        raise ValueError("no way to choose ranks: give ratio=, ranks= (a dict or 'evbmf') "
+                         "or budget=")
+    if budget is not None and (ratio is not None or ranks is not None):
+        raise ValueError("budget cannot be combined with ratio or ranks; give one of them")
+    if isinstance(ranks, str) and ranks != "evbmf":
+        raise ValueError(f"ranks={ranks!r} is not allowed; ranks must be a dict of layer "
+                         "name -> ranks or the string 'evbmf'")
+    if isinstance(model, (nn.Conv2d, nn.Linear)):
+        # a single layer has no upstream layers: sequential equals one-shot
+        from .covariance import collect_covariances
+
+        stats = collect_covariances(model, data, max_batches=max_batches, progress=False,
+                                    forward=forward, mask=mask)
+        return compress(model, method, covariances=stats, ratio=ratio, ranks=ranks,
+                        budget=budget, layers=layers, inplace=inplace, centered=centered,
+                        options=options, progress=progress, distributed=distributed,
+                        min_speedup=min_speedup, example_input=example_input)
+
+    names, named, skipped = _candidates(model, layers, ranks, ratio)
+    explicit = dict(ranks) if hasattr(ranks, "items") else {}
+    if ratio is None and budget is None and ranks != "evbmf":
+        missing = [n for n in names if n not in explicit]
+        if missing:
+            raise ValueError(f"layers {missing} have no ranks: ranks= does not name them and "
+                             "ratio= is not given")
+    device = torch.device(_model_device(model))
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("data yielded no batches; sequential compression needs at least "
+                         "one batch")
+    groups, never = _layer_groups(model, names, first, device, forward, independent)
+    for n in never:
+        if named:
+            raise ValueError(f"layer {n!r} was chosen in layers but never ran in the "
+                             "forward pass; sequential compression needs its inputs")
+        skipped.append({"name": n, "kind": type(model.get_submodule(n)).__name__,
+                        "reason": "never ran in the forward pass on data"})
+    alloc = None
+    if budget is not None:
+        alloc = _budget_ranks(model, method, [n for g in groups for n in g], budget, data,
+                              max_batches=max_batches, forward=forward, mask=mask)
+
+    params_before = sum(p.numel() for p in model.parameters())
+    original = model  # read only: hooks are attached and removed, its mode restored
+    work = copy.deepcopy(model)
+    work_modules = dict(work.named_modules())
+    orig_modules = dict(original.named_modules())
+    rows, pending_out = [], []
+    for gi, group in enumerate(groups):
+        eligible = [n for n in group
+                    if not (isinstance(orig_modules[n], nn.Conv2d)
+                            and orig_modules[n].groups != 1)]
+        cross_accs = [(_CrossAccumulator(n, orig_modules[n], _DEFAULT_CHUNK_BYTES),
+                       orig_modules[n], work_modules[n]) for n in eligible]
+        _run_pair(original, work, data, cross=cross_accs, outputs=pending_out,
+                  max_batches=max_batches, forward=forward, mask=mask, device=device,
+                  progress=progress, desc=f"sequential group {gi + 1}/{len(groups)}")
+        _finish_outputs(rows, pending_out)
+        pending_out = []
+        stats, saved, changes = {}, {}, {}
+        for acc, m_o, m_c in cross_accs:
+            cs = acc.result()
+            K = m_o.weight.detach()
+            saved[acc.name] = (m_c.weight.detach().clone(),
+                               None if m_c.bias is None else m_c.bias.detach().clone(),
+                               m_c.bias is None)
+            if cross:
+                lam = target_ridge
+                if lam is None:
+                    lam = _solver_ridge(layer_method_for(m_o, method), options)
+                target, shift = corrected_target(K, cs, centered=centered, ridge=lam)
+            else:
+                target = K.to(torch.float64)
+                shift = (K.reshape(K.shape[0], -1).to(torch.float64) @ (cs.mean_o - cs.mean_c)
+                         if centered else None)
+            changes[acc.name] = float(torch.linalg.norm(target - K.to(target))
+                                      / max(float(torch.linalg.norm(K.to(target))), 1e-300))
+            with torch.no_grad():
+                m_c.weight.copy_(target.to(m_c.weight))
+                if shift is not None:
+                    if m_c.bias is None:
+                        m_c.bias = nn.Parameter(shift.to(m_c.weight),
+                                                requires_grad=m_c.weight.requires_grad)
+                    else:
+                        m_c.bias.add_(shift.to(m_c.bias))
+            stats[acc.name] = cs.layer_stats()
+        kw = dict(covariances=stats, inplace=True, centered=centered, options=options,
+                  progress=False, distributed=distributed, min_speedup=min_speedup,
+                  example_input=example_input)
+        if alloc is not None:
+            kw["ranks"] = {n: alloc[n] for n in eligible if n in alloc}
+        elif ranks == "evbmf":
+            kw["ranks"] = "evbmf"
+        else:
+            kw["ratio"] = ratio
+            sub = {n: explicit[n] for n in eligible if n in explicit}
+            if sub:
+                kw["ranks"] = sub
+        grp = set(group)
+        kw["layers"] = list(group) if named else (lambda n, m, _g=grp: n in _g)
+        if alloc is not None and not kw["ranks"]:
+            report = None
+            reason = "not in the budget allocation"
+        else:
+            try:
+                _, report = compress(work, method, **kw)
+                reason = None
+            except ValueError as e:
+                if named or not str(e).startswith("no layer can be compressed"):
+                    raise
+                report, reason = None, str(e)
+        done = set()
+        if report is not None:
+            for r in report.layers:
+                r = dict(r)
+                name = r["name"]
+                done.add(name)
+                r["params_before"] = sum(p.numel() for p in orig_modules[name].parameters())
+                r["target_change"] = changes.get(name)
+                r["group"] = gi
+                r["output_error"] = None
+                rows.append(r)
+                b = orig_modules[name].bias
+                pending_out.append((_OutputAccumulator(name, None if b is None
+                                                       else b.detach()),
+                                    orig_modules[name], work.get_submodule(name)))
+            skipped += [s for s in report.skipped if s["name"] in grp]
+        else:
+            skipped += [{"name": n, "kind": type(orig_modules[n]).__name__, "reason": reason}
+                        for n in group]
+        for n in group:  # layers left dense get their own weights back
+            if n in done or n not in saved:
+                continue
+            w, b, had_none = saved[n]
+            m_c = work_modules[n]
+            with torch.no_grad():
+                m_c.weight.copy_(w)
+                if had_none:
+                    m_c.bias = None
+                else:
+                    m_c.bias.copy_(b)
+    if pending_out:  # output errors of the last group
+        _run_pair(original, work, data, cross=[], outputs=pending_out,
+                  max_batches=max_batches, forward=forward, mask=mask, device=device,
+                  progress=progress, desc="output errors")
+        _finish_outputs(rows, pending_out)
+
+    from .compress import CompressionReport
+
+    if inplace:
+        target = model
+        for r in rows:
+            new = work.get_submodule(r["name"])
+            for path in [r["name"]] + list(r.get("aliases", [])):
+                parent_name, _, child = path.rpartition(".")
+                parent = target.get_submodule(parent_name) if parent_name else target
+                setattr(parent, child, new)
+    else:
+        target = work
+    report = CompressionReport(
+        method=method, weighted=True, centered=bool(centered), layers=rows, skipped=skipped,
+        params_before=params_before, params_after=sum(p.numel() for p in target.parameters()),
+        seconds=time.perf_counter() - t_start)
+    return target, report
+
+
+def _solver_ridge(fmt, options):
+    """The ridge the core solver of format ``fmt`` minimises with (see ``target_ridge``)."""
+    from sigmadecomp.sigma import DEFAULT_RIDGE
+
+    if fmt in ("tucker2", "tt"):
+        return float((options or {}).get("ridge", DEFAULT_RIDGE))
+    return float(DEFAULT_RIDGE)
+
+
+def _finish_outputs(rows, pending):
+    by_name = {r["name"]: r for r in rows}
+    for acc, _, _ in pending:
+        if acc.name in by_name:
+            by_name[acc.name]["output_error"] = acc.relative()

@@ -1,0 +1,345 @@
+"""Sequential (error-compensating) compression: cross statistics, identity, API, errors."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
+from sigmadecomp_torch.sequential import (  # noqa: E402
+    CrossStats,
+    collect_cross_covariances,
+    corrected_target,
+    sequential_compress,
+)
+
+F64 = torch.float64
+FAST = {"n_iter_max": 3}
+
+pytestmark = [pytest.mark.filterwarnings("ignore::sigmadecomp.ConvergenceWarning"),
+              pytest.mark.filterwarnings("ignore::sigmadecomp.CompressionWarning")]
+
+
+def _conv_pair(seed=0):
+    """An original two-conv net and a copy whose first conv is perturbed."""
+    torch.manual_seed(seed)
+    orig = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(),
+                         nn.Conv2d(4, 5, 3, stride=2, padding=1, dilation=1,
+                                   padding_mode="reflect"), nn.Tanh()).double()
+    comp = copy.deepcopy(orig)
+    with torch.no_grad():
+        comp[0].weight.add_(0.3 * torch.randn_like(comp[0].weight))
+    return orig, comp
+
+
+def _inputs(model, name, x):
+    """The input tensor of module ``name`` when ``model`` runs on ``x``."""
+    seen = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return seen[0]
+
+
+def _rows(conv, x):
+    x = F.pad(x, list(conv._reversed_padding_repeated_twice), mode="reflect")
+    U = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return U.transpose(1, 2).reshape(-1, U.shape[1])
+
+
+def test_cross_moments_match_direct_computation():
+    orig, comp = _conv_pair()
+    x = torch.randn(6, 3, 9, 9, dtype=F64)
+    s = collect_cross_covariances(orig, comp, [x[:4], x[4:]], layers="2")["2"]
+    conv = orig[2]
+    Xo, Xc = _rows(conv, _inputs(orig, "2", x)), _rows(conv, _inputs(comp, "2", x))
+    N = Xo.shape[0]
+    assert s.count == N
+    torch.testing.assert_close(s.sigma_cc, Xc.T @ Xc / N)
+    torch.testing.assert_close(s.sigma_oc, Xo.T @ Xc / N)
+    torch.testing.assert_close(s.mean_o, Xo.mean(0))
+    torch.testing.assert_close(s.mean_c, Xc.mean(0))
+    K = conv.weight.reshape(5, -1)
+    K = K.detach()
+    assert s.output_energy == pytest.approx(float(((Xo @ K.T) ** 2).sum()) / N, rel=1e-10)
+
+
+@pytest.mark.parametrize("centered,ridge", [(False, 0.0), (True, 0.0), (False, 0.05),
+                                            (True, 0.05)])
+def test_sequential_objective_identity(centered, ridge):
+    """E||K x_o - K~ x_c||^2 = ||(K~ - K') Sigma_cc^{1/2}||^2 + const for any K~
+    (centered: with the best bias, in the centered moments; with a ridge lam:
+    the objective + lam ||K~||^2 in the metric + lam I)."""
+    orig, comp = _conv_pair(1)
+    x = torch.randn(16, 3, 9, 9, dtype=F64)
+    s = collect_cross_covariances(orig, comp, x, layers=["2"])["2"]
+    conv = orig[2]
+    Xo, Xc = _rows(conv, _inputs(orig, "2", x)), _rows(conv, _inputs(comp, "2", x))
+    K = conv.weight.reshape(5, -1).detach()
+    target, shift = corrected_target(conv.weight, s, centered=centered, ridge=ridge)
+    Kp = target.reshape(5, -1)
+    M = s.sigma_cc
+    if centered:
+        M = M - torch.outer(s.mean_c, s.mean_c)
+        Xo, Xc = Xo - s.mean_o, Xc - s.mean_c
+        torch.testing.assert_close(shift, K @ s.mean_o - Kp @ s.mean_c)
+    else:
+        assert shift is None
+    lam = ridge * float(torch.trace(M)) / M.shape[0]
+    const = None
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        Kt = K + 0.5 * torch.randn(K.shape, generator=g, dtype=F64)
+        direct = float(((Xo @ K.T - Xc @ Kt.T) ** 2).sum(1).mean()) + lam * float(
+            (Kt ** 2).sum())
+        D = Kt - Kp
+        form = float(torch.sum((D @ M) * D)) + lam * float((D ** 2).sum())
+        c = direct - form
+        if const is None:
+            const = c
+            if not centered and not ridge:  # const = E||K x_o||^2 - tr(K' Scc K'^T)
+                assert c == pytest.approx(s.output_energy - float(torch.sum((Kp @ M) * Kp)),
+                                          rel=1e-8, abs=1e-10)
+        assert c == pytest.approx(const, rel=1e-8, abs=1e-10)
+    assert const >= -1e-10  # the projection residual
+
+
+def test_corrected_target_is_identity_when_models_agree():
+    orig, _ = _conv_pair()
+    x = torch.randn(8, 3, 9, 9, dtype=F64)
+    s = collect_cross_covariances(orig, copy.deepcopy(orig), x, layers="2")["2"]
+    target, _ = corrected_target(orig[2].weight, s)
+    # Sigma_oc = Sigma_cc, full rank: K' = K
+    torch.testing.assert_close(target, orig[2].weight, rtol=1e-7, atol=1e-9)
+
+
+def test_token_mask_keeps_padded_rows_out():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+        def forward(self, input_ids, attention_mask):
+            return self.proj(self.emb(input_ids))
+
+    model = Tiny()
+    batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    s = collect_cross_covariances(model, copy.deepcopy(model), [batch], layers="proj")["proj"]
+    assert s.count == 5
+
+
+def _chain(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
+                         nn.Linear(24, 10))
+
+
+def test_sequential_beats_one_shot_on_the_final_output():
+    net = _chain()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(128, 12, generator=g) @ torch.randn(12, 12, generator=g)
+            for _ in range(2)]
+    layers, ranks = ["2", "4"], {"2": 4, "4": 3}
+    stats = collect_covariances(net, data, layers=layers, progress=False)
+    one, _ = compress(net, "svd", covariances=stats, ranks=ranks, layers=layers,
+                      progress=False)
+    seq, rep = compress(net, "svd", data=data, sequential=True, ranks=ranks, layers=layers,
+                        progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        y, y1, ys = net(x), one(x), seq(x)
+    err_one = float(((y - y1) ** 2).sum())
+    err_seq = float(((y - ys) ** 2).sum())
+    # '4' is the output layer: the sequential fit is the exact optimum of this error
+    assert err_seq < 0.9 * err_one
+    # the report's output error is the measured relative change of that output
+    row = [r for r in rep.layers if r["name"] == "4"][0]
+    b = net[4].bias.detach()
+    expect = (err_seq / float(((y - b) ** 2).sum())) ** 0.5
+    assert row["output_error"] == pytest.approx(expect, rel=1e-6)
+    assert [r["group"] for r in rep.layers] == [0, 1]
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1, bias=False)
+        self.a = nn.Conv2d(6, 8, 3, padding=1)
+        self.b = nn.Conv2d(6, 8, 1, bias=False)  # reads the same input as a
+        self.c = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.a(x) + self.b(x))
+        x = torch.relu(self.c(x))
+        return self.fc(x.flatten(1))
+
+
+def _conv_data():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 2, 6, 6, generator=g) for _ in range(2)]
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt"])
+def test_every_method_runs(method):
+    torch.manual_seed(0)
+    net, data = ConvNet(), _conv_data()
+    layers = ["a", "b", "c"] + (["fc"] if method == "tt" else [])
+    small, rep = compress(net, method, data=data, sequential=True, ratio=2, layers=layers,
+                          options=FAST, progress=False)
+    assert small(data[0]).shape == (8, 4)
+    done = {r["name"] for r in rep.layers}
+    left = {s["name"]: s["reason"] for s in rep.skipped}
+    assert done | set(left) == set(layers) and {"a", "c"} <= done
+    assert all("would not reduce" in left[n] for n in left)  # TT of the 1x1 'b' at rX 2
+    assert all(r["output_error"] is not None and r["output_error"] >= 0 for r in rep.layers)
+    assert rep.params_after < rep.params_before
+    # a and b read the same input: one group; c depends on both
+    groups = {r["name"]: r["group"] for r in rep.layers}
+    assert groups["a"] == groups.get("b", groups["a"]) != groups["c"]
+    if "b" in left:  # a layer left dense keeps its own weight
+        torch.testing.assert_close(small.b.weight, net.b.weight)
+
+
+@pytest.mark.parametrize("how", ["ranks", "evbmf", "budget", "centered", "one-per-group",
+                                 "plain"])
+def test_rank_options_and_variants(how):
+    torch.manual_seed(0)
+    net, data = ConvNet(), _conv_data()
+    kw = dict(layers=["a", "c"], options=FAST, progress=False)
+    if how == "ranks":
+        kw["ranks"] = {"a": (4, 3), "c": (3, 3)}
+    elif how == "evbmf":
+        kw["ranks"] = "evbmf"
+    elif how == "budget":
+        kw["budget"] = 0.5
+    else:
+        kw["ratio"] = 2
+    extra = {"centered": True} if how == "centered" else {}
+    if how in ("one-per-group", "plain"):
+        small, rep = sequential_compress(net, "tucker2", data, independent=False,
+                                         cross=how != "plain", **kw)
+    else:
+        small, rep = compress(net, "tucker2", data=data, sequential=True, **kw, **extra)
+    assert [r["name"] for r in rep.layers] == ["a", "c"]
+    if how == "ranks":
+        assert [r["ranks"] for r in rep.layers] == [(4, 3), (3, 3)]
+    if how == "budget":
+        assert rep.layer_params_after <= 0.5 * rep.layer_params_before
+    if how == "centered":
+        assert rep.centered and small.c[-1].bias is not None  # bias added by the correction
+    if how == "plain":
+        assert all(r["target_change"] == 0 for r in rep.layers)
+    assert small(data[0]).shape == (8, 4)
+
+
+def test_default_layers_and_skipped_grouped_conv():
+    class G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(2, 4, 3, padding=1)
+            self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+            self.mid = nn.Conv2d(4, 6, 3, padding=1)
+            self.fc = nn.Linear(6 * 36, 3)
+
+        def forward(self, x):
+            return self.fc(self.mid(self.grouped(self.stem(x))).flatten(1))
+
+    torch.manual_seed(0)
+    net = G()
+    small, rep = compress(net, "tucker2", data=_conv_data(), sequential=True, ratio=2,
+                          options=FAST, progress=False)
+    assert [r["name"] for r in rep.layers] == ["mid"]
+    reasons = {s["name"]: s["reason"] for s in rep.skipped}
+    assert "grouped" in reasons["grouped"] and {"stem", "fc"} <= set(reasons)
+    assert small.grouped is not net.grouped and isinstance(small.grouped, nn.Conv2d)
+    torch.testing.assert_close(small.grouped.weight, net.grouped.weight)
+
+
+def test_model_not_mutated_unless_inplace():
+    torch.manual_seed(0)
+    net, data = ConvNet(), _conv_data()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opts = dict(FAST, rng=0)
+    small, _ = compress(net, "cp", data=data, sequential=True, ratio=2, layers=["a", "c"],
+                        options=opts, progress=False, centered=True)
+    assert small is not net
+    assert all(isinstance(getattr(net, n), nn.Conv2d) for n in ("a", "c"))
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
+    same, _ = compress(net, "cp", data=data, sequential=True, ratio=2, layers=["a", "c"],
+                       options=opts, progress=False, inplace=True, centered=True)
+    assert same is net and not isinstance(net.a, nn.Conv2d)
+    with torch.no_grad():  # the same layers as the copy's
+        torch.testing.assert_close(net(data[0]), small(data[0]))
+
+
+def test_data_without_sequential_is_one_shot():
+    torch.manual_seed(0)
+    net, data = ConvNet(), _conv_data()
+    stats = collect_covariances(net, data, progress=False)
+    a, _ = compress(net, "svd", covariances=stats, ratio=2, layers=["a"], progress=False)
+    b, _ = compress(net, "svd", data=data, ratio=2, layers=["a"], progress=False)
+    torch.testing.assert_close(a(data[0]), b(data[0]))
+
+
+def test_bad_inputs():
+    net, data = ConvNet(), _conv_data()
+    with pytest.raises(ValueError, match="data=None.*sequential=True"):
+        compress(net, "tucker2", ratio=2, sequential=True)
+    stats = collect_covariances(net, data, progress=False)
+    with pytest.raises(ValueError, match="covariances= cannot be combined"):
+        compress(net, "tucker2", ratio=2, sequential=True, data=data, covariances=stats)
+    with pytest.raises(ValueError, match="covariances= cannot be combined"):
+        compress(net, "tucker2", ratio=2, data=data, covariances=stats)
+    with pytest.raises(TypeError, match="sequential='yes'"):
+        compress(net, "tucker2", ratio=2, sequential="yes", data=data)
+    with pytest.raises(TypeError, match="iterator"):
+        compress(net, "tucker2", ratio=2, sequential=True, data=iter(data))
+    with pytest.raises(ValueError, match="method='qr'"):
+        compress(net, "qr", ratio=2, sequential=True, data=data)
+    with pytest.raises(ValueError, match="no way to choose ranks"):
+        compress(net, "tucker2", sequential=True, data=data)
+    with pytest.raises(ValueError, match=r"\['c'\] have no ranks"):
+        compress(net, "tucker2", sequential=True, data=data, layers=["a", "c"],
+                 ranks={"a": (2, 2)})
+    with pytest.raises(ValueError, match="no batches"):
+        compress(net, "tucker2", ratio=2, sequential=True, data=[])
+    with pytest.raises(TypeError, match="cross=1"):
+        sequential_compress(net, "tucker2", data, ratio=2, cross=1)
+    with pytest.raises(TypeError, match="CrossStats"):
+        corrected_target(net.a.weight, stats["a"])
+    e, z = torch.eye(3, dtype=F64), torch.zeros(3, dtype=F64)
+    with pytest.raises(ValueError, match="target_ridge=-1"):
+        sequential_compress(net, "tucker2", data, ratio=2, target_ridge=-1)
+    e, z = torch.eye(3, dtype=F64), torch.zeros(3, dtype=F64)
+    with pytest.raises(ValueError, match="ridge=nan"):
+        corrected_target(torch.ones(2, 3), CrossStats(e, e, z, z, 1, 1.0), ridge=float("nan"))
+    with pytest.raises(ValueError, match="n=3"):
+        corrected_target(net.a.weight, CrossStats(e, e, z, z, 1, 1.0))
+    with pytest.raises(ValueError, match="grouped"):
+        g = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2))
+        collect_cross_covariances(g, g, torch.randn(1, 2, 5, 5), layers="0")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs(tmp_path):
+    pytest.importorskip("sigmadecomp.datasets").load_fashion_mnist  # noqa: B018
+    from benchmarks import sequential as bench
+
+    out = tmp_path / "seq.json"
+    res = bench.main(["--quick", "--methods", "tucker2", "--variants", "oneshot",
+                      "sequential", "--calib", "256", "--test", "500", "--iters", "3",
+                      "--out", str(out)])
+    assert out.exists()
+    assert {(r["variant"], r["rx"]) for r in res["rows"]} == {("oneshot", 4.0),
+                                                            ("sequential", 4.0)}
+    assert all(0 < r["accuracy"] <= 1 for r in res["rows"])
