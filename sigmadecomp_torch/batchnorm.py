@@ -90,7 +90,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .covariance import LayerStats, _geometry, _kind, select_layers
+from .covariance import select_layers
+from .layer_stats import LayerStats, layer_geometry, layer_kind
 
 __all__ = ["covariances_from_batchnorm", "BatchNormReport", "relu_moments"]
 
@@ -771,8 +772,8 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
         sig, mu = _apply(sigma, mean, g, a)
         w = module.weight
         stats[name] = LayerStats(sigma=sig.to(w.device), mean=mu.to(w.device), count=1,
-                                 layer=repr(module), groups=1, kind=_kind(module),
-                                 weight_shape=tuple(w.shape), geometry=_geometry(module))
+                                 layer=repr(module), groups=1, kind=layer_kind(module),
+                                 weight_shape=tuple(w.shape), geometry=layer_geometry(module))
         report.modelled[name] = {
             "branches": [tuple(b) for b in src.branches], "relu": src.relu, "spatial": used,
             "shrinkage": a, "gain": g, "fitted": src.output_bn if name in fitted else None,
@@ -794,5 +795,5 @@ def _check(module, src, modules):
             return (f"BatchNorm {bn_name!r} has {bn.num_features} channels; the layer reads "
                     f"{want} input {'channels' if isinstance(module, nn.Conv2d) else 'features'}")
         if isinstance(module, nn.Conv2d) != isinstance(bn, nn.BatchNorm2d):
-            return f"BatchNorm {bn_name!r} ({type(bn).__name__}) does not match a {_kind(module)}"
+            return f"BatchNorm {bn_name!r} ({type(bn).__name__}) does not match a {layer_kind(module)}"
     return None

@@ -28,18 +28,19 @@ when a process group is initialised. For a cheaper estimate,
 Grouped convolutions keep one statistic per group; the factorized layers of
 :mod:`sigmadecomp_torch.layers` do not handle groups, so :func:`compress`
 skips such layers (with the reason in its report).
+
+One concept, collecting the statistics (hooks, patch accumulation,
+all-reduce), which is why this module is longer than most: the result type
+lives in :mod:`sigmadecomp_torch.layer_stats`, files in
+:mod:`sigmadecomp_torch.covariance_io`, batch handling in ``_batches``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import sys
 import warnings
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,9 @@ from torch import nn
 
 from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
+
+from ._batches import batch_mask, check_not_meta, model_device, progress_bar, run_batch
+from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 
 __all__ = [
     "LayerStats",
@@ -57,237 +61,6 @@ __all__ = [
 ]
 
 _DEFAULT_CHUNK_BYTES = 1 << 26  # 64 MiB of patches per GEMM
-
-
-def _kind(module):
-    """Canonical kind of a supported module ("Conv2d" or "Linear")."""
-    if isinstance(module, nn.Conv2d):
-        return "Conv2d"
-    if isinstance(module, nn.Linear):
-        return "Linear"
-    return type(module).__name__
-
-
-def _geometry(module):
-    """Conv geometry of a module (None for a Linear layer), JSON-friendly."""
-    if not isinstance(module, nn.Conv2d):
-        return None
-    pad = module.padding if isinstance(module.padding, str) else list(module.padding)
-    return {"kernel_size": list(module.kernel_size), "stride": list(module.stride),
-            "padding": pad, "dilation": list(module.dilation),
-            "padding_mode": str(module.padding_mode)}
-
-
-def _describe(kind, weight_shape, geometry, groups):
-    shape = "x".join(str(int(s)) for s in weight_shape) if weight_shape is not None else "?"
-    out = f"{kind} with weight {shape}"
-    if geometry:
-        g = geometry
-        out += (f", kernel_size={tuple(g['kernel_size'])}, stride={tuple(g['stride'])}, "
-                f"padding={g['padding'] if isinstance(g['padding'], str) else tuple(g['padding'])}"
-                f", dilation={tuple(g['dilation'])}, padding_mode={g['padding_mode']!r}")
-    if kind == "Conv2d":
-        out += f", groups={groups}"
-    return out
-
-
-@dataclass(repr=False, eq=False)
-class LayerStats:
-    """Input statistics of one layer.
-
-    Attributes
-    ----------
-    sigma : torch.Tensor of shape (n, n), or (groups, n, n) for a grouped conv
-        Uncentered second moment of the input patches; float64 (or float32
-        when collected with ``dtype=torch.float32``).
-    mean : torch.Tensor of shape (n,), or (groups, n)
-        Mean input patch, same dtype as ``sigma``.
-    count : int
-        Number of patch vectors averaged (samples times output positions;
-        real tokens only when a mask was used).
-    layer : str
-        Description of the module the statistics came from (its ``repr``).
-    groups : int
-        Number of convolution groups (one statistic per group when > 1).
-    kind : str or None
-        ``"Conv2d"`` or ``"Linear"``: the kind of layer measured (None when
-        unknown, e.g. statistics built by hand).
-    weight_shape : tuple of int or None
-        Shape of that layer's weight.
-    geometry : dict or None
-        For a conv: ``kernel_size``, ``stride``, ``padding``, ``dilation`` and
-        ``padding_mode``; None for a Linear layer or when unknown.
-
-    Notes
-    -----
-    ``a + b`` merges two statistics of the same layer exactly (count-weighted),
-    e.g. from two datasets or two workers. :meth:`centered` gives the
-    covariance ``sigma - mean mean^T``. :meth:`check_compatible` refuses to
-    use the statistics for a layer of another kind or geometry.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sigmadecomp_torch import LayerStats
-    >>> e, z = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    >>> a = LayerStats(e, z, 10)
-    >>> b = LayerStats(3 * e, z + 1, 30)
-    >>> (a + b).sigma.diagonal().tolist(), (a + b).count
-    ([2.5, 2.5], 40)
-    >>> (a + b).centered()[0].tolist()
-    [1.9375, -0.5625]
-    """
-
-    sigma: torch.Tensor
-    mean: torch.Tensor
-    count: int
-    layer: str = ""
-    groups: int = 1
-    kind: str | None = None
-    weight_shape: tuple | None = None
-    geometry: dict | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.sigma, torch.Tensor) or not isinstance(self.mean, torch.Tensor):
-            raise TypeError("LayerStats: sigma and mean must be torch tensors")
-        if not self.sigma.is_floating_point() or not self.mean.is_floating_point():
-            raise TypeError(f"LayerStats: sigma and mean have dtypes {self.sigma.dtype} and "
-                            f"{self.mean.dtype}; they must be floating point")
-        want = 2 if self.groups == 1 else 3
-        if self.sigma.ndim != want or self.sigma.shape[-1] != self.sigma.shape[-2]:
-            raise ValueError(
-                f"LayerStats: sigma has shape {tuple(self.sigma.shape)}; with groups="
-                f"{self.groups} it must be {'(n, n)' if want == 2 else '(groups, n, n)'}"
-            )
-        if tuple(self.mean.shape) != tuple(self.sigma.shape[:-1]):
-            raise ValueError(
-                f"LayerStats: mean has shape {tuple(self.mean.shape)}; it must be "
-                f"{tuple(self.sigma.shape[:-1])} to match sigma"
-            )
-        if self.groups > 1 and self.sigma.shape[0] != self.groups:
-            raise ValueError(
-                f"LayerStats: sigma holds {self.sigma.shape[0]} groups; groups={self.groups}"
-            )
-        self.count = int(self.count)
-        if self.count < 1:
-            raise ValueError(f"LayerStats: count={self.count}; it must be at least 1")
-        if self.kind is not None and self.kind not in ("Conv2d", "Linear"):
-            raise ValueError(f"LayerStats: kind={self.kind!r}; it must be 'Conv2d', 'Linear' "
-                             "or None")
-        if self.weight_shape is not None:
-            self.weight_shape = tuple(int(s) for s in self.weight_shape)
-
-    @property
-    def n(self):
-        """Dimension of one input patch (per group)."""
-        return int(self.sigma.shape[-1])
-
-    def centered(self):
-        """Covariance ``sigma - mean mean^T`` (same shape as ``sigma``, float64)."""
-        m = self.mean.to(torch.float64)
-        return self.sigma.to(torch.float64) - m[..., :, None] * m[..., None, :]
-
-    def _meta(self):
-        return dict(layer=self.layer, groups=self.groups, kind=self.kind,
-                    weight_shape=self.weight_shape, geometry=self.geometry)
-
-    def to(self, device=None, dtype=None):
-        """A copy on ``device`` and/or in floating ``dtype``."""
-        return LayerStats(self.sigma.to(device=device, dtype=dtype),
-                          self.mean.to(device=device, dtype=dtype), self.count, **self._meta())
-
-    def check_compatible(self, module, name=None):
-        """Raise unless these statistics describe the input of ``module``.
-
-        The statistics of a layer depend on its input side only: the kind of
-        layer, the input size of its weight (``weight.shape[1:]``), its conv
-        geometry and its groups. Those must all match; the number of output
-        channels may differ (layers that read the same input share one
-        statistic). Statistics without a recorded kind (built by hand) are
-        checked on ``n`` and ``groups`` only.
-
-        Parameters
-        ----------
-        module : torch.nn.Conv2d or torch.nn.Linear
-        name : str, optional
-            The layer's name, used in the message.
-
-        Raises
-        ------
-        ValueError
-            When the statistics were collected on a layer of another kind,
-            input size or geometry.
-
-        Examples
-        --------
-        >>> import torch
-        >>> from torch import nn
-        >>> from sigmadecomp_torch import collect_covariances
-        >>> conv = nn.Conv2d(2, 4, 3, padding=1)
-        >>> s = collect_covariances(conv, torch.randn(1, 2, 5, 5), progress=False)[""]
-        >>> s.check_compatible(nn.Conv2d(2, 8, 3, padding=1))   # other output size: fine
-        >>> s.check_compatible(nn.Conv2d(2, 4, 3, stride=2, padding=1), "b")
-        Traceback (most recent call last):
-        ...
-        ValueError: covariances['b'] were collected on a Conv2d with weight 4x2x3x3, ...
-        """
-        label = "covariances" if name is None else f"covariances[{name!r}]"
-        kind = _kind(module)
-        w = getattr(module, "weight", None)
-        if kind not in ("Conv2d", "Linear") or not isinstance(w, torch.Tensor):
-            raise TypeError(f"{label}: check_compatible needs an nn.Conv2d or nn.Linear "
-                            f"module, got {type(module).__name__}")
-        groups = int(module.groups) if kind == "Conv2d" else 1
-        geometry = _geometry(module)
-        n = int(w[0].numel())
-        mine = _describe(self.kind or "layer", self.weight_shape, self.geometry, self.groups)
-        theirs = _describe(kind, tuple(w.shape), geometry, groups)
-        if self.kind is None:
-            if self.n != n or self.groups != groups:
-                raise ValueError(
-                    f"{label} has sigma of shape {tuple(self.sigma.shape)}; the layer "
-                    f"({theirs}) needs ({n}, {n}) with groups={groups}"
-                )
-            return
-        same = (self.kind == kind and self.groups == groups
-                and (self.weight_shape is None
-                     or tuple(self.weight_shape[1:]) == tuple(w.shape[1:]))
-                and self.geometry == geometry and self.n == n)
-        if not same:
-            raise ValueError(
-                f"{label} were collected on a {mine}; the layer is a {theirs}. Statistics "
-                "of a layer with another kind, input size or geometry cannot be used "
-                "(collect them on this model)"
-            )
-
-    def __add__(self, other):
-        if not isinstance(other, LayerStats):
-            return NotImplemented
-        if self.sigma.shape != other.sigma.shape or self.groups != other.groups:
-            raise ValueError(
-                "cannot merge LayerStats of different layers: sigma shapes "
-                f"{tuple(self.sigma.shape)} and {tuple(other.sigma.shape)}, groups "
-                f"{self.groups} and {other.groups}"
-            )
-        if (self.kind is not None and other.kind is not None
-                and (self.kind, self.geometry) != (other.kind, other.geometry)):
-            raise ValueError(
-                "cannot merge LayerStats of different layers: "
-                f"{_describe(self.kind, self.weight_shape, self.geometry, self.groups)} and "
-                f"{_describe(other.kind, other.weight_shape, other.geometry, other.groups)}"
-            )
-        c = self.count + other.count
-        wa, wb = self.count / c, other.count / c
-        ob = other.sigma.to(self.sigma.device, torch.float64)
-        om = other.mean.to(self.mean.device, torch.float64)
-        meta = self._meta() if self.kind is not None else other._meta()
-        return LayerStats(wa * self.sigma.to(torch.float64) + wb * ob,
-                          wa * self.mean.to(torch.float64) + wb * om, c, **meta)
-
-    def __repr__(self):
-        shape = "x".join(str(s) for s in self.sigma.shape)
-        return (f"LayerStats(sigma={shape}, count={self.count}, groups={self.groups}, "
-                f"layer={self.layer!r})")
 
 
 # --------------------------------------------------------------------------- hooks
@@ -444,8 +217,8 @@ class _Accumulator:
         else:
             self.groups = 1
             self.n = int(module.in_features)
-        self.signature = (_kind(module), tuple(w.shape[1:]), self.groups,
-                          json.dumps(_geometry(module)))
+        self.signature = (layer_kind(module), tuple(w.shape[1:]), self.groups,
+                          json.dumps(layer_geometry(module)))
         self.shape = (self.n, self.n) if self.groups == 1 else (self.groups, self.n, self.n)
         self.xx = None  # allocated at the first input measured
         self.xs = None
@@ -711,8 +484,8 @@ class _Accumulator:
             S, mean = S.to(dtype), mean.to(dtype)
         m = self.module
         return LayerStats(sigma=S, mean=mean, count=self.count, layer=repr(m),
-                          groups=self.groups, kind=_kind(m), weight_shape=tuple(m.weight.shape),
-                          geometry=_geometry(m))
+                          groups=self.groups, kind=layer_kind(m), weight_shape=tuple(m.weight.shape),
+                          geometry=layer_geometry(m))
 
 
 def _mirror_upper_(S, block=512):
@@ -831,96 +604,6 @@ def select_layers(model, layers=None, *, name="layers"):
 
 
 # --------------------------------------------------------------------- collect
-
-
-def _describe_item(v):
-    if isinstance(v, torch.Tensor):
-        return f"{str(v.dtype).replace('torch.', '')} tensor {tuple(v.shape)}"
-    return type(v).__name__
-
-
-def _to_device(v, device):
-    if isinstance(v, torch.Tensor):
-        if v.is_meta:
-            raise ValueError("the batch holds a tensor on the meta device (no data); "
-                             "statistics need real inputs")
-        return v.to(device)
-    return v
-
-
-def _run_batch(model, batch, index, device, forward):
-    """Run ``model`` on one batch by the documented rules (see collect_covariances)."""
-    if forward is not None:
-        return forward(model, batch)
-    if isinstance(batch, torch.Tensor):
-        return model(_to_device(batch, device))
-    if isinstance(batch, Mapping):
-        return model(**{k: _to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        first = batch[0]
-        if len(batch) == 1 or (len(batch) == 2 and first.is_floating_point()):
-            return model(_to_device(first, device))
-        items = ", ".join(_describe_item(v) for v in batch)
-        raise TypeError(
-            f"batch {index} is a {type(batch).__name__} of {len(batch)} items ({items}); "
-            "only (inputs,) and (inputs, targets) with floating-point inputs are taken "
-            "apart automatically (the model gets the inputs, the targets are not used). "
-            "Running the model on the first item alone would drop the others: pass "
-            "forward=lambda model, batch: model(*batch) (or whatever call the model "
-            "needs), or use dict batches, which run as model(**batch)"
-        )
-    raise TypeError(
-        f"batch {index} of type {type(batch).__name__} is not allowed; each batch must "
-        "be a tensor, a tuple/list (inputs,) or (inputs, targets), or a mapping of "
-        "keyword arguments; for anything else pass forward=f(model, batch)"
-    )
-
-
-def _batch_mask(mask, batch, index, device):
-    """The token mask of one batch (bool tensor) or None."""
-    if mask is None:
-        return None
-    if mask == "auto":
-        if not isinstance(batch, Mapping) or "attention_mask" not in batch:
-            return None
-        m, what = batch["attention_mask"], "batch['attention_mask']"
-    else:
-        m, what = mask(batch), "mask(batch)"
-    if m is None:
-        return None
-    if not isinstance(m, torch.Tensor) or m.is_meta or m.is_complex():
-        raise TypeError(f"{what} of batch {index} is a {_describe_item(m)}; the token mask "
-                        "must be a real tensor (True/nonzero = a real token)")
-    return m.to(device) != 0
-
-
-def _model_device(model):
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _progress(iterable, *, total, enabled, desc):
-    if not enabled or not sys.stderr.isatty():
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency of the extra
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
-def _check_not_meta(model):
-    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for n, t in items:
-            if t.is_meta:
-                raise ValueError(
-                    f"model has its {what} {n!r} on the meta device (shapes only, no "
-                    "values); statistics need a model with real weights (e.g. "
-                    "model.to_empty(device='cpu') then load_state_dict)"
-                )
 
 
 def collect_covariances(model, data, *, layers=None, max_batches=None, progress=True,
@@ -1091,7 +774,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     if gram_dtype not in (torch.float64, torch.float32):
         raise ValueError(f"gram_dtype={gram_dtype!r} is not allowed; gram_dtype must be "
                          "torch.float64 or torch.float32")
-    _check_not_meta(model)
+    check_not_meta(model)
     chosen = select_layers(model, layers)
     if not chosen:
         raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
@@ -1099,7 +782,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     if isinstance(data, torch.Tensor):
         data = [data]
     if device is None:
-        device = _model_device(model)
+        device = model_device(model)
     device = torch.device(device)
     if device.type == "meta":
         raise ValueError("device='meta' is not allowed; statistics need real data (use the "
@@ -1124,14 +807,14 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
             handles.append(m.register_forward_pre_hook(accs[name]))
         model.eval()
         batches = data if max_batches is None else itertools.islice(data, max_batches)
-        it = _progress(batches, total=total, enabled=progress and (total is None or total > 1),
+        it = progress_bar(batches, total=total, enabled=progress and (total is None or total > 1),
                        desc="collect_covariances")
         with torch.no_grad(), busy_machine_threads():
             for i, batch in enumerate(it):
-                m = _batch_mask(mask, batch, i, device)
+                m = batch_mask(mask, batch, i, device)
                 mask_seen = mask_seen or m is not None
                 run.start(m)
-                _run_batch(model, batch, i, device, forward)
+                run_batch(model, batch, i, device, forward)
                 for acc in accs.values():
                     acc.end_batch()
                 n_batches += 1
@@ -1197,221 +880,6 @@ def _all_reduce(accs):
             a.all_reduce()
 
 
-# ------------------------------------------------------------------ save/load
-
-
-_FORMAT = "sigmadecomp.covariances/2"
-_FORMATS = ("sigmadecomp.covariances/1", _FORMAT)
-_META_KEY = "sigmadecomp.layers"
-
-
-def _entry_meta(v, same_as=None):
-    meta = {"count": int(v.count), "layer": str(v.layer), "groups": int(v.groups),
-            "kind": v.kind, "geometry": v.geometry,
-            "weight_shape": None if v.weight_shape is None else list(v.weight_shape)}
-    if same_as is not None:
-        meta["same_as"] = same_as
-    return meta
-
-
-def save_covariances(stats, path):
-    """Save a mapping ``name -> LayerStats`` as plain tensors.
-
-    Parameters
-    ----------
-    stats : dict of str to LayerStats
-    path : str or os.PathLike
-        A name ending in ``.safetensors`` uses the safetensors format
-        (tensors ``<name>.sigma``, ``<name>.mean``, metadata for counts, layer
-        kinds, weight shapes and conv geometry); anything else is a
-        ``torch.save`` file holding a dict of plain tensors, ints and strings
-        (loadable with ``weights_only=True``). A statistic shared by several
-        layers (the same ``LayerStats`` object) is stored once and shared again
-        by :func:`load_covariances`.
-
-    Examples
-    --------
-    >>> import os, tempfile, torch
-    >>> from sigmadecomp_torch import LayerStats, save_covariances, load_covariances
-    >>> s = {"fc": LayerStats(torch.eye(3, dtype=torch.float64),
-    ...                       torch.zeros(3, dtype=torch.float64), 7, "Linear")}
-    >>> path = os.path.join(tempfile.mkdtemp(), "stats.pt")
-    >>> save_covariances(s, path)
-    >>> load_covariances(path)["fc"]
-    LayerStats(sigma=3x3, count=7, groups=1, layer='Linear')
-    """
-    path = os.fspath(path)
-    if not isinstance(stats, Mapping):
-        raise TypeError(f"stats of type {type(stats).__name__} is not allowed; "
-                        "save_covariances needs a mapping of name -> LayerStats")
-    first = {}
-    for k, v in stats.items():
-        if not isinstance(v, LayerStats):
-            raise TypeError(f"stats[{k!r}] is a {type(v).__name__}; save_covariances "
-                            "needs a mapping of name -> LayerStats")
-        if not isinstance(k, str):
-            raise TypeError(f"stats has the key {k!r}; layer names must be strings")
-        first.setdefault(id(v), k)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        tensors, meta = {}, {}
-        for k, v in stats.items():
-            src = first[id(v)]
-            if src == k:
-                tensors[f"{k}.sigma"] = v.sigma.detach().cpu().contiguous()
-                tensors[f"{k}.mean"] = v.mean.detach().cpu().contiguous()
-            meta[k] = _entry_meta(v, None if src == k else src)
-        save_file(tensors, path, metadata={_META_KEY: json.dumps(meta),
-                                           "format": _FORMAT})
-        return
-    payload = {}
-    for k, v in stats.items():
-        src = first[id(v)]
-        entry = _entry_meta(v, None if src == k else src)
-        entry["geometry"] = json.dumps(entry["geometry"])
-        if src == k:
-            entry["sigma"], entry["mean"] = v.sigma.detach().cpu(), v.mean.detach().cpu()
-        payload[k] = entry
-    torch.save({"format": _FORMAT, "layers": payload}, path)
-
-
-def _build(path, name, info, sigma, mean, map_location):
-    try:
-        geometry = info.get("geometry")
-        if isinstance(geometry, str):
-            geometry = json.loads(geometry)
-        shape = info.get("weight_shape")
-        return LayerStats(sigma.to(map_location), mean.to(map_location), int(info["count"]),
-                          str(info["layer"]), int(info["groups"]), kind=info.get("kind"),
-                          weight_shape=None if shape is None else tuple(shape),
-                          geometry=geometry)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path!r}: the statistics of layer {name!r} are damaged "
-                         f"({type(e).__name__}: {e})") from None
-
-
-def _resolve_shared(path, entries, build):
-    """Build the LayerStats of every entry; ``same_as`` entries share their source's."""
-    out = {}
-    for k, info in entries.items():
-        if not isinstance(info, Mapping):
-            raise ValueError(f"{path!r}: the entry of layer {k!r} is a "
-                             f"{type(info).__name__}, not a statistics record")
-        if "same_as" not in info:
-            out[k] = build(k, info)
-    for k, info in entries.items():
-        if "same_as" in info:
-            src = info["same_as"]
-            if src not in out:
-                raise ValueError(f"{path!r}: layer {k!r} shares the statistics of "
-                                 f"{src!r}, which the file does not hold")
-            out[k] = out[src]
-    return {k: out[k] for k in entries}
-
-
-def load_covariances(path, *, map_location="cpu"):
-    """Load statistics written by :func:`save_covariances`.
-
-    The format is recognised from the file's content (a renamed file is read
-    correctly or refused), not from its name.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    map_location : str or torch.device, optional
-        Device of the loaded tensors (default CPU).
-
-    Returns
-    -------
-    dict of str to LayerStats
-
-    Raises
-    ------
-    FileNotFoundError
-        When ``path`` does not exist.
-    ValueError
-        When the file is not a statistics file of this package (another
-        safetensors or ``torch.save`` file, a truncated or corrupt one, or an
-        unknown format); the message names the file and what is wrong.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    size = os.path.getsize(path)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return _load_torch(path, map_location)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return _load_safetensors(path, map_location)
-    raise ValueError(
-        f"{path!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors nor a "
-        "torch.save file; it is not a statistics file written by save_covariances"
-    )
-
-
-def _load_torch(path, map_location):
-    try:
-        with open(path, "rb") as f:  # a file object: the reader must not guess by name
-            obj = torch.load(f, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure of the reader means a bad file
-        raise ValueError(
-            f"{path!r} could not be read as a torch.save file of statistics: it is "
-            f"truncated, corrupt or holds other objects ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    fmt = obj.get("format") if isinstance(obj, dict) else None
-    if fmt not in _FORMATS or not isinstance(obj.get("layers"), dict):
-        what = (f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict)
-                else f"a {type(obj).__name__}")
-        raise ValueError(f"{path!r} is a torch.save file of {what}, not statistics written "
-                         f"by save_covariances (format {_FORMAT!r})")
-
-    def build(k, v):
-        if not isinstance(v.get("sigma"), torch.Tensor) or not isinstance(
-                v.get("mean"), torch.Tensor):
-            raise ValueError(f"{path!r}: the statistics of layer {k!r} lack their "
-                             "sigma/mean tensors")
-        return _build(path, k, v, v["sigma"], v["mean"], map_location)
-
-    return _resolve_shared(path, obj["layers"], build)
-
-
-def _load_safetensors(path, map_location):
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            names = list(f.keys())
-            if _META_KEY not in meta:
-                raise ValueError(
-                    f"{path!r} is a safetensors file of {len(names)} tensors (e.g. "
-                    f"{names[:3]}) without statistics metadata; it was not written by "
-                    "save_covariances"
-                )
-            try:
-                entries = json.loads(meta[_META_KEY])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path!r}: its statistics metadata is not valid JSON "
-                                 f"({e})") from None
-            if not isinstance(entries, dict):
-                raise ValueError(f"{path!r}: its statistics metadata is a "
-                                 f"{type(entries).__name__}, not a mapping of layers")
-
-            def build(k, info):
-                pair = []
-                for part in ("sigma", "mean"):
-                    if f"{k}.{part}" not in names:
-                        raise ValueError(f"{path!r}: the tensor {k}.{part} of layer {k!r} "
-                                         "is missing")
-                    pair.append(f.get_tensor(f"{k}.{part}"))
-                return _build(path, k, info, pair[0], pair[1], map_location)
-
-            return _resolve_shared(path, entries, build)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the reader's own errors mean a bad file
-        raise ValueError(
-            f"{path!r} could not be read as a safetensors file of statistics: it is "
-            f"truncated or corrupt ({type(e).__name__}: {e})"
-        ) from None
+# save_covariances / load_covariances live in covariance_io (one concept a
+# module); they stay importable from here.
+from .covariance_io import load_covariances, save_covariances  # noqa: E402

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -50,8 +49,8 @@ from torch import nn
 
 from sigmadecomp.sigma import psd_solve
 
-from .covariance import (LayerStats, _batch_mask, _model_device, _progress, _run_batch,
-                         select_layers)
+from ._batches import batch_mask, model_device, progress_bar, run_batch
+from .covariance import LayerStats, select_layers
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
            "sequential_compress"]
@@ -324,19 +323,19 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
         original.eval()
         compressed.eval()
         n_batches = 0
-        it = _progress(data, total=None, enabled=progress, desc=desc)
+        it = progress_bar(data, total=None, enabled=progress, desc=desc)
         with torch.no_grad():
             for i, batch in enumerate(it):
                 if max_batches is not None and i >= max_batches:
                     break
-                m = _batch_mask(mask, batch, i, device)
+                m = batch_mask(mask, batch, i, device)
                 for acc, _, _ in cross:
                     acc.mask = m
                     acc.queue = []
                 for acc, _, _ in outputs:
                     acc.queue = []
-                _run_batch(original, batch, i, device, forward)
-                _run_batch(compressed, batch, i, device, forward)
+                run_batch(original, batch, i, device, forward)
+                run_batch(compressed, batch, i, device, forward)
                 for acc, _, _ in cross:
                     if acc.queue:
                         raise RuntimeError(
@@ -441,7 +440,7 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
                              "compressed model")
         cross.append((_CrossAccumulator(name, m, chunk_bytes), m, mc))
     if device is None:
-        device = _model_device(original)
+        device = model_device(original)
     _run_pair(original, compressed, data, cross=cross, outputs=[], max_batches=max_batches,
               forward=forward, mask=mask, device=torch.device(device), progress=progress,
               desc="cross statistics")
@@ -576,12 +575,12 @@ def _layer_groups(model, names, batch, device, forward, independent):
         model.eval()
         with torch.enable_grad():
             try:  # two samples suffice for the graph's structure
-                _run_batch(model, _first_samples(batch), 0, device, forward)
+                run_batch(model, _first_samples(batch), 0, device, forward)
             except Exception:  # noqa: BLE001 - a batch that cannot be cut: run it whole
                 order.clear()
                 inputs.clear()
                 zeros.clear()
-                _run_batch(model, batch, 0, device, forward)
+                run_batch(model, batch, 0, device, forward)
             deps = {}
             if independent:
                 for b in order:
@@ -806,7 +805,7 @@ min_speedup, example_input
         if missing:
             raise ValueError(f"layers {missing} have no ranks: ranks= does not name them and "
                              "ratio= is not given")
-    device = torch.device(_model_device(model))
+    device = torch.device(model_device(model))
     first = next(iter(data), None)
     if first is None:
         raise ValueError("data yielded no batches; sequential compression needs at least "

@@ -66,6 +66,8 @@ def test_collect_cost_resnet18_quick(capsys):
 @pytest.mark.parametrize("n, block", [(1, 256), (7, 3), (40, 16), (300, 256)])
 def test_in_place_mirror_and_permutation(n, block):
     """The result is built in place: mirror of the upper triangle, then S[p][:, p]."""
+    # private helpers on purpose: collect_covariances' result goes through both, but a
+    # blocked in-place mirror/permutation bug at a block boundary needs these sizes
     from sigmadecomp_torch.covariance import _mirror_upper_, _permute_sym_
 
     g = torch.Generator().manual_seed(n)

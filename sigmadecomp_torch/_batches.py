@@ -1,0 +1,109 @@
+"""Running a model on the batches of a calibration set (shared by the statistics collectors).
+
+The rules of :func:`sigmadecomp_torch.collect_covariances` for what a batch
+is -- a tensor, ``(inputs,)`` / ``(inputs, targets)``, a mapping of keyword
+arguments, or anything with a user ``forward`` -- and for token masks live
+here, so that every pass over calibration data (one-shot and sequential
+statistics) reads batches the same way. Private module; the names are public
+within the package.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["batch_mask", "check_not_meta", "describe_item", "model_device", "progress_bar",
+           "run_batch", "to_device"]
+
+
+def describe_item(v):
+    if isinstance(v, torch.Tensor):
+        return f"{str(v.dtype).replace('torch.', '')} tensor {tuple(v.shape)}"
+    return type(v).__name__
+
+
+def to_device(v, device):
+    if isinstance(v, torch.Tensor):
+        if v.is_meta:
+            raise ValueError("the batch holds a tensor on the meta device (no data); "
+                             "statistics need real inputs")
+        return v.to(device)
+    return v
+
+
+def run_batch(model, batch, index, device, forward):
+    """Run ``model`` on one batch by the documented rules (see collect_covariances)."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, torch.Tensor):
+        return model(to_device(batch, device))
+    if isinstance(batch, Mapping):
+        return model(**{k: to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        first = batch[0]
+        if len(batch) == 1 or (len(batch) == 2 and first.is_floating_point()):
+            return model(to_device(first, device))
+        items = ", ".join(describe_item(v) for v in batch)
+        raise TypeError(
+            f"batch {index} is a {type(batch).__name__} of {len(batch)} items ({items}); "
+            "only (inputs,) and (inputs, targets) with floating-point inputs are taken "
+            "apart automatically (the model gets the inputs, the targets are not used). "
+            "Running the model on the first item alone would drop the others: pass "
+            "forward=lambda model, batch: model(*batch) (or whatever call the model "
+            "needs), or use dict batches, which run as model(**batch)"
+        )
+    raise TypeError(
+        f"batch {index} of type {type(batch).__name__} is not allowed; each batch must "
+        "be a tensor, a tuple/list (inputs,) or (inputs, targets), or a mapping of "
+        "keyword arguments; for anything else pass forward=f(model, batch)"
+    )
+
+
+def batch_mask(mask, batch, index, device):
+    """The token mask of one batch (bool tensor) or None."""
+    if mask is None:
+        return None
+    if mask == "auto":
+        if not isinstance(batch, Mapping) or "attention_mask" not in batch:
+            return None
+        m, what = batch["attention_mask"], "batch['attention_mask']"
+    else:
+        m, what = mask(batch), "mask(batch)"
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor) or m.is_meta or m.is_complex():
+        raise TypeError(f"{what} of batch {index} is a {describe_item(m)}; the token mask "
+                        "must be a real tensor (True/nonzero = a real token)")
+    return m.to(device) != 0
+
+
+def model_device(model):
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def progress_bar(iterable, *, total, enabled, desc):
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the extra
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def check_not_meta(model):
+    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            if t.is_meta:
+                raise ValueError(
+                    f"model has its {what} {n!r} on the meta device (shapes only, no "
+                    "values); statistics need a model with real weights (e.g. "
+                    "model.to_empty(device='cpu') then load_state_dict)"
+                )

@@ -1,0 +1,248 @@
+"""The input statistics of one layer (:class:`LayerStats`) and the layer facts they record.
+
+A :class:`LayerStats` holds Sigma, the mean and the count of a layer's input
+patches together with the layer's kind, weight shape and geometry, so that
+statistics are never applied to another layer (:meth:`LayerStats.check_compatible`).
+Collected by :func:`sigmadecomp_torch.collect_covariances`, saved and loaded by
+:mod:`sigmadecomp_torch.covariance_io`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LayerStats", "layer_geometry", "layer_kind"]
+
+
+def layer_kind(module):
+    """Canonical kind of a supported module ("Conv2d" or "Linear")."""
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return type(module).__name__
+
+
+def layer_geometry(module):
+    """Conv geometry of a module (None for a Linear layer), JSON-friendly."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    pad = module.padding if isinstance(module.padding, str) else list(module.padding)
+    return {"kernel_size": list(module.kernel_size), "stride": list(module.stride),
+            "padding": pad, "dilation": list(module.dilation),
+            "padding_mode": str(module.padding_mode)}
+
+
+def _describe(kind, weight_shape, geometry, groups):
+    shape = "x".join(str(int(s)) for s in weight_shape) if weight_shape is not None else "?"
+    out = f"{kind} with weight {shape}"
+    if geometry:
+        g = geometry
+        out += (f", kernel_size={tuple(g['kernel_size'])}, stride={tuple(g['stride'])}, "
+                f"padding={g['padding'] if isinstance(g['padding'], str) else tuple(g['padding'])}"
+                f", dilation={tuple(g['dilation'])}, padding_mode={g['padding_mode']!r}")
+    if kind == "Conv2d":
+        out += f", groups={groups}"
+    return out
+
+
+@dataclass(repr=False, eq=False)
+class LayerStats:
+    """Input statistics of one layer.
+
+    Attributes
+    ----------
+    sigma : torch.Tensor of shape (n, n), or (groups, n, n) for a grouped conv
+        Uncentered second moment of the input patches; float64 (or float32
+        when collected with ``dtype=torch.float32``).
+    mean : torch.Tensor of shape (n,), or (groups, n)
+        Mean input patch, same dtype as ``sigma``.
+    count : int
+        Number of patch vectors averaged (samples times output positions;
+        real tokens only when a mask was used).
+    layer : str
+        Description of the module the statistics came from (its ``repr``).
+    groups : int
+        Number of convolution groups (one statistic per group when > 1).
+    kind : str or None
+        ``"Conv2d"`` or ``"Linear"``: the kind of layer measured (None when
+        unknown, e.g. statistics built by hand).
+    weight_shape : tuple of int or None
+        Shape of that layer's weight.
+    geometry : dict or None
+        For a conv: ``kernel_size``, ``stride``, ``padding``, ``dilation`` and
+        ``padding_mode``; None for a Linear layer or when unknown.
+
+    Notes
+    -----
+    ``a + b`` merges two statistics of the same layer exactly (count-weighted),
+    e.g. from two datasets or two workers. :meth:`centered` gives the
+    covariance ``sigma - mean mean^T``. :meth:`check_compatible` refuses to
+    use the statistics for a layer of another kind or geometry.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp_torch import LayerStats
+    >>> e, z = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    >>> a = LayerStats(e, z, 10)
+    >>> b = LayerStats(3 * e, z + 1, 30)
+    >>> (a + b).sigma.diagonal().tolist(), (a + b).count
+    ([2.5, 2.5], 40)
+    >>> (a + b).centered()[0].tolist()
+    [1.9375, -0.5625]
+    """
+
+    sigma: torch.Tensor
+    mean: torch.Tensor
+    count: int
+    layer: str = ""
+    groups: int = 1
+    kind: str | None = None
+    weight_shape: tuple | None = None
+    geometry: dict | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.sigma, torch.Tensor) or not isinstance(self.mean, torch.Tensor):
+            raise TypeError("LayerStats: sigma and mean must be torch tensors")
+        if not self.sigma.is_floating_point() or not self.mean.is_floating_point():
+            raise TypeError(f"LayerStats: sigma and mean have dtypes {self.sigma.dtype} and "
+                            f"{self.mean.dtype}; they must be floating point")
+        want = 2 if self.groups == 1 else 3
+        if self.sigma.ndim != want or self.sigma.shape[-1] != self.sigma.shape[-2]:
+            raise ValueError(
+                f"LayerStats: sigma has shape {tuple(self.sigma.shape)}; with groups="
+                f"{self.groups} it must be {'(n, n)' if want == 2 else '(groups, n, n)'}"
+            )
+        if tuple(self.mean.shape) != tuple(self.sigma.shape[:-1]):
+            raise ValueError(
+                f"LayerStats: mean has shape {tuple(self.mean.shape)}; it must be "
+                f"{tuple(self.sigma.shape[:-1])} to match sigma"
+            )
+        if self.groups > 1 and self.sigma.shape[0] != self.groups:
+            raise ValueError(
+                f"LayerStats: sigma holds {self.sigma.shape[0]} groups; groups={self.groups}"
+            )
+        self.count = int(self.count)
+        if self.count < 1:
+            raise ValueError(f"LayerStats: count={self.count}; it must be at least 1")
+        if self.kind is not None and self.kind not in ("Conv2d", "Linear"):
+            raise ValueError(f"LayerStats: kind={self.kind!r}; it must be 'Conv2d', 'Linear' "
+                             "or None")
+        if self.weight_shape is not None:
+            self.weight_shape = tuple(int(s) for s in self.weight_shape)
+
+    @property
+    def n(self):
+        """Dimension of one input patch (per group)."""
+        return int(self.sigma.shape[-1])
+
+    def centered(self):
+        """Covariance ``sigma - mean mean^T`` (same shape as ``sigma``, float64)."""
+        m = self.mean.to(torch.float64)
+        return self.sigma.to(torch.float64) - m[..., :, None] * m[..., None, :]
+
+    def _meta(self):
+        return dict(layer=self.layer, groups=self.groups, kind=self.kind,
+                    weight_shape=self.weight_shape, geometry=self.geometry)
+
+    def to(self, device=None, dtype=None):
+        """A copy on ``device`` and/or in floating ``dtype``."""
+        return LayerStats(self.sigma.to(device=device, dtype=dtype),
+                          self.mean.to(device=device, dtype=dtype), self.count, **self._meta())
+
+    def check_compatible(self, module, name=None):
+        """Raise unless these statistics describe the input of ``module``.
+
+        The statistics of a layer depend on its input side only: the kind of
+        layer, the input size of its weight (``weight.shape[1:]``), its conv
+        geometry and its groups. Those must all match; the number of output
+        channels may differ (layers that read the same input share one
+        statistic). Statistics without a recorded kind (built by hand) are
+        checked on ``n`` and ``groups`` only.
+
+        Parameters
+        ----------
+        module : torch.nn.Conv2d or torch.nn.Linear
+        name : str, optional
+            The layer's name, used in the message.
+
+        Raises
+        ------
+        ValueError
+            When the statistics were collected on a layer of another kind,
+            input size or geometry.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from sigmadecomp_torch import collect_covariances
+        >>> conv = nn.Conv2d(2, 4, 3, padding=1)
+        >>> s = collect_covariances(conv, torch.randn(1, 2, 5, 5), progress=False)[""]
+        >>> s.check_compatible(nn.Conv2d(2, 8, 3, padding=1))   # other output size: fine
+        >>> s.check_compatible(nn.Conv2d(2, 4, 3, stride=2, padding=1), "b")
+        Traceback (most recent call last):
+        ...
+        ValueError: covariances['b'] were collected on a Conv2d with weight 4x2x3x3, ...
+        """
+        label = "covariances" if name is None else f"covariances[{name!r}]"
+        kind = layer_kind(module)
+        w = getattr(module, "weight", None)
+        if kind not in ("Conv2d", "Linear") or not isinstance(w, torch.Tensor):
+            raise TypeError(f"{label}: check_compatible needs an nn.Conv2d or nn.Linear "
+                            f"module, got {type(module).__name__}")
+        groups = int(module.groups) if kind == "Conv2d" else 1
+        geometry = layer_geometry(module)
+        n = int(w[0].numel())
+        mine = _describe(self.kind or "layer", self.weight_shape, self.geometry, self.groups)
+        theirs = _describe(kind, tuple(w.shape), geometry, groups)
+        if self.kind is None:
+            if self.n != n or self.groups != groups:
+                raise ValueError(
+                    f"{label} has sigma of shape {tuple(self.sigma.shape)}; the layer "
+                    f"({theirs}) needs ({n}, {n}) with groups={groups}"
+                )
+            return
+        same = (self.kind == kind and self.groups == groups
+                and (self.weight_shape is None
+                     or tuple(self.weight_shape[1:]) == tuple(w.shape[1:]))
+                and self.geometry == geometry and self.n == n)
+        if not same:
+            raise ValueError(
+                f"{label} were collected on a {mine}; the layer is a {theirs}. Statistics "
+                "of a layer with another kind, input size or geometry cannot be used "
+                "(collect them on this model)"
+            )
+
+    def __add__(self, other):
+        if not isinstance(other, LayerStats):
+            return NotImplemented
+        if self.sigma.shape != other.sigma.shape or self.groups != other.groups:
+            raise ValueError(
+                "cannot merge LayerStats of different layers: sigma shapes "
+                f"{tuple(self.sigma.shape)} and {tuple(other.sigma.shape)}, groups "
+                f"{self.groups} and {other.groups}"
+            )
+        if (self.kind is not None and other.kind is not None
+                and (self.kind, self.geometry) != (other.kind, other.geometry)):
+            raise ValueError(
+                "cannot merge LayerStats of different layers: "
+                f"{_describe(self.kind, self.weight_shape, self.geometry, self.groups)} and "
+                f"{_describe(other.kind, other.weight_shape, other.geometry, other.groups)}"
+            )
+        c = self.count + other.count
+        wa, wb = self.count / c, other.count / c
+        ob = other.sigma.to(self.sigma.device, torch.float64)
+        om = other.mean.to(self.mean.device, torch.float64)
+        meta = self._meta() if self.kind is not None else other._meta()
+        return LayerStats(wa * self.sigma.to(torch.float64) + wb * ob,
+                          wa * self.mean.to(torch.float64) + wb * om, c, **meta)
+
+    def __repr__(self):
+        shape = "x".join(str(s) for s in self.sigma.shape)
+        return (f"LayerStats(sigma={shape}, count={self.count}, groups={self.groups}, "
+                f"layer={self.layer!r})")
