@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from sigmadecomp_torch.demo.experiment import LABELS, QUESTIONS, _acc, _rx_label
+from sigmadecomp_torch.demo.experiment import LABELS, QUESTIONS, accuracy_of, rx_label
 
 __all__ = ["write_outputs", "print_summary", "markdown", "results_table", "shapes_table",
            "quant_table", "findings_text", "write_plots", "accuracy_figure"]
@@ -31,8 +31,8 @@ def results_table(results):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     order = ["frobenius", "sigma", "sigma-centered", "frobenius+ft", "transfer:sigma",
              "transfer:sigma-centered", "datafree:sigma", "datafree:sigma-centered",
-             "budget:sigma-centered", "int8:sigma-centered"]
-    head = "| method | variant | " + " | ".join(f"rX={_rx_label(x)}" for x in rxs) + " |"
+             "budget:sigma-centered", "sequential:sigma", "int8:sigma-centered"]
+    head = "| method | variant | " + " | ".join(f"rX={rx_label(x)}" for x in rxs) + " |"
     lines = [head, "|" + "---|" * (2 + len(rxs))]
     for method in methods:
         for v in order:
@@ -85,11 +85,11 @@ def quant_table(results):
              f"{_fmt_acc(size['original_int8_accuracy'])} | {size['original_int8_bytes']:,} | "
              f"{size['original_bytes'] / size['original_int8_bytes']:.2f}x |"]
     for r in rows:
-        f = _acc(results["rows"], "main", r["method"], "sigma-centered", r["rx_target"])
-        lines.append(f"| {r['method']} rX={_rx_label(r['rx_target'])} Sigma centered, float32 | "
+        f = accuracy_of(results["rows"], "main", r["method"], "sigma-centered", r["rx_target"])
+        lines.append(f"| {r['method']} rX={rx_label(r['rx_target'])} Sigma centered, float32 | "
                      f"{_fmt_acc(f)} | {r['size_bytes_float']:,} | "
                      f"{size['original_bytes'] / r['size_bytes_float']:.2f}x |")
-        lines.append(f"| {r['method']} rX={_rx_label(r['rx_target'])} Sigma centered + int8 | "
+        lines.append(f"| {r['method']} rX={rx_label(r['rx_target'])} Sigma centered + int8 | "
                      f"{_fmt_acc(r['accuracy'])} | {r['size_bytes']:,} | "
                      f"{size['original_bytes'] / r['size_bytes']:.2f}x |")
     return "\n".join(lines)
@@ -116,7 +116,7 @@ def findings_text(results):
         for f in group:
             figs = ", ".join(f"{k} {_fmt_acc(v)}" for k, v in f["figures"].items())
             note = f"; {f['note']}" if f.get("note") else ""
-            lines.append(f"- {f['method']} rX={_rx_label(f['rx'])}: {figs} "
+            lines.append(f"- {f['method']} rX={rx_label(f['rx'])}: {figs} "
                          f"({_points(f['difference'])}{note})")
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -209,7 +209,7 @@ def markdown(results, plots=()):
     conv = results.get("convergence") or {}
     if conv:
         parts += ["## ALS convergence", "",
-                  f"Layer `{conv['layer']}` {tuple(conv['shape'])} at rX={_rx_label(conv['rx'])}:"]
+                  f"Layer `{conv['layer']}` {tuple(conv['shape'])} at rX={rx_label(conv['rx'])}:"]
         for method in cfg["methods"]:
             if method in conv:
                 c = conv[method]
@@ -229,7 +229,8 @@ STYLES = {"frobenius": ("tab:red", "o-"), "sigma": ("tab:blue", "s-"),
           "transfer:sigma-centered": ("tab:purple", "v-"),
           "datafree:sigma-centered": ("tab:orange", "d-"),
           "int8:sigma-centered": ("tab:olive", "x:"),
-          "budget:sigma-centered": ("tab:cyan", "P-")}
+          "budget:sigma-centered": ("tab:cyan", "P-"),
+          "sequential:sigma": ("tab:brown", "*-")}
 """Colour and line style (marker, line) per variant; each variant has its own marker."""
 
 
@@ -252,7 +253,7 @@ def accuracy_figure(results, method):
     ax.set_xscale("log", base=2)
     ticks = sorted({r["rx_target"] for r in rows if r["method"] == method
                     and r.get("rx_target") is not None})
-    ax.set_xticks(ticks, [_rx_label(t) for t in ticks])
+    ax.set_xticks(ticks, [rx_label(t) for t in ticks])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -289,7 +290,7 @@ def write_plots(results, out_dir):
             ax.set_yscale("log")
             ax.set_xlabel("sweep")
             ax.set_ylabel("relative error")
-            ax.set_title(f"{method} {conv['layer']} rX={_rx_label(conv['rx'])}")
+            ax.set_title(f"{method} {conv['layer']} rX={rx_label(conv['rx'])}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
