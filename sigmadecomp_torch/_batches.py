@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["batch_mask", "check_not_meta", "describe_item", "model_device", "progress_bar",
+__all__ = ["batch_mask", "check_not_meta", "check_pass_options", "describe_item", "model_device", "progress_bar",
            "run_batch", "to_device"]
 
 
@@ -107,3 +107,16 @@ def check_not_meta(model):
                     "values); statistics need a model with real weights (e.g. "
                     "model.to_empty(device='cpu') then load_state_dict)"
                 )
+
+
+def check_pass_options(*, chunk_bytes, forward, mask):
+    """Validate the options every pass over calibration data shares (named errors)."""
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes!r} is not allowed; chunk_bytes must be "
+                         "a positive integer")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward={forward!r} is not allowed; forward must be None or a "
+                        "callable forward(model, batch)")
+    if not (mask is None or callable(mask) or (isinstance(mask, str) and mask == "auto")):
+        raise ValueError(f"mask={mask!r} is not allowed; mask must be 'auto', None or a "
+                         "callable mask(batch) -> bool tensor")

@@ -49,7 +49,8 @@ from torch import nn
 from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
-from ._batches import batch_mask, check_not_meta, model_device, progress_bar, run_batch
+from ._batches import (batch_mask, check_not_meta, check_pass_options, model_device,
+                       progress_bar, run_batch)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -755,19 +756,11 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
             raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must "
                              "be None or a positive integer")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes={chunk_bytes!r} is not allowed; chunk_bytes must be "
-                         "a positive integer")
+    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
     if (isinstance(position_fraction, bool) or not isinstance(position_fraction, (int, float))
             or not 0 < position_fraction <= 1):
         raise ValueError(f"position_fraction={position_fraction!r} is not allowed; "
                          "position_fraction must be a number in (0, 1]")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"forward={forward!r} is not allowed; forward must be None or a "
-                        "callable forward(model, batch)")
-    if not (mask is None or callable(mask) or (isinstance(mask, str) and mask == "auto")):
-        raise ValueError(f"mask={mask!r} is not allowed; mask must be 'auto', None or a "
-                         "callable mask(batch) -> bool tensor")
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype={dtype!r} is not allowed; dtype must be torch.float64 or "
                          "torch.float32")

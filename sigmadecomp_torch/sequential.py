@@ -49,7 +49,7 @@ from torch import nn
 
 from sigmadecomp.sigma import psd_solve
 
-from ._batches import batch_mask, model_device, progress_bar, run_batch
+from ._batches import batch_mask, check_pass_options, model_device, progress_bar, run_batch
 from .covariance import LayerStats, select_layers
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
@@ -407,19 +407,11 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
         if not isinstance(m, nn.Module):
             raise TypeError(f"{what} of type {type(m).__name__} is not allowed; it must be a "
                             "torch.nn.Module")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes={chunk_bytes!r} is not allowed; chunk_bytes must be "
-                         "a positive integer")
+    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
     if max_batches is not None and (isinstance(max_batches, bool)
                                     or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
                          "None or a positive integer")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"forward={forward!r} is not allowed; forward must be None or a "
-                        "callable forward(model, batch)")
-    if not (mask is None or callable(mask) or (isinstance(mask, str) and mask == "auto")):
-        raise ValueError(f"mask={mask!r} is not allowed; mask must be 'auto', None or a "
-                         "callable mask(batch) -> bool tensor")
     data = _check_reiterable(data)
     if compressed is original:  # hooks on one module would see both passes
         compressed = copy.deepcopy(original)
