@@ -77,6 +77,10 @@ Examples
 (['3', '6'], torch.Size([72, 72]))
 >>> report.skipped
 {'0': "its input is the model input 'input', not a BatchNorm output"}
+
+One concept, data-free statistics from BatchNorm (the moment formulas, the
+graph reading that finds each layer's BatchNorm and the fitted shrinkage
+serve only this); longer than most modules for that reason.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ by side on the same batches (:func:`collect_cross_covariances`);
 :func:`sequential_compress` does so once per group of layers whose inputs do
 not depend on each other, and compresses each group with
 :func:`sigmadecomp_torch.compress`.
+
+One concept, error-compensating sequential compression (its cross-moment
+statistics, the corrected target and the layer-by-layer driver belong
+together); longer than most modules for that reason.
 """
 
 from __future__ import annotations

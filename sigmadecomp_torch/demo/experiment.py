@@ -28,6 +28,9 @@ fine-tuning**, Frobenius against Sigma decompositions. Steps:
 :func:`run` returns the raw results; :func:`findings` states what they show
 with their figures; :mod:`sigmadecomp_torch.demo.report` writes
 ``results.md``, ``results.json`` and the plots.
+
+One concept, the demo's grid of compressions and what it finds; tables and
+plots live in :mod:`sigmadecomp_torch.demo.report`.
 """
 
 from __future__ import annotations
