@@ -117,6 +117,22 @@ def _strip_times(d):
     return d
 
 
+def _assert_same_report(a, b):
+    """Equal reports, floats to rounding (see the state comparison)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-10, abs=1e-14)
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_report(a[k], b[k])
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_report(x, y)
+    else:
+        assert a == b
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_workers_return_the_one_process_model_and_report(tmp_path):
     spawn_workers(_worker, (free_port(), str(tmp_path)), WORLD, TIMEOUT, "distributed compress")
@@ -134,15 +150,18 @@ def test_two_gloo_workers_return_the_one_process_model_and_report(tmp_path):
             s1, rep1, w1, repr1 = outs[rank][method]["ref"]
             assert s1.keys() == ref_state.keys()
             for k in ref_state:
-                assert torch.equal(s1[k], ref_state[k]), (method, rank, k)
-            # ... and the 2-process result equals it bit for bit, with the same report
+                # the same computation in two concurrently running processes has been
+                # seen to differ in the last bits (8e-15 on an entry of 0.7): equal to
+                # rounding, not always bit for bit
+                torch.testing.assert_close(s1[k], ref_state[k], rtol=1e-12, atol=1e-13)
+            # ... and the 2-process result equals it (to rounding), with the same report
             state, report, warned, text = outs[rank][method]["got"]
             assert text == ref_repr
             assert state.keys() == ref_state.keys()
             for k in ref_state:
                 assert state[k].dtype == ref_state[k].dtype
-                assert torch.equal(state[k], ref_state[k]), (method, rank, k)
-            assert _strip_times(report) == _strip_times(ref_report)
+                torch.testing.assert_close(state[k], ref_state[k], rtol=1e-12, atol=1e-13)
+            _assert_same_report(_strip_times(report), _strip_times(ref_report))
             assert warned == ref_warn  # every process warns about every layer
         # the layers were shared: each process decomposed some, together each once
         counts = [len(outs[r][method]["calls"]) for r in range(WORLD)]
