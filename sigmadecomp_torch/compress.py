@@ -270,8 +270,12 @@ def _naming(name, shard=None):
         raise named from e
 
 
-def _select(model, layers, explicit, ratio, canon):
-    """Step 1: ``(chosen (name, module) pairs, whether named, skipped rows, the layers asked)``."""
+def select_step(model, layers, explicit, ratio, canon=lambda n: n):
+    """Step 1: ``(chosen (name, module) pairs, whether named, skipped rows, the layers asked)``.
+
+    ``explicit`` maps layer names to ranks given by the user; ``canon`` maps a
+    name to the first name of its module. Also used by sequential compression.
+    """
     skipped = []
     named = layers is not None and not callable(layers)
     if layers is None:
@@ -747,7 +751,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
 
     # 1. select  2. plan (statistics prepared once)  3. ranks -- no decomposition yet
-    chosen, named, skipped, asked = _select(model, layers, explicit, ratio, canon)
+    chosen, named, skipped, asked = select_step(model, layers, explicit, ratio, canon)
     plans = _plan(model, chosen, method, covariances, centered, options, paths, named, skipped)
     if not plans:
         raise ValueError("no layer can be compressed: "

@@ -610,29 +610,12 @@ def _layer_groups(model, names, batch, device, forward, independent):
 
 
 def _candidates(model, layers, ranks, ratio):
-    """``(names in model order, named, skipped rows)`` like :func:`compress` chooses them."""
-    from .compress import default_layers
+    """``(names in model order, named, skipped rows)`` chosen as :func:`compress` chooses them."""
+    from .compress import select_step
 
     explicit = dict(ranks) if hasattr(ranks, "items") else {}
-    skipped = []
-    named = layers is not None and not callable(layers)
-    if layers is None:
-        if explicit and ratio is None:
-            layers, named = list(explicit), True
-        else:
-            default = default_layers(model)
-            for n, m in select_layers(model):
-                if n not in default and n not in explicit:
-                    skipped.append({"name": n, "kind": type(m).__name__,
-                                    "reason": "first or last layer: left alone by default; "
-                                              "name it in layers= to compress it"})
-            layers = default + [k for k in explicit if k not in default]
-    chosen = [n for n, _ in select_layers(model, layers)]
-    for k in explicit:
-        if k not in chosen:
-            raise ValueError(f"ranks contains {k!r}, which is not among the layers to "
-                             f"compress; the chosen layers are {sorted(chosen)}")
-    return chosen, named, skipped
+    chosen, named, skipped, _ = select_step(model, layers, explicit, ratio)
+    return [n for n, _ in chosen], named, skipped
 
 
 def _budget_ranks(model, method, names, budget, data, *, max_batches, forward, mask):
