@@ -130,16 +130,37 @@ def _check_not_meta(model, covariances):
                              "collect or load the statistics on a real device")
 
 
-def _cp_flop(shape, rank, options, weighted):
-    """Rough floating-point operations of :func:`sigmadecomp.cp` on a ``shape`` kernel."""
+#: CG iterations of one exact CP B-update assumed by :func:`cp_flop` (measured
+#: 60-110 on ResNet-18 and reference layers at rX=3, notes/sweeps.md).
+CP_EXACT_CG_ITERATIONS = 80
+#: ... and of one B-update under ``inner={'maxiter': 'adaptive'}`` (a cap of 5
+#: that doubles only when progress stalls).
+CP_ADAPTIVE_CG_ITERATIONS = 6
+
+
+def cp_flop(shape, rank, options, weighted):
+    """Rough floating-point operations of :func:`sigmadecomp.cp` on a ``shape`` kernel.
+
+    A Sigma sweep costs about ``2 n^2 R`` per CG iteration of its B-update plus
+    three such products (the other blocks and the error); the number of CG
+    iterations follows ``options['inner']`` (exact by default).
+    """
     T = shape[0]
     n = int(math.prod(shape[1:]))
     R = float(rank)
     sweeps = int(options.get("n_iter_max", 100))
     per_frob = 6 * T * n * R + 2 * R ** 3 + 4 * (T + n) * R ** 2
-    per_sigma = 16 * n * n * R + 4 * n * R ** 2 + 2 * R ** 3 + 4 * T * n * R
     if not weighted:
         return sweeps * per_frob
+    inner = options.get("inner") or {}
+    maxiter = inner.get("maxiter") if isinstance(inner, dict) else getattr(inner, "maxiter", None)
+    if maxiter is None:
+        cg = CP_EXACT_CG_ITERATIONS
+    elif maxiter == "adaptive":
+        cg = CP_ADAPTIVE_CG_ITERATIONS
+    else:
+        cg = min(int(maxiter), CP_EXACT_CG_ITERATIONS)
+    per_sigma = 2 * (cg + 3) * n * n * R + 4 * n * R ** 2 + 2 * R ** 3 + 4 * T * n * R
     init = options.get("init", "frobenius")
     return sweeps * per_sigma + (25 * per_frob if init in (None, "frobenius") else 0)
 
@@ -378,7 +399,7 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
                 f"{p.params} weight parameters, more than the {dense} of the original "
                 "layer; the layer is replaced anyway", CompressionWarning, stacklevel=3)
         if rmeth == "cp":
-            flop = _cp_flop(shape, p.ranks, options, p.sigma is not None)
+            flop = cp_flop(shape, p.ranks, options, p.sigma is not None)
             if flop > CP_COST_WARN_FLOP:
                 warnings.warn(
                     f"CP rank {p.ranks} for layer {p.name!r} (weight {shape}) needs about "

@@ -106,9 +106,9 @@ def layer_cost(shape, fmt, ranks, options, weighted):
     # the Sigma square root / factorization every weighted format starts with
     base = float(n) ** 3 if weighted else 0.0
     if fmt == "cp":
-        from .compress import _cp_flop
+        from .compress import cp_flop
 
-        return base + _cp_flop(shape, ranks, options, weighted)
+        return base + cp_flop(shape, ranks, options, weighted)
     if fmt == "tucker2":
         r_T, r_S = (int(v) for v in ranks)
         sweeps = int(options.get("n_iter_max", 100))
