@@ -129,11 +129,26 @@ _rel = relative_error
 # Frobenius: HOSVD and HOOI
 # ----------------------------------------------------------------------------
 
+def _leading(A, r):
+    """Top-``r`` left singular vectors of ``A`` (T, m).
+
+    From the ``T x T`` Gram matrix when ``A`` is wide (``m >= 2 T``: the HOOI
+    unfoldings of large layers, e.g. 512 x 2196, where a thin SVD costs several
+    times the Gram product), else from the thin SVD. Only the dominant
+    subspace is used, which the Gram matrix determines to within
+    ``eps * s_1^2 / (s_r^2 - s_{r+1}^2)``.
+    """
+    T, m = A.shape
+    if m >= 2 * T and r < T:
+        return _top_left_gram(A, r)[0]
+    return _top_left(A, r)[0]
+
+
 def _hosvd(K, r_T, r_S):
     xp = B.namespace(K)
     T, S = K.shape[:2]
-    U_T = _top_left(xp.reshape(K, (T, -1)), r_T)[0]
-    U_S = _top_left(xp.reshape(xp.moveaxis(K, 1, 0), (S, -1)), r_S)[0]
+    U_T = _leading(xp.reshape(K, (T, -1)), r_T)
+    U_S = _leading(xp.reshape(xp.moveaxis(K, 1, 0), (S, -1)), r_S)
     return U_T, U_S
 
 
@@ -142,9 +157,9 @@ def _hooi_sweep(K, U_S, r_T, r_S):
     xp = B.namespace(K)
     T, S, H, W = K.shape
     A = B.einsum("tshw,sb->tbhw", K, U_S)
-    U_T = _top_left(xp.reshape(A, (T, -1)), r_T)[0]
+    U_T = _leading(xp.reshape(A, (T, -1)), r_T)
     Bm = B.einsum("tshw,ta->sahw", K, U_T)
-    U_S = _top_left(xp.reshape(Bm, (S, -1)), r_S)[0]
+    U_S = _leading(xp.reshape(Bm, (S, -1)), r_S)
     core = B.einsum("tshw,ta,sb->abhw", K, U_T, U_S)
     return U_T, U_S, core
 
