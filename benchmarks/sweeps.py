@@ -1,9 +1,10 @@
-"""Sigma-error against sweeps and wall time for tucker2 and cp; the choice of defaults.
+"""Sigma-error against sweeps and time for tucker2, cp and tt_conv; the choice of defaults.
 
 Run from the repository root::
 
     python -m benchmarks.sweeps --method tucker2          # the measurement (tens of minutes)
     python -m benchmarks.sweeps --method cp
+    python -m benchmarks.sweeps --method tt
     python -m benchmarks.sweeps --quick                   # tiny smoke run (seconds)
     python -m benchmarks.sweeps --report                  # notes/sweeps.md tables + PNG from the CSVs
 
@@ -66,6 +67,11 @@ CP_CONFIGS = {
     "exact1e-8": {"inner": {"rtol": 1e-8, "maxiter": 5000}},
     "fixed5": {"inner": {"rtol": 1e-10, "maxiter": 5}},
 }
+TT_CONFIGS = {
+    "default": {},  # dense core solves up to 4096 unknowns, else PCG to rtol 1e-4
+    "cg1e-8": {"inner": {"rtol": 1e-8, "maxiter": 500}},  # tight inner solves (reference)
+}
+METHODS = ("tucker2", "cp", "tt")
 
 
 # ---------------------------------------------------------------------------
@@ -137,27 +143,34 @@ def run_one(method, K, S, kwargs, *, max_sweeps, max_seconds):
     thread they equal wall time on an idle machine and do not grow with the
     other jobs of a shared one.
     """
-    from sigmadecomp import cp, tucker2
+    from sigmadecomp import cp, tt_conv, tucker2
     from sigmadecomp.ranks import ratio_to_ranks
+    from sigmadecomp.tt import tt_ranks_for_ratio
+    from sigmadecomp.tt_modes import auto_modes
 
-    ranks = ratio_to_ranks(K.shape, method, 3)
+    if method == "tt":
+        in_modes, out_modes = auto_modes(K.shape[1], K.shape[0])
+        ranks = tt_ranks_for_ratio(in_modes, out_modes, 3, kernel_size=K.shape[2:])
+    else:
+        ranks = ratio_to_ranks(K.shape, method, 3)
     rec = []
     t0 = time.process_time()
 
     def callback(res, *rest):
         t = time.process_time() - t0
         errs = res.errors
-        if not rec and len(errs) > 1:  # cp reports after the first sweep only
+        if not rec and len(errs) > 1:  # cp and tt report after the first sweep only
             rec.append((0, float("nan"), float(errs[0])))
         rec.append((len(errs) - 1, t, float(errs[-1])))
         return t > max_seconds
 
-    fn = tucker2 if method == "tucker2" else cp
     kw = dict({"tol": 0.0}, n_iter_max=max_sweeps, callback=callback, **kwargs)
     if method == "tucker2":
-        res = fn(K, tuple(ranks), S, **kw)
+        res = tucker2(K, tuple(ranks), S, **kw)
+    elif method == "tt":
+        res = tt_conv(K, ranks, S, in_modes=in_modes, out_modes=out_modes, **kw)
     else:
-        res = fn(K, int(ranks), S, **kw)
+        res = cp(K, int(ranks), S, **kw)
     return rec, res
 
 
@@ -185,7 +198,7 @@ def stop_rule(rec, tol, patience=1, relative=True):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", choices=("tucker2", "cp"), default="tucker2")
+    p.add_argument("--method", choices=METHODS, default="tucker2")
     p.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--configs", nargs="+", default=None)
     p.add_argument("--images", type=int, default=16)
@@ -218,7 +231,7 @@ def main(argv=None):
         args.channels, args.images, args.size = [64], 2, 32
         args.max_sweeps, args.max_seconds = 5, 10.0
         args.no_reference = True
-    configs = TUCKER2_CONFIGS if args.method == "tucker2" else CP_CONFIGS
+    configs = {"tucker2": TUCKER2_CONFIGS, "cp": CP_CONFIGS, "tt": TT_CONFIGS}[args.method]
     names = args.configs or list(configs)
     if args.quick:
         names = names[:2]
@@ -435,7 +448,7 @@ def report():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for method in ("tucker2", "cp"):
+    for method in METHODS:
         path = os.path.join(NOTES_DIR, f"sweeps_{method}.csv")
         if not os.path.exists(path):
             continue
