@@ -31,6 +31,12 @@ Choosing ``alpha`` from data
   al. (2010) for ``count`` independent samples. It corrects sampling noise
   only.
 
+A second matrix can take part: :func:`mix_sigma` mixes the shrunk ``sigma``
+with a ``prior`` second moment (e.g. one derived from the network's
+BatchNorm layers without data), and :func:`moment_mixture` chooses the
+shrinkage and the prior's share together by the criterion of
+:func:`moment_alpha`.
+
 Examples
 --------
 >>> import numpy as np

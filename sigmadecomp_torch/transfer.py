@@ -25,6 +25,10 @@ or chosen per layer by a rule that uses the statistics and the model only:
     Sigma-error weighs. On matching statistics it picks ``a`` near 0; on
     shifted ones it shrinks. Layers with no BatchNorm reading their output
     (and no ``targets`` entry) are left unshrunk and listed in ``skipped``.
+    With ``prior=`` (e.g. the data-free statistics of
+    :func:`sigmadecomp_torch.covariances_from_batchnorm`) the same criterion
+    also chooses the share ``w`` of the prior in a mixture with the shrunk
+    statistics (:func:`sigmadecomp.shrinkage.moment_mixture`).
 ``'holdout'``
     Fit each layer at every candidate ``a`` with ``stats`` and measure the
     relative Sigma-error in ``holdout`` (statistics of other batches of the
