@@ -162,7 +162,8 @@ def main(argv=None, *, log=print):
         rows.append(row)
         log(f"{method:8s} rX={rx:g} {label:16s} acc {100 * acc:6.2f}  ({sec:.1f} s"
             + (f", a={_fmt_alphas(extra['alphas'])}" if "alphas" in extra else "")
-            + (f", w={_fmt_alphas(extra['weights'])}" if extra.get("weights") else "") + ")")
+            + (f", w={_fmt_alphas(extra['weights'])}" if any(extra.get("weights", {}).values())
+               else "") + ")")
         return row
 
     for method in args.methods:
