@@ -18,8 +18,16 @@ default). Rows, each with the same ALS options (``n_iter_max`` 10, ``rng`` 0):
   :func:`sigmadecomp_torch.transfer.shrink_covariances` with that rule
   (``moments``, ``holdout`` -- fit on the digits of even batches, checked on
   the odd ones, applied to all -- ``oas`` with the number of digit images, and
-  ``a=<value>`` for a fixed ``a`` on every layer).
+  ``a=<value>`` for a fixed ``a`` on every layer);
+* ``digits+moments+bn``: the moments rule with ``prior=`` the data-free
+  statistics of :func:`sigmadecomp_torch.covariances_from_batchnorm`
+  (unshrunk, 2,048 smooth-noise images): per layer the rule chooses the
+  shrinkage ``a`` and the share ``w`` of the BatchNorm statistics together;
+* ``bn``: the data-free statistics alone, with their own BatchNorm-fitted
+  shrinkage (no image data; a reference for the mixture).
 
+``--rng`` changes only the seed of the ALS initialisation (the data are
+those of ``--seed``), to see how much of a difference is fit-to-fit spread.
 For each cell the fraction of the gain kept is
 ``(acc(row) - acc(frobenius)) / (acc(sigma) - acc(frobenius))``; the goal is
 at least 2/3. Writes ``--out`` (JSON: rows, chosen ``a`` per layer, config)
@@ -37,6 +45,7 @@ import warnings
 import numpy as np
 
 GOAL = 2.0 / 3.0
+RULES = ("moments", "moments+bn", "bn", "holdout", "oas")
 
 
 def parse_args(argv=None):
@@ -47,13 +56,16 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None, choices=("tucker2", "cp"))
     p.add_argument("--rx", nargs="+", type=float, default=None)
     p.add_argument("--rules", nargs="+", default=None,
-                   help="moments, holdout, oas, or a=<float> (default: all three and a=0.5)")
+                   help="moments, moments+bn, bn, holdout, oas, or a=<float> (default: "
+                        "moments, oas, a=0.5, holdout, moments+bn)")
     p.add_argument("--iters", type=int, default=None, help="ALS sweeps (default 10)")
     p.add_argument("--calib", type=int, default=None)
     p.add_argument("--digits", type=int, default=None, help="digit images (default all)")
     p.add_argument("--test", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rng", type=int, default=None,
+                   help="seed of the ALS initialisation (default: --seed)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--png", default=None, help="PNG of the fraction of the gain kept")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -65,14 +77,17 @@ def parse_args(argv=None):
                  digits=512, test=1000)
     else:
         d = dict(methods=["tucker2", "cp"], rx=[2.0, 3.0, 4.0, 6.0],
-                 rules=["moments", "oas", "a=0.5", "holdout"], iters=10, calib=2048,
+                 rules=["moments", "oas", "a=0.5", "holdout", "moments+bn"], iters=10,
+                 calib=2048,
                  digits=None, test=10000)
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     for r in args.rules:
-        if r not in ("moments", "holdout", "oas") and not r.startswith("a="):
-            p.error(f"--rules: {r!r} is not allowed; use moments, holdout, oas or a=<float>")
+        if r not in RULES and not r.startswith("a="):
+            p.error(f"--rules: {r!r} is not allowed; use {', '.join(RULES)} or a=<float>")
+    if args.rng is None:
+        args.rng = args.seed
     return args
 
 
@@ -87,7 +102,7 @@ def main(argv=None, *, log=print):
     import torch
 
     from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
-    from sigmadecomp_torch import collect_covariances, compress
+    from sigmadecomp_torch import collect_covariances, compress, covariances_from_batchnorm
     from sigmadecomp_torch.data import digits, fashion_mnist, make_loader
     from sigmadecomp_torch.demo.reference import evaluate, load_reference
     from sigmadecomp_torch.models import conv3x3_names
@@ -119,10 +134,20 @@ def main(argv=None, *, log=print):
     log(f"reference accuracy {base:.4f} on {len(x_test)} test images; {len(x_cal)} Fashion-MNIST "
         f"calibration images, {len(x_dig)} digits; layers {names}")
 
+    s_bn = {}
+
+    def bn_stats(shrinkage):
+        # data-free statistics from the BatchNorm layers (as many noise images as in the demo)
+        if shrinkage not in s_bn:
+            s_bn[shrinkage], _ = covariances_from_batchnorm(
+                model, layers=names, input_shape=tuple(x_test.shape[1:]), samples=2048,
+                seed=args.seed + 2, shrinkage=shrinkage)
+        return s_bn[shrinkage]
+
     rows = []
 
     def run(method, rx, label, cov, **extra):
-        opts = {"n_iter_max": args.iters, "rng": args.seed}
+        opts = {"n_iter_max": args.iters, "rng": args.rng}
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -136,7 +161,9 @@ def main(argv=None, *, log=print):
                "compress_seconds": sec, **extra}
         rows.append(row)
         log(f"{method:8s} rX={rx:g} {label:16s} acc {100 * acc:6.2f}  ({sec:.1f} s"
-            + (f", a={_fmt_alphas(extra['alphas'])}" if "alphas" in extra else "") + ")")
+            + (f", a={_fmt_alphas(extra['alphas'])}" if "alphas" in extra else "")
+            + (f", w={_fmt_alphas(extra['weights'])}" if any(extra.get("weights", {}).values())
+               else "") + ")")
         return row
 
     for method in args.methods:
@@ -146,20 +173,25 @@ def main(argv=None, *, log=print):
             run(method, rx, "digits", s_dig)
             for rule in args.rules:
                 t0 = time.perf_counter()
+                if rule == "bn":
+                    run(method, rx, "bn", bn_stats("bn"))
+                    continue
                 if rule.startswith("a="):
                     cov = shrink_covariances(s_dig, float(rule[2:]))
                 elif rule == "moments":
                     cov = shrink_covariances(s_dig, "moments", model=model)
+                elif rule == "moments+bn":
+                    cov = shrink_covariances(s_dig, "moments", model=model, prior=bn_stats(0.0))
                 elif rule == "oas":
                     cov = shrink_covariances(s_dig, "oas", images=len(x_dig))
                 else:
                     cov = shrink_covariances(s_even, "holdout", holdout=s_odd, model=model,
                                              method=method, ratio=rx,
                                              options={"n_iter_max": args.iters,
-                                                      "rng": args.seed})
+                                                      "rng": args.rng})
                 sel = time.perf_counter() - t0
                 run(method, rx, f"digits+{rule}", cov, alphas=dict(cov.alphas),
-                    select_seconds=sel)
+                    weights=dict(cov.weights), select_seconds=sel)
 
     for r in rows:
         ref = {x["row"]: x["accuracy"] for x in rows
@@ -218,7 +250,7 @@ def table(out):
                 parts.append("")
                 continue
             s = f"{100 * r['accuracy']:.2f}"
-            if lab.startswith("digits") and r["gain_kept"] is not None:
+            if lab not in ("frobenius", "sigma") and r["gain_kept"] is not None:
                 kept = r["gain_kept"]
                 s += f" ({100 * kept:.0f}%{'' if kept >= GOAL else ' MISS'})"
             parts.append(s)
@@ -234,7 +266,8 @@ def plot(out, path):
 
     rows = out["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    labels = [lab for lab in dict.fromkeys(r["row"] for r in rows) if lab.startswith("digits")]
+    labels = [lab for lab in dict.fromkeys(r["row"] for r in rows)
+              if lab not in ("frobenius", "sigma")]
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
     for ax, m in zip(axes[0], methods):
         rxs = sorted({r["rx"] for r in rows if r["method"] == m})

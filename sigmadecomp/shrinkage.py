@@ -31,6 +31,12 @@ Choosing ``alpha`` from data
   al. (2010) for ``count`` independent samples. It corrects sampling noise
   only.
 
+A second matrix can take part: :func:`mix_sigma` mixes the shrunk ``sigma``
+with a ``prior`` second moment (e.g. one derived from the network's
+BatchNorm layers without data), and :func:`moment_mixture` chooses the
+shrinkage and the prior's share together by the criterion of
+:func:`moment_alpha`.
+
 Examples
 --------
 >>> import numpy as np
@@ -57,11 +63,17 @@ __all__ = [
     "holdout_alpha",
     "moment_alpha",
     "oas_alpha",
+    "mix_sigma",
+    "moment_mixture",
     "DEFAULT_ALPHAS",
+    "DEFAULT_WEIGHTS",
 ]
 
 #: The candidate values searched by :func:`holdout_alpha` and :func:`moment_alpha`.
 DEFAULT_ALPHAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+#: The candidate weights of the prior searched by :func:`moment_mixture`.
+DEFAULT_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def check_alpha(alpha, name="alpha"):
@@ -311,3 +323,131 @@ def oas_alpha(sigma, count):
     if den <= 0:  # already a multiple of the identity
         return 1.0
     return float(min(1.0, max(0.0, ((1.0 - 2.0 / n) * tr2 + tr * tr) / den)))
+
+
+def _mean_eig(S):
+    xp = B.namespace(S)
+    return xp.sum(xp.linalg.diagonal(S), axis=-1) / S.shape[-1]
+
+
+def mix_sigma(sigma, prior, alpha, weight):
+    """``(1 - w) shrink_sigma(sigma, alpha) + w c prior / c_p``, on the scale of ``sigma``.
+
+    ``c`` and ``c_p`` are the mean eigenvalues (``trace / n``) of ``sigma``
+    and ``prior``: the prior is brought to the scale of ``sigma`` before the
+    convex combination, so that ``weight`` is the share of the trace it gets.
+    ``weight = 0`` is :func:`shrink_sigma`; ``weight = 1`` is the rescaled
+    ``prior``. It is the second moment of a mixture of the two (shrunk)
+    distributions, so it is PSD when both are.
+
+    Parameters
+    ----------
+    sigma, prior : arrays of shape (n, n)
+        Symmetric PSD second moments, NumPy or torch (same library).
+    alpha, weight : float in [0, 1]
+
+    Returns
+    -------
+    array like ``sigma``
+        New array; the inputs are not modified. Its trace is that of ``sigma``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.shrinkage import mix_sigma
+    >>> mix_sigma(np.diag([3.0, 1.0]), np.diag([0.0, 10.0]), 0.0, 0.5).tolist()
+    [[1.5, 0.0], [0.0, 2.5]]
+    """
+    check_array(sigma, "sigma", ndim=2)
+    check_array(prior, "prior", ndim=2)
+    if sigma.shape[0] != sigma.shape[1] or tuple(prior.shape) != tuple(sigma.shape):
+        raise ValueError(f"sigma has shape {tuple(sigma.shape)} and prior "
+                         f"{tuple(prior.shape)}; both must be the same (n, n)")
+    weight = check_alpha(weight, "weight")
+    out = shrink_sigma(sigma, alpha)
+    if weight == 0.0:
+        return out
+    check_finite(prior, "prior")
+    S, P = B.as_compute(out), B.as_compute(prior)
+    cp = float(_mean_eig(P))
+    if not cp > 0:
+        raise ValueError("prior has no positive trace; it must be a second moment with "
+                         "some energy")
+    mixed = (1.0 - weight) * S + weight * (float(_mean_eig(S)) / cp) * P
+    return B.namespace(sigma).astype(mixed, sigma.dtype)
+
+
+def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
+                   weights=DEFAULT_WEIGHTS):
+    """The ``(alpha, w)`` of :func:`mix_sigma` under which the output channels have ``target``.
+
+    :func:`moment_alpha` over a grid of two parameters: the shrinkage
+    ``alpha`` of ``sigma`` toward the identity and the share ``w`` of a
+    ``prior`` second moment (e.g. data-free statistics from the network's
+    BatchNorm layers). The candidate whose output energies
+    ``(K_(1) S K_(1)^T)[t, t]`` have the least spread of ``log q_t - log
+    target_t`` over the channels wins; ties go to the smaller ``w``, then the
+    smaller ``alpha``.
+
+    Parameters
+    ----------
+    weight : array of shape (T, ...)
+    sigma, prior : arrays of shape (n, n), ``n = prod(weight.shape[1:])``
+    target : array of shape (T,)
+        Positive expected mean square of each output channel.
+    alphas, weights : sequences of float in [0, 1], optional
+
+    Returns
+    -------
+    (alpha, w) : tuple of float
+    spreads : dict of (float, float) to float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.shrinkage import mix_sigma, moment_mixture
+    >>> K = np.eye(3)
+    >>> S, P = np.diag([4.0, 1.0, 1.0]), np.diag([1.0, 4.0, 1.0])
+    >>> target = np.diag(mix_sigma(S, P, 0.0, 0.5))   # equal parts of the two
+    >>> moment_mixture(K, S, P, target)[0]
+    (0.0, 0.5)
+    """
+    K = _flat(weight)
+    alphas, weights = _check_alphas(alphas), _check_alphas(weights)
+    n, T = K.shape[1], K.shape[0]
+    for nm, M in (("sigma", sigma), ("prior", prior)):
+        check_array(M, nm, ndim=2)
+        if tuple(M.shape) != (n, n):
+            raise ValueError(f"{nm} has shape {tuple(M.shape)}; it must be ({n}, {n}) for a "
+                             f"weight of shape {tuple(weight.shape)}")
+    tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
+                     dtype=np.float64).reshape(-1)
+    if tgt.shape != (T,):
+        raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
+                         "output channel")
+    if not np.all(np.isfinite(tgt)) or np.any(tgt <= 0):
+        raise ValueError("target must be finite and positive (an expected mean square per "
+                         "output channel)")
+    Kn = B.to_numpy(K).astype(np.float64)
+    Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
+    Pn = B.to_numpy(B.as_compute(prior)).astype(np.float64)
+    if not np.trace(Pn) > 0:
+        raise ValueError("prior has no positive trace; it must be a second moment with "
+                         "some energy")
+    keep = np.einsum("tn,tn->t", Kn, Kn) > 0
+    grid = [(a, w) for w in weights for a in alphas]
+    if not np.any(keep):
+        return grid[0], {g: 0.0 for g in grid}
+    c = np.trace(Sn) / n
+    q_sigma = np.einsum("tn,nm,tm->t", Kn[keep], Sn, Kn[keep])
+    q_eye = np.einsum("tn,tn->t", Kn[keep], Kn[keep]) * c
+    q_prior = np.einsum("tn,nm,tm->t", Kn[keep], Pn, Kn[keep]) * (c / (np.trace(Pn) / n))
+    log_t = np.log(tgt[keep])
+    spreads = {}
+    for a, w in grid:
+        q = (1.0 - w) * ((1.0 - a) * q_sigma + a * q_eye) + w * q_prior
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.log(q) - log_t
+        spreads[(a, w)] = float(np.std(d)) if np.all(np.isfinite(d)) else float("inf")
+    best = min(grid, key=lambda g: (spreads[g], g[1], g[0]))
+    return best, spreads

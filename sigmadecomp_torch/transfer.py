@@ -25,6 +25,10 @@ or chosen per layer by a rule that uses the statistics and the model only:
     Sigma-error weighs. On matching statistics it picks ``a`` near 0; on
     shifted ones it shrinks. Layers with no BatchNorm reading their output
     (and no ``targets`` entry) are left unshrunk and listed in ``skipped``.
+    With ``prior=`` (e.g. the data-free statistics of
+    :func:`sigmadecomp_torch.covariances_from_batchnorm`) the same criterion
+    also chooses the share ``w`` of the prior in a mixture with the shrunk
+    statistics (:func:`sigmadecomp.shrinkage.moment_mixture`).
 ``'holdout'``
     Fit each layer at every candidate ``a`` with ``stats`` and measure the
     relative Sigma-error in ``holdout`` (statistics of other batches of the
@@ -74,9 +78,12 @@ from torch import nn
 
 from sigmadecomp.shrinkage import (
     DEFAULT_ALPHAS,
+    DEFAULT_WEIGHTS,
     check_alpha,
     holdout_alpha,
+    mix_sigma,
     moment_alpha,
+    moment_mixture,
     oas_alpha,
     shrink_sigma,
 )
@@ -102,36 +109,51 @@ class ShrunkCovariances(dict):
         for ``'holdout'``, spread of the log energy ratio for ``'moments'``).
     skipped : dict of str to str
         Layers left unshrunk by the rule, with the reason.
+    weights : dict of str to float
+        The share ``w`` of the ``prior`` statistics mixed into each layer
+        (0 for every layer without a prior).
     """
 
-    def __init__(self, items, *, alphas, rule, scores=None, skipped=None):
+    def __init__(self, items, *, alphas, rule, scores=None, skipped=None, weights=None):
         super().__init__(items)
         self.alphas = dict(alphas)
         self.rule = rule
         self.scores = dict(scores or {})
         self.skipped = dict(skipped or {})
+        self.weights = {k: float((weights or {}).get(k, 0.0)) for k in self.alphas}
 
     def __repr__(self):
         shown = ", ".join(f"{k}: {v:g}" for k, v in self.alphas.items())
-        return f"ShrunkCovariances(rule={self.rule!r}, alphas={{{shown}}})"
+        mixed = ", ".join(f"{k}: {v:g}" for k, v in self.weights.items() if v)
+        return (f"ShrunkCovariances(rule={self.rule!r}, alphas={{{shown}}}"
+                + (f", weights={{{mixed}}})" if mixed else ")"))
 
 
-def _shrink_stats(st, a):
+def _shrink_stats(st, a, prior=None, w=0.0):
+    if w > 0.0:
+        # the second moment and mean of the mixture of the shrunk statistics (share 1 - w)
+        # and the prior brought to their scale (share w): a valid pair, PSD covariance
+        P = prior.sigma.to(st.sigma)
+        scale = float(torch.trace(st.sigma.to(torch.float64))) / float(
+            torch.trace(P.to(torch.float64)))
+        mean = ((1.0 - w) * math.sqrt(1.0 - a) * st.mean
+                + w * math.sqrt(scale) * prior.mean.to(st.mean))
+        return dataclasses.replace(st, sigma=mix_sigma(st.sigma, P, a, w), mean=mean)
     if a == 0.0:
         return dataclasses.replace(st, sigma=st.sigma.clone(), mean=st.mean.clone())
     return dataclasses.replace(st, sigma=shrink_sigma(st.sigma, a),
                                mean=st.mean * math.sqrt(1.0 - a))
 
 
-def _check_stats(stats):
+def _check_stats(stats, name="stats"):
     from sigmadecomp_torch.covariance import LayerStats
 
     if not isinstance(stats, dict):
-        raise TypeError(f"stats of type {type(stats).__name__} is not allowed; stats must be a "
-                        "dict of layer name to LayerStats (collect_covariances)")
+        raise TypeError(f"{name} of type {type(stats).__name__} is not allowed; {name} must be "
+                        "a dict of layer name to LayerStats (collect_covariances)")
     for k, v in stats.items():
         if not isinstance(v, LayerStats):
-            raise TypeError(f"stats[{k!r}] is a {type(v).__name__}; every value must be a "
+            raise TypeError(f"{name}[{k!r}] is a {type(v).__name__}; every value must be a "
                             "LayerStats")
 
 
@@ -187,7 +209,7 @@ def output_moments(model, names):
 
 def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method="tucker2",
                        ratio=None, ranks=None, options=None, targets=None, images=None,
-                       alphas=DEFAULT_ALPHAS):
+                       alphas=DEFAULT_ALPHAS, prior=None, weights=DEFAULT_WEIGHTS):
     """New statistics shrunk toward the Frobenius metric, layer by layer.
 
     Parameters
@@ -225,6 +247,19 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
         statistics' ``count`` of patches, which overlap and overstate it.
     alphas : sequence of float in [0, 1], optional
         The candidates of the rules.
+    prior : dict of str to LayerStats, optional
+        ``'moments'`` (and ``'auto'``) only: other statistics of the same
+        layers to mix in, typically the data-free ones of
+        :func:`sigmadecomp_torch.covariances_from_batchnorm` (computed with
+        ``shrinkage=0``, the rule does the shrinking). For each layer with a
+        prior the rule chooses the shrinkage ``a`` *and* the prior's share
+        ``w`` among ``alphas`` x ``weights``
+        (:func:`sigmadecomp.shrinkage.moment_mixture`): the second moment
+        becomes ``(1 - w) sigma_a + w (tr(sigma) / tr(prior)) prior``
+        (:func:`sigmadecomp.shrinkage.mix_sigma`), the mean that of the same
+        mixture. Layers without a prior entry are shrunk as without it.
+    weights : sequence of float in [0, 1], optional
+        The candidate shares of ``prior``.
 
     Returns
     -------
@@ -232,7 +267,7 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
         A dict of new ``LayerStats`` (same keys, dtype, device, count and
         metadata; usable as ``covariances=`` in
         :func:`sigmadecomp_torch.compress`) with the attributes ``alphas``,
-        ``rule``, ``scores`` and ``skipped``.
+        ``rule``, ``scores``, ``skipped`` and ``weights`` (the prior's share).
 
     Raises
     ------
@@ -253,7 +288,9 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
     [2.0, 2.0]
     """
     _check_stats(stats)
-    scores, skipped = {}, {}
+    scores, skipped, shares = {}, {}, {}
+    if prior is not None:
+        _check_prior(prior, stats, alpha)
     if isinstance(alpha, str):
         if alpha not in ("auto",) + RULES:
             raise ValueError(f"alpha={alpha!r} is not allowed; alpha must be a float in [0, 1], "
@@ -261,7 +298,8 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
                              f"{', '.join(repr(r) for r in ('auto',) + RULES)}")
         rule = AUTO_RULE if alpha == "auto" else alpha
         if rule == "moments":
-            chosen = _rule_moments(stats, model, targets, alphas, scores, skipped)
+            chosen = _rule_moments(stats, model, targets, alphas, scores, skipped, prior,
+                                   weights, shares)
         elif rule == "holdout":
             chosen = _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas,
                                    scores)
@@ -286,11 +324,27 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
     # layers that shared one LayerStats (same input) keep sharing when their a agrees
     cache, out = {}, {}
     for k, st in stats.items():
-        key = (id(st), chosen[k])
+        w = shares.get(k, 0.0)
+        key = (id(st), chosen[k], w, id(prior[k]) if w else None)
         if key not in cache:
-            cache[key] = _shrink_stats(st, chosen[k])
+            cache[key] = _shrink_stats(st, chosen[k], prior[k] if w else None, w)
         out[k] = cache[key]
-    return ShrunkCovariances(out, alphas=chosen, rule=rule, scores=scores, skipped=skipped)
+    return ShrunkCovariances(out, alphas=chosen, rule=rule, scores=scores, skipped=skipped,
+                             weights=shares)
+
+
+def _check_prior(prior, stats, alpha):
+    if alpha not in ("auto", "moments"):
+        raise ValueError(f"prior= is not allowed with alpha={alpha!r}; the share of the "
+                         "prior is chosen by the 'moments' rule (alpha='moments' or 'auto')")
+    _check_stats(prior, "prior")
+    for k, p in prior.items():
+        if k not in stats:
+            continue
+        if tuple(p.sigma.shape) != tuple(stats[k].sigma.shape):
+            raise ValueError(f"prior[{k!r}] has sigma of shape {tuple(p.sigma.shape)}; stats "
+                             f"has {tuple(stats[k].sigma.shape)} for that layer (they must "
+                             "describe the same layer)")
 
 
 def _weight_of(model, name, st):
@@ -304,7 +358,8 @@ def _weight_of(model, name, st):
     return mod.weight.detach().to(torch.float64).cpu()
 
 
-def _rule_moments(stats, model, targets, alphas, scores, skipped):
+def _rule_moments(stats, model, targets, alphas, scores, skipped, prior=None,
+                  weights=DEFAULT_WEIGHTS, shares=None):
     if model is None and targets is None:
         raise ValueError("alpha='moments' (and 'auto') needs model= (BatchNorm statistics) or "
                          "targets= (mean square of each output channel)")
@@ -326,8 +381,13 @@ def _rule_moments(stats, model, targets, alphas, scores, skipped):
             W = _weight_of(model, k, st)
         else:
             raise ValueError("alpha='moments' with targets= also needs model= (the weights)")
-        chosen[k], scores[k] = moment_alpha(W, st.sigma.to(torch.float64).cpu(), found[k],
-                                            alphas=alphas)
+        S = st.sigma.to(torch.float64).cpu()
+        if prior is not None and k in prior and prior[k].groups == 1:
+            (chosen[k], shares[k]), scores[k] = moment_mixture(
+                W, S, prior[k].sigma.to(torch.float64).cpu(), found[k], alphas=alphas,
+                weights=weights)
+        else:
+            chosen[k], scores[k] = moment_alpha(W, S, found[k], alphas=alphas)
     return chosen
 
 
@@ -340,7 +400,7 @@ def _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas, 
     if holdout is None:
         raise ValueError("alpha='holdout' needs holdout= (statistics of other calibration "
                          "batches, same layers)")
-    _check_stats(holdout)
+    _check_stats(holdout, "holdout")
     missing = sorted(set(stats) - set(holdout))
     if missing:
         raise ValueError(f"holdout has no statistics for layers {missing}")

@@ -333,3 +333,130 @@ def test_benchmark_quick_runs(tmp_path):
     moments = next(r for r in out["rows"] if r["row"] == "digits+moments")
     assert all(0.0 <= a <= 1.0 for a in moments["alphas"].values())
     assert (tmp_path / "t.json").exists()
+
+
+# ------------------------------------------------------------------ mixture with a prior
+
+
+def test_mix_sigma_endpoints_scale_and_psd(lib, rng):
+    from sigmadecomp.shrinkage import mix_sigma
+
+    S, P = _psd(rng, 6, m=4), 7.0 * _psd(rng, 6)
+    S_, P_ = lib.asarray(S), lib.asarray(P)
+    keep_S, keep_P = lib.to_numpy(S_).copy(), lib.to_numpy(P_).copy()
+    tol = dict(rtol=lib.rtol, atol=lib.rtol * np.trace(S))
+    out = mix_sigma(S_, P_, 0.3, 0.0)
+    assert lib.is_same_kind(out)
+    np.testing.assert_allclose(lib.to_numpy(out), lib.to_numpy(shrink_sigma(S_, 0.3)), **tol)
+    np.testing.assert_allclose(lib.to_numpy(mix_sigma(S_, P_, 0.3, 1.0)),
+                               P * np.trace(S) / np.trace(P), **tol)
+    for a, w in ((0.0, 0.4), (0.5, 0.7)):
+        m = mix_sigma(S_, P_, a, w)
+        assert lib.is_same_kind(m)
+        m = lib.to_numpy(m)
+        assert np.isclose(np.trace(m), np.trace(S), rtol=lib.rtol)
+        assert np.linalg.eigvalsh(m).min() >= -lib.rtol * np.trace(S)
+        expect = (1 - w) * shrink_sigma(S, a) + w * P * np.trace(S) / np.trace(P)
+        np.testing.assert_allclose(m, expect, **tol)
+    np.testing.assert_array_equal(lib.to_numpy(S_), keep_S)
+    np.testing.assert_array_equal(lib.to_numpy(P_), keep_P)
+
+
+def test_mix_sigma_bad_input(rng):
+    from sigmadecomp.shrinkage import mix_sigma
+
+    S = _psd(rng, 4)
+    with pytest.raises(ValueError, match="prior"):
+        mix_sigma(S, np.eye(3), 0.1, 0.5)
+    with pytest.raises(ValueError, match="weight"):
+        mix_sigma(S, np.eye(4), 0.1, 1.5)
+    with pytest.raises(ValueError, match="prior"):
+        mix_sigma(S, np.zeros((4, 4)), 0.1, 0.5)
+
+
+def test_moment_mixture_finds_the_mixture_behind_the_targets(rng):
+    from sigmadecomp.shrinkage import mix_sigma, moment_mixture
+
+    K = rng.standard_normal((16, 8))
+    S, P = _psd(rng, 8), _psd(rng, 8) * np.linspace(3.0, 0.2, 8)[:, None]
+    P = (P + P.T) / 2 + np.eye(8)
+    for a_true, w_true in ((0.0, 0.0), (0.3, 0.5), (0.0, 1.0), (0.7, 0.2)):
+        target = 3.0 * np.einsum("tn,nm,tm->t", K, mix_sigma(S, P, a_true, w_true), K)
+        (a, w), spreads = moment_mixture(K, S, P, target)
+        assert w == w_true and (a == a_true or w == 1.0)
+        assert spreads[(a, w)] < 1e-10
+    # without a prior in play (w = 0 only) it is moment_alpha
+    target = np.einsum("tn,nm,tm->t", K, shrink_sigma(S, 0.3), K)
+    assert moment_mixture(K, S, P, target, weights=(0.0,))[0] == (0.3, 0.0)
+    assert moment_alpha(K, S, target)[0] == 0.3
+    with pytest.raises(ValueError, match="prior"):
+        moment_mixture(K, S, np.eye(7), target)
+    with pytest.raises(ValueError, match="target"):
+        moment_mixture(K, S, P, np.ones(3))
+
+
+def _bn_model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(8, momentum=None),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 2))
+    x = torch.randn(64, 3, 5, 5)
+    model.train()
+    with torch.no_grad():
+        model(x)  # momentum=None: running statistics of exactly this batch
+    model.eval()
+    train = collect_covariances(model, [x], layers=["2"], progress=False)
+    other = collect_covariances(model, [torch.rand(64, 3, 5, 5) * 0.3 + 0.5], layers=["2"],
+                                progress=False)
+    return model, train, other
+
+
+def test_moments_rule_with_a_prior_prefers_the_statistics_that_match():
+    model, train, other = _bn_model_and_data()
+    saved_t, saved_o = _copy(train), _copy(other)
+    # the prior reproduces the BatchNorm moments, the calibration data do not
+    out = shrink_covariances(other, "auto", model=model, prior=train)
+    assert out.weights["2"] >= 0.8
+    plain = shrink_covariances(other, "auto", model=model)
+    assert plain.weights == {"2": 0.0}
+    assert min(out.scores["2"].values()) < min(plain.scores["2"].values())
+    # the other way round the prior is not wanted
+    back = shrink_covariances(train, "auto", model=model, prior=other)
+    assert back.weights["2"] <= 0.1
+    assert _same(train, saved_t) and _same(other, saved_o)
+
+
+def test_prior_mixture_is_a_valid_moment_pair_and_compress_accepts(setup):
+    model, stats = setup
+    gen = torch.Generator().manual_seed(3)
+    prior = collect_covariances(model, [torch.randn(16, 2, 6, 6, generator=gen)],
+                                layers=["3"], progress=False)
+    out = shrink_covariances(stats, "moments", model=model, prior=prior, weights=(0.5,),
+                             alphas=(0.2,))
+    assert out.weights == {"3": 0.5, "6": 0.0, "10": 0.0} and out.alphas["3"] == 0.2
+    st, p = stats["3"], prior["3"]
+    c = float(torch.trace(st.sigma) / torch.trace(p.sigma))
+    expect = 0.5 * shrink_sigma(st.sigma, 0.2) + 0.5 * c * p.sigma
+    torch.testing.assert_close(out["3"].sigma, expect.to(st.sigma))
+    mean = 0.5 * math.sqrt(0.8) * st.mean + 0.5 * math.sqrt(c) * p.mean
+    torch.testing.assert_close(out["3"].mean, mean.to(st.mean))
+    cov = (out["3"].sigma - torch.outer(out["3"].mean, out["3"].mean)).double()
+    assert torch.linalg.eigvalsh(cov).min() > -1e-8 * float(cov.diagonal().max())
+    assert out["3"].count == st.count and "weights={3: 0.5}" in repr(out)
+    small, report = compress(model, "tucker2", covariances=out, ratio=2, layers=["3"],
+                             options={"n_iter_max": 2}, progress=False)
+    assert [r["name"] for r in report.layers] == ["3"]
+
+
+def test_prior_bad_input(setup):
+    model, stats = setup
+    with pytest.raises(ValueError, match="prior= is not allowed with alpha=0.5"):
+        shrink_covariances(stats, 0.5, prior=stats)
+    with pytest.raises(ValueError, match="prior= is not allowed with alpha='oas'"):
+        shrink_covariances(stats, "oas", prior=stats)
+    bad = {"3": stats["6"]}
+    with pytest.raises(ValueError, match=r"prior\['3'\]"):
+        shrink_covariances(stats, "auto", model=model, prior=bad)
+    with pytest.raises(TypeError, match="prior"):
+        shrink_covariances(stats, "auto", model=model, prior=[1])
