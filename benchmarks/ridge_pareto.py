@@ -68,12 +68,12 @@ def r18_layer(channels=512, n_calib=None, n_held=200):
     return K, 0.5 * (s_cal + s_cal.T), 0.5 * (s_held + s_held.T), desc
 
 
-def regularised(lam_S, V_S, lam, rule):
-    """``M(Sigma, lam)`` from Sigma's eigen-decomposition."""
-    m = float(np.sum(lam_S)) / lam_S.shape[0]
+def regularised(S, lam_S, V_S, lam, rule):
+    """``M(Sigma, lam)`` (the floor from Sigma's eigen-decomposition)."""
+    m = float(np.trace(S)) / S.shape[0]
     if rule == "iso":
-        d = lam_S + lam * m
-    elif rule == "floor":
+        return S + lam * m * np.eye(S.shape[0])
+    if rule == "floor":
         d = np.maximum(lam_S, lam * m)
     else:
         raise ValueError(rule)
@@ -83,7 +83,7 @@ def regularised(lam_S, V_S, lam, rule):
 
 def run(layer, make, only, rules, grid, out):
     K, S_cal, S_held, desc = make()
-    lam_S, V_S = np.linalg.eigh(S_cal)
+    lam_S, V_S = np.linalg.eigh(S_cal) if "floor" in rules else (np.linalg.eigvalsh(S_cal), None)
     lam_S = np.maximum(lam_S, 0.0)
     rank = int(np.sum(lam_S > 1e-10 * lam_S[-1]))
     print(f"{desc}; rank {rank}", flush=True)
@@ -100,7 +100,7 @@ def run(layer, make, only, rules, grid, out):
             for lam in grid:
                 if lam == 0.0 and rule != rules[0]:
                     continue
-                M = S_cal if lam == 0.0 else regularised(lam_S, V_S, lam, rule)
+                M = S_cal if lam == 0.0 else regularised(S_cal, lam_S, V_S, lam, rule)
                 t0 = time.perf_counter()
                 res = solve(M, 0.0)
                 sec = time.perf_counter() - t0
