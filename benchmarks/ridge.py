@@ -111,8 +111,9 @@ def methods(K):
                     lambda: tucker2(K, (T // 4, S // 4))),
         "tt_conv": (lambda S_, r: tt_conv(K, tt_r, S_, in_modes=im, out_modes=om, ridge=r),
                     lambda: tt_conv(K, tt_r, in_modes=im, out_modes=om)),
-        "cp": (lambda S_, r: cp(K, cp_rank, S_, ridge=r, n_iter_max=15),
-               lambda: cp(K, cp_rank, n_iter_max=15)),
+        # the 'svd' start of CP draws random columns (rank > H, W): one seed for all runs
+        "cp": (lambda S_, r: cp(K, cp_rank, S_, ridge=r, n_iter_max=15, rng=0),
+               lambda: cp(K, cp_rank, n_iter_max=15, rng=0)),
     }
 
 

@@ -19,8 +19,9 @@ Two rules for ``M`` (``m = trace(Sigma) / n`` the mean eigenvalue):
 
 Layers: ``resnet`` (``layer2.conv2`` of the trained reference, n = 576 from
 490 patches), ``synthetic`` (n = 1152 from 980 patches, see
-``benchmarks/ridge.py``) and ``r18`` / ``r18-256``: 3x3 convs of 512 / 256
-random-net ReLU channels at 7x7 resolution calibrated on 64 / 32 images, i.e.
+``benchmarks/ridge.py``) and ``r18`` / ``r18-256`` / ``r18-128``: 3x3 convs of
+512 / 256 / 128 random-net ReLU channels at 7x7 resolution calibrated on 64 /
+32 / 16 images, i.e.
 patches / n = 0.68 as for a ResNet-18 ``layer4`` conv calibrated on 64 images
 (3,136 patches for n = 4,608).
 
@@ -173,10 +174,48 @@ def plot(rows, png):
     fig.savefig(png, dpi=110)
 
 
+def table(rows, show=(0.0, 1e-3, 2e-3, 3e-3, 1e-2)):
+    """Markdown: per layer and method the rows at ``show`` (iso rule), the Frobenius
+    method, and the best measured Frobenius error within +1% Sigma-error."""
+    out = ["| layer | method | ridge | Sigma-error (calib.) | increase vs 0 | Frobenius error "
+           "| held-out Sigma-error |", "|---|---|---|---|---|---|---|"]
+    best = ["| layer | method | Frobenius error at ridge 0 | best at <= +1% (ridge) "
+            "| Frobenius method | gap closed |", "|---|---|---|---|---|---|"]
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    for layer in layers:
+        for meth in dict.fromkeys(r["method"] for r in rows if r["layer"] == layer):
+            sel = [r for r in rows if r["layer"] == layer and r["method"] == meth]
+            base = [r for r in sel if r["rule"] == "none"]
+            fr = [r for r in sel if r["rule"] == "frobenius"]
+            if not base:
+                continue
+            e0 = base[0]["sigma_error"]
+            iso = {r["lam"]: r for r in sel if r["rule"] == "iso"}
+            iso[0.0] = base[0]
+            for lam in show:
+                if lam in iso:
+                    r = iso[lam]
+                    out.append(f"| {layer} | {meth} | {lam:g} | {r['sigma_error']:.4f} | "
+                               f"{100 * (r['sigma_error'] / e0 - 1):+.2f}% | "
+                               f"{r['frobenius']:.3f} | {r['held_out']:.4f} |")
+            if fr:
+                r = fr[0]
+                out.append(f"| {layer} | {meth} | Frobenius method | {r['sigma_error']:.4f} | "
+                           f" | {r['frobenius']:.3f} | {r['held_out']:.4f} |")
+            ok = [r for r in sel if r["rule"] in ("none", "iso", "floor")
+                  and r["sigma_error"] <= 1.01 * e0]
+            b = min(ok, key=lambda r: r["frobenius"])
+            f0, ff = base[0]["frobenius"], fr[0]["frobenius"] if fr else float("nan")
+            gap = (f0 - b["frobenius"]) / (f0 - ff) if f0 != ff else float("nan")
+            best.append(f"| {layer} | {meth} | {f0:.3f} | {b['frobenius']:.3f} "
+                        f"({b['rule']} {b['lam']:g}) | {ff:.3f} | {100 * gap:.0f}% |")
+    return "\n".join(out) + "\n\n" + "\n".join(best)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", nargs="*", default=["synthetic"],
-                    help="resnet, synthetic, r18 (512 ch), r18-256")
+                    help="resnet, synthetic, r18 (512 ch), r18-256, r18-128")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--rules", nargs="*", default=["iso", "floor"])
     ap.add_argument("--fine", action="store_true", help="the 26-point log grid 1e-5..1")
@@ -184,12 +223,17 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--plot", default=None, help="draw the PNG from this JSON-lines file")
     ap.add_argument("--png", default="notes/ridge.png")
+    ap.add_argument("--table", default=None, help="print the markdown tables of this file")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(load(args.table)))
+        return
     if args.plot:
         plot(load(args.plot), args.png)
         return
     makers = {"resnet": resnet_layer, "synthetic": synthetic_layer,
-              "r18": lambda: r18_layer(512), "r18-256": lambda: r18_layer(256)}
+              "r18": lambda: r18_layer(512), "r18-256": lambda: r18_layer(256),
+              "r18-128": lambda: r18_layer(128)}
     grid = args.grid if args.grid else (GRID_FINE if args.fine else GRID)
     for layer in args.layers:
         run(layer, makers[layer], args.methods, args.rules, grid, args.out)
