@@ -88,7 +88,7 @@ DEFAULT_NEG_RTOL = None  # NEG_RTOL of sigma's dtype: 1e-8 for float64, 1e-4 for
 #: ``trace(sigma) / n``; chosen by the measurement in ``notes/ridge.md``: the
 #: largest grid value whose Sigma-error stayed within 1% of ``ridge=0`` for
 #: every solver on every measured singular layer.
-DEFAULT_RIDGE = 2e-3
+DEFAULT_RIDGE = 5e-4
 
 
 def default_rtol(dtype):

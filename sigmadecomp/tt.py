@@ -332,7 +332,7 @@ _OPTIONS_DOC = """
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that
         directions ``sigma`` never saw (fewer calibration samples than ``n``)
         stay close to the original weight. Default
-        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (``2e-3``): on the measured
+        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (``5e-4``): on the measured
         singular layers it kept the Sigma-error within 1% of ``ridge=0`` and
         lowered both the Frobenius error and the Sigma-error on held-out data,
         though not to TT-SVD's Frobenius error (``notes/ridge.md``). ``0`` minimises the Sigma-error itself.
@@ -433,7 +433,7 @@ tt_linear.__doc__ = """TT-matrix decomposition of a Linear weight, Frobenius or 
     True
     >>> bool(res.error <= res.errors[0])
     True
-    >>> ridged = tt_linear(W, 3, S, in_modes=(4, 8), out_modes=(2, 5))   # default ridge=2e-3
+    >>> ridged = tt_linear(W, 3, S, in_modes=(4, 8), out_modes=(2, 5))   # default ridge=5e-4
     >>> abs(ridged.sigma_error - relative_sigma_error(W, ridged.to_tensor(), S)) < 1e-12
     True
     """

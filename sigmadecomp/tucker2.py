@@ -514,7 +514,7 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``: in the
         directions ``sigma`` never saw (fewer calibration patches than ``n``)
         the result then stays close to the kernel instead of being arbitrary.
-        Default :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (``2e-3``): on the
+        Default :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (``5e-4``): on the
         measured singular layers it kept the Sigma-error within 1% of
         ``ridge=0`` and lowered both the Frobenius error and the Sigma-error
         on held-out data, though not to HOOI's Frobenius error
