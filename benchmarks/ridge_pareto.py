@@ -174,7 +174,7 @@ def plot(rows, png):
     fig.savefig(png, dpi=110)
 
 
-def table(rows, show=(0.0, 1e-3, 2e-3, 3e-3, 1e-2)):
+def table(rows, show=(0.0, 5e-4, 1e-3, 2e-3, 1e-2)):
     """Markdown: per layer and method the rows at ``show`` (iso rule), the Frobenius
     method, and the best measured Frobenius error within +1% Sigma-error."""
     out = ["| layer | method | ridge | Sigma-error (calib.) | increase vs 0 | Frobenius error "
@@ -196,7 +196,7 @@ def table(rows, show=(0.0, 1e-3, 2e-3, 3e-3, 1e-2)):
                 if lam in iso:
                     r = iso[lam]
                     out.append(f"| {layer} | {meth} | {lam:g} | {r['sigma_error']:.4f} | "
-                               f"{100 * (r['sigma_error'] / e0 - 1):+.2f}% | "
+                               f"{100 * (r['sigma_error'] / e0 - 1):+.3f}% | "
                                f"{r['frobenius']:.3f} | {r['held_out']:.4f} |")
             if fr:
                 r = fr[0]
