@@ -5,7 +5,7 @@
 :func:`sigmadecomp.tt_linear` share one call shape::
 
     solver(weight, rank_or_ranks, sigma=None, *, init=..., n_iter_max=...,
-           tol=..., rng=None, callback=None, rtol=None, ridge=1e-2, inner=None)
+           tol=..., rng=None, callback=None, rtol=None, ridge=5e-4, inner=None)
 
 and return a :class:`sigmadecomp.results.DecompositionResult`. The meaning of
 each shared option is fixed here:

@@ -826,7 +826,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         Minimise in ``sigma + ridge * (trace(sigma) / n) * I``
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that
         directions ``sigma`` never saw stay close to the kernel; default
-        ``1e-2`` (``notes/ridge.md``), ``0`` minimises the Sigma-error itself.
+        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (``5e-4``, ``notes/ridge.md``),
+        ``0`` minimises the Sigma-error itself.
         Ignored without ``sigma``.
 
     Returns

@@ -331,11 +331,11 @@ _OPTIONS_DOC = """
         With ``sigma``: minimise in ``sigma + ridge * (trace(sigma) / n) * I``
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that
         directions ``sigma`` never saw (fewer calibration samples than ``n``)
-        stay close to the original weight. Default ``1e-2``: on a ResNet layer
-        calibrated with fewer patches than ``n`` it raised the Sigma-error by
-        less than 0.1% and lowered both the Frobenius error and the
-        Sigma-error on held-out data, though not to TT-SVD's Frobenius error
-        (``notes/ridge.md``). ``0`` minimises the Sigma-error itself.
+        stay close to the original weight. Default
+        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (``5e-4``): on the measured
+        singular layers it kept the Sigma-error within 1% of ``ridge=0`` and
+        lowered both the Frobenius error and the Sigma-error on held-out data,
+        though not to TT-SVD's Frobenius error (``notes/ridge.md``). ``0`` minimises the Sigma-error itself.
         ``errors`` are then relative errors in the ridged matrix and
         ``sigma_error`` is the final relative Sigma-error in ``sigma`` itself.
     inner : InnerSolver or dict, optional
@@ -433,7 +433,7 @@ tt_linear.__doc__ = """TT-matrix decomposition of a Linear weight, Frobenius or 
     True
     >>> bool(res.error <= res.errors[0])
     True
-    >>> ridged = tt_linear(W, 3, S, in_modes=(4, 8), out_modes=(2, 5))   # default ridge=1e-2
+    >>> ridged = tt_linear(W, 3, S, in_modes=(4, 8), out_modes=(2, 5))   # default ridge=5e-4
     >>> abs(ridged.sigma_error - relative_sigma_error(W, ridged.to_tensor(), S)) < 1e-12
     True
     """

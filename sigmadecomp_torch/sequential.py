@@ -688,11 +688,9 @@ min_speedup, example_input
         ``ridge`` of :func:`corrected_target`. ``None`` (default): the ridge
         the layer's solver minimises with, so the fit is the exact optimum of
         the ridge-regularised objective: ``options['ridge']`` or
-        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` (1e-2) for Tucker-2 and TT,
-        1e-2 for the SVD of Linear and 1x1 layers (``compress`` passes it no
-        options); CP minimises without a ridge, and gets the target
-        regularised with 1e-2 (the unregularised target of a near-singular
-        ``Sigma_cc`` is dominated by its weakest directions).
+        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` for Tucker-2, CP and TT, and
+        ``DEFAULT_RIDGE`` for the SVD of Linear and 1x1 layers (``compress``
+        passes it no options).
     independent : bool, optional
         Compress layers whose inputs do not depend on each other in one
         group (one pass over the data for all of them). ``False``: one
@@ -929,7 +927,7 @@ def _solver_ridge(fmt, options):
     """The ridge the core solver of format ``fmt`` minimises with (see ``target_ridge``)."""
     from sigmadecomp.sigma import DEFAULT_RIDGE
 
-    if fmt in ("tucker2", "tt"):
+    if fmt in ("tucker2", "cp", "tt"):
         return float((options or {}).get("ridge", DEFAULT_RIDGE))
     return float(DEFAULT_RIDGE)
 

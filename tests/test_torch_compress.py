@@ -125,6 +125,39 @@ def test_sigma_beats_frobenius_on_the_data_and_report_is_true(method, stats):
     assert r["params_before"] == 10 * 8 * 6 + 10
 
 
+def _dense_kernel(module, c_in, k):
+    """The kernel of a stride-1 ``k x k`` conv module with zero padding ``k // 2``, read off
+    its outputs: the centre output for a one-hot ``k x k`` input, minus the bias."""
+    n = c_in * k * k
+    with torch.no_grad():
+        y = module(torch.eye(n, dtype=F64).reshape(n, c_in, k, k))[:, :, k // 2, k // 2]
+        y0 = module(torch.zeros(1, c_in, k, k, dtype=F64))[:, :, k // 2, k // 2]
+    return (y - y0).T.reshape(-1, c_in, k, k)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt"])
+def test_report_shows_both_errors_equal_to_recomputation(method, stats):
+    # both columns of the report, per layer, recomputed from the factorized module itself
+    model = _net()
+    small, rep = compress(model, method, ratio=2.0, layers=["conv1"], covariances=stats,
+                          options=FAST, progress=False)
+    row = rep.layers[0]
+    K = model.conv1.weight.detach()
+    A = _dense_kernel(small.conv1, 3, 3)
+    assert float((A - K).abs().max()) > 1e-6  # a real approximation, not the original
+    D, K1 = (K - A).reshape(8, -1), K.reshape(8, -1)
+    S = stats["conv1"].sigma.to(F64)
+    frob = math.sqrt(float((D * D).sum()) / float((K1 * K1).sum()))
+    sig = math.sqrt(float(((D @ S) * D).sum()) / float(((K1 @ S) * K1).sum()))
+    assert row["frobenius_error"] == pytest.approx(frob, rel=1e-9)
+    assert row["sigma_error"] == pytest.approx(sig, rel=1e-9)
+    head = str(rep).splitlines()[1].split()
+    assert "sigma_err" in head and "frob_err" in head
+    cells = str(rep).splitlines()[3].split()  # the layer's row, read from the right
+    assert f"{frob:.4f}" == cells[head.index("frob_err") - len(head)]
+    assert f"{sig:.4f}" == cells[head.index("sigma_err") - len(head)]
+
+
 def test_centered_bias_correction_lowers_the_output_error(stats):
     model = _net()
     plain, rp = compress(model, "svd", ratio=3, layers=["conv2", "fc"], covariances=stats,
