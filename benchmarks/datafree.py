@@ -14,7 +14,10 @@ accuracy without fine-tuning for the statistics
 * ``bn-indep-fit``, ``bn-kernel-fit``   the same with the shrinkage fitted to
   each layer's output BatchNorm (the default of the function);
 * ``bn-kernel-half``  kernel model, fixed shrinkage 0.5;
-* ``real``           Sigma from 2048 Fashion-MNIST training images.
+* ``real``           Sigma from 2048 Fashion-MNIST training images;
+* ``synthetic-seq``  error-compensating sequential compression
+  (``compress(..., data=, sequential=True)``) fed with the 2048 synthetic
+  smooth images: data-free as well, no image of any dataset is used.
 
 Every Sigma variant is run with the centered covariance and bias correction
 (``centered=True``, as the demo's data-free row) unless ``--uncentered``.
@@ -42,6 +45,7 @@ VARIANTS = {
     "bn-prop-fit": dict(spatial="propagate", shrinkage="bn"),   # the default
     "synthetic": "synthetic",
     "real": "real",
+    "synthetic-seq": "synthetic-seq",
     "bn-indep": dict(spatial="independent", shrinkage=0.0),
     "bn-kernel-fit": dict(spatial="kernel", shrinkage="bn"),
     "bn-prop": dict(spatial="propagate", shrinkage=0.0),
@@ -66,6 +70,8 @@ def statistics(model, names, variants, n_images, seed):
         t0 = time.perf_counter()
         if spec is None:
             out[v] = None
+        elif spec == "synthetic-seq":  # no statistics ahead: compress collects them as it goes
+            out[v] = make_loader(synthetic_images(n_images, seed=seed), batch_size=256)
         elif spec in ("synthetic", "real"):
             x = (synthetic_images(n_images, seed=seed) if spec == "synthetic"
                  else fashion_mnist("train", limit=n_images, seed=seed)[0])
@@ -125,9 +131,14 @@ def run(*, quick=False, rx=None, methods=("tucker2", "cp"), variants=None, cente
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     warnings.simplefilter("ignore", CompressionWarning)
-                    cm, rep = compress(model, method, covariances=cov, ratio=r, layers=names,
-                                       centered=bool(centered and cov is not None),
-                                       options=options, progress=False)
+                    if VARIANTS[v] == "synthetic-seq":
+                        cm, rep = compress(model, method, data=cov, sequential=True, ratio=r,
+                                           layers=names, centered=bool(centered),
+                                           options=options, progress=False)
+                    else:
+                        cm, rep = compress(model, method, covariances=cov, ratio=r, layers=names,
+                                           centered=bool(centered and cov is not None),
+                                           options=options, progress=False)
                 sec = time.perf_counter() - t0
                 with torch.inference_mode():
                     acc = evaluate(cm, x_test, y_test, batch_size=250)
