@@ -15,7 +15,15 @@ demo's); accuracy on the 10,000 test images, without fine-tuning. Variants:
   to the corrected target ``K Sigma_oc Sigma_cc^+`` in the metric of its
   compressed-model input;
 * ``plain``: the same passes without the cross term (``K`` itself in the metric
-  ``Sigma_cc``, ``sequential_compress(..., cross=False)``), an ablation.
+  ``Sigma_cc``, ``sequential_compress(..., cross=False)``), an ablation;
+* ``budget``: one-shot with budget-allocated ranks, ``budget=1/rX`` of the
+  compressed layers' parameters (the demo's budget row when ``--centered``);
+* ``seqbudget``: sequential with the same budget (ranks allocated up front from
+  the original model's one-shot statistics).
+
+``--cp-inner adaptive`` gives CP the demo's adaptive CG cap of the B-updates
+(``inner={'maxiter': 'adaptive'}``); the default ``exact`` keeps the solver's
+default.
 
 ``--centered`` runs every variant with the centered moments and bias
 correction. Time: wall-clock seconds of statistics plus decomposition per
@@ -43,7 +51,7 @@ from sigmadecomp_torch.demo.reference import evaluate, load_reference
 from sigmadecomp_torch.models import conv3x3_names
 from sigmadecomp_torch.sequential import sequential_compress
 
-VARIANTS = ("oneshot", "sequential", "plain")
+VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget")
 
 
 def _layers(model, method):
@@ -53,10 +61,12 @@ def _layers(model, method):
     return names
 
 
-def run_one(model, method, rx, variant, loader, *, centered, options, seed):
+def run_one(model, method, rx, variant, loader, *, centered, options, seed, cp_inner="exact"):
     """Compress once; returns (model, report, seconds)."""
     layers = _layers(model, method)
     opts = dict(options, rng=seed) if method in ("tucker2", "cp") else dict(options)
+    if method == "cp" and cp_inner == "adaptive":
+        opts["inner"] = {"maxiter": "adaptive"}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -67,6 +77,14 @@ def run_one(model, method, rx, variant, loader, *, centered, options, seed):
                                centered=centered, options=opts, progress=False)
         elif variant == "sequential":
             cm, rep = compress(model, method, data=loader, sequential=True, ratio=rx,
+                               layers=layers, centered=centered, options=opts, progress=False)
+        elif variant == "budget":
+            stats = collect_covariances(model, loader, layers=layers, progress=False)
+            cm, rep = compress(model, method, covariances=stats, budget=1.0 / rx,
+                               layers=layers, centered=centered, options=opts,
+                               progress=False)
+        elif variant == "seqbudget":
+            cm, rep = compress(model, method, data=loader, sequential=True, budget=1.0 / rx,
                                layers=layers, centered=centered, options=opts, progress=False)
         elif variant == "plain":
             cm, rep = sequential_compress(model, method, loader, ratio=rx, layers=layers,
@@ -88,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--calib", type=int, default=None)
     ap.add_argument("--test", type=int, default=None)
     ap.add_argument("--iters", type=int, default=10, help="ALS sweeps (n_iter_max)")
+    ap.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
+                    help="CP B-update CG cap: the solver's default or the demo's adaptive one")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON file of the rows")
@@ -112,7 +132,8 @@ def main(argv=None):
     loader = make_loader(x_cal, batch_size=256)
     base = evaluate(model, x_test, y_test)
     print(f"original: {100 * base:.2f}% on {n_test} test images; calibration {calib} images; "
-          f"threads {args.threads}; centered={args.centered}; n_iter_max={args.iters}",
+          f"threads {args.threads}; centered={args.centered}; n_iter_max={args.iters}; "
+          f"cp_inner={args.cp_inner}",
           flush=True)
     rows = []
     for method in methods:
@@ -120,19 +141,25 @@ def main(argv=None):
             for variant in args.variants:
                 cm, rep, sec = run_one(model, method, rx, variant, loader,
                                        centered=args.centered,
-                                       options={"n_iter_max": args.iters}, seed=args.seed)
+                                       options={"n_iter_max": args.iters}, seed=args.seed,
+                                       cp_inner=args.cp_inner)
                 acc = evaluate(cm, x_test, y_test, batch_size=500)
                 row = {"method": method, "rx": rx, "variant": variant, "accuracy": acc,
                        "seconds": sec, "model_rx": rep.ratio,
+                       "layer_rx": rep.layer_ratio,
+                       "ranks": {r["name"]: (list(r["ranks"]) if isinstance(r["ranks"], tuple)
+                                             else r["ranks"]) for r in rep.layers},
                        "layer_errors": [r.get("output_error", r["sigma_error"])
                                         for r in rep.layers]}
                 rows.append(row)
                 errs = " ".join(f"{e:.3f}" for e in row["layer_errors"] if e is not None)
                 print(f"{method:8s} rX={rx:<4g} {variant:10s} acc {100 * acc:6.2f}%  "
-                      f"{sec:6.1f} s  layer errors {errs}", flush=True)
+                      f"{sec:6.1f} s  layer errors {errs}  ranks "
+                      f"{list(row['ranks'].values())}", flush=True)
     print(_table(rows, methods, ratios, args.variants))
     result = {"original_accuracy": base, "test_images": n_test, "calibration_images": calib,
               "threads": args.threads, "centered": args.centered, "n_iter_max": args.iters,
+              "cp_inner": args.cp_inner,
               "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

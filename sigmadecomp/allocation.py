@@ -463,6 +463,32 @@ def _solve_max(opts, budget, solver, max_states):
     return [j + o for j, o in zip(choice, offsets)], used
 
 
+def _drop_saturated(opts, labels, budget):
+    """The choices without those of relative error 1, when the budget allows.
+
+    A relative error of 1 says the layer's whole output is lost; for the
+    spectral proxies it is also where the bound is clipped (the Tucker-2 and CP
+    proxy ``tail0 + tail1`` exceeds the energy at the smallest ranks), so such
+    choices carry no information and look alike. Offered to the solver, the
+    cheapest of them is a near-free sacrifice of a large layer (rank 1) that
+    pays for small gains elsewhere, which the summed error cannot see but the
+    network's accuracy does. They are left out of a layer's choices when it has
+    others, unless the smallest remaining choices no longer fit the budget
+    (then every choice is kept, as before).
+    """
+    kept_opts, kept_labels = [], []
+    for (c, e), lab in zip(opts, labels):
+        ok = e < 1.0
+        if ok.any() and not ok.all():
+            idx = np.flatnonzero(ok)
+            c, e, lab = c[idx], e[idx], [lab[i] for i in idx]
+        kept_opts.append((c, e))
+        kept_labels.append(lab)
+    if sum(int(c[0]) for c, _ in kept_opts) > budget:
+        return opts, labels
+    return kept_opts, kept_labels
+
+
 def _check_budget(budget, dense_total, cost):
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(
@@ -588,6 +614,7 @@ def allocate(layers, budget, *, method, cost="params", objective="sum", exact=Fa
         dense_total += (layer_params(shape, "dense", None) if cost == "params"
                         else layer_macs(shape, "dense", None, spec.out_hw, in_hw=spec.in_hw))
     budget = _check_budget(budget, dense_total, cost)
+    opts, labels = _drop_saturated(opts, labels, budget)
     minimum = int(sum(int(c[0]) for c, _ in opts))
     if minimum > budget:
         raise ValueError(

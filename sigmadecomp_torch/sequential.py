@@ -618,8 +618,13 @@ def _candidates(model, layers, ranks, ratio):
     return [n for n, _ in chosen], named, skipped
 
 
-def _budget_ranks(model, method, names, budget, data, *, max_batches, forward, mask):
-    """Ranks of a budget allocation from the original model's one-shot statistics."""
+def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, forward,
+                  mask):
+    """Ranks of a budget allocation from the original model's one-shot statistics.
+
+    The error curves use the metric the one-shot fit would use: ``Sigma``, or
+    with ``centered`` the centered covariance (as :func:`compress` allocates).
+    """
     from sigmadecomp import ranks as _ranks
 
     from .compress import LAYER_METHODS, layer_method_for
@@ -635,8 +640,9 @@ def _budget_ranks(model, method, names, budget, data, *, max_batches, forward, m
         if n not in stats:
             continue
         m = modules[n]
+        S = stats[n].centered() if centered else stats[n].sigma
         specs[n] = _ranks.LayerSpec(m.weight.detach().to(torch.float64),
-                                    stats[n].sigma.to(m.weight.device, torch.float64))
+                                    S.to(m.weight.device, torch.float64))
         methods[n] = LAYER_METHODS[layer_method_for(m, method)].rank_method
     return _ranks.allocate_ranks(specs, budget, method=methods)
 
@@ -797,7 +803,8 @@ min_speedup, example_input
     alloc = None
     if budget is not None:
         alloc = _budget_ranks(model, method, [n for g in groups for n in g], budget, data,
-                              max_batches=max_batches, forward=forward, mask=mask)
+                              centered=centered, max_batches=max_batches, forward=forward,
+                              mask=mask)
 
     params_before = sum(p.numel() for p in model.parameters())
     original = model  # read only: hooks are attached and removed, its mode restored

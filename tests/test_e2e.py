@@ -160,7 +160,8 @@ def test_experiment_smoke(tmp_path):
     rows = res["rows"]
     assert {(r["method"], r["variant"]) for r in rows if r["kind"] == "main"} == {
         (m, v) for m in ("tucker2", "cp") for v in ("frobenius", "sigma", "sigma-centered")}
-    assert {r["kind"] for r in rows} == {"main", "finetune", "transfer", "quant", "sequential"}
+    assert {r["kind"] for r in rows} == {"main", "finetune", "transfer", "quant", "sequential",
+                                         "seqbudget"}
     for r in rows:
         assert isinstance(r["accuracy"], float) and 0.0 <= r["accuracy"] <= 1.0
         assert r["params"] < res["reference"]["params"]

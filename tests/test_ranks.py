@@ -695,3 +695,24 @@ def test_allocation_beats_uniform_on_reference_model():
 
     assert sum(layer_params(tuple(l.weight.shape), "svd", alloc[n]) for n, l in layers.items()) <= total
     assert summed(alloc) < summed(uniform)
+
+
+def test_allocation_leaves_out_choices_that_lose_the_whole_layer():
+    # the CP proxy of a large layer with a flat spectrum is clipped at relative
+    # error 1 for its smallest ranks; rank 1 there once looked like a free
+    # sacrifice (the reference net's CP budget at rX 8 fell to 61% through it)
+    rng = np.random.default_rng(0)
+
+    def decaying(T, S):
+        return rng.standard_normal((T, S, 3, 3)) * (0.8 ** np.arange(T))[:, None, None, None]
+
+    layers = {"s1": LayerSpec(decaying(16, 16)), "s2": LayerSpec(decaying(16, 16)),
+              "big": LayerSpec(rng.standard_normal((32, 32, 3, 3)))}
+    curve = error_curve(layers["big"].weight, "cp")
+    assert curve.errors[0] == 1.0  # the clipped proxy at rank 1
+    a = allocate(layers, 0.2, method="cp")
+    assert a.max_error < 1.0 and a.ranks["big"] > 1
+    assert a.total_cost <= a.budget
+    # a budget the informative choices cannot meet still gets an allocation (all choices)
+    tight = allocate(layers, 0.05, method="cp")
+    assert tight.total_cost <= tight.budget and tight.max_error == 1.0

@@ -343,3 +343,23 @@ def test_quick_benchmark_runs(tmp_path):
     assert {(r["variant"], r["rx"]) for r in res["rows"]} == {("oneshot", 4.0),
                                                             ("sequential", 4.0)}
     assert all(0 < r["accuracy"] <= 1 for r in res["rows"])
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_budget_ranks_are_those_of_one_shot(method, centered):
+    # sequential + budget: the ranks come from the one-shot allocation of the
+    # original model (centered: of the centered covariances, as compress does)
+    torch.manual_seed(0)
+    net, data = ConvNet(), [x + 1.0 for x in _conv_data()]  # inputs with a mean
+    kw = dict(layers=["a", "c"], budget=0.4, centered=centered, options=FAST, progress=False)
+    small, rep = compress(net, method, data=data, sequential=True, **kw)
+    stats = collect_covariances(net, data, layers=["a", "c"], progress=False)
+    _, one = compress(net, method, covariances=stats, **kw)
+    assert [r["ranks"] for r in rep.layers] == [r["ranks"] for r in one.layers]
+    assert rep.layer_params_after - (8 if centered else 0) <= 0.4 * rep.layer_params_before
+    assert rep.centered is centered
+    assert all(r["output_error"] is not None for r in rep.layers)
+    assert small(data[0]).shape == (8, 4)
+    if centered:
+        assert small.c[-1].bias is not None

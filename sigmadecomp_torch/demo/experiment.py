@@ -20,7 +20,9 @@ fine-tuning**, Frobenius against Sigma decompositions. Steps:
    correction; Tensor-Train (convs and the final Linear) at some rX.
 4. Baselines and combinations: Frobenius followed by a short fine-tuning;
    int8 per-channel weight quantization of the factorized layers (model size
-   in bytes); budget-allocated ranks against uniform rX.
+   in bytes); budget-allocated ranks against uniform rX; sequential
+   (error-compensating) compression with uniform and with budget-allocated
+   ranks.
 5. Parameters, multiply-adds, CPU latency (``torch.utils.benchmark``, median,
    batch 1 and 64) of the original and of every compressed shape, the
    decomposition seconds, and the ALS error histories on the largest layer.
@@ -77,6 +79,7 @@ LABELS = {
     "datafree:sigma-centered": "Sigma centered from BatchNorm statistics (data-free)",
     "budget:sigma-centered": "Sigma centered, budget-allocated ranks",
     "sequential:sigma": "Sigma, sequential (error-compensating)",
+    "seqbudget:sigma": "Sigma, sequential, budget-allocated ranks",
     "int8:sigma-centered": "Sigma centered + int8 weights",
 }
 
@@ -87,6 +90,7 @@ CONFIGS = {
         transfer_rx=(3,), transfer_variants=("sigma", "sigma-centered"),
         datafree_rx=(3,), datafree_variants=("sigma-centered",),
         finetune_rx=(3,), finetune_steps=20, quant_rx=(3,), budget_rx=(3,), sequential_rx=(3,),
+        seqbudget_rx=(3,),
         tt_rx=(), tt_variants=("frobenius", "sigma-centered"),
         latency=True, latency_seconds=0.05, latency_rounds=2, convergence=True, convergence_iter=10,
         options={"n_iter_max": 5},
@@ -98,7 +102,8 @@ CONFIGS = {
         transfer_rx=(2, 3, 4, 6, 8), transfer_variants=("sigma", "sigma-centered"),
         datafree_rx=(3, 6), datafree_variants=("sigma-centered",),
         finetune_rx=(2, 3, 4, 6, 8), finetune_steps=100, quant_rx=(2, 3, 4, 6, 8),
-        budget_rx=(2, 3, 4, 6, 8), sequential_rx=(2, 3, 4, 6, 8), tt_rx=(3, 6),
+        budget_rx=(2, 3, 4, 6, 8), sequential_rx=(2, 3, 4, 6, 8),
+        seqbudget_rx=(2, 3, 4, 6, 8), tt_rx=(3, 6),
         tt_variants=("frobenius", "sigma"),
         latency=True, latency_seconds=0.2, latency_rounds=3, convergence=True, convergence_iter=30,
         options={"n_iter_max": 10},
@@ -111,7 +116,8 @@ CONFIGS = {
         datafree_rx=(1.5, 2, 3, 4, 6, 8, 12, 16), datafree_variants=("sigma", "sigma-centered"),
         finetune_rx=(1.5, 2, 3, 4, 6, 8, 12, 16), finetune_steps=300,
         quant_rx=(1.5, 2, 3, 4, 6, 8, 12, 16), budget_rx=(2, 3, 4, 6, 8),
-        sequential_rx=(1.5, 2, 3, 4, 6, 8, 12, 16), tt_rx=(2, 3, 4, 6),
+        sequential_rx=(1.5, 2, 3, 4, 6, 8, 12, 16), seqbudget_rx=(2, 3, 4, 6, 8),
+        tt_rx=(2, 3, 4, 6),
         tt_variants=("frobenius", "sigma", "sigma-centered"),
         latency=True, latency_seconds=1.0, latency_rounds=5, convergence=True, convergence_iter=100,
         options={"n_iter_max": 50},
@@ -262,6 +268,8 @@ def _task_list(cfg, have_tt, have_budget):
                 tasks.append(("budget", method, "budget:sigma-centered", rx))
         for rx in cfg.get("sequential_rx", ()):
             tasks.append(("sequential", method, "sequential:sigma", rx))
+        for rx in cfg.get("seqbudget_rx", ()):
+            tasks.append(("seqbudget", method, "seqbudget:sigma", rx))
     if have_tt:
         for rx in cfg["tt_rx"]:
             for v in cfg["tt_variants"]:
@@ -385,15 +393,17 @@ def run(cfg, *, progress=True, log=print):
             cmodel, report = compress(model, method, **kw)
         return cmodel, report, time.perf_counter() - t0
 
-    def do_sequential(method, rx):
+    def do_sequential(method, rx, budget=None):
         # error-compensating: each layer fitted, in network order, to the original
-        # layer's output on the inputs it gets once the earlier layers are compressed
+        # layer's output on the inputs it gets once the earlier layers are compressed;
+        # with a budget the ranks are allocated up front from the one-shot statistics
+        size = {"ratio": rx} if budget is None else {"budget": budget}
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", CompressionWarning)
             cmodel, report = compress(model, method, data=make_loader(x_cal, batch_size=256),
-                                      sequential=True, ratio=rx, layers=names, progress=False,
+                                      sequential=True, layers=names, progress=False, **size,
                                       options=_solver_options(cfg, method, seed))
         return cmodel, report, time.perf_counter() - t0
 
@@ -465,6 +475,9 @@ def run(cfg, *, progress=True, log=print):
         elif kind == "sequential":
             cmodel, report, sec = do_sequential(method, rx)
             record(kind, method, variant, rx, cmodel, report, sec)
+        elif kind == "seqbudget":
+            cmodel, report, sec = do_sequential(method, rx, budget=1.0 / rx)
+            record(kind, method, variant, rx, cmodel, report, sec, budget_fraction=1.0 / rx)
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -31,7 +31,8 @@ def results_table(results):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     order = ["frobenius", "sigma", "sigma-centered", "frobenius+ft", "transfer:sigma",
              "transfer:sigma-centered", "datafree:sigma", "datafree:sigma-centered",
-             "budget:sigma-centered", "sequential:sigma", "int8:sigma-centered"]
+             "budget:sigma-centered", "sequential:sigma", "seqbudget:sigma",
+             "int8:sigma-centered"]
     head = "| method | variant | " + " | ".join(f"rX={rx_label(x)}" for x in rxs) + " |"
     lines = [head, "|" + "---|" * (2 + len(rxs))]
     for method in methods:
@@ -230,7 +231,8 @@ STYLES = {"frobenius": ("tab:red", "o-"), "sigma": ("tab:blue", "s-"),
           "datafree:sigma-centered": ("tab:orange", "d-"),
           "int8:sigma-centered": ("tab:olive", "x:"),
           "budget:sigma-centered": ("tab:cyan", "P-"),
-          "sequential:sigma": ("tab:brown", "*-")}
+          "sequential:sigma": ("tab:brown", "*-"),
+          "seqbudget:sigma": ("tab:pink", "X-")}
 """Colour and line style (marker, line) per variant; each variant has its own marker."""
 
 
