@@ -343,14 +343,20 @@ def run(cfg, *, progress=True, log=print):
         stats[key] = collect_covariances(model, make_loader(x, batch_size=256), layers=stat_names,
                                          progress=progress)
         timings[f"statistics_{key}"] = time.perf_counter() - t0
-    # ---- transfer: the digits statistics shrunk toward the Frobenius metric, per layer,
-    # by shrink_covariances' default rule (BatchNorm output moments; notes/transfer.md)
+    # ---- transfer: the digits statistics shrunk toward the Frobenius metric and mixed
+    # with the model's data-free BatchNorm statistics, per layer, by shrink_covariances'
+    # default rule (BatchNorm output moments; notes/transfer.md)
     if "digits" in stats:
         from sigmadecomp_torch.transfer import shrink_covariances
 
-        stats["digits"] = shrink_covariances(stats["digits"], "auto", model=model)
-        log("digits statistics shrunk toward the Frobenius metric, a per layer: "
-            + ", ".join(f"{k} {a:g}" for k, a in stats["digits"].alphas.items()))
+        prior, _ = covariances_from_batchnorm(model, layers=stat_names,
+                                              input_shape=tuple(x_dig.shape[1:]),
+                                              shrinkage=0.0, seed=seed + 3)
+        stats["digits"] = shrink_covariances(stats["digits"], "auto", model=model, prior=prior)
+        log("digits statistics shrunk and mixed with the BatchNorm statistics, "
+            "(a, share) per layer: " + ", ".join(
+                f"{k} ({a:g}, {stats['digits'].weights[k]:g})"
+                for k, a in stats["digits"].alphas.items()))
     # ---- end transfer
     # -- data-free statistics: from the BatchNorm layers, no image (the key stays
     # "synthetic": as many smooth-noise images are pushed through the model) --

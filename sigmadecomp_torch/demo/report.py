@@ -170,7 +170,8 @@ def markdown(results, plots=()):
         "",
         f"Statistics: {ref['calibration_images']} Fashion-MNIST training images (calibration); "
         + (f"transfer: {ref['digits_images']} scikit-learn digits resized to 28x28, the "
-           "statistics shrunk toward the Frobenius metric per layer (`shrink_covariances`); "
+           "statistics shrunk toward the Frobenius metric and mixed with the model's "
+           "data-free BatchNorm statistics per layer (`shrink_covariances(..., prior=)`); "
            if ref["digits_images"] else "transfer: skipped (scikit-learn not installed); ")
         + "data-free: from the model's BatchNorm layers (`covariances_from_batchnorm`, "
         f"{ref['synthetic_images']} smooth-noise samples pushed through the model, no image "
