@@ -70,6 +70,7 @@ from .contract import (
 from .results import CPResult
 from .sigma import DEFAULT_RIDGE, _add_ridge, _ridge_result_fields, check_ridge, psd_solve
 from .solvers import pcg
+from .tucker2 import CG_FLOAT32_RTOL
 
 __all__ = ["cp"]
 
@@ -354,6 +355,10 @@ class _SigmaALS(_ALSBase):
         S4 = xp.permute_dims(xp.reshape(sigma, (S, P, S, P)), (1, 3, 0, 2))
         self._Sig_P = xp.sum(xp.linalg.diagonal(S4), axis=-1)
         self._Y = self._SB = None  # caches of the B-update, rebuilt by each one
+        # inner.rtol >= CG_FLOAT32_RTOL (the rule of tucker2's CG): the CG operator
+        # multiplies by a float32 copy of Sigma, its rounding (~1e-6 relative) far
+        # below the requested residual; residuals, right-hand side and start stay float64
+        self._Sig_lo = xp.astype(sigma, xp.float32) if inner_rtol >= CG_FLOAT32_RTOL else None
         super().__init__(K, weights, factors, l2_reg)
         self.SK = sigma @ self.K1.T  # (n, T), once
         self.norm2 = float(xp.sum(self.K1.T * self.SK))
@@ -404,8 +409,12 @@ class _SigmaALS(_ALSBase):
             out = xp.sum(xp.reshape(SZ @ G, (S, P, -1)) * CD[None], axis=1)
             return out + l2 * X if l2 else out
 
+        Sg_lo = self._Sig_lo
+
         def apply(X):
             Zx = xp.reshape(X[:, None, :] * CD[None, :, :], (n, -1))
+            if Sg_lo is not None:
+                return from_SZ(xp.astype(Sg_lo @ xp.astype(Zx, xp.float32), X.dtype), X)
             return from_SZ(self.Sg @ Zx, X)
 
         # the S x S blocks are refreshed every _PRECOND_REFRESH sweeps (any SPD
@@ -884,7 +893,10 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         preconditioned CG; 'direct' is not available). ``rtol``: relative
         residual of its Sigma-weighted normal equations (default
         ``INNER_RTOL = 1e-8``; ``0`` runs every B-update to its iteration
-        cap). ``maxiter``: ``None`` (default) has no cap but the safeguard
+        cap). With ``rtol >= CG_FLOAT32_RTOL = 1e-4`` (the rule of
+        :func:`sigmadecomp.tucker2`) the CG operator multiplies by a float32
+        copy of Sigma (rounding about 1e-6 relative, far below ``rtol``);
+        everything else, and every reported error, stays float64. ``maxiter``: ``None`` (default) has no cap but the safeguard
         ``INNER_MAXITER_LIMIT = 5000``, so every B-update is solved to
         ``rtol`` (exact ALS); an integer is a fixed cap (cheap, inexact
         sweeps that are still monotone but may stop at a worse point);

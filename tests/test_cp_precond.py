@@ -96,3 +96,21 @@ def test_float32_chunked_preconditioner_keeps_b_updates_exact(rng, monkeypatch, 
     assert max(eng.cg_residuals) <= 1e-10 and max(ref_eng.cg_residuals) <= 1e-10
     np.testing.assert_allclose(got, ref, rtol=1e-7)
     assert np.all(np.diff(got) <= 1e-10 * got[0])
+
+
+def test_loose_inner_rtol_uses_a_float32_operator_and_matches_float64(rng, monkeypatch):
+    """inner.rtol >= CG_FLOAT32_RTOL: the CG product with Sigma in float32; the run
+    follows the float64 operator's to well within that tolerance."""
+    K = rng.standard_normal((5, S, H, W))
+    sigma, _, _ = _inputs(rng, 1)
+    kw = dict(n_iter_max=6, tol=0.0, inner={"rtol": 1e-4})
+    eng = als_engine(K, np.ones(3), [rng.standard_normal((d, 3)) for d in K.shape], sigma,
+                     inner_rtol=1e-4)
+    assert eng._Sig_lo is not None and eng._Sig_lo.dtype == np.float32
+    assert als_engine(K, np.ones(3), [rng.standard_normal((d, 3)) for d in K.shape], sigma,
+                      inner_rtol=1e-5)._Sig_lo is None
+    lo = cp_module.cp(K, 3, sigma, **kw)
+    monkeypatch.setattr(cp_module, "CG_FLOAT32_RTOL", 1.0)  # float64 operator
+    hi = cp_module.cp(K, 3, sigma, **kw)
+    np.testing.assert_allclose(lo.errors, hi.errors, rtol=1e-5)
+    assert np.all(np.diff(lo.errors) <= 1e-12)
