@@ -69,9 +69,12 @@ def run_one(config, sweeps, stat_path, library):
     base = peak_rss_mib()
     stamps, errors = [], []
 
-    def cb(res):
+    def cb(res):  # progress on stderr, one JSON line per sweep
         stamps.append(time.perf_counter())
         errors.append(float(res.errors[-1]))
+        print(json.dumps({"sweep": len(errors) - 1, "elapsed_s": stamps[-1] - t0,
+                          "error": errors[-1], "peak_rss_mib": peak_rss_mib(),
+                          "load": os.getloadavg()[0]}), file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     res = cp(K, RANK, sigma, n_iter_max=sweeps, tol=0.0, inner=CONFIGS[config], callback=cb)
