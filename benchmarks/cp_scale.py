@@ -87,6 +87,20 @@ def run_one(config, sweeps, stat_path, library):
             "load": list(os.getloadavg()), "version": getattr(sigmadecomp, "__file__", "")}
 
 
+def from_progress(config, path, library):
+    """A run's record rebuilt from the progress lines of ``--one`` (stderr)."""
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+    elapsed = [r["elapsed_s"] for r in rows]
+    return {"config": config, "library": library, "sweeps": len(rows) - 1,
+            "setup_s": elapsed[0], "sweep_s": list(np.diff(elapsed)), "elapsed_s": elapsed,
+            "errors": [r["error"] for r in rows], "peak_rss_mib": rows[-1]["peak_rss_mib"],
+            "load": [r["load"] for r in rows]}
+
+
 def write_notes(runs, path_md, sweeps):
     import matplotlib
 
@@ -121,7 +135,15 @@ def main(argv=None):
     ap.add_argument("--one", default=None, help="run one configuration in this process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--notes", default=None, help="markdown path; the PNG goes beside it")
+    ap.add_argument("--progress", default=None,
+                    help="config=FILE,...: plot from the stderr progress lines of --one runs "
+                         "(runs stopped early) instead of running")
     args = ap.parse_args(argv)
+    if args.progress:
+        runs = [from_progress(*item.split("=", 1), args.library)
+                for item in args.progress.split(",")]
+        print(write_notes(runs, args.notes, args.sweeps))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.sweeps, args.stat, args.library)))
         return

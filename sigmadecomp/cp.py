@@ -99,9 +99,6 @@ PRECOND_CHUNK_BYTES = 64 * 2**20
 #: its residuals with the float64 operator). Pseudo-inverse factors of singular
 #: blocks keep float64, so the range of the preconditioner stays exact.
 PRECOND_FLOAT32_BYTES = 256 * 2**20
-#: Products with ``Sigma`` are done this many bytes of their output at a time when
-#: they build the cached (R, P, P, R) contraction of the B-update.
-_CHUNK_BYTES = 64 * 2**20
 # eigenvalues <= this * largest count as zero in the preconditioner: the zero floor
 # of the float64 algebra
 _PINV_RTOL = ZERO_RTOL["float64"]
@@ -325,11 +322,10 @@ class _FrobeniusALS(_ALSBase):
 class _SigmaALS(_ALSBase):
     """CP-ALS in the Sigma-norm with exact block minimisers (design notes, section 4).
 
-    Cached products per sweep: ``Y = B^T Sigma`` (R, P, n) and
-    ``SB[r, p, p', q] = sum_{s,s'} B[s,r] Sigma[(s,p),(s',p')] B[s',q]``, two
-    ``n x n x R``-sized products after the B-update; from them the C- and
-    D-normal matrices, the next ``Sigma Z`` and the A-update come at a small
-    fraction of that cost. The B-update runs PCG (each iteration one
+    Cached product per sweep: ``Y = B^T Sigma`` (R, P, n), one ``n x n x R``
+    product after the B-update; from it the C- and D-normal matrices (one
+    ``R*L*L x S*L' x R`` GEMM each, see ``_normal_spatial``), the next
+    ``Sigma Z`` and the A-update come at a fraction of that cost. The B-update runs PCG (each iteration one
     ``n x n x R`` product) warm-started at the current B until the relative
     residual of the normal equations is at most ``inner_rtol`` or
     ``inner_maxiter`` iterations ran (``last_exact`` tells which),
@@ -354,7 +350,7 @@ class _SigmaALS(_ALSBase):
         # partial trace over channels, (P, P) (a view of Sigma summed: no n x n copy)
         S4 = xp.permute_dims(xp.reshape(sigma, (S, P, S, P)), (1, 3, 0, 2))
         self._Sig_P = xp.sum(xp.linalg.diagonal(S4), axis=-1)
-        self._Y = self._SB = None  # caches of the B-update, rebuilt by each one
+        self._Y = None  # cache of the B-update, rebuilt by each one
         # inner.rtol >= CG_FLOAT32_RTOL (the rule of tucker2's CG): the CG operator
         # multiplies by a float32 copy of Sigma, its rounding (~1e-6 relative) far
         # below the requested residual; residuals, right-hand side and start stay float64
@@ -429,7 +425,7 @@ class _SigmaALS(_ALSBase):
         return apply, from_SZ, precond, rhs
 
     def update_B(self):
-        self._Y = self._SB = None  # rebuilt below; not held during the preconditioner set-up
+        self._Y = None  # rebuilt below; not held during the preconditioner set-up
         apply, from_SZ, precond, rhs = self._B_operator()
         x0 = self.F[1] * self.w[None, :]
         # H(x0) from the cached Sigma Z (Z(x0) = Z diag(w)): no extra product
@@ -452,39 +448,44 @@ class _SigmaALS(_ALSBase):
         xp = B.namespace(self.w)
         S, P, n = self.S, self.P, self.n
         Bf = self.F[1]
-        R = Bf.shape[1]
-        self._Y = xp.reshape(Bf.T @ xp.reshape(self.Sg, (S, P * n)), (R, P, n))
-        Y4 = xp.reshape(self._Y, (R, P, S, P))
-        SB = xp.empty((R, P, P, R), dtype=Bf.dtype, device=B.device(Bf))
-        step = max(1, _CHUNK_BYTES // (8 * P * P * S))
-        for r0 in range(0, R, step):  # the (c, P, P, S) permuted copy a chunk at a time
-            Yc = xp.permute_dims(Y4[r0:r0 + step], (0, 1, 3, 2))
-            SB[r0:r0 + step] = xp.reshape(xp.reshape(Yc, (-1, S)) @ Bf, (-1, P, P, R))
-        self._SB = xp.reshape(SB, (R, self.H, self.W, self.H, self.W, R))
+        self._Y = xp.reshape(Bf.T @ xp.reshape(self.Sg, (S, P * n)), (Bf.shape[1], P, n))
 
-    # C and D: dense normal systems ------------------------------------------
-    def _normal_C(self):
+    # C and D: dense normal systems from Y -------------------------------------
+    def _normal_spatial(self, mode):
+        """Normal matrix of mode 2 (C) or 3 (D), ``(L*R, L*R)``, and its right-hand side.
+
+        For C: ``N[(h,r),(k,q)] = G[r,q] sum_{w,v} D[w,r] D[v,q] sum_{s'}
+        Y[r,(h,w),(s',k,v)] B[s',q]``: ``Y`` contracted with the other spatial
+        factor's column ``r`` (R x P x n work), then one
+        ``(R*L*L, S*L') @ (S*L', R)`` GEMM with ``B (x) D``; D likewise.
+        """
         xp = B.namespace(self.w)
         A, Bf, C, D = self.F
         G = A.T @ A
-        H, R = self.H, Bf.shape[1]
-        # two-operand contractions (a batched index in each) beat one 4-operand path
-        X = B.einsum("rhwkvq,wr->rhkvq", self._SB, D) * G[:, None, None, None, :]
-        N = B.einsum("rhkvq,vq->hrkq", X, D)
-        Qb = xp.sum(xp.reshape(self._Q, (self.S, H, self.W, R)) * Bf[:, None, None, :], axis=0)
-        rhs = xp.sum(Qb * D[None, :, :], axis=1)
-        return xp.reshape(N, (H * R, H * R)), rhs
+        S, H, W, R = self.S, self.H, self.W, Bf.shape[1]
+        Y = xp.reshape(self._Y, (R, H, W, self.n))
+        Qb = xp.sum(xp.reshape(self._Q, (S, H, W, R)) * Bf[:, None, None, :], axis=0)
+        if mode == 2:  # keep h (rows) and k (columns of Sigma); sum w with D[:, r]
+            L, O, other = H, W, D
+            Yo = (xp.permute_dims(D, (1, 0))[:, None, None, :] @ Y)[:, :, 0, :]  # (R, H, n)
+            Yo = xp.permute_dims(xp.reshape(Yo, (R, H, S, H, W)), (0, 1, 3, 2, 4))
+            rhs = xp.sum(Qb * D[None, :, :], axis=1)
+        else:  # keep w and v; sum h with C[:, r]
+            L, O, other = W, H, C
+            Yo = xp.reshape(xp.permute_dims(C, (1, 0))[:, None, :]
+                            @ xp.reshape(Y, (R, H, W * self.n)), (R, W, S, H, W))
+            Yo = xp.permute_dims(Yo, (0, 1, 4, 2, 3))
+            rhs = xp.sum(Qb * C[:, None, :], axis=0)
+        Bo = xp.reshape(Bf[:, None, :] * other[None, :, :], (S * O, R))  # B (x) other
+        M = xp.reshape(xp.reshape(Yo, (R * L * L, S * O)) @ Bo, (R, L, L, R))
+        N = xp.permute_dims(M * G[:, None, None, :], (1, 0, 2, 3))
+        return xp.reshape(N, (L * R, L * R)), rhs
+
+    def _normal_C(self):
+        return self._normal_spatial(2)
 
     def _normal_D(self):
-        xp = B.namespace(self.w)
-        A, Bf, C, D = self.F
-        G = A.T @ A
-        W, R = self.W, Bf.shape[1]
-        X = B.einsum("rhwkvq,hr->rwkvq", self._SB, C) * G[:, None, None, None, :]
-        N = B.einsum("rwkvq,kq->wrvq", X, C)
-        Qb = xp.sum(xp.reshape(self._Q, (self.S, self.H, W, R)) * Bf[:, None, None, :], axis=0)
-        rhs = xp.sum(Qb * C[:, None, :], axis=0)
-        return xp.reshape(N, (W * R, W * R)), rhs
+        return self._normal_spatial(3)
 
     def _solve_dense(self, N, rhs):
         xp = B.namespace(N)
