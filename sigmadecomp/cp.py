@@ -325,14 +325,15 @@ class _SigmaALS(_ALSBase):
     Cached product per sweep: ``Y = B^T Sigma`` (R, P, n), one ``n x n x R``
     product after the B-update; from it the C- and D-normal matrices (one
     ``R*L*L x S*L' x R`` GEMM each, see ``_normal_spatial``), the next
-    ``Sigma Z`` and the A-update come at a fraction of that cost. The B-update runs PCG (each iteration one
-    ``n x n x R`` product) warm-started at the current B until the relative
-    residual of the normal equations is at most ``inner_rtol`` or
-    ``inner_maxiter`` iterations ran (``last_exact`` tells which),
-    preconditioned by the diagonal blocks (one ``S x S`` Cholesky per
-    component, or a pseudo-inverse root when a block is singular, built with
-    one ``n x n x R``-sized product every few sweeps) coupled through an
-    R x R correlation (see ``_coupled_preconditioner``; exact when
+    ``Sigma Z`` and the A-update come at a fraction of that cost. The
+    B-update runs PCG (each iteration one ``n x n x R`` product) warm-started
+    at the current B until the relative residual of the normal equations is
+    at most ``inner_rtol`` or ``inner_maxiter`` iterations ran (``last_exact``
+    tells which), preconditioned by the diagonal blocks (one ``S x S``
+    Cholesky per component, or a pseudo-inverse root when a block is
+    singular, built in chunks of components with one ``n x n x R``-sized
+    product every few sweeps, see ``_block_inverse_factors``) coupled through
+    an R x R correlation (see ``_coupled_preconditioner``; exact when
     ``Sigma = I``).
     """
 

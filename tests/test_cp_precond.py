@@ -8,7 +8,8 @@ import torch
 
 from sigmadecomp.cp import _block_inverse_factors, als_engine
 
-cp_module = importlib.import_module("sigmadecomp.cp")  # the module (the package exports the function)
+# the module itself (the package exports the function under the same name)
+cp_module = importlib.import_module("sigmadecomp.cp")
 
 S, H, W = 6, 2, 2
 P = H * W
@@ -34,7 +35,7 @@ def _blocks(sigma, CD, gdiag, l2):
 
 
 @pytest.mark.parametrize("l2", [0.0, 0.3])
-@pytest.mark.parametrize("rank", [None, 10, 3])  # definite / rank-deficient Sigma / singular blocks
+@pytest.mark.parametrize("rank", [None, 10, 3])  # definite / deficient Sigma / singular blocks
 def test_chunked_factors_equal_unchunked(rng, l2, rank):
     R = 7
     sigma, CD, gdiag = _inputs(rng, R, rank)
