@@ -898,7 +898,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         cap). With ``rtol >= CG_FLOAT32_RTOL = 1e-4`` (the rule of
         :func:`sigmadecomp.tucker2`) the CG operator multiplies by a float32
         copy of Sigma (rounding about 1e-6 relative, far below ``rtol``);
-        everything else, and every reported error, stays float64. ``maxiter``: ``None`` (default) has no cap but the safeguard
+        everything else, and every reported error, stays float64.
+        ``maxiter``: ``None`` (default) has no cap but the safeguard
         ``INNER_MAXITER_LIMIT = 5000``, so every B-update is solved to
         ``rtol`` (exact ALS); an integer is a fixed cap (cheap, inexact
         sweeps that are still monotone but may stop at a worse point);
