@@ -14,6 +14,12 @@ Run from the repository root::
     python -m benchmarks.cp_scale --sweeps 12 --json notes/cp_scale.json \\
         --notes notes/cp_scale.md            # exact and adaptive, notes + PNG
     python -m benchmarks.cp_scale --one exact --sweeps 2   # one configuration, prints JSON
+    python -m benchmarks.cp_scale --notes notes/cp_scale.md \
+        --progress exact=exact.err,adaptive=adaptive.err   # PNG from --one progress lines
+
+``--one`` prints one JSON line per sweep on stderr (wall and process CPU
+seconds since the call, error, peak RSS, load), so a run stopped early still
+leaves its curve.
 """
 
 from __future__ import annotations
@@ -73,10 +79,11 @@ def run_one(config, sweeps, stat_path, library):
         stamps.append(time.perf_counter())
         errors.append(float(res.errors[-1]))
         print(json.dumps({"sweep": len(errors) - 1, "elapsed_s": stamps[-1] - t0,
+                          "cpu_s": time.process_time() - c0,
                           "error": errors[-1], "peak_rss_mib": peak_rss_mib(),
                           "load": os.getloadavg()[0]}), file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = cp(K, RANK, sigma, n_iter_max=sweeps, tol=0.0, inner=CONFIGS[config], callback=cb)
     seconds = time.perf_counter() - t0
     times = [s - t0 for s in stamps]
