@@ -124,6 +124,7 @@ def write_notes(runs, path_md, sweeps):
     axes[1].set_xlabel("seconds since the call (set-up included)")
     for ax in axes:
         ax.set_ylabel("relative Sigma-error (ridged Sigma)")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"CP-ALS-Sigma, ResNet-18 {LAYER} (512x512x3x3), R={RANK}")
