@@ -70,6 +70,7 @@ from .contract import (
 from .results import CPResult
 from .sigma import DEFAULT_RIDGE, _add_ridge, _ridge_result_fields, check_ridge, psd_solve
 from .solvers import pcg
+from .tucker2 import CG_FLOAT32_RTOL
 
 __all__ = ["cp"]
 
@@ -88,6 +89,16 @@ INNER_MAXITER_START = 5
 #: safeguard only: the solve stops at ``inner.rtol`` long before.
 INNER_MAXITER_LIMIT = 5000
 _PRECOND_REFRESH = 5  # sweeps between rebuilds of the preconditioner's S x S blocks
+#: The preconditioner's S x S blocks are built and factorised this many bytes of
+#: float64 blocks at a time (a chunk of components), so its set-up never holds all
+#: R blocks twice.
+PRECOND_CHUNK_BYTES = 64 * 2**20
+#: When the R inverse factors of the preconditioner would take more than this many
+#: bytes in float64 (R * S * S * 8; 1.6 GB for S=512, R=763), the Cholesky ones are
+#: stored and applied in float32: a preconditioner need not be exact (CG measures
+#: its residuals with the float64 operator). Pseudo-inverse factors of singular
+#: blocks keep float64, so the range of the preconditioner stays exact.
+PRECOND_FLOAT32_BYTES = 256 * 2**20
 # eigenvalues <= this * largest count as zero in the preconditioner: the zero floor
 # of the float64 algebra
 _PINV_RTOL = ZERO_RTOL["float64"]
@@ -311,18 +322,18 @@ class _FrobeniusALS(_ALSBase):
 class _SigmaALS(_ALSBase):
     """CP-ALS in the Sigma-norm with exact block minimisers (design notes, section 4).
 
-    Cached products per sweep: ``Y = B^T Sigma`` (R, P, n) and
-    ``SB[r, p, p', q] = sum_{s,s'} B[s,r] Sigma[(s,p),(s',p')] B[s',q]``, two
-    ``n x n x R``-sized products after the B-update; from them the C- and
-    D-normal matrices, the next ``Sigma Z`` and the A-update come at a small
-    fraction of that cost. The B-update runs PCG (each iteration one
-    ``n x n x R`` product) warm-started at the current B until the relative
-    residual of the normal equations is at most ``inner_rtol`` or
-    ``inner_maxiter`` iterations ran (``last_exact`` tells which),
-    preconditioned by the diagonal blocks (one ``S x S`` Cholesky per
-    component, or a pseudo-inverse root when a block is singular, built with
-    one ``n x n x R``-sized product every few sweeps) coupled through an
-    R x R correlation (see ``_coupled_preconditioner``; exact when
+    Cached product per sweep: ``Y = B^T Sigma`` (R, P, n), one ``n x n x R``
+    product after the B-update; from it the C- and D-normal matrices (one
+    ``R*L*L x S*L' x R`` GEMM each, see ``_normal_spatial``), the next
+    ``Sigma Z`` and the A-update come at a fraction of that cost. The
+    B-update runs PCG (each iteration one ``n x n x R`` product) warm-started
+    at the current B until the relative residual of the normal equations is
+    at most ``inner_rtol`` or ``inner_maxiter`` iterations ran (``last_exact``
+    tells which), preconditioned by the diagonal blocks (one ``S x S``
+    Cholesky per component, or a pseudo-inverse root when a block is
+    singular, built in chunks of components with one ``n x n x R``-sized
+    product every few sweeps, see ``_block_inverse_factors``) coupled through
+    an R x R correlation (see ``_coupled_preconditioner``; exact when
     ``Sigma = I``).
     """
 
@@ -337,10 +348,14 @@ class _SigmaALS(_ALSBase):
         xp = B.namespace(sigma)
         T, S, H, W = K.shape
         P = H * W
-        # Sigma as (s, s', p, p'): the preconditioner blocks are one GEMM with it
-        S4 = xp.permute_dims(xp.reshape(sigma, (S, P, S, P)), (0, 2, 1, 3))
-        self._Sig_ssp = xp.reshape(S4, (S * S, P * P))
-        self._Sig_P = xp.sum(xp.linalg.diagonal(xp.permute_dims(S4, (2, 3, 0, 1))), axis=-1)
+        # partial trace over channels, (P, P) (a view of Sigma summed: no n x n copy)
+        S4 = xp.permute_dims(xp.reshape(sigma, (S, P, S, P)), (1, 3, 0, 2))
+        self._Sig_P = xp.sum(xp.linalg.diagonal(S4), axis=-1)
+        self._Y = None  # cache of the B-update, rebuilt by each one
+        # inner.rtol >= CG_FLOAT32_RTOL (the rule of tucker2's CG): the CG operator
+        # multiplies by a float32 copy of Sigma, its rounding (~1e-6 relative) far
+        # below the requested residual; residuals, right-hand side and start stay float64
+        self._Sig_lo = xp.astype(sigma, xp.float32) if inner_rtol >= CG_FLOAT32_RTOL else None
         super().__init__(K, weights, factors, l2_reg)
         self.SK = sigma @ self.K1.T  # (n, T), once
         self.norm2 = float(xp.sum(self.K1.T * self.SK))
@@ -391,14 +406,19 @@ class _SigmaALS(_ALSBase):
             out = xp.sum(xp.reshape(SZ @ G, (S, P, -1)) * CD[None], axis=1)
             return out + l2 * X if l2 else out
 
+        Sg_lo = self._Sig_lo
+
         def apply(X):
             Zx = xp.reshape(X[:, None, :] * CD[None, :, :], (n, -1))
+            if Sg_lo is not None:
+                return from_SZ(xp.astype(Sg_lo @ xp.astype(Zx, xp.float32), X.dtype), X)
             return from_SZ(self.Sg @ Zx, X)
 
         # the S x S blocks are refreshed every _PRECOND_REFRESH sweeps (any SPD
         # preconditioner keeps CG monotone); the R x R coupling every sweep
         if self._pc_age % _PRECOND_REFRESH == 0:
-            self._Linv = _block_inverse_factors(self._Sig_ssp, CD, xp.linalg.diagonal(G), l2, S)
+            self._Linv = None  # free the old factors before building the new ones
+            self._Linv = _block_inverse_factors(self.Sg, CD, xp.linalg.diagonal(G), l2, S)
         self._pc_age += 1
         precond = None if self._Linv is None else _coupled_preconditioner(
             self._Linv, self._Sig_P, CD, G)
@@ -406,6 +426,7 @@ class _SigmaALS(_ALSBase):
         return apply, from_SZ, precond, rhs
 
     def update_B(self):
+        self._Y = None  # rebuilt below; not held during the preconditioner set-up
         apply, from_SZ, precond, rhs = self._B_operator()
         x0 = self.F[1] * self.w[None, :]
         # H(x0) from the cached Sigma Z (Z(x0) = Z diag(w)): no extra product
@@ -428,35 +449,44 @@ class _SigmaALS(_ALSBase):
         xp = B.namespace(self.w)
         S, P, n = self.S, self.P, self.n
         Bf = self.F[1]
-        R = Bf.shape[1]
-        self._Y = xp.reshape(Bf.T @ xp.reshape(self.Sg, (S, P * n)), (R, P, n))
-        Y4 = xp.permute_dims(xp.reshape(self._Y, (R, P, S, P)), (0, 1, 3, 2))
-        SB = xp.reshape(xp.reshape(Y4, (R * P * P, S)) @ Bf, (R, P, P, R))
-        self._SB = xp.reshape(SB, (R, self.H, self.W, self.H, self.W, R))
+        self._Y = xp.reshape(Bf.T @ xp.reshape(self.Sg, (S, P * n)), (Bf.shape[1], P, n))
 
-    # C and D: dense normal systems ------------------------------------------
-    def _normal_C(self):
+    # C and D: dense normal systems from Y -------------------------------------
+    def _normal_spatial(self, mode):
+        """Normal matrix of mode 2 (C) or 3 (D), ``(L*R, L*R)``, and its right-hand side.
+
+        For C: ``N[(h,r),(k,q)] = G[r,q] sum_{w,v} D[w,r] D[v,q] sum_{s'}
+        Y[r,(h,w),(s',k,v)] B[s',q]``: ``Y`` contracted with the other spatial
+        factor's column ``r`` (R x P x n work), then one
+        ``(R*L*L, S*L') @ (S*L', R)`` GEMM with ``B (x) D``; D likewise.
+        """
         xp = B.namespace(self.w)
         A, Bf, C, D = self.F
         G = A.T @ A
-        H, R = self.H, Bf.shape[1]
-        # two-operand contractions (a batched index in each) beat one 4-operand path
-        X = B.einsum("rhwkvq,wr->rhkvq", self._SB, D) * G[:, None, None, None, :]
-        N = B.einsum("rhkvq,vq->hrkq", X, D)
-        Qb = xp.sum(xp.reshape(self._Q, (self.S, H, self.W, R)) * Bf[:, None, None, :], axis=0)
-        rhs = xp.sum(Qb * D[None, :, :], axis=1)
-        return xp.reshape(N, (H * R, H * R)), rhs
+        S, H, W, R = self.S, self.H, self.W, Bf.shape[1]
+        Y = xp.reshape(self._Y, (R, H, W, self.n))
+        Qb = xp.sum(xp.reshape(self._Q, (S, H, W, R)) * Bf[:, None, None, :], axis=0)
+        if mode == 2:  # keep h (rows) and k (columns of Sigma); sum w with D[:, r]
+            L, O, other = H, W, D
+            Yo = (xp.permute_dims(D, (1, 0))[:, None, None, :] @ Y)[:, :, 0, :]  # (R, H, n)
+            Yo = xp.permute_dims(xp.reshape(Yo, (R, H, S, H, W)), (0, 1, 3, 2, 4))
+            rhs = xp.sum(Qb * D[None, :, :], axis=1)
+        else:  # keep w and v; sum h with C[:, r]
+            L, O, other = W, H, C
+            Yo = xp.reshape(xp.permute_dims(C, (1, 0))[:, None, :]
+                            @ xp.reshape(Y, (R, H, W * self.n)), (R, W, S, H, W))
+            Yo = xp.permute_dims(Yo, (0, 1, 4, 2, 3))
+            rhs = xp.sum(Qb * C[:, None, :], axis=0)
+        Bo = xp.reshape(Bf[:, None, :] * other[None, :, :], (S * O, R))  # B (x) other
+        M = xp.reshape(xp.reshape(Yo, (R * L * L, S * O)) @ Bo, (R, L, L, R))
+        N = xp.permute_dims(M * G[:, None, None, :], (1, 0, 2, 3))
+        return xp.reshape(N, (L * R, L * R)), rhs
+
+    def _normal_C(self):
+        return self._normal_spatial(2)
 
     def _normal_D(self):
-        xp = B.namespace(self.w)
-        A, Bf, C, D = self.F
-        G = A.T @ A
-        W, R = self.W, Bf.shape[1]
-        X = B.einsum("rhwkvq,hr->rwkvq", self._SB, C) * G[:, None, None, None, :]
-        N = B.einsum("rwkvq,kq->wrvq", X, C)
-        Qb = xp.sum(xp.reshape(self._Q, (self.S, self.H, W, R)) * Bf[:, None, None, :], axis=0)
-        rhs = xp.sum(Qb * C[:, None, :], axis=0)
-        return xp.reshape(N, (W * R, W * R)), rhs
+        return self._normal_spatial(3)
 
     def _solve_dense(self, N, rhs):
         xp = B.namespace(N)
@@ -479,78 +509,122 @@ class _SigmaALS(_ALSBase):
         self.F[3], self.w = _normalize(X)
         # Sigma Z for the new C, D from Y (B unchanged): (Sigma Z)[m, q] = sum_p Y[q,p,m] CD[p,q]
         CD = _pair(self.F[2], self.F[3])
-        self._cache = xp.sum(self._Y * xp.permute_dims(CD, (1, 0))[:, :, None], axis=1).T
+        self._cache = xp.permute_dims((xp.permute_dims(CD, (1, 0))[:, None, :] @ self._Y)[:, 0, :],
+                                      (1, 0))
         return _guarded(self.norm2, float(xp.sum(rhs * X)), float(xp.sum(x * (N @ x))),
                         self.residual_objective)
 
 
-def _block_inverse_factors(sig_ssp, CD, gdiag, l2, S):
+def _block_inverse_factors(sigma, CD, gdiag, l2, S, *, chunk_bytes=None, float32_bytes=None):
     """Inverse factors ``W_r`` (R, S, S) of the diagonal blocks of the B operator.
 
     Block ``r`` is ``M_r = G[r, r] Sigma_r + l2 I`` with
-    ``Sigma_r = (I kron cd_r)^T Sigma (I kron cd_r)`` (S x S); all blocks come
-    from one GEMM, ``Sigma_(s s'),(p p') @ (cd_r kron cd_r)``. ``W_r^T W_r`` is
-    ``M_r^{-1}`` (``W_r = L_r^{-1}`` from a Cholesky factor) when ``M_r`` is
-    numerically definite, and its pseudo-inverse otherwise (eigenvalues
-    ``<= _PINV_RTOL * largest`` count as zero). No diagonal shift: a
-    preconditioner must not amplify the null space of a singular Sigma, where
-    rounding errors of the residual live (they would grow into huge, unseen
-    components of B and huge weights). Every null vector of ``M_r`` (a column
-    ``x`` with ``Sigma (x kron cd_r) = 0``) is a null vector of the operator,
-    so the operator's range stays inside the preconditioner's and CG remains
-    exact. Returns ``None`` (no preconditioning) when Sigma sees none of the
-    components.
+    ``Sigma_r = (I kron cd_r)^T Sigma (I kron cd_r)`` (S x S), from one GEMM
+    ``Sigma_(s s'),(p p') @ (cd_r kron cd_r)``. ``W_r^T W_r`` is ``M_r^{-1}``
+    (``W_r = L_r^{-1}`` from a Cholesky factor) when ``M_r`` is numerically
+    definite, and its pseudo-inverse otherwise (eigenvalues
+    ``<= _PINV_RTOL * largest`` count as zero); the choice is made block by
+    block. No diagonal shift: a preconditioner must not amplify the null space
+    of a singular Sigma, where rounding errors of the residual live (they would
+    grow into huge, unseen components of B and huge weights). Every null vector
+    of ``M_r`` (a column ``x`` with ``Sigma (x kron cd_r) = 0``) is a null
+    vector of the operator, so the operator's range stays inside the
+    preconditioner's and CG remains exact. Returns ``None`` (no
+    preconditioning) when Sigma sees none of the components.
+
+    Memory: the blocks are built and factorised ``chunk_bytes`` of float64
+    blocks at a time (plus one transient ``n x n`` copy of Sigma in the
+    ``(s s'), (p p')`` layout) and written into the result, which is float32
+    when its float64 size would exceed ``float32_bytes`` and every block has a
+    Cholesky factor (a pseudo-inverse block makes it float64). ``None``: the
+    module's ``PRECOND_CHUNK_BYTES`` and ``PRECOND_FLOAT32_BYTES``.
     """
+    chunk_bytes = PRECOND_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    float32_bytes = PRECOND_FLOAT32_BYTES if float32_bytes is None else float32_bytes
     xp = B.namespace(CD)
-    R = CD.shape[1]
-    CC = xp.reshape(CD[:, None, :] * CD[None, :, :], (-1, R))
-    blocks = xp.reshape(sig_ssp @ CC, (S, S, R))
-    blocks = xp.permute_dims(blocks, (2, 0, 1)) * gdiag[:, None, None]  # symmetric blocks
-    blocks = 0.5 * (blocks + xp.permute_dims(blocks, (0, 2, 1)))
-    if l2:
-        blocks = blocks + l2 * xp.eye(S, dtype=CD.dtype, device=B.device(CD))[None]
-    diag = xp.linalg.diagonal(blocks)
-    top = float(xp.max(diag)) if diag.shape[0] else 0.0
+    n, R = sigma.shape[0], CD.shape[1]
+    P = n // S
+    dev = B.device(CD)
+    sig_ssp = xp.reshape(xp.permute_dims(xp.reshape(sigma, (S, P, S, P)), (0, 2, 1, 3)),
+                         (S * S, P * P))
+    step = int(max(1, min(R, chunk_bytes // (8 * S * S))))
+    low = R * S * S * 8 > float32_bytes
+    out = xp.empty((R, S, S), dtype=xp.float32 if low else CD.dtype, device=dev)
+    eye = xp.eye(S, dtype=CD.dtype, device=dev) if l2 else None
+    top = 0.0
+    for r0 in range(0, R, step):
+        cd = CD[:, r0:r0 + step]
+        CC = xp.reshape(cd[:, None, :] * cd[None, :, :], (P * P, -1))
+        blocks = xp.reshape(sig_ssp @ CC, (S, S, -1))
+        blocks = xp.permute_dims(blocks, (2, 0, 1)) * gdiag[r0:r0 + step, None, None]
+        blocks = 0.5 * (blocks + xp.permute_dims(blocks, (0, 2, 1)))  # symmetric blocks
+        if l2:
+            blocks = blocks + l2 * eye[None]
+        dmax = xp.max(xp.linalg.diagonal(blocks), axis=1)
+        top = max(top, float(xp.max(dmax)))
+        W, pinv = _chunk_inverse_factors(blocks, dmax)
+        del blocks
+        if pinv and out.dtype != CD.dtype:
+            out = xp.astype(out, CD.dtype)
+        out[r0:r0 + step] = xp.astype(W, out.dtype)
     if not top > 0.0:
         return None
-    Linv = None
-    try:
-        L = xp.linalg.cholesky(blocks)
-    except Exception:  # LinAlgError (NumPy) or torch's error: some block is singular
-        L = None
-    if L is not None and bool(xp.all(xp.isfinite(L))):
-        piv = xp.linalg.diagonal(L)
-        # a block is definite enough when its smallest pivot^2 exceeds the floor
-        good = xp.min(piv * piv, axis=1) > CHOL_PIVOT * _PINV_RTOL * xp.max(diag, axis=1)
-        Linv = _tri_inv(L)
-        if bool(xp.all(good)):
-            return Linv
-    lam, V = xp.linalg.eigh(blocks)  # batched, ascending
+    return out
+
+
+def _chunk_inverse_factors(blocks, dmax):
+    """Inverse factors of a stack (c, S, S) of symmetric PSD blocks, block by block.
+
+    ``L^{-1}`` where the Cholesky factor ``L`` exists and its smallest squared
+    pivot exceeds ``CHOL_PIVOT * _PINV_RTOL * dmax`` (``dmax`` the block's
+    largest diagonal entry), else the pseudo-inverse root ``diag(lam^-1/2) V^T``
+    (eigenvalues ``<= _PINV_RTOL * largest`` dropped). Returns the factors and
+    whether any block took the pseudo-inverse.
+    """
+    xp = B.namespace(blocks)
+    Linv, good = _cholesky_inverses(blocks, CHOL_PIVOT * _PINV_RTOL * dmax)
+    if bool(xp.all(good)):
+        return Linv, False
+    idx = xp.nonzero(~good)[0]
+    lam, V = xp.linalg.eigh(blocks[idx])  # batched, ascending
     floor = _PINV_RTOL * xp.max(lam, axis=1, keepdims=True)
     keep = lam > floor
     inv_sqrt = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, 1.0)), 0.0)
-    W = inv_sqrt[:, :, None] * xp.permute_dims(V, (0, 2, 1))  # diag(lam^-1/2) V^T
-    if Linv is not None:
-        W = xp.where(good[:, None, None], Linv, W)
-    return W
+    Linv[idx] = inv_sqrt[:, :, None] * xp.permute_dims(V, (0, 2, 1))  # diag(lam^-1/2) V^T
+    return Linv, True
 
 
-def _tri_inv(L):
-    """Inverses of a stack (R, S, S) of lower-triangular matrices."""
-    if B.is_torch(L):
+def _cholesky_inverses(blocks, pivot_floor):
+    """``L_i^{-1}`` for the blocks whose Cholesky factor exists with every squared
+    pivot above ``pivot_floor[i]``, and the mask of those blocks (other factors zero)."""
+    S = blocks.shape[1]
+    if B.is_torch(blocks):
         import torch
 
-        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
-        return torch.linalg.solve_triangular(L, eye, upper=False)
+        L, info = torch.linalg.cholesky_ex(blocks)
+        piv = torch.diagonal(L, dim1=-2, dim2=-1)
+        good = (info == 0) & torch.all(torch.isfinite(L), dim=2).all(dim=1)
+        good = good & (torch.min(piv * piv, dim=1).values > pivot_floor)
+        eye = torch.eye(S, dtype=L.dtype, device=L.device)
+        L = torch.where(good[:, None, None], L, eye)  # no inf/nan from failed factors
+        Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        return torch.where(good[:, None, None], Linv, 0.0), good
     from scipy.linalg import lapack
 
-    out = np.empty_like(L)
-    for i in range(L.shape[0]):  # the strict upper triangle of L (zeros) is left as is
-        inv, info = lapack.dtrtri(L[i], lower=1)
-        if info != 0:
-            return np.linalg.inv(L)
-        out[i] = inv
-    return out
+    out = np.zeros_like(blocks)
+    good = np.zeros(blocks.shape[0], dtype=bool)
+    for i in range(blocks.shape[0]):
+        L, info = lapack.dpotrf(blocks[i], lower=1, clean=1)
+        if info != 0 or not np.all(np.isfinite(L)):
+            continue
+        piv = np.diagonal(L)
+        if not float(np.min(piv * piv)) > float(pivot_floor[i]):
+            continue
+        inv, info = lapack.dtrtri(L, lower=1)
+        if info == 0 and np.all(np.isfinite(inv)):
+            out[i] = inv
+            good[i] = True
+    return out, good
 
 
 def _coupled_preconditioner(Linv, sig_P, CD, G):
@@ -578,11 +652,18 @@ def _coupled_preconditioner(Linv, sig_P, CD, G):
     else:
         c_inv = xp.eye(R, dtype=CD.dtype, device=B.device(CD))
     LinvT = xp.permute_dims(Linv, (0, 2, 1))
+    lo = Linv.dtype != CD.dtype  # float32 factors (see PRECOND_FLOAT32_BYTES)
+
+    def down(X):
+        return xp.astype(X, Linv.dtype) if lo else X
+
+    def up(X):
+        return xp.astype(X, CD.dtype) if lo else X
 
     def apply(Rm):
-        Y = (Linv @ xp.permute_dims(Rm, (1, 0))[:, :, None])[:, :, 0]  # (R, S)
+        Y = up((Linv @ down(xp.permute_dims(Rm, (1, 0)))[:, :, None])[:, :, 0])  # (R, S)
         Y = c_inv @ Y  # coupling (c_inv symmetric)
-        Y = (LinvT @ Y[:, :, None])[:, :, 0]
+        Y = up((LinvT @ down(Y)[:, :, None])[:, :, 0])
         return xp.permute_dims(Y, (1, 0))
 
     return apply
@@ -814,7 +895,11 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         preconditioned CG; 'direct' is not available). ``rtol``: relative
         residual of its Sigma-weighted normal equations (default
         ``INNER_RTOL = 1e-8``; ``0`` runs every B-update to its iteration
-        cap). ``maxiter``: ``None`` (default) has no cap but the safeguard
+        cap). With ``rtol >= CG_FLOAT32_RTOL = 1e-4`` (the rule of
+        :func:`sigmadecomp.tucker2`) the CG operator multiplies by a float32
+        copy of Sigma (rounding about 1e-6 relative, far below ``rtol``);
+        everything else, and every reported error, stays float64.
+        ``maxiter``: ``None`` (default) has no cap but the safeguard
         ``INNER_MAXITER_LIMIT = 5000``, so every B-update is solved to
         ``rtol`` (exact ALS); an integer is a fixed cap (cheap, inexact
         sweeps that are still monotone but may stop at a worse point);
