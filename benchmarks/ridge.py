@@ -82,10 +82,12 @@ def _features(images, channels, seed=0):
     return np.ascontiguousarray(f.reshape(N, H, W, channels).transpose(0, 3, 1, 2))
 
 
-def synthetic_layer(channels=128, n_calib=5, n_held=200):
-    images, source = calibration_images(n_calib + n_held, seed=1)
-    feats = _features(images, channels)
+def feature_layer(feats, n_calib, channels):
+    """``(K, Sigma_calib, Sigma_held, patches)`` of a 3x3 conv reading ``feats``.
 
+    The first ``n_calib`` feature maps give the calibration Sigma, the rest the
+    held-out one; ``K`` is a trained-like ``channels x channels`` kernel.
+    """
     def sigma(f):
         U = im2col(f, 3, 1)
         return U.T @ U / U.shape[0], U.shape[0]
@@ -93,9 +95,15 @@ def synthetic_layer(channels=128, n_calib=5, n_held=200):
     s_cal, count = sigma(feats[:n_calib])
     s_held, _ = sigma(feats[n_calib:])
     K = trained_like_kernel(channels, channels, 3, seed=0)
+    return K, 0.5 * (s_cal + s_cal.T), 0.5 * (s_held + s_held.T), count
+
+
+def synthetic_layer(channels=128, n_calib=5, n_held=200):
+    images, source = calibration_images(n_calib + n_held, seed=1)
+    K, s_cal, s_held, count = feature_layer(_features(images, channels), n_calib, channels)
     desc = (f"synthetic-{channels} {tuple(K.shape)}, n={K[0].size}, {count} calibration patches "
             f"({n_calib} {source} images), held out {n_held} images")
-    return K, 0.5 * (s_cal + s_cal.T), 0.5 * (s_held + s_held.T), desc
+    return K, s_cal, s_held, desc
 
 
 def methods(K):

@@ -40,8 +40,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import calibration_images, im2col, trained_like_kernel
-from benchmarks.ridge import _features, methods, resnet_layer, synthetic_layer
+from benchmarks.common import calibration_images
+from benchmarks.ridge import _features, feature_layer, methods, resnet_layer, synthetic_layer
 from sigmadecomp import relative_sigma_error
 
 GRID_FINE = [0.0] + [float(f"{v:.3g}") for v in np.logspace(-5, 0, 26)]
@@ -56,17 +56,10 @@ def r18_layer(channels=512, n_calib=None, n_held=200):
     images, source = calibration_images(n_calib + n_held, seed=2)
     feats = _features(images, channels)[:, :, ::2, ::2]  # 14x14 -> 7x7
     feats = np.ascontiguousarray(feats)
-
-    def sigma(f):
-        U = im2col(f, 3, 1)
-        return U.T @ U / U.shape[0], U.shape[0]
-
-    s_cal, count = sigma(feats[:n_calib])
-    s_held, _ = sigma(feats[n_calib:])
-    K = trained_like_kernel(channels, channels, 3, seed=0)
+    K, s_cal, s_held, count = feature_layer(feats, n_calib, channels)
     desc = (f"r18-{channels} {tuple(K.shape)}, n={n}, {count} calibration patches "
             f"({n_calib} {source} images at 7x7), held out {n_held} images")
-    return K, 0.5 * (s_cal + s_cal.T), 0.5 * (s_held + s_held.T), desc
+    return K, s_cal, s_held, desc
 
 
 def regularised(S, lam_S, V_S, lam, rule):

@@ -215,6 +215,19 @@ def holdout_alpha(weight, sigma_fit, sigma_check, fit, *, alphas=DEFAULT_ALPHAS)
     return best, errors
 
 
+def _check_target(target, T):
+    """``target`` as a float64 NumPy vector of ``T`` finite positive mean squares."""
+    tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
+                     dtype=np.float64).reshape(-1)
+    if tgt.shape != (T,):
+        raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
+                         "output channel")
+    if not np.all(np.isfinite(tgt)) or np.any(tgt <= 0):
+        raise ValueError("target must be finite and positive (an expected mean square per "
+                         "output channel)")
+    return tgt
+
+
 def moment_alpha(weight, sigma, target, *, alphas=DEFAULT_ALPHAS):
     """The ``alpha`` under which the output channels have the ``target`` energies.
 
@@ -259,14 +272,7 @@ def moment_alpha(weight, sigma, target, *, alphas=DEFAULT_ALPHAS):
     if tuple(sigma.shape) != (n, n):
         raise ValueError(f"sigma has shape {tuple(sigma.shape)}; it must be ({n}, {n}) for a "
                          f"weight of shape {tuple(weight.shape)}")
-    tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
-                     dtype=np.float64).reshape(-1)
-    if tgt.shape != (T,):
-        raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
-                         "output channel")
-    if not np.all(np.isfinite(tgt)) or np.any(tgt <= 0):
-        raise ValueError("target must be finite and positive (an expected mean square per "
-                         "output channel)")
+    tgt = _check_target(target, T)
     Kn = B.to_numpy(K).astype(np.float64)
     Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
     keep = np.einsum("tn,tn->t", Kn, Kn) > 0  # an all-zero row carries no information
@@ -420,14 +426,7 @@ def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
         if tuple(M.shape) != (n, n):
             raise ValueError(f"{nm} has shape {tuple(M.shape)}; it must be ({n}, {n}) for a "
                              f"weight of shape {tuple(weight.shape)}")
-    tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
-                     dtype=np.float64).reshape(-1)
-    if tgt.shape != (T,):
-        raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
-                         "output channel")
-    if not np.all(np.isfinite(tgt)) or np.any(tgt <= 0):
-        raise ValueError("target must be finite and positive (an expected mean square per "
-                         "output channel)")
+    tgt = _check_target(target, T)
     Kn = B.to_numpy(K).astype(np.float64)
     Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
     Pn = B.to_numpy(B.as_compute(prior)).astype(np.float64)

@@ -236,17 +236,7 @@ def test_auto_rule_is_deterministic_in_range_and_lists_layers_without_batchnorm(
 
 
 def test_moments_rule_keeps_statistics_that_match_the_batchnorm():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(6, 8, 3, padding=1, bias=False),
-                          nn.BatchNorm2d(8, momentum=None),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 2))
-    x = torch.randn(64, 3, 5, 5)
-    model.train()
-    with torch.no_grad():
-        model(x)  # momentum=None: running statistics of exactly this batch
-    model.eval()
-    stats = collect_covariances(model, [x], layers=["2"], progress=False)
+    model, stats, _ = _bn_model_and_data()
     out = shrink_covariances(stats, "moments", model=model)
     assert out.alphas["2"] <= 0.02  # the unbiased running_var is n/(n-1) off
 
