@@ -25,7 +25,7 @@ EXIT_NO_DATA = 3
 INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 """The one command that installs the demo's data (Debian package)."""
 
-TIMES = "about 80 s with --quick, 20 minutes by default, hours with --full, on 2 cores"
+TIMES = "about 85 s with --quick, 22 minutes by default, hours with --full, on 2 cores"
 
 
 def add_demo_options(parser):
