@@ -215,6 +215,14 @@ def holdout_alpha(weight, sigma_fit, sigma_check, fit, *, alphas=DEFAULT_ALPHAS)
     return best, errors
 
 
+def _check_second_moment(M, name, n, weight):
+    """Refuse ``M`` unless it is an ``(n, n)`` array matching ``weight``'s input size."""
+    check_array(M, name, ndim=2)
+    if tuple(M.shape) != (n, n):
+        raise ValueError(f"{name} has shape {tuple(M.shape)}; it must be ({n}, {n}) for a "
+                         f"weight of shape {tuple(weight.shape)}")
+
+
 def _check_target(target, T):
     """``target`` as a float64 NumPy vector of ``T`` finite positive mean squares."""
     tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
@@ -267,11 +275,8 @@ def moment_alpha(weight, sigma, target, *, alphas=DEFAULT_ALPHAS):
     """
     K = _flat(weight)
     alphas = _check_alphas(alphas)
-    check_array(sigma, "sigma", ndim=2)
     n, T = K.shape[1], K.shape[0]
-    if tuple(sigma.shape) != (n, n):
-        raise ValueError(f"sigma has shape {tuple(sigma.shape)}; it must be ({n}, {n}) for a "
-                         f"weight of shape {tuple(weight.shape)}")
+    _check_second_moment(sigma, "sigma", n, weight)
     tgt = _check_target(target, T)
     Kn = B.to_numpy(K).astype(np.float64)
     Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
@@ -421,11 +426,8 @@ def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
     K = _flat(weight)
     alphas, weights = _check_alphas(alphas), _check_alphas(weights)
     n, T = K.shape[1], K.shape[0]
-    for nm, M in (("sigma", sigma), ("prior", prior)):
-        check_array(M, nm, ndim=2)
-        if tuple(M.shape) != (n, n):
-            raise ValueError(f"{nm} has shape {tuple(M.shape)}; it must be ({n}, {n}) for a "
-                             f"weight of shape {tuple(weight.shape)}")
+    _check_second_moment(sigma, "sigma", n, weight)
+    _check_second_moment(prior, "prior", n, weight)
     tgt = _check_target(target, T)
     Kn = B.to_numpy(K).astype(np.float64)
     Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
