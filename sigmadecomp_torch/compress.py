@@ -484,16 +484,26 @@ def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
     """Step 4: every planned layer (this process's share), then every process's results."""
     rows, new_modules = [], {}
     shard = _parallel.LayerShard(plans, options, distributed)  # this process's layers
-    it = _progress(plans, total=len(plans), enabled=progress and len(plans) > 1,
-                   desc="compress")
-    last_user = {id(p.sigma): p.name for p in plans if p.sigma is not None}
+    it = _progress(shard.layers(plans), total=len(plans) if not shard.active else None,
+                   enabled=progress and len(plans) > 1, desc="compress")
+    # a statistic shared by several layers keeps its factorization until the last of
+    # them in the shard's hand-out order: no later layer can need it after that
+    position = {plans[i].name: k for k, i in enumerate(shard.order)}
+    last = {}
+    for p in plans:
+        if p.sigma is not None:
+            last[id(p.sigma)] = max(last.get(id(p.sigma), -1), position[p.name])
+    held = {}
     for p in it:
-        if not shard.owns(p.name):
-            continue
+        for key in [key for key in held if last[key] < position[p.name]]:
+            held.pop(key).discard_factorization()
         with _naming(p.name, shard):
             new, row, _ = decompose_layer(p)
-        if p.sigma is not None and last_user[id(p.sigma)] == p.name:
-            p.sigma.discard_factorization()  # no later layer reads it: free the n x n factors
+        if p.sigma is not None:
+            if last[id(p.sigma)] == position[p.name]:
+                p.sigma.discard_factorization()  # free the n x n factors
+            else:
+                held[id(p.sigma)] = p.sigma
         row["_dense_reason"] = None
         if shapes.get(p.name) is not None:
             shape = shapes[p.name]
@@ -506,6 +516,8 @@ def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
                     f"min_speedup={min_speedup:g}: kept dense")
         rows.append(row)
         new_modules[p.name] = (new, p.names)
+    for sigma in held.values():
+        sigma.discard_factorization()
     return shard.gather(rows, new_modules)  # all layers, on every process
 
 
@@ -636,9 +648,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         Spread the layers over the processes of a ``torch.distributed``
         process group. ``None`` (default): when a group is initialized with
         more than one process (e.g. under ``torchrun --nproc_per_node N``,
-        gloo on CPU), every process decomposes its share of the layers
-        (balanced by a predicted cost, :mod:`sigmadecomp_torch.parallel`)
-        and the results are exchanged with ``all_gather_object``, so every
+        gloo on CPU), every process decomposes a share of the layers (the
+        next one, largest predicted cost first, whenever it is free:
+        :mod:`sigmadecomp_torch.parallel`) and the results are exchanged with ``all_gather_object``, so every
         process returns the same model and report (timings aside) as one
         process. Every process must call ``compress`` with the same model,
         statistics and arguments (pass ``False`` where only some processes

@@ -8,13 +8,19 @@ share of them. This module decides the shares and exchanges the results:
 * :func:`layer_cost` predicts the floating-point work of one layer's
   decomposition from its shape, format and ranks (a rough count: only the
   ratios between layers matter);
-* :func:`assign` balances the layers over the processes by the greedy
-  longest-processing-time rule (largest predicted cost first, each to the
-  least loaded process);
-* :class:`LayerShard` tells the decomposition loop which layers are this
-  process's and, once every process is done, gathers every built module and
-  report row with ``torch.distributed.all_gather_object``, so that every
-  process returns the same model and report as one process would.
+* :class:`LayerShard` hands the layers out, largest predicted cost first:
+  each process takes the next layer of that list when it is free, by an
+  atomic ``add`` on a counter in the process group's own key-value store
+  (the store ``init_process_group`` set up for the rendezvous). A process
+  stuck with a layer that takes longer than predicted then simply takes no
+  more, so the shares follow the real times, not the prediction. When the
+  group's store cannot be reached, :func:`assign` fixes the shares in
+  advance instead (greedy longest-processing-time rule on the predicted
+  costs); ``schedule="static"`` asks for that explicitly;
+* once every process is done, :meth:`LayerShard.gather` exchanges every
+  built module and report row with ``torch.distributed.all_gather_object``,
+  so that every process returns the same model and report as one process
+  would.
 
 The built modules travel as pickled modules (their tensors moved to the CPU
 for the exchange and back to the layer's device after it), so the weights are
@@ -27,10 +33,15 @@ from __future__ import annotations
 
 import math
 import pickle
+import secrets
 
 import torch
 
-__all__ = ["layer_cost", "assign", "resolve_group", "LayerShard"]
+__all__ = ["layer_cost", "assign", "resolve_group", "LayerShard", "SCHEDULES"]
+
+#: How :class:`LayerShard` shares the layers: ``"dynamic"`` (the next layer
+#: to whichever process is free) or ``"static"`` (shares fixed in advance).
+SCHEDULES = ("dynamic", "static")
 
 
 def _dist():
@@ -169,12 +180,21 @@ class LayerShard:
     options : dict
     distributed : None or bool
         See :func:`resolve_group`.
+    schedule : {"dynamic", "static"}, optional
+        ``"dynamic"`` (default): the layers, largest predicted cost first, go
+        one at a time to whichever process is free (a counter in the process
+        group's store); falls back to ``"static"`` when the store cannot be
+        reached. ``"static"``: :func:`assign` fixes the shares in advance.
 
-    With one process every layer is this process's and :meth:`gather`
-    returns its arguments unchanged.
+    With one process every layer is this process's, in plan order, and
+    :meth:`gather` returns its arguments unchanged. Iterate over
+    :meth:`layers` to get this process's share.
     """
 
-    def __init__(self, plan, options, distributed):
+    def __init__(self, plan, options, distributed, *, schedule="dynamic"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not allowed; schedule must be one of "
+                             f"{', '.join(map(repr, SCHEDULES))}")
         group = resolve_group(distributed)
         self.rank, self.world_size = group if group is not None else (0, 1)
         self.names = [p.name for p in plan]
@@ -182,13 +202,47 @@ class LayerShard:
         # what every process must agree on: same layers, formats and ranks
         self.signature = [(p.name, p.method, p.ranks, tuple(p.module.weight.shape))
                           for p in plan]
+        self.schedule = "static"
+        self._store = self._key = None
+        self._mine = set()  # names of the layers this process took
         if self.world_size > 1:
             costs = [layer_cost(tuple(p.module.weight.shape), p.method, p.ranks, options,
                                 p.sigma is not None) for p in plan]
-            owner = assign(costs, self.world_size)
+            #: plan indices in the order the layers are handed out
+            self.order = sorted(range(len(plan)), key=lambda i: (-float(costs[i]), i))
+            if schedule == "dynamic":
+                self._store, self._key = _claim_counter()
+            if self._store is not None:
+                self.schedule = "dynamic"
+                owner = [None] * len(plan)  # decided by the claims, known after gather
+            else:
+                owner = assign(costs, self.world_size)
         else:
+            self.order = list(range(len(plan)))
             owner = [0] * len(plan)
         self.owner = dict(zip(self.names, owner))
+
+    def layers(self, plan):
+        """This process's layers of ``plan``, in the order it decomposes them.
+
+        One process: every layer in plan order. Static: this process's share
+        in plan order. Dynamic: one layer per step, each claimed when the
+        previous one is done, largest predicted cost first.
+        """
+        if self.schedule == "static":
+            for p in plan:
+                if self.owner[p.name] == self.rank:
+                    self._mine.add(p.name)
+                    yield p
+            return
+        n = len(self.order)
+        while True:
+            k = int(self._store.add(self._key, 1)) - 1
+            if k >= n:
+                return
+            p = plan[self.order[k]]
+            self._mine.add(p.name)
+            yield p
 
     @property
     def active(self):
@@ -196,8 +250,10 @@ class LayerShard:
         return self.world_size > 1
 
     def owns(self, name):
-        """Whether this process decomposes layer ``name``."""
-        return self.owner[name] == self.rank
+        """Whether this process took layer ``name`` (so far, for the dynamic schedule)."""
+        if self.schedule == "static":
+            return self.owner[name] == self.rank
+        return name in self._mine
 
     def _exchange(self, payload):
         dist = _dist()
@@ -257,26 +313,63 @@ class LayerShard:
                     continue
                 raise RuntimeError(f"process {r} failed while compressing: "
                                    f"{type(value).__name__}: {value}") from value
-        merged = {}
+        merged, sender = {}, {}
         for r, (_, (_, value)) in enumerate(got):
             for name, entry in value.items():
-                if self.owner.get(name) != r:
+                if self.schedule == "static" and self.owner.get(name) != r:
                     raise RuntimeError(f"process {r} sent layer {name!r}, which is not its "
                                        "share")
-                merged[name] = entry
+                if name in sender:
+                    raise RuntimeError(f"processes {sender[name]} and {r} both sent layer "
+                                       f"{name!r}")
+                merged[name], sender[name] = entry, r
+        if self.schedule == "dynamic":
+            self.owner = {name: sender.get(name) for name in self.names}
+            self._release()
         missing = [n for n in self.names if n not in merged]
         if missing:
             raise RuntimeError(f"no process returned layers {missing}")
         out_rows, out_modules = [], {}
         for name in self.names:
             row, mod, names = merged[name]
-            if self.owner[name] == self.rank:
+            if name in self._mine:
                 mod = new_modules[name][0]  # the local object, untouched
             else:
                 mod = mod.to(self.devices[name])
             out_rows.append(row)
             out_modules[name] = (mod, names)
         return out_rows, out_modules
+
+
+    def _release(self):
+        """Drop the claim counter (every process is past its last claim once gathered)."""
+        if self.rank == 0:
+            try:
+                self._store.delete_key(self._key)
+            except Exception:  # not every store deletes keys; the key is unique anyway
+                pass
+
+
+def _claim_counter():
+    """``(store, key)`` of a fresh counter in the default group's store, or ``(None, None)``.
+
+    The key carries a random token drawn by process 0 and broadcast to all,
+    so no two calls (nor a restarted job on the same store) share a counter.
+    """
+    dist = _dist()
+    from torch.distributed import distributed_c10d
+
+    try:
+        store = distributed_c10d._get_default_store()
+    except Exception:  # no store reachable (an unusual backend or torch version)
+        store = None
+    token = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)  # every process learns process 0's token
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, store is not None)
+    if not all(flags):
+        return None, None
+    return store, f"sigmadecomp/compress/claims/{token[0]}"
 
 
 def _module_device(module):

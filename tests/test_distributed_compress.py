@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import time
 import warnings
 from datetime import timedelta
 
@@ -47,12 +48,24 @@ def _run(method, stats, distributed, **kw):
     return model, report, sorted(str(w.message) for w in caught)
 
 
-def _counting(fmt, calls, fail=None):
-    """LAYER_METHODS[fmt] with its decompose counting calls (and failing on ``fail``)."""
+def _counting(fmt, calls, fail=None, store=None):
+    """LAYER_METHODS[fmt] with its decompose counting calls (and failing on ``fail``).
+
+    With ``store``: the first layer taken by any process waits until the other
+    layers are all done (counted in the store).
+    """
     spec = LAYER_METHODS[fmt]
 
     def decompose(weight, ranks, sigma, options):
         calls.append(tuple(weight.shape))
+        if store is not None:
+            if store.add("test/first", 1) == 1:
+                deadline = time.monotonic() + 60
+                while store.add("test/done", 0) < len(LAYERS) - 1:
+                    assert time.monotonic() < deadline, "the other layers were not taken"
+                    time.sleep(0.01)
+            else:
+                store.add("test/done", 1)
         if fail is not None and tuple(weight.shape) == fail:
             raise ValueError("injected failure")
         return spec.decompose(weight, ranks, sigma, options)
@@ -84,6 +97,24 @@ def _worker(rank, port, out_dir):
             out[method] = {"ref": (ref[0].state_dict(), ref[1].to_dict(), ref[2], repr(ref[0])),
                            "got": (got[0].state_dict(), got[1].to_dict(), got[2], repr(got[0])),
                            "calls": calls}
+        # dynamic schedule: while one process is held up by its first layer, the
+        # other takes every remaining layer (it waits until they are all done)
+        store = dist.distributed_c10d._get_default_store()
+        saved = dict(LAYER_METHODS)
+        calls = []
+        try:
+            LAYER_METHODS["tucker2"] = _counting("tucker2", calls, store=store)
+            LAYER_METHODS["svd"] = _counting("svd", calls, store=store)
+            got = _run("tucker2", stats, None)
+        finally:
+            LAYER_METHODS.clear()
+            LAYER_METHODS.update(saved)
+        out["held_up"] = {"calls": calls, "state": got[0].state_dict()}
+        # static schedule: the shares fixed in advance by the predicted costs
+        plan = [LayerPlan(n, m, "Conv2d", "tucker2", ranks=(2, 2), sigma=None)
+                for n, m in _model().named_children() if n in LAYERS]
+        shard = LayerShard(plan, OPTIONS, None, schedule="static")
+        out["static"] = ([p.name for p in shard.layers(plan)], shard.schedule)
         # a failure on one process makes every process raise (nobody waits forever)
         saved = dict(LAYER_METHODS)
         try:
@@ -163,9 +194,23 @@ def test_two_gloo_workers_return_the_one_process_model_and_report(tmp_path):
                 torch.testing.assert_close(state[k], ref_state[k], rtol=1e-12, atol=1e-13)
             _assert_same_report(_strip_times(report), _strip_times(ref_report))
             assert warned == ref_warn  # every process warns about every layer
-        # the layers were shared: each process decomposed some, together each once
-        counts = [len(outs[r][method]["calls"]) for r in range(WORLD)]
-        assert all(c > 0 for c in counts) and sum(counts) == len(LAYERS)
+        # the layers were shared: together the processes decomposed each layer once
+        calls = sorted(c for r in range(WORLD) for c in outs[r][method]["calls"])
+        assert len(calls) == len(LAYERS) and len(set(calls)) == len(LAYERS)
+    # held up by its first layer, one process decomposed only that one; the other
+    # took the other four; the model is still the one-process model
+    counts = sorted(len(outs[r]["held_up"]["calls"]) for r in range(WORLD))
+    assert counts == [1, len(LAYERS) - 1]
+    ref_state = outs[0]["tucker2"]["ref"][0]
+    for rank in range(WORLD):
+        state = outs[rank]["held_up"]["state"]
+        for k in ref_state:
+            torch.testing.assert_close(state[k], ref_state[k], rtol=1e-12, atol=1e-13)
+    # the static schedule splits by predicted cost, each layer to one process
+    shares = [outs[r]["static"] for r in range(WORLD)]
+    assert all(kind == "static" for _, kind in shares)
+    taken = sorted(n for names, _ in shares for n in names)
+    assert taken == sorted(LAYERS) and all(names for names, _ in shares)
     # the process whose layer failed raises the layer's error, the other one says who failed
     failures = sorted(outs[r]["failure"] for r in range(WORLD))
     assert all(f is not None for f in failures)
