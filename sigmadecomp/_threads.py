@@ -27,6 +27,15 @@ call only:
   sample costs little; on a machine busy with other jobs extra threads would
   only wait for cores and spin.
 
+A long call re-checks the free cores while it runs: the ALS loops call
+:func:`retune` after every sweep, which, at most every
+:data:`RETUNE_SECONDS`, samples the idle cores again and moves the thread
+count toward them (never above the size-based choice nor the setting the
+call started under). So a solver that started on a busy machine takes the
+cores that free up (for instance when the other process of a layer-parallel
+run is done), and one that started on an idle machine yields cores that
+another job takes.
+
 The settings in force before the call are restored when it returns or raises.
 Calls nested inside a solver (for instance the Frobenius start of a
 Sigma-solver) run under the outer choice. :func:`threads` overrides the
@@ -49,7 +58,7 @@ import time
 from contextlib import contextmanager
 
 __all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "free_cores",
-           "busy_machine_threads", "WORK_PER_THREAD"]
+           "busy_machine_threads", "retune", "WORK_PER_THREAD", "RETUNE_SECONDS"]
 
 #: Multiply-adds of the dominant product that justify one more thread (about
 #: 5-10 ms of one core: far above a thread wake-up). Below it the solvers run
@@ -59,10 +68,19 @@ WORK_PER_THREAD = 10**8
 #: Length of the /proc/stat sample that counts idle cores.
 IDLE_SAMPLE_SECONDS = 0.03
 
+#: Least seconds between two re-checks of the free cores inside one solver call
+#: (:func:`retune`); each check sleeps :data:`IDLE_SAMPLE_SECONDS`, about 1 %
+#: of this interval.
+RETUNE_SECONDS = 3.0
+
 # "auto": solvers choose; an int: the user fixed the count with threads(n).
 _OVERRIDE = contextvars.ContextVar("sigmadecomp_threads", default="auto")
 # True while a solver's policy is in force (nested solver calls pass through).
 _IN_SOLVER = contextvars.ContextVar("sigmadecomp_in_solver", default=False)
+
+# the running solver call's thread state for retune() (None outside, or when
+# there is nothing to tune: a one-thread choice, or a count fixed by the user)
+_TUNING = contextvars.ContextVar("sigmadecomp_tuning", default=None)
 
 _controller_cache = [None, None]  # (key, ThreadpoolController)
 
@@ -365,19 +383,100 @@ def solver_threads(func):
         n_torch = None
         if on_torch:
             n_torch = auto_thread_count(shape, with_sigma, torch.get_num_threads())
+        want = (n_blas, n_torch)  # the size-based choice, before the free-core cap
+        tuning = None
         if max(n_blas or 1, n_torch or 1) > 1:
             free = _load_capped(max(n_blas or 1, n_torch or 1))
             n_blas = None if n_blas is None else min(n_blas, free)
             n_torch = None if n_torch is None else min(n_torch, free)
+            tuning = _Tuning(want, (n_blas, n_torch))
         last_choice = (n_blas, n_torch)
         token = _IN_SOLVER.set(True)
+        tuned = _TUNING.set(tuning)
         try:
             with _limited(n_blas, n_torch):
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    if tuning is not None:
+                        tuning.restore()
         finally:
+            _TUNING.reset(tuned)
             _IN_SOLVER.reset(token)
 
     return wrapper
+
+
+class _Tuning:
+    """Thread counts of one solver call that :func:`retune` may move."""
+
+    def __init__(self, want, now):
+        self.want = want  # (blas, torch) size-based counts: the ceiling
+        self.now = now  # (blas, torch) counts in force
+        self.checked = time.monotonic()
+        self._limiters = []
+        self._torch_before = None
+
+    def set(self, n_blas, n_torch):
+        if n_blas is not None and n_blas != self.now[0]:
+            self._limiters.append(_controller().limit(limits=n_blas, user_api="blas"))
+        torch = _torch()
+        if n_torch is not None and torch is not None and n_torch != self.now[1]:
+            if self._torch_before is None:
+                self._torch_before = torch.get_num_threads()
+            torch.set_num_threads(n_torch)
+        self.now = (n_blas if n_blas is not None else self.now[0],
+                    n_torch if n_torch is not None else self.now[1])
+
+    def restore(self):
+        """Back to the counts the call started with (the outer policy restores the rest)."""
+        torch = _torch()
+        if self._torch_before is not None and torch is not None:
+            torch.set_num_threads(self._torch_before)
+        for limiter in reversed(self._limiters):
+            limiter.restore_original_limits()
+        self._limiters.clear()
+
+
+def retune(force=False):
+    """Move the running solver's thread count toward the cores free now.
+
+    Called by the ALS loops after every sweep; does nothing outside a solver
+    call under the automatic policy, when that call chose one thread from the
+    problem's size, or when less than :data:`RETUNE_SECONDS` passed since
+    the last check (unless ``force``). Otherwise samples the idle cores
+    (:func:`idle_cores`: while this thread sleeps for the sample this
+    process computes nothing, so the idle cores are the ones it could use)
+    and sets the BLAS and torch counts to that number, rounded, between one
+    and the call's size-based choice.
+
+    Returns
+    -------
+    tuple or None
+        The ``(blas, torch)`` counts in force after the call (``None`` where a
+        pool is not managed), or ``None`` when nothing was checked.
+
+    Examples
+    --------
+    >>> from sigmadecomp._threads import retune
+    >>> retune() is None   # outside a solver call: nothing to do
+    True
+    """
+    tuning = _TUNING.get()
+    if tuning is None:
+        return None
+    now = time.monotonic()
+    if not force and now - tuning.checked < RETUNE_SECONDS:
+        return None
+    idle = idle_cores()
+    tuning.checked = time.monotonic()
+    if idle is None:
+        return tuning.now
+    free = max(1, int(idle + 0.5))
+    want_blas, want_torch = tuning.want
+    tuning.set(None if want_blas is None else min(want_blas, free),
+               None if want_torch is None else min(want_torch, free))
+    return tuning.now
 
 
 def available_cores():

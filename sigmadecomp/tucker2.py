@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from . import _backend as B
-from ._threads import solver_threads
+from ._threads import retune, solver_threads
 from ._validation import (
     CANCEL,
     CHOL_PIVOT,
@@ -681,6 +681,7 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
                 U_T, U_S, G = _hooi_sweep(K, U_S, r_T, r_S)
                 errors.append(_frob_error(normsq, G, K, U_T, U_S))
                 n_done = it
+                retune()  # long runs follow the cores that free up or fill
                 converged = tol_reached(errors[-2], errors[-1], tol)
                 if stop_requested(U_T, G, U_S, errors, n_done, converged) or converged:
                     break
@@ -716,6 +717,7 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
             U_S_new = B.qr(X)[0]
             U_T_new, G_new, err, _ = _block_out_core(KS3, S4, U_S_new, r_T, total, rtol, K1, Sig)
             n_done = it
+            retune()  # long runs follow the cores that free up or fill
             if err > errors[-1]:
                 # both blocks are exact minimisers, so only the eigenvalue floor of
                 # singular systems can make a sweep worse: reject it and stop

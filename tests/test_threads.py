@@ -275,3 +275,63 @@ def test_auto_never_raises_any_blas_pool(rng, spy, two_threads, monkeypatch):
         sigma_svd(K.reshape(6, -1), 3, sig)
         assert _state() == before
     assert spy and all(b == [1] * len(b) for b, _ in spy)
+
+
+# ------------------------------------------------ retune: long calls follow the free cores
+
+
+@_threads.solver_threads
+def _fake_solver(kernel, sigma=None, *, idle=(), seen=None):
+    """A 'solver' that records the counts in force after each forced retune."""
+    seen.append((max(_blas_counts()), torch.get_num_threads()))
+    for value in idle:
+        _fake_solver.idle = value
+        _threads.retune(force=True)
+        seen.append((max(_blas_counts()), torch.get_num_threads()))
+    # not forced: too soon after the last check, nothing happens
+    seen.append(_threads.retune())
+    return kernel
+
+
+def test_retune_follows_the_idle_cores_and_restores(two_threads, monkeypatch):
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
+    # at the start one core is free (the other busy), then two, then none
+    monkeypatch.setattr(_threads, "idle_cores",
+                        lambda seconds=None: getattr(_fake_solver, "idle", 1.0))
+    _fake_solver.idle = 1.0
+    K = torch.zeros(64, 8, 3, 3)
+    seen = []
+    before = _state()
+    _fake_solver(K, sigma=torch.eye(72), idle=(1.7, 0.2, 2.6), seen=seen)
+    assert seen == [(1, 1), (2, 2), (1, 1), (2, 2), None]
+    assert _state() == before  # the counts in force before the call are back
+    # no tuning for a one-thread choice, under threads(n), or outside a solver
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 10**30)
+    seen = []
+    _fake_solver(K, sigma=torch.eye(72), idle=(2.0,), seen=seen)
+    assert seen == [(1, 1), (1, 1), None]
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    seen = []
+    with sigmadecomp.threads(2):
+        _fake_solver(K, sigma=torch.eye(72), idle=(0.1,), seen=seen)
+    assert seen == [(2, 2), (2, 2), None]
+    assert _threads.retune(force=True) is None
+    assert _state() == before
+
+
+def test_retune_never_exceeds_the_size_based_choice(two_threads, monkeypatch):
+    # one thread of work per 'unit': a (2, 1) kernel with a 1x1 sigma is 2 units -> 2 threads
+    # at most, however many cores are idle
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 16.0)
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    with threadpool_limits(limits=4, user_api="blas"):
+        old = torch.get_num_threads()
+        torch.set_num_threads(4)
+        try:
+            seen = []
+            _fake_solver(torch.zeros(2, 1), sigma=torch.eye(1), idle=(16.0,), seen=seen)
+        finally:
+            torch.set_num_threads(old)
+    assert seen == [(2, 2), (2, 2), None]
