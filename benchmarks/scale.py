@@ -22,7 +22,8 @@ one run:
   to the one-process model with the same threads;
 * latency of the original and of each compressed model
   (``torch.utils.benchmark``, median, batch 1 and 16, at torch's default
-  threads and at one thread).
+  threads and at one thread, in the default contiguous layout; then both
+  models and the input in ``torch.channels_last``, at default threads).
 
 ``--n-iter-max`` bounds the sweeps of every layer (and the sweeps of the
 Tucker-2 HOOI start) to keep the run within minutes on a small machine;
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import resource
@@ -102,14 +104,18 @@ def time_forward(model, batches):
     return time.perf_counter() - t0
 
 
-def latency(model, batch, size, min_run_time, threads=None):
+def latency(model, batch, size, min_run_time, threads=None, channels_last=False):
     """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark).
 
-    At torch's current thread count, or at ``threads``.
+    At torch's current thread count, or at ``threads``; with
+    ``channels_last``, a copy of the model and the input in that layout.
     """
     from torch.utils import benchmark
 
     x = torch.rand(batch, 3, size, size)
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x)  # warm-up
         t = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
@@ -118,11 +124,14 @@ def latency(model, batch, size, min_run_time, threads=None):
 
 
 def latencies(model, sizes, args):
-    """``{batch: seconds}`` at default threads, and the same at one thread
-    (less disturbed by other jobs on a shared machine)."""
+    """``{batch: seconds}`` at default threads, the same at one thread (less
+    disturbed by other jobs on a shared machine), and at default threads in
+    ``channels_last``."""
     out = {b: latency(model, b, args.size, args.min_run_time) for b in sizes}
     one = {b: latency(model, b, args.size, args.min_run_time, threads=1) for b in sizes}
-    return out, one
+    cl = {b: latency(model, b, args.size, args.min_run_time, channels_last=True)
+          for b in sizes}
+    return out, one, cl
 
 
 def _options(method, n_iter_max):
@@ -232,8 +241,8 @@ def run(args):
           f"of statistics, peak RSS {out['peak_rss_after_statistics_mib']:.0f} MiB, load "
           f"{out['load_after_statistics']:.1f}", flush=True)
     sizes = [1] if args.quick else [1, 16]
-    out["latency_original_s"], out["latency_original_1thread_s"] = latencies(model, sizes,
-                                                                             args)
+    (out["latency_original_s"], out["latency_original_1thread_s"],
+     out["latency_original_cl_s"]) = latencies(model, sizes, args)
     convs = conv_names(model)
     settings = _parse_settings(args.settings)
     stats_path = None
@@ -268,7 +277,8 @@ def run(args):
                            load_before=load0, load_after=os.getloadavg()[0],
                            layers=len(layers))
                 if small is not None and threads == "default":
-                    rec["latency_s"], rec["latency_1thread_s"] = latencies(small, sizes, args)
+                    (rec["latency_s"], rec["latency_1thread_s"],
+                     rec["latency_cl_s"]) = latencies(small, sizes, args)
                 out["runs"].append(rec)
                 _save_partial(out, args)
                 print(f"{method} processes={procs} threads={threads}: {rec['seconds']:.1f} s "
@@ -337,17 +347,20 @@ def write_notes(out, path_md, path_png):
         "## Decomposition (`compress`, rX=3)",
         "",
         "| method | layers | processes | threads | seconds | peak RSS MiB | load before -> after "
-        "| identical to 1 process | latency b=1 / b=16 (ms), default threads | same, 1 thread |",
-        "|---|---:|---:|---|---:|---:|---|---|---|---|",
+        "| identical to 1 process | latency b=1 / b=16 (ms), default threads | same, 1 thread "
+        "| same, default threads, channels_last |",
+        "|---|---:|---:|---|---:|---:|---|---|---|---|---|",
     ]
 
     def _ms(lat):
         return " / ".join(f"{1e3 * v:.1f}" for v in lat.values()) if lat else "-"
 
     lines.append(f"| original | - | - | - | - | - | - | - | {_ms(out['latency_original_s'])} | "
-                 f"{_ms(out.get('latency_original_1thread_s'))} |")
+                 f"{_ms(out.get('latency_original_1thread_s'))} | "
+                 f"{_ms(out.get('latency_original_cl_s'))} |")
     for r in runs:
-        lat_s = _ms(r.get("latency_s")) + " | " + _ms(r.get("latency_1thread_s"))
+        lat_s = " | ".join(_ms(r.get(k)) for k in ("latency_s", "latency_1thread_s",
+                                                   "latency_cl_s"))
         ident = r.get("identical_to_1_process")
         ident = "-" if "identical_to_1_process" not in r else ("n/a" if ident is None
                                                                 else str(ident).lower())
@@ -378,7 +391,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--methods", default="tucker2,cp")
-    ap.add_argument("--settings", default="1:default,1:1,2:1",
+    ap.add_argument("--settings", default="1:default,1:1,2:default,2:1",
                     help="comma-separated P:T (processes:threads), default first")
     ap.add_argument("--n-iter-max", type=int, default=None, help="bound the sweeps per layer")
     ap.add_argument("--min-run-time", type=float, default=1.0)
