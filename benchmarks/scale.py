@@ -23,7 +23,9 @@ one run:
 * latency of the original and of each compressed model
   (``torch.utils.benchmark``, median, batch 1 and 16, at torch's default
   threads and at one thread, in the default contiguous layout; then both
-  models and the input in ``torch.channels_last``, at default threads).
+  models and the input in ``torch.channels_last``, at default threads; then
+  the same with every BatchNorm folded into the conv before it
+  (``torch.fx.experimental.optimization.fuse``, eval mode), in both models).
 
 ``--n-iter-max`` bounds the sweeps of every layer (and the sweeps of the
 Tucker-2 HOOI start) to keep the run within minutes on a small machine;
@@ -104,15 +106,23 @@ def time_forward(model, batches):
     return time.perf_counter() - t0
 
 
-def latency(model, batch, size, min_run_time, threads=None, channels_last=False):
+def latency(model, batch, size, min_run_time, threads=None, channels_last=False,
+            fold_bn=False):
     """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark).
 
     At torch's current thread count, or at ``threads``; with
-    ``channels_last``, a copy of the model and the input in that layout.
+    ``channels_last``, a copy of the model and the input in that layout; with
+    ``fold_bn``, a copy with each BatchNorm folded into its conv.
     """
     from torch.utils import benchmark
 
     x = torch.rand(batch, 3, size, size)
+    if fold_bn:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit, imported by fx
+            from torch.fx.experimental.optimization import fuse
+
+            model = fuse(copy.deepcopy(model))
     if channels_last:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -125,13 +135,15 @@ def latency(model, batch, size, min_run_time, threads=None, channels_last=False)
 
 def latencies(model, sizes, args):
     """``{batch: seconds}`` at default threads, the same at one thread (less
-    disturbed by other jobs on a shared machine), and at default threads in
-    ``channels_last``."""
+    disturbed by other jobs on a shared machine), at default threads in
+    ``channels_last``, and the same with BatchNorm folded."""
     out = {b: latency(model, b, args.size, args.min_run_time) for b in sizes}
     one = {b: latency(model, b, args.size, args.min_run_time, threads=1) for b in sizes}
     cl = {b: latency(model, b, args.size, args.min_run_time, channels_last=True)
           for b in sizes}
-    return out, one, cl
+    clf = {b: latency(model, b, args.size, args.min_run_time, channels_last=True,
+                      fold_bn=True) for b in sizes}
+    return out, one, cl, clf
 
 
 def _options(method, n_iter_max):
@@ -242,7 +254,8 @@ def run(args):
           f"{out['load_after_statistics']:.1f}", flush=True)
     sizes = [1] if args.quick else [1, 16]
     (out["latency_original_s"], out["latency_original_1thread_s"],
-     out["latency_original_cl_s"]) = latencies(model, sizes, args)
+     out["latency_original_cl_s"], out["latency_original_clf_s"]) = latencies(model, sizes,
+                                                                              args)
     convs = conv_names(model)
     settings = _parse_settings(args.settings)
     stats_path = None
@@ -277,8 +290,8 @@ def run(args):
                            load_before=load0, load_after=os.getloadavg()[0],
                            layers=len(layers))
                 if small is not None and threads == "default":
-                    (rec["latency_s"], rec["latency_1thread_s"],
-                     rec["latency_cl_s"]) = latencies(small, sizes, args)
+                    (rec["latency_s"], rec["latency_1thread_s"], rec["latency_cl_s"],
+                     rec["latency_clf_s"]) = latencies(small, sizes, args)
                 out["runs"].append(rec)
                 _save_partial(out, args)
                 print(f"{method} processes={procs} threads={threads}: {rec['seconds']:.1f} s "
@@ -348,8 +361,8 @@ def write_notes(out, path_md, path_png):
         "",
         "| method | layers | processes | threads | seconds | peak RSS MiB | load before -> after "
         "| identical to 1 process | latency b=1 / b=16 (ms), default threads | same, 1 thread "
-        "| same, default threads, channels_last |",
-        "|---|---:|---:|---|---:|---:|---|---|---|---|---|",
+        "| same, default threads, channels_last | same, BatchNorm folded |",
+        "|---|---:|---:|---|---:|---:|---|---|---|---|---|---|",
     ]
 
     def _ms(lat):
@@ -357,10 +370,11 @@ def write_notes(out, path_md, path_png):
 
     lines.append(f"| original | - | - | - | - | - | - | - | {_ms(out['latency_original_s'])} | "
                  f"{_ms(out.get('latency_original_1thread_s'))} | "
-                 f"{_ms(out.get('latency_original_cl_s'))} |")
+                 f"{_ms(out.get('latency_original_cl_s'))} | "
+                 f"{_ms(out.get('latency_original_clf_s'))} |")
     for r in runs:
         lat_s = " | ".join(_ms(r.get(k)) for k in ("latency_s", "latency_1thread_s",
-                                                   "latency_cl_s"))
+                                                   "latency_cl_s", "latency_clf_s"))
         ident = r.get("identical_to_1_process")
         ident = "-" if "identical_to_1_process" not in r else ("n/a" if ident is None
                                                                 else str(ident).lower())

@@ -27,6 +27,7 @@ def test_scale_quick_runs_and_writes_notes(tmp_path):
     assert set(runs[0]["latency_s"]) == {1} and runs[0]["latency_s"][1] > 0
     assert runs[0]["latency_1thread_s"][1] > 0 and out["latency_original_1thread_s"][1] > 0
     assert runs[0]["latency_cl_s"][1] > 0 and out["latency_original_cl_s"][1] > 0
+    assert runs[0]["latency_clf_s"][1] > 0 and out["latency_original_clf_s"][1] > 0
     md, png = tmp_path / "scale.md", tmp_path / "scale.png"
     scale.write_notes(out, str(md), str(png))
     text = md.read_text()
