@@ -46,6 +46,10 @@ VARIANTS = {
     "synthetic": "synthetic",
     "real": "real",
     "synthetic-seq": "synthetic-seq",
+    # synthetic-image Sigma mixed per layer with the BatchNorm statistics (propagate,
+    # no shrinkage of their own) by shrink_covariances' moments rule: the transfer
+    # recipe with synthetic images as the other dataset
+    "synthetic-mix": "synthetic-mix",
     "bn-indep": dict(spatial="independent", shrinkage=0.0),
     "bn-kernel-fit": dict(spatial="kernel", shrinkage="bn"),
     "bn-prop": dict(spatial="propagate", shrinkage=0.0),
@@ -61,7 +65,8 @@ DEFAULT_VARIANTS = ("frobenius", "bn-prop-fit", "synthetic", "real", "bn-indep",
 
 def statistics(model, names, variants, n_images, seed):
     """The statistics of every variant (None for Frobenius) and their cost in seconds."""
-    from sigmadecomp_torch import collect_covariances, covariances_from_batchnorm
+    from sigmadecomp_torch import (collect_covariances, covariances_from_batchnorm,
+                                   shrink_covariances)
     from sigmadecomp_torch.data import fashion_mnist, make_loader, synthetic_images
 
     out, seconds, reports = {}, {}, {}
@@ -72,11 +77,15 @@ def statistics(model, names, variants, n_images, seed):
             out[v] = None
         elif spec == "synthetic-seq":  # no statistics ahead: compress collects them as it goes
             out[v] = make_loader(synthetic_images(n_images, seed=seed), batch_size=256)
-        elif spec in ("synthetic", "real"):
-            x = (synthetic_images(n_images, seed=seed) if spec == "synthetic"
-                 else fashion_mnist("train", limit=n_images, seed=seed)[0])
+        elif spec in ("synthetic", "real", "synthetic-mix"):
+            x = (fashion_mnist("train", limit=n_images, seed=seed)[0] if spec == "real"
+                 else synthetic_images(n_images, seed=seed))
             out[v] = collect_covariances(model, make_loader(x, batch_size=256), layers=names,
                                          progress=False)
+            if spec == "synthetic-mix":
+                prior, _ = covariances_from_batchnorm(model, layers=names,
+                                                      input_shape=(1, 28, 28), shrinkage=0.0)
+                out[v] = shrink_covariances(out[v], "auto", model=model, prior=prior)
         else:
             out[v], rep = covariances_from_batchnorm(model, layers=names, input_shape=(1, 28, 28),
                                                      **spec)
