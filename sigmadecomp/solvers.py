@@ -10,15 +10,24 @@ Started from ``x0``, every CG iterate does not increase the quadratic
 ``f(X) = <X, A(X)>/2 - <B, X>`` (exact arithmetic; a preconditioner that is
 symmetric positive definite keeps this), so an inexact inner solve warm-started
 at the current factor keeps an ALS objective monotone.
+
+CG also tells how far the quadratic still is from its minimum. With
+``t_j = alpha_j <R_j, Z_j>`` (step length times the preconditioned residual
+product of iteration ``j``), ``f(X_k) - f(X_{k+1}) = t_k / 2`` and
+``||X_k - X*||_A^2 = sum_{j >= k} t_j`` (exact arithmetic; Hestenes and
+Stiefel, 1952; Strakos and Tichy, 2002). The sum of the ``delay`` terms
+computed after ``X_k`` is therefore a lower bound of its squared energy-norm
+error that is tight when CG converges at all quickly; ``energy_stop`` of
+:func:`pcg` stops on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _backend as B
 
-__all__ = ["pcg", "PCGInfo"]
+__all__ = ["pcg", "PCGInfo", "ENERGY_DELAY"]
 
 
 @dataclass
@@ -32,12 +41,18 @@ class PCGInfo:
     residual : float
         Final relative residual ``||B - A(X)|| / ||B||``.
     converged : bool
-        Whether ``residual <= rtol`` was reached.
+        Whether the stopping rule was met: ``residual <= rtol``, or
+        ``energy_stop`` returned True.
+    terms : list of float
+        ``t_j = alpha_j <R_j, Z_j>`` of every iteration: their sum is
+        ``||X_0 - X*||_A^2 - ||X_end - X*||_A^2`` (twice the decrease of the
+        quadratic ``<X, A(X)>/2 - <rhs, X>``).
     """
 
     n_iter: int
     residual: float
     converged: bool
+    terms: list = field(default_factory=list)
 
 
 def _dot(a, b):
@@ -45,7 +60,13 @@ def _dot(a, b):
     return float(xp.sum(a * b))
 
 
-def pcg(apply_A, rhs, x0=None, *, rtol=1e-3, maxiter=100, precond=None, callback=None):
+#: Default number of CG terms summed by the energy-norm error estimate of
+#: :func:`pcg` (``energy_stop``).
+ENERGY_DELAY = 5
+
+
+def pcg(apply_A, rhs, x0=None, *, rtol=1e-3, maxiter=100, precond=None, callback=None,
+        energy_stop=None, delay=ENERGY_DELAY):
     """Solve ``apply_A(X) = rhs`` by (preconditioned) conjugate gradients.
 
     Parameters
@@ -64,6 +85,22 @@ def pcg(apply_A, rhs, x0=None, *, rtol=1e-3, maxiter=100, precond=None, callback
         ``R -> M^{-1} R`` with ``M`` symmetric positive definite.
     callback : callable, optional
         Called as ``callback(X, residual)`` after every iteration.
+    energy_stop : callable, optional
+        A second stopping rule, on the error of the quadratic instead of the
+        residual. After iteration ``k >= 2 * delay`` it is called as
+        ``energy_stop(estimate, decrease)``; CG stops, converged, when it
+        returns True. ``decrease`` is the sum of all terms so far,
+        ``||X_0 - X*||_A^2 - ||X_k - X*||_A^2``. ``estimate`` estimates
+        ``||X_k - X*||_A^2``: the sum ``s`` of the last ``delay`` terms, which
+        is ``||X_{k-delay} - X*||_A^2 - ||X_k - X*||_A^2`` and therefore at
+        least ``||X_k - X*||_A^2`` whenever those ``delay`` iterations halved
+        the squared error. That is checked on the terms: ``estimate`` is
+        ``s`` only if ``s`` is at most half the sum of the ``delay`` terms
+        before them, and ``inf`` otherwise (slow or stalling CG, where the
+        terms say little about the error left). ``rtol`` still applies;
+        ``rtol=0`` leaves this rule alone in charge.
+    delay : int, optional
+        Number of terms in ``estimate`` (default ``ENERGY_DELAY = 5``).
 
     Returns
     -------
@@ -92,6 +129,8 @@ def pcg(apply_A, rhs, x0=None, *, rtol=1e-3, maxiter=100, precond=None, callback
     P = Z
     rz = _dot(R, Z)
     it = 0
+    terms = []
+    decrease = 0.0
     for it in range(1, maxiter + 1):
         AP = apply_A(P)
         pAp = _dot(P, AP)
@@ -102,12 +141,19 @@ def pcg(apply_A, rhs, x0=None, *, rtol=1e-3, maxiter=100, precond=None, callback
         X = X + alpha * P
         R = R - alpha * AP
         res = _dot(R, R) ** 0.5 / bnorm
+        terms.append(alpha * rz)
+        decrease += alpha * rz
         if callback is not None:
             callback(X, res)
         if res <= rtol:
-            return X, PCGInfo(it, res, True)
+            return X, PCGInfo(it, res, True, terms)
+        if energy_stop is not None and it >= 2 * delay:
+            last = sum(terms[-delay:])
+            estimate = last if 2.0 * last <= sum(terms[-2 * delay:-delay]) else float("inf")
+            if energy_stop(estimate, decrease):
+                return X, PCGInfo(it, res, True, terms)
         Z = precond(R) if precond is not None else R
         rz_new = _dot(R, Z)
         P = Z + (rz_new / rz) * P
         rz = rz_new
-    return X, PCGInfo(it, res, res <= rtol)
+    return X, PCGInfo(it, res, res <= rtol, terms)
