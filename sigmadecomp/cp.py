@@ -859,9 +859,10 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     ``INNER_MAXITER_START = 5`` iterations that doubles, up to
     ``INNER_MAXITER_LIMIT = 5000``, whenever a sweep lowers the error by at
     most ``tol`` (the run then only counts as converged after a sweep whose
-    B-update met its stopping rule). Inexact sweeps are cheaper (about 5-8x per
-    sweep on 64- and 128-channel layers at rX=3 against the default, where
-    they gained nearly as much per sweep) but follow another path than exact ALS: from identical starts,
+    B-update met its stopping rule). Inexact sweeps are cheaper (8-9x per
+    sweep on 64- and 128-channel layers at rX=3, 6-7x less time to the
+    same error, gaining within 0.2% as much per sweep; ``notes/cp_exact.md``)
+    but follow another path than exact ALS: from identical starts,
     25 sweeps with a cap of 5 ended more than 1e-4 (relative objective) away
     from exact ALS on 28 of 60 small random problems, 13 of them higher, by
     up to 1.3% (``notes/sweeps.md``).
