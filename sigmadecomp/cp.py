@@ -21,9 +21,11 @@ that objective over one factor (the scale ``w`` absorbed into it):
   ``W*R`` unknowns) built from ``Sigma`` contracted twice with ``B`` (exact);
 * input-channel mode ``B``: ``S*R`` unknowns, solved matrix-free by
   preconditioned conjugate gradients warm-started at the current ``B`` (each
-  iteration one ``n x n x R`` product) until the relative residual of its
-  normal equations is at most ``inner.rtol`` (exact to well within 1e-8 of the
-  objective by default, see :func:`cp`). ``inner.maxiter`` caps the
+  iteration one ``n x n x R`` product) until CG's estimate of the block
+  objective's excess over its minimum is at most ``BLOCK_EXCESS_RTOL = 1e-8``
+  of the objective (default), or until the relative residual of its normal
+  equations is at most ``inner.rtol`` when that is given (see :func:`cp`).
+  ``inner.maxiter`` caps the
   iterations for cheap, inexact sweeps (a fixed cap, or ``'adaptive'``: a
   cap that starts at a few iterations and doubles whenever the outer
   progress stalls). CG from the current factor never increases the
@@ -77,11 +79,23 @@ __all__ = ["cp"]
 #: Sweeps of Frobenius CP-ALS (from the ``'svd'`` start) behind ``init='frobenius'``.
 FROBENIUS_INIT_SWEEPS = 25
 
-#: Default ``inner.rtol``: relative residual of the B-update's normal equations.
-#: On ResNet-18 and reference-network layers (rX=3, default ridge) ``1e-6`` left
-#: the B-block objective within 1e-9..4e-9 of its minimum and ``1e-8`` within
-#: about 1e-13 (notes/sweeps.md): exact to far better than 1e-8 of the objective.
-INNER_RTOL = 1e-8
+#: Default stopping rule of the B-update (``inner.rtol`` left at None): CG stops
+#: once its estimate of how far the block objective still is above its minimum
+#: (the energy-norm error of the CG iterate, see :mod:`sigmadecomp.solvers`) is
+#: at most ``BLOCK_EXCESS_RTOL`` times the current objective, so every B-update is
+#: an exact block minimiser to 1e-8 of the objective (notes/cp_exact.md).
+BLOCK_EXCESS_RTOL = 1e-8
+#: CG terms summed by that estimate (``delay`` of :func:`sigmadecomp.solvers.pcg`).
+BLOCK_EXCESS_DELAY = 5
+#: The default rule also stops once the relative residual of the normal equations
+#: is at most this (tighter than the residual rule ``inner.rtol = 1e-8`` that was
+#: the default before): a B-block already solved to rounding, e.g. at an exact
+#: fit where the objective itself is rounding, is left alone instead of letting
+#: CG amplify noise.
+BLOCK_RESIDUAL_RTOL = 1e-10
+# an excess below this fraction of tr(K Sigma K^T) is below the rounding of the
+# objective itself (float64 machine epsilon): the excess rule never asks for less
+_OBJECTIVE_FLOOR = float(np.finfo(np.float64).eps)
 #: With ``inner.maxiter='adaptive'`` the CG cap of a B-update starts here and
 #: doubles whenever the outer progress stalls, up to ``INNER_MAXITER_LIMIT``.
 INNER_MAXITER_START = 5
@@ -104,9 +118,11 @@ PRECOND_FLOAT32_BYTES = 256 * 2**20
 _PINV_RTOL = ZERO_RTOL["float64"]
 _CANCEL = EXPANSION_CANCEL  # named and explained in sigmadecomp._validation
 #: Defaults of ``inner`` (:class:`sigmadecomp.InnerSolver`) for the B-update: CG
-#: (always preconditioned) to ``rtol``; ``maxiter=None`` is exact (no cap but
-#: ``INNER_MAXITER_LIMIT``), ``maxiter='adaptive'`` the doubling cap.
-INNER_DEFAULTS = {"method": "cg", "rtol": INNER_RTOL, "maxiter": None, "dense_max": None,
+#: (always preconditioned) until the block objective is exact to
+#: ``BLOCK_EXCESS_RTOL`` (``rtol=None``; a number is the residual rule instead);
+#: ``maxiter=None`` is exact (no cap but ``INNER_MAXITER_LIMIT``),
+#: ``maxiter='adaptive'`` the doubling cap.
+INNER_DEFAULTS = {"method": "cg", "rtol": None, "maxiter": None, "dense_max": None,
                   "precond": None}
 _RENAMED = {"inner_rtol": ("rtol", same), "inner_maxiter": ("maxiter", same)}
 
@@ -327,8 +343,9 @@ class _SigmaALS(_ALSBase):
     ``R*L*L x S*L' x R`` GEMM each, see ``_normal_spatial``), the next
     ``Sigma Z`` and the A-update come at a fraction of that cost. The
     B-update runs PCG (each iteration one ``n x n x R`` product) warm-started
-    at the current B until the relative residual of the normal equations is
-    at most ``inner_rtol`` or ``inner_maxiter`` iterations ran (``last_exact``
+    at the current B until its stopping rule holds (``inner_rtol=None``: the
+    excess rule, see ``_excess_rule``; a number: the relative residual of the
+    normal equations) or ``inner_maxiter`` iterations ran (``last_exact``
     tells which), preconditioned by the diagonal blocks (one ``S x S``
     Cholesky per component, or a pseudo-inverse root when a block is
     singular, built in chunks of components with one ``n x n x R``-sized
@@ -337,11 +354,11 @@ class _SigmaALS(_ALSBase):
     ``Sigma = I``).
     """
 
-    def __init__(self, K, weights, factors, l2_reg, sigma, *, inner_rtol=INNER_RTOL,
+    def __init__(self, K, weights, factors, l2_reg, sigma, *, inner_rtol=None,
                  inner_maxiter=INNER_MAXITER_LIMIT):
         self.Sg = sigma
         self.inner_rtol, self.inner_maxiter = inner_rtol, inner_maxiter
-        self.last_exact = False  # did the last B-update reach inner_rtol?
+        self.last_exact = False  # did the last B-update meet its stopping rule?
         self.cg_iters = []  # CG iterations of every B-update
         self.cg_residuals = []  # final relative residual of every B-update
         self._pc_age, self._Linv = 0, None
@@ -355,7 +372,8 @@ class _SigmaALS(_ALSBase):
         # inner.rtol >= CG_FLOAT32_RTOL (the rule of tucker2's CG): the CG operator
         # multiplies by a float32 copy of Sigma, its rounding (~1e-6 relative) far
         # below the requested residual; residuals, right-hand side and start stay float64
-        self._Sig_lo = xp.astype(sigma, xp.float32) if inner_rtol >= CG_FLOAT32_RTOL else None
+        loose = inner_rtol is not None and inner_rtol >= CG_FLOAT32_RTOL
+        self._Sig_lo = xp.astype(sigma, xp.float32) if loose else None
         super().__init__(K, weights, factors, l2_reg)
         self.SK = sigma @ self.K1.T  # (n, T), once
         self.norm2 = float(xp.sum(self.K1.T * self.SK))
@@ -431,12 +449,21 @@ class _SigmaALS(_ALSBase):
         x0 = self.F[1] * self.w[None, :]
         # H(x0) from the cached Sigma Z (Z(x0) = Z diag(w)): no extra product
         r0 = rhs - from_SZ(self._SZ() * self.w[None, :], x0)
-        # stop at ||rhs - H(x0 + E)|| <= inner_rtol * ||rhs|| (pcg measures against ||r0||)
         xp = B.namespace(rhs)
         bnorm = float(xp.sqrt(xp.sum(rhs * rhs)))
         rnorm = float(xp.sqrt(xp.sum(r0 * r0)))
-        rtol = self.inner_rtol * bnorm / rnorm if rnorm > 0 else 1.0
-        E, info = pcg(apply, r0, None, rtol=rtol, maxiter=self.inner_maxiter, precond=precond)
+        if self.inner_rtol is None:
+            # default: the block objective is f(x) = <x, H x> - 2 <rhs, x> + const
+            # (+ l2 ||x||^2), so f(x_k) - min f = ||x_k - x*||_H^2, which pcg
+            # estimates from its terms; f(x_k) = f(x0) - (sum of the terms so far)
+            rtol = BLOCK_RESIDUAL_RTOL * bnorm / rnorm if rnorm > 0 else 1.0
+            stop = self._excess_rule(self.objective())
+        else:
+            # ||rhs - H(x0 + E)|| <= inner_rtol * ||rhs|| (pcg measures against ||r0||)
+            rtol = self.inner_rtol * bnorm / rnorm if rnorm > 0 else 1.0
+            stop = None
+        E, info = pcg(apply, r0, None, rtol=rtol, maxiter=self.inner_maxiter, precond=precond,
+                      energy_stop=stop, delay=BLOCK_EXCESS_DELAY)
         self.cg_iters.append(info.n_iter)
         self.cg_residuals.append(info.residual * rnorm / bnorm if bnorm > 0 else 0.0)
         # exact to inner_rtol, or CG broke down (nothing left to solve in its range)
@@ -444,6 +471,18 @@ class _SigmaALS(_ALSBase):
         self.F[1], self.w = _normalize(x0 + E)
         self._invalidate()
         self._after_B()
+
+    def _excess_rule(self, f0):
+        """``energy_stop`` for :func:`pcg`: the estimated excess of the block objective
+        over its minimum is at most ``BLOCK_EXCESS_RTOL`` times the current objective
+        (``f0`` minus the decrease so far), or below the objective's rounding
+        ``_OBJECTIVE_FLOOR * tr(K Sigma K^T)``."""
+        floor = _OBJECTIVE_FLOOR * self.norm2
+
+        def stop(estimate, decrease):
+            return estimate <= max(BLOCK_EXCESS_RTOL * (f0 - decrease), floor)
+
+        return stop
 
     def _after_B(self):
         xp = B.namespace(self.w)
@@ -797,23 +836,33 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     A, C and D updates of CP-ALS-Sigma are exact block minimisers (A closed
     form, C and D small dense normal systems). The B-update of CP-ALS-Sigma
     is preconditioned CG warm-started at the current B (each iteration one
-    ``n x n x R`` product), run until the relative residual of the
-    Sigma-weighted normal equations, ``||b - H(B diag(w))||_F / ||b||_F``, is
-    at most ``inner.rtol`` (default ``INNER_RTOL = 1e-8``). That makes every
-    B-update an exact block minimiser to well within 1e-8 of the objective:
-    on ResNet-18 and reference-network layers at rX=3 a tolerance of
-    ``1e-6`` already left the block objective within 1e-9 to 4e-9 of the
-    minimum, and ``1e-8`` within about 1e-13 (``notes/sweeps.md``). So by
-    default CP-ALS-Sigma is exact ALS; each B-update then takes some tens to
-    a hundred CG iterations on real layers. ``inner.maxiter`` trades that for
+    ``n x n x R`` product). By default it runs until the B-block is exact to
+    ``BLOCK_EXCESS_RTOL = 1e-8`` of the objective: the block objective is a
+    quadratic whose excess over its minimum is the squared energy-norm error
+    of the CG iterate, and CG stops once its estimate of that error (the
+    larger of the last ``BLOCK_EXCESS_DELAY = 5`` decreases, counted only
+    while they halve, and ``<r, z> / theta_min``, ``theta_min`` CG's smallest
+    Ritz value; :func:`sigmadecomp.solvers.pcg`) is at most
+    ``BLOCK_EXCESS_RTOL`` times the current objective (or below the
+    objective's rounding, ``eps * tr(K Sigma K^T)``), or once the relative
+    residual is at most ``BLOCK_RESIDUAL_RTOL = 1e-10``. Against
+    high-accuracy solves on ResNet-18 and reference-network layers at rX=3
+    the block ended 4e-10 to 1e-9 of the objective above its minimum, after
+    42-79 CG iterations where the residual rule ``inner.rtol = 1e-8`` (the
+    previous default, exact to about 1e-13) took 68-115
+    (``notes/cp_exact.md``). So by default CP-ALS-Sigma is exact ALS.
+    ``inner.rtol`` set to a number replaces that rule by the residual rule
+    ``||b - H(B diag(w))||_F <= inner.rtol * ||b||_F`` of the Sigma-weighted
+    normal equations. ``inner.maxiter`` trades exactness for
     cheaper, inexact sweeps: an integer caps the iterations of every
     B-update, and ``'adaptive'`` starts with a cap of
     ``INNER_MAXITER_START = 5`` iterations that doubles, up to
     ``INNER_MAXITER_LIMIT = 5000``, whenever a sweep lowers the error by at
     most ``tol`` (the run then only counts as converged after a sweep whose
-    B-update met ``inner.rtol``). Inexact sweeps are cheaper (9.6-11x per
-    sweep on 64- and 128-channel layers at rX=3, where they gained within
-    0.3% as much per sweep) but follow another path than exact ALS: from identical starts,
+    B-update met its stopping rule). Inexact sweeps are cheaper (8-9x per
+    sweep on 64- and 128-channel layers at rX=3, 6-7x less time to the
+    same error, gaining within 0.2% as much per sweep; ``notes/cp_exact.md``)
+    but follow another path than exact ALS: from identical starts,
     25 sweeps with a cap of 5 ended more than 1e-4 (relative objective) away
     from exact ALS on 28 of 60 small random problems, 13 of them higher, by
     up to 1.3% (``notes/sweeps.md``).
@@ -892,16 +941,17 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     inner : InnerSolver or dict, optional
         The B-update of CP-ALS-Sigma (:class:`sigmadecomp.InnerSolver`;
         ignored without ``sigma``). ``method``: 'auto' or 'cg' (the same:
-        preconditioned CG; 'direct' is not available). ``rtol``: relative
-        residual of its Sigma-weighted normal equations (default
-        ``INNER_RTOL = 1e-8``; ``0`` runs every B-update to its iteration
-        cap). With ``rtol >= CG_FLOAT32_RTOL = 1e-4`` (the rule of
+        preconditioned CG; 'direct' is not available). ``rtol``: ``None``
+        (default) is the excess rule above (exact to ``BLOCK_EXCESS_RTOL =
+        1e-8`` of the objective); a number is the relative residual of its
+        Sigma-weighted normal equations instead (``0`` runs every B-update to
+        its iteration cap). With ``rtol >= CG_FLOAT32_RTOL = 1e-4`` (the rule of
         :func:`sigmadecomp.tucker2`) the CG operator multiplies by a float32
         copy of Sigma (rounding about 1e-6 relative, far below ``rtol``);
         everything else, and every reported error, stays float64.
         ``maxiter``: ``None`` (default) has no cap but the safeguard
-        ``INNER_MAXITER_LIMIT = 5000``, so every B-update is solved to
-        ``rtol`` (exact ALS); an integer is a fixed cap (cheap, inexact
+        ``INNER_MAXITER_LIMIT = 5000``, so every B-update meets its
+        stopping rule (exact ALS); an integer is a fixed cap (cheap, inexact
         sweeps that are still monotone but may stop at a worse point);
         ``'adaptive'`` is the cap schedule described above.
         ``precond=False`` is refused (always preconditioned).
@@ -1091,7 +1141,7 @@ def _try_extrapolation(engine, old, f_new, it, power):
 # internal entry point (tests and benchmarks that need single block updates)
 # ----------------------------------------------------------------------------
 
-def als_engine(kernel, weights, factors, sigma=None, *, l2_reg=0.0, inner_rtol=INNER_RTOL,
+def als_engine(kernel, weights, factors, sigma=None, *, l2_reg=0.0, inner_rtol=None,
                inner_maxiter=INNER_MAXITER_LIMIT):
     """The ALS state behind :func:`cp`, for checks of single block updates.
 

@@ -1,7 +1,8 @@
 """CP-ALS-Sigma with default settings is exact ALS.
 
-The B-update of CP-ALS-Sigma is an iterative (CG) solve; by default it runs
-to ``INNER_RTOL``, which must make the block exact to 1e-8 of the objective
+The B-update of CP-ALS-Sigma is an iterative (CG) solve; by default it stops
+on its estimate of the block objective's excess over the minimum
+(``BLOCK_EXCESS_RTOL``), which must make the block exact to 1e-8 of the objective
 (against a brute-force dense least-squares solve), and whole runs must then
 follow exact ALS (dense block solves) from identical starts.
 """
@@ -10,7 +11,13 @@ import numpy as np
 import pytest
 
 from sigmadecomp import cp
-from sigmadecomp.cp import INNER_MAXITER_LIMIT, INNER_RTOL, _SigmaALS
+from sigmadecomp.cp import (
+    BLOCK_EXCESS_DELAY,
+    BLOCK_EXCESS_RTOL,
+    BLOCK_RESIDUAL_RTOL,
+    INNER_MAXITER_LIMIT,
+    _SigmaALS,
+)
 
 
 def random_psd(rng, n, rank=None, spread=3.0):
@@ -83,7 +90,7 @@ def test_default_b_update_is_exact_to_1e8_of_the_objective(kind):
     for R in (3, 5, 8):
         w, F = random_start(rng, shape, R)
         eng = _SigmaALS(K, w, F, 0.0, S)  # the engine's defaults are cp's defaults
-        assert (eng.inner_rtol, eng.inner_maxiter) == (INNER_RTOL, INNER_MAXITER_LIMIT)
+        assert (eng.inner_rtol, eng.inner_maxiter) == (None, INNER_MAXITER_LIMIT)
         for _ in range(2):  # also a later sweep, from a point ALS has moved
             eng.update_A()
             w0, F0 = eng.point()
@@ -137,3 +144,48 @@ def test_default_runs_match_exact_als_from_identical_starts():
     """60 small problems: default cp (tol=0, 25 sweeps) = dense exact ALS to 1e-4."""
     worse = _match_exact_als(60)
     assert not worse, worse
+
+
+def _excess_rule_case(seed, spread):
+    """A B-update that the excess rule (not the residual floor) ends: (excess / f_min, engine)."""
+    rng = np.random.default_rng(seed)
+    shape, R = (7, 10, 3, 3), 9
+    n = int(np.prod(shape[1:]))
+    S = random_psd(rng, n, spread=spread)
+    K = rng.standard_normal(shape)
+    lam, V = np.linalg.eigh(S)
+    L = V * np.sqrt(np.clip(lam, 0.0, None))
+    w, F = random_start(rng, shape, R)
+    eng = _SigmaALS(K, w, F, 0.0, S)
+    eng.update_A()
+    w0, F0 = eng.point()
+    Fw = [f.copy() for f in F0]
+    Fw[0] = Fw[0] * w0
+    Fref = list(Fw)
+    Fref[1] = dense_block(K, Fw, L, 1)
+    f_min = objective(K, np.ones(R), Fref, S)
+    eng.update_B()
+    return (objective(K, *eng.point(), S) - f_min) / f_min, eng
+
+
+@pytest.mark.parametrize("seed,spread", [(11, 10.0), (12, 100.0), (14, 30.0)])
+def test_excess_rule_keeps_the_block_within_its_bound(seed, spread):
+    """Default B-update against a dense least-squares solve: the block objective is
+    within BLOCK_EXCESS_RTOL of its minimum, and it was the excess rule that stopped
+    CG (the residual is still above the residual floor)."""
+    excess, eng = _excess_rule_case(seed, spread)
+    assert eng.cg_residuals[-1] > BLOCK_RESIDUAL_RTOL and eng.last_exact
+    assert eng.cg_iters[-1] >= 2 * BLOCK_EXCESS_DELAY
+    assert -1e-12 <= excess <= BLOCK_EXCESS_RTOL, excess
+
+
+def test_excess_rule_check_fails_for_a_loose_tolerance(monkeypatch):
+    """The check above can fail: with BLOCK_EXCESS_RTOL = 1e-4 the same B-update
+    stops above 1e-8 of the objective (and within the loose bound)."""
+    import sys
+
+    cp_module = sys.modules["sigmadecomp.cp"]
+
+    monkeypatch.setattr(cp_module, "BLOCK_EXCESS_RTOL", 1e-4)
+    excess, eng = _excess_rule_case(11, 10.0)
+    assert 1e-8 < excess <= 1e-4, excess
