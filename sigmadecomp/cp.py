@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from . import _backend as B
-from ._threads import solver_threads
+from ._threads import retune, solver_threads
 from ._validation import (
     CHOL_PIVOT,
     EXPANSION_CANCEL,
@@ -1083,6 +1083,7 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         f_old = f
         f = engine.sweep()
         n_iter = it
+        retune()  # long runs follow the cores that free up or fill
         rejected = f > f_old and not l2_reg
         if rejected:
             # rounding made the sweep (slightly) worse: keep the previous point;
