@@ -68,7 +68,8 @@ CP_CONFIGS = {
     "fixed5": {"inner": {"rtol": 1e-10, "maxiter": 5}},
 }
 TT_CONFIGS = {
-    "default": {},  # dense core solves up to 4096 unknowns, else PCG to rtol 1e-4
+    "default": {},  # extrapolation on; dense core solves up to 4096 unknowns, else PCG to rtol 1e-4
+    "plain": {"extrapolate": False},  # the previous default: plain ALS sweeps
     "cg1e-8": {"inner": {"rtol": 1e-8, "maxiter": 500}},  # tight inner solves (reference)
 }
 METHODS = ("tucker2", "cp", "tt")

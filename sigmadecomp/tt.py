@@ -37,6 +37,8 @@ import functools
 import time
 import warnings
 
+import numpy as np
+
 from . import _backend as B
 from ._threads import solver_threads
 from ._tt_algebra import pair_tensor, tt_matrix, tt_svd_dense
@@ -159,6 +161,8 @@ def tt_svd(tensor, ranks=None, *, eps=None):
 
 #: Default number of TT-ALS sweeps with ``sigma`` (none without: TT-SVD).
 DEFAULT_SWEEPS = 20
+#: Default of ``extrapolate``: a guarded extrapolation step after every sweep.
+DEFAULT_EXTRAPOLATE = True
 #: Inner-solver defaults of the TT-ALS core updates (see ``inner``).
 INNER_DEFAULTS = {"method": "auto", "rtol": 1e-4, "maxiter": 50, "dense_max": 4096,
                   "precond": True}
@@ -207,7 +211,7 @@ def _random_cores(rng, ms, ns, ranks, like):
 
 
 def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, tol, rng,
-         callback, rtol, ridge, inner, make):
+         callback, rtol, ridge, inner, make, extrapolate):
     """Validate the options, pick the start, run the sweeps; ``make(...)`` builds the result."""
     xp = B.namespace(weight_m)
     if n_iter_max is None:
@@ -218,6 +222,9 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
     rtol = zero_rtol("float64") if rtol is None else check_positive_float(rtol, "rtol",
                                                                           allow_zero=True)
     callback = check_callback(callback, fname, _old_tt_callback)
+    if not isinstance(extrapolate, (bool, np.bool_)):
+        raise TypeError(f"extrapolate={extrapolate!r} is not allowed; extrapolate must be True "
+                        "or False")
     rng = B.check_rng(rng)
     if eps is not None:
         eps = check_positive_float(eps, "eps", allow_zero=True)
@@ -249,7 +256,8 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
         def on_point(cores_, errors_, n_iter_, converged_):
             return callback(make(cores_, list(errors_), n_iter_, converged_, tails, None, False))
     cores, errors, n_iter, converged, stats = als_sweeps(
-        weight_m, S_m, cores, n_iter_max=n_iter_max, tol=tol, opts=options, on_point=on_point)
+        weight_m, S_m, cores, n_iter_max=n_iter_max, tol=tol, opts=options, on_point=on_point,
+        extrapolate=bool(extrapolate))
     return make(cores, errors, n_iter, converged, tails, stats, True)
 
 
@@ -347,6 +355,19 @@ _OPTIONS_DOC = """
         of ``Sigma`` over (modes before, mode k, modes after) from partial
         traces). The old keywords ``dense_max``, ``cg_rtol``, ``cg_maxiter``
         and ``precond`` still work with a ``DeprecationWarning``.
+    extrapolate : bool, optional
+        After every sweep, try one extrapolated point ``G + beta (G - G_old)``
+        in the cores (the points before and after the sweep in the same gauge:
+        left-orthogonal, each bond rotated to match the previous one) and keep
+        it only if its error is lower than the sweep's; ``beta`` (first 1,
+        at most 30) grows 1.5x after a kept step and shrinks 0.7x after a
+        refused one. ``errors`` still never increases and each entry is the
+        error of the cores returned with it; ``solves['extrapolated']``
+        counts the kept steps. Costs one error evaluation (a ``T x n x n``
+        product) per sweep. Default True: on the measured layers it reached
+        0.1% of the converged error in about 3x fewer sweeps
+        (``notes/sweeps.md``). ``False`` runs the plain sweeps (the same
+        iterates as before the option existed).
 
     Notes
     -----
@@ -374,7 +395,7 @@ _OPTIONS_DOC = """
 @solver_threads
 def tt_linear(weight, ranks=None, sigma=None, *, in_modes=None, out_modes=None, eps=None,
               init=None, n_iter_max=None, tol=1e-6, rng=None, callback=None, rtol=None,
-              ridge=DEFAULT_RIDGE, inner=None):
+              ridge=DEFAULT_RIDGE, inner=None, extrapolate=DEFAULT_EXTRAPOLATE):
     t0 = time.perf_counter()
     check_array(weight, "weight", ndim=2)
     check_finite(weight, "weight")
@@ -388,7 +409,7 @@ def tt_linear(weight, ranks=None, sigma=None, *, in_modes=None, out_modes=None, 
     make = _maker("matrix", (T, N), ms, ns, W, S, ridge, weight.dtype, t0)
     return _run("tt_linear", W, list(ms), list(ns), ranks, sigma, _add_ridge(S, ridge),
                 eps=eps, init=init, n_iter_max=n_iter_max, tol=tol, rng=rng, callback=callback,
-                rtol=rtol, ridge=ridge, inner=inner, make=make)
+                rtol=rtol, ridge=ridge, inner=inner, make=make, extrapolate=extrapolate)
 
 
 tt_linear.__doc__ = """TT-matrix decomposition of a Linear weight, Frobenius or Sigma-weighted.
@@ -444,7 +465,7 @@ tt_linear.__doc__ = """TT-matrix decomposition of a Linear weight, Frobenius or 
 @solver_threads
 def tt_conv(kernel, ranks=None, sigma=None, *, in_modes=None, out_modes=None, eps=None,
             init=None, n_iter_max=None, tol=1e-6, rng=None, callback=None, rtol=None,
-            ridge=DEFAULT_RIDGE, inner=None):
+            ridge=DEFAULT_RIDGE, inner=None, extrapolate=DEFAULT_EXTRAPOLATE):
     t0 = time.perf_counter()
     check_array(kernel, "kernel", ndim=4)
     check_finite(kernel, "kernel")
@@ -466,7 +487,8 @@ def tt_conv(kernel, ranks=None, sigma=None, *, in_modes=None, out_modes=None, ep
     make = _maker("conv", (T, S_in, H, Wd), ms, ns, Wm, Sp, ridge, kernel.dtype, t0)
     return _run("tt_conv", Wm, [P] + list(ms), [1] + list(ns), ranks, sigma,
                 _add_ridge(Sp, ridge), eps=eps, init=init, n_iter_max=n_iter_max, tol=tol,
-                rng=rng, callback=callback, rtol=rtol, ridge=ridge, inner=inner, make=make)
+                rng=rng, callback=callback, rtol=rtol, ridge=ridge, inner=inner, make=make,
+                extrapolate=extrapolate)
 
 
 tt_conv.__doc__ = """TT decomposition of a conv kernel in Garipov's reshaping, Frobenius or Sigma.
