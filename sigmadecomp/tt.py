@@ -329,7 +329,7 @@ _OPTIONS_DOC = """
         Frobenius TT-ALS. TT-ALS has a long slow tail: with the defaults the
         measured layers needed 44-95 sweeps to come within 0.1% of the
         converged error (``notes/sweeps.md``); fewer sweeps trade accuracy
-        for time (after 20 sweeps they were 0.6-0.8% above it).
+        for time (after 20 sweeps they were 0.6-2.2% above it).
     tol : float, optional
         The stopping rule of :mod:`sigmadecomp.contract`: stop after the first
         sweep that lowers the relative error by at most ``tol`` times its
@@ -372,7 +372,7 @@ _OPTIONS_DOC = """
         refused one. ``errors`` still never increases and each entry is the
         error of the cores returned with it; ``solves['extrapolated']``
         counts the kept steps. Costs one error evaluation (a ``T x n x n``
-        product) per sweep. Default True: on the measured layers it reached
+        product, 1-3% of a sweep on the measured layers) per sweep. Default True: on the measured layers it reached
         0.1% of the converged error in about 3x fewer sweeps
         (``notes/sweeps.md``). ``False`` runs the plain sweeps (the same
         iterates as before the option existed).

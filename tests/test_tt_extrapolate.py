@@ -137,3 +137,20 @@ def test_extrapolate_must_be_bool(bad):
         tt_conv(K, (3, 4), S, extrapolate=bad, **CONV)
     with pytest.raises(TypeError, match="extrapolate"):
         tt_linear(K.reshape(8, -1), 2, extrapolate=bad, in_modes=(6, 9), out_modes=(2, 4))
+
+
+def test_sweeps_benchmark_stop_evaluation_matches_a_real_run():
+    # the report evaluates (n_iter_max, tol) on curves recorded with tol=0: the stop it
+    # reads off must be where a run with that n_iter_max and tol really stops
+    from benchmarks.sweeps import stop_with_cap, tt_defaults_table
+
+    K, S = conv_problem(1)
+    _, points = run_recorded(K, S, n_iter_max=40, tol=0.0)
+    rec = [(p.n_iter, float(p.n_iter), p.errors[-1]) for p in points]
+    for cap, tol in ((40, 1e-3), (40, 1e-4), (7, 1e-6)):
+        real = tt_conv(K, (3, 4), S, n_iter_max=cap, tol=tol, **CONV)
+        sweep, _, err = stop_with_cap(rec, tol, cap)
+        assert (sweep, err) == (real.n_iter, real.error)
+    assert stop_with_cap(rec, 0.0, 80) is None  # the curve ends before the cap
+    table = tt_defaults_table({"p": {"plain": rec, "default": rec}})
+    assert table.count("\n| p |") == 1
