@@ -68,7 +68,8 @@ CP_CONFIGS = {
     "fixed5": {"inner": {"rtol": 1e-10, "maxiter": 5}},
 }
 TT_CONFIGS = {
-    "default": {},  # dense core solves up to 4096 unknowns, else PCG to rtol 1e-4
+    "default": {},  # extrapolation on; dense core solves up to 4096 unknowns, else PCG to rtol 1e-4
+    "plain": {"extrapolate": False},  # the previous default: plain ALS sweeps
     "cg1e-8": {"inner": {"rtol": 1e-8, "maxiter": 500}},  # tight inner solves (reference)
 }
 METHODS = ("tucker2", "cp", "tt")
@@ -442,6 +443,52 @@ def markdown_tables(method, groups, table):
     return "\n".join(lines) + "\n"
 
 
+#: the TT defaults before the extrapolation step (plain sweeps): cap and relative tol
+TT_PREVIOUS_DEFAULTS = (20, 1e-6)
+
+
+def stop_with_cap(rec, tol, cap):
+    """``(sweep, seconds, error)`` where a run with ``n_iter_max=cap`` and relative ``tol`` stops.
+
+    ``None`` when the recorded curve ends before that point.
+    """
+    for (s0, _, e0), (s1, t1, e1) in zip(rec, rec[1:]):
+        if s1 > cap:
+            break
+        if e0 - e1 <= tol * e0 or s1 == cap:
+            return s1, t1, e1
+    return None
+
+
+def tt_defaults_table(groups):
+    """Markdown: plain sweeps (previous default) against the extrapolated default, per problem."""
+    from sigmadecomp import tt as TT
+
+    cap_old, tol_old = TT_PREVIOUS_DEFAULTS
+    cap_new, tol_new = TT.DEFAULT_SWEEPS, TT.DEFAULT_TOL
+    lines = ["### tt: previous default (plain sweeps, "
+             f"n_iter_max={cap_old}, tol={tol_old:g}) against the current one (extrapolation, "
+             f"n_iter_max={cap_new}, tol={tol_new:g})", "",
+             "| problem | e* (lowest reached) | plain: sweeps, CPU s to 0.1% | plain: default stop "
+             "(sweep, CPU s, excess) | extrapolated: sweeps, CPU s to 0.1% | extrapolated: default "
+             "stop (sweep, CPU s, excess) |",
+             "|---|---|---|---|---|---|"]
+    for prob, cfgs in sorted(groups.items()):
+        if "plain" not in cfgs or "default" not in cfgs:
+            continue
+        e_star = min(e for rec in cfgs.values() for _, _, e in rec)
+        cells = []
+        for cfg, cap, tol in (("plain", cap_old, tol_old), ("default", cap_new, tol_new)):
+            rec = cfgs[cfg]
+            sw, t = first_within(rec, e_star)
+            cells.append(f"{sw}, {t:.1f} s" if sw is not None else f"not in {rec[-1][0]} sweeps")
+            stop = stop_with_cap(rec, tol, cap)
+            cells.append("-" if stop is None else
+                         f"{stop[0]}, {stop[1]:.1f} s, {stop[2] / e_star - 1:.2%}")
+        lines.append(f"| {prob} | {e_star:.7f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report():
     import matplotlib
 
@@ -454,6 +501,8 @@ def report():
             continue
         groups, table = summarise(_read(path))
         print(markdown_tables(method, groups, table))
+        if method == "tt":
+            print(tt_defaults_table(groups))
         with open(path) as f:  # which clock each problem's times are on (column 'clock')
             clock = {r["problem"]: r.get("clock") or "cpu" for r in csv.DictReader(f)}
         probs = sorted(groups)

@@ -15,6 +15,15 @@ that raises the error -- possible only through the eigenvalue floor of
 singular solves -- is rejected (the previous cores are kept and the run ends),
 so ``errors`` never increases.
 
+With ``extrapolate`` on, every sweep is followed by a guarded extrapolation
+step: both the point before the sweep and the point after it are brought to
+the same gauge (left-orthogonal cores, each bond rotated by the orthogonal
+Procrustes factor that best matches the new left interface to the old one),
+and the cores ``G + beta (G - G_old)`` are tried. The trial point is kept only
+when its error is lower than that of the sweep's point; ``beta`` grows after a
+success and shrinks after a failure. ``errors`` therefore still never
+increases, and every entry is the error of the cores returned with it.
+
 :func:`core_update` is the documented internal entry point to one update
 (tests compare it with a brute-force least-squares solve).
 """
@@ -180,13 +189,55 @@ def core_update(weight, cores, k, sigma=None, *, method="auto", dense_max=4096, 
     return _update_core(k, list(cores), L, R, weight, WS, sigma, opts, stats), stats
 
 
-def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None):
+#: Extrapolation step of the first try, and its growth / shrink factors after a success /
+#: failure; ``beta`` stays within ``[EXTRAP_MIN, EXTRAP_MAX]``.
+EXTRAP_BETA0 = 1.0
+EXTRAP_GROW = 1.5
+EXTRAP_SHRINK = 0.7
+EXTRAP_MIN = 0.05
+EXTRAP_MAX = 30.0
+
+
+def _left_orthogonal(cores):
+    cores = list(cores)
+    for k in range(len(cores) - 1):
+        left_orthogonalize_one(cores, k)
+    return cores
+
+
+def _aligned(new, old):
+    """``new`` in the gauge closest to ``old``; both must be left-orthogonal (cores ``0..D-2``).
+
+    Bond ``k`` is rotated by the orthogonal ``Q`` that minimises
+    ``||U_new Q - U_old||_F`` over the left interfaces (the polar factor of
+    ``U_new^T U_old``, computed core by core, never forming ``U``). The
+    product of the cores is unchanged.
+    """
+    xp = B.namespace(new[0])
+    new = list(new)
+    P = None
+    for k in range(len(new) - 1):
+        if P is None:
+            P = B.einsum("amnb,amnd->bd", new[k], old[k])
+        else:
+            P = B.einsum("amnb,ac,cmnd->bd", new[k], P, old[k])
+        U, _, Vh = B.svd(P)
+        Q = U @ Vh
+        new[k] = B.einsum("amnb,bd->amnd", new[k], Q)
+        new[k + 1] = B.einsum("bd,bmnc->dmnc", Q, new[k + 1])
+        P = xp.permute_dims(Q, (1, 0)) @ P  # = (U_new Q)^T U_old
+    return new
+
+
+def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate=False):
     """TT-ALS sweeps from ``cores`` on the float64 ``W`` (T, N) in the metric ``S`` (or None).
 
     ``on_point(cores, errors, n_iter, converged)`` is called at the starting
     point and after every sweep; a ``True`` return stops the run. Returns
     ``(cores, errors, n_iter, converged, stats)``; ``converged`` is True when
     the ``tol`` rule held (or ``n_iter_max == 0``: nothing to iterate).
+    ``extrapolate``: try the guarded extrapolation step after every sweep
+    (module docstring); ``stats['extrapolated']`` counts the accepted steps.
     """
     xp = B.namespace(W)
     cores = list(cores)
@@ -199,6 +250,10 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None):
     D = len(cores)
     WS = None if S is None else W @ S
     stats = {"dense": 0, "cg": 0, "cg_iter": 0}
+    if extrapolate:
+        stats["extrapolated"] = 0
+        beta = EXTRAP_BETA0
+        old = _left_orthogonal(cores)
     converged = n_iter_max == 0
     n_iter = 0
     if on_point is not None and on_point(cores, errors, 0, converged) is True:
@@ -223,6 +278,17 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None):
             # every update is an exact minimiser, so only the eigenvalue floor of the
             # singular solves (or CG rounding) can make a sweep worse: reject it
             cores, errors[-1] = before, errors[-2]
+        elif extrapolate:
+            aligned = _aligned(cores, old)  # cores are left-orthogonal after a sweep
+            trial = [c + beta * (c - o) for c, o in zip(aligned, old)]
+            e_try = rel(_sq_err(W, tt_matrix(trial), S))
+            if e_try < errors[-1]:
+                cores, errors[-1] = _left_orthogonal(trial), e_try
+                stats["extrapolated"] += 1
+                beta = min(beta * EXTRAP_GROW, EXTRAP_MAX)
+            else:
+                beta = max(beta * EXTRAP_SHRINK, EXTRAP_MIN)
+            old = cores
         converged = tol_reached(errors[-2], errors[-1], tol)
         stop = on_point is not None and on_point(cores, errors, n_iter, converged) is True
         if converged or stop:
