@@ -39,6 +39,7 @@ from ._tt_algebra import (
     right_orthogonalize,
     tt_matrix,
 )
+from ._threads import retune
 from ._validation import PRECOND_FLOOR, TINY, zero_rtol
 from .sigma import psd_solve
 from .solvers import pcg
@@ -273,6 +274,7 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate
                 left_orthogonalize_one(cores, k)
                 L = left_interface_step(L, cores[k])
         n_iter = it
+        retune()  # long runs follow the cores that free up or fill
         errors.append(rel(_sq_err(W, tt_matrix(cores), S)))
         if errors[-1] > errors[-2]:
             # every update is an exact minimiser, so only the eigenvalue floor of the
