@@ -20,12 +20,13 @@ one run:
   it), the Sigma-error of every layer, the peak resident memory of each
   process, and whether the model of each multi-process run is bit-identical
   to the one-process model with the same threads;
-* latency of the original and of each compressed model
-  (``torch.utils.benchmark``, median, batch 1 and 16, at torch's default
-  threads and at one thread, in the default contiguous layout; then both
-  models and the input in ``torch.channels_last``, at default threads; then
-  the same with every BatchNorm folded into the conv before it
-  (``torch.fx.experimental.optimization.fuse``, eval mode), in both models).
+* latency of the original and of each method's one-process default-thread
+  model, measured after all decompositions in ``--latency-rounds``
+  interleaved rounds (``torch.utils.benchmark``, batch 1 and 16): at torch's
+  default threads and at one thread in the default contiguous layout; then
+  both models and the input in ``torch.channels_last`` at default threads;
+  then the same with every BatchNorm folded into the conv before it
+  (``torch.fx.experimental.optimization.fuse``, eval mode), in both models.
 
 ``--n-iter-max`` bounds the sweeps of every layer (and the sweeps of the
 Tucker-2 HOOI start) to keep the run within minutes on a small machine;
@@ -47,6 +48,7 @@ import copy
 import json
 import os
 import resource
+import statistics
 import tempfile
 import time
 import warnings
@@ -133,17 +135,32 @@ def latency(model, batch, size, min_run_time, threads=None, channels_last=False,
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def latencies(model, sizes, args):
-    """``{batch: seconds}`` at default threads, the same at one thread (less
-    disturbed by other jobs on a shared machine), at default threads in
-    ``channels_last``, and the same with BatchNorm folded."""
-    out = {b: latency(model, b, args.size, args.min_run_time) for b in sizes}
-    one = {b: latency(model, b, args.size, args.min_run_time, threads=1) for b in sizes}
-    cl = {b: latency(model, b, args.size, args.min_run_time, channels_last=True)
-          for b in sizes}
-    clf = {b: latency(model, b, args.size, args.min_run_time, channels_last=True,
-                      fold_bn=True) for b in sizes}
-    return out, one, cl, clf
+#: The latency settings: (name, keyword arguments of :func:`latency`); the first is
+#: the user's default, the others tuned.
+LATENCY_VARIANTS = (
+    ("default threads", {}),
+    ("one thread", {"threads": 1}),
+    ("default threads, channels_last", {"channels_last": True}),
+    ("channels_last, BatchNorm folded", {"channels_last": True, "fold_bn": True}),
+)
+
+
+def latency_rounds(models, sizes, args):
+    """``{variant: {label: {batch: [seconds of each round]}}}``.
+
+    Every model is measured in turn, round after round, so that a drift of
+    the machine (load, clock) hits the original and the compressed models
+    alike; the notes give the median of the rounds.
+    """
+    out = {}
+    for name, kw in LATENCY_VARIANTS:
+        per = {label: {b: [] for b in sizes} for label in models}
+        for _ in range(args.latency_rounds):
+            for b in sizes:
+                for label, m in models.items():
+                    per[label][b].append(latency(m, b, args.size, args.min_run_time, **kw))
+        out[name] = per
+    return out
 
 
 def _options(method, n_iter_max):
@@ -253,9 +270,7 @@ def run(args):
           f"of statistics, peak RSS {out['peak_rss_after_statistics_mib']:.0f} MiB, load "
           f"{out['load_after_statistics']:.1f}", flush=True)
     sizes = [1] if args.quick else [1, 16]
-    (out["latency_original_s"], out["latency_original_1thread_s"],
-     out["latency_original_cl_s"], out["latency_original_clf_s"]) = latencies(model, sizes,
-                                                                              args)
+    latency_models = {"original": model}
     convs = conv_names(model)
     settings = _parse_settings(args.settings)
     stats_path = None
@@ -290,8 +305,7 @@ def run(args):
                            load_before=load0, load_after=os.getloadavg()[0],
                            layers=len(layers))
                 if small is not None and threads == "default":
-                    (rec["latency_s"], rec["latency_1thread_s"], rec["latency_cl_s"],
-                     rec["latency_clf_s"]) = latencies(small, sizes, args)
+                    latency_models[method] = small  # timed after all runs, with the original
                 out["runs"].append(rec)
                 _save_partial(out, args)
                 print(f"{method} processes={procs} threads={threads}: {rec['seconds']:.1f} s "
@@ -299,6 +313,13 @@ def run(args):
                       f"{load0:.1f} -> {rec['load_after']:.1f}"
                       + (f", identical to 1 process: {rec['identical_to_1_process']}"
                          if "identical_to_1_process" in rec else ""), flush=True)
+    out["latency_load_before"] = os.getloadavg()[0]
+    out["latency"] = latency_rounds(latency_models, sizes, args)
+    out["latency_rounds"] = args.latency_rounds
+    for name, per in out["latency"].items():
+        print(f"latency, {name}: " + "; ".join(
+            f"{label} " + " / ".join(f"{1e3 * statistics.median(v):.1f}" for v in by_b.values())
+            + " ms" for label, by_b in per.items()), flush=True)
     out["load_end"] = os.getloadavg()
     out["peak_rss_mib"] = peak_rss_mib()
     return out
@@ -360,27 +381,17 @@ def write_notes(out, path_md, path_png):
         "## Decomposition (`compress`, rX=3)",
         "",
         "| method | layers | processes | threads | seconds | peak RSS MiB | load before -> after "
-        "| identical to 1 process | latency b=1 / b=16 (ms), default threads | same, 1 thread "
-        "| same, default threads, channels_last | same, BatchNorm folded |",
-        "|---|---:|---:|---|---:|---:|---|---|---|---|---|---|",
+        "| identical to 1 process |",
+        "|---|---:|---:|---|---:|---:|---|---|",
     ]
-
-    def _ms(lat):
-        return " / ".join(f"{1e3 * v:.1f}" for v in lat.values()) if lat else "-"
-
-    lines.append(f"| original | - | - | - | - | - | - | - | {_ms(out['latency_original_s'])} | "
-                 f"{_ms(out.get('latency_original_1thread_s'))} | "
-                 f"{_ms(out.get('latency_original_cl_s'))} | "
-                 f"{_ms(out.get('latency_original_clf_s'))} |")
     for r in runs:
-        lat_s = " | ".join(_ms(r.get(k)) for k in ("latency_s", "latency_1thread_s",
-                                                   "latency_cl_s", "latency_clf_s"))
         ident = r.get("identical_to_1_process")
         ident = "-" if "identical_to_1_process" not in r else ("n/a" if ident is None
                                                                 else str(ident).lower())
         lines.append(f"| {r['method']} | {r['layers']} | {r['processes']} | {r['threads']} | "
                      f"{_fmt_s(r['seconds'])} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['load_before']:.1f} -> {r['load_after']:.1f} | {ident} | {lat_s} |")
+                     f"{r['load_before']:.1f} -> {r['load_after']:.1f} | {ident} |")
+    lines += latency_lines(out)
     lines += ["", f"Per-layer seconds: `{os.path.basename(path_png)}` and the table below "
               "(seconds, Sigma-error).", ""]
     head = "| layer | " + " | ".join(f"{r['method']} {r['processes']}p/{r['threads']}"
@@ -398,6 +409,36 @@ def write_notes(out, path_md, path_png):
         fh.write("\n".join(lines) + "\n")
 
 
+def latency_lines(out):
+    """The latency table of the notes: medians of the interleaved rounds."""
+    lat = out.get("latency")
+    if not lat:
+        return []
+    labels = list(next(iter(lat.values())))
+    methods = [m for m in labels if m != "original"]
+    lines = ["", f"## Latency (median of {out['latency_rounds']} interleaved rounds, ms)", "",
+             "Each round times every model in turn (torch.utils.benchmark, eval mode, no "
+             f"grad); load average {out['latency_load_before']:.1f} before. The first "
+             "setting is the user's default (contiguous layout, torch's default threads), "
+             "the others tuned. Speed-up = original / compressed, from the medians; in "
+             "brackets the range of the per-round ratios.", "",
+             "| setting | batch | original | " + " | ".join(methods) + " | "
+             + " | ".join(f"speed-up {m}" for m in methods) + " |",
+             "|---|---:|---:|" + "---:|" * (2 * len(methods))]
+    for name, per in lat.items():
+        for b in per["original"]:
+            o = statistics.median(per["original"][b])
+            cells = [f"{1e3 * statistics.median(per[m][b]):.1f}" for m in methods]
+            ratios = []
+            for m in methods:
+                rr = [x / y for x, y in zip(per["original"][b], per[m][b])]
+                ratios.append(f"**{o / statistics.median(per[m][b]):.2f}x** "
+                              f"({min(rr):.2f}-{max(rr):.2f})")
+            lines.append(f"| {name} | {b} | {1e3 * o:.1f} | " + " | ".join(cells) + " | "
+                         + " | ".join(ratios) + " |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="32x32 images, 1 sweep, seconds")
@@ -409,6 +450,8 @@ def main(argv=None):
                     help="comma-separated P:T (processes:threads), default first")
     ap.add_argument("--n-iter-max", type=int, default=None, help="bound the sweeps per layer")
     ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--latency-rounds", type=int, default=5,
+                    help="interleaved rounds of the latency measurement (median reported)")
     ap.add_argument("--layers", default=None,
                     help="comma-separated layer names (default: every Conv2d)")
     ap.add_argument("--cp-layers", default=None,
@@ -418,7 +461,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.size, args.batch = 2, 32, 2
-        args.n_iter_max, args.min_run_time = 1, 0.05
+        args.n_iter_max, args.min_run_time, args.latency_rounds = 1, 0.05, 1
         args.layers = args.layers or "layer1.0.conv1,layer1.0.conv2"
     for name in ("layers", "cp_layers"):
         if getattr(args, name):

@@ -24,15 +24,18 @@ def test_scale_quick_runs_and_writes_notes(tmp_path):
         assert r["seconds"] >= sum(row["seconds"] for row in r["report"])
     # two processes, one thread each: the same model as one process with one thread
     assert runs[2]["identical_to_1_process"] is True
-    assert set(runs[0]["latency_s"]) == {1} and runs[0]["latency_s"][1] > 0
-    assert runs[0]["latency_1thread_s"][1] > 0 and out["latency_original_1thread_s"][1] > 0
-    assert runs[0]["latency_cl_s"][1] > 0 and out["latency_original_cl_s"][1] > 0
-    assert runs[0]["latency_clf_s"][1] > 0 and out["latency_original_clf_s"][1] > 0
+    lat = out["latency"]
+    assert list(lat) == [name for name, _ in scale.LATENCY_VARIANTS]
+    for per in lat.values():
+        # the original and the one-process default-thread model, one round at batch 1
+        assert set(per) == {"original", "tucker2"}
+        assert all(set(v) == {1} and len(v[1]) == 1 and v[1][0] > 0 for v in per.values())
     md, png = tmp_path / "scale.md", tmp_path / "scale.png"
     scale.write_notes(out, str(md), str(png))
     text = md.read_text()
     assert "| tucker2 | 2 | 1 | default |" in text and "| tucker2 | 2 | 2 | 1 |" in text
     assert "| layer1.0.conv2 |" in text
+    assert "| default threads | 1 |" in text and "speed-up tucker2" in text
     assert png.stat().st_size > 1000
 
 
