@@ -52,3 +52,17 @@ def spawn_workers(worker, args, nprocs, timeout, what):
                 if p.is_alive():
                     p.terminate()
             pytest.fail(f"{what} did not finish within {timeout:.0f} s")
+
+
+def tt_identity_case(rng, kind):
+    """A small TT problem for ``kind`` 'conv' or 'linear'.
+
+    Returns ``(weight, ranks, mode keywords, solver, n)`` with ``n`` the side
+    of the layer's Sigma.
+    """
+    from sigmadecomp import tt_conv, tt_linear
+
+    if kind == "conv":
+        return (rng.standard_normal((6, 4, 3, 3)), (3, 4),
+                dict(in_modes=(2, 2), out_modes=(2, 3)), tt_conv, 36)
+    return rng.standard_normal((6, 12)), 2, dict(in_modes=(3, 4), out_modes=(2, 3)), tt_linear, 12

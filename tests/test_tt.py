@@ -15,7 +15,7 @@ from sigmadecomp.tt import (
     tt_param_count,
     tt_ranks_for_ratio,
 )
-from _helpers import random_psd  # noqa: E402
+from _helpers import random_psd, tt_identity_case  # noqa: E402
 
 
 def conv_sigma(rng, S, H, W, n_samples=400):
@@ -289,12 +289,7 @@ def test_linear_sigma_lowers_output_error_on_the_data(rng):
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_identity_sigma_equals_frobenius_algorithm(rng, kind):
-    if kind == "conv":
-        K = rng.standard_normal((6, 4, 3, 3))
-        ranks, kw, fn, n = (3, 4), dict(in_modes=(2, 2), out_modes=(2, 3)), tt_conv, 36
-    else:
-        K = rng.standard_normal((6, 12))
-        ranks, kw, fn, n = 2, dict(in_modes=(3, 4), out_modes=(2, 3)), tt_linear, 12
+    K, ranks, kw, fn, n = tt_identity_case(rng, kind)
     svd = fn(K, ranks, **kw)
     ident0 = fn(K, ranks, np.eye(n), n_iter_max=0, **kw)
     np.testing.assert_allclose(ident0.to_tensor(), svd.to_tensor(), atol=1e-12)

@@ -7,7 +7,7 @@ from sigmadecomp import relative_sigma_error, tt_conv, tt_linear
 from sigmadecomp import tt_als
 from sigmadecomp._tt_algebra import left_orthogonalize_one, right_orthogonalize, tt_matrix
 from sigmadecomp.tt_als import core_update
-from _helpers import random_psd  # noqa: E402
+from _helpers import random_psd, tt_identity_case  # noqa: E402
 
 
 def conv_problem(seed):
@@ -106,12 +106,7 @@ def test_off_gives_the_plain_iterates_bit_for_bit(seed, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_identity_sigma_equals_frobenius_with_extrapolation(rng, kind):
-    if kind == "conv":
-        K = rng.standard_normal((6, 4, 3, 3))
-        ranks, kw, fn, n = (3, 4), dict(in_modes=(2, 2), out_modes=(2, 3)), tt_conv, 36
-    else:
-        K = rng.standard_normal((6, 12))
-        ranks, kw, fn, n = 2, dict(in_modes=(3, 4), out_modes=(2, 3)), tt_linear, 12
+    K, ranks, kw, fn, n = tt_identity_case(rng, kind)
     frob = fn(K, ranks, n_iter_max=15, tol=0.0, extrapolate=True, **kw)
     ident = fn(K, ranks, np.eye(n), n_iter_max=15, tol=0.0, ridge=0, extrapolate=True, **kw)
     np.testing.assert_allclose(ident.to_tensor(), frob.to_tensor(), atol=1e-9)
