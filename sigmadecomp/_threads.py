@@ -55,7 +55,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 __all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "free_cores",
            "busy_machine_threads", "retune", "WORK_PER_THREAD", "RETUNE_SECONDS"]
@@ -414,28 +414,16 @@ class _Tuning:
         self.want = want  # (blas, torch) size-based counts: the ceiling
         self.now = now  # (blas, torch) counts in force
         self.checked = time.monotonic()
-        self._limiters = []
-        self._torch_before = None
+        self._changes = ExitStack()  # each change is a _limited block, undone in reverse
 
     def set(self, n_blas, n_torch):
-        if n_blas is not None and n_blas != self.now[0]:
-            self._limiters.append(_controller().limit(limits=n_blas, user_api="blas"))
-        torch = _torch()
-        if n_torch is not None and torch is not None and n_torch != self.now[1]:
-            if self._torch_before is None:
-                self._torch_before = torch.get_num_threads()
-            torch.set_num_threads(n_torch)
+        self._changes.enter_context(_limited(n_blas, n_torch))
         self.now = (n_blas if n_blas is not None else self.now[0],
                     n_torch if n_torch is not None else self.now[1])
 
     def restore(self):
         """Back to the counts the call started with (the outer policy restores the rest)."""
-        torch = _torch()
-        if self._torch_before is not None and torch is not None:
-            torch.set_num_threads(self._torch_before)
-        for limiter in reversed(self._limiters):
-            limiter.restore_original_limits()
-        self._limiters.clear()
+        self._changes.close()
 
 
 def retune(force=False):
