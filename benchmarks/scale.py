@@ -26,7 +26,10 @@ one run:
   default threads and at one thread in the default contiguous layout; then
   both models and the input in ``torch.channels_last`` at default threads;
   then the same with every BatchNorm folded into the conv before it
-  (``torch.fx.experimental.optimization.fuse``, eval mode), in both models.
+  (``torch.fx.experimental.optimization.fuse``, eval mode), in both models;
+  then both models through ``torch.compile`` (inductor, static shapes,
+  compiled once per model and batch before the rounds), contiguous and in
+  ``channels_last`` (``--no-compile`` leaves these out; ``--quick`` does).
 
 ``--n-iter-max`` bounds the sweeps of every layer (and the sweeps of the
 Tucker-2 HOOI start) to keep the run within minutes on a small machine;
@@ -108,16 +111,13 @@ def time_forward(model, batches):
     return time.perf_counter() - t0
 
 
-def latency(model, batch, size, min_run_time, threads=None, channels_last=False,
-            fold_bn=False):
-    """Median seconds of one forward pass at ``batch`` images (torch.utils.benchmark).
-
-    At torch's current thread count, or at ``threads``; with
-    ``channels_last``, a copy of the model and the input in that layout; with
-    ``fold_bn``, a copy with each BatchNorm folded into its conv.
+def prepare(model, batch, size, channels_last=False, fold_bn=False, compile=False):
+    """``(model, x)`` ready to time: a random input of ``batch`` images, and a copy of
+    the model with each BatchNorm folded into its conv (``fold_bn``), in
+    ``torch.channels_last`` with the input (``channels_last``), and wrapped in
+    ``torch.compile`` (``compile``; compiled by one warm-up call here, so that
+    the timing sees only the compiled code).
     """
-    from torch.utils import benchmark
-
     x = torch.rand(batch, 3, size, size)
     if fold_bn:
         with warnings.catch_warnings():
@@ -128,39 +128,75 @@ def latency(model, batch, size, min_run_time, threads=None, channels_last=False,
     if channels_last:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if compile:
+        # one compiled graph per (model, batch): static shapes, no recompilation
+        model = torch.compile(model, dynamic=False)
     with torch.no_grad():
-        model(x)  # warm-up
+        model(x)  # warm-up (and compilation)
+    return model, x
+
+
+def time_model(model, x, min_run_time, threads=None):
+    """Median seconds of ``model(x)`` without grad (torch.utils.benchmark), at torch's
+    current thread count or at ``threads``."""
+    from torch.utils import benchmark
+
+    with torch.no_grad():
         t = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
                             num_threads=threads or torch.get_num_threads())
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-#: The latency settings: (name, keyword arguments of :func:`latency`); the first is
-#: the user's default, the others tuned.
+def latency(model, batch, size, min_run_time, threads=None, **layout):
+    """Median seconds of one forward pass at ``batch`` images; ``layout`` as in
+    :func:`prepare`."""
+    return time_model(*prepare(model, batch, size, **layout), min_run_time, threads)
+
+
+#: The latency settings: (name, keyword arguments of :func:`prepare` plus
+#: ``threads``); the first is the user's default, the others tuned.
 LATENCY_VARIANTS = (
     ("default threads", {}),
     ("one thread", {"threads": 1}),
     ("default threads, channels_last", {"channels_last": True}),
     ("channels_last, BatchNorm folded", {"channels_last": True, "fold_bn": True}),
+    ("torch.compile", {"compile": True}),
+    ("torch.compile, channels_last", {"compile": True, "channels_last": True}),
 )
 
 
 def latency_rounds(models, sizes, args):
-    """``{variant: {label: {batch: [seconds of each round]}}}``.
+    """``({variant: {label: {batch: [seconds of each round]}}}, {variant: error})``.
 
     Every model is measured in turn, round after round, so that a drift of
     the machine (load, clock) hits the original and the compressed models
-    alike; the notes give the median of the rounds.
+    alike; the notes give the median of the rounds. Each (variant, model,
+    batch) is prepared once (compiled once) and timed in every round.
+    Variants that compile are left out when ``args.compile`` is false; one
+    that fails (e.g. no C++ compiler for torch.compile) is recorded under
+    the second dict with its error and the others go on.
     """
-    out = {}
+    out, failed = {}, {}
     for name, kw in LATENCY_VARIANTS:
+        kw = dict(kw)
+        threads = kw.pop("threads", None)
+        if kw.get("compile") and not getattr(args, "compile", True):
+            continue
+        try:
+            ready = {(label, b): prepare(m, b, args.size, **kw)
+                     for label, m in models.items() for b in sizes}
+        except Exception as exc:  # reported, not fatal: the other settings still count
+            failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
         per = {label: {b: [] for b in sizes} for label in models}
         for _ in range(args.latency_rounds):
             for b in sizes:
-                for label, m in models.items():
-                    per[label][b].append(latency(m, b, args.size, args.min_run_time, **kw))
+                for label in models:
+                    per[label][b].append(time_model(*ready[label, b], args.min_run_time,
+                                                    threads))
         out[name] = per
-    return out
+        del ready
+    return out, failed
 
 
 def _options(method, n_iter_max):
@@ -314,7 +350,7 @@ def run(args):
                       + (f", identical to 1 process: {rec['identical_to_1_process']}"
                          if "identical_to_1_process" in rec else ""), flush=True)
     out["latency_load_before"] = os.getloadavg()[0]
-    out["latency"] = latency_rounds(latency_models, sizes, args)
+    out["latency"], out["latency_failed"] = latency_rounds(latency_models, sizes, args)
     out["latency_rounds"] = args.latency_rounds
     for name, per in out["latency"].items():
         print(f"latency, {name}: " + "; ".join(
@@ -436,6 +472,8 @@ def latency_lines(out):
                               f"({min(rr):.2f}-{max(rr):.2f})")
             lines.append(f"| {name} | {b} | {1e3 * o:.1f} | " + " | ".join(cells) + " | "
                          + " | ".join(ratios) + " |")
+    for name, err in out.get("latency_failed", {}).items():
+        lines.append(f"| {name} | - | failed: {err} |")
     return lines
 
 
@@ -452,6 +490,8 @@ def main(argv=None):
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--latency-rounds", type=int, default=5,
                     help="interleaved rounds of the latency measurement (median reported)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time both models under torch.compile (needs a C++ compiler)")
     ap.add_argument("--layers", default=None,
                     help="comma-separated layer names (default: every Conv2d)")
     ap.add_argument("--cp-layers", default=None,
@@ -462,6 +502,7 @@ def main(argv=None):
     if args.quick:
         args.images, args.size, args.batch = 2, 32, 2
         args.n_iter_max, args.min_run_time, args.latency_rounds = 1, 0.05, 1
+        args.compile = False  # compiling takes tens of seconds per model
         args.layers = args.layers or "layer1.0.conv1,layer1.0.conv2"
     for name in ("layers", "cp_layers"):
         if getattr(args, name):

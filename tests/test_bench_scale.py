@@ -25,7 +25,9 @@ def test_scale_quick_runs_and_writes_notes(tmp_path):
     # two processes, one thread each: the same model as one process with one thread
     assert runs[2]["identical_to_1_process"] is True
     lat = out["latency"]
-    assert list(lat) == [name for name, _ in scale.LATENCY_VARIANTS]
+    # --quick leaves the torch.compile settings out
+    assert list(lat) == [name for name, kw in scale.LATENCY_VARIANTS if not kw.get("compile")]
+    assert out["latency_failed"] == {}
     for per in lat.values():
         # the original and the one-process default-thread model, one round at batch 1
         assert set(per) == {"original", "tucker2"}
@@ -45,3 +47,55 @@ def test_scale_settings_are_checked():
     assert scale._parse_settings("1:default,2:1") == [(1, "default"), (2, "1")]
     with pytest.raises(ValueError, match="P:T"):
         scale._parse_settings("2:many")
+
+
+def _tiny():
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU()).eval()
+
+
+def test_latency_rounds_prepare_each_model_once_and_record_failures(monkeypatch):
+    import argparse
+
+    from benchmarks import scale
+
+    prepared = []
+    real_prepare = scale.prepare
+
+    def prepare(model, batch, size, **kw):
+        if kw.get("fold_bn"):
+            raise RuntimeError("no fuse here")
+        prepared.append((id(model), batch, tuple(sorted(kw.items()))))
+        return real_prepare(model, batch, size, **kw)
+
+    monkeypatch.setattr(scale, "prepare", prepare)
+    models = {"original": _tiny(), "small": _tiny()}
+    args = argparse.Namespace(size=8, min_run_time=0.001, latency_rounds=3, compile=False)
+    lat, failed = scale.latency_rounds(models, [1, 2], args)
+    timed = [n for n, kw in scale.LATENCY_VARIANTS if not kw.get("compile")]
+    assert list(lat) == [n for n in timed if n != "channels_last, BatchNorm folded"]
+    assert failed == {"channels_last, BatchNorm folded": "RuntimeError: no fuse here"}
+    # every (variant, model, batch) prepared once, timed in each of the 3 rounds
+    assert len(prepared) == 2 * 2 * len(lat)
+    for per in lat.values():
+        assert all(len(v) == 3 and min(v) > 0 for by_b in per.values() for v in by_b.values())
+
+
+@pytest.mark.slow  # compiling takes seconds even for a tiny model
+def test_prepare_compiles_once_to_the_same_function():
+    import shutil
+
+    import torch
+
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("torch.compile needs a C++ compiler on CPU")
+    from benchmarks import scale
+
+    model = _tiny()
+    compiled, x = scale.prepare(model, 2, 8, compile=True, channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert scale.time_model(compiled, x, 0.01) > 0
