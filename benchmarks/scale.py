@@ -371,6 +371,8 @@ def write_notes(out, path_md, path_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for path in (path_md, path_png):  # a new --notes folder is created, not a crash
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     runs = out["runs"]
     names = []
     for r in runs:

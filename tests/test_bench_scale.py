@@ -32,7 +32,7 @@ def test_scale_quick_runs_and_writes_notes(tmp_path):
         # the original and the one-process default-thread model, one round at batch 1
         assert set(per) == {"original", "tucker2"}
         assert all(set(v) == {1} and len(v[1]) == 1 and v[1][0] > 0 for v in per.values())
-    md, png = tmp_path / "scale.md", tmp_path / "scale.png"
+    md, png = tmp_path / "new" / "scale.md", tmp_path / "new" / "scale.png"  # folder made
     scale.write_notes(out, str(md), str(png))
     text = md.read_text()
     assert "| tucker2 | 2 | 1 | default |" in text and "| tucker2 | 2 | 2 | 1 |" in text
