@@ -147,12 +147,6 @@ def time_model(model, x, min_run_time, threads=None):
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def latency(model, batch, size, min_run_time, threads=None, **layout):
-    """Median seconds of one forward pass at ``batch`` images; ``layout`` as in
-    :func:`prepare`."""
-    return time_model(*prepare(model, batch, size, **layout), min_run_time, threads)
-
-
 #: The latency settings: (name, keyword arguments of :func:`prepare` plus
 #: ``threads``); the first is the user's default, the others tuned.
 LATENCY_VARIANTS = (
