@@ -14,18 +14,23 @@ call only:
   Sigma-ALS, bounded by ``T`` rows), ``T * n * min(T, n)`` without one
   (Frobenius: products of the ``T x n`` unfolding), for an input of shape
   ``(T, ...)`` with ``n`` the product of the trailing dimensions;
-* threads = ``work // WORK_PER_THREAD`` clipped to ``[1, cap]``, where ``cap``
-  is the current setting (the BLAS pools' thread count for NumPy/SciPy, also
-  ``torch.get_num_threads()`` for torch inputs). The automatic choice never
+* threads = ``work // WORK_PER_THREAD`` for the BLAS pools and
+  ``work // TORCH_WORK_PER_THREAD`` for torch's intra-op pool (torch inputs
+  only), clipped to ``[1, cap]``, where ``cap`` is the current setting (the
+  BLAS pools' thread count, ``torch.get_num_threads()``). Measured on an idle
+  machine, torch's pool pays off at ten times smaller products than
+  OpenBLAS's (its small element-wise operations stay on one thread below a
+  grain size; OpenBLAS wakes its threads for every product). The automatic choice never
   raises a count: limits set by the user (environment variables,
   ``threadpoolctl``, ``torch.set_num_threads``) are respected;
 * when that asks for more than one thread, it is further capped by the cores
-  free right now (:func:`free_cores`: the smaller of the idle cores in a
-  ``/proc/stat`` sample over ``IDLE_SAMPLE_SECONDS`` and the cores left by
-  the 1-minute load average of the other tasks; rounded, at least 1). A
-  solver that wants several threads runs for seconds to minutes, so the
-  sample costs little; on a machine busy with other jobs extra threads would
-  only wait for cores and spin.
+  free right now (:func:`free_cores`: the smaller of the cores other
+  processes left unused over a recent window of ``/proc/stat`` readings and
+  the cores left by the 1-minute load average of the other tasks; rounded,
+  at least 1). The window starts at the previous reading when that is at
+  most ``REUSE_SECONDS`` old, so repeated calls do not wait for a sample; on
+  a machine busy with other jobs extra threads would only wait for cores and
+  spin.
 
 A long call re-checks the free cores while it runs: the ALS loops call
 :func:`retune` after every sweep, which, at most every
@@ -58,19 +63,36 @@ import time
 from contextlib import ExitStack, contextmanager
 
 __all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "free_cores",
-           "busy_machine_threads", "retune", "WORK_PER_THREAD", "RETUNE_SECONDS"]
+           "busy_machine_threads", "retune", "WORK_PER_THREAD", "TORCH_WORK_PER_THREAD",
+           "RETUNE_SECONDS"]
 
 #: Multiply-adds of the dominant product that justify one more thread (about
 #: 5-10 ms of one core: far above a thread wake-up). Below it the solvers run
 #: on one thread.
 WORK_PER_THREAD = 10**8
 
-#: Length of the /proc/stat sample that counts idle cores.
+#: The same for torch's intra-op pool on torch inputs. Measured on an idle
+#: 2-core machine (``notes/threads.md``): at 2e7 multiply-adds (a 64-channel
+#: 3x3 layer with Sigma) two torch threads were 1.4-1.7x faster than one for
+#: ``sigma_svd``, ``cp`` and ``tt_conv`` and within 12% of it for ``tucker2``,
+#: while two OpenBLAS threads were up to 2x slower than one on the same calls.
+TORCH_WORK_PER_THREAD = 10**7
+
+#: Length of the /proc/stat sample that counts idle cores (when no recent reading exists).
 IDLE_SAMPLE_SECONDS = 0.03
 
+#: A reading of the CPU counters at most this old starts the next window of
+#: :func:`idle_cores` (which then does not sleep).
+REUSE_SECONDS = 10.0
+
+try:
+    _CLK_TCK = os.sysconf("SC_CLK_TCK")  # jiffies per second of /proc/stat
+except (AttributeError, ValueError, OSError):  # pragma: no cover - not on Linux
+    _CLK_TCK = 100
+
 #: Least seconds between two re-checks of the free cores inside one solver call
-#: (:func:`retune`); each check sleeps :data:`IDLE_SAMPLE_SECONDS`, about 1 %
-#: of this interval.
+#: (:func:`retune`); a check reads the CPU counters since the previous one (no
+#: sleep while that is at most :data:`REUSE_SECONDS` old).
 RETUNE_SECONDS = 3.0
 
 # "auto": solvers choose; an int: the user fixed the count with threads(n).
@@ -127,10 +149,34 @@ def _cpu_times():
     return fields[3] + fields[4], sum(fields), n_cpus
 
 
-def idle_cores(seconds=None):
-    """Number of idle cores, measured over ``seconds`` (``None`` when unknown).
+def _own_cpu_seconds():
+    """CPU seconds used so far by every thread of this process."""
+    t = os.times()
+    return t.user + t.system
 
-    Reads ``/proc/stat`` (Linux) twice; elsewhere returns ``None``.
+
+def _reading():
+    """``(idle, total, n_cpus, own, time)``: one ``/proc/stat`` reading and this process's CPU."""
+    idle, total, n_cpus = _cpu_times()
+    return idle, total, n_cpus, _own_cpu_seconds(), time.monotonic()
+
+
+# The last reading of idle_cores, reused as the start of the next window when it is
+# recent enough (no sleep needed then).
+_LAST_READING = None
+
+
+def idle_cores(seconds=None):
+    """Cores not used by other processes over a recent window (``None`` when unknown).
+
+    The machine's busy CPU time (``/proc/stat``, Linux) less this process's
+    own (all its threads, :func:`os.times`), subtracted from the number of
+    CPUs. This process's threads never count as busy: their work, and the
+    busy-waiting of idle OpenBLAS/OpenMP workers, is CPU this process can use.
+    The window starts at the previous reading when that one is between
+    ``seconds`` and :data:`REUSE_SECONDS` old (no waiting); otherwise this
+    call sleeps ``seconds`` (default :data:`IDLE_SAMPLE_SECONDS`) between two
+    readings. Elsewhere than on Linux it returns ``None``.
 
     Examples
     --------
@@ -139,16 +185,26 @@ def idle_cores(seconds=None):
     >>> n is None or n >= 0.0
     True
     """
+    global _LAST_READING
     seconds = IDLE_SAMPLE_SECONDS if seconds is None else seconds
     try:
-        idle0, total0, n_cpus = _cpu_times()
-        time.sleep(seconds)
-        idle1, total1, _ = _cpu_times()
+        start = _LAST_READING
+        now = time.monotonic()
+        if start is None or not seconds <= now - start[4] <= REUSE_SECONDS:
+            start = _reading()
+            time.sleep(seconds)
+        end = _reading()
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
+    _LAST_READING = end
+    idle0, total0, n_cpus, own0, _ = start
+    idle1, total1, _, own1, _ = end
+    span = total1 - total0
+    if span <= 0:
         return None
-    return n_cpus * (idle1 - idle0) / (total1 - total0)
+    own = (own1 - own0) * _CLK_TCK  # in the jiffies of /proc/stat
+    others = max(0.0, (span - (idle1 - idle0)) - own)
+    return max(0.0, n_cpus * (1.0 - others / span))
 
 
 def _load_average():
@@ -198,7 +254,7 @@ def _load_capped(n):
     return max(1, min(n, int(free + 0.5)))
 
 
-def auto_thread_count(shape, with_sigma, cap):
+def auto_thread_count(shape, with_sigma, cap, *, work_per_thread=None):
     """Thread count the policy picks for an input of ``shape``.
 
     Parameters
@@ -209,15 +265,18 @@ def auto_thread_count(shape, with_sigma, cap):
         Whether a Sigma of side ``n = prod(shape[1:])`` is given.
     cap : int
         Largest allowed count (the current setting).
+    work_per_thread : int, optional
+        Multiply-adds per thread; default :data:`WORK_PER_THREAD` (the BLAS
+        pools; the policy passes :data:`TORCH_WORK_PER_THREAD` for torch's).
 
     Returns
     -------
     int
-        ``work // WORK_PER_THREAD`` clipped to ``[1, cap]``.
+        ``work // work_per_thread`` clipped to ``[1, cap]``.
 
     Examples
     --------
-    >>> from sigmadecomp._threads import auto_thread_count
+    >>> from sigmadecomp._threads import TORCH_WORK_PER_THREAD, auto_thread_count
     >>> auto_thread_count((128, 128, 3, 3), True, cap=64)   # 128 x 1152 x 1152
     1
     >>> auto_thread_count((256, 256, 3, 3), True, cap=64)   # 256 x 2304 x 2304
@@ -228,11 +287,16 @@ def auto_thread_count(shape, with_sigma, cap):
     12
     >>> auto_thread_count((512, 512, 3, 3), True, cap=2)
     2
+    >>> auto_thread_count((64, 64, 3, 3), True, cap=64)     # 64 x 576 x 576: BLAS
+    1
+    >>> auto_thread_count((64, 64, 3, 3), True, cap=64, work_per_thread=TORCH_WORK_PER_THREAD)
+    2
     """
+    unit = WORK_PER_THREAD if work_per_thread is None else int(work_per_thread)
     T = int(shape[0]) if len(shape) else 1
     n = math.prod(int(d) for d in shape[1:])
     work = T * n * (n if with_sigma else min(T, n))
-    return max(1, min(int(cap), work // WORK_PER_THREAD))
+    return max(1, min(int(cap), work // unit))
 
 
 @contextmanager
@@ -382,7 +446,8 @@ def solver_threads(func):
         n_blas = None if blas_cap is None else auto_thread_count(shape, with_sigma, blas_cap)
         n_torch = None
         if on_torch:
-            n_torch = auto_thread_count(shape, with_sigma, torch.get_num_threads())
+            n_torch = auto_thread_count(shape, with_sigma, torch.get_num_threads(),
+                                        work_per_thread=TORCH_WORK_PER_THREAD)
         want = (n_blas, n_torch)  # the size-based choice, before the free-core cap
         tuning = None
         if max(n_blas or 1, n_torch or 1) > 1:
@@ -432,9 +497,9 @@ def retune(force=False):
     Called by the ALS loops after every sweep; does nothing outside a solver
     call under the automatic policy, when that call chose one thread from the
     problem's size, or when less than :data:`RETUNE_SECONDS` passed since
-    the last check (unless ``force``). Otherwise samples the idle cores
-    (:func:`idle_cores`: while this thread sleeps for the sample this
-    process computes nothing, so the idle cores are the ones it could use)
+    the last check (unless ``force``). Otherwise measures the cores other
+    processes left unused since the last reading (:func:`idle_cores`; this
+    process's own threads, working or busy-waiting, do not count as busy)
     and sets the BLAS and torch counts to that number, rounded, between one
     and the call's size-based choice.
 

@@ -28,6 +28,12 @@ def _problem(rng, lib, T=6, S=4):
     return K, sig
 
 
+def _set_unit(monkeypatch, work):
+    """Both thread units (BLAS and torch) at ``work`` multiply-adds per thread."""
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", work)
+    monkeypatch.setattr(_threads, "TORCH_WORK_PER_THREAD", work)
+
+
 _CALLS = {
     "sigma_svd": lambda K, s: sigma_svd(K.reshape(K.shape[0], -1), 3, s),
     "tucker2": lambda K, s: tucker2(K, (3, 2), s, n_iter_max=2),
@@ -85,7 +91,7 @@ def test_small_problem_runs_on_one_thread_and_restores(name, lib, rng, spy, two_
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_large_work_uses_the_cores_allowed(lib, rng, spy, two_threads, monkeypatch):
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)  # every problem counts as large
+    _set_unit(monkeypatch, 1)  # every problem counts as large
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)  # an idle machine
     monkeypatch.setattr(_threads, "_load_average", lambda: None)
     K, sig = _problem(rng, lib)
@@ -102,7 +108,7 @@ def test_large_work_uses_the_cores_allowed(lib, rng, spy, two_threads, monkeypat
 
 @pytest.mark.parametrize("idle, expected", [(0.0, 1), (0.4, 1), (1.6, 2), (None, 2)])
 def test_busy_machine_caps_the_threads(idle, expected, rng, spy, two_threads, monkeypatch):
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    _set_unit(monkeypatch, 1)
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: idle)
     monkeypatch.setattr(_threads, "_load_average", lambda: None)
     K, sig = _problem(rng, "numpy")
@@ -149,11 +155,47 @@ def test_busy_machine_threads_caps_torch_and_blas(load, expected, monkeypatch):
 
 
 def test_idle_cores_reads_proc_stat(monkeypatch):
-    samples = iter([(100, 400, 4), (150, 600, 4)])  # 50 of 200 jiffies idle on 4 CPUs
+    monkeypatch.setattr(_threads, "_LAST_READING", None)
+    monkeypatch.setattr(_threads, "_CLK_TCK", 100)
+    # 50 of 200 jiffies idle on 4 CPUs, this process used none of the busy ones
+    samples = iter([(100, 400, 4), (150, 600, 4)])
     monkeypatch.setattr(_threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(_threads, "_own_cpu_seconds", lambda: 7.0)
     assert _threads.idle_cores(0.0) == pytest.approx(1.0)
+    monkeypatch.setattr(_threads, "_LAST_READING", None)
     monkeypatch.setattr(_threads, "_cpu_times", lambda: (_ for _ in ()).throw(OSError()))
     assert _threads.idle_cores(0.0) is None
+
+
+def test_idle_cores_does_not_count_this_process_and_reuses_a_recent_reading(monkeypatch):
+    monkeypatch.setattr(_threads, "_CLK_TCK", 100)
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(_threads.time, "monotonic", lambda: clock["t"])
+    slept = []
+    monkeypatch.setattr(_threads.time, "sleep", lambda s: (slept.append(s),
+                                                            clock.update(t=clock["t"] + s)))
+    # 2 CPUs, 200 jiffies (1 s): 20 idle, 180 busy, of which this process used 1.5 s
+    # (its solver threads, or OpenBLAS workers busy-waiting): others used 0.3 of a core
+    readings = iter([(0, 0, 2), (20, 200, 2)])
+    own = iter([10.0, 11.5])
+    monkeypatch.setattr(_threads, "_cpu_times", lambda: next(readings))
+    monkeypatch.setattr(_threads, "_own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(_threads, "_LAST_READING", None)
+    assert _threads.idle_cores(1.0) == pytest.approx(1.7)
+    assert slept == [1.0]  # no earlier reading: one sample
+    # 2 s later the last reading starts the window: no sleep. Of its 400 jiffies 160
+    # are idle and 240 busy, 40 of them this process's (0.4 s): others used 1 core
+    clock["t"] += 2.0
+    readings = iter([(180, 600, 2)])
+    own = iter([11.9])
+    assert _threads.idle_cores(0.03) == pytest.approx(1.0)
+    assert slept == [1.0]
+    # a reading older than REUSE_SECONDS is not reused: a new sample (10 of 20 idle)
+    clock["t"] += _threads.REUSE_SECONDS + 1
+    readings = iter([(200, 700, 2), (210, 720, 2)])
+    own = iter([11.9, 11.9])
+    assert _threads.idle_cores(0.03) == pytest.approx(1.0)
+    assert slept == [1.0, 0.03]
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
@@ -229,13 +271,35 @@ def test_threads_rejects_bad_n(bad):
 
 
 def test_auto_thread_count_rule(monkeypatch):
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1000)
+    _set_unit(monkeypatch, 1000)
     # Sigma: T * n * n; Frobenius: T * n * min(T, n)
     assert _threads.auto_thread_count((10, 10), True, cap=100) == 1
     assert _threads.auto_thread_count((10, 20), True, cap=100) == 4
     assert _threads.auto_thread_count((10, 20), False, cap=100) == 2
     assert _threads.auto_thread_count((10, 20), True, cap=3) == 3
     assert _threads.auto_thread_count((10, 2, 3), True, cap=100) == 1  # 360 multiply-adds
+    assert _threads.auto_thread_count((10, 20), True, cap=100, work_per_thread=100) == 40
+
+
+def test_torch_pool_takes_threads_at_smaller_work_than_blas(spy, two_threads, monkeypatch):
+    # default units: a 64-channel 3x3 layer with Sigma is 64 * 576 * 576 = 2.1e7
+    # multiply-adds, under the BLAS unit (1e8) and over torch's (1e7)
+    assert _threads.WORK_PER_THREAD > 64 * 576 * 576 >= _threads.TORCH_WORK_PER_THREAD
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 2.0)  # an idle machine
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(64, 576, dtype=torch.float64, generator=g)
+    X = torch.randn(600, 576, dtype=torch.float64, generator=g)
+    before = _state()
+    sigma_svd(K, 8, X.T @ X / 600)
+    assert _threads.last_choice == (1, 2)
+    assert spy and all(max(b) == 1 and t == 2 for b, t in spy)
+    assert _state() == before
+    # NumPy input of the same size: the BLAS rule alone, torch left alone
+    spy.clear()
+    sigma_svd(K.numpy(), 8, (X.T @ X / 600).numpy())
+    assert _threads.last_choice == (1, None)
+    assert spy and all(max(b) == 1 for b, _ in spy)
 
 
 def test_results_do_not_depend_on_the_setting(rng):
@@ -266,7 +330,7 @@ def test_auto_never_raises_any_blas_pool(rng, spy, two_threads, monkeypatch):
     pools = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
     if len(pools) < 2:
         pytest.skip("one BLAS pool loaded")
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    _set_unit(monkeypatch, 1)
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 8.0)
     monkeypatch.setattr(_threads, "_load_average", lambda: None)
     with threadpool_limits(limits={pools[0].prefix: 1}):
@@ -294,7 +358,7 @@ def _fake_solver(kernel, sigma=None, *, idle=(), seen=None):
 
 
 def test_retune_follows_the_idle_cores_and_restores(two_threads, monkeypatch):
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    _set_unit(monkeypatch, 1)
     monkeypatch.setattr(_threads, "_load_average", lambda: None)
     # at the start one core is free (the other busy), then two, then none
     monkeypatch.setattr(_threads, "idle_cores",
@@ -307,11 +371,11 @@ def test_retune_follows_the_idle_cores_and_restores(two_threads, monkeypatch):
     assert seen == [(1, 1), (2, 2), (1, 1), (2, 2), None]
     assert _state() == before  # the counts in force before the call are back
     # no tuning for a one-thread choice, under threads(n), or outside a solver
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 10**30)
+    _set_unit(monkeypatch, 10**30)
     seen = []
     _fake_solver(K, sigma=torch.eye(72), idle=(2.0,), seen=seen)
     assert seen == [(1, 1), (1, 1), None]
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    _set_unit(monkeypatch, 1)
     seen = []
     with sigmadecomp.threads(2):
         _fake_solver(K, sigma=torch.eye(72), idle=(0.1,), seen=seen)
@@ -325,7 +389,7 @@ def test_retune_never_exceeds_the_size_based_choice(two_threads, monkeypatch):
     # at most, however many cores are idle
     monkeypatch.setattr(_threads, "_load_average", lambda: None)
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 16.0)
-    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)
+    _set_unit(monkeypatch, 1)
     with threadpool_limits(limits=4, user_api="blas"):
         old = torch.get_num_threads()
         torch.set_num_threads(4)
