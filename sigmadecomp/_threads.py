@@ -162,8 +162,14 @@ def _reading():
 
 
 # The last reading of idle_cores, reused as the start of the next window when it is
-# recent enough (no sleep needed then).
+# recent enough (no sleep needed then), and the length of its last window in seconds.
 _LAST_READING = None
+_LAST_WINDOW = 0.0
+
+#: An :func:`idle_cores` window at least this long measures the other processes'
+#: CPU use over seconds; :func:`free_cores` then does not consult the load
+#: average, which counts this process's own threads too.
+LONG_WINDOW_SECONDS = 1.0
 
 
 def idle_cores(seconds=None):
@@ -185,7 +191,7 @@ def idle_cores(seconds=None):
     >>> n is None or n >= 0.0
     True
     """
-    global _LAST_READING
+    global _LAST_READING, _LAST_WINDOW
     seconds = IDLE_SAMPLE_SECONDS if seconds is None else seconds
     try:
         start = _LAST_READING
@@ -197,8 +203,9 @@ def idle_cores(seconds=None):
     except (OSError, ValueError, IndexError):
         return None
     _LAST_READING = end
-    idle0, total0, n_cpus, own0, _ = start
-    idle1, total1, _, own1, _ = end
+    idle0, total0, n_cpus, own0, t0 = start
+    idle1, total1, _, own1, t1 = end
+    _LAST_WINDOW = t1 - t0
     span = total1 - total0
     if span <= 0:
         return None
@@ -218,13 +225,14 @@ def _load_average():
 def free_cores(seconds=None):
     """Cores free for this process right now (``None`` when unknown).
 
-    The smaller of two estimates: the idle cores over a short sample
-    (:func:`idle_cores`; it misses jobs that happen to wait for a moment) and
-    the available cores minus the 1-minute load average of the *other*
-    runnable tasks (the load average less one for this process; it reacts
-    slowly but does not miss bursty jobs); both count all cores of the
-    machine. On a 2-core machine at load 2.4 the second gives 0.6: no core is
-    free, even when the sample caught one idle.
+    The cores other processes left unused (:func:`idle_cores`). When that
+    window is a short sample (under :data:`LONG_WINDOW_SECONDS`; it misses
+    jobs that happen to wait for a moment), the smaller of it and the
+    available cores minus the 1-minute load average of the *other* runnable
+    tasks (the load average less one for this process; it reacts slowly but
+    does not miss bursty jobs); both count all cores of the machine. On a
+    2-core machine at load 2.4 the second gives 0.6: no core is free, even
+    when the sample caught one idle.
 
     Examples
     --------
@@ -237,6 +245,10 @@ def free_cores(seconds=None):
     idle = idle_cores(seconds)
     if idle is not None:
         estimates.append(idle)
+        if _LAST_WINDOW >= LONG_WINDOW_SECONDS:
+            # seconds of the others' CPU use: the load average would add this
+            # process's own threads (it ran several just before) to theirs
+            return idle
     load1 = _load_average()
     if load1 is not None:
         # the load average counts the runnable tasks of the whole machine

@@ -127,6 +127,7 @@ def test_busy_machine_caps_the_threads(idle, expected, rng, spy, two_threads, mo
     (None, None, None),
 ])
 def test_free_cores_takes_the_smaller_estimate(idle, load, expected, monkeypatch):
+    monkeypatch.setattr(_threads, "_LAST_WINDOW", 0.03)  # a short sample
     monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: idle)
     monkeypatch.setattr(_threads, "_load_average", lambda: load)
     monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
@@ -156,6 +157,7 @@ def test_busy_machine_threads_caps_torch_and_blas(load, expected, monkeypatch):
 
 def test_idle_cores_reads_proc_stat(monkeypatch):
     monkeypatch.setattr(_threads, "_LAST_READING", None)
+    monkeypatch.setattr(_threads, "_LAST_WINDOW", 0.0)
     monkeypatch.setattr(_threads, "_CLK_TCK", 100)
     # 50 of 200 jiffies idle on 4 CPUs, this process used none of the busy ones
     samples = iter([(100, 400, 4), (150, 600, 4)])
@@ -167,8 +169,25 @@ def test_idle_cores_reads_proc_stat(monkeypatch):
     assert _threads.idle_cores(0.0) is None
 
 
+def test_free_cores_trusts_a_long_window_over_the_load_average(monkeypatch):
+    # after seconds of this process's own two-thread work the load average is ~2
+    # (its own threads); the window of the CPU counters shows no other process
+    monkeypatch.setattr(_threads, "_load_average", lambda: 2.0)
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
+
+    def idle(seconds=None, window=5.0):
+        monkeypatch.setattr(_threads, "_LAST_WINDOW", window)
+        return 2.0
+
+    monkeypatch.setattr(_threads, "idle_cores", idle)
+    assert _threads.free_cores() == pytest.approx(2.0)
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: idle(seconds, 0.03))
+    assert _threads.free_cores() == pytest.approx(1.0)  # a 30 ms sample: the load counts
+
+
 def test_idle_cores_does_not_count_this_process_and_reuses_a_recent_reading(monkeypatch):
     monkeypatch.setattr(_threads, "_CLK_TCK", 100)
+    monkeypatch.setattr(_threads, "_LAST_WINDOW", 0.0)  # restored after the test
     clock = {"t": 1000.0}
     monkeypatch.setattr(_threads.time, "monotonic", lambda: clock["t"])
     slept = []
@@ -183,6 +202,7 @@ def test_idle_cores_does_not_count_this_process_and_reuses_a_recent_reading(monk
     monkeypatch.setattr(_threads, "_LAST_READING", None)
     assert _threads.idle_cores(1.0) == pytest.approx(1.7)
     assert slept == [1.0]  # no earlier reading: one sample
+    assert _threads._LAST_WINDOW == pytest.approx(1.0)
     # 2 s later the last reading starts the window: no sleep. Of its 400 jiffies 160
     # are idle and 240 busy, 40 of them this process's (0.4 s): others used 1 core
     clock["t"] += 2.0
@@ -190,6 +210,7 @@ def test_idle_cores_does_not_count_this_process_and_reuses_a_recent_reading(monk
     own = iter([11.9])
     assert _threads.idle_cores(0.03) == pytest.approx(1.0)
     assert slept == [1.0]
+    assert _threads._LAST_WINDOW == pytest.approx(2.0)
     # a reading older than REUSE_SECONDS is not reused: a new sample (10 of 20 idle)
     clock["t"] += _threads.REUSE_SECONDS + 1
     readings = iter([(200, 700, 2), (210, 720, 2)])
