@@ -19,23 +19,23 @@ call only:
   only), clipped to ``[1, cap]``, where ``cap`` is the current setting (the
   BLAS pools' thread count, ``torch.get_num_threads()``). Measured on an idle
   machine, torch's pool pays off at ten times smaller products than
-  OpenBLAS's (its small element-wise operations stay on one thread below a
-  grain size; OpenBLAS wakes its threads for every product). The automatic choice never
+  OpenBLAS's (``notes/threads.md``). The automatic choice never
   raises a count: limits set by the user (environment variables,
   ``threadpoolctl``, ``torch.set_num_threads``) are respected;
 * when that asks for more than one thread, it is further capped by the cores
-  free right now (:func:`free_cores`: the smaller of the cores other
-  processes left unused over a recent window of ``/proc/stat`` readings and
-  the cores left by the 1-minute load average of the other tasks; rounded,
-  at least 1). The window starts at the previous reading when that is at
-  most ``REUSE_SECONDS`` old, so repeated calls do not wait for a sample; on
+  free right now (:func:`free_cores`: the cores other processes left unused
+  over a recent window of ``/proc/stat`` readings, for a window shorter than
+  ``LONG_WINDOW_SECONDS`` also capped by the cores left by the 1-minute load
+  average of the other tasks; rounded, at least 1). The window starts at the
+  previous reading when that is at most ``REUSE_SECONDS`` old, so repeated
+  calls do not wait for a sample; on
   a machine busy with other jobs extra threads would only wait for cores and
   spin.
 
 A long call re-checks the free cores while it runs: the ALS loops call
 :func:`retune` after every sweep, which, at most every
-:data:`RETUNE_SECONDS`, samples the idle cores again and moves the thread
-count toward them (never above the size-based choice nor the setting the
+:data:`RETUNE_SECONDS`, measures the cores other processes left unused
+since the last check and moves the thread count toward them (never above the size-based choice nor the setting the
 call started under). So a solver that started on a busy machine takes the
 cores that free up (for instance when the other process of a layer-parallel
 run is done), and one that started on an idle machine yields cores that
