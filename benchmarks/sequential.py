@@ -19,7 +19,11 @@ demo's); accuracy on the 10,000 test images, without fine-tuning. Variants:
 * ``budget``: one-shot with budget-allocated ranks, ``budget=1/rX`` of the
   compressed layers' parameters (the demo's budget row when ``--centered``);
 * ``seqbudget``: sequential with the same budget (ranks allocated up front from
-  the original model's one-shot statistics).
+  the original model's one-shot statistics);
+* ``seqrefit`` and ``seqbudgetrefit``: ``sequential`` and ``seqbudget`` with
+  the dense layers downstream of compressed ones refitted as well
+  (``refit=``, by default ``'all'``: the shortcut 1x1 convs and the
+  classifier; ``--refit fc`` for the classifier only).
 
 ``--cp-inner adaptive`` gives CP the demo's adaptive CG cap of the B-updates
 (``inner={'maxiter': 'adaptive'}``); the default ``exact`` keeps the solver's
@@ -51,7 +55,7 @@ from sigmadecomp_torch.demo.reference import evaluate, load_reference
 from sigmadecomp_torch.models import conv3x3_names
 from sigmadecomp_torch.sequential import sequential_compress
 
-VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget")
+VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget", "seqrefit", "seqbudgetrefit")
 
 
 def _layers(model, method):
@@ -61,7 +65,8 @@ def _layers(model, method):
     return names
 
 
-def run_one(model, method, rx, variant, loader, *, centered, options, seed, cp_inner="exact"):
+def run_one(model, method, rx, variant, loader, *, centered, options, seed, cp_inner="exact",
+            refit="all"):
     """Compress once; returns (model, report, seconds)."""
     layers = _layers(model, method)
     opts = dict(options, rng=seed) if method in ("tucker2", "cp") else dict(options)
@@ -86,6 +91,14 @@ def run_one(model, method, rx, variant, loader, *, centered, options, seed, cp_i
         elif variant == "seqbudget":
             cm, rep = compress(model, method, data=loader, sequential=True, budget=1.0 / rx,
                                layers=layers, centered=centered, options=opts, progress=False)
+        elif variant == "seqrefit":
+            cm, rep = compress(model, method, data=loader, sequential=True, ratio=rx,
+                               layers=layers, centered=centered, options=opts, progress=False,
+                               refit=refit)
+        elif variant == "seqbudgetrefit":
+            cm, rep = compress(model, method, data=loader, sequential=True, budget=1.0 / rx,
+                               layers=layers, centered=centered, options=opts, progress=False,
+                               refit=refit)
         elif variant == "plain":
             cm, rep = sequential_compress(model, method, loader, ratio=rx, layers=layers,
                                           centered=centered, options=opts, progress=False,
@@ -110,6 +123,8 @@ def main(argv=None):
                     help="CP B-update CG cap: the solver's default or the demo's adaptive one")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--refit", default="all",
+                    help="refit= of the *refit variants: 'all' or comma-separated names")
     ap.add_argument("--out", default=None, help="JSON file of the rows")
     ap.add_argument("--plot", default=None, help="PNG of accuracy vs rX")
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
@@ -142,7 +157,9 @@ def main(argv=None):
                 cm, rep, sec = run_one(model, method, rx, variant, loader,
                                        centered=args.centered,
                                        options={"n_iter_max": args.iters}, seed=args.seed,
-                                       cp_inner=args.cp_inner)
+                                       cp_inner=args.cp_inner,
+                                       refit=(args.refit if args.refit == "all"
+                                              else args.refit.split(",")))
                 acc = evaluate(cm, x_test, y_test, batch_size=500)
                 row = {"method": method, "rx": rx, "variant": variant, "accuracy": acc,
                        "seconds": sec, "model_rx": rep.ratio,
@@ -151,6 +168,10 @@ def main(argv=None):
                                              else r["ranks"]) for r in rep.layers},
                        "layer_errors": [r.get("output_error", r["sigma_error"])
                                         for r in rep.layers]}
+                if rep.refitted:
+                    row["refitted"] = {r["name"]: {"target_change": r["target_change"],
+                                                   "output_error": r["output_error"]}
+                                       for r in rep.refitted}
                 rows.append(row)
                 errs = " ".join(f"{e:.3f}" for e in row["layer_errors"] if e is not None)
                 print(f"{method:8s} rX={rx:<4g} {variant:10s} acc {100 * acc:6.2f}%  "

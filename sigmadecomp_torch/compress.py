@@ -586,7 +586,7 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
              distributed=None, min_speedup=None, example_input=None, data=None,
-             sequential=False):
+             sequential=False, refit=None):
     """Replace Conv2d/Linear layers of a model by factorized layers.
 
     Parameters
@@ -683,6 +683,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         order, each fitted to the inputs it gets once the earlier layers are
         compressed, with the target corrected by the cross-moment of the
         original and the compressed inputs. Default False (one-shot).
+    refit : None, 'all', str or list of str, optional
+        With ``sequential``: dense layers to refit to the compressed
+        model's inputs (the classifier, say; see ``sequential_compress``).
+        Default None.
 
     Returns
     -------
@@ -759,13 +763,18 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if (sequential or data is not None) and covariances is not None:
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
+    if refit is not None and not sequential:
+        raise ValueError(f"refit={refit!r} is not allowed without sequential=True: dense "
+                         "layers are refitted to the inputs of the compressed model, which "
+                         "only sequential compression measures")
     if sequential:
         from .sequential import sequential_compress
 
         return sequential_compress(
             model, method, data, ratio=ratio, ranks=ranks, budget=budget, layers=layers,
             inplace=inplace, centered=centered, options=options, progress=progress,
-            distributed=distributed, min_speedup=min_speedup, example_input=example_input)
+            distributed=distributed, min_speedup=min_speedup, example_input=example_input,
+            refit=refit)
     if data is not None and isinstance(model, nn.Module):
         from .covariance import collect_covariances
 

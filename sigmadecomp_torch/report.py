@@ -57,6 +57,11 @@ class CompressionReport:
     params_before, params_after : int
         Parameters of the whole model before and after.
     seconds : float
+    refitted : list of dict
+        Dense layers refitted by sequential compression's ``refit``:
+        ``name``, ``kind``, ``params_before``, ``params_after``,
+        ``target_change`` (``||K' - K|| / ||K||``), ``group`` and
+        ``output_error`` (empty otherwise).
     """
 
     method: str
@@ -67,6 +72,7 @@ class CompressionReport:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
+    refitted: List[dict] = field(default_factory=list)
 
     @property
     def ratio(self):
@@ -100,6 +106,7 @@ class CompressionReport:
             "centered": self.centered,
             "layers": rows,
             "skipped": [dict(s) for s in self.skipped],
+            "refitted": [dict(r) for r in self.refitted],
             "totals": {
                 "params_before": self.params_before,
                 "params_after": self.params_after,
@@ -161,6 +168,11 @@ class CompressionReport:
             if r.get("latency_dense_ms") is not None:
                 out.append(f"latency {r['name']}: {r['latency_dense_ms']:.3f} ms dense -> "
                            f"{r['latency_factorized_ms']:.3f} ms factorized")
+        for r in self.refitted:
+            err = r.get("output_error")
+            out.append(f"refitted {r['name']} ({r['kind']}, dense): weight change "
+                       f"{r['target_change']:.4f}"
+                       + ("" if err is None else f", output error {err:.4f}"))
         for s in self.skipped:
             out.append(f"skipped {s['name']} ({s['kind']}): {s['reason']}")
         return "\n".join(out)

@@ -363,3 +363,175 @@ def test_budget_ranks_are_those_of_one_shot(method, centered):
     assert small(data[0]).shape == (8, 4)
     if centered:
         assert small.c[-1].bias is not None
+
+
+# ------------------------------------------------------------ refit of dense layers
+
+
+def _chain_data():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(128, 12, generator=g) @ torch.randn(12, 12, generator=g) + 0.5
+            for _ in range(2)]
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_refit_is_the_exact_least_squares_fit(centered):
+    # layer '4' stays dense and is refitted to the original output on the
+    # compressed model's inputs: recomputed here by an independent solve
+    net, data = _chain().double(), [x.double() for x in _chain_data()]
+    layers, ranks = ["2"], {"2": 3}
+    kw = dict(ranks=ranks, layers=layers, centered=centered, progress=False, target_ridge=0.0)
+    plain, _ = sequential_compress(net, "svd", data, **kw)
+    small, rep = sequential_compress(net, "svd", data, refit=["4"], **kw)
+    x = torch.cat(data)
+    with torch.no_grad():
+        y_o = net(x)                             # the original output
+        x_c = plain[:4](x)                       # layer 4's input once '2' is compressed
+        A = x_c if not centered else torch.cat([x_c, torch.ones(len(x), 1, dtype=F64)], 1)
+        sol = torch.linalg.lstsq(A, y_o - (0 if centered else net[4].bias)).solution
+    W = sol[:24].T
+    torch.testing.assert_close(small[4].weight, W, rtol=1e-7, atol=1e-8)
+    if centered:
+        torch.testing.assert_close(small[4].bias, sol[24], rtol=1e-7, atol=1e-8)
+    else:
+        torch.testing.assert_close(small[4].bias, net[4].bias)
+    # the final output error can only fall, and the report measures it
+    with torch.no_grad():
+        e_plain = float(((y_o - plain(x)) ** 2).sum())
+        e_refit = float(((y_o - small(x)) ** 2).sum())
+    assert e_refit < e_plain
+    (row,) = rep.refitted
+    assert row["name"] == "4" and row["kind"] == "Linear" and row["group"] == 1
+    b = net[4].bias.detach()
+    expect = (e_refit / float(((y_o - b) ** 2).sum())) ** 0.5
+    assert row["output_error"] == pytest.approx(expect, rel=1e-8)
+    K = net[4].weight.detach()
+    expect_change = float(torch.linalg.norm(W - K) / torch.linalg.norm(K))
+    assert row["target_change"] == pytest.approx(expect_change, rel=1e-7)
+    assert rep.params_after == plain_params(plain)
+    assert "refitted 4 (Linear, dense)" in rep.table()
+    assert rep.to_dict()["refitted"][0]["name"] == "4"
+
+
+def plain_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_refit_all_skips_layers_with_unchanged_inputs():
+    torch.manual_seed(0)
+    net, data = ConvNet(), _conv_data()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    small, rep = compress(net, "tucker2", data=data, sequential=True, ratio=2,
+                          layers=["a", "c"], options=FAST, progress=False, refit="all",
+                          centered=True)
+    assert [r["name"] for r in rep.refitted] == ["fc"]
+    reasons = {s["name"]: s["reason"] for s in rep.skipped}
+    # stem and b read the input / the stem's output, which compression does not change
+    assert "did not change its inputs" in reasons["stem"]
+    assert "did not change its inputs" in reasons["b"]
+    torch.testing.assert_close(small.b.weight, net.b.weight)
+    assert not torch.equal(small.fc.weight, net.fc.weight)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert small(data[0]).shape == (8, 4)
+    # inplace: the user's own dense layer gets the refitted weight
+    same, rep2 = compress(net, "tucker2", data=data, sequential=True, ratio=2,
+                          layers=["a", "c"], options=dict(FAST, rng=0), progress=False,
+                          refit="all", centered=True, inplace=True)
+    assert same is net and [r["name"] for r in rep2.refitted] == ["fc"]
+    assert not torch.equal(net.fc.weight, before["fc.weight"])
+
+
+def test_refit_keeps_tied_and_frozen_parameters_right():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.b = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 6, bias=False)
+            self.other = nn.Linear(6, 6, bias=False)
+            self.other.weight = self.head.weight  # tied
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x))))) + 0 * self.other(x)
+
+    torch.manual_seed(0)
+    net = Tied()
+    data = [torch.randn(64, 6)]
+    small, rep = compress(net, "svd", data=data, sequential=True, ranks={"a": 2},
+                          layers=["a"], refit="all", progress=False)
+    assert [r["name"] for r in rep.refitted] == ["b"]
+    reasons = {s["name"]: s["reason"] for s in rep.skipped}
+    assert "tied" in reasons["head"]
+    with pytest.raises(ValueError, match="refit contains 'head'.*tied"):
+        compress(net, "svd", data=data, sequential=True, ranks={"a": 2}, layers=["a"],
+                 refit=["head"], progress=False)
+    net.b.weight.requires_grad_(False)
+    small, rep = compress(net, "svd", data=data, sequential=True, ranks={"a": 2},
+                          layers=["a"], refit=["b"], centered=True, progress=False)
+    assert small.b.weight.requires_grad is False
+
+
+def test_refit_bad_inputs():
+    net, data = ConvNet(), _conv_data()
+    with pytest.raises(ValueError, match="refit=.*without sequential=True"):
+        compress(net, "tucker2", ratio=2, data=data, refit="all")
+    with pytest.raises(ValueError, match="refit contains 'c', which is also a layer to compress"):
+        compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
+                 refit=["c"])
+    with pytest.raises(ValueError, match="refit contains 'nope'"):
+        compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
+                 refit=["nope"])
+    with pytest.raises(ValueError, match="refit=\\['x'\\] is not allowed for a single layer"):
+        compress(nn.Linear(4, 4), "svd", ratio=2, data=torch.randn(8, 4), sequential=True,
+                 refit=["x"])
+
+
+def _refit_worker(rank, port, out_dir):
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        shard = _refit_batches()[rank::2]  # uneven shards: 3 and 2 batches
+        small, rep = sequential_compress(_chain().double(), "svd", shard, ranks={"2": 3},
+                                         layers=["2"], refit="all", centered=True,
+                                         progress=False)
+        torch.save({"state": small.state_dict(), "refitted": rep.refitted,
+                    "skipped": rep.skipped}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _refit_batches():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(20 + 3 * i, 12, generator=g, dtype=F64) for i in range(5)]
+
+
+def test_refit_over_two_gloo_processes_equals_one_process(tmp_path):
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    from _helpers import free_port, spawn_workers
+
+    spawn_workers(_refit_worker, (free_port(), str(tmp_path)), 2, 120.0,
+                  "sequential refit over gloo")
+    one, rep = sequential_compress(_chain().double(), "svd", _refit_batches(), ranks={"2": 3},
+                                   layers=["2"], refit="all", centered=True, progress=False)
+    for rank in range(2):
+        got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=False)
+        assert got["state"].keys() == one.state_dict().keys()
+        for k, v in one.state_dict().items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-10, atol=1e-12)
+        assert [r["name"] for r in got["refitted"]] == ["4"] == [r["name"] for r in rep.refitted]
+        assert got["refitted"][0]["output_error"] == pytest.approx(
+            rep.refitted[0]["output_error"], rel=1e-10)
+        assert {s["name"] for s in got["skipped"]} == {s["name"] for s in rep.skipped}
