@@ -14,7 +14,8 @@ call only:
   Sigma-ALS, bounded by ``T`` rows), ``T * n * min(T, n)`` without one
   (Frobenius: products of the ``T x n`` unfolding), for an input of shape
   ``(T, ...)`` with ``n`` the product of the trailing dimensions;
-* threads = ``work // WORK_PER_THREAD`` for the BLAS pools and
+* threads = ``work // WORK_PER_THREAD`` for the BLAS pools (``tucker2`` with
+  a Sigma: ``work // TUCKER2_WORK_PER_THREAD``, measured) and
   ``work // TORCH_WORK_PER_THREAD`` for torch's intra-op pool (torch inputs
   only), clipped to ``[1, cap]``, where ``cap`` is the current setting (the
   BLAS pools' thread count, ``torch.get_num_threads()``). Measured on an idle
@@ -64,7 +65,7 @@ from contextlib import ExitStack, contextmanager
 
 __all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "free_cores",
            "busy_machine_threads", "retune", "WORK_PER_THREAD", "TORCH_WORK_PER_THREAD",
-           "RETUNE_SECONDS"]
+           "TUCKER2_WORK_PER_THREAD", "RETUNE_SECONDS"]
 
 #: Multiply-adds of the dominant product that justify one more thread (about
 #: 5-10 ms of one core: far above a thread wake-up). Below it the solvers run
@@ -77,6 +78,15 @@ WORK_PER_THREAD = 10**8
 #: ``sigma_svd``, ``cp`` and ``tt_conv`` and within 12% of it for ``tucker2``,
 #: while two OpenBLAS threads were up to 2x slower than one on the same calls.
 TORCH_WORK_PER_THREAD = 10**7
+
+#: The BLAS unit of ``tucker2`` with a Sigma. Its sweeps interleave the few
+#: large Sigma products with conjugate-gradient steps and many ``r x r``
+#: products that do not gain from threads. Measured on an idle 2-core
+#: machine on NumPy inputs (``notes/threads.md``): two OpenBLAS threads were
+#: 1.4x slower than one for a whole call at 256 channels (``T n n`` = 1.4e9)
+#: and 1.15x faster at 512 (1.1e10); this unit gives one thread at 256 and
+#: two from about 360 channels on.
+TUCKER2_WORK_PER_THREAD = 2 * 10**9
 
 #: Length of the /proc/stat sample that counts idle cores (when no recent reading exists).
 IDLE_SAMPLE_SECONDS = 0.03
@@ -432,12 +442,19 @@ def busy_machine_threads():
         yield
 
 
-def solver_threads(func):
+def solver_threads(func=None, *, sigma_blas_unit=None):
     """Decorator: run a public solver under the automatic thread policy.
 
     The first parameter of ``func`` is the array to decompose (its shape sets
     the work); a parameter named ``sigma``, if given, marks the Sigma-solver.
+    ``@solver_threads(sigma_blas_unit="NAME")`` gives the solver its own
+    BLAS unit (multiply-adds per thread) for calls with a Sigma: the
+    constant ``NAME`` of this module, read at every call (so it can be
+    recalibrated at run time like :data:`WORK_PER_THREAD`, which it
+    replaces for those calls).
     """
+    if func is None:
+        return functools.partial(solver_threads, sigma_blas_unit=sigma_blas_unit)
     signature = inspect.signature(func)
     first = next(iter(signature.parameters))
 
@@ -455,7 +472,9 @@ def solver_threads(func):
         torch = _torch()
         on_torch = torch is not None and isinstance(bound[first], torch.Tensor)
         blas_cap = _blas_threads()
-        n_blas = None if blas_cap is None else auto_thread_count(shape, with_sigma, blas_cap)
+        unit = globals()[sigma_blas_unit] if with_sigma and sigma_blas_unit else None
+        n_blas = None if blas_cap is None else auto_thread_count(shape, with_sigma, blas_cap,
+                                                                  work_per_thread=unit)
         n_torch = None
         if on_torch:
             n_torch = auto_thread_count(shape, with_sigma, torch.get_num_threads(),

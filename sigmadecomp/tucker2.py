@@ -437,7 +437,7 @@ def _old_callback(cb):
 
 
 @deprecated_options("tucker2", _RENAMED)
-@solver_threads
+@solver_threads(sigma_blas_unit="TUCKER2_WORK_PER_THREAD")
 def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rng=None,
             callback=None, rtol=None, ridge=DEFAULT_RIDGE, inner=None, init_iter_max=100,
             init_tol=TOL):

@@ -29,9 +29,10 @@ def _problem(rng, lib, T=6, S=4):
 
 
 def _set_unit(monkeypatch, work):
-    """Both thread units (BLAS and torch) at ``work`` multiply-adds per thread."""
+    """Every thread unit (BLAS, torch, tucker2's) at ``work`` multiply-adds per thread."""
     monkeypatch.setattr(_threads, "WORK_PER_THREAD", work)
     monkeypatch.setattr(_threads, "TORCH_WORK_PER_THREAD", work)
+    monkeypatch.setattr(_threads, "TUCKER2_WORK_PER_THREAD", work)
 
 
 _CALLS = {
@@ -321,6 +322,36 @@ def test_torch_pool_takes_threads_at_smaller_work_than_blas(spy, two_threads, mo
     sigma_svd(K.numpy(), 8, (X.T @ X / 600).numpy())
     assert _threads.last_choice == (1, None)
     assert spy and all(max(b) == 1 for b, _ in spy)
+
+
+def test_tucker2_has_its_own_blas_unit_with_sigma(two_threads, monkeypatch):
+    # measured: two OpenBLAS threads lose on a whole tucker2 call at 256
+    # channels (T n n = 1.4e9) and gain at 512 (1.1e10); the generic unit
+    # would give 256 channels two threads
+    big = 256 * 2304 * 2304
+    assert big // _threads.WORK_PER_THREAD >= 2
+    assert big // _threads.TUCKER2_WORK_PER_THREAD < 2 <= \
+        512 * 4608 * 4608 // _threads.TUCKER2_WORK_PER_THREAD
+    monkeypatch.setattr(_threads, "idle_cores", lambda seconds=None: 2.0)
+    monkeypatch.setattr(_threads, "_load_average", lambda: None)
+    rng = np.random.default_rng(0)
+    K = rng.standard_normal((6, 4, 3, 3))
+    sig = random_psd(rng, 36)
+    work = 6 * 36 * 36
+    # tucker2 with Sigma follows its unit; without Sigma, and other solvers, the generic one
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", work // 2)
+    monkeypatch.setattr(_threads, "TUCKER2_WORK_PER_THREAD", work * 10)
+    tucker2(K, (3, 2), sig, n_iter_max=1)
+    assert _threads.last_choice == (1, None)
+    sigma_svd(K.reshape(6, -1), 3, sig)
+    assert _threads.last_choice == (2, None)
+    monkeypatch.setattr(_threads, "TUCKER2_WORK_PER_THREAD", work // 2)
+    tucker2(K, (3, 2), sig, n_iter_max=1)
+    assert _threads.last_choice == (2, None)
+    monkeypatch.setattr(_threads, "TUCKER2_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 10**30)
+    tucker2(K, (3, 2), None, n_iter_max=1)  # Frobenius: the generic unit
+    assert _threads.last_choice == (1, None)
 
 
 def test_results_do_not_depend_on_the_setting(rng):
