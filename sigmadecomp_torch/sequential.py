@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
 from ._batches import batch_mask, check_pass_options, model_device, progress_bar, run_batch
@@ -1030,6 +1032,12 @@ def _refit_layer(acc, m_o, m_c, *, centered, ridge):
     if not acc.changed:
         return None
     cs = acc.result()
+    if cs.count < cs.n:
+        warnings.warn(
+            f"layer {acc.name!r} is refitted from {cs.count} input rows for {cs.n} inputs; "
+            "a full-rank fit to fewer rows than inputs can follow the calibration data "
+            "(give more data, or leave the layer out of refit=)", CompressionWarning,
+            stacklevel=3)
     K = m_o.weight.detach()
     target, shift = corrected_target(K, cs, centered=centered, ridge=ridge)
     before = sum(p.numel() for p in m_c.parameters())

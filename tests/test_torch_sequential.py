@@ -4,6 +4,8 @@ import copy
 
 import pytest
 
+import sigmadecomp
+
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -469,6 +471,21 @@ def test_refit_keeps_tied_and_frozen_parameters_right():
     small, rep = compress(net, "svd", data=data, sequential=True, ranks={"a": 2},
                           layers=["a"], refit=["b"], centered=True, progress=False)
     assert small.b.weight.requires_grad is False
+
+
+def test_refit_warns_with_fewer_rows_than_inputs():
+    import warnings
+
+    net = _chain()
+    few = [torch.randn(10, 12)]  # 10 rows for the 24 inputs of layer '4'
+    with pytest.warns(sigmadecomp.CompressionWarning, match="refitted from 10 input rows for 24"):
+        compress(net, "svd", data=few, sequential=True, ranks={"2": 3}, layers=["2"],
+                 refit=["4"], progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compress(net, "svd", data=_chain_data(), sequential=True, ranks={"2": 3},
+                 layers=["2"], refit=["4"], progress=False)  # 256 rows
+    assert not [w for w in seen if "refitted from" in str(w.message)]
 
 
 def test_refit_bad_inputs():
