@@ -683,7 +683,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         order, each fitted to the inputs it gets once the earlier layers are
         compressed, with the target corrected by the cross-moment of the
         original and the compressed inputs. Default False (one-shot).
-    refit : None, 'all', str or list of str, optional
+    refit : None, 'all', str, list of str or callable, optional
         With ``sequential``: dense layers to refit to the compressed
         model's inputs (the classifier, say; see ``sequential_compress``).
         Default None.

@@ -631,15 +631,18 @@ def _refit_candidates(model, refit, names):
 
     if refit is None:
         return [], False, []
-    named = not (isinstance(refit, str) and refit == "all")
-    if named:
-        chosen = select_layers(model, refit, name="refit")
-        clash = [n for n, _ in chosen if n in set(names)]
+    compressed = set(names)
+    if isinstance(refit, str) and refit == "all":
+        named, chosen = False, select_layers(model)
+    elif callable(refit) and not isinstance(refit, nn.Module):
+        named, chosen = False, select_layers(model, refit, name="refit")
+    else:
+        named, chosen = True, select_layers(model, refit, name="refit")
+        clash = [n for n, _ in chosen if n in compressed]
         if clash:
             raise ValueError(f"refit contains {clash[0]!r}, which is also a layer to "
                              "compress; refit is for layers left dense")
-    else:
-        chosen = [(n, m) for n, m in select_layers(model) if n not in set(names)]
+    chosen = [(n, m) for n, m in chosen if n not in compressed]
     paths, owners = module_names(model), param_owners(model)
     out, skipped = [], []
     for n, m in chosen:
@@ -738,7 +741,7 @@ min_speedup, example_input
         Compress layers whose inputs do not depend on each other in one
         group (one pass over the data for all of them). ``False``: one
         layer per group.
-    refit : None, 'all', str or list of str, optional
+    refit : None, 'all', str, list of str or callable, optional
         Dense layers (``nn.Conv2d`` with ``groups=1`` or ``nn.Linear``, not
         among the layers to compress) to refit in place, in network order
         with the others: their weight becomes the corrected target ``K'``
@@ -749,7 +752,8 @@ min_speedup, example_input
         classifier) undoes part of their error. With ``centered`` the bias
         becomes ``b + K mu_o - K' mu_c`` (a layer without bias gets one, its
         only added parameters). ``'all'``: every such layer that can be
-        refitted (the others are listed in ``report.skipped``); names:
+        refitted (the others are listed in ``report.skipped``); a
+        predicate ``f(name, module)``: those of them it accepts; names:
         those (an error if one cannot be). A layer whose inputs the
         compression does not change is left as it is. ``None`` (default):
         dense layers keep their weights. On the reference net ``'all'``

@@ -436,6 +436,12 @@ def test_refit_all_skips_layers_with_unchanged_inputs():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert small(data[0]).shape == (8, 4)
     # inplace: the user's own dense layer gets the refitted weight
+    # a predicate picks among the dense layers (and never a compressed one)
+    _, rep3 = compress(net, "tucker2", data=data, sequential=True, ratio=2,
+                       layers=["a", "c"], options=FAST, progress=False, centered=True,
+                       refit=lambda n, m: isinstance(m, nn.Linear) or n == "c")
+    assert [r["name"] for r in rep3.refitted] == ["fc"]
+    assert [r["name"] for r in rep3.layers] == ["a", "c"]
     same, rep2 = compress(net, "tucker2", data=data, sequential=True, ratio=2,
                           layers=["a", "c"], options=dict(FAST, rng=0), progress=False,
                           refit="all", centered=True, inplace=True)
@@ -495,6 +501,9 @@ def test_refit_bad_inputs():
     with pytest.raises(ValueError, match="refit contains 'c', which is also a layer to compress"):
         compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
                  refit=["c"])
+    with pytest.raises(TypeError, match="refit=5 is not allowed"):
+        compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
+                 refit=5)
     with pytest.raises(ValueError, match="refit contains 'nope'"):
         compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
                  refit=["nope"])
