@@ -23,7 +23,10 @@ demo's); accuracy on the 10,000 test images, without fine-tuning. Variants:
 * ``seqrefit`` and ``seqbudgetrefit``: ``sequential`` and ``seqbudget`` with
   the dense layers downstream of compressed ones refitted as well
   (``refit=``, by default ``'all'``: the shortcut 1x1 convs and the
-  classifier; ``--refit fc`` for the classifier only).
+  classifier; ``--refit fc`` for the classifier only);
+* ``oneshotrefit`` and ``budgetrefit``: ``oneshot`` and ``budget`` followed by
+  the same refit (``compress(..., data=..., refit=...)`` without
+  ``sequential``).
 
 ``--cp-inner adaptive`` gives CP the demo's adaptive CG cap of the B-updates
 (``inner={'maxiter': 'adaptive'}``); the default ``exact`` keeps the solver's
@@ -55,7 +58,8 @@ from sigmadecomp_torch.demo.reference import evaluate, load_reference
 from sigmadecomp_torch.models import conv3x3_names
 from sigmadecomp_torch.sequential import sequential_compress
 
-VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget", "seqrefit", "seqbudgetrefit")
+VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget", "seqrefit", "seqbudgetrefit",
+            "oneshotrefit", "budgetrefit")
 
 
 def _layers(model, method):
@@ -99,6 +103,10 @@ def run_one(model, method, rx, variant, loader, *, centered, options, seed, cp_i
             cm, rep = compress(model, method, data=loader, sequential=True, budget=1.0 / rx,
                                layers=layers, centered=centered, options=opts, progress=False,
                                refit=refit)
+        elif variant in ("oneshotrefit", "budgetrefit"):
+            size = dict(ratio=rx) if variant == "oneshotrefit" else dict(budget=1.0 / rx)
+            cm, rep = compress(model, method, data=loader, layers=layers, centered=centered,
+                               options=opts, progress=False, refit=refit, **size)
         elif variant == "plain":
             cm, rep = sequential_compress(model, method, loader, ratio=rx, layers=layers,
                                           centered=centered, options=opts, progress=False,

@@ -684,9 +684,14 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         compressed, with the target corrected by the cross-moment of the
         original and the compressed inputs. Default False (one-shot).
     refit : None, 'all', str, list of str or callable, optional
-        With ``sequential``: dense layers to refit to the compressed
-        model's inputs (the classifier, say; see ``sequential_compress``).
-        Default None.
+        Dense layers to refit to the compressed model's inputs (the
+        classifier, say; needs ``data``): each one's weight becomes the
+        least-squares fit of the original layer's output on the inputs it
+        gets in the compressed model (``sequential_compress`` has the
+        details; ``report.refitted`` lists them). With ``sequential``
+        they are refitted in network order with the compressed layers;
+        without, after the one-shot compression (one more pass over
+        ``data`` per group of dependent layers). Default None.
 
     Returns
     -------
@@ -763,10 +768,20 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if (sequential or data is not None) and covariances is not None:
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
+    if refit is not None and data is None:
+        raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
+                         "original outputs on the compressed model's inputs, measured on "
+                         "calibration batches")
     if refit is not None and not sequential:
-        raise ValueError(f"refit={refit!r} is not allowed without sequential=True: dense "
-                         "layers are refitted to the inputs of the compressed model, which "
-                         "only sequential compression measures")
+        from .sequential import refit_after
+
+        return refit_after(
+            model, data, refit, lambda m, stats: compress(
+                m, method, covariances=stats, ratio=ratio, ranks=ranks, budget=budget,
+                layers=layers, inplace=inplace, centered=centered, options=options,
+                progress=progress, distributed=distributed, min_speedup=min_speedup,
+                example_input=example_input),
+            centered=centered, inplace=inplace, progress=progress)
     if sequential:
         from .sequential import sequential_compress
 

@@ -496,8 +496,10 @@ def test_refit_warns_with_fewer_rows_than_inputs():
 
 def test_refit_bad_inputs():
     net, data = ConvNet(), _conv_data()
-    with pytest.raises(ValueError, match="refit=.*without sequential=True"):
-        compress(net, "tucker2", ratio=2, data=data, refit="all")
+    with pytest.raises(ValueError, match="refit='all' needs data="):
+        compress(net, "tucker2", ratio=2, covariances=collect_covariances(net, data,
+                                                                          progress=False),
+                 refit="all")
     with pytest.raises(ValueError, match="refit contains 'c', which is also a layer to compress"):
         compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
                  refit=["c"])
@@ -561,3 +563,58 @@ def test_refit_over_two_gloo_processes_equals_one_process(tmp_path):
         assert got["refitted"][0]["output_error"] == pytest.approx(
             rep.refitted[0]["output_error"], rel=1e-10)
         assert {s["name"] for s in got["skipped"]} == {s["name"] for s in rep.skipped}
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_one_shot_refit_is_the_exact_least_squares_fit(centered):
+    # compress(data=..., refit=...) without sequential: one-shot compression,
+    # then layer '4' refitted to the original output on the compressed inputs
+    net, data = _chain().double(), [x.double() for x in _chain_data()]
+    kw = dict(ranks={"2": 3}, layers=["2"], centered=centered, progress=False)
+    plain, _ = compress(net, "svd", data=data, **kw)
+    small, rep = compress(net, "svd", data=data, refit="all", **kw)
+    x = torch.cat(data)
+    with torch.no_grad():
+        y_o, x_c = net(x), plain[:4](x)
+        A = x_c if not centered else torch.cat([x_c, torch.ones(len(x), 1, dtype=F64)], 1)
+        sol = torch.linalg.lstsq(A, y_o - (0 if centered else net[4].bias)).solution
+        # the ridge of the fit is DEFAULT_RIDGE times the mean eigenvalue: solve with it too
+        from sigmadecomp.sigma import DEFAULT_RIDGE
+
+        M = A.T @ A / len(x)
+        C = M[:24, :24] - (M[:24, 24:] @ M[24:, :24] if centered else 0)
+        lam = DEFAULT_RIDGE * float(torch.trace(C)) / 24
+        P = torch.zeros_like(M)
+        P[:24, :24] = lam * torch.eye(24, dtype=F64)
+        ridged = torch.linalg.solve(M + P, A.T @ (y_o - (0 if centered else net[4].bias))
+                                    / len(x))
+    torch.testing.assert_close(small[4].weight, ridged[:24].T, rtol=1e-7, atol=1e-9)
+    assert not torch.allclose(small[4].weight, sol[:24].T, rtol=1e-7, atol=1e-9) or lam == 0
+    if centered:
+        torch.testing.assert_close(small[4].bias, ridged[24], rtol=1e-7, atol=1e-9)
+    assert [r["name"] for r in rep.refitted] == ["4"]
+    assert {s["name"]: s["reason"] for s in rep.skipped}["0"].startswith("not refitted")
+    with torch.no_grad():
+        assert float(((y_o - small(x)) ** 2).sum()) < float(((y_o - plain(x)) ** 2).sum())
+    with torch.no_grad():
+        expect = (float(((y_o - small(x)) ** 2).sum())
+                  / float(((y_o - net[4].bias) ** 2).sum())) ** 0.5
+    assert rep.refitted[0]["output_error"] == pytest.approx(expect, rel=1e-8)
+
+
+def test_one_shot_refit_inplace_and_not_mutating():
+    torch.manual_seed(0)
+    net, data = ConvNet(), _conv_data()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    small, rep = compress(net, "tucker2", data=data, ratio=2, layers=["a", "c"],
+                          options=dict(FAST, rng=0), progress=False, refit="all")
+    assert small is not net and [r["name"] for r in rep.refitted] == ["fc"]
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
+    same, rep2 = compress(net, "tucker2", data=data, ratio=2, layers=["a", "c"],
+                          options=dict(FAST, rng=0), progress=False, refit="all",
+                          inplace=True)
+    assert same is net and not isinstance(net.a, nn.Conv2d)
+    with torch.no_grad():
+        torch.testing.assert_close(net(data[0]), small(data[0]))
+    assert rep2.params_after == sum(p.numel() for p in net.parameters())
