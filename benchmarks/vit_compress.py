@@ -20,6 +20,12 @@ centered (``centered=True``); the test accuracy is measured without
 fine-tuning. The same is then tried on :class:`sigmadecomp_torch.vit.TorchViT`
 (the same weights in ``nn.TransformerEncoderLayer`` blocks) to list which of
 its layers ``compress`` can reach.
+
+``--recipes`` instead runs the recipes of ``notes/sequential.md`` on the ViT
+(Sigma-SVD centered, budget ranks, ``data=`` the calibration batches): one-shot
+and sequential (``sequential=True``), each without and with ``refit='all'``
+(the classifier head refitted to the original logits on the compressed
+model's inputs), and writes ``vit_recipes.json``.
 """
 
 from __future__ import annotations
@@ -83,6 +89,30 @@ def compress_grid(model, stats, x_test, y_test, rxs, log=print):
                 rows.append(row)
                 log(f"rX={rx:<4} {alloc:<8} {label:<20} acc {row['accuracy']:.4f} "
                     f"(achieved rX {row['achieved_rx']})")
+    return rows
+
+
+RECIPES = (("one-shot", dict()), ("one-shot + refit", dict(refit="all")),
+           ("sequential", dict(sequential=True)),
+           ("sequential + refit", dict(sequential=True, refit="all")))
+
+
+def recipes_grid(model, calib, x_test, y_test, rxs, log=print):
+    """Rows ``{recipe, rx, accuracy, seconds, refitted}``: Sigma-SVD centered, budget ranks."""
+    layers = default_layers(model)
+    rows = []
+    for rx in rxs:
+        for label, kw in RECIPES:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # per-layer Sigma-error warnings
+                small, report = compress(model, "svd", data=calib, budget=1.0 / rx,
+                                         centered=True, layers=layers, progress=False, **kw)
+            row = {"recipe": label, "rx": rx, "accuracy": evaluate(small, x_test, y_test),
+                   "seconds": round(time.perf_counter() - t0, 2),
+                   "refitted": [r["name"] for r in report.refitted]}
+            rows.append(row)
+            log(f"rX={rx:<4} {label:<20} acc {row['accuracy']:.4f} ({row['seconds']} s)")
     return rows
 
 
@@ -153,6 +183,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="where to write vit.json/.png (default notes/)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--weights", default=VIT_WEIGHTS_FILE, help="ViT state_dict (.pt)")
+    p.add_argument("--recipes", action="store_true",
+                   help="one-shot / sequential, without / with refit: vit_recipes.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,6 +200,25 @@ def main(argv=None):
     x_test, y_test = fashion_mnist("test", limit=n_test)
     reference = evaluate(model, x_test, y_test)
     print(f"original ViT: test accuracy {reference:.4f} on {len(x_test)} images")
+
+    if args.recipes:
+        calib = [x_calib[i:i + 250] for i in range(0, len(x_calib), 250)]
+        rxs = rxs[:2] if args.quick else (2, 3, 4, 6, 8, 12)
+        rows = recipes_grid(model, calib, x_test, y_test, rxs)
+        result = {"reference_accuracy": reference, "n_calib": len(x_calib),
+                  "n_test": len(x_test), "rows": rows,
+                  "seconds": round(time.perf_counter() - t0, 1),
+                  "command": "python -m benchmarks.vit_compress --recipes"
+                             + (" --quick" if args.quick else "")}
+        with open(os.path.join(out_dir, "vit_recipes.json"), "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        print("| rX | " + " | ".join(r for r, _ in RECIPES) + " |")
+        print("|---|" + "---|" * len(RECIPES))
+        for rx in rxs:
+            acc = {r["recipe"]: r["accuracy"] for r in rows if r["rx"] == rx}
+            print(f"| {rx:g} | " + " | ".join(f"{100 * acc[r]:.2f}" for r, _ in RECIPES) + " |")
+        return result
 
     wrapped = PixelValues(model)
     batches = [{"pixel_values": x_calib[i:i + 250]} for i in range(0, len(x_calib), 250)]

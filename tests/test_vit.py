@@ -150,3 +150,18 @@ def test_vit_compress_quick(tmp_path):
              if r["rx"] == 2 and r["method"] == "SVD (Frobenius)"}
     assert all(r["accuracy"] > frob2[r["alloc"]] for r in sigma2)
     assert os.path.exists(VIT_INFO_FILE)
+
+
+def test_vit_recipes_quick(tmp_path):
+    if not os.path.exists(VIT_WEIGHTS_FILE):
+        pytest.skip("no committed ViT weights")
+    _fashion_test(10)
+    from benchmarks import vit_compress
+    result = vit_compress.main(["--recipes", "--quick", "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "vit_recipes.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {(r["recipe"], r["rx"]) for r in saved["rows"]} == {
+        (label, rx) for label, _ in vit_compress.RECIPES for rx in (2, 6)}
+    for row in saved["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["refitted"] == (["head"] if "refit" in row["recipe"] else [])
