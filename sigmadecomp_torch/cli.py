@@ -225,6 +225,17 @@ def _cmd_compress(args):
                         "decompositions")
     if args.centered and not weighted:
         raise UserError("--centered needs statistics; it cannot be combined with --frobenius")
+    fitted = args.sequential or args.refit is not None
+    if fitted:
+        what = "--sequential" if args.sequential else "--refit"
+        if args.data is None:
+            raise UserError(f"{what} needs calibration images: give --data DIR")
+        for flag, given in (("--frobenius", args.frobenius),
+                            ("--transfer-stats", args.transfer_stats is not None),
+                            ("--save-stats", args.save_stats is not None)):
+            if given:
+                raise UserError(f"{what} cannot be combined with {flag}: it collects its own "
+                                "statistics from --data as it goes")
     rank_kw, rank_text = _rank_choice(args)
     model = _load_model(args.model)
     layers = _choose_layers(args, model)
@@ -237,6 +248,8 @@ def _cmd_compress(args):
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"--transfer-stats={args.transfer_stats!r}: {exc}") from None
         print(f"statistics of {len(stats)} layers from {args.transfer_stats}")
+    elif fitted:
+        x = _calibration_images(args, model)
     elif weighted:
         x = _calibration_images(args, model)
         try:
@@ -253,6 +266,12 @@ def _cmd_compress(args):
 
     kw = dict(covariances=stats, layers=layers, centered=args.centered,
               progress=not args.no_progress, **rank_kw)
+    if fitted:
+        refit = args.refit
+        if refit is not None and refit != "all":
+            refit = [n.strip() for n in refit.split(",") if n.strip()]
+        kw.update(covariances=None, data=make_loader(x, batch_size=args.batch_size),
+                  sequential=args.sequential, refit=refit)
     if args.n_iter is not None:
         kw["options"] = {"n_iter_max": args.n_iter}
     try:
@@ -369,6 +388,15 @@ def build_parser():
                         "(at the optimum); accuracy may still differ either way by a little")
     c.add_argument("--frobenius", action="store_true",
                    help="classical weight-space decompositions, no statistics (data-free)")
+    c.add_argument("--sequential", action="store_true",
+                   help="error-compensating sequential compression: each layer fitted, in "
+                        "network order, to the original layer's output on the inputs it gets "
+                        "once the layers before it are compressed (needs --data; several "
+                        "passes over the images)")
+    c.add_argument("--refit", metavar="LAYERS", default=None,
+                   help="refit the layers left dense after the compressed ones (the "
+                        "classifier, say) to the original outputs on the compressed model's "
+                        "inputs: 'all' or comma-separated module names (needs --data)")
     c.add_argument("--calib-images", type=int, default=1024,
                    help="number of calibration images, a seeded random subset (default: 1024)")
     c.add_argument("--batch-size", type=int, default=64,

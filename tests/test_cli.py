@@ -239,6 +239,36 @@ def test_unknown_layer_name(model_file, tmp_path):
     assert "--layers=" in msg and "nope not in the model" in msg
 
 
+def test_sequential_and_refit(model_file, tmp_path, idx_dir, capsys):
+    argv = _compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir, "--sequential",
+                     "--refit", "all")
+    with pytest.warns(Warning):  # 12 images: few rows for the refitted classifier, too
+        assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert [r["name"] for r in report["refitted"]] == ["fc"]  # every other layer compressed
+    assert all(r["output_error"] is not None for r in report["layers"])  # sequential rows
+    assert "refitted fc (Linear, dense)" in capsys.readouterr().out
+    # one-shot compression, then the refit of the named layer
+    with pytest.warns(Warning):
+        assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                                  "--refit", "fc")) == 0
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert [r["name"] for r in report["refitted"]] == ["fc"]
+    assert all("output_error" not in r for r in report["layers"])
+
+
+def test_sequential_and_refit_errors(model_file, tmp_path, idx_dir):
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--refit", "all",
+                           "--frobenius"))
+    assert "--refit needs calibration images" in msg
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--sequential", "--data",
+                           idx_dir, "--save-stats", str(tmp_path / "s.pt")))
+    assert "--sequential cannot be combined with --save-stats" in msg
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--refit", "nope"))
+    assert "refit contains 'nope'" in msg
+
+
 # ------------------------------------------------------------------ demo
 
 
