@@ -529,8 +529,12 @@ def _refit_worker(rank, port, out_dir):
         small, rep = sequential_compress(_chain().double(), "svd", shard, ranks={"2": 3},
                                          layers=["2"], refit="all", centered=True,
                                          progress=False)
+        one_shot, rep1 = compress(_chain().double(), "svd", data=shard, ranks={"2": 3},
+                                  layers=["2"], refit="all", centered=True, progress=False)
         torch.save({"state": small.state_dict(), "refitted": rep.refitted,
-                    "skipped": rep.skipped}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "skipped": rep.skipped, "one_shot": one_shot.state_dict(),
+                    "one_shot_refitted": rep1.refitted},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -554,6 +558,8 @@ def test_refit_over_two_gloo_processes_equals_one_process(tmp_path):
                   "sequential refit over gloo")
     one, rep = sequential_compress(_chain().double(), "svd", _refit_batches(), ranks={"2": 3},
                                    layers=["2"], refit="all", centered=True, progress=False)
+    one1, rep1 = compress(_chain().double(), "svd", data=_refit_batches(), ranks={"2": 3},
+                          layers=["2"], refit="all", centered=True, progress=False)
     for rank in range(2):
         got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=False)
         assert got["state"].keys() == one.state_dict().keys()
@@ -563,6 +569,11 @@ def test_refit_over_two_gloo_processes_equals_one_process(tmp_path):
         assert got["refitted"][0]["output_error"] == pytest.approx(
             rep.refitted[0]["output_error"], rel=1e-10)
         assert {s["name"] for s in got["skipped"]} == {s["name"] for s in rep.skipped}
+        # one-shot compression + refit: statistics and cross statistics all-reduced too
+        for k, v in one1.state_dict().items():
+            torch.testing.assert_close(got["one_shot"][k], v, rtol=1e-10, atol=1e-12)
+        assert got["one_shot_refitted"][0]["output_error"] == pytest.approx(
+            rep1.refitted[0]["output_error"], rel=1e-10)
 
 
 @pytest.mark.parametrize("centered", [False, True])
