@@ -907,19 +907,9 @@ min_speedup, example_input
         stats, saved, changes = {}, {}, {}
         for acc, m_o, m_c in cross_accs:
             if acc.name in refit_set:
-                row = _refit_layer(acc, m_o, m_c, centered=centered,
-                                   ridge=DEFAULT_RIDGE if target_ridge is None
-                                   else target_ridge)
-                if row is None:
-                    skipped.append({"name": acc.name, "kind": type(m_o).__name__,
-                                    "reason": "not refitted: compression did not change "
-                                              "its inputs"})
-                    continue
-                row["group"] = gi
-                refitted.append(row)
-                b = m_o.bias
-                pending_out.append((_OutputAccumulator(acc.name, None if b is None
-                                                       else b.detach()), m_o, m_c))
+                _refit_into(acc, m_o, m_c, gi, centered=centered,
+                            ridge=DEFAULT_RIDGE if target_ridge is None else target_ridge,
+                            refitted=refitted, skipped=skipped, pending=pending_out)
                 continue
             cs = acc.result()
             K = m_o.weight.detach()
@@ -935,16 +925,8 @@ min_speedup, example_input
                 target = K.to(torch.float64)
                 shift = (K.reshape(K.shape[0], -1).to(torch.float64) @ (cs.mean_o - cs.mean_c)
                          if centered else None)
-            changes[acc.name] = float(torch.linalg.norm(target - K.to(target))
-                                      / max(float(torch.linalg.norm(K.to(target))), 1e-300))
-            with torch.no_grad():
-                m_c.weight.copy_(target.to(m_c.weight))
-                if shift is not None:
-                    if m_c.bias is None:
-                        m_c.bias = nn.Parameter(shift.to(m_c.weight),
-                                                requires_grad=m_c.weight.requires_grad)
-                    else:
-                        m_c.bias.add_(shift.to(m_c.bias))
+            changes[acc.name] = _relative_change(target, K)
+            _install_target(m_c, target, shift)
             stats[acc.name] = cs.layer_stats()
         kw = dict(covariances=stats, inplace=True, centered=centered, options=options,
                   progress=False, distributed=distributed, min_speedup=min_speedup,
@@ -1111,17 +1093,8 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         _finish_outputs(refitted, pending)
         pending = []
         for acc, m_o, m_c in accs:
-            row = _refit_layer(acc, m_o, m_c, centered=centered, ridge=lam)
-            if row is None:
-                report.skipped.append({"name": acc.name, "kind": type(m_o).__name__,
-                                       "reason": "not refitted: compression did not change "
-                                                 "its inputs"})
-                continue
-            row["group"] = gi
-            refitted.append(row)
-            b = m_o.bias
-            pending.append((_OutputAccumulator(acc.name, None if b is None else b.detach()),
-                            m_o, m_c))
+            _refit_into(acc, m_o, m_c, gi, centered=centered, ridge=lam, refitted=refitted,
+                        skipped=report.skipped, pending=pending)
     if pending:
         _run_pair(original, small, data, cross=[], outputs=pending, max_batches=max_batches,
                   forward=forward, mask=mask, device=device, progress=progress,
@@ -1150,19 +1123,41 @@ def _refit_layer(acc, m_o, m_c, *, centered, ridge):
     K = m_o.weight.detach()
     target, shift = corrected_target(K, cs, centered=centered, ridge=ridge)
     before = sum(p.numel() for p in m_c.parameters())
-    with torch.no_grad():
-        m_c.weight.copy_(target.to(m_c.weight))
-        if shift is not None:
-            if m_c.bias is None:
-                m_c.bias = nn.Parameter(shift.to(m_c.weight),
-                                        requires_grad=m_c.weight.requires_grad)
-            else:
-                m_c.bias.add_(shift.to(m_c.bias))
-    change = float(torch.linalg.norm(target - K.to(target))
-                   / max(float(torch.linalg.norm(K.to(target))), 1e-300))
+    _install_target(m_c, target, shift)
     return {"name": acc.name, "kind": type(m_o).__name__, "params_before": before,
             "params_after": sum(p.numel() for p in m_c.parameters()),
-            "target_change": change, "output_error": None}
+            "target_change": _relative_change(target, K), "output_error": None}
+
+
+def _refit_into(acc, m_o, m_c, group, *, centered, ridge, refitted, skipped, pending):
+    """Refit one dense layer; append its row (or its skip reason) and its output check."""
+    row = _refit_layer(acc, m_o, m_c, centered=centered, ridge=ridge)
+    if row is None:
+        skipped.append({"name": acc.name, "kind": type(m_o).__name__,
+                        "reason": "not refitted: compression did not change its inputs"})
+        return
+    row["group"] = group
+    refitted.append(row)
+    b = m_o.bias
+    pending.append((_OutputAccumulator(acc.name, None if b is None else b.detach()), m_o, m_c))
+
+
+def _install_target(module, target, shift):
+    """``module``'s weight := ``target``; ``shift`` added to its bias (created if None)."""
+    with torch.no_grad():
+        module.weight.copy_(target.to(module.weight))
+        if shift is not None:
+            if module.bias is None:
+                module.bias = nn.Parameter(shift.to(module.weight),
+                                           requires_grad=module.weight.requires_grad)
+            else:
+                module.bias.add_(shift.to(module.bias))
+
+
+def _relative_change(target, K):
+    """``||target - K|| / ||K||`` (float64)."""
+    K = K.to(target)
+    return float(torch.linalg.norm(target - K) / max(float(torch.linalg.norm(K)), 1e-300))
 
 
 def _copy_dense(src, dst):
