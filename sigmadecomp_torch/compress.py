@@ -583,6 +583,24 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
 # ----------------------------------------------------------------- compress
 
 
+def _data_layers(model, layers, ranks, ratio):
+    """Names of the layers ``compress`` will choose: those whose statistics ``data=`` needs.
+
+    None for a bare layer (its statistics are collected under the name ``''``).
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, (nn.Conv2d, nn.Linear)):
+        return None
+    paths = module_names(model)
+    canonical = {p: lst[0] for lst in paths.values() for p in lst}
+
+    def canon(n):
+        return canonical.get(n, n) if isinstance(n, str) else n
+
+    explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
+    chosen, _, _, _ = select_step(model, layers, explicit, ratio, canon)
+    return [n for n, _ in chosen]
+
+
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
              distributed=None, min_speedup=None, example_input=None, data=None,
@@ -781,7 +799,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                 layers=layers, inplace=inplace, centered=centered, options=options,
                 progress=progress, distributed=distributed, min_speedup=min_speedup,
                 example_input=example_input),
-            centered=centered, inplace=inplace, progress=progress)
+            centered=centered, inplace=inplace, progress=progress,
+            layers=_data_layers(model, layers, ranks, ratio))
     if sequential:
         from .sequential import sequential_compress
 
@@ -793,7 +812,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if data is not None and isinstance(model, nn.Module):
         from .covariance import collect_covariances
 
-        covariances = collect_covariances(model, data, progress=progress)
+        covariances = collect_covariances(model, data, progress=progress,
+                                          layers=_data_layers(model, layers, ranks, ratio))
     # --- end data= / sequential= -------------------------------------------------------
     ratio = _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
     options = dict(options or {})

@@ -1013,7 +1013,8 @@ min_speedup, example_input
 
 
 def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=False,
-                ridge=None, progress=True, max_batches=None, forward=None, mask="auto"):
+                ridge=None, progress=True, layers=None, max_batches=None, forward=None,
+                mask="auto"):
     """One-shot compression, then a refit of the dense layers downstream.
 
     What ``compress(model, method, data=data, refit=...)`` runs without
@@ -1026,7 +1027,9 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     becomes the corrected target ``K Sigma_oc (Sigma_cc + l I)^{-1}`` of its
     inputs in the original and the compressed model (``l`` from ``ridge``,
     default :data:`sigmadecomp.sigma.DEFAULT_RIDGE`; ``centered`` also
-    sets the bias).
+    sets the bias). ``layers``: the layers whose statistics are collected
+    (default every Conv2d/Linear; ``compress`` passes the ones it will
+    choose).
 
     Returns
     -------
@@ -1060,8 +1063,8 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         raise ValueError(f"refit={refit!r} is not allowed for a single layer: it has no "
                          "dense layers to refit; give refit=None")
     original = copy.deepcopy(model) if inplace else model  # the reference outputs
-    stats = collect_covariances(model, data, progress=progress, max_batches=max_batches,
-                                forward=forward, mask=mask)
+    stats = collect_covariances(model, data, layers=layers, progress=progress,
+                                max_batches=max_batches, forward=forward, mask=mask)
     small, report = compress_fn(model, stats)
     if single:
         return small, report
