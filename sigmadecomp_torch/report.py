@@ -58,7 +58,7 @@ class CompressionReport:
         Parameters of the whole model before and after.
     seconds : float
     refitted : list of dict
-        Dense layers refitted by sequential compression's ``refit``:
+        Dense layers refitted by ``compress(..., refit=...)``:
         ``name``, ``kind``, ``params_before``, ``params_after``,
         ``target_change`` (``||K' - K|| / ||K||``), ``group`` and
         ``output_error`` (empty otherwise).

@@ -1062,6 +1062,10 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     if single and not (isinstance(refit, str) and refit == "all"):
         raise ValueError(f"refit={refit!r} is not allowed for a single layer: it has no "
                          "dense layers to refit; give refit=None")
+    if not (isinstance(refit, str) and refit == "all") \
+            and not (callable(refit) and not isinstance(refit, nn.Module)):
+        # names checked before any work (those compress will take included)
+        _refit_candidates(model, refit, layers or [])
     original = copy.deepcopy(model) if inplace else model  # the reference outputs
     stats = collect_covariances(model, data, layers=layers, progress=progress,
                                 max_batches=max_batches, forward=forward, mask=mask)

@@ -503,6 +503,13 @@ def test_refit_bad_inputs():
     with pytest.raises(ValueError, match="refit contains 'c', which is also a layer to compress"):
         compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
                  refit=["c"])
+    for seq in (False, True):  # refused before any work, one-shot or sequential
+        with pytest.raises(ValueError, match="refit contains 'c', which is also a layer"):
+            compress(net, "tucker2", ratio=2, data=data, sequential=seq, layers=["a", "c"],
+                     refit=["c"])
+        with pytest.raises(TypeError, match="refit=5 is not allowed"):
+            compress(net, "tucker2", ratio=2, data=data, sequential=seq, layers=["a", "c"],
+                     refit=5)
     with pytest.raises(TypeError, match="refit=5 is not allowed"):
         compress(net, "tucker2", ratio=2, data=data, sequential=True, layers=["a", "c"],
                  refit=5)
