@@ -590,6 +590,14 @@ def _data_layers(model, layers, ranks, ratio):
     """
     if not isinstance(model, nn.Module) or isinstance(model, (nn.Conv2d, nn.Linear)):
         return None
+    _, canon, explicit = _canonical_names(model, ranks)
+    chosen, _, _, _ = select_step(model, layers, explicit, ratio, canon)
+    return [n for n, _ in chosen]
+
+
+def _canonical_names(model, ranks):
+    """``(paths, canon, explicit)``: every name of every module, the map of a name to its
+    module's first name, and the explicit ranks under those first names."""
     paths = module_names(model)
     canonical = {p: lst[0] for lst in paths.values() for p in lst}
 
@@ -597,8 +605,7 @@ def _data_layers(model, layers, ranks, ratio):
         return canonical.get(n, n) if isinstance(n, str) else n
 
     explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
-    chosen, _, _, _ = select_step(model, layers, explicit, ratio, canon)
-    return [n for n, _ in chosen]
+    return paths, canon, explicit
 
 
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
@@ -819,13 +826,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     options = dict(options or {})
     min_speedup = _latency.check_min_speedup(min_speedup, example_input)
 
-    paths = module_names(model)  # every name of every module (a shared one has several)
-    canonical = {p: lst[0] for lst in paths.values() for p in lst}
-
-    def canon(n):
-        return canonical.get(n, n) if isinstance(n, str) else n
-
-    explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
+    # every name of every module (a shared one has several), and ranks under first names
+    paths, canon, explicit = _canonical_names(model, ranks)
 
     # 1. select  2. plan (statistics prepared once)  3. ranks -- no decomposition yet
     chosen, named, skipped, asked = select_step(model, layers, explicit, ratio, canon)

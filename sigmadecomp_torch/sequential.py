@@ -631,6 +631,11 @@ def _refit_candidates(model, refit, names):
 
     if refit is None:
         return [], False, []
+    if isinstance(model, (nn.Conv2d, nn.Linear)):
+        if not (isinstance(refit, str) and refit == "all"):
+            raise ValueError(f"refit={refit!r} is not allowed for a single layer: it has no "
+                             "dense layers to refit; give refit=None")
+        return [], False, []
     compressed = set(names)
     if isinstance(refit, str) and refit == "all":
         named, chosen = False, select_layers(model)
@@ -834,11 +839,8 @@ min_speedup, example_input
     if isinstance(ranks, str) and ranks != "evbmf":
         raise ValueError(f"ranks={ranks!r} is not allowed; ranks must be a dict of layer "
                          "name -> ranks or the string 'evbmf'")
-    if refit is not None and not (isinstance(refit, str) and refit == "all") \
-            and isinstance(model, (nn.Conv2d, nn.Linear)):
-        raise ValueError(f"refit={refit!r} is not allowed for a single layer: it has no "
-                         "dense layers to refit; give refit=None")
     if isinstance(model, (nn.Conv2d, nn.Linear)):
+        _refit_candidates(model, refit, [])  # refuses a named refit
         # a single layer has no upstream layers: sequential equals one-shot
         from .covariance import collect_covariances
 
@@ -1058,19 +1060,13 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
                         "a torch.nn.Module")
     data = _check_reiterable(data)
-    single = isinstance(model, (nn.Conv2d, nn.Linear))
-    if single and not (isinstance(refit, str) and refit == "all"):
-        raise ValueError(f"refit={refit!r} is not allowed for a single layer: it has no "
-                         "dense layers to refit; give refit=None")
-    if not (isinstance(refit, str) and refit == "all") \
-            and not (callable(refit) and not isinstance(refit, nn.Module)):
-        # names checked before any work (those compress will take included)
-        _refit_candidates(model, refit, layers or [])
+    # refit checked before any work (a name among the layers compress takes is refused)
+    _refit_candidates(model, refit, layers or [])
     original = copy.deepcopy(model) if inplace else model  # the reference outputs
     stats = collect_covariances(model, data, layers=layers, progress=progress,
                                 max_batches=max_batches, forward=forward, mask=mask)
     small, report = compress_fn(model, stats)
-    if single:
+    if isinstance(model, (nn.Conv2d, nn.Linear)):
         return small, report
     done = [r["name"] for r in report.layers]
     done += [a for r in report.layers for a in r.get("aliases", [])]
