@@ -1,7 +1,8 @@
-"""ResNet-18 at ImageNet shapes: statistics, decomposition and latency, end to end.
+"""ResNet-18 (or ResNet-50) at ImageNet shapes: statistics, decomposition and latency, end to end.
 
-The network is ``sigmadecomp_torch.resnet.resnet18()`` (torchvision's exact
-layout and layer names, random weights, eval mode); the calibration data are
+The network is ``sigmadecomp_torch.resnet.resnet18()`` (``--arch resnet50``:
+``resnet50()``; torchvision's exact layout and layer names, random weights,
+eval mode); the calibration data are
 random images (time and memory do not depend on the pixel values). Measured in
 one run:
 
@@ -41,6 +42,8 @@ Run from the repository root::
     python -m benchmarks.scale                  # full run: notes/scale.md + notes/scale.png
     python -m benchmarks.scale --quick          # seconds: two 64-channel layers, 32x32 images,
                                                 # 1 sweep, prints only
+    python -m benchmarks.scale --arch resnet50 --methods tucker2
+                                                # notes/scale_resnet50.md + .png
 """
 
 from __future__ import annotations
@@ -60,8 +63,13 @@ import torch
 
 import sigmadecomp
 from benchmarks.common import NOTES_DIR
+from benchmarks.latency import count_macs
 from sigmadecomp_torch import collect_covariances, compress, load_covariances, save_covariances
-from sigmadecomp_torch.resnet import resnet18
+from sigmadecomp_torch.resnet import resnet18, resnet50
+
+#: ``--arch``: (constructor, title in the notes, stem of the notes' file names).
+ARCHS = {"resnet18": (resnet18, "ResNet-18", "scale"),
+         "resnet50": (resnet50, "ResNet-50", "scale_resnet50")}
 
 #: The issue's targets on 2 cores at default settings.
 TARGETS = {"tucker2": 600.0, "cp": 900.0, "memory_mib": 3 * 1024.0}
@@ -94,9 +102,9 @@ def _batches(n_images, size, batch, seed=0):
     return out
 
 
-def _model():
+def _model(arch="resnet18"):
     torch.manual_seed(0)
-    return resnet18().eval()
+    return ARCHS[arch][0]().eval()
 
 
 def conv_names(model):
@@ -217,7 +225,7 @@ def _worker(rank, world, init_method, stats_path, out_path, job):
     import torch.distributed as dist
 
     stats = load_covariances(stats_path)
-    model = _model()
+    model = _model(job["arch"])
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         dist.barrier()
@@ -266,6 +274,11 @@ def _parse_settings(text):
     return out
 
 
+def _notes_paths(args):
+    stem = ARCHS[args.arch][2]
+    return (os.path.join(args.notes, stem + ".md"), os.path.join(args.notes, stem + ".png"))
+
+
 def _save_partial(out, args):
     """Write the figures so far (JSON, and the notes in the full mode): an
     interrupted run keeps what it measured."""
@@ -274,15 +287,14 @@ def _save_partial(out, args):
             json.dump(out, fh, indent=1, default=str)
     if not args.quick and out.get("runs"):
         out.setdefault("load_end", os.getloadavg())
-        write_notes(out, os.path.join(args.notes, "scale.md"),
-                    os.path.join(args.notes, "scale.png"))
+        write_notes(out, *_notes_paths(args))
         del out["load_end"]
 
 
 def run(args):
-    model = _model()
+    model = _model(args.arch)
     batches = _batches(args.images, args.size, args.batch)
-    out = {"images": args.images, "size": args.size, "batch": args.batch,
+    out = {"arch": args.arch, "images": args.images, "size": args.size, "batch": args.batch,
            "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
            "load_start": os.getloadavg(), "n_iter_max": args.n_iter_max, "ratio": 3.0,
            "settings": args.settings, "methods": args.methods}
@@ -324,8 +336,8 @@ def run(args):
                            "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss0}
                     one[threads] = small.state_dict()
                 else:
-                    job = {"method": method, "layers": layers, "n_iter_max": args.n_iter_max,
-                           "threads": threads}
+                    job = {"arch": args.arch, "method": method, "layers": layers,
+                           "n_iter_max": args.n_iter_max, "threads": threads}
                     rec = _spawn(procs, stats_path, job)
                     state = rec.pop("state")
                     rec["identical_to_1_process"] = (_same(state, one[threads])
@@ -343,6 +355,8 @@ def run(args):
                       f"{load0:.1f} -> {rec['load_after']:.1f}"
                       + (f", identical to 1 process: {rec['identical_to_1_process']}"
                          if "identical_to_1_process" in rec else ""), flush=True)
+    x1 = torch.rand(1, 3, args.size, args.size)
+    out["macs"] = {label: count_macs(m, x1) for label, m in latency_models.items()}
     out["latency_load_before"] = os.getloadavg()[0]
     out["latency"], out["latency_failed"] = latency_rounds(latency_models, sizes, args)
     out["latency_rounds"] = args.latency_rounds
@@ -385,7 +399,8 @@ def write_notes(out, path_md, path_png):
     ax.set_ylabel("seconds per layer")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    ax.set_title(f"ResNet-18 (224x224), decomposition time per layer at rX=3, "
+    title = ARCHS[out.get("arch", "resnet18")][1]
+    ax.set_title(f"{title} ({out['size']}x{out['size']}), decomposition time per layer at rX=3, "
                  f"n_iter_max={out['n_iter_max']}")
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
@@ -394,9 +409,11 @@ def write_notes(out, path_md, path_png):
     ratio = out["statistics_s"] / out["forward_s"]
     ls, le = out["load_start"], out["load_end"]
     lines = [
-        "# ResNet-18 at scale",
+        f"# {title} at scale",
         "",
-        f"Command: `python -m benchmarks.scale` ({out['images']} random images of "
+        "Command: `python -m benchmarks.scale"
+        + ("" if out.get("arch", "resnet18") == "resnet18" else f" --arch {out['arch']}")
+        + f"` ({out['images']} random images of "
         f"{out['size']}x{out['size']}, batches of {out['batch']}, every Conv2d at rX=3, "
         f"n_iter_max={out['n_iter_max']}, settings {out['settings']}; {out['cores']} cores, "
         f"torch threads {out['torch_threads']}). Load average (1, 5, 15 min) at the start "
@@ -453,10 +470,17 @@ def latency_lines(out):
              f"grad); load average {out['latency_load_before']:.1f} before. The first "
              "setting is the user's default (contiguous layout, torch's default threads), "
              "the others tuned. Speed-up = original / compressed, from the medians; in "
-             "brackets the range of the per-round ratios.", "",
-             "| setting | batch | original | " + " | ".join(methods) + " | "
-             + " | ".join(f"speed-up {m}" for m in methods) + " |",
-             "|---|---:|---:|" + "---:|" * (2 * len(methods))]
+             "brackets the range of the per-round ratios.", ""]
+    macs = out.get("macs")
+    if macs:
+        o = macs["original"]
+        lines += ["Multiply-adds per image (`FlopCounterMode`, whole model): original "
+                  f"{o / 1e9:.3f} G; " + "; ".join(
+                      f"{m} {macs[m] / 1e9:.3f} G (reduction **{o / macs[m]:.2f}x**, "
+                      f"0.6 of it {0.6 * o / macs[m]:.2f}x)" for m in methods) + ".", ""]
+    lines += ["| setting | batch | original | " + " | ".join(methods) + " | "
+              + " | ".join(f"speed-up {m}" for m in methods) + " |",
+              "|---|---:|---:|" + "---:|" * (2 * len(methods))]
     for name, per in lat.items():
         for b in per["original"]:
             o = statistics.median(per["original"][b])
@@ -476,6 +500,8 @@ def latency_lines(out):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="32x32 images, 1 sweep, seconds")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet18",
+                    help="the network (random weights, torchvision's layout)")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
@@ -493,7 +519,8 @@ def main(argv=None):
     ap.add_argument("--cp-layers", default=None,
                     help="comma-separated layer names CP is restricted to (default: all)")
     ap.add_argument("--json", default=None, help="also write the raw figures here")
-    ap.add_argument("--notes", default=NOTES_DIR, help="folder of scale.md and scale.png")
+    ap.add_argument("--notes", default=NOTES_DIR,
+                    help="folder of scale.md and scale.png (scale_resnet50.* for resnet50)")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.size, args.batch = 2, 32, 2
@@ -508,8 +535,7 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
     if not args.quick:
-        write_notes(out, os.path.join(args.notes, "scale.md"),
-                    os.path.join(args.notes, "scale.png"))
+        write_notes(out, *_notes_paths(args))
     return out
 
 

@@ -987,11 +987,8 @@ min_speedup, example_input
                     m_c.bias = None
                 else:
                     m_c.bias.copy_(b)
-    if pending_out:  # output errors of the last group
-        _run_pair(original, work, data, cross=[], outputs=pending_out,
-                  max_batches=max_batches, forward=forward, mask=mask, device=device,
-                  progress=progress, desc="output errors")
-        _finish_outputs(rows + refitted, pending_out)
+    _last_outputs(original, work, data, pending_out, rows + refitted, max_batches=max_batches,
+                  forward=forward, mask=mask, device=device, progress=progress)
 
     from .compress import CompressionReport
 
@@ -1098,11 +1095,8 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         for acc, m_o, m_c in accs:
             _refit_into(acc, m_o, m_c, gi, centered=centered, ridge=lam, refitted=refitted,
                         skipped=report.skipped, pending=pending)
-    if pending:
-        _run_pair(original, small, data, cross=[], outputs=pending, max_batches=max_batches,
-                  forward=forward, mask=mask, device=device, progress=progress,
-                  desc="output errors")
-        _finish_outputs(refitted, pending)
+    _last_outputs(original, small, data, pending, refitted, max_batches=max_batches,
+                  forward=forward, mask=mask, device=device, progress=progress)
     report.refitted = refitted
     report.params_after = sum(p.numel() for p in small.parameters())
     report.seconds = time.perf_counter() - t_start
@@ -1180,6 +1174,15 @@ def _solver_ridge(fmt, options):
     if fmt in ("tucker2", "cp", "tt"):
         return float((options or {}).get("ridge", DEFAULT_RIDGE))
     return float(DEFAULT_RIDGE)
+
+
+def _last_outputs(original, compressed, data, pending, rows, **run):
+    """Measure the output errors still pending after the last group (one more
+    side-by-side pass over ``data``) into ``rows``."""
+    if pending:
+        _run_pair(original, compressed, data, cross=[], outputs=pending, desc="output errors",
+                  **run)
+        _finish_outputs(rows, pending)
 
 
 def _finish_outputs(rows, pending):

@@ -99,3 +99,33 @@ def test_prepare_compiles_once_to_the_same_function():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     assert scale.time_model(compiled, x, 0.01) > 0
+
+
+def test_scale_quick_resnet50_counts_multiply_adds_and_names_its_notes(tmp_path):
+    pytest.importorskip("matplotlib")
+    import argparse
+
+    from benchmarks import scale
+    from benchmarks.latency import count_macs
+
+    out = scale.main(["--quick", "--arch", "resnet50", "--methods", "tucker2",
+                      "--settings", "1:default"])
+    assert out["arch"] == "resnet50"
+    # Bottleneck blocks: layer1.0.conv1 is a 1x1 conv (SVD), conv2 the 3x3 (Tucker-2)
+    rows = out["runs"][0]["report"]
+    assert [(r["name"], r["method"]) for r in rows] == [
+        ("layer1.0.conv1", "svd"), ("layer1.0.conv2", "tucker2")]
+    macs = out["macs"]
+    # an independent count of the original: ResNet-50 at 32x32
+    x = __import__("torch").rand(1, 3, 32, 32)
+    assert macs["original"] == count_macs(scale._model("resnet50"), x)
+    assert 0 < macs["tucker2"] < macs["original"]
+    args = argparse.Namespace(arch="resnet50", notes=str(tmp_path))
+    md, png = scale._notes_paths(args)
+    assert md.endswith("scale_resnet50.md") and png.endswith("scale_resnet50.png")
+    scale.write_notes(out, md, png)
+    text = open(md).read()
+    assert text.startswith("# ResNet-50 at scale")
+    assert "`python -m benchmarks.scale --arch resnet50`" in text
+    red = macs["original"] / macs["tucker2"]
+    assert f"reduction **{red:.2f}x**" in text
