@@ -58,6 +58,10 @@ class PreparedSigma:
         (default: those of ``sigma``). The matrix is always float64.
     name : str, optional
         How error messages name the matrix (default ``'sigma'``).
+    rebuild : callable, optional
+        A function of no arguments that returns ``sigma`` again, for
+        :meth:`release`. By default ``sigma`` itself is kept for it (a
+        reference, not a copy).
 
     Attributes
     ----------
@@ -95,7 +99,7 @@ class PreparedSigma:
     (0, True)
     """
 
-    def __init__(self, sigma, *, like=None, name="sigma"):
+    def __init__(self, sigma, *, like=None, name="sigma", rebuild=None):
         if isinstance(sigma, PreparedSigma):
             raise TypeError(f"{name} is already a PreparedSigma; pass it as it is")
         check_array(sigma, name, ndim=2)
@@ -108,7 +112,11 @@ class PreparedSigma:
         self.name = name
         self.dtype = sigma.dtype
         self.n = n
-        self._matrix = check_sigma(sigma, n, B.as_compute(like), name, psd=False)
+        # an empty float64 array in like's library and on its device: all that the
+        # conversion needs, without holding a reference to (or a copy of) like
+        self._compute = B.as_compute(like.reshape(-1)[:0])
+        self._matrix = check_sigma(sigma, n, self._compute, name, psd=False)
+        self._source = (lambda: sigma) if rebuild is None else rebuild
         self._psd_checked = False
         self._eigh = None
         self._roots = {}
@@ -119,6 +127,9 @@ class PreparedSigma:
     # -- what array-taking code reads from a ``sigma``
     @property
     def matrix(self):
+        if self._matrix is None:  # released: the same checks on the same input again
+            self._matrix = check_sigma(self._source(), self.n, self._compute, self.name,
+                                       psd=False)
         return self._matrix
 
     @property
@@ -131,7 +142,7 @@ class PreparedSigma:
 
     @property
     def device(self):
-        return B.device(self._matrix)
+        return B.device(self.matrix)
 
     @property
     def psd_checked(self):
@@ -139,7 +150,7 @@ class PreparedSigma:
         return self._psd_checked
 
     def __repr__(self):
-        lib = "torch" if B.is_torch(self._matrix) else "numpy"
+        lib = "torch" if B.is_torch(self.matrix) else "numpy"
         return (f"PreparedSigma(n={self.n}, {lib}, dtype={_name(self.dtype)}, "
                 f"psd_checked={self._psd_checked}, eigh={'yes' if self._eigh else 'no'})")
 
@@ -151,11 +162,11 @@ class PreparedSigma:
         has not run yet).
         """
         if self._eigh is None:
-            lam, V = B.eigh(self._matrix)
+            lam, V = B.eigh(self.matrix)
             self.eigh_count += 1
             self._eigh = (lam, V)
             if not self._psd_checked:
-                check_psd(self._matrix, self.dtype, self.name, eigenvalues=lam)
+                check_psd(self.matrix, self.dtype, self.name, eigenvalues=lam)
                 self._psd_checked = True
         return self._eigh
 
@@ -167,7 +178,7 @@ class PreparedSigma:
         """
         if not self._psd_checked:
             eig = None if self._eigh is None else self._eigh[0]
-            check_psd(self._matrix, self.dtype, self.name, eigenvalues=eig)
+            check_psd(self.matrix, self.dtype, self.name, eigenvalues=eig)
             self._psd_checked = True
         return self
 
@@ -181,7 +192,7 @@ class PreparedSigma:
         rtol = zero_rtol(self.dtype) if rtol is None else float(rtol)
         lam, V = self.eigh()
         if neg_rtol is not None and float(neg_rtol) != _neg_rtol(self.dtype):
-            check_psd(self._matrix, self.dtype, self.name, eigenvalues=lam, tol=float(neg_rtol))
+            check_psd(self.matrix, self.dtype, self.name, eigenvalues=lam, tol=float(neg_rtol))
         if rtol not in self._roots:
             self._roots[rtol] = _root_from_eigh(lam, V, rtol)
         return self._roots[rtol]
@@ -199,13 +210,42 @@ class PreparedSigma:
         self._copies.clear()
         return self
 
+    def release(self):
+        """Free everything held for this matrix: the float64 matrix too, not only the factorization.
+
+        For a caller that prepares many matrices up front and uses one at a
+        time (``compress`` over a network's layers): the checks stay done and
+        the next use rebuilds the matrix from the original (or ``rebuild``)
+        with the same operations, so results do not change; only the
+        conversion (one ``n x n`` copy) is paid again.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sigmadecomp.prepared import PreparedSigma
+        >>> S = np.array([[2.0, 1.0], [1.0, 2.0]])
+        >>> P = PreparedSigma(S).release()
+        >>> P.held
+        False
+        >>> bool(np.array_equal(P.matrix, S)), P.held
+        (True, True)
+        """
+        self.discard_factorization()
+        self._matrix = None
+        return self
+
+    @property
+    def held(self):
+        """Whether the float64 matrix is in memory (False after :meth:`release`)."""
+        return self._matrix is not None
+
     def like(self, x):
         """This object in the library and on the device of ``x`` (itself if they match).
 
         A copy shares the work already done (converted, not recomputed) and
         is cached, so each library/device pair converts once.
         """
-        if _same_place(self._matrix, x):
+        if _same_place(self.matrix, x):
             return self
         key = (type(x).__module__, str(B.device(x)))
         other = self._copies.get(key)
@@ -214,6 +254,8 @@ class PreparedSigma:
             other.name, other.dtype, other.n = self.name, self.dtype, self.n
             conv = B.as_compute(x)
             other._matrix = B.asarray_like(self._matrix, conv)
+            other._compute = conv.reshape(-1)[:0]
+            other._source = lambda: self.matrix
             other._psd_checked = self._psd_checked
             other._eigh = (None if self._eigh is None else
                            tuple(B.asarray_like(a, conv) for a in self._eigh))
@@ -236,7 +278,7 @@ class PreparedSigma:
             )
         if psd:
             self.check_psd()
-        return self.like(like)._matrix
+        return self.like(like).matrix
 
 
 def _name(dtype):

@@ -210,9 +210,9 @@ class LayerPlan:
         centered covariance with ``centered=True``; None without statistics.
         Layers reading one statistic share one object, so its eigen-
         decomposition (if any step needs it) runs once for all of them.
-    sigma_full : torch.Tensor or None
-        The uncentered Sigma (float64): the denominator of the reported
-        relative Sigma-error.
+    sigma_full : PreparedSigma, torch.Tensor or None
+        The uncentered Sigma: the denominator of the reported relative
+        Sigma-error (the same object as ``sigma`` unless ``centered``).
     mean : torch.Tensor or None
         The input mean for the bias correction (only with ``centered=True``).
     ranks : int or tuple of int
@@ -229,7 +229,7 @@ class LayerPlan:
     method: str
     aliases: List[str] = field(default_factory=list)
     sigma: Optional[PreparedSigma] = None
-    sigma_full: Optional[torch.Tensor] = None
+    sigma_full: object = None
     mean: Optional[torch.Tensor] = None
     ranks: object = None
     params: Optional[int] = None
@@ -268,11 +268,16 @@ def _prepare_statistics(key, module, stats, centered, cache):
     stats.check_compatible(module, key)
     cache_key = (id(stats), w.device)
     if cache_key not in cache:
-        full = stats.sigma.to(device=w.device, dtype=torch.float64)
-        S = stats.centered().to(device=w.device, dtype=torch.float64) if centered else full
+        full = PreparedSigma(stats.sigma, like=w)
+        sigma = PreparedSigma(stats.centered(), like=w, rebuild=stats.centered) if centered \
+            else full
+        # checked now; the float64 copies are made again when a layer needs them and
+        # released after its last layer (_decompose_all), so that a network's
+        # statistics are not held twice
+        full.release()
+        sigma.release()
         # the stats object is kept in the entry so its id cannot be reused during this call
-        cache[cache_key] = (PreparedSigma(S), full, stats.mean.to(w.device, torch.float64),
-                            stats)
+        cache[cache_key] = (sigma, full, stats.mean.to(w.device, torch.float64), stats)
     sigma, full, mean, _ = cache[cache_key]
     return sigma, full, (mean if centered else None)
 
@@ -411,7 +416,7 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
         needed = {id(p.sigma) for p in kept if p.method == "svd"}
         for p in plans:
             if p.sigma is not None and id(p.sigma) not in needed:
-                p.sigma.discard_factorization()
+                _release(p)
     return kept
 
 
@@ -465,7 +470,9 @@ def decompose_layer(plan):
     if plan.sigma is not None:
         K = W.reshape(W.shape[0], -1)
         num = float(torch.sum((D @ plan.sigma.matrix) * D).clamp_min(0))
-        den = float(torch.sum((K @ plan.sigma_full) * K))
+        full = plan.sigma_full
+        full = full.matrix if isinstance(full, PreparedSigma) else full
+        den = float(torch.sum((K @ full) * K))
         sig_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
     n_iter = getattr(result, "n_iter", None)
     converged = getattr(result, "converged", None)
@@ -496,14 +503,14 @@ def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
     held = {}
     for p in it:
         for key in [key for key in held if last[key] < position[p.name]]:
-            held.pop(key).discard_factorization()
+            _release(held.pop(key))
         with _naming(p.name, shard):
             new, row, _ = decompose_layer(p)
         if p.sigma is not None:
             if last[id(p.sigma)] == position[p.name]:
-                p.sigma.discard_factorization()  # free the n x n factors
+                _release(p)  # free the n x n matrices and factors
             else:
-                held[id(p.sigma)] = p.sigma
+                held[id(p.sigma)] = p
         row["_dense_reason"] = None
         if shapes.get(p.name) is not None:
             shape = shapes[p.name]
@@ -516,9 +523,16 @@ def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
                     f"min_speedup={min_speedup:g}: kept dense")
         rows.append(row)
         new_modules[p.name] = (new, p.names)
-    for sigma in held.values():
-        sigma.discard_factorization()
+    for p in held.values():
+        _release(p)
     return shard.gather(rows, new_modules)  # all layers, on every process
+
+
+def _release(plan):
+    """Free the float64 statistics of ``plan`` (rebuilt from the originals on a later use)."""
+    for sigma in (plan.sigma, plan.sigma_full):
+        if isinstance(sigma, PreparedSigma):
+            sigma.release()
 
 
 def _keep_fast_enough(rows, new_modules, skipped):

@@ -154,3 +154,45 @@ def test_discard_factorization_frees_and_recomputes_on_demand():
     assert P.psd_checked and P.eigh_count == 1 and "eigh=no" in repr(P)
     np.testing.assert_allclose(psd_root(P).sqrt(), first, rtol=0, atol=1e-13)
     assert P.eigh_count == 2
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_release_frees_the_matrix_and_the_next_use_rebuilds_it_unchanged(lib):
+    K, S = _problem(lib, "float32", singular=True)
+    P = PreparedSigma(S)
+    first = B.to_numpy(P.matrix).copy()
+    P.eigh()
+    P.check_psd()
+    assert P.release() is P
+    assert not P.held and P._eigh is None and P.psd_checked  # the checks stay done
+    a = tucker2(K, (3, 2), P, n_iter_max=3)  # rebuilds the float64 matrix on first use
+    assert P.held and P.eigh_count == 1
+    np.testing.assert_array_equal(B.to_numpy(P.matrix), first)  # the same operations
+    b = tucker2(K, (3, 2), PreparedSigma(S), n_iter_max=3)
+    np.testing.assert_array_equal(B.to_numpy(a.to_tensor()), B.to_numpy(b.to_tensor()))
+    # released again, a copy in the other library is made from the rebuilt matrix
+    other = np.zeros(1) if lib == "torch" else torch.zeros(1, dtype=torch.float64)
+    np.testing.assert_array_equal(B.to_numpy(P.release().like(other).matrix), first)
+
+
+def test_release_uses_rebuild_and_does_not_keep_a_reference_to_like():
+    import weakref
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 6))
+    calls = []
+
+    def make():
+        calls.append(1)
+        return X.T @ X / 50
+
+    like = torch.zeros(3, 3, dtype=torch.float32)
+    P = PreparedSigma(make(), like=like, rebuild=make)
+    assert B.is_torch(P.matrix) and P.matrix.dtype == torch.float64
+    ref = weakref.ref(like)
+    del like
+    assert ref() is None  # like gave only its library and device
+    P.release()
+    assert len(calls) == 1 and not P.held
+    np.testing.assert_allclose(P.matrix.numpy(), X.T @ X / 50, rtol=0, atol=1e-15)
+    assert len(calls) == 2

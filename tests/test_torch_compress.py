@@ -342,3 +342,62 @@ def test_compress_tt_method_convs_and_linear():
     # full TT ranks reproduce the model
     full, _ = compress(model, "tt", ranks={"2": 10**6}, layers=["2"], progress=False)
     torch.testing.assert_close(full(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("stats_dtype", [F64, torch.float32])
+def test_compress_holds_the_float64_statistics_of_one_layer_at_a_time(centered, stats_dtype,
+                                                                      monkeypatch):
+    # a network's statistics are large (ResNet-50: 951 MiB in float64); compress used
+    # to hold a float64 copy of every layer's for the whole call, two with centered=True
+    import importlib
+
+    C = importlib.import_module("sigmadecomp_torch.compress")
+
+    made = []
+    init = C.PreparedSigma.__init__
+
+    def tracked_init(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    seen = []
+    real = C.decompose_layer
+
+    def decompose(plan):
+        seen.append((plan.name, [p for p in made if p.held]))
+        return real(plan)
+
+    monkeypatch.setattr(C.PreparedSigma, "__init__", tracked_init)
+    monkeypatch.setattr(C, "decompose_layer", decompose)
+    model = _net()
+    st = collect_covariances(model, _data(), progress=False, dtype=stats_dtype)
+    small, report = compress(model, "tucker2", covariances=st, ratio=2, centered=centered,
+                             layers=["conv1", "conv2", "proj", "fc"], options=FAST,
+                             progress=False)
+    assert len(seen) == len(report.layers) == 4
+    assert len(made) == len(report.layers) * (2 if centered else 1)
+    for name, held in seen:  # nothing held when a layer starts: built on its first use
+        assert held == [], (name, len(held))
+    assert not any(p.held for p in made)  # all released at the end
+    # the reported errors are those of the statistics as given, recomputed independently
+    for row in report.layers:
+        s = st[row["name"]]
+        W = model.get_submodule(row["name"]).weight.detach().to(F64)
+        W = W.reshape(W.shape[0], -1)
+        D = W - _dense_weight(small.get_submodule(row["name"])).reshape(W.shape[0], -1)
+        M = (s.centered() if centered else s.sigma).to(F64)
+        err = math.sqrt(float(torch.sum((D @ M) * D))
+                        / float(torch.sum((W @ s.sigma.to(F64)) * W)))
+        assert math.isclose(err, row["sigma_error"], rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _dense_weight(new):
+    """The kernel a factorized layer computes, from its own sub-layers' weights."""
+    with torch.no_grad():
+        if isinstance(new, Tucker2Conv2d):
+            return torch.einsum("ta,abhw,bs->tshw", new.last.weight[:, :, 0, 0].to(F64),
+                                new.core.weight.to(F64), new.first.weight[:, :, 0, 0].to(F64))
+        first = new.first.weight.to(F64)
+        last = new.last.weight.to(F64)
+        return last.reshape(last.shape[0], -1) @ first.reshape(first.shape[0], -1)
