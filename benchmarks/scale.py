@@ -294,14 +294,16 @@ def _save_partial(out, args):
 def run(args):
     model = _model(args.arch)
     batches = _batches(args.images, args.size, args.batch)
-    out = {"arch": args.arch, "images": args.images, "size": args.size, "batch": args.batch,
-           "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+    out = {"arch": args.arch, "stats_dtype": args.stats_dtype, "images": args.images,
+           "size": args.size, "batch": args.batch, "torch_threads": torch.get_num_threads(),
+           "cores": os.cpu_count(),
            "load_start": os.getloadavg(), "n_iter_max": args.n_iter_max, "ratio": 3.0,
            "settings": args.settings, "methods": args.methods}
     time_forward(model, batches[:1])  # warm-up
     out["forward_s"] = time_forward(model, batches)
     t0 = time.perf_counter()
-    stats = collect_covariances(model, batches, layers=args.layers, progress=False)
+    stats = collect_covariances(model, batches, layers=args.layers, progress=False,
+                                dtype=getattr(torch, args.stats_dtype))
     out["statistics_s"] = time.perf_counter() - t0
     out["statistics_mib"] = sum(s.sigma.numel() * s.sigma.element_size()
                                 for s in {id(v): v for v in stats.values()}.values()) / 2**20
@@ -413,6 +415,8 @@ def write_notes(out, path_md, path_png):
         "",
         "Command: `python -m benchmarks.scale"
         + ("" if out.get("arch", "resnet18") == "resnet18" else f" --arch {out['arch']}")
+        + ("" if out.get("stats_dtype", "float64") == "float64" else
+           f" --stats-dtype {out['stats_dtype']}")
         + f"` ({out['images']} random images of "
         f"{out['size']}x{out['size']}, batches of {out['batch']}, every Conv2d at rX=3, "
         f"n_iter_max={out['n_iter_max']}, settings {out['settings']}; {out['cores']} cores, "
@@ -423,7 +427,9 @@ def write_notes(out, path_md, path_png):
         "## Statistics",
         "",
         f"- forward pass over the {out['images']} images: {out['forward_s']:.2f} s",
-        f"- `collect_covariances` (every Conv2d and the Linear layer, exact float64): {out['statistics_s']:.1f} s, **{ratio:.1f}x the forward pass**",
+        "- `collect_covariances` (every Conv2d and the Linear layer, accumulated in float64, "
+        f"stored in {out.get('stats_dtype', 'float64')}): {out['statistics_s']:.1f} s, "
+        f"**{ratio:.1f}x the forward pass**",
         f"- statistics: {out['statistics_mib']:.0f} MiB; peak RSS after them "
         f"{out['peak_rss_after_statistics_mib']:.0f} MiB",
         "",
@@ -503,6 +509,8 @@ def main(argv=None):
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet18",
                     help="the network (random weights, torchvision's layout)")
     ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
+                    help="storage of the statistics (collect_covariances(dtype=...))")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--methods", default="tucker2,cp")

@@ -109,8 +109,13 @@ def test_scale_quick_resnet50_counts_multiply_adds_and_names_its_notes(tmp_path)
     from benchmarks.latency import count_macs
 
     out = scale.main(["--quick", "--arch", "resnet50", "--methods", "tucker2",
-                      "--settings", "1:default"])
-    assert out["arch"] == "resnet50"
+                      "--settings", "1:default", "--stats-dtype", "float32"])
+    assert out["arch"] == "resnet50" and out["stats_dtype"] == "float32"
+    # float32 statistics: 4 bytes per entry of every layer's (n, n) Sigma
+    model = scale._model("resnet50")
+    n_in = {n: m.weight[0].numel() for n, m in model.named_modules()
+            if n in ("layer1.0.conv1", "layer1.0.conv2")}
+    assert out["statistics_mib"] == sum(4 * n * n for n in n_in.values()) / 2**20
     # Bottleneck blocks: layer1.0.conv1 is a 1x1 conv (SVD), conv2 the 3x3 (Tucker-2)
     rows = out["runs"][0]["report"]
     assert [(r["name"], r["method"]) for r in rows] == [
@@ -118,7 +123,7 @@ def test_scale_quick_resnet50_counts_multiply_adds_and_names_its_notes(tmp_path)
     macs = out["macs"]
     # an independent count of the original: ResNet-50 at 32x32
     x = __import__("torch").rand(1, 3, 32, 32)
-    assert macs["original"] == count_macs(scale._model("resnet50"), x)
+    assert macs["original"] == count_macs(model, x)
     assert 0 < macs["tucker2"] < macs["original"]
     args = argparse.Namespace(arch="resnet50", notes=str(tmp_path))
     md, png = scale._notes_paths(args)
@@ -126,6 +131,7 @@ def test_scale_quick_resnet50_counts_multiply_adds_and_names_its_notes(tmp_path)
     scale.write_notes(out, md, png)
     text = open(md).read()
     assert text.startswith("# ResNet-50 at scale")
-    assert "`python -m benchmarks.scale --arch resnet50`" in text
+    assert "`python -m benchmarks.scale --arch resnet50 --stats-dtype float32`" in text
+    assert "stored in float32" in text
     red = macs["original"] / macs["tucker2"]
     assert f"reduction **{red:.2f}x**" in text
