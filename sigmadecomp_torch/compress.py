@@ -40,6 +40,7 @@ import numbers
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -363,16 +364,12 @@ def _plan(model, chosen, method, covariances, centered, options, paths, named, s
 def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
     """Step 3: set ``plan.ranks`` and ``plan.params``; drop layers that would not shrink."""
     sigma_aware = budget is not None or ranks == "evbmf"
-    if sigma_aware:
-        # both factor every Sigma: do it here, once per statistic, with the layer named
-        for p in plans:
-            if p.sigma is not None and p.name not in explicit:
-                with _naming(p.name):
-                    p.sigma.eigh()
+    # only the Sigma-SVD needs a factorization again after the ranks are chosen
+    needed = {id(p.sigma) for p in plans if p.method == "svd"}
     if budget is not None:
-        specs = {p.name: _ranks.LayerSpec(p.weight64(), p.sigma) for p in plans}
         alloc = _ranks.allocate_ranks(
-            specs, budget, method={p.name: LAYER_METHODS[p.method].rank_method for p in plans})
+            _SpecsOneAtATime(plans, explicit, needed), budget,
+            method={p.name: LAYER_METHODS[p.method].rank_method for p in plans})
     kept = []
     for p in plans:
         shape = p.shape
@@ -385,7 +382,11 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
             r = alloc[p.name]
         elif ranks == "evbmf":
             with _naming(p.name):
+                if p.sigma is not None:
+                    p.sigma.eigh()  # a failure of the factorization names the layer
                 r = _ranks.evbmf_ranks(p.weight64(), rmeth, p.sigma)
+            if p.sigma is not None and id(p.sigma) not in needed:
+                _release(p)
         else:
             r = _ranks.ratio_to_ranks(shape, rmeth, ratio)
         try:
@@ -412,12 +413,49 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
                     "min at 50 GFLOP/s); choose a smaller rank or fewer n_iter_max",
                     CompressionWarning, stacklevel=3)
         kept.append(p)
-    if sigma_aware:  # only the Sigma-SVD needs the factorization again: free the others
+    if sigma_aware:  # layers dropped above: their factorizations are not needed either
         needed = {id(p.sigma) for p in kept if p.method == "svd"}
         for p in plans:
             if p.sigma is not None and id(p.sigma) not in needed:
                 _release(p)
     return kept
+
+
+class _SpecsOneAtATime(Mapping):
+    """The plans as ``{name: LayerSpec}`` for the budget allocation, one layer in memory at a time.
+
+    The allocation reads the items in order and is done with a layer's Sigma
+    (its error curve computed) when it asks for the next one. Each Sigma is
+    factorized when its layer is reached, so that a failure names the layer,
+    and released when the next item is asked for, unless ``needed`` holds it
+    (the Sigma-SVD reuses its factorization). Otherwise every layer's float64
+    Sigma and eigenvectors would be held at once (ResNet-50: about three
+    times its statistics).
+    """
+
+    def __init__(self, plans, explicit, needed):
+        self._plans = plans
+        self._explicit = explicit
+        self._needed = needed
+
+    def __len__(self):
+        return len(self._plans)
+
+    def __iter__(self):
+        return (p.name for p in self._plans)
+
+    def __getitem__(self, name):
+        p = next(p for p in self._plans if p.name == name)
+        return _ranks.LayerSpec(p.weight64(), p.sigma)
+
+    def items(self):
+        for p in self._plans:
+            if p.sigma is not None and p.name not in self._explicit:
+                with _naming(p.name):
+                    p.sigma.eigh()
+            yield p.name, _ranks.LayerSpec(p.weight64(), p.sigma)
+            if p.sigma is not None and id(p.sigma) not in self._needed:
+                _release(p)
 
 
 def decompose_layer(plan):

@@ -401,3 +401,47 @@ def _dense_weight(new):
         first = new.first.weight.to(F64)
         last = new.last.weight.to(F64)
         return last.reshape(last.shape[0], -1) @ first.reshape(first.shape[0], -1)
+
+
+def test_budget_allocation_holds_one_conv_statistic_at_a_time_and_gets_the_same_ranks(
+        stats, monkeypatch):
+    import importlib
+
+    from sigmadecomp.ranks import LayerSpec, allocate_ranks
+
+    C = importlib.import_module("sigmadecomp_torch.compress")
+    A = importlib.import_module("sigmadecomp.allocation")
+    made = []
+    init = C.PreparedSigma.__init__
+
+    def tracked_init(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    held_at_curve = []
+    curve = A.error_curve
+
+    def tracked_curve(weight, method, sigma=None, **kw):
+        held_at_curve.append((method, [p for p in made if p.held and p is not sigma]))
+        return curve(weight, method, sigma, **kw)
+
+    monkeypatch.setattr(C.PreparedSigma, "__init__", tracked_init)
+    monkeypatch.setattr(A, "error_curve", tracked_curve)
+    model = _net()
+    layers = ["conv1", "conv2", "proj", "fc"]
+    methods = {"conv1": "tucker2", "conv2": "tucker2", "proj": "svd", "fc": "svd"}
+    budget = sum(model.get_submodule(n).weight.numel() for n in layers) // 2
+    small, report = compress(model, "tucker2", covariances=stats, budget=budget,
+                             layers=layers, options=FAST, progress=False)
+    assert [m for m, _ in held_at_curve] == [methods[n] for n in layers]
+    svd_sigmas = {id(made[i]) for i, n in enumerate(layers) if methods[n] == "svd"}
+    for _, others in held_at_curve:  # besides the layer's own: only Sigma-SVD statistics
+        assert all(id(p) in svd_sigmas for p in others)
+    assert not any(p.held for p in made)
+    # the same ranks as an allocation over plain float64 matrices
+    monkeypatch.setattr(A, "error_curve", curve)
+    specs = {n: LayerSpec(model.get_submodule(n).weight.detach().to(F64),
+                          stats[n].sigma.to(F64)) for n in layers}
+    want = allocate_ranks(specs, budget, method=methods)
+    got = {r["name"]: r["ranks"] for r in report.layers}
+    assert got == {n: tuple(v) if isinstance(v, (tuple, list)) else v for n, v in want.items()}
