@@ -241,7 +241,7 @@ def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None, psd=True):
         )
     if sym_rtol is None:
         sym_rtol = _floor(SYM_RTOL, sigma.dtype)
-    s = B.asarray_like(sigma, like, dtype=B.namespace(like).float64)
+    s = _as_float64(sigma, like)
     check_finite(s, name)
     xp = B.namespace(s)
     scale = float(xp.max(xp.abs(s))) if n else 0.0
@@ -252,10 +252,28 @@ def check_sigma(sigma, n, like, name="sigma", *, sym_rtol=None, psd=True):
             f"{asym / max(scale, 1e-300):.3g} relative); {name} must be a symmetric "
             "positive semi-definite matrix"
         )
-    s = 0.5 * (s + s.T)
+    s = _symmetrised(s)
     if psd:
         check_psd(s, sigma.dtype, name)
     return s
+
+
+def _as_float64(sigma, like):
+    return B.asarray_like(sigma, like, dtype=B.namespace(like).float64)
+
+
+def _symmetrised(s):
+    return 0.5 * (s + s.T)
+
+
+def symmetrised_float64(sigma, like):
+    """What :func:`check_sigma` returns for ``sigma``, without its checks.
+
+    For a matrix that passed them before (the same input again): converted
+    to float64 in the library and on the device of ``like``, and
+    symmetrised, by the same operations, so the result is identical.
+    """
+    return _symmetrised(_as_float64(sigma, like))
 
 
 def _not_psd(name, lam_min, lam_max, tol):

@@ -32,7 +32,14 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend as B
-from ._validation import check_array, check_psd, check_sigma, neg_rtol as _neg_rtol, zero_rtol
+from ._validation import (
+    check_array,
+    check_psd,
+    check_sigma,
+    neg_rtol as _neg_rtol,
+    symmetrised_float64,
+    zero_rtol,
+)
 
 __all__ = ["PreparedSigma", "prepare_sigma"]
 
@@ -127,9 +134,8 @@ class PreparedSigma:
     # -- what array-taking code reads from a ``sigma``
     @property
     def matrix(self):
-        if self._matrix is None:  # released: the same checks on the same input again
-            self._matrix = check_sigma(self._source(), self.n, self._compute, self.name,
-                                       psd=False)
+        if self._matrix is None:  # released: the checked input, converted again
+            self._matrix = symmetrised_float64(self._source(), self._compute)
         return self._matrix
 
     @property
@@ -216,8 +222,8 @@ class PreparedSigma:
         For a caller that prepares many matrices up front and uses one at a
         time (``compress`` over a network's layers): the checks stay done and
         the next use rebuilds the matrix from the original (or ``rebuild``)
-        with the same operations, so results do not change; only the
-        conversion (one ``n x n`` copy) is paid again.
+        with the same conversion, so results do not change; only the
+        conversion (one ``n x n`` copy) is paid again, not the checks.
 
         Examples
         --------

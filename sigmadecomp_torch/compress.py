@@ -213,7 +213,8 @@ class LayerPlan:
         decomposition (if any step needs it) runs once for all of them.
     sigma_full : PreparedSigma, torch.Tensor or None
         The uncentered Sigma: the denominator of the reported relative
-        Sigma-error (the same object as ``sigma`` unless ``centered``).
+        Sigma-error (the same object as ``sigma`` unless ``centered``, then
+        the statistics' own matrix, converted to float64 when used).
     mean : torch.Tensor or None
         The input mean for the bias correction (only with ``centered=True``).
     ranks : int or tuple of int
@@ -269,13 +270,14 @@ def _prepare_statistics(key, module, stats, centered, cache):
     stats.check_compatible(module, key)
     cache_key = (id(stats), w.device)
     if cache_key not in cache:
-        full = PreparedSigma(stats.sigma, like=w)
-        sigma = PreparedSigma(stats.centered(), like=w, rebuild=stats.centered) if centered \
-            else full
-        # checked now; the float64 copies are made again when a layer needs them and
+        if centered:
+            sigma = PreparedSigma(stats.centered(), like=w, rebuild=stats.centered)
+            full = stats.sigma  # converted when the layer's error is measured
+        else:
+            sigma = full = PreparedSigma(stats.sigma, like=w)
+        # checked now; the float64 matrix is made again when a layer needs it and
         # released after its last layer (_decompose_all), so that a network's
         # statistics are not held twice
-        full.release()
         sigma.release()
         # the stats object is kept in the entry so its id cannot be reused during this call
         cache[cache_key] = (sigma, full, stats.mean.to(w.device, torch.float64), stats)
@@ -509,7 +511,8 @@ def decompose_layer(plan):
         K = W.reshape(W.shape[0], -1)
         num = float(torch.sum((D @ plan.sigma.matrix) * D).clamp_min(0))
         full = plan.sigma_full
-        full = full.matrix if isinstance(full, PreparedSigma) else full
+        full = (full.matrix if isinstance(full, PreparedSigma)
+                else full.to(device=K.device, dtype=torch.float64))
         den = float(torch.sum((K @ full) * K))
         sig_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
     n_iter = getattr(result, "n_iter", None)

@@ -157,7 +157,7 @@ def test_discard_factorization_frees_and_recomputes_on_demand():
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
-def test_release_frees_the_matrix_and_the_next_use_rebuilds_it_unchanged(lib):
+def test_release_frees_the_matrix_and_the_next_use_rebuilds_it_unchanged(lib, monkeypatch):
     K, S = _problem(lib, "float32", singular=True)
     P = PreparedSigma(S)
     first = B.to_numpy(P.matrix).copy()
@@ -165,7 +165,14 @@ def test_release_frees_the_matrix_and_the_next_use_rebuilds_it_unchanged(lib):
     P.check_psd()
     assert P.release() is P
     assert not P.held and P._eigh is None and P.psd_checked  # the checks stay done
+    import sigmadecomp.prepared as prepared_module
+
+    def no_checks(*a, **kw):
+        raise AssertionError("the checks ran again")
+
+    monkeypatch.setattr(prepared_module, "check_sigma", no_checks)
     a = tucker2(K, (3, 2), P, n_iter_max=3)  # rebuilds the float64 matrix on first use
+    monkeypatch.undo()
     assert P.held and P.eigh_count == 1
     np.testing.assert_array_equal(B.to_numpy(P.matrix), first)  # the same operations
     b = tucker2(K, (3, 2), PreparedSigma(S), n_iter_max=3)
