@@ -38,19 +38,11 @@ CONFIGS = (
 )
 
 
-def _rss_mib():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def measure(arch, dtype, centered, budget, layers=None, images=8, size=64):
     """One configuration, in this process: a dict of the figures."""
     import torch
 
-    from benchmarks.scale import _model, peak_rss_mib
+    from benchmarks.scale import _model, peak_rss_mib, rss_mib
     from sigmadecomp_torch import collect_covariances, compress
 
     model = _model(arch)
@@ -58,7 +50,7 @@ def measure(arch, dtype, centered, budget, layers=None, images=8, size=64):
     batches = [torch.rand(4, 3, size, size, generator=g) for _ in range(max(1, images // 4))]
     stats = collect_covariances(model, batches, layers=layers, progress=False,
                                 dtype=getattr(torch, dtype))
-    rss_stats = _rss_mib()
+    rss_stats = rss_mib()
     convs = layers or [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     how = {"ratio": 3.0}
     if budget:

@@ -92,6 +92,15 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib():
+    """Resident memory of this process now (MiB; ``VmRSS`` of ``/proc/self/status``)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+
+
 def _batches(n_images, size, batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     out, left = [], n_images

@@ -1,9 +1,11 @@
-"""Sequential compression and the refit at ResNet-18 scale: time and peak memory.
+"""Sequential compression and the refit at ResNet-18 (or ResNet-50) scale: time and peak memory.
 
     python -m benchmarks.sequential_scale            # 64 images of 224x224, Tucker-2 rX 3
+    python -m benchmarks.sequential_scale --arch resnet50
     python -m benchmarks.sequential_scale --quick    # seconds: 32x32 images, two layers, fc
 
-The ResNet-18 of ``benchmarks.scale`` (torchvision's layout, random weights,
+The ResNet-18 (``--arch resnet50``: ResNet-50) of ``benchmarks.scale``
+(torchvision's layout, random weights,
 random images: time and memory do not depend on the values), every Conv2d and
 Linear but the first and the last compressed by Tucker-2 (the 1x1 convs by
 the SVD) at rX 3, at default thread settings, one process. Three runs, each
@@ -30,12 +32,12 @@ RUNS = {"one-shot": {}, "one-shot + refit": {"refit": "all"},
         "sequential + refit": {"sequential": True, "refit": "all"}}
 
 
-def one_run(label, images, size, batch, quick):
+def one_run(label, images, size, batch, quick, arch="resnet18"):
     """Compress once in this process; returns the figures of ``label``."""
     from benchmarks.scale import _batches, _model, peak_rss_mib
     from sigmadecomp_torch import compress
 
-    model = _model()
+    model = _model(arch)
     batches = _batches(images, size, batch)
     kw = dict(RUNS[label])
     if quick:  # two layers compressed, the classifier refitted
@@ -55,6 +57,7 @@ def one_run(label, images, size, batch, quick):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32x32 images, two layers, seconds")
+    ap.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
@@ -63,13 +66,15 @@ def main(argv=None):
     if args.quick:
         args.images, args.size, args.batch = 4, 32, 2
     if args.one:
-        print(json.dumps(one_run(args.one, args.images, args.size, args.batch, args.quick)))
+        print(json.dumps(one_run(args.one, args.images, args.size, args.batch, args.quick,
+                                 args.arch)))
         return None
     rows = []
     for label in RUNS:
         cmd = [sys.executable, "-m", "benchmarks.sequential_scale", "--one", label,
                "--images", str(args.images), "--size", str(args.size),
-               "--batch", str(args.batch)] + (["--quick"] if args.quick else [])
+               "--batch", str(args.batch), "--arch", args.arch] + (
+                   ["--quick"] if args.quick else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)

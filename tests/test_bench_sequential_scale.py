@@ -13,3 +13,13 @@ def test_sequential_scale_quick_runs():
     assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 0 and r["layers"] == 2 for r in rows)
     assert [r["refitted"] for r in rows] == [[], ["fc"], ["fc"]]
     assert rows[2]["groups"] == 2  # conv1 then conv2 (it reads conv1's output)
+
+
+def test_sequential_scale_quick_runs_on_resnet50():
+    from benchmarks import sequential_scale
+
+    rows = sequential_scale.main(["--quick", "--arch", "resnet50"])
+    # Bottleneck blocks: layer1.0.conv1 (1x1, SVD) feeds layer1.0.conv2 (3x3, Tucker-2)
+    assert all(r["layers"] == 2 for r in rows)
+    assert [r["refitted"] for r in rows] == [[], ["fc"], ["fc"]]
+    assert rows[2]["groups"] == 2

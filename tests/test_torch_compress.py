@@ -350,17 +350,8 @@ def test_compress_holds_the_float64_statistics_of_one_layer_at_a_time(centered, 
                                                                       monkeypatch):
     # a network's statistics are large (ResNet-50: 951 MiB in float64); compress used
     # to hold a float64 copy of every layer's for the whole call, two with centered=True
-    import importlib
-
-    C = importlib.import_module("sigmadecomp_torch.compress")
-
-    made = []
-    init = C.PreparedSigma.__init__
-
-    def tracked_init(self, *a, **kw):
-        init(self, *a, **kw)
-        made.append(self)
-
+    C = _compress_module()
+    made = _track_prepared(monkeypatch)
     seen = []
     real = C.decompose_layer
 
@@ -368,7 +359,6 @@ def test_compress_holds_the_float64_statistics_of_one_layer_at_a_time(centered, 
         seen.append((plan.name, [p for p in made if p.held]))
         return real(plan)
 
-    monkeypatch.setattr(C.PreparedSigma, "__init__", tracked_init)
     monkeypatch.setattr(C, "decompose_layer", decompose)
     model = _net()
     st = collect_covariances(model, _data(), progress=False, dtype=stats_dtype)
@@ -392,6 +382,26 @@ def test_compress_holds_the_float64_statistics_of_one_layer_at_a_time(centered, 
         assert math.isclose(err, row["sigma_error"], rel_tol=1e-6, abs_tol=1e-9)
 
 
+def _compress_module():
+    import importlib
+
+    return importlib.import_module("sigmadecomp_torch.compress")  # not the function
+
+
+def _track_prepared(monkeypatch):
+    """A list that receives every PreparedSigma that compress makes from now on."""
+    made = []
+    cls = _compress_module().PreparedSigma
+    init = cls.__init__
+
+    def tracked_init(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(cls, "__init__", tracked_init)
+    return made
+
+
 def _dense_weight(new):
     """The kernel a factorized layer computes, from its own sub-layers' weights."""
     with torch.no_grad():
@@ -409,15 +419,8 @@ def test_budget_allocation_holds_one_conv_statistic_at_a_time_and_gets_the_same_
 
     from sigmadecomp.ranks import LayerSpec, allocate_ranks
 
-    C = importlib.import_module("sigmadecomp_torch.compress")
     A = importlib.import_module("sigmadecomp.allocation")
-    made = []
-    init = C.PreparedSigma.__init__
-
-    def tracked_init(self, *a, **kw):
-        init(self, *a, **kw)
-        made.append(self)
-
+    made = _track_prepared(monkeypatch)
     held_at_curve = []
     curve = A.error_curve
 
@@ -425,7 +428,6 @@ def test_budget_allocation_holds_one_conv_statistic_at_a_time_and_gets_the_same_
         held_at_curve.append((method, [p for p in made if p.held and p is not sigma]))
         return curve(weight, method, sigma, **kw)
 
-    monkeypatch.setattr(C.PreparedSigma, "__init__", tracked_init)
     monkeypatch.setattr(A, "error_curve", tracked_curve)
     model = _net()
     layers = ["conv1", "conv2", "proj", "fc"]
