@@ -117,10 +117,6 @@ PRECOND_FLOAT32_BYTES = 256 * 2**20
 # of the float64 algebra
 _PINV_RTOL = ZERO_RTOL["float64"]
 _CANCEL = EXPANSION_CANCEL  # named and explained in sigmadecomp._validation
-#: The B operator goes through ``A`` (see ``_through_A``) when that saves more
-#: than this fraction of its flops (the extra small products are not free).
-THROUGH_A_MARGIN = 0.9
-
 #: Defaults of ``inner`` (:class:`sigmadecomp.InnerSolver`) for the B-update: CG
 #: (always preconditioned) until the block objective is exact to
 #: ``BLOCK_EXCESS_RTOL`` (``rtol=None``; a number is the residual rule instead);
@@ -424,30 +420,17 @@ class _SigmaALS(_ALSBase):
         CD = _pair(C, D)
         l2 = self.l2
 
-        def from_SZG(SZG, X):  # SZG = Sigma Z(X) G, (n, R)
-            out = xp.sum(xp.reshape(SZG, (S, P, -1)) * CD[None], axis=1)
+        def from_SZ(SZ, X):
+            out = xp.sum(xp.reshape(SZ @ G, (S, P, -1)) * CD[None], axis=1)
             return out + l2 * X if l2 else out
 
-        def from_SZ(SZ, X):
-            return from_SZG(SZ @ G, X)
-
         Sg_lo = self._Sig_lo
-        Sg = self.Sg if Sg_lo is None else Sg_lo
-        through_A = _through_A(n, R=A.shape[1], T=A.shape[0])
-        At = xp.permute_dims(A, (1, 0))
-        if Sg_lo is not None:
-            A_lo, At_lo = xp.astype(A, xp.float32), xp.astype(At, xp.float32)
 
         def apply(X):
             Zx = xp.reshape(X[:, None, :] * CD[None, :, :], (n, -1))
-            if through_A:  # Sigma Z G = (Sigma (Z A^T)) A: n x n x T instead of n x n x R
-                if Sg_lo is None:
-                    return from_SZG((Sg @ (Zx @ At)) @ A, X)
-                V = Sg @ (xp.astype(Zx, xp.float32) @ At_lo)
-                return from_SZG(xp.astype(V @ A_lo, X.dtype), X)
             if Sg_lo is not None:
-                return from_SZ(xp.astype(Sg @ xp.astype(Zx, xp.float32), X.dtype), X)
-            return from_SZ(Sg @ Zx, X)
+                return from_SZ(xp.astype(Sg_lo @ xp.astype(Zx, xp.float32), X.dtype), X)
+            return from_SZ(self.Sg @ Zx, X)
 
         # the S x S blocks are refreshed every _PRECOND_REFRESH sweeps (any SPD
         # preconditioner keeps CG monotone); the R x R coupling every sweep
@@ -569,18 +552,6 @@ class _SigmaALS(_ALSBase):
                                       (1, 0))
         return _guarded(self.norm2, float(xp.sum(rhs * X)), float(xp.sum(x * (N @ x))),
                         self.residual_objective)
-
-
-def _through_A(n, R, T):
-    """Should the B operator multiply Sigma by ``Z A^T`` (n x T) instead of ``Z`` (n x R)?
-
-    ``Sigma Z G`` with ``G = A^T A`` costs ``2 n R (n + R)`` flops as
-    ``(Sigma Z) G`` and ``2 n T (n + 2 R)`` as ``(Sigma (Z A^T)) A``; the second
-    wins when the rank exceeds the output channels by enough (R ~ 1.5 T for a
-    square 3x3 conv at rX 3: 1.3x fewer flops per CG iteration on 512
-    channels). Same operator; the results differ only by rounding.
-    """
-    return T * (n + 2 * R) < THROUGH_A_MARGIN * R * (n + R)
 
 
 def _block_inverse_factors(sigma, CD, gdiag, l2, S, *, chunk_bytes=None, float32_bytes=None):

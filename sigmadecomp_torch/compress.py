@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from sigmadecomp import ranks as _ranks
-from sigmadecomp.cp import _through_A
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.prepared import PreparedSigma
 from sigmadecomp.sigma import relative_sigma_error
@@ -143,11 +142,9 @@ CP_ADAPTIVE_CG_ITERATIONS = 6
 def cp_flop(shape, rank, options, weighted):
     """Rough floating-point operations of :func:`sigmadecomp.cp` on a ``shape`` kernel.
 
-    A Sigma sweep costs one product of Sigma with an ``n x R`` matrix per CG
-    iteration of its B-update (``n x T`` when the operator goes through the
-    first factor, ``sigmadecomp.cp._through_A``) plus three ``2 n^2 R``
-    products (the other blocks and the error); the number of CG iterations
-    follows ``options['inner']`` (exact by default).
+    A Sigma sweep costs about ``2 n^2 R`` per CG iteration of its B-update plus
+    three such products (the other blocks and the error); the number of CG
+    iterations follows ``options['inner']`` (exact by default).
     """
     T = shape[0]
     n = int(math.prod(shape[1:]))
@@ -164,11 +161,7 @@ def cp_flop(shape, rank, options, weighted):
         cg = CP_ADAPTIVE_CG_ITERATIONS
     else:
         cg = min(int(maxiter), CP_EXACT_CG_ITERATIONS)
-    if _through_A(n, R, T):
-        per_cg = 2 * n * T * (n + 2 * R)
-    else:
-        per_cg = 2 * n * R * (n + R)
-    per_sigma = cg * per_cg + 6 * n * n * R + 2 * R ** 3 + 4 * T * n * R
+    per_sigma = 2 * (cg + 3) * n * n * R + 4 * n * R ** 2 + 2 * R ** 3 + 4 * T * n * R
     init = options.get("init", "frobenius")
     return sweeps * per_sigma + (25 * per_frob if init in (None, "frobenius") else 0)
 
