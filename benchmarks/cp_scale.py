@@ -39,11 +39,10 @@ CONFIGS = {"exact": None, "adaptive": {"maxiter": "adaptive"}}
 
 
 def peak_rss_mib():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory of this process (MiB; ``VmHWM``)."""
+    from benchmarks.scale import status_mib
+
+    return status_mib("VmHWM")
 
 
 def statistic(path):

@@ -92,13 +92,19 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mib():
-    """Resident memory of this process now (MiB; ``VmRSS`` of ``/proc/self/status``)."""
+def status_mib(field):
+    """A memory figure of this process in MiB: ``field`` (``VmRSS``, ``VmHWM``, ...)
+    of ``/proc/self/status`` (Linux only)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def rss_mib():
+    """Resident memory of this process now (MiB)."""
+    return status_mib("VmRSS")
 
 
 def _batches(n_images, size, batch, seed=0):
