@@ -47,7 +47,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from benchmarks.common import calibration_images
+from benchmarks.common import calibration_images, peak_rss_mib
 from sigmadecomp_torch import collect_covariances
 from sigmadecomp_torch import covariance as cov_module
 from sigmadecomp_torch.models import ResNetSmall, conv3x3_names
@@ -92,12 +92,6 @@ def _quick_layers(name, module):
     return name == "conv1" or name.startswith("layer1.0.")
 
 
-def _peak_rss_mib():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _resnet_batches(images, size, batch):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(images, 3, size, size, generator=g)
@@ -125,7 +119,7 @@ def _resnet_run(config, threads, images, size, batch, repeats, out=None, layers=
                                 **_CONFIGS[config])
     t = time.perf_counter() - t0
     nbytes = sum(s.sigma.element_size() * s.sigma.numel() for s in stats.values())
-    res = {"forward": statistics.median(fwd), "collect": t, "rss": _peak_rss_mib(),
+    res = {"forward": statistics.median(fwd), "collect": t, "rss": peak_rss_mib(),
            "stats_mib": nbytes / 2**20, "threads": torch.get_num_threads()}
     if out is not None:
         out.put(res)

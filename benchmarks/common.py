@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import time
 
 import numpy as np
@@ -101,3 +102,35 @@ def write_csv(path, rows, fieldnames):
 
 
 NOTES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notes")
+
+
+def _status_mib(field):
+    """``field`` (``VmRSS``, ``VmHWM``, ...) of ``/proc/self/status`` in MiB; None
+    where that file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return None
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far (MiB).
+
+    ``VmHWM`` of ``/proc/self/status`` where available: ``ru_maxrss`` is
+    kept across ``exec`` on Linux, so a spawned worker would report its
+    parent's peak; otherwise ``ru_maxrss`` (KiB on Linux).
+    """
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib():
+    """Resident memory of this process now (MiB; ``VmRSS``, Linux only)."""
+    now = _status_mib("VmRSS")
+    if now is None:
+        raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    return now

@@ -42,7 +42,8 @@ def measure(arch, dtype, centered, budget, layers=None, images=8, size=64):
     """One configuration, in this process: a dict of the figures."""
     import torch
 
-    from benchmarks.scale import _model, peak_rss_mib, rss_mib
+    from benchmarks.common import peak_rss_mib, rss_mib
+    from benchmarks.scale import _model
     from sigmadecomp_torch import collect_covariances, compress
 
     model = _model(arch)

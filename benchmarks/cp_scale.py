@@ -33,16 +33,11 @@ import time
 
 import numpy as np
 
+from benchmarks.common import peak_rss_mib
+
 LAYER = "layer4.1.conv1"
 RANK = 763  # compress(..., ratio=3) for a 512x512x3x3 conv
 CONFIGS = {"exact": None, "adaptive": {"maxiter": "adaptive"}}
-
-
-def peak_rss_mib():
-    """Peak resident memory of this process (MiB; ``VmHWM``)."""
-    from benchmarks.scale import status_mib
-
-    return status_mib("VmHWM")
 
 
 def statistic(path):

@@ -53,7 +53,6 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -62,7 +61,7 @@ import warnings
 import torch
 
 import sigmadecomp
-from benchmarks.common import NOTES_DIR
+from benchmarks.common import NOTES_DIR, peak_rss_mib
 from benchmarks.latency import count_macs
 from sigmadecomp_torch import collect_covariances, compress, load_covariances, save_covariances
 from sigmadecomp_torch.resnet import resnet18, resnet50
@@ -73,38 +72,6 @@ ARCHS = {"resnet18": (resnet18, "ResNet-18", "scale"),
 
 #: The issue's targets on 2 cores at default settings.
 TARGETS = {"tucker2": 600.0, "cp": 900.0, "memory_mib": 3 * 1024.0}
-
-
-def peak_rss_mib():
-    """Peak resident memory of this process so far (MiB).
-
-    ``VmHWM`` of ``/proc/self/status`` where available: ``ru_maxrss`` is
-    kept across ``exec`` on Linux, so a spawned worker would report its
-    parent's peak; otherwise ``ru_maxrss`` (KiB on Linux).
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def status_mib(field):
-    """A memory figure of this process in MiB: ``field`` (``VmRSS``, ``VmHWM``, ...)
-    of ``/proc/self/status`` (Linux only)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
-def rss_mib():
-    """Resident memory of this process now (MiB)."""
-    return status_mib("VmRSS")
 
 
 def _batches(n_images, size, batch, seed=0):

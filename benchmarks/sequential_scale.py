@@ -34,7 +34,8 @@ RUNS = {"one-shot": {}, "one-shot + refit": {"refit": "all"},
 
 def one_run(label, images, size, batch, quick, arch="resnet18"):
     """Compress once in this process; returns the figures of ``label``."""
-    from benchmarks.scale import _batches, _model, peak_rss_mib
+    from benchmarks.common import peak_rss_mib
+    from benchmarks.scale import _batches, _model
     from sigmadecomp_torch import compress
 
     model = _model(arch)
@@ -57,7 +58,8 @@ def one_run(label, images, size, batch, quick, arch="resnet18"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32x32 images, two layers, seconds")
-    ap.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
+    ap.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"),
+                    help="a model of benchmarks.scale.ARCHS")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
