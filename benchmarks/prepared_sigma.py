@@ -51,13 +51,10 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-
 import sigmadecomp._backend as B
 from sigmadecomp import ranks as R
 from sigmadecomp.cp import cp
 from sigmadecomp.prepared import PreparedSigma
-from sigmadecomp.sigma import relative_sigma_error
 from sigmadecomp.svd import sigma_svd
 from sigmadecomp.tucker2 import tucker2
 

@@ -183,22 +183,22 @@ def latency_rounds(models, sizes, args):
     return out, failed
 
 
-def _options(method, n_iter_max):
-    if n_iter_max is None:
-        return {}
-    opts = {"n_iter_max": n_iter_max}
-    if method == "tucker2":
+def _options(method, n_iter_max, cp_inner="exact"):
+    opts = {} if n_iter_max is None else {"n_iter_max": n_iter_max}
+    if method == "tucker2" and n_iter_max is not None:
         opts["init_iter_max"] = n_iter_max
+    if method == "cp" and cp_inner == "adaptive":  # the documented fast option of cp
+        opts["inner"] = {"maxiter": "adaptive"}
     return opts
 
 
-def _compress(model, stats, method, layers, n_iter_max, threads, distributed):
+def _compress(model, stats, method, layers, n_iter_max, threads, distributed, cp_inner="exact"):
     ctx = contextlib.nullcontext() if threads == "default" else sigmadecomp.threads(int(threads))
     with ctx, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bounded sweeps: a ConvergenceWarning per layer
         t0 = time.perf_counter()
         small, report = compress(model, method, covariances=stats, ratio=3.0, layers=layers,
-                                 options=_options(method, n_iter_max), progress=False,
+                                 options=_options(method, n_iter_max, cp_inner), progress=False,
                                  distributed=distributed)
         return small, report, time.perf_counter() - t0
 
@@ -213,7 +213,8 @@ def _worker(rank, world, init_method, stats_path, out_path, job):
         dist.barrier()
         t0 = time.perf_counter()
         small, report, _ = _compress(model, stats, job["method"], job["layers"],
-                                     job["n_iter_max"], job["threads"], None)
+                                     job["n_iter_max"], job["threads"], None,
+                                     job["cp_inner"])
         dist.barrier()
         wall = time.perf_counter() - t0
         rss = torch.tensor([peak_rss_mib()], dtype=torch.float64)
@@ -280,6 +281,7 @@ def run(args):
            "size": args.size, "batch": args.batch, "torch_threads": torch.get_num_threads(),
            "cores": os.cpu_count(),
            "load_start": os.getloadavg(), "n_iter_max": args.n_iter_max, "ratio": 3.0,
+           "cp_inner": args.cp_inner,
            "settings": args.settings, "methods": args.methods}
     time_forward(model, batches[:1])  # warm-up
     out["forward_s"] = time_forward(model, batches)
@@ -315,13 +317,15 @@ def run(args):
                 if procs == 1:
                     rss0 = peak_rss_mib()
                     small, report, wall = _compress(model, stats, method, layers,
-                                                    args.n_iter_max, threads, False)
+                                                    args.n_iter_max, threads, False,
+                                                    args.cp_inner)
                     rec = {"seconds": wall, "report": _rows(report),
                            "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss0}
                     one[threads] = small.state_dict()
                 else:
                     job = {"arch": args.arch, "method": method, "layers": layers,
-                           "n_iter_max": args.n_iter_max, "threads": threads}
+                           "n_iter_max": args.n_iter_max, "threads": threads,
+                           "cp_inner": args.cp_inner}
                     rec = _spawn(procs, stats_path, job)
                     state = rec.pop("state")
                     rec["identical_to_1_process"] = (_same(state, one[threads])
@@ -399,6 +403,7 @@ def write_notes(out, path_md, path_png):
         + ("" if out.get("arch", "resnet18") == "resnet18" else f" --arch {out['arch']}")
         + ("" if out.get("stats_dtype", "float64") == "float64" else
            f" --stats-dtype {out['stats_dtype']}")
+        + ("" if out.get("cp_inner", "exact") == "exact" else f" --cp-inner {out['cp_inner']}")
         + f"` ({out['images']} random images of "
         f"{out['size']}x{out['size']}, batches of {out['batch']}, every Conv2d at rX=3, "
         f"n_iter_max={out['n_iter_max']}, settings {out['settings']}; {out['cores']} cores, "
@@ -499,6 +504,9 @@ def main(argv=None):
     ap.add_argument("--settings", default="1:default,1:1,2:default,2:1",
                     help="comma-separated P:T (processes:threads), default first")
     ap.add_argument("--n-iter-max", type=int, default=None, help="bound the sweeps per layer")
+    ap.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
+                    help="CP's B-update: 'exact' (the default of cp) or 'adaptive' "
+                         "(inner={'maxiter': 'adaptive'}, a few CG iterations per sweep)")
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--latency-rounds", type=int, default=5,
                     help="interleaved rounds of the latency measurement (median reported)")

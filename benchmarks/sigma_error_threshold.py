@@ -26,7 +26,6 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 from sigmadecomp_torch.demo.reference import evaluate, load_reference
 from sigmadecomp_torch import collect_covariances, compress

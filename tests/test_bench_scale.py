@@ -135,3 +135,23 @@ def test_scale_quick_resnet50_counts_multiply_adds_and_names_its_notes(tmp_path)
     assert "stored in float32" in text
     red = macs["original"] / macs["tucker2"]
     assert f"reduction **{red:.2f}x**" in text
+
+
+def test_scale_passes_the_cp_inner_choice_to_compress(monkeypatch):
+    from benchmarks import scale
+
+    seen = []
+    real = scale.compress
+
+    def spy(model, method, **kw):
+        seen.append((method, kw["options"]))
+        return real(model, method, **kw)
+
+    monkeypatch.setattr(scale, "compress", spy)
+    out = scale.main(["--quick", "--methods", "cp,tucker2", "--settings", "1:1",
+                      "--cp-inner", "adaptive", "--layers", "layer1.0.conv1"])
+    assert out["cp_inner"] == "adaptive"
+    assert seen == [("cp", {"n_iter_max": 1, "inner": {"maxiter": "adaptive"}}),
+                    ("tucker2", {"n_iter_max": 1, "init_iter_max": 1})]
+    assert [r["method"] for r in out["runs"]] == ["cp", "tucker2"]
+    assert scale._options("cp", None) == {}  # exact: cp's own default

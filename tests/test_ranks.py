@@ -469,8 +469,9 @@ def test_curve_macs_and_cp():
     assert error_curve(K, "cp").macs is None
     # the CP proxy is the Tucker-2 proxy of the largest proportional Tucker-2 of no larger size
     t2 = error_curve(K, "tucker2")
-    for R, e in zip(c.ranks, c.errors):
-        fits = [err for p, err in zip(t2.params, t2.errors) if p <= layer_params(K.shape, "cp", R)]
+    for rank, e in zip(c.ranks, c.errors):
+        fits = [err for p, err in zip(t2.params, t2.errors)
+                if p <= layer_params(K.shape, "cp", rank)]
         assert e == pytest.approx(min(fits) if fits else t2.errors[0], abs=1e-12)
 
 

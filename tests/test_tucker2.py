@@ -88,8 +88,6 @@ def test_block_out_core_is_the_dense_least_squares_minimiser(rng):
     r_T, r_S = 2, 2
     U_S = np.linalg.qr(rng.standard_normal((S, r_S)))[0]
     K1 = K.reshape(T, n)
-    KS = K1 @ Sig
-    total = float(np.sum(KS * K1))
     U_T, G, err, sq = als_blocks(K, Sig).out_core(U_S, r_T)
     Bm = np.kron(U_S, np.eye(P)).T  # (r_S P, n)
     Kt = U_T @ G.reshape(r_T, -1) @ Bm
@@ -129,8 +127,6 @@ def test_block_in_is_the_dense_least_squares_minimiser(rng, solver, sigma_rank):
     U_S = np.linalg.qr(rng.standard_normal((S, r_S)))[0]
     G = rng.standard_normal((r_T, r_S, P))
     K1 = K.reshape(T, n)
-    KS = K1 @ Sig
-    S4 = Sig.reshape(S, P, S, P)
     X = als_blocks(K, Sig, rtol=1e-12).in_factor(U_T, G, U_S, method=solver, rtol=1e-13,
                                                  maxiter=500)
 
@@ -151,7 +147,6 @@ def test_kron_preconditioner_is_exact_for_kronecker_sigma(rng):
     S, P, r_T, r_S = 5, 4, 3, 2
     Sig = np.kron(random_psd(rng, S), random_psd(rng, P))
     G = rng.standard_normal((r_T, r_S, P))
-    S4 = Sig.reshape(S, P, S, P)
     blocks = als_blocks(np.zeros((r_T, S, 2, 2)), Sig)
     pc = blocks.preconditioner().update(G)
     H = blocks.normal_operator(G)
