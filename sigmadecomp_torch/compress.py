@@ -134,17 +134,24 @@ def _check_not_meta(model, covariances):
 #: CG iterations of one exact CP B-update assumed by :func:`cp_flop` (measured
 #: 60-110 on ResNet-18 and reference layers at rX=3, notes/sweeps.md).
 CP_EXACT_CG_ITERATIONS = 80
+#: ... when the statistic averaged fewer patch vectors than it has inputs, so
+#: that Sigma is singular and its ridge sets the conditioning (measured: 425
+#: on a 512-channel ResNet-18 conv, 3,136 patches for 4,608 inputs,
+#: notes/cp_scale.md).
+CP_SINGULAR_CG_ITERATIONS = 400
 #: ... and of one B-update under ``inner={'maxiter': 'adaptive'}`` (a cap of 5
 #: that doubles only when progress stalls).
 CP_ADAPTIVE_CG_ITERATIONS = 6
 
 
-def cp_flop(shape, rank, options, weighted):
+def cp_flop(shape, rank, options, weighted, samples=None):
     """Rough floating-point operations of :func:`sigmadecomp.cp` on a ``shape`` kernel.
 
     A Sigma sweep costs about ``2 n^2 R`` per CG iteration of its B-update plus
     three such products (the other blocks and the error); the number of CG
-    iterations follows ``options['inner']`` (exact by default).
+    iterations follows ``options['inner']`` (exact by default) and, for the
+    exact B-update, whether the statistic is singular: ``samples`` (the patch
+    vectors it averaged, ``LayerStats.count``) below its size ``n``.
     """
     T = shape[0]
     n = int(math.prod(shape[1:]))
@@ -155,12 +162,14 @@ def cp_flop(shape, rank, options, weighted):
         return sweeps * per_frob
     inner = options.get("inner") or {}
     maxiter = inner.get("maxiter") if isinstance(inner, dict) else getattr(inner, "maxiter", None)
+    exact = (CP_SINGULAR_CG_ITERATIONS if samples is not None and samples < n
+             else CP_EXACT_CG_ITERATIONS)
     if maxiter is None:
-        cg = CP_EXACT_CG_ITERATIONS
+        cg = exact
     elif maxiter == "adaptive":
         cg = CP_ADAPTIVE_CG_ITERATIONS
     else:
-        cg = min(int(maxiter), CP_EXACT_CG_ITERATIONS)
+        cg = min(int(maxiter), exact)
     per_sigma = 2 * (cg + 3) * n * n * R + 4 * n * R ** 2 + 2 * R ** 3 + 4 * T * n * R
     init = options.get("init", "frobenius")
     return sweeps * per_sigma + (25 * per_frob if init in (None, "frobenius") else 0)
@@ -223,6 +232,9 @@ class LayerPlan:
         Weight parameters of the factorized layer at ``ranks``.
     options : dict
         Keyword arguments of the core function (none for the closed-form SVD).
+    samples : int or None
+        The patch vectors the statistic averaged (``LayerStats.count``; its
+        rank is at most this); None without statistics. Used by the cost model.
     """
 
     name: str
@@ -236,6 +248,7 @@ class LayerPlan:
     ranks: object = None
     params: Optional[int] = None
     options: dict = field(default_factory=dict)
+    samples: Optional[int] = None
 
     @property
     def names(self):
@@ -359,6 +372,7 @@ def _plan(model, chosen, method, covariances, centered, options, paths, named, s
         if covariances is not None:
             plan.sigma, plan.sigma_full, plan.mean = _prepare_statistics(
                 stats_key, module, covariances[stats_key], centered, cache)
+            plan.samples = covariances[stats_key].count
         plans.append(plan)
     return plans
 
@@ -407,7 +421,7 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
                 f"{p.params} weight parameters, more than the {dense} of the original "
                 "layer; the layer is replaced anyway", CompressionWarning, stacklevel=3)
         if rmeth == "cp":
-            flop = cp_flop(shape, p.ranks, options, p.sigma is not None)
+            flop = cp_flop(shape, p.ranks, options, p.sigma is not None, p.samples)
             if flop > CP_COST_WARN_FLOP:
                 warnings.warn(
                     f"CP rank {p.ranks} for layer {p.name!r} (weight {shape}) needs about "

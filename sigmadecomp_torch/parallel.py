@@ -80,7 +80,7 @@ def resolve_group(distributed):
     return dist.get_rank(), world
 
 
-def layer_cost(shape, fmt, ranks, options, weighted):
+def layer_cost(shape, fmt, ranks, options, weighted, samples=None):
     """Predicted floating-point operations of decomposing one layer.
 
     A rough count from the shapes (``T`` outputs, ``n`` = inputs x kernel
@@ -98,6 +98,9 @@ def layer_cost(shape, fmt, ranks, options, weighted):
         The core options (``n_iter_max``, ``init``).
     weighted : bool
         Whether a Sigma is used.
+    samples : int, optional
+        The patch vectors the statistic averaged; fewer than the layer's
+        inputs make Sigma singular, which slows CP's exact B-update.
 
     Returns
     -------
@@ -119,7 +122,7 @@ def layer_cost(shape, fmt, ranks, options, weighted):
     if fmt == "cp":
         from .compress import cp_flop
 
-        return base + cp_flop(shape, ranks, options, weighted)
+        return base + cp_flop(shape, ranks, options, weighted, samples)
     if fmt == "tucker2":
         r_T, r_S = (int(v) for v in ranks)
         sweeps = int(options.get("n_iter_max", 100))
@@ -207,7 +210,7 @@ class LayerShard:
         self._mine = set()  # names of the layers this process took
         if self.world_size > 1:
             costs = [layer_cost(tuple(p.module.weight.shape), p.method, p.ranks, options,
-                                p.sigma is not None) for p in plan]
+                                p.sigma is not None, p.samples) for p in plan]
             #: plan indices in the order the layers are handed out
             self.order = sorted(range(len(plan)), key=lambda i: (-float(costs[i]), i))
             if schedule == "dynamic":

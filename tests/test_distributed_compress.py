@@ -245,6 +245,49 @@ def test_layer_cost_grows_with_the_layer():
             > layer_cost((64, 64, 3, 3), "tucker2", (20, 20), {}, False))
 
 
+def test_cp_cost_counts_a_singular_statistic():
+    shape, rank = (64, 64, 3, 3), 100  # n = 576 inputs
+    full = layer_cost(shape, "cp", rank, {}, True, samples=10_000)
+    singular = layer_cost(shape, "cp", rank, {}, True, samples=300)
+    assert layer_cost(shape, "cp", rank, {}, True) == full  # unknown count: not singular
+    assert singular > 3 * full  # the exact B-update's CG runs about 5x longer
+    # a CG cap bounds it; the adaptive cap and Frobenius do not depend on it
+    capped = {"inner": {"maxiter": 10}}
+    assert (layer_cost(shape, "cp", rank, capped, True, samples=300)
+            == layer_cost(shape, "cp", rank, capped, True, samples=10_000))
+    adaptive = {"inner": {"maxiter": "adaptive"}}
+    assert (layer_cost(shape, "cp", rank, adaptive, True, samples=300)
+            == layer_cost(shape, "cp", rank, adaptive, True))
+    assert (layer_cost(shape, "cp", rank, {}, False, samples=300)
+            == layer_cost(shape, "cp", rank, {}, False))
+
+
+def test_compress_cost_warning_uses_the_statistics_sample_count(monkeypatch):
+    import importlib
+    import re
+
+    import numpy as np
+
+    from sigmadecomp_torch import LayerStats
+
+    # the module, not the function of the same name that the package exports
+    monkeypatch.setattr(importlib.import_module("sigmadecomp_torch.compress"),
+                        "CP_COST_WARN_FLOP", 0.0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, bias=False))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 36))
+    sigma = torch.from_numpy(X.T @ X / 400)
+    flops = []
+    for count in (400, 20):  # the same matrix, said to average 400 or 20 patches
+        stats = {"0": LayerStats(sigma, torch.zeros(36, dtype=torch.float64), count)}
+        with pytest.warns(UserWarning, match="needs about") as rec:
+            compress(conv, "cp", covariances=stats, ranks={"0": 4},
+                     options={"n_iter_max": 1})
+        msg = next(str(w.message) for w in rec if "needs about" in str(w.message))
+        flops.append(float(re.search(r"needs about (\S+) floating", msg).group(1)))
+    assert flops[1] > 3 * flops[0]
+
+
 def test_distributed_option_is_checked_and_one_process_is_the_default():
     assert not dist.is_initialized()
     assert resolve_group(None) is None and resolve_group(False) is None
