@@ -15,8 +15,9 @@ or chosen per layer by a rule that uses the statistics and the model only:
 ``'moments'`` (what ``'auto'`` means)
     A network with BatchNorm records, in the running mean and variance of
     the BatchNorm reading a layer's output, the mean square of every output
-    channel on its *training* data: ``running_var + running_mean**2`` for a
-    bias-free layer. Under the calibration statistics the same channel has
+    channel on its *training* data: ``running_var + (running_mean - bias)**2``
+    is the mean square of the layer's output without its bias (``bias`` = 0
+    for a bias-free layer). Under the calibration statistics the same channel has
     the mean square ``(K_(1) sigma_a K_(1)^T)[t, t]``. The rule keeps the ``a``
     for which the two agree best up to a common factor (the least spread of
     their log ratio over the channels, :func:`sigmadecomp.shrinkage.moment_alpha`).
@@ -164,7 +165,9 @@ def output_moments(model, names):
     after the layer in the same parent module (the ``conv -> bn`` order of
     ``nn.Sequential`` blocks and of ResNet-style ``conv1, bn1`` attributes),
     with as many features as the layer has outputs and running statistics,
-    gives ``running_var + running_mean**2``.
+    gives ``running_var + (running_mean - bias)**2``: the mean square of the
+    layer's output without its bias (the BatchNorm's input is ``K x + bias``,
+    whose variance is that of ``K x``), which is what ``K sigma K^T`` models.
 
     Parameters
     ----------
@@ -199,10 +202,10 @@ def output_moments(model, names):
             reasons[name] = (f"the BatchNorm after it has {nxt.num_features} features or no "
                              f"running statistics; the layer has {T} outputs")
         else:
-            t = (nxt.running_var.detach() + nxt.running_mean.detach() ** 2).to(torch.float64)
+            mean = nxt.running_mean.detach().to(torch.float64)
             if getattr(layer, "bias", None) is not None:
-                reasons[name] = "the layer has a bias (its output moments are not modelled)"
-                continue
+                mean = mean - layer.bias.detach().to(mean)
+            t = nxt.running_var.detach().to(torch.float64) + mean ** 2
             targets[name] = t.cpu()
     return targets, reasons
 

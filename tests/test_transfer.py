@@ -450,3 +450,25 @@ def test_prior_bad_input(setup):
         shrink_covariances(stats, "auto", model=model, prior=bad)
     with pytest.raises(TypeError, match="prior"):
         shrink_covariances(stats, "auto", model=model, prior=[1])
+
+
+def test_moments_rule_models_a_layer_with_a_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, momentum=None),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 25, 2))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(-2.0, 3.0, 6))  # far from zero
+    x = torch.randn(64, 3, 5, 5)
+    model.train()
+    with torch.no_grad():
+        model(x)  # momentum=None: running statistics of exactly this batch
+    model.eval()
+    stats = collect_covariances(model, [x], layers=["0"], progress=False)
+    targets, reasons = output_moments(model, ["0"])
+    assert reasons == {}
+    # the mean square of K x (the output without its bias) on the same batch
+    K = model[0].weight.detach().double().reshape(6, -1)
+    expect = torch.einsum("ti,ij,tj->t", K, stats["0"].sigma, K)
+    torch.testing.assert_close(targets["0"], expect, rtol=2e-3, atol=0)  # running_var: n/(n-1)
+    out = shrink_covariances(stats, "moments", model=model)
+    assert out.skipped == {} and out.alphas["0"] <= 0.02
