@@ -98,7 +98,22 @@ def progress_bar(iterable, *, total, enabled, desc):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
+def check_materialized(model, who="statistics need"):
+    """Refuse lazy modules whose parameters have no shape yet (``nn.LazyLinear`` before its
+    first call)."""
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            if isinstance(t, (UninitializedParameter, UninitializedBuffer)):
+                raise ValueError(
+                    f"model has the uninitialized {what} {n!r} of a lazy module (e.g. "
+                    f"nn.LazyLinear): {who} its shape; run the model once on an example "
+                    "input (model(x)) so that lazy modules create their weights")
+
+
 def check_not_meta(model):
+    check_materialized(model)
     for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for n, t in items:
             if t.is_meta:

@@ -156,6 +156,9 @@ def _rank_choice(args):
                                         "parameters (--budget)")
         raise UserError(f"--budget={b:g} is not allowed; give a whole parameter count (>= 1) or "
                         "a fraction in (0, 1) of the compressed layers' parameters")
+    if args.method == "tt":
+        raise UserError("--method tt needs --ratio or --budget: the default ranks (EVBMF) are "
+                        "estimated for tucker2, cp and svd only")
     return ({"ranks": "evbmf"},
             "ranks: EVBMF (estimated from each layer's weights, no size target); give --ratio "
             "or --budget to set the size")
@@ -197,16 +200,26 @@ def _calibration_images(args, model):
         hint = " (resize them with --image-size SIZE)" if "different sizes" in str(exc) else ""
         raise UserError(f"--data={args.data!r}: {exc}{hint}") from None
     if args.normalize:
-        vals = _parse_floats(args.normalize, "--normalize")
-        if len(vals) % 2 or 2 * x.shape[1] not in (2, len(vals)):
-            raise UserError(f"--normalize={args.normalize!r}: give MEAN,STD or one mean and one "
-                            f"std per channel ({x.shape[1]} channels)")
-        half = len(vals) // 2
-        mean = torch.tensor(vals[:half]).view(1, -1, 1, 1)
-        std = torch.tensor(vals[half:]).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        x = _normalize(x, args.normalize)
     print(f"calibration: {len(x)} images of shape {tuple(x.shape[1:])} from {args.data}")
     return x
+
+
+def _normalize(x, text):
+    """``x`` (N, C, H, W) normalized by ``--normalize`` = MEAN,STD (every channel) or C means then C stds."""
+    import torch
+
+    vals = _parse_floats(text, "--normalize")
+    channels = x.shape[1]
+    if len(vals) not in (2, 2 * channels):
+        raise UserError(f"--normalize={text!r}: give MEAN,STD or one mean and one "
+                        f"std per channel ({channels} channels, so 2 or {2 * channels} values)")
+    half = len(vals) // 2
+    mean = torch.tensor(vals[:half]).view(1, -1, 1, 1)
+    std = torch.tensor(vals[half:]).view(1, -1, 1, 1)
+    if not bool((std > 0).all()):
+        raise UserError(f"--normalize={text!r}: the standard deviations must be > 0")
+    return (x - mean) / std
 
 
 def _cmd_compress(args):
@@ -362,7 +375,7 @@ def build_parser():
     r.add_argument("--ratio", type=float, metavar="RX",
                    help="per-layer compression ratio rX = params(original) / params(factorized), "
                         "> 1; a warning names layers that cannot reach it. Without --ratio and "
-                        "--budget, EVBMF estimates the ranks (no size target)")
+                        "--budget, EVBMF estimates the ranks (no size target; not for --method tt)")
     r.add_argument("--budget", type=float,
                    help="total weight parameters of the compressed layers after compression: "
                         "a whole count, or a fraction in (0, 1) of their original total; "

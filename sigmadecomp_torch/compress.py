@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import numbers
 import sys
@@ -57,8 +58,12 @@ from . import parallel as _parallel
 from .covariance import LayerStats, select_layers
 from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_layer_method
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
+from ._batches import check_materialized
 from .selection import (
     SUPPORTED,
+    CallOrder,
+    _call_order,
+    _default_names,
     default_exclusions,
     default_layers,
     module_kind,
@@ -117,6 +122,7 @@ def _check_ratio(ratio):
 
 
 def _check_not_meta(model, covariances):
+    check_materialized(model, who="compress needs")
     for kind, items in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for n, t in items:
@@ -319,14 +325,17 @@ def select_step(model, layers, explicit, ratio, canon=lambda n: n):
     name to the first name of its module. Also used by sequential compression.
     """
     skipped = []
+    order = layers if isinstance(layers, CallOrder) else None  # the default, by call order
+    if order is not None:
+        layers = None
     named = layers is not None and not callable(layers)
     if layers is None:
         if explicit and ratio is None:
             layers, named = list(explicit), True
         else:
-            layers = default_layers(model)
+            layers = _default_names(model, order)
             layers += [k for k in explicit if k not in layers]
-            skipped += [s for s in default_exclusions(model) if s["name"] not in layers]
+            skipped += [s for s in default_exclusions(model, order) if s["name"] not in layers]
             skipped += unsupported_modules(model)
     elif isinstance(layers, str):
         layers = [canon(layers)]
@@ -368,7 +377,7 @@ def _plan(model, chosen, method, covariances, centered, options, paths, named, s
             raise ValueError(f"method {fmt!r} for layer {name!r} is not registered")
         plan = LayerPlan(name=name, module=module, kind=kind, method=fmt,
                          aliases=[n for n in names if n != name],
-                         options=options if fmt != "svd" else {})
+                         options=options if fmt != "svd" or method == "svd" else {})
         if covariances is not None:
             plan.sigma, plan.sigma_full, plan.mean = _prepare_statistics(
                 stats_key, module, covariances[stats_key], centered, cache)
@@ -531,8 +540,18 @@ def decompose_layer(plan):
         sig_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
     n_iter = getattr(result, "n_iter", None)
     converged = getattr(result, "converged", None)
+    ranks = plan.ranks
+    if plan.method == "tt":  # the core clips TT ranks to each bond's largest useful rank
+        ranks = tuple(int(r) for r in result.ranks)
+        asked = (ranks if plan.ranks is None else
+                 (int(plan.ranks),) * len(ranks) if isinstance(plan.ranks, numbers.Integral)
+                 else tuple(int(r) for r in plan.ranks))
+        if asked != ranks:
+            warnings.warn(f"TT ranks {plan.ranks} for layer {plan.name!r} (weight "
+                          f"{tuple(W.shape)}) were clipped to {ranks}, the largest useful rank "
+                          "of each bond", CompressionWarning, stacklevel=2)
     row = {
-        "name": plan.name, "kind": plan.kind, "method": plan.method, "ranks": plan.ranks,
+        "name": plan.name, "kind": plan.kind, "method": plan.method, "ranks": ranks,
         "params_before": n_params(module), "params_after": n_params(new),
         "sigma_error": sig_err, "frobenius_error": float(relative_sigma_error(W, approx)),
         "n_iter": None if n_iter is None else int(n_iter),
@@ -618,6 +637,19 @@ def _install(model, new_modules, inplace):
     return target
 
 
+#: The formats whose ranks ``ranks='evbmf'`` can estimate (:func:`sigmadecomp.evbmf_ranks`).
+EVBMF_METHODS = ("svd", "tucker2", "cp")
+
+
+def check_evbmf_method(method, ranks):
+    """Refuse ``ranks='evbmf'`` for a format it cannot estimate, before any work is done."""
+    if isinstance(ranks, str) and ranks == "evbmf" and method not in EVBMF_METHODS:
+        allowed = ", ".join(repr(m) for m in EVBMF_METHODS)
+        raise ValueError(f"ranks='evbmf' is not available for method={method!r}; EVBMF "
+                         f"estimates the ranks of {allowed} only: give ratio= or budget= "
+                         "for it")
+
+
 def _check_arguments(model, method, ratio, ranks, budget, centered, covariances):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
@@ -637,6 +669,7 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
         raise ValueError("budget cannot be combined with ratio or ranks; give one of them")
     if ranks == "evbmf" and ratio is not None:
         raise ValueError("ranks='evbmf' cannot be combined with ratio; give one of them")
+    check_evbmf_method(method, ranks)
     if ratio is None and ranks is None and budget is None:
         raise ValueError("no way to choose ranks: give ratio=, ranks= (a dict or 'evbmf') "
                          "or budget=")
@@ -650,6 +683,36 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
 
 
 # ----------------------------------------------------------------- compress
+
+
+def _default_by_call_order(model, layers, data, example_input):
+    """``(layers, data)``: ``layers=None`` as a :class:`CallOrder` when an input batch is at
+    hand, so that the first and last layer left alone are those a forward pass runs
+    first and last (one extra pass on one batch); ``data`` still yields every batch."""
+    if (layers is not None or not isinstance(model, nn.Module)
+            or isinstance(model, SUPPORTED) or (data is None and example_input is None)):
+        return layers, data
+    from ._batches import model_device, run_batch
+
+    if example_input is not None:
+        order = _call_order(model, example_input)
+    else:
+        if isinstance(data, torch.Tensor):
+            first = data
+        else:
+            try:
+                it = iter(data)
+            except TypeError:
+                return layers, data  # collect_covariances explains
+            try:
+                first = next(it)
+            except StopIteration:
+                return layers, data  # no batch: collect_covariances explains
+            if it is data:  # a one-shot iterator: the batch read goes back in front
+                data = itertools.chain([first], it)
+        order = _call_order(model, None,
+                            run=lambda m: run_batch(m, first, 0, model_device(m), None))
+    return (CallOrder(order) if order else None), data
 
 
 def _data_layers(model, layers, ranks, ratio):
@@ -709,7 +772,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         Explicit ranks by layer name (``int`` for svd/cp, ``(r_T, r_S)`` for
         Tucker-2; with ``layers=None`` and no ``ratio`` only these layers are
         compressed; with ``ratio`` the dict overrides it), or ``'evbmf'`` for
-        EVBMF ranks (Sigma-aware when statistics are given). Explicit ranks
+        EVBMF ranks (Sigma-aware when statistics are given; ``'svd'``,
+        ``'tucker2'`` and ``'cp'`` only, not ``'tt'``). Explicit ranks
         that make a layer larger than the original warn
         (:class:`sigmadecomp.CompressionWarning`), as does a CP rank whose
         run is estimated to take minutes (before any work is done).
@@ -723,8 +787,11 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         :func:`default_layers`: every ``Conv2d`` and ``Linear`` except the
         first layer (reading the model's input) and the last (the output
         layer, e.g. the classifier), which are listed in ``report.skipped``;
-        layers named in ``ranks`` are added. Named layers that cannot be
-        compressed raise; other candidates are skipped with a reason.
+        layers named in ``ranks`` are added. "First" and "last" are those a
+        forward pass on the first batch of ``data`` (or on ``example_input``)
+        calls first and last; without either, the first and last registered.
+        Named layers that cannot be compressed raise; other candidates are
+        skipped with a reason.
     inplace : bool, optional
         Modify ``model`` itself (default: work on a deep copy). A bare layer
         cannot turn into another class: its factorized replacement is
@@ -735,7 +802,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         squared output error is then ``tr(D C D^T) <= tr(D Sigma D^T)``.
     options : dict, optional
         Keyword arguments for the core decomposition of the k x k convs
-        (e.g. ``n_iter_max``, ``tol``, ``rng`` of :func:`sigmadecomp.tucker2`).
+        (e.g. ``n_iter_max``, ``tol``, ``rng`` of :func:`sigmadecomp.tucker2`);
+        with ``method='svd'`` those of :func:`sigmadecomp.sigma_svd` (e.g.
+        ``ridge``). Under the other methods, Linear layers and 1x1 convs use the
+        closed-form Sigma-SVD with its defaults.
     progress : bool, optional
         A tqdm bar over layers (only when stderr is a terminal).
     distributed : None or bool, optional
@@ -765,7 +835,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         Requires ``example_input``. Layers the example pass never calls are
         compressed without timing. Times are noisy on a busy machine.
     example_input : tensor, tuple or dict, optional
-        One input batch of the model, for ``min_speedup``.
+        One input batch of the model, for ``min_speedup`` and for the call
+        order of the default ``layers``.
     data : tensor or iterable of batches, optional
         Calibration data. Without ``sequential``: the statistics are
         collected from it (:func:`collect_covariances` over every layer) and
@@ -857,11 +928,21 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     """
     t_start = time.perf_counter()
     # --- data= / sequential= (sigmadecomp_torch.sequential) ---------------------------
-    if not isinstance(sequential, bool):
-        raise TypeError(f"sequential={sequential!r} is not allowed; it must be True or False")
+    for flag, value in (("sequential", sequential), ("inplace", inplace),
+                        ("centered", centered)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}={value!r} is not allowed; it must be True or False")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options of type {type(options).__name__} is not allowed; options "
+                        "must be a dict of keyword arguments of the core decomposition, e.g. "
+                        "{'n_iter_max': 20}")
     if (sequential or data is not None) and covariances is not None:
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
+    check_evbmf_method(method, ranks)
+    if isinstance(model, nn.Module):  # before any forward pass could materialize them
+        check_materialized(model, who="compress needs")
+    layers, data = _default_by_call_order(model, layers, data, example_input)
     if refit is not None and data is None:
         raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
                          "original outputs on the compressed model's inputs, measured on "

@@ -136,6 +136,7 @@ class _Run:
         self.registry = {}  # (id(x), signature) -> list of _Seen
         self.serial = itertools.count()
         self.mask_used = False
+        self.square_mask = None  # (layer, shape) of a 3-D input read under a square mask
         self.buffers = {}  # (slot, device) -> flat uint8 tensor
 
     def start(self, mask):
@@ -365,6 +366,8 @@ class _Accumulator:
             )
         if mask is not None:
             if tuple(x.shape[:-1]) == tuple(mask.shape):
+                if x.ndim == 3 and mask.shape[0] == mask.shape[1] and self.run.square_mask is None:
+                    self.run.square_mask = (self.name, tuple(mask.shape))
                 x = x[mask.to(x.device)]
                 self.masked = self.run.mask_used = True
             elif (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
@@ -774,6 +777,9 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                          f"statistics for (layers={layers!r})")
     if isinstance(data, torch.Tensor):
         data = [data]
+    elif isinstance(data, (str, bytes)) or not _iterable(data):
+        raise TypeError(f"data of type {type(data).__name__} is not allowed; data must be a "
+                        "tensor or an iterable of batches (a list, a DataLoader, a generator)")
     if device is None:
         device = model_device(model)
     device = torch.device(device)
@@ -817,6 +823,14 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+    if run.square_mask is not None:
+        name, shape = run.square_mask
+        warnings.warn(f"the token mask of a batch is square {shape} (batch size = sequence "
+                      f"length), so it cannot tell whether layer {name!r} reads (batch, seq, "
+                      "features) or (seq, batch, features); it was applied as (batch, seq). "
+                      "For a sequence-first model pass mask=lambda b: <mask>.T, or use a "
+                      "batch size other than the sequence length", RuntimeWarning,
+                      stacklevel=2)
     if mask_seen and not run.mask_used:
         warnings.warn("a token mask was given but no chosen Linear layer had an input of "
                       "the mask's shape; the statistics use every row", RuntimeWarning,
@@ -826,6 +840,11 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     if dist.is_available() and dist.is_initialized():
         _all_reduce(list(accs.values()))
     if all(a.count == 0 and a.link is None for a in accs.values()):
+        if any(a.calls > 0 for a in accs.values()):
+            raise ValueError("the chosen layers ran, but none of their input rows entered "
+                             "the statistics (a token mask that is zero everywhere"
+                             + (f", or position_fraction={position_fraction!r} too small"
+                                if position_fraction < 1 else "") + ")")
         raise ValueError("data yielded no batches (or the chosen layers never ran); "
                          "collect_covariances needs at least one batch")
     results = {}
@@ -836,14 +855,27 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     for name, acc in accs.items():
         src = acc.link.name if acc.link is not None else name
         if src not in results:
+            if accs[src].calls > 0:  # it ran, but every row was left out
+                what = (f"layer {name!r} ran, but none of its input rows entered the "
+                        "statistics (a token mask that is zero everywhere"
+                        + (f", or position_fraction={position_fraction!r} too small to draw "
+                           "a position" if position_fraction < 1 else "") + ")")
+            else:
+                what = f"layer {name!r} never ran in the forward pass"
             if layers is not None and not callable(layers):
-                raise ValueError(f"layer {name!r} was chosen in layers but never ran in "
-                                 "the forward pass; no statistics for it")
-            warnings.warn(f"layer {name!r} never ran in the forward pass; it has no "
-                          "statistics", RuntimeWarning, stacklevel=2)
+                raise ValueError(f"{what}; no statistics for it (it was chosen in layers)")
+            warnings.warn(f"{what}; it has no statistics", RuntimeWarning, stacklevel=2)
             continue
         out[name] = results[src]
     return out
+
+
+def _iterable(data):
+    try:
+        iter(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _all_reduce(accs):

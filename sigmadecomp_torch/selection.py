@@ -39,8 +39,24 @@ def n_params(module):
 SUPPORTED = (nn.Conv2d, nn.Linear)
 
 
-def _call_order(model, example_input):
-    """Names of the Conv2d/Linear modules in the order a forward pass first calls them."""
+class CallOrder(tuple):
+    """``layers=None`` with the order in which a forward pass first called the layers.
+
+    :func:`sigmadecomp_torch.compress` passes the default choice on in this
+    form when it has an input batch (``data=`` or ``example_input=``), so
+    that "first" and "last" follow the order of execution, not of
+    registration, in every step (statistics, selection, report).
+    """
+
+    __slots__ = ()
+
+
+def _call_order(model, example_input, run=None):
+    """Names of the Conv2d/Linear modules in the order a forward pass first calls them.
+
+    ``run(model)`` performs the pass; by default ``model(example_input)``
+    (``model(*x)`` for a tuple or list, ``model(**x)`` for a dict).
+    """
     order, handles = [], []
     for name, m in model.named_modules():
         if isinstance(m, SUPPORTED):
@@ -50,7 +66,9 @@ def _call_order(model, example_input):
     try:
         model.eval()
         with torch.no_grad():
-            if isinstance(example_input, (tuple, list)):
+            if run is not None:
+                run(model)
+            elif isinstance(example_input, (tuple, list)):
                 model(*example_input)
             elif isinstance(example_input, dict):
                 model(**example_input)
@@ -75,7 +93,8 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
     "last" follow the order in which the modules were registered
     (``model.named_modules()``), which is the order of execution in
     sequential models; give ``example_input`` (or name the layers in
-    ``layers=``) where it is not.
+    ``layers=``) where it is not. :func:`compress` uses the call order on the
+    first batch of its ``data`` (or its ``example_input``) when it has one.
 
     A bare ``nn.Conv2d`` or ``nn.Linear`` given as the model is its own only
     layer: ``['']``.
@@ -117,28 +136,39 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
                         "a torch.nn.Module")
     if isinstance(model, SUPPORTED):
         return [""]
+    order = _call_order(model, example_input) if example_input is not None else None
+    return _default_names(model, order, include_first, include_last)
+
+
+def _ends(model, order):
+    """``(names, first, last)``: the Conv2d/Linear names in module order and the first and
+    last layer, by ``order`` (names in call order) when given, else by registration."""
     names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
-    if not names:
-        return []
-    called = _call_order(model, example_input) if example_input is not None else names
+    called = names if order is None else [n for n in order if n in names]
     if not called:
-        return names
-    first, last = called[0], called[-1]
+        return names, None, None
+    return names, called[0], called[-1]
+
+
+def _default_names(model, order=None, include_first=False, include_last=False):
+    names, first, last = _ends(model, order)
     return [n for n in names if (include_first or n != first) and (include_last or n != last)]
 
 
-def default_exclusions(model):
-    """Skipped rows for the layers :func:`default_layers` leaves out."""
+def default_exclusions(model, order=None):
+    """Skipped rows for the layers :func:`default_layers` leaves out (by ``order``, the
+    names in call order, when given)."""
     if isinstance(model, SUPPORTED):
         return []
-    names = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
-    if not names:
-        return []
-    out = [{"name": names[0][0], "kind": module_kind(names[0][1]),
-            "reason": "first layer (reads the model's input): left alone by default; "
-                      "name it in layers= to compress it"}]
-    if len(names) > 1:
-        out.append({"name": names[-1][0], "kind": module_kind(names[-1][1]),
+    names, first, last = _ends(model, order)
+    kinds = {n: module_kind(m) for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
+    out = []
+    if first is not None:
+        out.append({"name": first, "kind": kinds[first],
+                    "reason": "first layer (reads the model's input): left alone by default; "
+                              "name it in layers= to compress it"})
+    if last is not None and last != first:
+        out.append({"name": last, "kind": kinds[last],
                     "reason": "last layer (the model's output, e.g. the classifier): left "
                               "alone by default; name it in layers= to compress it"})
     return out

@@ -805,7 +805,7 @@ min_speedup, example_input
     >>> [(r['name'], r['ranks'], r['group']) for r in report.layers]
     [('2', 4, 0), ('4', 4, 1)]
     """
-    from .compress import compress, layer_method_for
+    from .compress import check_evbmf_method, compress, layer_method_for
 
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -839,6 +839,7 @@ min_speedup, example_input
     if isinstance(ranks, str) and ranks != "evbmf":
         raise ValueError(f"ranks={ranks!r} is not allowed; ranks must be a dict of layer "
                          "name -> ranks or the string 'evbmf'")
+    check_evbmf_method(method, ranks)
     if isinstance(model, (nn.Conv2d, nn.Linear)):
         _refit_candidates(model, refit, [])  # refuses a named refit
         # a single layer has no upstream layers: sequential equals one-shot

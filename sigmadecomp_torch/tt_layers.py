@@ -238,6 +238,14 @@ class TTConv2d(_TTChain):
     max_chunk_elements = 2 ** 24
 
     def forward(self, x):
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self._batched(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"TTConv2d: expected 3D (unbatched) or 4D (batched) input, "
+                             f"got input of shape {list(x.shape)}")
+        return self._batched(x)
+
+    def _batched(self, x):
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             chunk = self._chunk_size(x)
             if chunk < x.shape[0]:

@@ -228,6 +228,24 @@ def test_default_ranks_and_layers_are_announced(model_file, tmp_path, capsys):
     assert "weights_only=False" in out
 
 
+def test_normalize_takes_one_mean_and_std_or_one_per_channel():
+    x = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(cli._normalize(x, "0.5,0.25"), (x - 0.5) / 0.25)
+    mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 1.0, 2.0])
+    torch.testing.assert_close(cli._normalize(x, "0.1,0.2,0.3,0.5,1,2"),
+                               (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    with pytest.raises(cli.UserError, match=r"3 channels, so 2 or 6 values"):
+        cli._normalize(x, "0.1,0.2,0.5,1")
+    with pytest.raises(cli.UserError, match="must be > 0"):
+        cli._normalize(x, "0.5,0")
+
+
+def test_tt_needs_a_size_before_any_image_is_read(model_file, tmp_path):
+    msg = _error(["compress", model_file, "--method", "tt", "--out", str(tmp_path / "o.pt"),
+                  "--data", str(tmp_path / "not-read")])
+    assert "--method tt needs --ratio or --budget" in msg
+
+
 def test_budget_fraction_is_announced(model_file, tmp_path, capsys):
     assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--budget", "0.5")) == 0
     assert "keep 0.5 of their parameters (--budget)" in capsys.readouterr().out

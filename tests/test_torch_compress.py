@@ -447,3 +447,50 @@ def test_budget_allocation_holds_one_conv_statistic_at_a_time_and_gets_the_same_
     want = allocate_ranks(specs, budget, method=methods)
     got = {r["name"]: r["ranks"] for r in report.layers}
     assert got == {n: tuple(v) if isinstance(v, (tuple, list)) else v for n, v in want.items()}
+
+
+class _ClassifierRegisteredEarly(nn.Module):
+    """Registered stem, classifier, body1, body2; called stem, body1, body2, classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.classifier = nn.Linear(8, 4)
+        self.body1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.body2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.body1(torch.relu(self.stem(x))))
+        return self.classifier(torch.relu(self.body2(x)).mean((2, 3)))
+
+
+def test_default_layers_follow_the_call_order_when_compress_has_an_input():
+    torch.manual_seed(0)
+    model = _ClassifierRegisteredEarly().double().train()
+    batches = [torch.randn(4, 3, 6, 6, dtype=F64) for _ in range(3)]
+    snap = _snapshot(model)
+
+    def check(report):
+        assert [r["name"] for r in report.layers] == ["body1", "body2"]
+        reasons = {(s["name"], s["reason"].split(" (")[0]) for s in report.skipped}
+        assert {("stem", "first layer"), ("classifier", "last layer")} <= reasons
+
+    kw = dict(ratio=2, options=FAST, progress=False)
+    small, report = compress(model, "tucker2", data=batches, **kw)
+    check(report)
+    # a one-shot iterator: the batch read for the order still enters the statistics
+    from_gen, _ = compress(model, "tucker2", data=(b for b in batches), **kw)
+    stats = collect_covariances(model, batches, progress=False)
+    ref, _ = compress(model, "tucker2", covariances=stats, layers=["body1", "body2"], **kw)
+    for a, b in zip(from_gen.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(small.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    check(compress(model, "tucker2", data=batches, sequential=True, **kw)[1])
+    check(compress(model, "tucker2", data=batches, refit="all", **kw)[1])
+    check(compress(model, "tucker2", covariances=stats, example_input=batches[0], **kw)[1])
+    # without an input the registration order decides, as default_layers documents
+    _, report = compress(model, "tucker2", covariances=stats, **kw)
+    assert [r["name"] for r in report.layers] == ["classifier", "body1"]
+    _unchanged(model, snap)
+    assert model.training

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -250,3 +252,33 @@ def test_from_result_old_argument_order_warns_and_builds_the_same_layer():
         old = TTLinear.from_result(lres, lin)
     z = torch.randn(3, 12, dtype=torch.float64)
     torch.testing.assert_close(old(z), TTLinear.from_result(lin, lres)(z), rtol=0, atol=0)
+
+
+def test_tt_conv_takes_unbatched_input_like_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    new, _ = tt_compress_module(conv, ratio=2)
+    x = torch.randn(8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), new(x[None])[0], rtol=0, atol=0)
+        assert new(x).shape == conv(x).shape
+        with pytest.raises(ValueError, match=r"3D \(unbatched\) or 4D \(batched\) input"):
+            new(torch.randn(2, 2, 8, 6, 6))
+    scripted = torch.jit.script(new)
+    torch.testing.assert_close(scripted(x), new(x))
+
+
+def test_compress_reports_the_tt_ranks_it_used_and_warns_when_it_clipped_them():
+    from sigmadecomp import CompressionWarning
+    from sigmadecomp_torch import compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+    with pytest.warns(CompressionWarning, match=r"TT ranks \(400, 4\) .* clipped to \(9, 4\)"):
+        small, report = compress(model, "tt", ranks={"1": (400, 4)}, progress=False)
+    assert report.layers[0]["ranks"] == (9, 4) == small[1].ranks
+    # ranks the core keeps as given: no warning, the same ranks in the report
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressionWarning)
+        small, report = compress(model, "tt", ranks={"1": (3, 4)}, progress=False)
+    assert report.layers[0]["ranks"] == (3, 4) == small[1].ranks

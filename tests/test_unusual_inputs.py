@@ -1,0 +1,126 @@
+"""Unusual but legitimate inputs: a clear error, a warning that says what happened, or the
+right result (regressions of an audit of the public entry points)."""
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
+
+
+class _Tokens(nn.Module):
+    """Embedding -> Linear a -> Linear b -> mean over the sequence -> head."""
+
+    def __init__(self, sequence_first=False):
+        super().__init__()
+        self.sequence_first = sequence_first
+        self.emb = nn.Embedding(20, 8)
+        self.a = nn.Linear(8, 12)
+        self.b = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        ids = input_ids.T if self.sequence_first else input_ids
+        h = self.b(torch.relu(self.a(self.emb(ids))))
+        return self.head(h.mean(0 if self.sequence_first else 1))
+
+
+def _batch(batch, seq):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 20, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, 1:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_square_token_mask_warns_that_the_layout_is_ambiguous():
+    torch.manual_seed(0)
+    for first in (False, True):
+        model = _Tokens(sequence_first=first).eval()
+        with pytest.warns(RuntimeWarning, match=r"square \(5, 5\).*mask=lambda b"):
+            collect_covariances(model, [_batch(5, 5)], progress=False)
+    # batch size != sequence length: the layout is known, no warning, the right statistic
+    model = _Tokens(sequence_first=True).eval()
+    batch = _batch(4, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        stats = collect_covariances(model, [batch], progress=False)
+    with torch.no_grad():
+        x = torch.relu(model.a(model.emb(batch["input_ids"].T)))
+    rows = x[batch["attention_mask"].T.bool()].double()
+    torch.testing.assert_close(stats["b"].sigma, rows.T @ rows / len(rows))
+
+
+def test_rows_all_left_out_are_not_called_a_layer_that_never_ran():
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    batch = _batch(4, 7)
+    batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    with pytest.warns(RuntimeWarning, match="'a' ran, but none of its input rows") as rec:
+        stats = collect_covariances(model, [batch], progress=False)
+    assert not any("never ran" in str(w.message) for w in rec)
+    assert set(stats) == {"head"}  # after pooling: not masked
+    with pytest.raises(ValueError, match="layers ran, but none of their input rows"):
+        collect_covariances(model, [batch], layers=["a"], progress=False)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"position_fraction=1e-09 too small"):
+        collect_covariances(conv, [torch.randn(1, 3, 5, 5)], position_fraction=1e-9,
+                            progress=False)
+
+
+@pytest.mark.parametrize("data", [None, 5, "images"])
+def test_data_that_is_not_batches_is_refused(data):
+    with pytest.raises(TypeError, match=f"data of type {type(data).__name__} is not allowed"):
+        collect_covariances(nn.Sequential(nn.Linear(3, 2)), data, progress=False)
+
+
+def test_lazy_modules_are_refused_before_any_pass():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5), nn.Linear(5, 2))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="uninitialized parameter '2.weight'.*model\\(x\\)"):
+        collect_covariances(model, [x], progress=False)
+    for kw in (dict(data=[x]), dict()):
+        with pytest.raises(ValueError, match="compress needs its shape"):
+            compress(model, "svd", ratio=2, progress=False, **kw)
+    assert isinstance(model[2], nn.LazyLinear)  # not materialized by a forward pass
+
+
+def test_flags_and_options_of_the_wrong_type_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    for flag in ("inplace", "centered"):
+        with pytest.raises(TypeError, match=f"{flag}='yes' is not allowed"):
+            compress(model, "svd", ratio=2, progress=False, **{flag: "yes"})
+    with pytest.raises(TypeError, match="options of type list is not allowed"):
+        compress(model, "svd", ratio=2, progress=False, options=[1])
+
+
+def test_svd_options_reach_the_closed_form():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2))
+    x = torch.randn(5, 6)  # 5 rows for 6 inputs: a singular Sigma, where the ridge matters
+    stats = collect_covariances(model, [x], progress=False)
+    kw = dict(covariances=stats, ranks={"1": 2}, progress=False)
+    with pytest.raises(TypeError, match="'1'.*bogus"):
+        compress(model, "svd", options={"bogus": 1}, **kw)
+    plain, _ = compress(model, "svd", **kw)
+    ridged, _ = compress(model, "svd", options={"ridge": 0.5}, **kw)
+    def weight(m):
+        return m[1].last.weight @ m[1].first.weight
+
+    assert not torch.allclose(weight(plain), weight(ridged))
+
+
+def test_evbmf_ranks_for_tt_are_refused_before_any_work():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+
+    def boom():
+        raise AssertionError("the data was read")
+        yield
+
+    for kw in (dict(), dict(data=boom()), dict(data=[torch.randn(1, 3, 9, 9)], sequential=True)):
+        with pytest.raises(ValueError, match="ranks='evbmf' is not available for method='tt'"):
+            compress(model, "tt", ranks="evbmf", progress=False, **kw)
