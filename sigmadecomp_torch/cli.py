@@ -86,15 +86,25 @@ def _load_model(path):
     return obj.eval()
 
 
-def cli_default_layers(model, *, include_first=False):
+def cli_default_layers(model, *, include_first=False, example=None):
     """The layers ``sigmadecomp compress`` compresses when ``--layers`` is not given.
 
     The library's default, :func:`sigmadecomp_torch.default_layers`: every
     Conv2d and Linear but the first (the layer reading the images) and the
-    last (the classifier); the first too with ``include_first``.
+    last (the classifier); the first too with ``include_first``. With
+    ``example`` (a batch of calibration images) first and last are those a
+    forward pass calls first and last; else the first and last registered.
     """
     from .compress import default_layers
 
+    if example is not None:
+        try:  # "first" and "last" in the order a forward pass calls the layers
+            return default_layers(model, include_first=include_first, example_input=example)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"the model failed on the calibration images of shape "
+                            f"{tuple(example.shape[1:])}: {first} (check --image-size, "
+                            "--channels and --normalize)") from None
     return default_layers(model, include_first=include_first)
 
 
@@ -114,9 +124,9 @@ def _parse_floats(text, name):
         raise UserError(f"{name}={text!r} is not allowed; give comma-separated numbers") from None
 
 
-def _choose_layers(args, model):
+def _choose_layers(args, model, example=None):
     if args.layers in (None, "auto"):
-        layers = cli_default_layers(model, include_first=args.include_first)
+        layers = cli_default_layers(model, include_first=args.include_first, example=example)
         if not layers:
             raise UserError("no layer to compress: the model has no Conv2d or Linear besides "
                             "the first and the last; name layers with --layers or use "
@@ -251,20 +261,24 @@ def _cmd_compress(args):
                                 "statistics from --data as it goes")
     rank_kw, rank_text = _rank_choice(args)
     model = _load_model(args.model)
-    layers = _choose_layers(args, model)
-    print(rank_text)
+    with_images = fitted or (weighted and args.transfer_stats is None)
+    # the default layers follow the order the model runs them on an image, once one is read
+    defer = with_images and args.layers in (None, "auto")
+    layers = None if defer else _choose_layers(args, model)
 
     stats, x = None, None
+    if with_images:
+        x = _calibration_images(args, model)
+        if defer:
+            layers = _choose_layers(args, model, example=x[:1])
+    print(rank_text)
     if weighted and args.transfer_stats is not None:
         try:
             stats = load_covariances(args.transfer_stats)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"--transfer-stats={args.transfer_stats!r}: {exc}") from None
         print(f"statistics of {len(stats)} layers from {args.transfer_stats}")
-    elif fitted:
-        x = _calibration_images(args, model)
-    elif weighted:
-        x = _calibration_images(args, model)
+    elif weighted and not fitted:
         try:
             stats = collect_covariances(model, make_loader(x, batch_size=args.batch_size),
                                         layers=layers, progress=not args.no_progress)

@@ -354,3 +354,27 @@ def test_findings_state_each_comparison_with_its_figures():
     assert "- cp rX=3: Sigma centered 89.00, Sigma 90.00 (-1.00)" in text
     assert "**Centered Sigma + bias correction at least plain Sigma**: true at 0 of 1" in text
     assert "never raises it at the optimum" in text
+
+
+class _HeadRegisteredFirst(nn.Module):
+    """Registered head, stem, body; run stem, body, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_default_layers_follow_the_order_the_model_runs(tmp_path, idx_dir, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "head_first.pt"
+    torch.save(_HeadRegisteredFirst().eval(), path)
+    argv = ["compress", str(path), "--method", "tucker2", "--out", str(tmp_path / "o.pt"),
+            "--no-progress", "--n-iter", "2", "--data", idx_dir, "--ratio", "1.5"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "layers: 1 Conv2d/Linear layers (body)" in out
