@@ -385,6 +385,14 @@ def test_moment_mixture_finds_the_mixture_behind_the_targets(rng):
         moment_mixture(K, S, P, np.ones(3))
 
 
+def _run_once_in_training_mode(model, x):
+    """With ``momentum=None`` the BatchNorm running statistics become exactly those of ``x``."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+
+
 def _bn_model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
@@ -392,10 +400,7 @@ def _bn_model_and_data():
                           nn.BatchNorm2d(8, momentum=None),
                           nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 2))
     x = torch.randn(64, 3, 5, 5)
-    model.train()
-    with torch.no_grad():
-        model(x)  # momentum=None: running statistics of exactly this batch
-    model.eval()
+    _run_once_in_training_mode(model, x)
     train = collect_covariances(model, [x], layers=["2"], progress=False)
     other = collect_covariances(model, [torch.rand(64, 3, 5, 5) * 0.3 + 0.5], layers=["2"],
                                 progress=False)
@@ -459,10 +464,7 @@ def test_moments_rule_models_a_layer_with_a_bias():
     with torch.no_grad():
         model[0].bias.copy_(torch.linspace(-2.0, 3.0, 6))  # far from zero
     x = torch.randn(64, 3, 5, 5)
-    model.train()
-    with torch.no_grad():
-        model(x)  # momentum=None: running statistics of exactly this batch
-    model.eval()
+    _run_once_in_training_mode(model, x)
     stats = collect_covariances(model, [x], layers=["0"], progress=False)
     targets, reasons = output_moments(model, ["0"])
     assert reasons == {}
