@@ -151,6 +151,8 @@ def _ends(model, order):
 
 
 def _default_names(model, order=None, include_first=False, include_last=False):
+    if isinstance(model, SUPPORTED):  # a bare layer is its own only candidate
+        return [""]
     names, first, last = _ends(model, order)
     return [n for n in names if (include_first or n != first) and (include_last or n != last)]
 
