@@ -435,7 +435,11 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
                 warnings.warn(
                     f"CP rank {p.ranks} for layer {p.name!r} (weight {shape}) needs about "
                     f"{flop:.1e} floating-point operations (~{flop / _ASSUMED_FLOPS / 60:.0f} "
-                    "min at 50 GFLOP/s); choose a smaller rank or fewer n_iter_max",
+                    "min at 50 GFLOP/s); choose a smaller rank or fewer n_iter_max"
+                    + ("" if options.get("inner") or p.sigma is None else
+                       ", or cap the inner solves: with options={'inner': {'maxiter': "
+                       "'adaptive'}, 'n_iter_max': 10} every conv of a ResNet-18 at rX=3 "
+                       "took about 5.5 min on 2 cores"),
                     CompressionWarning, stacklevel=3)
         kept.append(p)
     if sigma_aware:  # layers dropped above: their factorizations are not needed either

@@ -285,7 +285,12 @@ def test_compress_cost_warning_uses_the_statistics_sample_count(monkeypatch):
                      options={"n_iter_max": 1})
         msg = next(str(w.message) for w in rec if "needs about" in str(w.message))
         flops.append(float(re.search(r"needs about (\S+) floating", msg).group(1)))
+        assert "options={'inner': {'maxiter': 'adaptive'}" in msg  # the way out, measured
     assert flops[1] > 3 * flops[0]
+    with pytest.warns(UserWarning, match="needs about") as rec:  # already capped: not offered
+        compress(conv, "cp", covariances=stats, ranks={"0": 4},
+                 options={"n_iter_max": 1, "inner": {"maxiter": "adaptive"}})
+    assert not any("cap the inner" in str(w.message) for w in rec)
 
 
 def test_distributed_option_is_checked_and_one_process_is_the_default():
