@@ -565,6 +565,30 @@ def decompose_layer(plan):
     return new, row, result
 
 
+@contextlib.contextmanager
+def _sweeps_on(bar, plan):
+    """Show the sweeps of ``plan``'s decomposition on the progress bar (when there is one
+    and the user gave no callback of their own); ``plan.options`` is restored after."""
+    if not hasattr(bar, "set_postfix_str") or plan.method == "svd" or "callback" in plan.options:
+        yield
+        return
+    saved = plan.options
+    limit = saved.get("n_iter_max")
+
+    def show(result):
+        errors = getattr(result, "errors", None)
+        err = f", error {float(errors[-1]):.4g}" if errors else ""
+        bar.set_postfix_str(f"{plan.name}: sweep {result.n_iter}"
+                            + (f"/{limit}" if limit else "") + err, refresh=True)
+        return False
+
+    plan.options = {**saved, "callback": show}
+    try:
+        yield
+    finally:
+        plan.options = saved
+
+
 def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
     """Step 4: every planned layer (this process's share), then every process's results."""
     rows, new_modules = [], {}
@@ -582,7 +606,7 @@ def _decompose_all(plans, options, distributed, progress, shapes, min_speedup):
     for p in it:
         for key in [key for key in held if last[key] < position[p.name]]:
             _release(held.pop(key))
-        with _naming(p.name, shard):
+        with _naming(p.name, shard), _sweeps_on(it, p):
             new, row, _ = decompose_layer(p)
         if p.sigma is not None:
             if last[id(p.sigma)] == position[p.name]:

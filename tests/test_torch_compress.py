@@ -494,3 +494,36 @@ def test_default_layers_follow_the_call_order_when_compress_has_an_input():
     assert [r["name"] for r in report.layers] == ["classifier", "body1"]
     _unchanged(model, snap)
     assert model.training
+
+
+def test_the_progress_bar_shows_each_layers_sweeps_without_changing_the_result(monkeypatch):
+    import importlib
+
+    C = importlib.import_module("sigmadecomp_torch.compress")
+
+    class Bar(list):  # what compress uses of a tqdm bar
+        def __init__(self, items):
+            super().__init__(items)
+            self.shown = []
+
+        def set_postfix_str(self, text, refresh=True):
+            self.shown.append(text)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3),
+                          nn.Conv2d(8, 4, 3)).double()
+    stats = collect_covariances(model, [torch.randn(8, 4, 12, 12, dtype=F64)], progress=False)
+    kw = dict(ratio=2, covariances=stats, options={"n_iter_max": 3})
+    for method in ("cp", "tucker2", "tt"):
+        plain, _ = compress(model, method, progress=False, **kw)
+        bars = []
+        monkeypatch.setattr(C, "_progress", lambda it, **_: bars.append(Bar(it)) or bars[-1])
+        shown, report = compress(model, method, progress=True, **kw)
+        monkeypatch.undo()
+        for a, b in zip(plain.state_dict().values(), shown.state_dict().values()):
+            assert torch.equal(a, b), method
+        texts = bars[0].shown
+        assert len(texts) == 8  # two layers, the start and three sweeps each
+        assert texts[0].startswith("1: sweep 0/3, error ") and texts[-1].startswith("2: sweep 3/3")
+        assert float(texts[3].rsplit(" ", 1)[1]) == pytest.approx(
+            report.layers[0]["sigma_error"], rel=1e-3)
