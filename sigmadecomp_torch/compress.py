@@ -740,7 +740,7 @@ def _default_by_call_order(model, layers, data, example_input):
                 data = itertools.chain([first], it)
         order = _call_order(model, None,
                             run=lambda m: run_batch(m, first, 0, model_device(m), None))
-    return (CallOrder(order) if order else None), data
+    return (order if order else None), data
 
 
 def _data_layers(model, layers, ranks, ratio):

@@ -39,46 +39,103 @@ def n_params(module):
 SUPPORTED = (nn.Conv2d, nn.Linear)
 
 
-class CallOrder(tuple):
-    """``layers=None`` with the order in which a forward pass first called the layers.
+class CallOrder:
+    """What one forward pass shows about the layers: ``layers=None`` in this form.
 
     :func:`sigmadecomp_torch.compress` passes the default choice on in this
     form when it has an input batch (``data=`` or ``example_input=``), so
-    that "first" and "last" follow the order of execution, not of
-    registration, in every step (statistics, selection, report).
+    that the first and last layers left alone are found in the pass, not
+    in the order of registration, in every step (statistics, selection,
+    report).
+
+    Attributes
+    ----------
+    order : tuple of str
+        The Conv2d/Linear names in the order the pass first called them.
+    readers : tuple of str
+        Those whose input is one of the model's input tensors.
+    producers : tuple of str
+        Those whose output is one of the model's output tensors.
     """
 
-    __slots__ = ()
+    __slots__ = ("order", "readers", "producers")
+
+    def __init__(self, order, readers=(), producers=()):
+        self.order, self.readers, self.producers = tuple(order), tuple(readers), tuple(producers)
+
+    def __bool__(self):
+        return bool(self.order)
+
+    def __repr__(self):
+        return (f"CallOrder({list(self.order)}, readers={list(self.readers)}, "
+                f"producers={list(self.producers)})")
+
+
+def _tensors(obj, out):
+    """The tensors in ``obj`` (nested tuples, lists and dicts) by id."""
+    if isinstance(obj, torch.Tensor):
+        out[id(obj)] = obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _tensors(v, out)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, out)
+    return out
 
 
 def _call_order(model, example_input, run=None):
-    """Names of the Conv2d/Linear modules in the order a forward pass first calls them.
+    """A :class:`CallOrder` of one forward pass (in eval mode, without gradients).
 
     ``run(model)`` performs the pass; by default ``model(example_input)``
-    (``model(*x)`` for a tuple or list, ``model(**x)`` for a dict).
+    (``model(*x)`` for a tuple or list, ``model(**x)`` for a dict). The modes
+    of all modules are restored afterwards.
     """
-    order, handles = [], []
+    order, readers, outputs, inputs, handles = [], [], [], {}, []
+
+    def on_model_input(mod, args, kwargs):
+        _tensors((args, kwargs), inputs)
+
+    def on_layer_input(name, args):
+        if name not in order:
+            order.append(name)
+        if name not in readers and args and id(args[0]) in inputs and inputs[id(args[0])] is args[0]:
+            readers.append(name)
+
+    def on_layer_output(name, out):
+        outputs.append((name, out))
+
+    handles.append(model.register_forward_pre_hook(on_model_input, with_kwargs=True))
     for name, m in model.named_modules():
         if isinstance(m, SUPPORTED):
             handles.append(m.register_forward_pre_hook(
-                lambda mod, args, _n=name: order.append(_n) if _n not in order else None))
-    was_training = model.training
+                lambda mod, args, _n=name: on_layer_input(_n, args)))
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, _n=name: on_layer_output(_n, out)))
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             if run is not None:
-                run(model)
+                result = run(model)
             elif isinstance(example_input, (tuple, list)):
-                model(*example_input)
+                result = model(*example_input)
             elif isinstance(example_input, dict):
-                model(**example_input)
+                result = model(**example_input)
             else:
-                model(example_input)
+                result = model(example_input)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    return order
+        for m, mode in modes.items():
+            m.training = mode
+    returned = _tensors(result, {})
+    producers = []
+    for name, out in outputs:
+        if (isinstance(out, torch.Tensor) and returned.get(id(out)) is out
+                and name not in producers):
+            producers.append(name)
+    return CallOrder(order, readers, producers)
 
 
 def default_layers(model, *, include_first=False, include_last=False, example_input=None):
@@ -105,10 +162,13 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
     include_first, include_last : bool, optional
         Keep the first (resp. last) layer in the list.
     example_input : tensor, tuple or dict, optional
-        One input batch (``model(x)``, ``model(*x)`` or ``model(**x)``): the
-        first and last layer are then the first and last one the forward
-        pass calls (run in eval mode without gradients; the model's mode is
-        restored). Layers the pass never calls stay in the list.
+        One input batch (``model(x)``, ``model(*x)`` or ``model(**x)``), run
+        once in eval mode without gradients (every module's mode is
+        restored). The first layers are then those that read one of the
+        model's input tensors (several stems, say), or else the first one
+        the pass calls; the last layers those whose output the model returns
+        (several heads), or else the last one called. Layers the pass never
+        calls stay in the list.
 
     Returns
     -------
@@ -130,6 +190,19 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
     ['0', '2', '3']
     >>> default_layers(model, example_input=torch.randn(1, 3, 5, 5))
     ['2', '3']
+    >>> class TwoHeads(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = nn.Linear(8, 8)
+    ...         self.head_a, self.head_b = nn.Linear(8, 2), nn.Linear(8, 3)
+    ...         self.stem = nn.Linear(4, 8)   # registered last, runs first
+    ...     def forward(self, x):
+    ...         h = torch.relu(self.body(torch.relu(self.stem(x))))
+    ...         return self.head_a(h), self.head_b(h)
+    >>> default_layers(TwoHeads())
+    ['head_a', 'head_b']
+    >>> default_layers(TwoHeads(), example_input=torch.randn(2, 4))
+    ['body']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
@@ -141,38 +214,43 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
 
 
 def _ends(model, order):
-    """``(names, first, last)``: the Conv2d/Linear names in module order and the first and
-    last layer, by ``order`` (names in call order) when given, else by registration."""
+    """``(names, firsts, lasts)``: the Conv2d/Linear names in module order, the first
+    layers and the last ones. With a :class:`CallOrder`: the layers reading one of the
+    model's input tensors (else the first called) and those whose output the model
+    returns (else the last called); without, the first and last registered."""
     names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
-    called = names if order is None else [n for n in order if n in names]
+    if order is None:
+        return names, names[:1], names[-1:]
+    called = [n for n in order.order if n in names]
     if not called:
-        return names, None, None
-    return names, called[0], called[-1]
+        return names, [], []
+    firsts = [n for n in order.readers if n in names] or called[:1]
+    lasts = [n for n in order.producers if n in names] or called[-1:]
+    return names, firsts, lasts
 
 
 def _default_names(model, order=None, include_first=False, include_last=False):
     if isinstance(model, SUPPORTED):  # a bare layer is its own only candidate
         return [""]
-    names, first, last = _ends(model, order)
-    return [n for n in names if (include_first or n != first) and (include_last or n != last)]
+    names, firsts, lasts = _ends(model, order)
+    return [n for n in names if (include_first or n not in firsts)
+            and (include_last or n not in lasts)]
 
 
 def default_exclusions(model, order=None):
-    """Skipped rows for the layers :func:`default_layers` leaves out (by ``order``, the
-    names in call order, when given)."""
+    """Skipped rows for the layers :func:`default_layers` leaves out (found in one forward
+    pass when ``order``, a :class:`CallOrder`, is given)."""
     if isinstance(model, SUPPORTED):
         return []
-    names, first, last = _ends(model, order)
+    names, firsts, lasts = _ends(model, order)
     kinds = {n: module_kind(m) for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
-    out = []
-    if first is not None:
-        out.append({"name": first, "kind": kinds[first],
-                    "reason": "first layer (reads the model's input): left alone by default; "
-                              "name it in layers= to compress it"})
-    if last is not None and last != first:
-        out.append({"name": last, "kind": kinds[last],
-                    "reason": "last layer (the model's output, e.g. the classifier): left "
-                              "alone by default; name it in layers= to compress it"})
+    out = [{"name": n, "kind": kinds[n],
+            "reason": "first layer (reads the model's input): left alone by default; "
+                      "name it in layers= to compress it"} for n in firsts]
+    out += [{"name": n, "kind": kinds[n],
+             "reason": "last layer (the model's output, e.g. the classifier): left "
+                       "alone by default; name it in layers= to compress it"}
+            for n in lasts if n not in firsts]
     return out
 
 

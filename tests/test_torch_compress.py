@@ -527,3 +527,30 @@ def test_the_progress_bar_shows_each_layers_sweeps_without_changing_the_result(m
         assert texts[0].startswith("1: sweep 0/3, error ") and texts[-1].startswith("2: sweep 3/3")
         assert float(texts[3].rsplit(" ", 1)[1]) == pytest.approx(
             report.layers[0]["sigma_error"], rel=1e-3)
+
+
+class _TwoStemsTwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem_a, self.stem_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head_a, self.head_b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(torch.relu(self.stem_a(x) + self.stem_b(x)))).mean((2, 3))
+        return {"a": self.head_a(h), "b": self.head_b(h)}
+
+
+def test_every_stem_and_every_head_is_left_alone_when_compress_has_an_input():
+    torch.manual_seed(0)
+    model = _TwoStemsTwoHeads().double()
+    for m in (model.stem_b, model.head_a):
+        m.train(False)  # a mixed-mode model: every module's mode comes back as it was
+    modes = {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    _, report = compress(model, "tucker2", data=[x], ratio=2, options=FAST, progress=False)
+    assert [r["name"] for r in report.layers] == ["body"]
+    firsts = {s["name"] for s in report.skipped if s["reason"].startswith("first layer")}
+    lasts = {s["name"] for s in report.skipped if s["reason"].startswith("last layer")}
+    assert firsts == {"stem_a", "stem_b"} and lasts == {"head_a", "head_b"}
+    assert {n: m.training for n, m in model.named_modules()} == modes
