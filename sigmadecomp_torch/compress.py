@@ -815,9 +815,11 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         :func:`default_layers`: every ``Conv2d`` and ``Linear`` except the
         first layer (reading the model's input) and the last (the output
         layer, e.g. the classifier), which are listed in ``report.skipped``;
-        layers named in ``ranks`` are added. "First" and "last" are those a
-        forward pass on the first batch of ``data`` (or on ``example_input``)
-        calls first and last; without either, the first and last registered.
+        layers named in ``ranks`` are added. With ``data`` (or
+        ``example_input``) they are found in a forward pass on its first
+        batch, as :func:`default_layers` does with ``example_input`` (every
+        layer reading a model input and every layer whose output the model
+        returns); without either, the first and last registered.
         Named layers that cannot be compressed raise; other candidates are
         skipped with a reason.
     inplace : bool, optional

@@ -150,7 +150,7 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
     "last" follow the order in which the modules were registered
     (``model.named_modules()``), which is the order of execution in
     sequential models; give ``example_input`` (or name the layers in
-    ``layers=``) where it is not. :func:`compress` uses the call order on the
+    ``layers=``) where it is not. :func:`compress` runs that pass on the
     first batch of its ``data`` (or its ``example_input``) when it has one.
 
     A bare ``nn.Conv2d`` or ``nn.Linear`` given as the model is its own only
