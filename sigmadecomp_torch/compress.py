@@ -972,7 +972,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     check_evbmf_method(method, ranks)
     if isinstance(model, nn.Module):  # before any forward pass could materialize them
         check_materialized(model, who="compress needs")
-    layers, data = _default_by_call_order(model, layers, data, example_input)
+    if not (hasattr(ranks, "items") and ranks and ratio is None and budget is None):
+        # (explicit ranks alone name the layers themselves: no default to find)
+        layers, data = _default_by_call_order(model, layers, data, example_input)
     if refit is not None and data is None:
         raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
                          "original outputs on the compressed model's inputs, measured on "
