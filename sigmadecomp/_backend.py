@@ -12,6 +12,9 @@ decides, and new arrays follow its dtype and device.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import numpy as np
 import opt_einsum
 import scipy.linalg
@@ -36,6 +39,24 @@ __all__ = [
     "random_normal",
     "qr",
 ]
+
+
+def no_autograd(func):
+    """Decorator: run ``func`` without recording autograd (when torch is loaded).
+
+    A decomposition or an error figure is not differentiated; torch inputs
+    that require gradients (an ``nn.Parameter``) then give plain tensors and
+    scalars, without a graph or torch's warning about converting them.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.is_grad_enabled():
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    return wrapper
 
 
 def namespace(*arrays):
@@ -171,10 +192,16 @@ def qr(a):
 
 
 def check_rng(rng):
-    """Normalise ``rng`` (None, int, or Generator) into a ``numpy.random.Generator``."""
+    """Normalise ``rng`` (None, int, or Generator) into a ``numpy.random.Generator``.
+
+    ``None`` is the fixed seed 0 (the contract of every solver): default runs
+    are reproducible; pass a Generator or another seed for other draws.
+    """
     if isinstance(rng, np.random.Generator):
         return rng
-    if rng is None or isinstance(rng, (int, np.integer)):
+    if rng is None:
+        return np.random.default_rng(0)
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         return np.random.default_rng(rng)
     raise TypeError(
         f"rng={rng!r} is not allowed; rng must be None, an int seed or a "

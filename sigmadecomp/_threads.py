@@ -58,10 +58,13 @@ import contextvars
 import functools
 import inspect
 import math
+import numbers
 import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+
+from ._backend import no_autograd
 
 __all__ = ["threads", "solver_threads", "auto_thread_count", "idle_cores", "free_cores",
            "busy_machine_threads", "retune", "WORK_PER_THREAD", "TORCH_WORK_PER_THREAD",
@@ -347,11 +350,11 @@ def _limited(n_blas, n_torch):
 def _check_n(n):
     if isinstance(n, str) and n == "auto":
         return n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(
             f"threads(n={n!r}) is not allowed; n must be 'auto' or an int >= 1"
         )
-    return n
+    return n if isinstance(n, str) else int(n)
 
 
 @contextmanager
@@ -459,6 +462,7 @@ def solver_threads(func=None, *, sigma_blas_unit=None):
     first = next(iter(signature.parameters))
 
     @functools.wraps(func)
+    @no_autograd  # inputs that require gradients give plain results, no autograd graph
     def wrapper(*args, **kwargs):
         global last_choice
         if _IN_SOLVER.get() or _OVERRIDE.get() != "auto":

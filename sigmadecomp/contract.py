@@ -34,6 +34,9 @@ each shared option is fixed here:
     default with ``sigma``), ``'random'`` (drawn from ``rng``), or a
     previous result of the same solver. ``'hosvd'`` is a deprecated alias of
     ``'svd'``.
+``rng``
+    ``None`` (the fixed seed 0: default runs are reproducible), an int seed
+    or a ``numpy.random.Generator``.
 ``rtol``
     Eigenvalue floor, relative to the largest eigenvalue, under which the
     singular systems of the Sigma algebra count as singular (the policy of

@@ -354,7 +354,8 @@ def mix_sigma(sigma, prior, alpha, weight):
     Parameters
     ----------
     sigma, prior : arrays of shape (n, n)
-        Symmetric PSD second moments, NumPy or torch (same library).
+        Symmetric PSD second moments, NumPy or torch (``prior`` is taken to
+        the library and device of ``sigma``).
     alpha, weight : float in [0, 1]
 
     Returns
@@ -379,7 +380,7 @@ def mix_sigma(sigma, prior, alpha, weight):
     if weight == 0.0:
         return out
     check_finite(prior, "prior")
-    S, P = B.as_compute(out), B.as_compute(prior)
+    S, P = B.as_compute(out), B.as_compute(B.asarray_like(prior, sigma))  # sigma's library
     cp = float(_mean_eig(P))
     if not cp > 0:
         raise ValueError("prior has no positive trace; it must be a second moment with "

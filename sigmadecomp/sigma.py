@@ -204,6 +204,7 @@ def _ridge_result_fields(K1, approx1, S_user, ridge, error):
     return ridge, _rel_sigma_error(K1, approx1, S_user)
 
 
+@B.no_autograd
 def sigma_norm(delta, sigma=None):
     """Sigma-norm ``sqrt(tr(D Sigma D^T))`` of a weight change.
 
@@ -244,6 +245,7 @@ def sigma_norm(delta, sigma=None):
     return xp.astype(val, delta.dtype)
 
 
+@B.no_autograd
 def relative_sigma_error(weight, approx, sigma=None):
     """Relative Sigma-error ``sqrt(tr(D S D^T) / tr(K S K^T))`` with ``D = K - K~``.
 

@@ -336,7 +336,8 @@ _OPTIONS_DOC = """
         previous value (default 1e-5; with the extrapolation step a sweep's
         gain includes the step's).
     rng : None, int or numpy.random.Generator, optional
-        Randomness for ``init='random'``.
+        Randomness for ``init='random'``; ``None`` is the fixed seed 0 (default
+        runs are reproducible).
     callback : callable, optional
         ``callback(result)`` with the partial :class:`TTResult` at the start
         and after every sweep (:mod:`sigmadecomp.contract`); ``True`` stops.

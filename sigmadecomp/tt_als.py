@@ -255,7 +255,7 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate
         stats["extrapolated"] = 0
         beta = EXTRAP_BETA0
         old = _left_orthogonal(cores)
-    converged = n_iter_max == 0
+    converged = False  # only the tol rule sets it (the contract); no sweep, no convergence
     n_iter = 0
     if on_point is not None and on_point(cores, errors, 0, converged) is True:
         return cores, errors, 0, converged, stats

@@ -494,7 +494,8 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
         and reference-network layers at rX=3 the Sigma-ALS then stopped within
         0.06% of its converged error (``notes/sweeps.md``).
     rng : None, int or numpy.random.Generator, optional
-        Randomness for ``init='random'``.
+        Randomness for ``init='random'``; ``None`` is the fixed seed 0 (default
+        runs are reproducible).
     callback : callable, optional
         ``callback(result)`` with the current :class:`Tucker2Result` at the
         initial point and after every sweep; returning ``True`` stops the run

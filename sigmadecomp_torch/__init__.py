@@ -28,7 +28,8 @@ skipped 6 (Linear): last layer (the model's output, e.g. the classifier): left a
 torch.Size([16, 10])
 
 The statistics can be saved and reused (``save_covariances`` /
-``load_covariances``), merged (``a + b``), and are all-reduced over
+``load_covariances``), merged layer by layer (``sa[name] + sb[name]``, or
+``{k: sa[k] + sb[k] for k in sa}`` for two collections), and are all-reduced over
 ``torch.distributed`` workers when a process group is initialised.
 """
 

@@ -86,6 +86,7 @@ serve only this); longer than most modules for that reason.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass, field
 
@@ -562,7 +563,14 @@ def _input_sizes(model, chosen, input_shape):
                         device=p.device if p is not None else None)
         model.eval()
         with torch.no_grad():
-            model(x)
+            try:
+                model(x)
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(
+                    f"input_shape={tuple(input_shape)!r}: the model failed on one sample of "
+                    f"that shape ({first}); input_shape is the shape of one sample, without "
+                    "the batch dimension, e.g. (C, H, W)") from exc
     finally:
         for h in handles:
             h.remove()
@@ -702,6 +710,10 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
         if not input_shape or min(input_shape) < 1:
             raise ValueError(f"input_shape={input_shape!r} is not allowed; input_shape must be "
                              "a tuple of positive integers (one sample, e.g. (C, H, W))")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 2:
+        raise ValueError(f"samples={samples!r} is not allowed; samples must be an integer "
+                         ">= 2")
+    samples = int(samples)
 
     chosen = select_layers(model, layers)
     names = [n for n, _ in chosen]
@@ -725,9 +737,6 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
         if input_shape is None or len(input_shape) != 3:
             raise ValueError(f"spatial='propagate' needs input_shape=(C, H, W); got "
                              f"input_shape={input_shape!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-            raise ValueError(f"samples={samples!r} is not allowed; samples must be an integer "
-                             ">= 2")
     sizes = _input_sizes(model, chosen, input_shape) if input_shape is not None else {}
     prop = None
 

@@ -21,7 +21,7 @@ Batches may be tensors, ``(inputs, targets)`` pairs, mappings of keyword
 arguments or anything with a ``forward`` callable; a token mask keeps padded
 positions out of the statistics of Linear layers; layers that read the same
 input tensor share one statistic. The statistics are sums, so they
-merge exactly (``a + b``) and are all-reduced through ``torch.distributed``
+merge exactly, layer by layer (``a[name] + b[name]``), and are all-reduced through ``torch.distributed``
 when a process group is initialised. For a cheaper estimate,
 ``position_fraction`` keeps a random subset of the output positions.
 

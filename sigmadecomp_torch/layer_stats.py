@@ -9,6 +9,7 @@ Collected by :func:`sigmadecomp_torch.collect_covariances`, saved and loaded by
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,9 @@ class LayerStats:
 
     Notes
     -----
-    ``a + b`` merges two statistics of the same layer exactly (count-weighted),
-    e.g. from two datasets or two workers. :meth:`centered` gives the
+    ``a + b`` merges two statistics of the same layer exactly (count-weighted,
+    in float64, stored in the wider of the two dtypes), e.g. from two
+    datasets or two workers; ``sum([a, b, c])`` merges a list. :meth:`centered` gives the
     covariance ``sigma - mean mean^T``. :meth:`check_compatible` refuses to
     use the statistics for a layer of another kind or geometry.
 
@@ -126,6 +128,10 @@ class LayerStats:
             raise ValueError(
                 f"LayerStats: sigma holds {self.sigma.shape[0]} groups; groups={self.groups}"
             )
+        if isinstance(self.count, bool) or not isinstance(self.count, numbers.Integral):
+            if not (isinstance(self.count, numbers.Real) and float(self.count).is_integer()):
+                raise TypeError(f"LayerStats: count={self.count!r}; it must be a whole number "
+                                "(the patch vectors averaged)")
         self.count = int(self.count)
         if self.count < 1:
             raise ValueError(f"LayerStats: count={self.count}; it must be at least 1")
@@ -239,8 +245,15 @@ class LayerStats:
         ob = other.sigma.to(self.sigma.device, torch.float64)
         om = other.mean.to(self.mean.device, torch.float64)
         meta = self._meta() if self.kind is not None else other._meta()
-        return LayerStats(wa * self.sigma.to(torch.float64) + wb * ob,
-                          wa * self.mean.to(torch.float64) + wb * om, c, **meta)
+        # merged in float64, stored in the wider of the two storage types
+        dtype = torch.promote_types(self.sigma.dtype, other.sigma.dtype)
+        return LayerStats((wa * self.sigma.to(torch.float64) + wb * ob).to(dtype),
+                          (wa * self.mean.to(torch.float64) + wb * om).to(dtype), c, **meta)
+
+    def __radd__(self, other):
+        if isinstance(other, numbers.Number) and other == 0:  # sum([a, b, ...]) starts at 0
+            return self
+        return NotImplemented
 
     def __repr__(self):
         shape = "x".join(str(s) for s in self.sigma.shape)

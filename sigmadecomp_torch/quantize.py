@@ -109,8 +109,12 @@ def quantize_weights(model, *, layers=None, inplace=False):
     ----------
     model : torch.nn.Module
     layers : None, str or list of str, optional
-        Module names; every ``Conv`` / ``Linear`` module at or under each name
-        is quantized (e.g. the names of factorized layers). Default: all.
+        Module names; every ``Conv1d`` / ``Conv2d`` / ``Conv3d`` / ``Linear``
+        module at or under each name is quantized (e.g. the names of
+        factorized layers). Default: all. Transposed convolutions (output
+        channels on their second axis) are left in float. A weight shared by
+        several modules is quantized once; its codes are listed under every
+        name (the same tensor objects, saved once).
     inplace : bool, optional
         Modify ``model`` itself; default works on a deep copy.
 
@@ -134,7 +138,14 @@ def quantize_weights(model, *, layers=None, inplace=False):
     if not inplace:
         model = copy.deepcopy(model)
     result = QuantizedWeights()
+    first = {}  # id of a weight -> the first name it was quantized under
     for name, module in _chosen(model, layers):
+        if id(module.weight) in first:  # tied: already quantized, keep one set of codes
+            src = first[id(module.weight)]
+            for table in (result.int8, result.scales, result.max_abs_error):
+                table[name] = table[src]
+            continue
+        first[id(module.weight)] = name
         w = module.weight.detach()
         obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
         obs = obs.to(w.device)
@@ -170,10 +181,18 @@ def quantized_state_dict(model, quantized):
     -------
     dict of str to torch.Tensor
     """
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    copies = {}  # tensors shared in the model (tied weights) stay shared, so saved once
+
+    def copy_of(t):
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+        if key not in copies:
+            copies[key] = t.detach().clone()
+        return copies[key]
+
+    state = {k: copy_of(v) for k, v in model.state_dict().items()}
     for name, codes in quantized.int8.items():
-        state[name + ".weight"] = codes.clone()
-        state[name + _SCALE_SUFFIX] = quantized.scales[name].clone()
+        state[name + ".weight"] = copy_of(codes)
+        state[name + _SCALE_SUFFIX] = copy_of(quantized.scales[name])
     return state
 
 
@@ -208,7 +227,13 @@ def model_size_bytes(model_or_state):
     -------
     int
     """
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    if isinstance(model_or_state, nn.Module):
+        state = model_or_state.state_dict()
+    elif isinstance(model_or_state, dict):
+        state = model_or_state
+    else:
+        raise TypeError(f"model_or_state of type {type(model_or_state).__name__} is not "
+                        "allowed; it must be a torch.nn.Module or a state dict")
     buf = io.BytesIO()
     torch.save(state, buf)
     return len(buf.getvalue())

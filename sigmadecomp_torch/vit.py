@@ -216,7 +216,8 @@ class TorchViT(_Backbone):
                                               _Embedding):
                 raise ValueError(f"vit has a replaced module {name!r} "
                                  f"({type(module).__name__}); from_vit needs an uncompressed ViT")
-        new = cls(**vit.config)
+        p0 = next(vit.parameters())
+        new = cls(**vit.config).to(device=p0.device, dtype=p0.dtype)  # as vit's weights
         state = {}
         for key, value in vit.state_dict().items():
             parts = key.split(".")

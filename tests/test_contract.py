@@ -101,7 +101,11 @@ def test_callback_sees_every_error_entry_and_can_stop(problem, name):
     assert [s[0] for s in seen] == [0, 1, 2]
     assert [s[1] for s in seen] == res.errors
     at_start = _run(name, K, Sig, n_iter_max=20, tol=0.0, callback=lambda r: True)
-    assert at_start.n_iter == 0 and len(at_start.errors) == 1
+    assert at_start.n_iter == 0 and len(at_start.errors) == 1 and not at_start.converged
+    # no sweep run: no convergence either (only the tol rule sets it)
+    for kw in ({}, {"callback": lambda r: True}):
+        none = _run(name, K, Sig, n_iter_max=0, **kw)
+        assert none.n_iter == 0 and none.converged is False, kw
 
 
 def test_closed_form_calls_the_callback_once(problem):
@@ -219,3 +223,13 @@ def test_shared_option_errors_name_the_argument(problem, name):
     for kw, exc, match in bad:
         with pytest.raises(exc, match=match):
             _run(name, K, Sig, **kw)
+
+
+@pytest.mark.parametrize("name", ITERATIVE)
+def test_random_starts_are_reproducible_by_default(problem, name):
+    K, Sig = problem
+    runs = [_run(name, K, Sig, init="random", n_iter_max=2, tol=0.0) for _ in range(2)]
+    assert runs[0].errors == runs[1].errors  # rng=None: the fixed seed 0
+    seeded = _run(name, K, Sig, init="random", n_iter_max=2, tol=0.0, rng=0)
+    other = _run(name, K, Sig, init="random", n_iter_max=2, tol=0.0, rng=1)
+    assert seeded.errors == runs[0].errors and other.errors[0] != runs[0].errors[0]

@@ -110,6 +110,27 @@ def test_quantize_weights_exact_int8_model():
     assert model_size_bytes(state) < model_size_bytes(model)
 
 
+def test_quantize_weights_tied_weights_once_and_transposed_convs_left_alone():
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight  # tied
+    model = nn.Sequential(a, nn.ReLU(), b, nn.ConvTranspose1d(6, 3, 1))
+    qmodel, qw = quantize_weights(model)
+    assert qw.layers == ["0", "2"] and qw.int8["2"] is qw.int8["0"]
+    assert qmodel[0].weight is qmodel[2].weight  # still tied
+    assert torch.equal(qmodel[3].weight, model[3].weight)  # transposed: left in float
+    state = quantized_state_dict(qmodel, qw)
+    assert state["0.weight"] is state["2.weight"]  # one set of codes, saved once
+    twice = dict(state, **{"2.weight": state["2.weight"].clone()})
+    assert model_size_bytes(twice) >= model_size_bytes(state) + 6 * 6  # saved once
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ConvTranspose1d(6, 3, 1))
+    load_quantized_state_dict(fresh, state)
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(fresh[:3](x), qmodel[:3](x))
+    with pytest.raises(TypeError, match="model_or_state of type int"):
+        model_size_bytes(3)
+
+
 def test_quantize_weights_bad_layer():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     with pytest.raises(ValueError, match="'9'.*not a module"):

@@ -283,6 +283,9 @@ def test_propagate_channel_means_match_batchnorm():
     (dict(input_shape="28x28"), "input_shape='28x28'"),
     (dict(spatial="propagate"), "needs input_shape"),
     (dict(spatial="propagate", input_shape=(1, 8, 8), samples=1), "samples=1"),
+    (dict(spatial="kernel", samples=1), "samples=1"),  # checked whether used or not
+    (dict(input_shape=(1, 1, 8, 8)), r"input_shape=\(1, 1, 8, 8\): the model failed on one "
+                                     r"sample.*without the batch dimension"),
 ])
 def test_bad_input(kwargs, match):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),

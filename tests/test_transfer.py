@@ -352,6 +352,19 @@ def test_mix_sigma_endpoints_scale_and_psd(lib, rng):
     np.testing.assert_array_equal(lib.to_numpy(P_), keep_P)
 
 
+def test_mix_sigma_takes_the_prior_to_sigmas_library(rng):
+    from sigmadecomp.shrinkage import mix_sigma
+
+    S, P = _psd(rng, 5), _psd(rng, 5)
+    expect = mix_sigma(S, P, 0.2, 0.3)
+    out = mix_sigma(S, torch.from_numpy(P), 0.2, 0.3)  # NumPy sigma, torch prior
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, expect, rtol=1e-12)
+    out = mix_sigma(torch.from_numpy(S), P, 0.2, 0.3)  # and the other way round
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_allclose(out.numpy(), expect, rtol=1e-12)
+
+
 def test_mix_sigma_bad_input(rng):
     from sigmadecomp.shrinkage import mix_sigma
 

@@ -124,3 +124,68 @@ def test_evbmf_ranks_for_tt_are_refused_before_any_work():
     for kw in (dict(), dict(data=boom()), dict(data=[torch.randn(1, 3, 9, 9)], sequential=True)):
         with pytest.raises(ValueError, match="ranks='evbmf' is not available for method='tt'"):
             compress(model, "tt", ranks="evbmf", progress=False, **kw)
+
+
+def test_core_functions_on_parameters_give_plain_results_without_warnings():
+    import sigmadecomp as sd
+
+    gen = torch.Generator().manual_seed(0)
+    K = nn.Parameter(torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=gen))
+    X = torch.randn(100, 36, dtype=torch.float64, generator=gen)
+    S = X.T @ X / 100
+    runs = {
+        "tucker2": lambda: sd.tucker2(K, (3, 3), S, n_iter_max=2),
+        "cp": lambda: sd.cp(K, 4, S, n_iter_max=2),
+        "tt_conv": lambda: sd.tt_conv(K, 3, S, n_iter_max=2),
+        "tt_linear": lambda: sd.tt_linear(K.reshape(6, 36), 3, S, n_iter_max=2),
+        "sigma_svd": lambda: sd.sigma_svd(K.reshape(6, 36), 3, S),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "requires_grad=True to a scalar"
+        for name, run in runs.items():
+            res = run()
+            approx = res.to_tensor()
+            assert not approx.requires_grad and approx.grad_fn is None, name
+            err = sd.relative_sigma_error(K.reshape(6, 36), approx.reshape(6, 36), S)
+            assert isinstance(err, float) and err == pytest.approx(res.sigma_error, rel=1e-9)
+    assert torch.is_grad_enabled()  # the caller's autograd state is untouched
+
+
+def test_layer_stats_count_merge_dtype_and_sum():
+    from sigmadecomp_torch import LayerStats
+
+    e, z = torch.eye(2), torch.zeros(2)  # float32 storage
+    with pytest.raises(TypeError, match="count=2.5"):
+        LayerStats(e.double(), z.double(), 2.5)
+    assert LayerStats(e.double(), z.double(), 3.0).count == 3
+    a, b, c = LayerStats(e, z, 10), LayerStats(3 * e, z + 1, 30), LayerStats(e, z, 40)
+    merged = a + b
+    assert merged.sigma.dtype == torch.float32 and merged.count == 40
+    torch.testing.assert_close(merged.sigma, 2.5 * e)
+    assert (a + LayerStats(e.double(), z.double(), 1)).sigma.dtype == torch.float64
+    total = sum([a, b, c])
+    assert total.count == 80
+    torch.testing.assert_close(total.sigma, (a + b + c).sigma)
+
+
+def test_threads_takes_numpy_integers():
+    import numpy as np
+
+    import sigmadecomp as sd
+
+    with sd.threads(np.int64(1)):
+        pass
+    with pytest.raises(ValueError, match="n must be 'auto' or an int >= 1"):
+        sd.threads(np.int64(0)).__enter__()
+
+
+def test_torch_vit_from_a_float64_vit_runs_in_float64():
+    from sigmadecomp_torch.vit import ViT, TorchViT
+
+    torch.manual_seed(0)
+    vit = ViT(depth=1).double().eval()
+    twin = TorchViT.from_vit(vit).eval()
+    assert next(twin.parameters()).dtype == torch.float64
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), vit(x))
