@@ -187,8 +187,6 @@ def _warn_unmet_ratio(report, ratio):
 
 
 def _calibration_images(args, model):
-    import torch
-
     from sigmadecomp_torch.data import load_images
 
     first_name, first = _first_conv(model)
