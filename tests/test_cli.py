@@ -378,3 +378,25 @@ def test_default_layers_follow_the_order_the_model_runs(tmp_path, idx_dir, capsy
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "layers: 1 Conv2d/Linear layers (body)" in out
+
+
+def test_cp_inner_adaptive_reaches_compress(model_file, tmp_path, idx_dir, monkeypatch):
+    import importlib
+
+    seen = []
+    mod = importlib.import_module("sigmadecomp_torch.compress")
+    real = mod.compress
+
+    def spy(model, method, **kw):
+        seen.append((method, kw.get("options")))
+        return real(model, method, **kw)
+
+    monkeypatch.setattr(mod, "compress", spy)
+    argv = ["compress", model_file, "--method", "cp", "--out", str(tmp_path / "o.pt"),
+            "--no-progress", "--n-iter", "2", "--data", idx_dir, "--ratio", "2",
+            "--cp-inner", "adaptive"]
+    assert cli.main(argv) == 0
+    assert seen == [("cp", {"n_iter_max": 2, "inner": {"maxiter": "adaptive"}})]
+    msg = _error(["compress", model_file, "--method", "tucker2", "--out", str(tmp_path / "p.pt"),
+                  "--ratio", "2", "--data", idx_dir, "--cp-inner", "adaptive"])
+    assert "--cp-inner adaptive applies to --method cp, not tucker2" in msg
