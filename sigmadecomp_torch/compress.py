@@ -715,8 +715,9 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
 
 def _default_by_call_order(model, layers, data, example_input):
     """``(layers, data)``: ``layers=None`` as a :class:`CallOrder` when an input batch is at
-    hand, so that the first and last layer left alone are those a forward pass runs
-    first and last (one extra pass on one batch); ``data`` still yields every batch."""
+    hand, so that the layers left alone (those reading the model's input, those whose
+    output it returns) are found in one extra forward pass on one batch; ``data`` still
+    yields every batch."""
     if (layers is not None or not isinstance(model, nn.Module)
             or isinstance(model, SUPPORTED) or (data is None and example_input is None)):
         return layers, data
