@@ -10,13 +10,28 @@ within the package.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Mapping
 
 import torch
 
-__all__ = ["batch_mask", "check_not_meta", "check_pass_options", "describe_item", "model_device", "progress_bar",
-           "run_batch", "to_device"]
+__all__ = ["batch_mask", "check_materialized", "check_not_meta", "check_pass_options",
+           "describe_item", "eval_modes", "model_device", "progress_bar", "run_batch", "to_device"]
+
+
+@contextlib.contextmanager
+def eval_modes(*models):
+    """Every module of ``models`` in eval mode inside the block; afterwards each module
+    gets its own mode back (a model may mix training and eval submodules)."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def describe_item(v):

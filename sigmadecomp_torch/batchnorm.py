@@ -95,6 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._batches import eval_modes
 from .covariance import select_layers
 from .layer_stats import LayerStats, layer_geometry, layer_kind
 
@@ -548,7 +549,6 @@ def _sources_sequential(model, names):
 def _input_sizes(model, chosen, input_shape):
     """Spatial size of each chosen conv's input, from one forward pass on zeros."""
     sizes, handles = {}, []
-    flags = {m: m.training for m in model.modules()}
 
     def hook(name):
         def fn(module, args):
@@ -561,8 +561,7 @@ def _input_sizes(model, chosen, input_shape):
         p = next(model.parameters(), None)
         x = torch.zeros((1,) + tuple(input_shape), dtype=p.dtype if p is not None else None,
                         device=p.device if p is not None else None)
-        model.eval()
-        with torch.no_grad():
+        with eval_modes(model), torch.no_grad():
             try:
                 model(x)
             except RuntimeError as exc:
@@ -574,8 +573,6 @@ def _input_sizes(model, chosen, input_shape):
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     return sizes
 
 

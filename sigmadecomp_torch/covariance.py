@@ -49,8 +49,8 @@ from torch import nn
 from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
-from ._batches import (batch_mask, check_not_meta, check_pass_options, model_device,
-                       progress_bar, run_batch)
+from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
+                       model_device, progress_bar, run_batch)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -791,7 +791,6 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     accs = {name: _Accumulator(name, m, chunk_bytes, run, position_fraction, seed + i,
                                gram_dtype)
             for i, (name, m) in enumerate(chosen)}
-    modes = {m: m.training for m in model.modules()}
     handles = []
     n_batches = 0
     mask_seen = False
@@ -804,11 +803,10 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     try:
         for name, m in chosen:
             handles.append(m.register_forward_pre_hook(accs[name]))
-        model.eval()
         batches = data if max_batches is None else itertools.islice(data, max_batches)
         it = progress_bar(batches, total=total, enabled=progress and (total is None or total > 1),
                        desc="collect_covariances")
-        with torch.no_grad(), busy_machine_threads():
+        with eval_modes(model), torch.no_grad(), busy_machine_threads():
             for i, batch in enumerate(it):
                 m = batch_mask(mask, batch, i, device)
                 mask_seen = mask_seen or m is not None
@@ -821,8 +819,6 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         run.release()
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     if run.square_mask is not None:
         name, shape = run.square_mask
         warnings.warn(f"the token mask of a batch is square {shape} (batch size = sequence "
@@ -842,9 +838,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     if all(a.count == 0 and a.link is None for a in accs.values()):
         if any(a.calls > 0 for a in accs.values()):
             raise ValueError("the chosen layers ran, but none of their input rows entered "
-                             "the statistics (a token mask that is zero everywhere"
-                             + (f", or position_fraction={position_fraction!r} too small"
-                                if position_fraction < 1 else "") + ")")
+                             "the statistics " + _why_no_rows(position_fraction))
         raise ValueError("data yielded no batches (or the chosen layers never ran); "
                          "collect_covariances needs at least one batch")
     results = {}
@@ -857,9 +851,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         if src not in results:
             if accs[src].calls > 0:  # it ran, but every row was left out
                 what = (f"layer {name!r} ran, but none of its input rows entered the "
-                        "statistics (a token mask that is zero everywhere"
-                        + (f", or position_fraction={position_fraction!r} too small to draw "
-                           "a position" if position_fraction < 1 else "") + ")")
+                        "statistics " + _why_no_rows(position_fraction))
             else:
                 what = f"layer {name!r} never ran in the forward pass"
             if layers is not None and not callable(layers):
@@ -868,6 +860,12 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
             continue
         out[name] = results[src]
     return out
+
+
+def _why_no_rows(position_fraction):
+    return ("(a token mask that is zero everywhere"
+            + (f", or position_fraction={position_fraction!r} too small to draw a position"
+               if position_fraction < 1 else "") + ")")
 
 
 def _iterable(data):

@@ -17,6 +17,8 @@ import re
 import torch
 from torch import nn
 
+from ._batches import eval_modes
+
 __all__ = ["default_layers", "module_kind", "module_names", "obstacle", "param_owners",
            "default_exclusions", "unsupported_modules", "n_params", "SUPPORTED"]
 
@@ -112,10 +114,8 @@ def _call_order(model, example_input, run=None):
                 lambda mod, args, _n=name: on_layer_input(_n, args)))
             handles.append(m.register_forward_hook(
                 lambda mod, args, out, _n=name: on_layer_output(_n, out)))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_modes(model), torch.no_grad():
             if run is not None:
                 result = run(model)
             elif isinstance(example_input, (tuple, list)):
@@ -127,8 +127,6 @@ def _call_order(model, example_input, run=None):
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     returned = _tensors(result, {})
     producers = []
     for name, out in outputs:

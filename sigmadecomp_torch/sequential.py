@@ -55,7 +55,8 @@ from torch import nn
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
-from ._batches import batch_mask, check_pass_options, model_device, progress_bar, run_batch
+from ._batches import (batch_mask, check_pass_options, eval_modes, model_device, progress_bar,
+                       run_batch)
 from .covariance import LayerStats, select_layers
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
@@ -323,7 +324,6 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
               device, progress, desc):
     """Run both models on every batch with the given accumulators hooked in."""
     handles = []
-    modes = {m: m.training for m in list(original.modules()) + list(compressed.modules())}
     try:
         for acc, m_o, m_c in cross:
             handles.append(m_o.register_forward_pre_hook(acc.hook_original))
@@ -331,11 +331,9 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
         for acc, m_o, m_c in outputs:
             handles.append(m_o.register_forward_hook(acc.hook_original))
             handles.append(m_c.register_forward_hook(acc.hook_compressed))
-        original.eval()
-        compressed.eval()
         n_batches = 0
         it = progress_bar(data, total=None, enabled=progress, desc=desc)
-        with torch.no_grad():
+        with eval_modes(original, compressed), torch.no_grad():
             for i, batch in enumerate(it):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -357,8 +355,6 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
         for acc, _, _ in list(cross) + list(outputs):
             acc.queue = []
     if n_batches == 0:
@@ -569,14 +565,12 @@ def _layer_groups(model, names, batch, device, forward, independent):
             return out + z
         return hook
 
-    modes = {m: m.training for m in model.modules()}
     try:
         for name in names:
             handles.append(modules[name].register_forward_pre_hook(pre(name)))
             if independent:
                 handles.append(modules[name].register_forward_hook(post(name)))
-        model.eval()
-        with torch.enable_grad():
+        with eval_modes(model), torch.enable_grad():
             try:  # two samples suffice for the graph's structure
                 run_batch(model, _first_samples(batch), 0, device, forward)
             except Exception:  # noqa: BLE001 - a batch that cannot be cut: run it whole
@@ -599,8 +593,6 @@ def _layer_groups(model, names, batch, device, forward, independent):
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     groups = []
     for name in order:
         if name not in wanted:
