@@ -101,11 +101,16 @@ def cli_default_layers(model, *, include_first=False, example=None):
         try:  # "first" and "last" in the order a forward pass calls the layers
             return default_layers(model, include_first=include_first, example_input=example)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"the model failed on the calibration images of shape "
-                            f"{tuple(example.shape[1:])}: {first} (check --image-size, "
-                            "--channels and --normalize)") from None
+            raise _failed_on_images(exc, example) from None
     return default_layers(model, include_first=include_first)
+
+
+def _failed_on_images(exc, images):
+    """The one-line error for a model that cannot run on the calibration images."""
+    first = str(exc).strip().splitlines()[0]
+    return UserError(f"the model failed on the calibration images of shape "
+                     f"{tuple(images.shape[1:])}: {first} (check --image-size, --channels "
+                     "and --normalize)")
 
 
 def _first_conv(model):
@@ -288,10 +293,7 @@ def _cmd_compress(args):
             stats = collect_covariances(model, make_loader(x, batch_size=args.batch_size),
                                         layers=layers, progress=not args.no_progress)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"the model failed on the calibration images of shape "
-                            f"{tuple(x.shape[1:])}: {first} (check --image-size, --channels "
-                            "and --normalize)") from None
+            raise _failed_on_images(exc, x) from None
         if args.save_stats:
             save_covariances(stats, args.save_stats)
             print(f"wrote statistics to {args.save_stats}")

@@ -58,6 +58,8 @@ from . import parallel as _parallel
 from .covariance import LayerStats, select_layers
 from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_layer_method
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
+from sigmadecomp.tt_modes import check_tt_ranks
+
 from ._batches import check_materialized
 from .selection import (
     SUPPORTED,
@@ -122,7 +124,6 @@ def _check_ratio(ratio):
 
 
 def _check_not_meta(model, covariances):
-    check_materialized(model, who="compress needs")
     for kind, items in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for n, t in items:
@@ -547,10 +548,7 @@ def decompose_layer(plan):
     ranks = plan.ranks
     if plan.method == "tt":  # the core clips TT ranks to each bond's largest useful rank
         ranks = tuple(int(r) for r in result.ranks)
-        asked = (ranks if plan.ranks is None else
-                 (int(plan.ranks),) * len(ranks) if isinstance(plan.ranks, numbers.Integral)
-                 else tuple(int(r) for r in plan.ranks))
-        if asked != ranks:
+        if plan.ranks is not None and check_tt_ranks(plan.ranks, len(ranks)) != ranks:
             warnings.warn(f"TT ranks {plan.ranks} for layer {plan.name!r} (weight "
                           f"{tuple(W.shape)}) were clipped to {ranks}, the largest useful rank "
                           "of each bond", CompressionWarning, stacklevel=2)
