@@ -127,15 +127,18 @@ def check_materialized(model, who="statistics need"):
                     "input (model(x)) so that lazy modules create their weights")
 
 
-def check_not_meta(model):
-    check_materialized(model)
+def check_not_meta(model, who="statistics need"):
+    """Refuse a model with any parameter or buffer on the meta device (``who``: what needs
+    real weights, as in :func:`check_materialized`)."""
+    check_materialized(model, who)
     for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for n, t in items:
             if t.is_meta:
                 raise ValueError(
                     f"model has its {what} {n!r} on the meta device (shapes only, no "
-                    "values); statistics need a model with real weights (e.g. "
-                    "model.to_empty(device='cpu') then load_state_dict)"
+                    f"values); {who} a model with real weights: materialise it "
+                    "first, e.g. model.to_empty(device='cpu') then "
+                    "model.load_state_dict(...)"
                 )
 
 

@@ -60,7 +60,7 @@ from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_laye
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
-from ._batches import check_materialized
+from ._batches import check_materialized, check_not_meta
 from .selection import (
     SUPPORTED,
     CallOrder,
@@ -124,14 +124,7 @@ def _check_ratio(ratio):
 
 
 def _check_not_meta(model, covariances):
-    for kind, items in (("parameter", model.named_parameters()),
-                        ("buffer", model.named_buffers())):
-        for n, t in items:
-            if t.is_meta:
-                raise ValueError(
-                    f"model has {kind} {n!r} on the meta device (shapes without data); "
-                    "compress needs the real weights: materialise the model first, e.g. "
-                    "model.to_empty(device='cpu') then model.load_state_dict(...)")
+    check_not_meta(model, who="compress needs")
     for k, st in (covariances or {}).items():
         if isinstance(st, LayerStats) and (st.sigma.is_meta or st.mean.is_meta):
             raise ValueError(f"covariances[{k!r}] is on the meta device (shapes without data); "
