@@ -202,6 +202,8 @@ def check_rng(rng):
     if rng is None:
         return np.random.default_rng(0)
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        if rng < 0:
+            raise ValueError(f"rng={rng!r} is not allowed; an int seed must be non-negative")
         return np.random.default_rng(rng)
     raise TypeError(
         f"rng={rng!r} is not allowed; rng must be None, an int seed or a "

@@ -172,6 +172,51 @@ def check_array(x, name, *, ndim=None, allow_none=False):
     return x
 
 
+def check_nonempty(x, name):
+    """Refuse an array with a zero-size dimension (nothing to decompose)."""
+    if any(int(s) == 0 for s in x.shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; every dimension of {name} must "
+                         "be positive")
+    return x
+
+
+def check_same_library(arrays, name):
+    """Refuse a sequence mixing NumPy arrays and torch tensors, or torch devices."""
+    kinds = {("torch", str(a.device)) if is_torch_array(a) else ("numpy", "cpu") for a in arrays}
+    if len(kinds) > 1:
+        found = ", ".join(sorted(k if k == "numpy" else f"torch on {d}" for k, d in kinds))
+        raise TypeError(f"{name} mixes {found}; all must be of one library and on one device "
+                        "(convert with numpy.asarray or torch.as_tensor first)")
+
+
+#: ``max|weight|^2 * max|sigma|`` must lie within ``[1/MAGNITUDE_LIMIT, MAGNITUDE_LIMIT]``:
+#: the squared Sigma-norms ``tr(K S K^T)`` behind every relative error are then
+#: far inside float64's range (1e-308 to 1e308) even after sums over millions
+#: of terms, so no error under- or overflows to a wrong 0, inf or nan.
+MAGNITUDE_LIMIT = 1e150
+
+
+def check_magnitude(x, name, sigma=None):
+    """Refuse a weight (and ``sigma``) whose squared norms would leave float64's range.
+
+    Relative errors do not depend on the scale of the weight or of ``sigma``,
+    so the message asks the user to rescale.
+    """
+    xp = B.namespace(x)
+    a = float(xp.max(xp.abs(x))) if x.size else 0.0
+    s = 1.0 if sigma is None else float(xp.max(xp.abs(sigma))) if sigma.shape[0] else 0.0
+    if a == 0.0 or s == 0.0:
+        return
+    size = 2.0 * np.log10(a) + np.log10(s)
+    if abs(size) > np.log10(MAGNITUDE_LIMIT):
+        what = f"max|{name}|^2" + ("" if sigma is None else " * max|sigma|")
+        raise ValueError(
+            f"{name} is too {'small' if size < 0 else 'large'} in scale: {what} = 1e{size:.0f}, "
+            f"outside [1e-{np.log10(MAGNITUDE_LIMIT):.0f}, 1e{np.log10(MAGNITUDE_LIMIT):.0f}] where "
+            "its squared norms stay exact in float64; rescale it (relative errors and the "
+            "decomposition's shape do not depend on the scale)")
+
+
 def check_finite(x, name):
     xp = B.namespace(x)
     if not bool(xp.all(xp.isfinite(x))):
@@ -312,15 +357,15 @@ def check_psd(S, dtype, name="sigma", *, eigenvalues=None, tol=None):
     if eigenvalues is None:
         diag = xp.linalg.diagonal(S)
         m = float(xp.max(diag))
-        v = xp.ones((n,), dtype=S.dtype, device=B.device(S))
-        for _ in range(3):  # Rayleigh quotients are lower bounds of lambda_max
+        v = xp.ones((n,), dtype=S.dtype, device=B.device(S)) / float(np.sqrt(n))
+        for _ in range(3):  # Rayleigh quotients of unit vectors are lower bounds of lambda_max
             w = S @ v
-            vv = float(xp.sum(v * v))
-            m = max(m, float(xp.sum(v * w)) / vv)
-            nw = float(xp.sqrt(xp.sum(w * w)))
-            if nw == 0.0:
+            m = max(m, float(xp.sum(v * w)))
+            wmax = float(xp.max(xp.abs(w)))
+            if wmax == 0.0:
                 break
-            v = w / nw
+            w = w / wmax  # (no overflow in the norm for huge entries)
+            v = w / float(xp.sqrt(xp.sum(w * w)))
         if m > 0.0:
             shifted = xp.asarray(S, copy=True)
             idx = xp.arange(n, device=B.device(S))

@@ -160,7 +160,10 @@ def error_curve(weight, method, sigma=None, *, out_hw=None, in_hw=None, keep_pro
     :func:`evbmf_ranks`), relative to ``||Y||_F^2 = tr(K Sigma K^T)``:
 
     * ``'svd'``: ``sum_{j > r} s0_j^2`` -- exactly the squared error of
-      :func:`sigmadecomp.sigma_svd`;
+      :func:`sigmadecomp.sigma_svd` with ``ridge=0`` (with its default ridge
+      the solver's ``sigma_error`` is slightly higher: where ``sigma`` is
+      singular and the rank covers its range, the curve is 0 and the ridged
+      solution keeps an error of the order of 1e-4);
     * ``'tucker2'``: ``sum_{j > r_T} s0_j^2 + sum_{j > r_S} s1_j^2``, the
       truncated-HOSVD bound of the whitened kernel (an upper bound of the
       optimum when ``Sigma`` is a Kronecker product, a proxy otherwise);
@@ -579,11 +582,13 @@ def allocate(layers, budget, *, method, cost="params", objective="sum", exact=Fa
     objective = check_choice(objective, "objective", ("sum", "max"))
     solver = check_choice(solver, "solver", ("auto", "exact", "greedy"))
     max_states = check_int(max_states, "max_states", low=1)
-    if not hasattr(layers, "items") or len(layers) == 0:
+    if not hasattr(layers, "items"):
         raise ValueError(
             f"layers of type {type(layers).__name__} is not allowed; layers must be a "
             "non-empty mapping of name -> LayerSpec"
         )
+    if len(layers) == 0:
+        raise ValueError("layers is empty; give at least one layer (name -> LayerSpec)")
     names, curves, methods, opts, labels = [], {}, {}, [], []
     dense_total = 0
     for name, spec in layers.items():

@@ -16,14 +16,16 @@ each shared option is fixed here:
     ``errors[k-1] - errors[k] <= tol * errors[k-1]`` (:func:`tol_reached`).
     ``converged`` is then True. ``tol=0`` switches the rule off: all
     ``n_iter_max`` sweeps run, unless the solver rejects a sweep that rounding
-    made worse (Tucker-2 and TT then stop, reported as converged).
+    made worse (the run then stops at the previous point, reported as
+    converged).
     CP-ALS-Sigma with its adaptive inner cap first solves its inner systems
     more accurately before it accepts the stop (see :func:`sigmadecomp.cp`).
 ``callback``
     ``callback(result)`` with the partial result object (the solver's result
     type, ``errors`` so far) once per entry of ``errors``: at the starting
     point (``n_iter == 0``) and after every sweep. Returning ``True`` stops the
-    run (``converged`` stays False); any other return value continues.
+    run; ``converged`` is then True only if the ``tol`` rule held on that
+    sweep. Any other return value continues.
 ``inner``
     Options of the inner linear solves, an :class:`InnerSolver` or a dict
     with the same keys. Each field left at ``None`` takes the solver's own
@@ -46,7 +48,16 @@ each shared option is fixed here:
     (:func:`sigmadecomp.sigma.ridge_sigma`).
 
 Relative errors follow one convention (:func:`relative_error`): a zero
-reference norm gives 0 for a zero error and ``inf`` otherwise.
+reference norm gives 0 for a zero error and ``inf`` otherwise. ``errors``
+are measured in the matrix minimised: the ridged ``sigma`` and, where that
+has negative eigenvalues (an accepted ``sigma`` may have them down to
+``-neg_rtol * lambda_max``, e.g. rounding of a float32 second moment), its
+nearest positive semi-definite matrix. ``sigma_error`` is always the
+relative Sigma-error in the user's ``sigma`` as
+:func:`sigmadecomp.relative_sigma_error` recomputes it. Weights and
+``sigma`` whose squared norms would leave float64's range
+(``max|weight|^2 * max|sigma|`` outside 1e-150..1e150) are refused with a
+request to rescale.
 """
 
 from __future__ import annotations
@@ -261,7 +272,11 @@ def check_callback(callback, solver, old_form=None):
         return None
     if not callable(callback):
         raise TypeError(f"callback={callback!r} is not allowed; callback must be callable or None")
-    if old_form is not None and _n_required_positional(callback) == 2:
+    n_req = _n_required_positional(callback)
+    if old_form is None and n_req is not None and n_req >= 2:
+        raise TypeError(f"callback={callback!r} takes {n_req} required arguments; {solver} "
+                        "calls callback(result) with one (the error is result.errors[-1])")
+    if old_form is not None and n_req == 2:
         warnings.warn(
             f"{solver}: a callback taking two arguments is deprecated and will not be "
             "supported in the next release; use callback(result) (the error is "

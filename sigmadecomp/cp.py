@@ -55,6 +55,8 @@ from ._validation import (
     check_array,
     check_finite,
     check_int,
+    check_magnitude,
+    check_nonempty,
     check_positive_float,
     check_sigma,
 )
@@ -70,7 +72,8 @@ from .contract import (
     tol_reached,
 )
 from .results import CPResult
-from .sigma import DEFAULT_RIDGE, _add_ridge, _ridge_result_fields, check_ridge, psd_solve
+from .sigma import (DEFAULT_RIDGE, _fitted_sigma, _ridge_result_fields, check_ridge,
+                    psd_solve)
 from .solvers import pcg
 from .tucker2 import CG_FLOAT32_RTOL
 
@@ -166,37 +169,6 @@ def _guarded(norm2, cross, quad, residual):
     if f <= _CANCEL * (norm2 + 2.0 * abs(cross) + abs(quad)):
         return residual()
     return f
-
-
-def _nearest_psd(Sg):
-    """``Sg`` itself if it is numerically positive definite, else its nearest PSD matrix.
-
-    A Cholesky factorisation whose smallest squared pivot exceeds
-    ``1e-9 * max(diag)`` (the test of :func:`sigmadecomp.sigma.psd_solve`)
-    keeps ``Sg`` unchanged at the cost of one ``n^3 / 3`` factorisation.
-    Otherwise (singular, very ill-conditioned or slightly indefinite ``Sg``)
-    its negative eigenvalues -- rounding, e.g. of a float32 second moment --
-    are set to zero: the nearest PSD matrix in Frobenius norm, one ``n x n``
-    eigen-decomposition. With a negative eigenvalue left in, the objective
-    would be unbounded below and ALS would run off along that direction.
-    """
-    xp = B.namespace(Sg)
-    n = Sg.shape[0]
-    dmax = float(xp.max(xp.linalg.diagonal(Sg))) if n else 0.0
-    if not dmax > 0.0:
-        return Sg
-    try:
-        piv = xp.linalg.diagonal(B.cholesky(Sg))
-        if float(xp.min(piv * piv)) > CHOL_PIVOT * _PINV_RTOL * dmax:
-            return Sg
-    except np.linalg.LinAlgError:
-        pass
-    lam, V = B.eigh(Sg)
-    if float(lam[0]) >= 0.0:
-        return Sg
-    Vp = V * xp.sqrt(xp.where(lam > 0, lam, 0.0))[None, :]
-    out = Vp @ Vp.T
-    return 0.5 * (out + out.T)
 
 
 _rel = relative_error
@@ -803,10 +775,16 @@ def _sign_fix(w, factors):
     return w, factors
 
 
-def _result(engine, errors, n_iter, converged, weighted, seconds, like):
+def _result(engine, errors, n_iter, converged, weighted, seconds, like, ridge=0.0,
+            projected=False):
+    """The current point as a :class:`CPResult`; with ``sigma``, ``ridge`` is the one in
+    use and ``sigma_error`` is ``errors[-1]`` when it is 0 (the final result replaces it
+    by the error in the user's ``sigma`` otherwise)."""
     xp = B.namespace(like)
     w, F = _sign_fix(*engine.point())
     return CPResult(
+        ridge=ridge if weighted else 0.0,
+        sigma_error=errors[-1] if weighted and not ridge and not projected else None,
         errors=list(errors),
         n_iter=n_iter,
         converged=converged,
@@ -933,7 +911,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     callback : callable, optional
         ``callback(result)`` with a :class:`CPResult` of the current iterate
         (``errors`` so far) at the starting point and after every sweep.
-        Returning ``True`` stops the run (``converged`` is then False).
+        Returning ``True`` stops the run (``converged`` is then True only if
+        the ``tol`` rule held on that sweep).
     rtol : float, optional
         Eigenvalue floor, relative to the largest eigenvalue, of the dense
         solves (A, C, D; :func:`sigmadecomp.sigma.psd_solve`). Default
@@ -1011,6 +990,7 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     """
     t0 = time.perf_counter()
     check_array(kernel, "kernel", ndim=4)
+    check_nonempty(kernel, "kernel")
     check_finite(kernel, "kernel")
     rank = check_int(rank, "rank", low=1)
     n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
@@ -1027,19 +1007,16 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         inner_maxiter = INNER_MAXITER_LIMIT
     rtol = _PINV_RTOL if rtol is None else check_positive_float(rtol, "rtol", allow_zero=True)
     rng = B.check_rng(0 if rng is None else rng)  # None: a fixed seed, reproducible runs
-    if any(int(s) == 0 for s in kernel.shape):
-        raise ValueError(f"kernel has shape {tuple(kernel.shape)}; every dimension must be positive")
 
     K = B.as_compute(kernel)
     T, S, H, W = K.shape
     n = S * H * W
     ridge = check_ridge(ridge)
     Sg_user = check_sigma(sigma, n, K)
-    Sg = _add_ridge(Sg_user, ridge)
+    check_magnitude(K, "kernel", Sg_user)
+    Sg, projected = _fitted_sigma(Sg_user, ridge)
     weighted = Sg is not None
-    if weighted:
-        Sg = _nearest_psd(Sg)
-    else:
+    if not weighted:
         ridge = 0.0
 
     if init is None:
@@ -1076,7 +1053,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     n_iter = 0
     power = 3.0
     stop = callback is not None and callback(
-        _result(engine, errors, 0, False, weighted, time.perf_counter() - t0, kernel)) is True
+        _result(engine, errors, 0, False, weighted, time.perf_counter() - t0, kernel,
+                ridge, projected)) is True
     for it in range(1, n_iter_max + 1 if not stop else 1):
         old = engine.point()
         saved_cache = engine._cache
@@ -1086,14 +1064,14 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         retune()  # long runs follow the cores that free up or fill
         rejected = f > f_old and not l2_reg
         if rejected:
-            # rounding made the sweep (slightly) worse: keep the previous point;
-            # the run stops here as converged (no progress)
+            # rounding made the sweep (slightly) worse: keep the previous point; the
+            # next sweep would repeat it, so the run stops here as converged
             engine.w, engine.F, engine._cache = old[0], list(old[1]), saved_cache
             f = f_old
         elif linesearch and it >= 3:
             f, power = _try_extrapolation(engine, old, f, it, power)
         errors.append(_rel(f, norm2))
-        reached = tol_reached(errors[-2], errors[-1], tol)
+        reached = rejected or tol_reached(errors[-2], errors[-1], tol)
         if reached and (adaptive and weighted and not engine.last_exact
                         and engine.inner_maxiter < INNER_MAXITER_LIMIT):
             # stalled on inexact B-updates: solve them more accurately and go on
@@ -1101,7 +1079,7 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
             reached = False
         if callback is not None:
             snap = _result(engine, errors, n_iter, reached, weighted,
-                           time.perf_counter() - t0, kernel)
+                           time.perf_counter() - t0, kernel, ridge, projected)
             if callback(snap) is True:
                 converged = reached
                 break
@@ -1113,7 +1091,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         w, F = engine.point()
         K1 = xp.reshape(K, (T, n))
         approx1 = (F[0] * w[None, :]) @ engine.Z().T
-        res.ridge, res.sigma_error = _ridge_result_fields(K1, approx1, Sg_user, ridge, res.error)
+        res.ridge, res.sigma_error = _ridge_result_fields(K1, approx1, Sg_user, ridge, res.error,
+                                                          projected)
     return res
 
 

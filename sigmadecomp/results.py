@@ -68,7 +68,8 @@ class DecompositionResult:
     sigma_error : float or None
         Relative Sigma-error in the user's ``sigma`` itself (``None`` without
         ``sigma``, and in partial results passed to a callback when
-        ``ridge > 0``); equal to ``error`` when ``ridge == 0``.
+        ``ridge > 0`` or ``sigma`` was made PSD); equal to ``error`` when ``ridge == 0`` (and ``sigma`` has no
+        eigenvalue below 0 beyond rounding, :mod:`sigmadecomp.contract`).
     """
 
     errors: List[float] = field(default_factory=list)
@@ -270,7 +271,8 @@ class TTResult(DecompositionResult):
         The ``ridge`` used (0 without ``sigma``).
     sigma_error : float or None
         Final relative Sigma-error in the user's ``sigma`` itself (``None``
-        without ``sigma``); equal to ``error`` when ``ridge == 0``.
+        without ``sigma``); equal to ``error`` when ``ridge == 0`` (and ``sigma``
+        has no eigenvalue below 0 beyond rounding, :mod:`sigmadecomp.contract`).
     n_iter, converged, weighted, seconds : as for the other results.
     """
 

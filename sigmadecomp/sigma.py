@@ -167,14 +167,42 @@ def _flatten_delta(delta, name="delta"):
     return xp.reshape(delta, (delta.shape[0], -1))
 
 
+#: Relative size (to ``max|S| * ||D||_F^2``) below which a negative ``tr(D S D^T)``
+#: counts as the rounding of a PSD ``S``: ``n * eps`` for ``n`` up to ~10^4.
+NEG_ROUNDING = 1e-12
+
+
 def _sq_sigma_norm(D, S):
-    """``tr(D S D^T)`` for float64 ``D`` (T, n) and ``S`` (n, n), clamped at 0."""
+    """``tr(D S D^T)`` for float64 ``D`` (T, n) and ``S`` (n, n), never negative.
+
+    An accepted ``S`` may have eigenvalues down to ``-neg_rtol * lambda_max``.
+    When ``D`` lies mostly along them the quadratic is negative beyond
+    rounding (below ``-NEG_ROUNDING * max|S| * ||D||^2``); it is then measured
+    in the nearest PSD matrix of ``S`` (negative eigenvalues set to 0; one
+    eigen-decomposition, on this rare path only), never reported as 0. A
+    smaller negative value is rounding of a PSD ``S`` and is clamped to 0.
+    """
     xp = B.namespace(D)
     if S is None:
-        val = xp.sum(D * D)
-    else:
-        val = xp.sum((D @ S) * D)
+        return xp.sum(D * D)
+    val = xp.sum((D @ S) * D)
+    if float(val) < 0.0 and -float(val) > NEG_ROUNDING * float(
+            xp.max(xp.abs(S))) * float(xp.sum(D * D)):
+        val = xp.sum((D @ _nearest_psd(S)) * D)
     return xp.clip(val, 0.0, None) if hasattr(xp, "clip") else xp.maximum(val, 0.0)
+
+
+def _unit_scaled(D, S, *more):
+    """``(D, *more, S)`` divided by ``max|D|`` and ``max|S|`` (NumPy or torch, float64), and
+    the factor ``max|D| * sqrt(max|S|)`` that multiplies a Sigma-norm back: squared norms
+    of the scaled arrays neither under- nor overflow, whatever the user's scale."""
+    xp = B.namespace(D)
+    a = float(xp.max(xp.abs(D))) if D.size else 0.0
+    s = 1.0 if S is None else (float(xp.max(xp.abs(S))) if S.shape[0] else 0.0)
+    a = a if a > 0.0 else 1.0
+    s = s if s > 0.0 else 1.0
+    scaled = [D / a] + [m / a for m in more] + ([None] if S is None else [S / s])
+    return scaled, a * float(np.sqrt(s))
 
 
 def _rel_sigma_error(K1, A1, S, den=None):
@@ -189,17 +217,73 @@ def _rel_sigma_error(K1, A1, S, den=None):
     return float(np.sqrt(num / den))
 
 
-def _ridge_result_fields(K1, approx1, S_user, ridge, error):
+def _nearest_psd(Sg):
+    """``Sg`` itself if it is numerically positive definite, else its nearest PSD matrix.
+
+    A Cholesky factorisation whose smallest squared pivot exceeds
+    ``1e-9 * max(diag)`` (the test of :func:`sigmadecomp.sigma.psd_solve`)
+    keeps ``Sg`` unchanged at the cost of one ``n^3 / 3`` factorisation.
+    Otherwise (singular, very ill-conditioned or slightly indefinite ``Sg``)
+    its negative eigenvalues -- rounding, e.g. of a float32 second moment --
+    are set to zero: the nearest PSD matrix in Frobenius norm, one ``n x n``
+    eigen-decomposition. With a negative eigenvalue left in, the objective
+    would be unbounded below and ALS would run off along that direction.
+
+    The iterative solvers (Tucker-2, CP, TT) fit in this matrix of the ridged
+    ``sigma`` (:func:`_fitted_sigma`).
+    """
+    return _psd_projection(Sg)[0]
+
+
+def _psd_projection(Sg):
+    """:func:`_nearest_psd` and ``-lambda_min / lambda_max`` of ``Sg`` when it was projected
+    (0 when ``Sg`` is returned unchanged)."""
+    xp = B.namespace(Sg)
+    n = Sg.shape[0]
+    dmax = float(xp.max(xp.linalg.diagonal(Sg))) if n else 0.0
+    if not dmax > 0.0:
+        return Sg, 0.0
+    try:
+        piv = xp.linalg.diagonal(B.cholesky(Sg))
+        if float(xp.min(piv * piv)) > CHOL_PIVOT * ZERO_RTOL["float64"] * dmax:
+            return Sg, 0.0
+    except np.linalg.LinAlgError:
+        pass
+    lam, V = B.eigh(Sg)
+    if float(lam[0]) >= 0.0:
+        return Sg, 0.0
+    Vp = V * xp.sqrt(xp.where(lam > 0, lam, 0.0))[None, :]
+    out = Vp @ Vp.T
+    return 0.5 * (out + out.T), -float(lam[0]) / float(lam[-1])
+
+
+def _fitted_sigma(S_user, ridge):
+    """``(matrix, projected)``: the matrix the iterative solvers fit in -- ``S_user`` with
+    its ridge, then :func:`_nearest_psd` -- and whether that projection removed more than
+    rounding (an eigenvalue below ``-NEG_ROUNDING * lambda_max``, which an accepted float32
+    ``sigma`` may have): errors in the fitted matrix then differ from those in ``S_user``
+    beyond rounding, and ``sigma_error`` is measured separately."""
+    Sg = _add_ridge(S_user, ridge)
+    if Sg is None:
+        return None, False
+    fitted, negative = _psd_projection(Sg)
+    return fitted, negative > NEG_ROUNDING
+
+
+def _ridge_result_fields(K1, approx1, S_user, ridge, error, projected=False):
     """``(ridge, sigma_error)`` for a result: the relative Sigma-error in the user's ``sigma``.
 
     ``K1`` and ``approx1`` are float64 (T, n) (in the column order of
     ``S_user``), ``S_user`` the validated float64 ``sigma`` or None, ``error``
     the solver's final error in the ridged metric. With ``ridge == 0`` the two
-    metrics agree and no product is formed.
+    metrics agree and no product is formed, unless ``projected``: the solver
+    fitted in the nearest PSD matrix of an accepted ``sigma`` with small
+    negative eigenvalues (:func:`_nearest_psd`), and the error in the user's
+    matrix is computed.
     """
     if S_user is None:
         return 0.0, None
-    if not ridge:
+    if not ridge and not projected:
         return 0.0, error
     return ridge, _rel_sigma_error(K1, approx1, S_user)
 
@@ -241,7 +325,9 @@ def sigma_norm(delta, sigma=None):
     check_finite(D, "delta")
     xp = B.namespace(D)
     S = check_sigma(sigma, D.shape[1], D)
-    val = xp.sqrt(_sq_sigma_norm(B.as_compute(D), S))
+    D64 = B.as_compute(D)
+    (D64, S), scale = _unit_scaled(D64, S)
+    val = xp.sqrt(_sq_sigma_norm(D64, S)) * scale
     return xp.astype(val, delta.dtype)
 
 
@@ -279,6 +365,7 @@ def relative_sigma_error(weight, approx, sigma=None):
     K64 = B.as_compute(K)
     A64 = B.asarray_like(A, K64)
     S = check_sigma(sigma, K.shape[1], K64)
+    (K64, A64, S), _ = _unit_scaled(K64, S, A64)
     return _rel_sigma_error(K64, A64, S)
 
 

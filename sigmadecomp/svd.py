@@ -6,7 +6,8 @@ import time
 
 from . import _backend as B
 from ._threads import solver_threads
-from ._validation import check_array, check_finite, check_int, check_sigma
+from ._validation import (check_array, check_finite, check_int, check_magnitude,
+                          check_nonempty, check_sigma)
 from .contract import (
     check_callback,
     check_init_name,
@@ -19,6 +20,7 @@ from .results import SVDResult
 from .sigma import (
     DEFAULT_RIDGE,
     DEFAULT_RTOL,
+    NEG_ROUNDING,
     _add_ridge,
     _rel_sigma_error,
     _root_from_eigh,
@@ -115,6 +117,7 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
     """
     t0 = time.perf_counter()
     check_array(weight, "weight", ndim=2)
+    check_nonempty(weight, "weight")
     check_finite(weight, "weight")
     if init is not None:
         if not isinstance(init, str):
@@ -135,6 +138,7 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
     xp = B.namespace(W)
     ridge = check_ridge(ridge)
     S = check_sigma(sigma, n, W, psd=False)  # PSD-checked by psd_root below
+    check_magnitude(W, "weight", S)
 
     if S is None:
         U, s, Vh = B.svd(W)
@@ -148,8 +152,12 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
         rtol = default_rtol(sigma.dtype) if rtol is None else rtol
         neg = default_neg_rtol(sigma.dtype)
         root = psd_root(prepared_or(sigma, S), rtol=rtol, neg_rtol=neg)  # once per PreparedSigma
+        S_user = S
+        # an eigenvalue floored beyond rounding: the error below is in the floored sigma
+        lam = root.eigenvalues
+        floored = -float(lam[0]) > NEG_ROUNDING * max(float(lam[-1]), 0.0)
         if ridge:  # sigma + c I has the eigenvectors of sigma and eigenvalues lam + c
-            S_user, S = S, _add_ridge(S, ridge)
+            S = _add_ridge(S, ridge)
             c = float(S[0, 0] - S_user[0, 0])
             root = _root_from_eigh(root.eigenvalues + c, root.eigenvectors, rtol)
         k = root.rank
@@ -174,7 +182,8 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
     error = relative_error(tail, total)
     sigma_error = None
     if S is not None:
-        sigma_error = _rel_sigma_error(W, left @ right, S_user) if ridge else error
+        exact = not ridge and not floored  # error is already measured in the user's sigma
+        sigma_error = error if exact else _rel_sigma_error(W, left @ right, S_user)
     result = SVDResult(
         left=xp.astype(left, weight.dtype),
         right=xp.astype(right, weight.dtype),

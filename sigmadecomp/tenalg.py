@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from . import _backend as B
-from ._validation import check_array, check_int
+from ._validation import check_array, check_int, check_same_library
 
 __all__ = ["unfold", "fold", "khatri_rao"]
 
@@ -82,6 +82,8 @@ def fold(matrix, mode, shape):
     nd = len(shape)
     if nd < 1:
         raise ValueError("shape=() is not allowed; shape must have at least one entry")
+    if min(shape) < 0:
+        raise ValueError(f"shape={shape} is not allowed; its entries must be non-negative sizes")
     mode = check_int(mode, "mode", low=-nd, high=nd - 1) % nd
     rest = shape[:mode] + shape[mode + 1:]
     expected = (shape[mode], math.prod(rest))
@@ -123,6 +125,7 @@ def khatri_rao(matrices):
         raise ValueError("matrices=[] is not allowed; give at least one matrix")
     for i, m in enumerate(matrices):
         check_array(m, f"matrices[{i}]", ndim=2)
+    check_same_library(matrices, "matrices")
     R = matrices[0].shape[1]
     for i, m in enumerate(matrices):
         if m.shape[1] != R:

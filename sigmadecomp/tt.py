@@ -42,7 +42,8 @@ import numpy as np
 from . import _backend as B
 from ._threads import solver_threads
 from ._tt_algebra import pair_tensor, tt_matrix, tt_svd_dense
-from ._validation import check_array, check_finite, check_int, check_positive_float, check_sigma
+from ._validation import (check_array, check_finite, check_int, check_magnitude, check_nonempty,
+                          check_positive_float, check_sigma)
 from .contract import (
     check_callback,
     check_init_name,
@@ -63,7 +64,7 @@ from .costs import (
     tt_ranks_from_budget,
 )
 from .results import TTResult
-from .sigma import DEFAULT_RIDGE, _add_ridge, _ridge_result_fields, check_ridge
+from .sigma import DEFAULT_RIDGE, _fitted_sigma, _ridge_result_fields, check_ridge
 from .tt_als import als_sweeps
 from .tt_modes import auto_modes, check_tt_ranks, clip_ranks, resolve_modes, tt_modes
 from ._validation import zero_rtol
@@ -127,6 +128,7 @@ def tt_svd(tensor, ranks=None, *, eps=None):
     check_array(tensor, "tensor")
     if tensor.ndim < 1:
         raise ValueError("tensor has ndim=0; tensor must have at least one dimension")
+    check_nonempty(tensor, "tensor")
     check_finite(tensor, "tensor")
     dims = [int(s) for s in tensor.shape]
     if eps is not None:
@@ -134,6 +136,7 @@ def tt_svd(tensor, ranks=None, *, eps=None):
     if ranks is not None:
         ranks = clip_ranks(check_tt_ranks(ranks, len(dims) - 1), dims)
     X = B.as_compute(tensor)
+    check_magnitude(X, "tensor")
     cores, tails = tt_svd_dense(X, dims, ranks, eps)
     xp = B.namespace(X)
     total = float(xp.sum(X * X))
@@ -144,8 +147,8 @@ def tt_svd(tensor, ranks=None, *, eps=None):
     err = relative_error(float(xp.sum(diff * diff)), total)
     return TTResult(
         errors=[err],
-        n_iter=0,
-        converged=True,
+        n_iter=None,  # a closed form: no sweeps
+        converged=None,
         weighted=False,
         seconds=time.perf_counter() - t0,
         cores=[xp.astype(c, tensor.dtype) for c in cores],
@@ -238,7 +241,7 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
     if isinstance(init, str):
         init = check_init_name(init, fname)
         if len(dims) == 1:  # a single core has no internal bond
-            ranks = ()
+            ranks = () if ranks is None else check_tt_ranks(ranks, 0)
         elif ranks is None and init == "random":
             raise ValueError("ranks=None is not allowed with init='random'; give ranks")
         elif ranks is None and eps is None:
@@ -289,13 +292,14 @@ def _check_init(init, ms, ns):
     return cores
 
 
-def _maker(kind, shape, ms, ns, weight_m, S_user, ridge, dtype, t0):
+def _maker(kind, shape, ms, ns, weight_m, S_user, ridge, dtype, t0, projected=False):
     xp = B.namespace(weight_m)
 
     def make(cores, errors, n_iter, converged, tails, stats, final):
         if final or not ridge:
-            ridge_, sigma_error = _ridge_result_fields(weight_m, tt_matrix(cores) if ridge else None,
-                                                       S_user, ridge, errors[-1])
+            other = ridge or projected  # sigma_error in another matrix than errors'
+            ridge_, sigma_error = _ridge_result_fields(weight_m, tt_matrix(cores) if other else None,
+                                                       S_user, ridge, errors[-1], projected)
         else:
             ridge_, sigma_error = ridge, None
         return TTResult(
@@ -407,16 +411,19 @@ def tt_linear(weight, ranks=None, sigma=None, *, in_modes=None, out_modes=None, 
               ridge=DEFAULT_RIDGE, inner=None, extrapolate=DEFAULT_EXTRAPOLATE):
     t0 = time.perf_counter()
     check_array(weight, "weight", ndim=2)
+    check_nonempty(weight, "weight")
     check_finite(weight, "weight")
     T, N = (int(s) for s in weight.shape)
     ms, ns = resolve_modes(in_modes, out_modes, N, T)
     W = B.as_compute(weight)
     ridge = check_ridge(ridge)
     S = check_sigma(sigma, N, W)
+    check_magnitude(W, "weight", S)
     if S is None:
         ridge = 0.0
-    make = _maker("matrix", (T, N), ms, ns, W, S, ridge, weight.dtype, t0)
-    return _run("tt_linear", W, list(ms), list(ns), ranks, sigma, _add_ridge(S, ridge),
+    fitted, projected = _fitted_sigma(S, ridge)
+    make = _maker("matrix", (T, N), ms, ns, W, S, ridge, weight.dtype, t0, projected)
+    return _run("tt_linear", W, list(ms), list(ns), ranks, sigma, fitted,
                 eps=eps, init=init, n_iter_max=n_iter_max, tol=tol, rng=rng, callback=callback,
                 rtol=rtol, ridge=ridge, inner=inner, make=make, extrapolate=extrapolate)
 
@@ -477,6 +484,7 @@ def tt_conv(kernel, ranks=None, sigma=None, *, in_modes=None, out_modes=None, ep
             ridge=DEFAULT_RIDGE, inner=None, extrapolate=DEFAULT_EXTRAPOLATE):
     t0 = time.perf_counter()
     check_array(kernel, "kernel", ndim=4)
+    check_nonempty(kernel, "kernel")
     check_finite(kernel, "kernel")
     T, S_in, H, Wd = (int(s) for s in kernel.shape)
     P = H * Wd
@@ -488,14 +496,16 @@ def tt_conv(kernel, ranks=None, sigma=None, *, in_modes=None, out_modes=None, ep
     Wm = xp.reshape(xp.permute_dims(xp.reshape(K, (T, S_in, P)), (0, 2, 1)), (T, n))
     ridge = check_ridge(ridge)
     S = check_sigma(sigma, n, K)
+    check_magnitude(K, "kernel", S)
     Sp = None
     if S is not None:
         Sp = xp.reshape(xp.permute_dims(xp.reshape(S, (S_in, P, S_in, P)), (1, 0, 3, 2)), (n, n))
     else:
         ridge = 0.0
-    make = _maker("conv", (T, S_in, H, Wd), ms, ns, Wm, Sp, ridge, kernel.dtype, t0)
+    fitted, projected = _fitted_sigma(Sp, ridge)
+    make = _maker("conv", (T, S_in, H, Wd), ms, ns, Wm, Sp, ridge, kernel.dtype, t0, projected)
     return _run("tt_conv", Wm, [P] + list(ms), [1] + list(ns), ranks, sigma,
-                _add_ridge(Sp, ridge), eps=eps, init=init, n_iter_max=n_iter_max, tol=tol,
+                fitted, eps=eps, init=init, n_iter_max=n_iter_max, tol=tol,
                 rng=rng, callback=callback, rtol=rtol, ridge=ridge, inner=inner, make=make,
                 extrapolate=extrapolate)
 

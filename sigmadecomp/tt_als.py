@@ -278,9 +278,14 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate
         errors.append(rel(_sq_err(W, tt_matrix(cores), S)))
         if errors[-1] > errors[-2]:
             # every update is an exact minimiser, so only the eigenvalue floor of the
-            # singular solves (or CG rounding) can make a sweep worse: reject it
+            # singular solves (or CG rounding) can make a sweep worse: reject it; the
+            # next sweep would repeat it from the same point, so the run ends here
             cores, errors[-1] = before, errors[-2]
-        elif extrapolate:
+            converged = True
+            if on_point is not None:
+                on_point(cores, errors, n_iter, converged)
+            break
+        if extrapolate:
             aligned = _aligned(cores, old)  # cores are left-orthogonal after a sweep
             trial = [c + beta * (c - o) for c, o in zip(aligned, old)]
             e_try = rel(_sq_err(W, tt_matrix(trial), S))

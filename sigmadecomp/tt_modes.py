@@ -157,6 +157,8 @@ def check_tt_ranks(ranks, n_bonds, name="ranks"):
     if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
         return (check_int(ranks, name, low=1),) * n_bonds
     try:
+        if isinstance(ranks, (str, bytes)):
+            raise TypeError
         ranks = tuple(ranks)
     except TypeError:
         raise TypeError(

@@ -41,6 +41,8 @@ from ._validation import (
     check_array,
     check_finite,
     check_int,
+    check_magnitude,
+    check_nonempty,
     check_positive_float,
     check_sigma,
 )
@@ -57,7 +59,7 @@ from .contract import (
 from .results import Tucker2Result
 from .sigma import (
     DEFAULT_RIDGE,
-    _add_ridge,
+    _fitted_sigma,
     _psd_root_unchecked,
     _rel_sigma_error,
     check_ridge,
@@ -175,10 +177,14 @@ def _frob_error(normsq, core, K=None, U_T=None, U_S=None):
 
 
 def _frob_error_general(K, normsq, U_T, core, U_S):
-    """Frobenius error of a decomposition with orthonormal factors."""
+    """Frobenius error of a decomposition with orthonormal factors; recomputed from
+    ``K - K~`` when ``||K||^2 - 2 <proj, G> + ||G||^2`` cancels."""
     xp = B.namespace(K)
     proj = B.einsum("tshw,ta,sb->abhw", K, U_T, U_S)
     sq = normsq - 2.0 * float(xp.sum(proj * core)) + float(xp.sum(core * core))
+    if sq <= CANCEL * normsq:
+        D = K - B.einsum("ta,abhw,sb->tshw", U_T, core, U_S)
+        sq = float(xp.sum(D * D))
     return _rel(sq, normsq)
 
 
@@ -379,7 +385,8 @@ def _sigma_error_general(KS, Sig, total, U_T, G, U_S, K1):
 # ----------------------------------------------------------------------------
 
 def _check_ranks(ranks, T, S):
-    if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__") or len(ranks) != 2:
+    if (isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__")
+            or getattr(ranks, "ndim", 1) != 1 or len(ranks) != 2):
         raise ValueError(
             f"ranks={ranks!r} is not allowed; ranks must be a pair (r_T, r_S) of integers"
         )
@@ -588,6 +595,7 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     """
     t0 = time.perf_counter()
     check_array(kernel, "kernel", ndim=4)
+    check_nonempty(kernel, "kernel")
     check_finite(kernel, "kernel")
     T, S, H, W = (int(d) for d in kernel.shape)
     P, n = H * W, S * H * W
@@ -615,7 +623,8 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     K = B.as_compute(kernel)
     xp = B.namespace(K)
     Sig_user = check_sigma(sigma, n, K)
-    Sig = _add_ridge(Sig_user, ridge)
+    check_magnitude(K, "kernel", Sig_user)
+    Sig, projected = _fitted_sigma(Sig_user, ridge)
     if Sig is None:
         ridge = 0.0
     if rtol is None:
@@ -626,14 +635,17 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
         cast = lambda a: xp.astype(a, kernel.dtype)
         sigma_error = None
         if Sig is not None:
-            if not ridge:
+            if not ridge and not projected:
                 sigma_error = errors[-1]
+            elif final and not ridge:  # fitted in the nearest PSD matrix of sigma
+                approx = U_T @ xp.reshape(B.einsum("sb,tbp->tsp", U_S, G), (r_T, n))
+                sigma_error = _rel_sigma_error(xp.reshape(K, (T, n)), approx, Sig_user)
             elif final:
                 K1_ = xp.reshape(K, (T, n))
                 approx = U_T @ xp.reshape(B.einsum("sb,tbp->tsp", U_S, G), (r_T, n))
                 # tr(K Sigma K^T) from K Sigma_ridge = K Sigma + c K, no second product
                 shift = float(Sig[0, 0]) - float(Sig_user[0, 0])
-                den = total - shift * float(xp.sum(K1_ * K1_))
+                den = None if projected else total - shift * float(xp.sum(K1_ * K1_))
                 sigma_error = _rel_sigma_error(K1_, approx, Sig_user, den=den)
         return Tucker2Result(
             errors=list(errors), n_iter=n_done, converged=converged, weighted=Sig is not None,
