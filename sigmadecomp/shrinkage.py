@@ -83,18 +83,20 @@ def check_alpha(alpha, name="alpha"):
         raise TypeError(f"{name}={alpha!r} is not allowed; {name} must be a real number "
                         "in [0, 1]")
     if not 0.0 <= float(alpha) <= 1.0:
+        meaning = ("the share of the prior statistics" if name.startswith("weights")
+                   else "0 keeps sigma, 1 gives the Frobenius metric")
         raise ValueError(f"{name}={alpha!r} is not allowed; {name} must be in [0, 1] "
-                         "(0 keeps sigma, 1 gives the Frobenius metric)")
+                         f"({meaning})")
     return float(alpha)
 
 
-def _check_alphas(alphas):
+def _check_alphas(alphas, name="alphas"):
     if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
-        raise TypeError(f"alphas={alphas!r} is not allowed; alphas must be a sequence of "
+        raise TypeError(f"{name}={alphas!r} is not allowed; {name} must be a sequence of "
                         "numbers in [0, 1]")
-    out = sorted({check_alpha(a, "alphas[i]") for a in alphas})
+    out = sorted({check_alpha(a, f"{name}[{i}]") for i, a in enumerate(alphas)})
     if not out:
-        raise ValueError("alphas is empty; give at least one value in [0, 1]")
+        raise ValueError(f"{name} is empty; give at least one value in [0, 1]")
     return out
 
 
@@ -425,7 +427,7 @@ def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
     (0.0, 0.5)
     """
     K = _flat(weight)
-    alphas, weights = _check_alphas(alphas), _check_alphas(weights)
+    alphas, weights = _check_alphas(alphas), _check_alphas(weights, "weights")
     n, T = K.shape[1], K.shape[0]
     _check_second_moment(sigma, "sigma", n, weight)
     _check_second_moment(prior, "prior", n, weight)

@@ -265,6 +265,8 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
     cores, errors, n_iter, converged, stats = als_sweeps(
         weight_m, S_m, cores, n_iter_max=n_iter_max, tol=tol, opts=options, on_point=on_point,
         extrapolate=bool(extrapolate))
+    if sigma is None and n_iter_max == 0:  # the TT-SVD alone: a closed form, as tt_svd
+        n_iter = converged = None
     return make(cores, errors, n_iter, converged, tails, stats, True)
 
 
@@ -329,7 +331,8 @@ _OPTIONS_DOC = """
         used).
     n_iter_max : int, optional
         Maximum number of ALS sweeps. Default: 100 with ``sigma``, 0 (plain
-        TT-SVD) without; ``n_iter_max > 0`` with ``sigma=None`` runs the
+        TT-SVD, a closed form: ``n_iter`` and ``converged`` are None, as for
+        :func:`tt_svd`) without; ``n_iter_max > 0`` with ``sigma=None`` runs the
         Frobenius TT-ALS. TT-ALS has a long slow tail: with the defaults the
         measured layers needed 44-95 sweeps to come within 0.1% of the
         converged error (``notes/sweeps.md``); fewer sweeps trade accuracy

@@ -742,9 +742,12 @@ def _data_layers(model, layers, ranks, ratio):
     """
     if not isinstance(model, nn.Module) or isinstance(model, (nn.Conv2d, nn.Linear)):
         return None
-    _, canon, explicit = _canonical_names(model, ranks)
+    paths, canon, explicit = _canonical_names(model, ranks)
     chosen, _, _, _ = select_step(model, layers, explicit, ratio, canon)
-    return [n for n, _ in chosen]
+    owners = param_owners(model)
+    # layers that surgery leaves dense (e.g. attention's out_proj, which MHA reads as a
+    # parameter and never calls) need no statistics; the report lists them as skipped
+    return [n for n, m in chosen if obstacle(model, m, paths.get(id(m), [n]), owners) is None]
 
 
 def _canonical_names(model, ranks):

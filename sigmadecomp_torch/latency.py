@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from ._batches import eval_modes
+
 __all__ = ["layer_latency", "measure_latency", "input_shapes", "compare_latency"]
 
 
@@ -88,15 +90,10 @@ def measure_latency(model, example_input, *, min_run_time=0.2, warmup=1):
     min_run_time = _check_positive("min_run_time", min_run_time)
     if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
         raise ValueError(f"warmup={warmup!r} is not allowed; warmup must be an int >= 0")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for _ in range(int(warmup)):
-                _call(model, example_input)
-            return _median_ms(lambda: _call(model, example_input), min_run_time)
-    finally:
-        model.train(was_training)
+    with eval_modes(model), torch.no_grad():
+        for _ in range(int(warmup)):
+            _call(model, example_input)
+        return _median_ms(lambda: _call(model, example_input), min_run_time)
 
 
 def layer_latency(module, input_shape, *, memory_format=torch.contiguous_format,
@@ -230,15 +227,12 @@ def input_shapes(model, example_input, names=None):
         if isinstance(m, (nn.Conv2d, nn.Linear)) and (wanted is None or name in wanted):
             handles.append(m.register_forward_pre_hook(
                 lambda mod, args, _n=name: hook(mod, args, _n)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_modes(model), torch.no_grad():
             _call(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return seen
 
 

@@ -1,15 +1,19 @@
 """int8 per-channel weight quantization of (factorized) layers, and model size.
 
-Low-rank factorization and quantization compose: the factorized layers are
-plain ``nn.Conv2d`` / ``nn.Linear`` modules, so their weights can be stored as
-int8 with one float32 scale per output channel (symmetric, zero point 0).
+Low-rank factorization and quantization compose: the SVD, Tucker-2 and CP
+layers are made of plain ``nn.Conv2d`` / ``nn.Linear`` modules, so their
+weights can be stored as int8 with one float32 scale per output channel
+(symmetric, zero point 0). Tensor-Train layers (``TTConv2d``, ``TTLinear``)
+hold their cores as parameters of their own and stay in float; they are
+listed in :attr:`QuantizedWeights.skipped` with a ``CompressionWarning``.
 
 * :func:`quantize_weights` computes the scales with torch's own observer
   (:class:`torch.ao.quantization.observer.PerChannelMinMaxObserver`, per-channel
   symmetric, ``qint8``) and replaces each chosen weight by its fake-quantized
   value (:func:`torch.fake_quantize_per_channel_affine` picks the codes; the
-  weight becomes ``code * scale``), so the model computes exactly what the
-  int8-weight model computes (weight-only quantization:
+  weight becomes ``code * scale``, computed in float32 and stored in the
+  weight's dtype), so the model computes what the int8-weight model computes
+  (exactly for float32 weights; weight-only quantization:
   activations stay float). The int8 codes and scales are kept in the returned
   :class:`QuantizedWeights`.
 * :func:`quantized_state_dict` is the compact ``state_dict`` to ship (int8
@@ -35,10 +39,13 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from sigmadecomp.exceptions import CompressionWarning
 
 __all__ = [
     "QuantizedWeights",
@@ -48,7 +55,7 @@ __all__ = [
     "model_size_bytes",
 ]
 
-_SCALE_SUFFIX = ".weight_scale"
+_SCALE_KEY = "weight_scale"  # beside each int8 "weight" of the compact state dict
 
 
 @dataclass(repr=False)
@@ -61,12 +68,19 @@ class QuantizedWeights:
         Codes, same shape as the weight; ``weight = int8 * scale[:, None, ...]``.
     scales : dict of str to torch.Tensor (float32) of shape (out_channels,)
     max_abs_error : dict of str to float
-        Largest ``|w - dequantized w|`` per layer (at most half a scale step).
+        Largest change ``|w - stored w|`` per layer: at most half a scale step
+        for float32/float64 weights; float16/bfloat16 weights store the
+        dequantized value rounded to their dtype, which may add up to half an
+        ulp of that dtype.
+    skipped : dict of str to str
+        Layers under the chosen names left in float, with the reason
+        (Tensor-Train layers).
     """
 
     int8: dict = field(default_factory=dict)
     scales: dict = field(default_factory=dict)
     max_abs_error: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
 
     @property
     def layers(self):
@@ -78,28 +92,45 @@ class QuantizedWeights:
         return f"QuantizedWeights({len(self.int8)} layers, max |error| {worst:.3g})"
 
 
+def _is_tt(module):
+    from .tt_layers import TTConv2d, TTLinear
+
+    return isinstance(module, (TTConv2d, TTLinear))
+
+
 def _chosen(model, layers):
+    """``(quantized, tt)``: the (name, module) pairs to quantize and the TT layers met."""
     modules = dict(model.named_modules())
     kinds = (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)
+
+    def under(prefix):
+        return [(n, m) for n, m in modules.items()
+                if n == prefix or n.startswith(prefix + ".") or prefix == ""]
+
     if layers is None:
-        return [(n, m) for n, m in modules.items() if isinstance(m, kinds)]
-    if isinstance(layers, str):
+        layers = [""]
+    elif isinstance(layers, str):
         layers = [layers]
-    out = {}
+    elif not isinstance(layers, (list, tuple)) or not all(isinstance(x, str) for x in layers):
+        raise TypeError(f"layers={layers!r} is not allowed; layers must be None, a module name "
+                        "or a list of module names")
+    out, tt = {}, {}
     for prefix in layers:
         if prefix not in modules:
             raise ValueError(f"layers contains {prefix!r}, which is not a module of the model")
-        found = [
-            (n, m) for n, m in modules.items()
-            if isinstance(m, kinds) and (n == prefix or n.startswith(prefix + ".") or prefix == "")
-        ]
+        inside = under(prefix)
+        tt.update((n, m) for n, m in inside if _is_tt(m))
+        found = [(n, m) for n, m in inside if isinstance(m, kinds)]
+        if not found and prefix in tt:
+            raise ValueError(f"layers contains {prefix!r}, a Tensor-Train layer "
+                             f"({type(modules[prefix]).__name__}); its cores are not quantized")
         if not found:
             raise ValueError(
                 f"layers contains {prefix!r}, which holds no Conv or Linear module to quantize"
             )
         out.update(found)
     order = {n: i for i, n in enumerate(modules)}
-    return sorted(out.items(), key=lambda t: order[t[0]])
+    return sorted(out.items(), key=lambda t: order[t[0]]), sorted(tt, key=order.get)
 
 
 def quantize_weights(model, *, layers=None, inplace=False):
@@ -116,7 +147,9 @@ def quantize_weights(model, *, layers=None, inplace=False):
         several modules is quantized once; its codes are listed under every
         name (the same tensor objects, saved once).
     inplace : bool, optional
-        Modify ``model`` itself; default works on a deep copy.
+        Modify ``model`` itself; default works on a deep copy. Tensor-Train
+        layers under the chosen names stay in float (``quantized.skipped``,
+        with a ``CompressionWarning``).
 
     Returns
     -------
@@ -135,18 +168,28 @@ def quantize_weights(model, *, layers=None, inplace=False):
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be a torch.nn.Module")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace={inplace!r} is not allowed; inplace must be True or False")
+    chosen, tt = _chosen(model, layers)  # (checked before the copy)
     if not inplace:
         model = copy.deepcopy(model)
+        chosen, tt = _chosen(model, layers)
     result = QuantizedWeights()
+    for name in tt:
+        result.skipped[name] = "Tensor-Train layer: its cores stay in float"
+    if tt:
+        warnings.warn(f"quantize_weights: {len(tt)} Tensor-Train layer(s) ({', '.join(tt)}) stay "
+                      "in float; only Conv/Linear weights are quantized", CompressionWarning,
+                      stacklevel=2)
     first = {}  # id of a weight -> the first name it was quantized under
-    for name, module in _chosen(model, layers):
+    for name, module in chosen:
         if id(module.weight) in first:  # tied: already quantized, keep one set of codes
             src = first[id(module.weight)]
             for table in (result.int8, result.scales, result.max_abs_error):
                 table[name] = table[src]
             continue
         first[id(module.weight)] = name
-        w = module.weight.detach()
+        w = module.weight.detach().clone()  # (the weight itself is overwritten below)
         obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
         obs = obs.to(w.device)
         obs(w.float())
@@ -162,9 +205,11 @@ def quantize_weights(model, *, layers=None, inplace=False):
         deq = codes * scale.view(shape)
         result.int8[name] = codes.to(torch.int8)
         result.scales[name] = scale
-        result.max_abs_error[name] = float((deq - w.float()).abs().max())
         with torch.no_grad():
             module.weight.copy_(deq.to(w.dtype))
+        # measured on the weight as stored (rounded to its dtype), against the original
+        result.max_abs_error[name] = float((module.weight.detach().double() - w.double())
+                                           .abs().max())
     return model, result
 
 
@@ -191,8 +236,9 @@ def quantized_state_dict(model, quantized):
 
     state = {k: copy_of(v) for k, v in model.state_dict().items()}
     for name, codes in quantized.int8.items():
-        state[name + ".weight"] = copy_of(codes)
-        state[name + _SCALE_SUFFIX] = copy_of(quantized.scales[name])
+        prefix = name + "." if name else ""  # a bare layer (name '') has keys 'weight', ...
+        state[prefix + "weight"] = copy_of(codes)
+        state[prefix + _SCALE_KEY] = copy_of(quantized.scales[name])
     return state
 
 
@@ -205,9 +251,10 @@ def load_quantized_state_dict(model, state):
     """
     plain = {}
     for key, value in state.items():
-        if key.endswith(_SCALE_SUFFIX):
+        if key == _SCALE_KEY or key.endswith("." + _SCALE_KEY):
             continue
-        scale_key = key[: -len(".weight")] + _SCALE_SUFFIX if key.endswith(".weight") else None
+        is_weight = key == "weight" or key.endswith(".weight")
+        scale_key = key[: -len("weight")] + _SCALE_KEY if is_weight else None
         if scale_key is not None and scale_key in state:
             scale = state[scale_key]
             value = value.float() * scale.view((-1,) + (1,) * (value.ndim - 1))

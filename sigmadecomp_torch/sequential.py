@@ -857,15 +857,16 @@ min_speedup, example_input
         raise ValueError("data yielded no batches; sequential compression needs at least "
                          "one batch")
     refits, refit_named, refit_skipped = _refit_candidates(model, refit, names)
-    skipped += refit_skipped
+    add_skipped(skipped, refit_skipped)
     groups, never = _layer_groups(model, names + refits, first, device, forward, independent)
     for n in never:
         if n in refits:
             if refit_named:
                 raise ValueError(f"refit contains {n!r}, which never ran in the forward "
                                  "pass; it cannot be refitted")
-            skipped.append({"name": n, "kind": type(model.get_submodule(n)).__name__,
-                            "reason": "not refitted: never ran in the forward pass on data"})
+            add_skipped(skipped, [{"name": n, "kind": type(model.get_submodule(n)).__name__,
+                                   "reason": "not refitted: never ran in the forward pass on "
+                                             "data"}])
             continue
         if named:
             raise ValueError(f"layer {n!r} was chosen in layers but never ran in the "
@@ -1061,7 +1062,7 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     done = [r["name"] for r in report.layers]
     done += [a for r in report.layers for a in r.get("aliases", [])]
     refits, named, skipped = _refit_candidates(original, refit, done)
-    report.skipped += skipped
+    add_skipped(report.skipped, skipped)
     if not refits:
         return small, report
     device = torch.device(model_device(original))
@@ -1071,9 +1072,9 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         if named:
             raise ValueError(f"refit contains {n!r}, which never ran in the forward pass; "
                              "it cannot be refitted")
-        report.skipped.append({"name": n, "kind": type(original.get_submodule(n)).__name__,
-                               "reason": "not refitted: never ran in the forward pass on "
-                                         "data"})
+        add_skipped(report.skipped, [{"name": n, "kind": type(original.get_submodule(n)).__name__,
+                                      "reason": "not refitted: never ran in the forward pass "
+                                                "on data"}])
     orig_modules = dict(original.named_modules())
     lam = DEFAULT_RIDGE if ridge is None else ridge
     refitted, pending = [], []
@@ -1119,12 +1120,23 @@ def _refit_layer(acc, m_o, m_c, *, centered, ridge):
             "target_change": _relative_change(target, K), "output_error": None}
 
 
+def add_skipped(skipped, rows):
+    """Add skip rows to a report's ``skipped`` list, one row per layer: the reason of a
+    layer already listed (e.g. left alone by ``compress``, then not refitted) is extended."""
+    for row in rows:
+        old = next((r for r in skipped if r["name"] == row["name"]), None)
+        if old is None:
+            skipped.append(row)
+        elif row["reason"] not in old["reason"]:
+            old["reason"] = f"{old['reason']}; {row['reason']}"
+
+
 def _refit_into(acc, m_o, m_c, group, *, centered, ridge, refitted, skipped, pending):
     """Refit one dense layer; append its row (or its skip reason) and its output check."""
     row = _refit_layer(acc, m_o, m_c, centered=centered, ridge=ridge)
     if row is None:
-        skipped.append({"name": acc.name, "kind": type(m_o).__name__,
-                        "reason": "not refitted: compression did not change its inputs"})
+        add_skipped(skipped, [{"name": acc.name, "kind": type(m_o).__name__,
+                               "reason": "not refitted: compression did not change its inputs"}])
         return
     row["group"] = group
     refitted.append(row)

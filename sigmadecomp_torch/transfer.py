@@ -80,6 +80,7 @@ from torch import nn
 from sigmadecomp.shrinkage import (
     DEFAULT_ALPHAS,
     DEFAULT_WEIGHTS,
+    _check_alphas,
     check_alpha,
     holdout_alpha,
     mix_sigma,
@@ -292,6 +293,12 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
     """
     _check_stats(stats)
     scores, skipped, shares = {}, {}, {}
+    _check_alphas(alphas)  # up front, whether or not a layer comes to use them
+    _check_alphas(weights, "weights")
+    if images is not None and (isinstance(images, bool) or not isinstance(images, numbers.Integral)
+                               or images < 1):
+        raise ValueError(f"images={images!r} is not allowed; images must be a positive integer "
+                         "(the number of independent calibration samples)")
     if prior is not None:
         _check_prior(prior, stats, alpha)
     if isinstance(alpha, str):
@@ -305,10 +312,10 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
                                    weights, shares)
         elif rule == "holdout":
             chosen = _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas,
-                                   scores)
+                                   scores, skipped)
             stats = {k: (v + holdout[k]) for k, v in stats.items()}
         else:
-            chosen = _rule_oas(stats, images, scores)
+            chosen = _rule_oas(stats, images, scores, skipped)
     elif isinstance(alpha, dict):
         unknown = sorted(set(alpha) - set(stats))
         if unknown:
@@ -394,7 +401,8 @@ def _rule_moments(stats, model, targets, alphas, scores, skipped, prior=None,
     return chosen
 
 
-def _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas, scores):
+def _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas, scores,
+                  skipped):
     from sigmadecomp.cp import cp
     from sigmadecomp.ranks import ratio_to_ranks
     from sigmadecomp.svd import sigma_svd
@@ -417,7 +425,7 @@ def _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas, 
     chosen = {}
     for k, st in stats.items():
         if st.groups != 1:
-            chosen[k] = 0.0
+            chosen[k], skipped[k] = 0.0, "grouped statistics"
             continue
         W = _weight_of(model, k, st)
         m = method if W.ndim == 4 and W.shape[2] * W.shape[3] > 1 else "svd"
@@ -440,11 +448,11 @@ def _rule_holdout(stats, holdout, model, method, ratio, ranks, options, alphas, 
     return chosen
 
 
-def _rule_oas(stats, images, scores):
+def _rule_oas(stats, images, scores, skipped):
     chosen = {}
     for k, st in stats.items():
         if st.groups != 1:
-            chosen[k] = 0.0
+            chosen[k], skipped[k] = 0.0, "grouped statistics"
             continue
         n_img = st.count if images is None else images
         chosen[k] = oas_alpha(st.sigma, n_img)

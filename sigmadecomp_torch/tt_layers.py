@@ -47,10 +47,32 @@ def _check_modes_ranks(in_modes, out_modes, ranks, n_bonds):
         raise ValueError(
             f"in_modes={in_modes} and out_modes={out_modes} must be non-empty and of equal length"
         )
+    if min(in_modes + out_modes) < 1:
+        raise ValueError(f"in_modes={in_modes} / out_modes={out_modes} is not allowed; modes "
+                         "must be positive ints")
     ranks = tuple(int(r) for r in ranks)
     if len(ranks) != n_bonds:
         raise ValueError(f"ranks={ranks} has {len(ranks)} entries; this layer needs {n_bonds}")
+    if ranks and min(ranks) < 1:
+        raise ValueError(f"ranks={ranks} is not allowed; ranks must be positive ints")
     return in_modes, out_modes, ranks
+
+
+def _check_padding(padding, stride):
+    """``padding`` as nn.Conv2d accepts it: 'valid', 'same' (stride 1 only) or ints >= 0."""
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding={padding!r} is not allowed; padding must be 'valid', "
+                             "'same' or non-negative ints")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' is not allowed with stride={stride}; "
+                             "'same' padding needs stride 1, as in nn.Conv2d")
+        return padding
+    pad = _pair(padding)
+    if len(pad) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pad):
+        raise ValueError(f"padding={padding!r} is not allowed; padding must be 'valid', 'same' "
+                         "or non-negative ints")
+    return pad
 
 
 def _as_cores(result, like):
@@ -167,7 +189,7 @@ class TTConv2d(_TTChain):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding = _check_padding(padding, self.stride)
         self.padding_mode = padding_mode
         self.in_modes, self.out_modes, self.ranks = in_modes, out_modes, ranks
         self._modes = list(in_modes)
@@ -243,6 +265,9 @@ class TTConv2d(_TTChain):
         if x.dim() != 4:
             raise ValueError(f"TTConv2d: expected 3D (unbatched) or 4D (batched) input, "
                              f"got input of shape {list(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"TTConv2d: expected input with {self.in_channels} channels, got "
+                             f"input of shape {list(x.shape)}")
         return self._batched(x)
 
     def _batched(self, x):
@@ -298,7 +323,8 @@ class TTConv2d(_TTChain):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}"
+                + ("" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"))
 
 
 class TTLinear(_TTChain):
@@ -388,6 +414,9 @@ class TTLinear(_TTChain):
         return tt_matrix(list(self.cores))
 
     def forward(self, x):
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"TTLinear: expected input with {self.in_features} features in its "
+                             f"last dimension, got input of shape {list(x.shape)}")
         out_shape = list(x.shape[:-1])
         out_shape.append(self.out_features)
         z = x.reshape(-1, self.in_features, 1)
@@ -467,6 +496,10 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         )
     if ranks is not None and ratio is not None:
         raise ValueError("give ranks or ratio, not both")
+    if ratio is not None:
+        from .compress import _check_ratio
+
+        ratio = _check_ratio(ratio)
     in_modes, out_modes, out_hw = opts.get("in_modes"), opts.get("out_modes"), opts.get("out_hw")
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:

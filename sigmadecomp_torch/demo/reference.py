@@ -23,6 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from sigmadecomp_torch._batches import eval_modes
 from sigmadecomp_torch.models import ResNetSmall
 
 __all__ = ["WEIGHTS_DIR", "WEIGHTS_FILE", "INFO_FILE", "load_reference", "reference_info",
@@ -49,12 +50,11 @@ def reference_info(path=INFO_FILE):
 @torch.no_grad()
 def evaluate(model, images, labels, *, batch_size=1000):
     """Top-1 accuracy (a float in [0, 1]) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for i in range(0, len(images), batch_size):
-        correct += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-    model.train(was_training)
+    with eval_modes(model):
+        for i in range(0, len(images), batch_size):
+            out = model(images[i:i + batch_size])
+            correct += int((out.argmax(1) == labels[i:i + batch_size]).sum())
     return correct / len(images)
 
 

@@ -1,0 +1,175 @@
+"""What users do around and after compression: latency probes, quantization, TT
+layers built by hand, transformers with ``data=``, shrinkage options, refit reports.
+
+Each test pins a behaviour that once went wrong.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
+from sigmadecomp_torch import collect_covariances, compress
+from sigmadecomp_torch.latency import measure_latency
+from sigmadecomp_torch.quantize import (load_quantized_state_dict, model_size_bytes,
+                                        quantize_weights, quantized_state_dict)
+from sigmadecomp_torch.transfer import shrink_covariances
+from sigmadecomp_torch.tt_layers import TTConv2d, TTLinear, tt_compress_module
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 16, 4))
+
+
+def test_latency_probes_give_every_module_its_own_mode_back():
+    model = _bn_net()
+    model.train()
+    model[1].eval()
+    model[4].eval()  # fine-tuning with frozen BatchNorm
+    modes = {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(2, 3, 4, 4)
+    measure_latency(model, x, min_run_time=0.01)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, _ = compress(model, "svd", ratio=2, example_input=x, min_speedup=0.0)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert not small[1].training and not small[4].training
+
+
+def test_quantize_checks_its_arguments():
+    model = _bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="inplace='no' is not allowed"):
+        quantize_weights(model, inplace="no")
+    with pytest.raises(TypeError, match="layers=3 is not allowed"):
+        quantize_weights(model, layers=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(64, 64), nn.Conv2d(8, 16, 3)])
+def test_quantized_bare_layer_round_trips(layer):
+    q, qw = quantize_weights(layer)
+    st = quantized_state_dict(q, qw)
+    assert set(st) == {"weight", "bias", "weight_scale"} and st["weight"].dtype == torch.int8
+    assert model_size_bytes(st) < model_size_bytes(layer)  # (was larger: float weight kept)
+    fresh = type(layer)(*((64, 64) if isinstance(layer, nn.Linear) else (8, 16, 3)))
+    load_quantized_state_dict(fresh, st)
+    assert torch.equal(fresh.weight, q.weight)
+
+
+def test_quantize_lists_tt_layers_left_in_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 64), nn.ReLU(), nn.Linear(64, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, _ = compress(model, "tt", ratio=3)
+    with pytest.warns(CompressionWarning, match=r"2 Tensor-Train layer\(s\) \(2, 5\) stay in float"):
+        _, qw = quantize_weights(small)
+    assert qw.layers == ["0", "7"] and sorted(qw.skipped) == ["2", "5"]
+    with pytest.raises(ValueError, match=r"'2', a Tensor-Train layer \(TTConv2d\)"):
+        quantize_weights(small, layers="2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_quantize_error_is_measured_on_the_stored_weight(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16).to(dtype)
+    w0 = lin.weight.detach().clone()
+    q, qw = quantize_weights(lin)
+    actual = float((q.weight.detach().double() - w0.double()).abs().max())
+    assert qw.max_abs_error[""] == actual > 0
+
+
+def test_tt_without_statistics_is_a_closed_form_without_warning():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        warnings.simplefilter("ignore", CompressionWarning)
+        _, rep = compress(m, "tt", ratio=2)
+    assert [(r["n_iter"], r["converged"]) for r in rep.layers] == [(None, None)] * 2
+
+
+def test_data_shortcut_on_a_transformer_matches_the_two_step_call():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16),
+                          nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two, rep2 = compress(model, "svd", covariances=collect_covariances(model, data,
+                                                                           progress=False), ratio=2)
+        one, rep1 = compress(model, "svd", data=data, ratio=2)
+    assert [r["name"] for r in rep1.layers] == [r["name"] for r in rep2.layers] == ["2"]
+    assert [s["name"] for s in rep1.skipped] == [s["name"] for s in rep2.skipped]
+    assert "1.self_attn.out_proj" in [s["name"] for s in rep1.skipped]
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.allclose(one(x), two(x), atol=1e-6)
+
+
+def test_tt_layers_refuse_bad_arguments_by_name():
+    cases = [
+        (lambda: TTConv2d(4, 6, 3, (2, 2), (2, 3), (0, 2)), "ranks=\\(0, 2\\) is not allowed"),
+        (lambda: TTLinear(4, 6, (2, 2), (2, 3), (0,)), "ranks=\\(0,\\) is not allowed"),
+        (lambda: TTConv2d(4, 6, 3, (2, 2), (2, 3), (2, 2), padding="foo"), "padding='foo'"),
+        (lambda: TTConv2d(4, 6, 3, (2, 2), (2, 3), (2, 2), padding=-1), "padding=-1"),
+        (lambda: TTConv2d(4, 6, 3, (2, 2), (2, 3), (2, 2), padding="same", stride=2),
+         "'same' padding needs stride 1"),
+        (lambda: TTConv2d(4, 6, 3, (2, 2), (2, 3), (2, 2))(torch.randn(1, 5, 8, 8)),
+         "expected input with 4 channels"),
+        (lambda: TTLinear(4, 6, (2, 2), (2, 3), (2,))(torch.randn(3, 5)),
+         "expected input with 4 features"),
+        (lambda: tt_compress_module(nn.Conv2d(16, 16, 3, padding=1), ratio=0.5),
+         "ratio=0.5 is not allowed"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    conv = TTConv2d(8, 8, 3, (8,), (8,), (3,), padding=1, padding_mode="circular")
+    assert "padding_mode='circular'" in repr(conv)
+
+
+def _grouped_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU())
+    m.train()(torch.randn(16, 3, 6, 6))
+    return m.eval()
+
+
+def test_shrink_covariances_names_its_arguments_and_lists_grouped_layers():
+    m = _grouped_net()
+    st = collect_covariances(m, [torch.rand(8, 3, 6, 6)], progress=False)
+    with pytest.raises(ValueError, match="images=0 is not allowed"):
+        shrink_covariances(st, "oas", images=0)
+    with pytest.raises(ValueError, match=r"weights\[0\]=3.0 is not allowed.*share of the prior"):
+        shrink_covariances(st, "moments", model=m, prior=st, weights=[3.0])
+    with pytest.raises(ValueError, match=r"alphas\[1\]=2.0 is not allowed"):
+        shrink_covariances(st, 0.5, alphas=[0.5, 2.0])  # checked even when no rule uses them
+    for rule, kw in (("moments", dict(model=m)), ("oas", dict(images=8))):
+        assert shrink_covariances(st, rule, **kw).skipped == {"3": "grouped statistics"}
+
+
+def test_refit_report_lists_each_layer_once():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    data = [torch.randn(4, 3, 4, 4) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = compress(m, "tucker2", data=data, ratio=2, refit="all",
+                          options={"n_iter_max": 3}, progress=False)
+    names = [s["name"] for s in rep.skipped]
+    assert len(names) == len(set(names)) and "0" in names
+    first = next(s for s in rep.skipped if s["name"] == "0")
+    assert "first layer" in first["reason"]
