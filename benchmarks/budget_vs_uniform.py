@@ -1,13 +1,13 @@
 """Uniform per-layer rX against budget-allocated ranks at the same total size.
 
-    python -m benchmarks.budget_vs_uniform                 # trained model if committed
+    python -m benchmarks.budget_vs_uniform                 # the reference network
     python -m benchmarks.budget_vs_uniform --synthetic     # layers from benchmarks.common
     python -m benchmarks.budget_vs_uniform --methods tucker2 --ratios 2 3 5 --iters 20
 
 Layers: the 3x3 convs (all but the stem) of the reference Fashion-MNIST
-network in ``benchmarks/weights`` with their input covariances collected by
-``sigmadecomp_torch.collect_covariances`` on training images; without the
-committed weights (or with ``--synthetic``), six 64-channel kernels with
+network (``sigmadecomp_torch/demo/weights``) with their input covariances
+collected by ``sigmadecomp_torch.collect_covariances`` on training images (the
+Fashion-MNIST data must be installed); with ``--synthetic``, six 64-channel kernels with
 different spectral decay (``trained_like_kernel``) paired with second moments
 of real Fashion-MNIST feature-map patches (``realistic_covariance``).
 
@@ -30,7 +30,6 @@ accuracy (no fine-tuning) is reported too. Prints one line per choice and a mark
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -39,8 +38,7 @@ from benchmarks.common import Timer, realistic_covariance, trained_like_kernel, 
 from sigmadecomp import sigma_svd
 from sigmadecomp.ranks import LayerSpec, allocate, evbmf_ranks, layer_params, ratio_to_ranks
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
-                       "resnet_small_fmnist.pt")
+from sigmadecomp_torch.demo.reference import WEIGHTS_FILE as WEIGHTS  # the packaged weights
 
 
 def synthetic_layers(channels=64, n_images=128):
@@ -124,7 +122,7 @@ def main(argv=None):
     except ImportError:  # pragma: no cover
         pass
 
-    use_model = not args.synthetic and os.path.exists(WEIGHTS)
+    use_model = not args.synthetic
     with Timer() as t_load:
         layers, model_stats = model_layers() if use_model else synthetic_layers()
     source = "reference model" if use_model else "synthetic (trained_like_kernel + realistic_covariance)"

@@ -3,7 +3,7 @@
 Evidence for the threshold of :data:`sigmadecomp_torch.compress.SIGMA_ERROR_WARN`
 and for the default layer choice of :func:`sigmadecomp_torch.default_layers`.
 
-On the committed reference network (``benchmarks/weights``, Fashion-MNIST),
+On the committed reference network (``sigmadecomp_torch/demo/weights``, Fashion-MNIST),
 with Sigma statistics of ``--calib`` training images:
 
 1. every Conv2d/Linear layer alone is compressed at several ratios rX (the

@@ -1,7 +1,7 @@
 """Accuracy vs rX of the reference ViT compressed by SVD, Sigma-SVD and centered Sigma-SVD.
 
     python -m benchmarks.vit_compress                  # full run, writes notes/vit.md + PNG
-    python -m benchmarks.vit_compress --quick --out-dir /tmp/x   # seconds
+    python -m benchmarks.vit_compress --quick --out-dir OUT   # seconds
 
 Model: the committed :class:`sigmadecomp_torch.vit.ViT` (``load_vit``).
 Layers: every Linear of attention (``q``/``k``/``v``/``out``) and of the MLP

@@ -20,12 +20,17 @@ The four steps:
 4. **save** the compressed model (a plain ``nn.Module`` built from ``nn.Conv2d``
    layers), the statistics (reusable, e.g. for another ratio) and the report.
 
-The command-line equivalent of steps 1, 2 and 4 is::
+A command-line near-equivalent of steps 1, 2 and 4 is::
 
     python -c "import torch, torchvision; torch.save(torchvision.models.resnet18(weights='DEFAULT'), 'resnet18.pt')"
     sigmadecomp compress resnet18.pt --data /data/imagenet/train --image-size 224 \\
         --normalize 0.485,0.456,0.406,0.229,0.224,0.225 --method tucker2 --ratio 3 \\
-        --centered --out resnet18_tucker2.pt
+        --centered --save-stats resnet18.stats.pt --out resnet18_tucker2.pt
+
+It differs in two ways: ``--layers auto`` also compresses the three 1x1
+``downsample.0`` convs (by SVD), which this script leaves dense (name the 3x3
+convs in ``--layers`` to match it), and ``--image-size`` resizes each image to
+224 x 224 where this script resizes to 256 and crops the centre 224 x 224.
 """
 
 from __future__ import annotations

@@ -640,11 +640,12 @@ def allocate(layers, budget, *, method, cost="params", objective="sum", exact=Fa
 
 
 def allocate_ranks(layers, budget, *, method, cost="params", objective="sum", exact=False,
-                   keep_proportion=True, solver="auto"):
+                   keep_proportion=True, solver="auto", max_states=None):
     """Ranks per layer that fit a total budget with the least summed (or largest) error.
 
-    The same as ``allocate(...).ranks``; see :func:`allocate` for the
-    parameters, the error proxies and the solvers.
+    The same as ``allocate(...).ranks`` with the same parameters
+    (``max_states=None`` keeps :func:`allocate`'s default); see
+    :func:`allocate` for them, the error proxies and the solvers.
 
     Returns
     -------
@@ -662,5 +663,6 @@ def allocate_ranks(layers, budget, *, method, cost="params", objective="sum", ex
     >>> sum(layer_params(l.weight.shape, 'cp', r[k]) for k, l in layers.items()) <= 600
     True
     """
+    extra = {} if max_states is None else {"max_states": max_states}
     return allocate(layers, budget, method=method, cost=cost, objective=objective, exact=exact,
-                    keep_proportion=keep_proportion, solver=solver).ranks
+                    keep_proportion=keep_proportion, solver=solver, **extra).ranks

@@ -23,7 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sigmadecomp_torch.demo import TIMES, add_demo_options
+from sigmadecomp_torch.demo import TIMES, add_demo_options, positive_int
 
 __all__ = ["main", "build_parser", "cli_default_layers"]
 
@@ -82,7 +82,8 @@ def _load_model(path):
     if not isinstance(obj, torch.nn.Module):
         hint = (" (a state_dict holds only weights: save the module itself with "
                 "torch.save(model, path))") if isinstance(obj, dict) else ""
-        raise UserError(f"MODEL={path!r} holds a {type(obj).__name__}, not a torch.nn.Module{hint}")
+        raise UserError(f"MODEL={path!r} holds an object of type {type(obj).__name__}, not a "
+                        f"torch.nn.Module{hint}")
     return obj.eval()
 
 
@@ -162,6 +163,9 @@ def _rank_choice(args):
                             "must be > 1")
         return {"ratio": args.ratio}, f"ranks: per-layer ratio rX = {args.ratio:g} (--ratio)"
     if args.budget is not None:
+        if args.method == "tt":
+            raise UserError("--budget is not available with --method tt (Tensor-Train has no "
+                            "error curve to allocate ranks by); give --ratio RX")
         b = args.budget
         if 0 < b < 1:
             return ({"budget": b}, f"ranks: allocated across layers to keep {b:g} of their "
@@ -172,8 +176,8 @@ def _rank_choice(args):
         raise UserError(f"--budget={b:g} is not allowed; give a whole parameter count (>= 1) or "
                         "a fraction in (0, 1) of the compressed layers' parameters")
     if args.method == "tt":
-        raise UserError("--method tt needs --ratio or --budget: the default ranks (EVBMF) are "
-                        "estimated for tucker2, cp and svd only")
+        raise UserError("--method tt needs --ratio: the default ranks (EVBMF) and --budget's "
+                        "allocation work for tucker2, cp and svd only")
     return ({"ranks": "evbmf"},
             "ranks: EVBMF (estimated from each layer's weights, no size target); give --ratio "
             "or --budget to set the size")
@@ -198,7 +202,8 @@ def _calibration_images(args, model):
     in_ch = first.in_channels if first is not None else None
     if args.channels is not None and in_ch is not None and args.channels != in_ch:
         raise UserError(f"--channels {args.channels} does not match the model: its first conv "
-                        f"{first_name!r} takes {in_ch} channels; use --channels {in_ch} or omit it")
+                        f"{first_name!r} takes {in_ch} channel{'s' if in_ch != 1 else ''}; use "
+                        f"--channels {in_ch} or omit it")
     channels = args.channels or (in_ch if in_ch in (1, 3) else None)
     data = Path(args.data)
     if not data.exists():
@@ -214,6 +219,10 @@ def _calibration_images(args, model):
         raise UserError(f"--data={args.data!r}: {exc}{hint}") from None
     if args.normalize:
         x = _normalize(x, args.normalize)
+    if args.image_size is not None and tuple(x.shape[-2:]) != (args.image_size,) * 2:
+        print(f"warning: --image-size {args.image_size} was not applied: it resizes the images "
+              f"of a folder, and {args.data} holds IDX data of size "
+              f"{tuple(x.shape[-2:])}", file=sys.stderr)
     print(f"calibration: {len(x)} images of shape {tuple(x.shape[1:])} from {args.data}")
     return x
 
@@ -225,8 +234,10 @@ def _normalize(x, text):
     vals = _parse_floats(text, "--normalize")
     channels = x.shape[1]
     if len(vals) not in (2, 2 * channels):
-        raise UserError(f"--normalize={text!r}: give MEAN,STD or one mean and one "
-                        f"std per channel ({channels} channels, so 2 or {2 * channels} values)")
+        allowed = ("MEAN,STD (2 values) for these 1-channel images" if channels == 1 else
+                   f"MEAN,STD or one mean and one std per channel ({channels} channels, so 2 "
+                   f"or {2 * channels} values)")
+        raise UserError(f"--normalize={text!r}: give {allowed}")
     half = len(vals) // 2
     mean = torch.tensor(vals[:half]).view(1, -1, 1, 1)
     std = torch.tensor(vals[half:]).view(1, -1, 1, 1)
@@ -400,7 +411,8 @@ def build_parser():
     r.add_argument("--budget", type=float,
                    help="total weight parameters of the compressed layers after compression: "
                         "a whole count, or a fraction in (0, 1) of their original total; "
-                        "ranks are allocated across layers by their error curves")
+                        "ranks are allocated across layers by their error curves (tucker2, "
+                        "cp and svd; not --method tt)")
     c.add_argument("--transfer-stats", metavar="FILE",
                    help="use statistics saved by --save-stats / save_covariances (e.g. from "
                         "another dataset) instead of collecting them from --data")
@@ -431,11 +443,11 @@ def build_parser():
                    help="refit the layers left dense after the compressed ones (the "
                         "classifier, say) to the original outputs on the compressed model's "
                         "inputs: 'all' or comma-separated module names (needs --data)")
-    c.add_argument("--calib-images", type=int, default=1024,
+    c.add_argument("--calib-images", type=positive_int, default=1024,
                    help="number of calibration images, a seeded random subset (default: 1024)")
-    c.add_argument("--batch-size", type=int, default=64,
+    c.add_argument("--batch-size", type=positive_int, default=64,
                    help="batch size for the statistics (default: 64)")
-    c.add_argument("--image-size", type=int, default=None,
+    c.add_argument("--image-size", type=positive_int, default=None,
                    help="resize images of a folder to SIZE x SIZE (default: keep; all images "
                         "must then have the same size)")
     c.add_argument("--channels", type=int, choices=[1, 3], default=None,
@@ -455,7 +467,7 @@ def build_parser():
                         ".torchscript.pt; load with torch.jit.load)")
     c.add_argument("--seed", type=int, default=0,
                    help="seed of the calibration subset (default: 0)")
-    c.add_argument("--threads", type=int, default=None,
+    c.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compress)

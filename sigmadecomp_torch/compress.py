@@ -660,13 +660,16 @@ def _install(model, new_modules, inplace):
 EVBMF_METHODS = ("svd", "tucker2", "cp")
 
 
-def check_evbmf_method(method, ranks):
-    """Refuse ``ranks='evbmf'`` for a format it cannot estimate, before any work is done."""
+def check_evbmf_method(method, ranks, budget=None):
+    """Refuse ``ranks='evbmf'`` and ``budget=`` for a format they cannot serve (Tensor-Train),
+    before any work is done."""
     if isinstance(ranks, str) and ranks == "evbmf" and method not in EVBMF_METHODS:
         allowed = ", ".join(repr(m) for m in EVBMF_METHODS)
         raise ValueError(f"ranks='evbmf' is not available for method={method!r}; EVBMF "
-                         f"estimates the ranks of {allowed} only: give ratio= or budget= "
-                         "for it")
+                         f"estimates the ranks of {allowed} only: give ratio= for it")
+    if budget is not None and method == "tt":
+        raise ValueError(f"budget={budget!r} is not available for method='tt': Tensor-Train "
+                         "has no error curve to allocate ranks by; give ratio= (or ranks=)")
 
 
 def _check_arguments(model, method, ratio, ranks, budget, centered, covariances):
@@ -688,7 +691,7 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
         raise ValueError("budget cannot be combined with ratio or ranks; give one of them")
     if ranks == "evbmf" and ratio is not None:
         raise ValueError("ranks='evbmf' cannot be combined with ratio; give one of them")
-    check_evbmf_method(method, ranks)
+    check_evbmf_method(method, ranks, budget)
     if ratio is None and ranks is None and budget is None:
         raise ValueError("no way to choose ranks: give ratio=, ranks= (a dict or 'evbmf') "
                          "or budget=")
@@ -803,7 +806,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     budget : int or float, optional
         Total weight parameters of the chosen layers after compression (an
         int), or that fraction of their original total (a float in (0, 1));
-        distributed over the layers by :func:`sigmadecomp.ranks.allocate_ranks`.
+        distributed over the layers by :func:`sigmadecomp.ranks.allocate_ranks`
+        (methods ``'svd'``, ``'tucker2'`` and ``'cp'``; not ``'tt'``).
     layers : None, str, list of str, or callable, optional
         Which modules may be compressed (names, or ``f(name, module) -> bool``
         over the ``Conv2d``/``Linear`` modules). Default
@@ -964,7 +968,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if (sequential or data is not None) and covariances is not None:
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
-    check_evbmf_method(method, ranks)
+    check_evbmf_method(method, ranks, budget)
     if isinstance(model, nn.Module):  # before any forward pass could materialize them
         check_materialized(model, who="compress needs")
     if not (hasattr(ranks, "items") and ranks and ratio is None and budget is None):

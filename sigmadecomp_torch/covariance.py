@@ -560,6 +560,9 @@ def select_layers(model, layers=None, *, name="layers"):
         ``None``: every ``nn.Conv2d`` and ``nn.Linear``; names (dotted, as in
         ``model.named_modules()``); or a predicate ``f(name, module) -> bool``
         applied to the ``Conv2d``/``Linear`` modules.
+    name : str, optional
+        The argument's name in error messages (e.g. ``'refit'`` when the
+        names come from ``refit=``).
 
     Returns
     -------

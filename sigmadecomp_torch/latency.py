@@ -156,6 +156,20 @@ def compare_latency(dense, factorized, input_shape, *, memory_format=torch.conti
     Interleaving the two modules makes a change of the machine's load hit
     both alike.
 
+    Parameters
+    ----------
+    dense, factorized : torch.nn.Module
+        The two modules to time on the same random input.
+    input_shape : tuple of int
+        Shape of that input, batch first (e.g. ``(1, C, H, W)``).
+    memory_format : torch.memory_format, optional
+        Layout of the input and the modules' weights, e.g.
+        ``torch.channels_last`` (as :func:`layer_latency`).
+    min_run_time : float, optional
+        Seconds of timing per module and round (``torch.utils.benchmark``).
+    rounds : int, optional
+        Interleaved rounds; the medians are returned.
+
     Examples
     --------
     >>> import torch

@@ -831,7 +831,7 @@ min_speedup, example_input
     if isinstance(ranks, str) and ranks != "evbmf":
         raise ValueError(f"ranks={ranks!r} is not allowed; ranks must be a dict of layer "
                          "name -> ranks or the string 'evbmf'")
-    check_evbmf_method(method, ranks)
+    check_evbmf_method(method, ranks, budget)
     if isinstance(model, (nn.Conv2d, nn.Linear)):
         _refit_candidates(model, refit, [])  # refuses a named refit
         # a single layer has no upstream layers: sequential equals one-shot
@@ -1020,9 +1020,35 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     becomes the corrected target ``K Sigma_oc (Sigma_cc + l I)^{-1}`` of its
     inputs in the original and the compressed model (``l`` from ``ridge``,
     default :data:`sigmadecomp.sigma.DEFAULT_RIDGE`; ``centered`` also
-    sets the bias). ``layers``: the layers whose statistics are collected
-    (default every Conv2d/Linear; ``compress`` passes the ones it will
-    choose).
+    sets the bias).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    data : iterable of batches
+        Calibration batches, as for :func:`collect_covariances`; read once for
+        the statistics and once or more per refit group.
+    refit : 'all', str, list of str or callable
+        The dense layers to refit, as in :func:`sequential_compress`.
+    compress_fn : callable
+        ``compress_fn(model, statistics) -> (compressed_model, report)``,
+        e.g. ``lambda m, s: compress(m, 'tucker2', covariances=s, ratio=3)``.
+    centered : bool, optional
+        Also refit the biases (centered statistics).
+    inplace : bool, optional
+        Let ``compress_fn`` work on ``model`` itself (the original outputs
+        then come from a copy made first); default False.
+    ridge : float, optional
+        Ridge of the refit solves; default :data:`sigmadecomp.sigma.DEFAULT_RIDGE`.
+    progress : bool, optional
+        Progress bars of the passes over ``data``.
+    layers : list of str, optional
+        The layers whose statistics are collected (default every
+        Conv2d/Linear; ``compress`` passes the ones it will choose).
+    max_batches, forward, mask :
+        As for :func:`collect_covariances`: at most that many batches per
+        pass, a ``forward(model, batch)`` for batches the model does not take
+        as they are, and the token mask of padded sequence batches.
 
     Returns
     -------

@@ -139,7 +139,7 @@ class TTConv2d(_TTChain):
         Paired channel modes (length ``d``).
     ranks : sequence of d int
         ``(r_0, ..., r_{d-1})``; ``r_0`` is the number of spatial filters.
-    stride, padding, dilation, bias, padding_mode :
+    stride, padding, dilation, bias, padding_mode, device, dtype :
         As for :class:`torch.nn.Conv2d` (``groups=1`` only).
 
     Attributes
@@ -337,7 +337,8 @@ class TTLinear(_TTChain):
     in_modes, out_modes : sequence of int
         Paired modes (length ``d``).
     ranks : sequence of d-1 int
-    bias : bool
+    bias, device, dtype :
+        As for :class:`torch.nn.Linear`.
 
     Attributes
     ----------

@@ -144,7 +144,7 @@ def test_folder_without_images(model_file, tmp_path):
 def test_channels_that_do_not_match_the_model(model_file, tmp_path, idx_dir):
     msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
                            "--channels", "3"))
-    assert "--channels 3 does not match" in msg and "takes 1 channels" in msg
+    assert "--channels 3 does not match" in msg and "takes 1 channel;" in msg
     assert "--channels 1" in msg
 
 
@@ -243,7 +243,38 @@ def test_normalize_takes_one_mean_and_std_or_one_per_channel():
 def test_tt_needs_a_size_before_any_image_is_read(model_file, tmp_path):
     msg = _error(["compress", model_file, "--method", "tt", "--out", str(tmp_path / "o.pt"),
                   "--data", str(tmp_path / "not-read")])
-    assert "--method tt needs --ratio or --budget" in msg
+    assert "--method tt needs --ratio:" in msg
+    msg = _error(["compress", model_file, "--method", "tt", "--budget", "0.5", "--out",
+                  str(tmp_path / "o.pt"), "--data", str(tmp_path / "not-read")])
+    assert "--budget is not available with --method tt" in msg and "--ratio RX" in msg
+
+
+@pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--threads", "-1"),
+                                          ("--threads", "0"), ("--calib-images", "0"),
+                                          ("--image-size", "0"), ("--batch-size", "x")])
+def test_counts_must_be_positive_integers(model_file, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", option, value))
+    assert info.value.code == 2  # argparse's usage error: one line naming the option
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and "Traceback" not in err
+
+
+def test_demo_threads_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--quick", "--threads", "-1"])
+    assert info.value.code == 2 and "argument --threads: -1 is not allowed" in capsys.readouterr().err
+
+
+def test_image_size_on_idx_data_says_it_was_not_applied(model_file, tmp_path, idx_dir, capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--image-size", "32", "--calib-images", "8")) == 0
+    assert "--image-size 32 was not applied" in capsys.readouterr().err
+
+
+def test_normalize_on_one_channel_names_the_two_values():
+    with pytest.raises(cli.UserError, match=r"MEAN,STD \(2 values\) for these 1-channel"):
+        cli._normalize(torch.rand(2, 1, 4, 4), "0.1,0.2,0.5,1")
 
 
 def test_budget_fraction_is_announced(model_file, tmp_path, capsys):

@@ -173,3 +173,13 @@ def test_refit_report_lists_each_layer_once():
     assert len(names) == len(set(names)) and "0" in names
     first = next(s for s in rep.skipped if s["name"] == "0")
     assert "first layer" in first["reason"]
+
+
+def test_tt_with_a_budget_is_refused_before_any_work():
+    model = _bn_net()
+
+    def never(*_):
+        raise AssertionError("data was read")
+
+    with pytest.raises(ValueError, match="budget=0.5 is not available for method='tt'"):
+        compress(model, "tt", data=map(never, [0]), budget=0.5)

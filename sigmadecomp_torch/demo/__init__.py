@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-__all__ = ["add_demo_options", "fresh_out_dir", "main", "EXIT_NO_DATA", "INSTALL_COMMAND"]
+__all__ = ["add_demo_options", "fresh_out_dir", "main", "positive_int", "EXIT_NO_DATA",
+           "INSTALL_COMMAND"]
 
 EXIT_NO_DATA = 3
 """Exit status of the demo when Fashion-MNIST is not installed."""
@@ -25,7 +26,20 @@ EXIT_NO_DATA = 3
 INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 """The one command that installs the demo's data (Debian package)."""
 
-TIMES = "about 85 s with --quick, 22 minutes by default, hours with --full, on 2 cores"
+TIMES = "about 90 s with --quick, about 21.5 minutes by default, hours with --full, on 2 cores"
+
+
+def positive_int(text):
+    """argparse type of an option that must be an integer >= 1 (a one-line error otherwise)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= 1")
+    return value
 
 
 def add_demo_options(parser):
@@ -39,7 +53,7 @@ def add_demo_options(parser):
                         help="directory for results.md, results.json and the PNG plots, created "
                              "if missing, files in it overwritten (default: a new folder "
                              "sigmadecomp-demo-YYYYmmdd-HHMMSS in the current directory)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
