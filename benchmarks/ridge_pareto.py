@@ -6,7 +6,7 @@ solver's own ``ridge`` option for the isotropic rule) over a grid of ``lam``,
 and records for each point
 
 * the relative Sigma-error in the calibration Sigma and its increase over
-  ``lam = 0`` (the issue's target: at most +1%);
+  ``lam = 0`` (the goal: at most +1%);
 * the relative Frobenius error ``||K - K~|| / ||K||`` and the Frobenius
   method's (truncated SVD, HOOI, TT-SVD, CP-ALS) for comparison;
 * the relative Sigma-error in a held-out Sigma (the output error on new data).

@@ -70,7 +70,7 @@ from sigmadecomp_torch.resnet import resnet18, resnet50
 ARCHS = {"resnet18": (resnet18, "ResNet-18", "scale"),
          "resnet50": (resnet50, "ResNet-50", "scale_resnet50")}
 
-#: The issue's targets on 2 cores at default settings.
+#: The performance goals on 2 cores at default settings.
 TARGETS = {"tucker2": 600.0, "cp": 900.0, "memory_mib": 3 * 1024.0}
 
 
