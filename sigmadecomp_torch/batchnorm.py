@@ -582,7 +582,7 @@ def _propagated(model, names, input_shape, samples, seed):
     import copy
 
     from .covariance import collect_covariances
-    from .data import make_loader, synthetic_images
+    from .data import synthetic_images
 
     twin = copy.deepcopy(model)
     for m in twin.modules():
@@ -594,7 +594,11 @@ def _propagated(model, names, input_shape, samples, seed):
     p = next(model.parameters(), None)
     if p is not None:
         x = x.to(device=p.device, dtype=p.dtype)
-    return collect_covariances(twin, make_loader(x, batch_size=256), layers=names, progress=False)
+    # batches of (nearly) equal size, at most 256: a short last batch would be normalised
+    # with its own few samples (and a single sample cannot be at all)
+    batches = torch.tensor_split(x, -(-samples // 256))
+    # the same noise on every process: statistics of this process alone, no collective
+    return collect_covariances(twin, batches, layers=names, progress=False, distributed=False)
 
 
 # ------------------------------------------------------------------ public

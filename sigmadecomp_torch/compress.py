@@ -766,6 +766,33 @@ def _canonical_names(model, ranks):
     return paths, canon, explicit
 
 
+def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, centered, options,
+                min_speedup, example_input):
+    """Steps 1-3 of :func:`compress`: ``(options, min_speedup, skipped rows, plans, input
+    shapes)``."""
+    ratio = _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
+    options = dict(options or {})
+    min_speedup = _latency.check_min_speedup(min_speedup, example_input)
+
+    # every name of every module (a shared one has several), and ranks under first names
+    paths, canon, explicit = _canonical_names(model, ranks)
+
+    # 1. select  2. plan (statistics prepared once)  3. ranks -- no decomposition yet
+    chosen, named, skipped, asked = select_step(model, layers, explicit, ratio, canon)
+    plans = _plan(model, chosen, method, covariances, centered, options, paths, named, skipped)
+    if not plans:
+        raise ValueError("no layer can be compressed: "
+                         + ("; ".join(f"{s['name']!r}: {s['reason']}" for s in skipped)
+                            or f"layers={asked!r} selects no Conv2d/Linear module"))
+    plans = _choose_ranks(plans, explicit=explicit, ranks=ranks, ratio=ratio, budget=budget,
+                          options=options, skipped=skipped)
+    shapes = {}
+    if min_speedup is not None:  # input size of each layer, under any of its names
+        seen = _latency.input_shapes(model, example_input)
+        shapes = {p.name: next((seen[n] for n in p.names if n in seen), None) for p in plans}
+    return options, min_speedup, skipped, plans, shapes
+
+
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
              distributed=None, min_speedup=None, example_input=None, data=None,
@@ -848,11 +875,17 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         process. Every process must call ``compress`` with the same model,
         statistics and arguments (pass ``False`` where only some processes
         call it: the others would never answer). ``True``: the same, but
-        refuse to run without an initialized group; ``False``: decompose
-        every layer here.
+        refuse to run without an initialized group (checked before any
+        batch is read); ``False``: decompose every layer here.
         The processes are started by the user (``torchrun``, or
         ``torch.multiprocessing.spawn`` as in ``benchmarks/parallel.py``),
-        each with its own copy of the model and statistics.
+        each with its own copy of the model and statistics. With ``data=``
+        the statistics passes follow the same setting (summed over the
+        group, or this process's data alone with ``False``). The processes
+        compare their plans (layers, formats, ranks, a hash of each weight,
+        statistics counts) and learn of each other's errors at each step
+        that needs them all, so a process that fails makes the others raise
+        an error naming it instead of waiting.
     min_speedup : float, optional
         Keep a layer dense unless its factorized form runs at least this many
         times faster than the dense layer (``1.0``: only strictly not slower).
@@ -969,6 +1002,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
     check_evbmf_method(method, ranks, budget)
+    _parallel.resolve_group(distributed)  # refuse distributed=True without a group, up front
     if isinstance(model, nn.Module):  # before any forward pass could materialize them
         check_materialized(model, who="compress needs")
     if not (hasattr(ranks, "items") and ranks and ratio is None and budget is None):
@@ -988,7 +1022,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                 progress=progress, distributed=distributed, min_speedup=min_speedup,
                 example_input=example_input),
             centered=centered, inplace=inplace, progress=progress,
-            layers=_data_layers(model, layers, ranks, ratio))
+            layers=_data_layers(model, layers, ranks, ratio), distributed=distributed)
     if sequential:
         from .sequential import sequential_compress
 
@@ -1001,28 +1035,20 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         from .covariance import collect_covariances
 
         covariances = collect_covariances(model, data, progress=progress,
-                                          layers=_data_layers(model, layers, ranks, ratio))
+                                          layers=_data_layers(model, layers, ranks, ratio),
+                                          distributed=distributed)
     # --- end data= / sequential= -------------------------------------------------------
-    ratio = _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
-    options = dict(options or {})
-    min_speedup = _latency.check_min_speedup(min_speedup, example_input)
-
-    # every name of every module (a shared one has several), and ranks under first names
-    paths, canon, explicit = _canonical_names(model, ranks)
-
-    # 1. select  2. plan (statistics prepared once)  3. ranks -- no decomposition yet
-    chosen, named, skipped, asked = select_step(model, layers, explicit, ratio, canon)
-    plans = _plan(model, chosen, method, covariances, centered, options, paths, named, skipped)
-    if not plans:
-        raise ValueError("no layer can be compressed: "
-                         + ("; ".join(f"{s['name']!r}: {s['reason']}" for s in skipped)
-                            or f"layers={asked!r} selects no Conv2d/Linear module"))
-    plans = _choose_ranks(plans, explicit=explicit, ranks=ranks, ratio=ratio, budget=budget,
-                          options=options, skipped=skipped)
-    shapes = {}
-    if min_speedup is not None:  # input size of each layer, under any of its names
-        seen = _latency.input_shapes(model, example_input)
-        shapes = {p.name: next((seen[n] for n in p.names if n in seen), None) for p in plans}
+    # steps 1-3 on every process; under a process group each learns whether the others
+    # planned too, so none waits in the decomposition's exchange for one that failed here
+    group = _parallel.resolve_group(distributed)
+    try:
+        options, min_speedup, skipped, plans, shapes = _plan_steps(
+            model, method, covariances, ratio, ranks, budget, layers, centered, options,
+            min_speedup, example_input)
+    except Exception as exc:
+        _parallel.agree(group, "planning the compression", None, error=exc)
+        raise
+    _parallel.agree(group, "planning the compression", None)
 
     # 4. decompose and build (the model is untouched until every layer succeeded)
     rows, new_modules = _decompose_all(plans, options, distributed, progress, shapes,

@@ -52,6 +52,7 @@ from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
                        model_device, progress_bar, run_batch)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
+from .parallel import agree, resolve_group
 
 __all__ = [
     "LayerStats",
@@ -616,7 +617,7 @@ def select_layers(model, layers=None, *, name="layers"):
 def collect_covariances(model, data, *, layers=None, max_batches=None, progress=True,
                         device=None, chunk_bytes=_DEFAULT_CHUNK_BYTES, position_fraction=1.0,
                         seed=0, forward=None, mask="auto", dtype=torch.float64,
-                        gram_dtype=torch.float64):
+                        gram_dtype=torch.float64, distributed=None):
     """Second moments of the input patches of a model's Conv2d/Linear layers.
 
     The model is run over ``data`` (in eval mode, without gradients); a forward
@@ -698,6 +699,12 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         ReLU inputs, zero padding) gets negative eigenvalues of about 1e-8
         relative to the largest, which a strict PSD check may reject (see
         ``notes/collect_cost.md`` for the measured figures).
+    distributed : None or bool, optional
+        ``None`` (default): when a ``torch.distributed`` process group of more
+        than one process is initialised, sum the statistics over it. ``True``:
+        the same, an uninitialised group being an error (raised before any
+        batch is read). ``False``: this process's data alone, no collective
+        (for a call that only some processes make).
 
     Returns
     -------
@@ -707,11 +714,14 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         input tensor in every forward pass with the same input geometry (the
         q/k/v projections of attention) share one statistic: their entries
         are the *same* ``LayerStats`` object, computed once, so downstream
-        code can factorize it once (test with ``is``). When a
-        ``torch.distributed`` process group is initialised the sums are
-        all-reduced over it, so every worker returns the statistics of the
-        union of their data (all workers must call this function with the
-        same model and layers).
+        code can factorize it once (test with ``is``). Under a process group
+        (``distributed``) the sums are all-reduced over it, so every worker
+        returns the statistics of the union of their data. All workers must
+        call this function with the same model and layers: before the sums
+        are reduced the workers compare their layers (a ``ValueError`` on a
+        mismatch) and whether each got through its batches (an error on one
+        makes every other raise a ``RuntimeError`` naming it, instead of
+        waiting).
 
     Raises
     ------
@@ -774,10 +784,12 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         raise ValueError(f"gram_dtype={gram_dtype!r} is not allowed; gram_dtype must be "
                          "torch.float64 or torch.float32")
     check_not_meta(model)
+    group = resolve_group(distributed)  # before any batch is read
     chosen = select_layers(model, layers)
     if not chosen:
         raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
                          f"statistics for (layers={layers!r})")
+    signature = [(n, type(m).__name__, tuple(m.weight.shape)) for n, m in chosen]
     if isinstance(data, torch.Tensor):
         data = [data]
     elif isinstance(data, (str, bytes)) or not _iterable(data):
@@ -818,6 +830,9 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                 for acc in accs.values():
                     acc.end_batch()
                 n_batches += 1
+    except Exception as exc:
+        agree(group, "collecting statistics", signature, error=exc)
+        raise
     finally:
         run.release()
         for h in handles:
@@ -834,9 +849,8 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         warnings.warn("a token mask was given but no chosen Linear layer had an input of "
                       "the mask's shape; the statistics use every row", RuntimeWarning,
                       stacklevel=2)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if group is not None:
+        agree(group, "collecting statistics", signature)
         _all_reduce(list(accs.values()))
     if all(a.count == 0 and a.link is None for a in accs.values()):
         if any(a.calls > 0 for a in accs.values()):

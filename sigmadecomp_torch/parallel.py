@@ -37,7 +37,7 @@ import secrets
 
 import torch
 
-__all__ = ["layer_cost", "assign", "resolve_group", "LayerShard", "SCHEDULES"]
+__all__ = ["layer_cost", "assign", "resolve_group", "agree", "LayerShard", "SCHEDULES"]
 
 #: How :class:`LayerShard` shares the layers: ``"dynamic"`` (the next layer
 #: to whichever process is free) or ``"static"`` (shares fixed in advance).
@@ -78,6 +78,44 @@ def resolve_group(distributed):
     if world < 2:
         return None
     return dist.get_rank(), world
+
+
+def agree(group, what, signature, error=None):
+    """Exchange each process's outcome before a collective reduction; raise on disagreement.
+
+    Every process of ``group`` (from :func:`resolve_group`) calls it at the
+    same point: with ``error`` the exception this process met (the caller
+    re-raises it afterwards), else None. Every other process then raises a
+    ``RuntimeError`` naming the failed process and its error, instead of
+    waiting in a reduction that never comes; processes whose ``signature``
+    (a picklable, comparable description of what they reduce, e.g. the layer
+    names and weight shapes) differs from process 0's raise a ``ValueError``
+    instead of summing unlike things.
+    """
+    if group is None:
+        return
+    dist = _dist()
+    sent = None if error is None else f"{type(error).__name__}: {error}"
+    got = [None] * group[1]
+    dist.all_gather_object(got, (sent, signature))
+    if error is not None:
+        return
+    for r, (err, _) in enumerate(got):
+        if err is not None:
+            raise RuntimeError(f"process {r} failed while {what}: {err}")
+    for r, (_, sig) in enumerate(got):
+        if sig != got[0][1]:
+            raise ValueError(f"the processes disagree while {what}: process 0 has {got[0][1]}, "
+                             f"process {r} has {sig}; every process must make the same call "
+                             "(same model, layers and options)")
+
+
+def _digest(t):
+    """A hash of a tensor's bytes: equal weights on every process, or a clear error."""
+    import hashlib
+
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def layer_cost(shape, fmt, ranks, options, weighted, samples=None):
@@ -202,9 +240,9 @@ class LayerShard:
         self.rank, self.world_size = group if group is not None else (0, 1)
         self.names = [p.name for p in plan]
         self.devices = {p.name: p.module.weight.device for p in plan}
-        # what every process must agree on: same layers, formats and ranks
-        self.signature = [(p.name, p.method, p.ranks, tuple(p.module.weight.shape))
-                          for p in plan]
+        # what every process must agree on: same layers, formats, ranks, weights and counts
+        self.signature = [(p.name, p.method, p.ranks, tuple(p.module.weight.shape),
+                           _digest(p.module.weight), p.samples) for p in plan]
         self.schedule = "static"
         self._store = self._key = None
         self._mine = set()  # names of the layers this process took
@@ -272,11 +310,12 @@ class LayerShard:
         """
         if not self.active:
             return
-        try:
-            pickle.dumps(exc)
+        try:  # the other processes must be able to rebuild it, or they get a plain copy
+            pickle.loads(pickle.dumps(exc))
             sent = exc
         except Exception:
-            sent = RuntimeError(f"{type(exc).__name__}: {exc}")
+            sent = RuntimeError(f"{type(exc).__name__}: {exc}"
+                                + "".join(f" ({note})" for note in getattr(exc, "__notes__", [])))
         self._exchange(("error", sent))
 
     def gather(self, rows, new_modules):
@@ -308,8 +347,9 @@ class LayerShard:
             if sig != self.signature:
                 raise ValueError(
                     f"process {r} planned other layers than process {self.rank} "
-                    "(names, formats, ranks or shapes differ); every process must call "
-                    "compress with the same model, statistics and arguments")
+                    "(names, formats, ranks, weights or statistics counts differ); every "
+                    "process must call compress with the same model, statistics and "
+                    "arguments")
         for r, (_, (status, value)) in enumerate(got):
             if status == "error":
                 if r == self.rank:

@@ -58,6 +58,7 @@ from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 from ._batches import (batch_mask, check_pass_options, eval_modes, model_device, progress_bar,
                        run_batch)
 from .covariance import LayerStats, select_layers
+from .parallel import agree, resolve_group
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
            "sequential_compress", "refit_after"]
@@ -321,8 +322,12 @@ def _check_reiterable(data, name="data"):
 
 
 def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forward, mask,
-              device, progress, desc):
-    """Run both models on every batch with the given accumulators hooked in."""
+              device, progress, desc, distributed=None):
+    """Run both models on every batch with the given accumulators hooked in; under a process
+    group (``distributed``, as for :func:`collect_covariances`) the sums are all-reduced."""
+    group = resolve_group(distributed)
+    what = f"running the original and the compressed model ({desc})"
+    signature = [acc.name for acc, _, _ in cross] + ["out:" + acc.name for acc, _, _ in outputs]
     handles = []
     try:
         for acc, m_o, m_c in cross:
@@ -352,17 +357,19 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
                             f"original model than in the compressed one in batch {i}; the "
                             "two forward passes must call it the same number of times")
                 n_batches += 1
+        if n_batches == 0:
+            raise ValueError("data yielded no batches; sequential compression needs at least "
+                             "one batch" + (" on every process" if group else ""))
+    except Exception as exc:
+        agree(group, what, signature, error=exc)
+        raise
     finally:
         for h in handles:
             h.remove()
         for acc, _, _ in list(cross) + list(outputs):
             acc.queue = []
-    if n_batches == 0:
-        raise ValueError("data yielded no batches; sequential compression needs at least "
-                         "one batch")
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if group is not None:
+        agree(group, what, signature)
         for acc, _, _ in cross:
             acc.all_reduce()
         for acc, m_o, _ in outputs:
@@ -371,7 +378,8 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
 
 def collect_cross_covariances(original, compressed, data, *, layers=None, max_batches=None,
                               forward=None, mask="auto", device=None,
-                              chunk_bytes=_DEFAULT_CHUNK_BYTES, progress=False):
+                              chunk_bytes=_DEFAULT_CHUNK_BYTES, progress=False,
+                              distributed=None):
     """Joint input statistics of layers in an original and a compressed model.
 
     Both models are run (eval mode, no gradients) on every batch; forward
@@ -379,8 +387,9 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
     its input exactly as :func:`collect_covariances` does (padding mode,
     stride, dilation; rows of a Linear input, token mask applied), and pair
     the i-th call of the layer in the original model with its i-th call in
-    the compressed one. Sums are in float64 and are all-reduced through
-    ``torch.distributed`` when a process group is initialised.
+    the compressed one. Sums are in float64 and are all-reduced over the
+    ``torch.distributed`` process group as :func:`collect_covariances` does
+    (``distributed``: None, True or False, with the same meaning).
 
     Parameters
     ----------
@@ -442,7 +451,7 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
         device = model_device(original)
     _run_pair(original, compressed, data, cross=cross, outputs=[], max_batches=max_batches,
               forward=forward, mask=mask, device=torch.device(device), progress=progress,
-              desc="cross statistics")
+              desc="cross statistics", distributed=distributed)
     out = {}
     for acc, _, _ in cross:
         if acc.count == 0:
@@ -656,7 +665,7 @@ def _refit_candidates(model, refit, names):
 
 
 def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, forward,
-                  mask):
+                  mask, distributed=None):
     """Ranks of a budget allocation from the original model's one-shot statistics.
 
     The error curves use the metric the one-shot fit would use: ``Sigma``, or
@@ -671,7 +680,8 @@ def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, 
     names = [n for n in names
              if not (isinstance(modules[n], nn.Conv2d) and modules[n].groups != 1)]
     stats = collect_covariances(model, data, layers=names, max_batches=max_batches,
-                                progress=False, forward=forward, mask=mask)
+                                progress=False, forward=forward, mask=mask,
+                                distributed=distributed)
     specs, methods = {}, {}
     for n in names:
         if n not in stats:
@@ -838,7 +848,7 @@ min_speedup, example_input
         from .covariance import collect_covariances
 
         stats = collect_covariances(model, data, max_batches=max_batches, progress=False,
-                                    forward=forward, mask=mask)
+                                    forward=forward, mask=mask, distributed=distributed)
         return compress(model, method, covariances=stats, ratio=ratio, ranks=ranks,
                         budget=budget, layers=layers, inplace=inplace, centered=centered,
                         options=options, progress=progress, distributed=distributed,
@@ -853,9 +863,14 @@ min_speedup, example_input
                              "ratio= is not given")
     device = torch.device(model_device(model))
     first = next(iter(data), None)
-    if first is None:
-        raise ValueError("data yielded no batches; sequential compression needs at least "
-                         "one batch")
+    empty = None if first is not None else ValueError(
+        "data yielded no batches; sequential compression needs at least one batch (on every "
+        "process of a process group)")
+    # every process learns whether the others can start (no one waits for a process that
+    # stopped here)
+    agree(resolve_group(distributed), "starting sequential compression", None, error=empty)
+    if empty is not None:
+        raise empty
     refits, refit_named, refit_skipped = _refit_candidates(model, refit, names)
     add_skipped(skipped, refit_skipped)
     groups, never = _layer_groups(model, names + refits, first, device, forward, independent)
@@ -879,7 +894,7 @@ min_speedup, example_input
         alloc = _budget_ranks(model, method,
                               [n for g in groups for n in g if n not in refit_set], budget,
                               data, centered=centered, max_batches=max_batches,
-                              forward=forward, mask=mask)
+                              forward=forward, mask=mask, distributed=distributed)
 
     params_before = sum(p.numel() for p in model.parameters())
     original = model  # read only: hooks are attached and removed, its mode restored
@@ -897,7 +912,8 @@ min_speedup, example_input
                        orig_modules[n], work_modules[n]) for n in eligible + refit_here]
         _run_pair(original, work, data, cross=cross_accs, outputs=pending_out,
                   max_batches=max_batches, forward=forward, mask=mask, device=device,
-                  progress=progress, desc=f"sequential group {gi + 1}/{len(groups)}")
+                  progress=progress, desc=f"sequential group {gi + 1}/{len(groups)}",
+                  distributed=distributed)
         _finish_outputs(rows + refitted, pending_out)
         pending_out = []
         stats, saved, changes = {}, {}, {}
@@ -982,7 +998,8 @@ min_speedup, example_input
                 else:
                     m_c.bias.copy_(b)
     _last_outputs(original, work, data, pending_out, rows + refitted, max_batches=max_batches,
-                  forward=forward, mask=mask, device=device, progress=progress)
+                  forward=forward, mask=mask, device=device, progress=progress,
+                  distributed=distributed)
 
     from .compress import CompressionReport
 
@@ -1007,7 +1024,7 @@ min_speedup, example_input
 
 def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=False,
                 ridge=None, progress=True, layers=None, max_batches=None, forward=None,
-                mask="auto"):
+                mask="auto", distributed=None):
     """One-shot compression, then a refit of the dense layers downstream.
 
     What ``compress(model, method, data=data, refit=...)`` runs without
@@ -1049,6 +1066,9 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         As for :func:`collect_covariances`: at most that many batches per
         pass, a ``forward(model, batch)`` for batches the model does not take
         as they are, and the token mask of padded sequence batches.
+    distributed : None or bool, optional
+        Process group use of the statistics passes, as for
+        :func:`collect_covariances` (``compress_fn`` has its own).
 
     Returns
     -------
@@ -1081,7 +1101,8 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     _refit_candidates(model, refit, layers or [])
     original = copy.deepcopy(model) if inplace else model  # the reference outputs
     stats = collect_covariances(model, data, layers=layers, progress=progress,
-                                max_batches=max_batches, forward=forward, mask=mask)
+                                max_batches=max_batches, forward=forward, mask=mask,
+                                distributed=distributed)
     small, report = compress_fn(model, stats)
     if isinstance(model, (nn.Conv2d, nn.Linear)):
         return small, report
@@ -1109,14 +1130,15 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
                  small.get_submodule(n)) for n in group]
         _run_pair(original, small, data, cross=accs, outputs=pending, max_batches=max_batches,
                   forward=forward, mask=mask, device=device, progress=progress,
-                  desc=f"refit group {gi + 1}/{len(groups)}")
+                  desc=f"refit group {gi + 1}/{len(groups)}", distributed=distributed)
         _finish_outputs(refitted, pending)
         pending = []
         for acc, m_o, m_c in accs:
             _refit_into(acc, m_o, m_c, gi, centered=centered, ridge=lam, refitted=refitted,
                         skipped=report.skipped, pending=pending)
     _last_outputs(original, small, data, pending, refitted, max_batches=max_batches,
-                  forward=forward, mask=mask, device=device, progress=progress)
+                  forward=forward, mask=mask, device=device, progress=progress,
+                  distributed=distributed)
     report.refitted = refitted
     report.params_after = sum(p.numel() for p in small.parameters())
     report.seconds = time.perf_counter() - t_start

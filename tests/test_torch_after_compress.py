@@ -183,3 +183,33 @@ def test_tt_with_a_budget_is_refused_before_any_work():
 
     with pytest.raises(ValueError, match="budget=0.5 is not available for method='tt'"):
         compress(model, "tt", data=map(never, [0]), budget=0.5)
+
+
+def test_batchnorm_statistics_with_a_sample_count_one_above_a_batch():
+    from sigmadecomp_torch import covariances_from_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    stats, _ = covariances_from_batchnorm(model, input_shape=(1, 12, 12), samples=257)
+    assert sorted(stats) == ["11", "3"]
+
+
+def test_distributed_true_without_a_group_reads_no_batch():
+    model = _bn_net().eval()
+    read = []
+
+    def batches():
+        for _ in range(3):
+            read.append(1)
+            yield torch.randn(2, 3, 4, 4)
+
+    for kw in ({}, {"sequential": True}):
+        with pytest.raises(ValueError, match="distributed=True is not allowed without"):
+            compress(model, "svd", data=batches(), ratio=2, distributed=True, **kw)
+    with pytest.raises(ValueError, match="distributed=True is not allowed without"):
+        collect_covariances(model, batches(), distributed=True)
+    assert read == []

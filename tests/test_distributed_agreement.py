@@ -1,0 +1,109 @@
+"""Processes of a gloo group that disagree, fail or opt out never hang and never mix.
+
+One spawned group of 2 runs every scenario in turn; each rank records what it
+got (a result or an exception) and the test compares.
+"""
+
+import json
+import os
+import warnings
+from datetime import timedelta
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
+from _helpers import free_port, spawn_workers  # noqa: E402
+
+WORLD = 2
+TIMEOUT = 180.0
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 5)).double().eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def _outcome(call):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
+        return "ok"
+    except Exception as exc:  # recorded for the test to check
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    got = {}
+    mine = _batches()[rank::WORLD]
+    try:
+        # a call only rank 0 makes, with distributed=False: its own data, no collective
+        if rank == 0:
+            local = collect_covariances(_model(), mine, progress=False, distributed=False)
+            got["local_count"] = local["2"].count
+            got["compress_alone"] = _outcome(lambda: compress(
+                _model(), "svd", data=mine, ratio=2, distributed=False, progress=False))
+        # different layers on the two ranks
+        got["layers"] = _outcome(lambda: collect_covariances(
+            _model(), mine, layers=["2"] if rank == 0 else ["2", "4"], progress=False))
+        # a non-finite input on rank 1 only
+        bad = [b.clone() for b in mine]
+        if rank == 1:
+            bad[0][0, 0, 0, 0] = float("inf")
+        got["inf"] = _outcome(lambda: collect_covariances(_model(), bad, progress=False))
+        stats = collect_covariances(_model(), mine, progress=False)
+        # a planning error on rank 1 only
+        got["plan"] = _outcome(lambda: compress(_model(), "svd", covariances=stats,
+                                                ratio=2 if rank == 0 else 1, progress=False))
+        # different weights on the two ranks
+        other = _model()
+        if rank == 1:
+            with torch.no_grad():
+                other[2].weight.mul_(-3)
+        got["weights"] = _outcome(lambda: compress(other, "svd", covariances=stats, ratio=2,
+                                                   progress=False))
+        # sequential compression with no batch on rank 1
+        got["empty"] = _outcome(lambda: compress(_model(), "svd", data=mine if rank == 0 else [],
+                                                 ratio=2, sequential=True, progress=False))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(got, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_disagreeing_failing_and_opting_out_processes(tmp_path):
+    spawn_workers(_worker, (free_port(), str(tmp_path)), WORLD, TIMEOUT, "agreement scenarios")
+    r0, r1 = (json.load(open(os.path.join(tmp_path, f"rank{r}.json"))) for r in range(WORLD))
+    one = collect_covariances(_model(), _batches()[0::WORLD], progress=False)
+    assert r0["local_count"] == one["2"].count  # rank 0's data alone
+    assert r0["compress_alone"] == "ok"  # rank 1 never called it: no hang
+    for got in (r0, r1):
+        assert got["layers"].startswith("ValueError: the processes disagree while collecting")
+        assert got["weights"].startswith("ValueError: process ")
+        assert "weights or statistics counts differ" in got["weights"]
+    assert r1["inf"].startswith("ValueError: layer '0': its input contains NaN or inf")
+    assert r0["inf"].startswith("RuntimeError: process 1 failed while collecting statistics: "
+                                "ValueError: layer '0'")
+    assert r1["plan"].startswith("ValueError: ratio=1 is not allowed")
+    assert r0["plan"].startswith("RuntimeError: process 1 failed while planning the "
+                                 "compression: ValueError: ratio=1")
+    assert r1["empty"].startswith("ValueError: data yielded no batches")
+    assert r0["empty"].startswith("RuntimeError: process 1 failed while starting sequential")
