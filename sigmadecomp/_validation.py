@@ -6,6 +6,7 @@ argument, the value (or its shape/dtype) and what is allowed.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -203,7 +204,7 @@ def check_magnitude(x, name, sigma=None):
     so the message asks the user to rescale.
     """
     xp = B.namespace(x)
-    a = float(xp.max(xp.abs(x))) if x.size else 0.0
+    a = float(xp.max(xp.abs(x))) if math.prod(x.shape) else 0.0
     s = 1.0 if sigma is None else float(xp.max(xp.abs(sigma))) if sigma.shape[0] else 0.0
     if a == 0.0 or s == 0.0:
         return

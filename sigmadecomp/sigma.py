@@ -52,6 +52,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from . import _backend as B
@@ -164,7 +166,7 @@ def _flatten_delta(delta, name="delta"):
     xp = B.namespace(delta)
     if delta.ndim == 1:
         return xp.reshape(delta, (1, -1))
-    return xp.reshape(delta, (delta.shape[0], -1))
+    return xp.reshape(delta, (delta.shape[0], math.prod(delta.shape[1:])))
 
 
 #: Relative size (to ``max|S| * ||D||_F^2``) below which a negative ``tr(D S D^T)``
@@ -197,7 +199,7 @@ def _unit_scaled(D, S, *more):
     the factor ``max|D| * sqrt(max|S|)`` that multiplies a Sigma-norm back: squared norms
     of the scaled arrays neither under- nor overflow, whatever the user's scale."""
     xp = B.namespace(D)
-    a = float(xp.max(xp.abs(D))) if D.size else 0.0
+    a = float(xp.max(xp.abs(D))) if math.prod(D.shape) else 0.0
     s = 1.0 if S is None else (float(xp.max(xp.abs(S))) if S.shape[0] else 0.0)
     a = a if a > 0.0 else 1.0
     s = s if s > 0.0 else 1.0

@@ -107,6 +107,12 @@ def test_extreme_scales_are_exact_or_refused():
         assert relative_sigma_error(W * scale, 0.5 * W * scale, S) == pytest.approx(0.5)
     assert relative_sigma_error(W, 0.5 * W, S * 1e160) == pytest.approx(0.5)
     assert float(sigma_norm(W * 1e-200, S)) == pytest.approx(1e-200 * float(sigma_norm(W, S)))
+    import torch
+
+    Wt, St = torch.as_tensor(W, dtype=torch.float32), torch.as_tensor(S, dtype=torch.float32)
+    assert relative_sigma_error(Wt * 1e-30, 0.5 * Wt * 1e-30, St) == pytest.approx(0.5, rel=1e-6)
+    for empty in (np.zeros((0, 16)), torch.zeros(0, 16)):  # no rows: norm 0
+        assert float(sigma_norm(empty, S if isinstance(empty, np.ndarray) else St)) == 0.0
     for bad in ((W * 1e-200, S), (W * 1e160, S), (W, S * 1e300)):
         with pytest.raises(ValueError, match=r"weight is too (small|large) in scale.*rescale"):
             sd.sigma_svd(bad[0], 3, bad[1])
