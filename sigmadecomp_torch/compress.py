@@ -1002,12 +1002,15 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
     check_evbmf_method(method, ranks, budget)
-    _parallel.resolve_group(distributed)  # refuse distributed=True without a group, up front
+    group = _parallel.resolve_group(distributed)  # distributed=True without a group: refused
     if isinstance(model, nn.Module):  # before any forward pass could materialize them
         check_materialized(model, who="compress needs")
     if not (hasattr(ranks, "items") and ranks and ratio is None and budget is None):
         # (explicit ranks alone name the layers themselves: no default to find)
+        default = layers is None
         layers, data = _default_by_call_order(model, layers, data, example_input)
+        if default and group is not None:  # the same choice on every process, also on one
+            layers = _parallel.first_given(group, layers)  # that has no batch to look at
     if refit is not None and data is None:
         raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
                          "original outputs on the compressed model's inputs, measured on "

@@ -37,7 +37,8 @@ import secrets
 
 import torch
 
-__all__ = ["layer_cost", "assign", "resolve_group", "agree", "LayerShard", "SCHEDULES"]
+__all__ = ["layer_cost", "assign", "resolve_group", "agree", "first_given", "LayerShard",
+           "SCHEDULES"]
 
 #: How :class:`LayerShard` shares the layers: ``"dynamic"`` (the next layer
 #: to whichever process is free) or ``"static"`` (shares fixed in advance).
@@ -108,6 +109,14 @@ def agree(group, what, signature, error=None):
             raise ValueError(f"the processes disagree while {what}: process 0 has {got[0][1]}, "
                              f"process {r} has {sig}; every process must make the same call "
                              "(same model, layers and options)")
+
+
+def first_given(group, value):
+    """The ``value`` of the lowest-ranked process of ``group`` that has one (not None), on
+    every process (one ``all_gather_object``); None if no process has one."""
+    got = [None] * group[1]
+    _dist().all_gather_object(got, value)
+    return next((v for v in got if v is not None), None)
 
 
 def _digest(t):

@@ -30,6 +30,22 @@ def _model():
                          nn.Flatten(), nn.Linear(8, 5)).double().eval()
 
 
+class _HeadFirst(nn.Module):
+    """Its classifier is registered first and called last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(8, 5)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.head(x.mean((2, 3)))
+
+
 def _batches():
     g = torch.Generator().manual_seed(1)
     return [torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(4)]
@@ -81,6 +97,10 @@ def _worker(rank, port, out_dir):
         # sequential compression with no batch on rank 1
         got["empty"] = _outcome(lambda: compress(_model(), "svd", data=mine if rank == 0 else [],
                                                  ratio=2, sequential=True, progress=False))
+        # default layers when one process has no batch: chosen as the others choose them
+        _, rep = compress(_HeadFirst().double().eval(), "svd", data=mine if rank == 0 else [],
+                          ratio=2, progress=False)
+        got["default_layers"] = [r["name"] for r in rep.layers]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(got, f)
         dist.barrier()
@@ -107,3 +127,4 @@ def test_disagreeing_failing_and_opting_out_processes(tmp_path):
                                  "compression: ValueError: ratio=1")
     assert r1["empty"].startswith("ValueError: data yielded no batches")
     assert r0["empty"].startswith("RuntimeError: process 1 failed while starting sequential")
+    assert r0["default_layers"] == r1["default_layers"] == ["c2", "c3"]
