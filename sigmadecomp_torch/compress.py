@@ -1008,7 +1008,12 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if not (hasattr(ranks, "items") and ranks and ratio is None and budget is None):
         # (explicit ranks alone name the layers themselves: no default to find)
         default = layers is None
-        layers, data = _default_by_call_order(model, layers, data, example_input)
+        try:
+            layers, data = _default_by_call_order(model, layers, data, example_input)
+        except Exception as exc:  # (e.g. the model fails on the first batch)
+            if default and group is not None:
+                _parallel.first_given(group, None, error=exc)
+            raise
         if default and group is not None:  # the same choice on every process, also on one
             layers = _parallel.first_given(group, layers)  # that has no batch to look at
     if refit is not None and data is None:

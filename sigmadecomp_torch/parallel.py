@@ -111,12 +111,22 @@ def agree(group, what, signature, error=None):
                              "(same model, layers and options)")
 
 
-def first_given(group, value):
+def first_given(group, value, error=None):
     """The ``value`` of the lowest-ranked process of ``group`` that has one (not None), on
-    every process (one ``all_gather_object``); None if no process has one."""
+    every process (one ``all_gather_object``); None if no process has one.
+
+    A process that failed passes its ``error`` instead (and re-raises it afterwards); the
+    others then raise a ``RuntimeError`` naming it, as in :func:`agree`.
+    """
+    sent = None if error is None else f"{type(error).__name__}: {error}"
     got = [None] * group[1]
-    _dist().all_gather_object(got, value)
-    return next((v for v in got if v is not None), None)
+    _dist().all_gather_object(got, (sent, value))
+    if error is not None:
+        return None
+    for r, (err, _) in enumerate(got):
+        if err is not None:
+            raise RuntimeError(f"process {r} failed while finding the default layers: {err}")
+    return next((v for _, v in got if v is not None), None)
 
 
 def _digest(t):

@@ -101,6 +101,10 @@ def _worker(rank, port, out_dir):
         _, rep = compress(_HeadFirst().double().eval(), "svd", data=mine if rank == 0 else [],
                           ratio=2, progress=False)
         got["default_layers"] = [r["name"] for r in rep.layers]
+        # the model fails on rank 1's first batch, in the pass that finds the default layers
+        odd = [b[:, :2] if rank == 1 else b for b in mine]  # 2 channels: c1 fails
+        got["first_pass"] = _outcome(lambda: compress(_HeadFirst().double().eval(), "svd",
+                                                      data=odd, ratio=2, progress=False))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(got, f)
         dist.barrier()
@@ -128,3 +132,6 @@ def test_disagreeing_failing_and_opting_out_processes(tmp_path):
     assert r1["empty"].startswith("ValueError: data yielded no batches")
     assert r0["empty"].startswith("RuntimeError: process 1 failed while starting sequential")
     assert r0["default_layers"] == r1["default_layers"] == ["c2", "c3"]
+    assert r0["first_pass"].startswith("RuntimeError: process 1 failed while finding the "
+                                       "default layers")
+    assert not r1["first_pass"].startswith("RuntimeError: process")
