@@ -618,13 +618,18 @@ def allocate(layers, budget, *, method, cost="params", objective="sum", exact=Fa
         methods[name] = m
         dense_total += (layer_params(shape, "dense", None) if cost == "params"
                         else layer_macs(shape, "dense", None, spec.out_hw, in_hw=spec.in_hw))
+    given = budget
     budget = _check_budget(budget, dense_total, cost)
     opts, labels = _drop_saturated(opts, labels, budget)
     minimum = int(sum(int(c[0]) for c, _ in opts))
     if minimum > budget:
+        asked = (f"budget={given!r} (a fraction: {budget} of {dense_total} {cost})"
+                 if isinstance(given, float) else f"budget={budget}")
+        least = (f"at least {minimum} (a fraction of at least {minimum / dense_total:.4g})"
+                 if isinstance(given, float) else f"at least {minimum}")
         raise ValueError(
-            f"budget={budget} is not allowed for these layers; the smallest ranks already cost "
-            f"{minimum} {cost}, so the budget must be at least {minimum}"
+            f"{asked} is not allowed for these layers; the smallest ranks already cost "
+            f"{minimum} {cost}, so the budget must be {least}"
         )
     if objective == "sum":
         choice, used = _solve_sum(opts, budget, solver, max_states)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -34,6 +35,50 @@ def eval_modes(*models):
             m.training = mode
 
 
+def check_not_nested(x, name):
+    """Refuse a nested (packed, ragged) tensor input of layer ``name`` with the way out."""
+    if getattr(x, "is_nested", False):
+        raise ValueError(
+            f"layer {name!r} received a nested tensor (nn.TransformerEncoder packs padded "
+            "sequences into one when enable_nested_tensor=True and a src_key_padding_mask "
+            "is given); statistics need plain tensors: build the encoder with "
+            "enable_nested_tensor=False (the same outputs), the token mask then keeps "
+            "padded positions out of the statistics")
+
+
+def token_rows(x, mask):
+    """``(rows, used, square)``: the rows of a Linear input ``x`` kept by a token ``mask``
+    of shape (batch, seq) -- or (seq, batch) for a sequence-first input -- whether the mask
+    applied, and whether it was ambiguous (square, more than one token: applied as
+    (batch, seq)). Without a matching mask ``x`` is returned unchanged."""
+    if mask is None:
+        return x, False, False
+    if tuple(x.shape[:-1]) == tuple(mask.shape):
+        square = x.ndim == 3 and mask.shape[0] == mask.shape[1] > 1
+        return x[mask.to(x.device)], True, square
+    if (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
+            and tuple(x.shape[:2]) == tuple(mask.shape[::-1])):  # sequence first
+        return x.transpose(0, 1)[mask.to(x.device)], True, False
+    return x, False, False
+
+
+def warn_mask_use(square, given, used, stacklevel=3):
+    """The warnings of a pass with token masks: ``square`` is ``(layer, shape)`` of the first
+    ambiguous square mask or None; ``given``/``used``: whether a mask was given / applied."""
+    if square is not None:
+        name, shape = square
+        warnings.warn(f"the token mask of a batch is square {shape} (batch size = sequence "
+                      f"length), so it cannot tell whether layer {name!r} reads (batch, seq, "
+                      "features) or (seq, batch, features); it was applied as (batch, seq). "
+                      "For a sequence-first model pass mask=lambda b: <mask>.T, or use a "
+                      "batch size other than the sequence length", RuntimeWarning,
+                      stacklevel=stacklevel)
+    if given and not used:
+        warnings.warn("a token mask was given but no chosen Linear layer had an input of "
+                      "the mask's shape; the statistics use every row", RuntimeWarning,
+                      stacklevel=stacklevel)
+
+
 def describe_item(v):
     if isinstance(v, torch.Tensor):
         return f"{str(v.dtype).replace('torch.', '')} tensor {tuple(v.shape)}"
@@ -47,6 +92,17 @@ def to_device(v, device):
                              "statistics need real inputs")
         return v.to(device)
     return v
+
+
+def call_with(model, example_input):
+    """``model`` called on an example input: a tuple/list as positional arguments, a
+    mapping (a dict, a Hugging Face ``BatchEncoding``) as keyword arguments, else as the
+    one argument."""
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    return model(example_input)
 
 
 def run_batch(model, batch, index, device, forward):
@@ -89,9 +145,13 @@ def batch_mask(mask, batch, index, device):
         m, what = mask(batch), "mask(batch)"
     if m is None:
         return None
-    if not isinstance(m, torch.Tensor) or m.is_meta or m.is_complex():
+    if isinstance(m, torch.Tensor) and m.is_meta:
+        raise ValueError(f"{what} of batch {index} is on the meta device (shapes only, no "
+                         "values); the token mask needs real values (True/nonzero = a real "
+                         "token)")
+    if not isinstance(m, torch.Tensor) or m.is_complex():
         raise TypeError(f"{what} of batch {index} is a {describe_item(m)}; the token mask "
-                        "must be a real tensor (True/nonzero = a real token)")
+                        "must be a real-valued tensor (True/nonzero = a real token)")
     return m.to(device) != 0
 
 

@@ -720,7 +720,7 @@ def _default_by_call_order(model, layers, data, example_input):
     if example_input is not None:
         order = _call_order(model, example_input)
     else:
-        if isinstance(data, torch.Tensor):
+        if isinstance(data, (torch.Tensor, Mapping)):  # one batch
             first = data
         else:
             try:
@@ -1042,9 +1042,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if data is not None and isinstance(model, nn.Module):
         from .covariance import collect_covariances
 
-        covariances = collect_covariances(model, data, progress=progress,
-                                          layers=_data_layers(model, layers, ranks, ratio),
-                                          distributed=distributed)
+        wanted = _data_layers(model, layers, ranks, ratio)
+        # (no layer that can be replaced: no statistics to collect; planning says why)
+        covariances = {} if wanted == [] else collect_covariances(
+            model, data, progress=progress, layers=wanted, distributed=distributed)
     # --- end data= / sequential= -------------------------------------------------------
     # steps 1-3 on every process; under a process group each learns whether the others
     # planned too, so none waits in the decomposition's exchange for one that failed here

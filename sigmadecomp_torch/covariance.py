@@ -38,6 +38,7 @@ lives in :mod:`sigmadecomp_torch.layer_stats`, files in
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 import json
 import warnings
 import weakref
@@ -49,8 +50,9 @@ from torch import nn
 from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
-from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
-                       model_device, progress_bar, run_batch)
+from ._batches import (batch_mask, check_not_meta, check_not_nested, check_pass_options,
+                       eval_modes, model_device, progress_bar, run_batch, token_rows,
+                       warn_mask_use)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 from .parallel import agree, resolve_group
 
@@ -180,14 +182,29 @@ class _Run:
 
 
 class _Seen:
-    """One measured input: a weak reference to the tensor, who measured it."""
+    """One measured input: a weak reference to the tensor, its version counter then (an
+    in-place change since makes it another input), who measured it."""
 
-    __slots__ = ("ref", "acc", "serial")
+    __slots__ = ("ref", "version", "acc", "serial")
 
     def __init__(self, x, acc, serial):
         self.ref = weakref.ref(x)
+        self.version = _version(x)
         self.acc = acc
         self.serial = serial
+
+    def same(self, x):
+        """Whether ``x`` is the tensor measured, with the values it had then."""
+        return self.ref() is x and _version(x) == self.version
+
+
+def _version(x):
+    """``x``'s version counter (bumped by in-place changes); None for an inference tensor,
+    which has none (and cannot be changed in place outside inference mode)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 class _Accumulator:
@@ -248,6 +265,7 @@ class _Accumulator:
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"layer {self.name!r}: the input is not a tensor")
         x = args[0]
+        check_not_nested(x, self.name)
         if x.is_meta:
             raise ValueError(f"layer {self.name!r}: its input is on the meta device (no "
                              "data); statistics need real activations")
@@ -257,7 +275,7 @@ class _Accumulator:
                             "point input is required")
         run = self.run
         key = (id(args[0]), self.signature)
-        seen = [e for e in run.registry.get(key, ()) if e.ref() is args[0]]
+        seen = [e for e in run.registry.get(key, ()) if e.same(args[0])]
         if self.link is None and self.calls == 0:
             for e in seen:
                 if e.acc.link is None and e.acc.first_batch == run.batch:
@@ -273,7 +291,9 @@ class _Accumulator:
                     self.held.append((x, run.mask, e.serial))
                     return None
             self._unlink()
-        if not bool(torch.isfinite(x).all()):
+        # (rows a token mask leaves out never enter the statistics: they may be anything)
+        kept = x if self.is_conv or run.mask is None else token_rows(x, run.mask)[0]
+        if not bool(torch.isfinite(kept).all()):
             raise ValueError(
                 f"layer {self.name!r}: its input contains NaN or inf values (call "
                 f"{self.calls - 1}); statistics need finite activations"
@@ -365,16 +385,11 @@ class _Accumulator:
                 f"layer {self.name!r}: input has shape {tuple(x.shape)}; a Linear layer "
                 f"with in_features={self.n} needs inputs of shape (..., {self.n})"
             )
-        if mask is not None:
-            if tuple(x.shape[:-1]) == tuple(mask.shape):
-                if x.ndim == 3 and mask.shape[0] == mask.shape[1] and self.run.square_mask is None:
-                    self.run.square_mask = (self.name, tuple(mask.shape))
-                x = x[mask.to(x.device)]
-                self.masked = self.run.mask_used = True
-            elif (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
-                  and tuple(x.shape[:2]) == tuple(mask.shape[::-1])):  # sequence first
-                x = x.transpose(0, 1)[mask.to(x.device)]
-                self.masked = self.run.mask_used = True
+        x, used, square = token_rows(x, mask)
+        if used:
+            self.masked = self.run.mask_used = True
+        if square and self.run.square_mask is None:
+            self.run.square_mask = (self.name, tuple(mask.shape))
         X = x.reshape(-1, self.n).to(self.device)
         rows = max(1, self.chunk_bytes // (self.n * (X.element_size() + 8)))
         for a in range(0, X.shape[0], rows):
@@ -628,8 +643,9 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     model : torch.nn.Module
         Left in the training/eval mode it came in, with no hooks attached
         afterwards (also when a batch raises).
-    data : iterable of batches, or a tensor
-        A tensor ``data`` is one batch. Each batch is run by these rules:
+    data : iterable of batches, a tensor or a mapping
+        A tensor or a mapping ``data`` is one batch. Each batch is run by these
+        rules:
 
         * a tensor ``x``: ``model(x)``;
         * a mapping (a dict, a Hugging Face ``BatchEncoding``):
@@ -790,7 +806,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
                          f"statistics for (layers={layers!r})")
     signature = [(n, type(m).__name__, tuple(m.weight.shape)) for n, m in chosen]
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, (torch.Tensor, Mapping)):  # one batch (not its keys)
         data = [data]
     elif isinstance(data, (str, bytes)) or not _iterable(data):
         raise TypeError(f"data of type {type(data).__name__} is not allowed; data must be a "
@@ -837,18 +853,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         run.release()
         for h in handles:
             h.remove()
-    if run.square_mask is not None:
-        name, shape = run.square_mask
-        warnings.warn(f"the token mask of a batch is square {shape} (batch size = sequence "
-                      f"length), so it cannot tell whether layer {name!r} reads (batch, seq, "
-                      "features) or (seq, batch, features); it was applied as (batch, seq). "
-                      "For a sequence-first model pass mask=lambda b: <mask>.T, or use a "
-                      "batch size other than the sequence length", RuntimeWarning,
-                      stacklevel=2)
-    if mask_seen and not run.mask_used:
-        warnings.warn("a token mask was given but no chosen Linear layer had an input of "
-                      "the mask's shape; the statistics use every row", RuntimeWarning,
-                      stacklevel=2)
+    warn_mask_use(run.square_mask, mask_seen, run.mask_used)
     if group is not None:
         agree(group, "collecting statistics", signature)
         _all_reduce(list(accs.values()))

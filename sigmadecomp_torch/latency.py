@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from ._batches import eval_modes
+from ._batches import call_with, eval_modes
 
 __all__ = ["layer_latency", "measure_latency", "input_shapes", "compare_latency"]
 
@@ -34,14 +34,6 @@ def _check_positive(name, value):
         raise ValueError(f"{name}={value!r} is not allowed; {name} must be a positive, finite "
                          "number of seconds")
     return float(value)
-
-
-def _call(model, x):
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    if isinstance(x, dict):
-        return model(**x)
-    return model(x)
 
 
 def _median_ms(fn, min_run_time):
@@ -92,8 +84,8 @@ def measure_latency(model, example_input, *, min_run_time=0.2, warmup=1):
         raise ValueError(f"warmup={warmup!r} is not allowed; warmup must be an int >= 0")
     with eval_modes(model), torch.no_grad():
         for _ in range(int(warmup)):
-            _call(model, example_input)
-        return _median_ms(lambda: _call(model, example_input), min_run_time)
+            call_with(model, example_input)
+        return _median_ms(lambda: call_with(model, example_input), min_run_time)
 
 
 def layer_latency(module, input_shape, *, memory_format=torch.contiguous_format,
@@ -243,7 +235,7 @@ def input_shapes(model, example_input, names=None):
                 lambda mod, args, _n=name: hook(mod, args, _n)))
     try:
         with eval_modes(model), torch.no_grad():
-            _call(model, example_input)
+            call_with(model, example_input)
     finally:
         for h in handles:
             h.remove()

@@ -13,11 +13,12 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ._batches import eval_modes
+from ._batches import call_with, eval_modes
 
 __all__ = ["default_layers", "module_kind", "module_names", "obstacle", "param_owners",
            "default_exclusions", "unsupported_modules", "n_params", "SUPPORTED"]
@@ -80,7 +81,7 @@ def _tensors(obj, out):
     elif isinstance(obj, (tuple, list)):
         for v in obj:
             _tensors(v, out)
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         for v in obj.values():
             _tensors(v, out)
     return out
@@ -116,14 +117,7 @@ def _call_order(model, example_input, run=None):
                 lambda mod, args, out, _n=name: on_layer_output(_n, out)))
     try:
         with eval_modes(model), torch.no_grad():
-            if run is not None:
-                result = run(model)
-            elif isinstance(example_input, (tuple, list)):
-                result = model(*example_input)
-            elif isinstance(example_input, dict):
-                result = model(**example_input)
-            else:
-                result = model(example_input)
+            result = run(model) if run is not None else call_with(model, example_input)
     finally:
         for h in handles:
             h.remove()

@@ -56,9 +56,10 @@ from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
 from ._batches import (batch_mask, check_pass_options, eval_modes, model_device, progress_bar,
-                       run_batch)
+                       check_not_nested, run_batch, token_rows, warn_mask_use)
 from .covariance import LayerStats, select_layers
 from .parallel import agree, resolve_group
+from .selection import module_names, obstacle, param_owners
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
            "sequential_compress", "refit_after"]
@@ -144,18 +145,6 @@ def _patch_rows(module, x, name):
     return x.reshape(-1, n)
 
 
-def _apply_mask(x, mask):
-    """Rows of a Linear input kept by a (batch, seq) or (seq, batch) token mask."""
-    if mask is None:
-        return x
-    if tuple(x.shape[:-1]) == tuple(mask.shape):
-        return x[mask.to(x.device)]
-    if (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
-            and tuple(x.shape[:2]) == tuple(mask.shape[::-1])):
-        return x.transpose(0, 1)[mask.to(x.device)]
-    return x
-
-
 class _CrossAccumulator:
     """Float64 sums of ``x_c x_c^T``, ``x_o x_c^T``, ``x_o``, ``x_c``, ``||K x_o||^2``.
 
@@ -182,7 +171,10 @@ class _CrossAccumulator:
         self.count = 0
         self.queue = []
         self.mask = None
+        self.mask_used = False  # whether a token mask applied to this layer's input
+        self.square_mask = None  # (name, shape) of the first ambiguous square mask
         self.changed = False  # whether any input differed between the two models
+        self.calls = 0  # pairs of calls seen (a masked-out call adds no rows)
 
     def hook_original(self, module, args):
         self.queue.append(self._input(args).detach())
@@ -194,6 +186,7 @@ class _CrossAccumulator:
                                "than in the original one in the same batch; the two "
                                "forward passes must call it the same number of times")
         xo = self.queue.pop(0)
+        self.calls += 1
         if xo.shape != xc.shape:
             raise ValueError(f"layer {self.name!r}: input of shape {tuple(xc.shape)} in the "
                              f"compressed model, {tuple(xo.shape)} in the original")
@@ -205,6 +198,7 @@ class _CrossAccumulator:
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"layer {self.name!r}: the input is not a tensor")
         x = args[0]
+        check_not_nested(x, self.name)
         if not x.is_floating_point():
             raise TypeError(f"layer {self.name!r}: input has dtype {x.dtype}; a floating "
                             "point input is required")
@@ -212,7 +206,11 @@ class _CrossAccumulator:
 
     def _add(self, xo, xc):
         if not self.is_conv:
-            xo, xc = _apply_mask(xo, self.mask), _apply_mask(xc, self.mask)
+            xo, used, square = token_rows(xo, self.mask)
+            xc = token_rows(xc, self.mask)[0]
+            self.mask_used = self.mask_used or used
+            if square and self.square_mask is None:
+                self.square_mask = (self.name, tuple(self.mask.shape))
         if not (bool(torch.isfinite(xo).all()) and bool(torch.isfinite(xc).all())):
             raise ValueError(f"layer {self.name!r}: its input contains NaN or inf values; "
                              "statistics need finite activations")
@@ -255,6 +253,11 @@ class _CrossAccumulator:
 
     def result(self):
         c = self.count
+        if c == 0:
+            what = ("ran, but none of its input rows entered the statistics (a token mask "
+                    "that is zero everywhere)" if self.calls else "never ran in the forward "
+                    "pass")
+            raise ValueError(f"layer {self.name!r} {what}; no statistics for it")
         cc = self.cc / c
         cc = 0.5 * (cc + cc.T)
         return CrossStats(cc, self.oc / c, self.so / c, self.sc / c, c,
@@ -307,7 +310,7 @@ class _OutputAccumulator:
 
 
 def _check_reiterable(data, name="data"):
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, (torch.Tensor, Mapping)):  # one batch
         return [data]
     if isinstance(data, Iterator):
         raise TypeError(f"{name} of type {type(data).__name__} is an iterator, which can be "
@@ -337,12 +340,14 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
             handles.append(m_o.register_forward_hook(acc.hook_original))
             handles.append(m_c.register_forward_hook(acc.hook_compressed))
         n_batches = 0
+        mask_seen = False
         it = progress_bar(data, total=None, enabled=progress, desc=desc)
         with eval_modes(original, compressed), torch.no_grad():
             for i, batch in enumerate(it):
                 if max_batches is not None and i >= max_batches:
                     break
                 m = batch_mask(mask, batch, i, device)
+                mask_seen = mask_seen or m is not None
                 for acc, _, _ in cross:
                     acc.mask = m
                     acc.queue = []
@@ -368,6 +373,10 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
             h.remove()
         for acc, _, _ in list(cross) + list(outputs):
             acc.queue = []
+    if cross:  # the same warnings as collect_covariances
+        square = next((a.square_mask for a, _, _ in cross if a.square_mask is not None), None)
+        warn_mask_use(square, mask_seen, any(a.mask_used for a, _, _ in cross),
+                      stacklevel=3)
     if group is not None:
         agree(group, what, signature)
         for acc, _, _ in cross:
@@ -454,9 +463,6 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
               desc="cross statistics", distributed=distributed)
     out = {}
     for acc, _, _ in cross:
-        if acc.count == 0:
-            raise ValueError(f"layer {acc.name!r} never ran in the forward pass; no "
-                             "statistics for it")
         out[acc.name] = acc.result()
     return out
 
@@ -623,13 +629,21 @@ def _candidates(model, layers, ranks, ratio):
 
     explicit = dict(ranks) if hasattr(ranks, "items") else {}
     chosen, named, skipped, _ = select_step(model, layers, explicit, ratio)
+    if not named:  # layers surgery leaves dense are reported with their obstacle up front
+        paths, owners = module_names(model), param_owners(model)
+        kept = []
+        for n, m in chosen:
+            why = obstacle(model, m, paths.get(id(m), [n]), owners)
+            if why is not None and not (isinstance(m, nn.Conv2d) and m.groups != 1):
+                skipped.append({"name": n, "kind": type(m).__name__, "reason": why})
+            else:
+                kept.append((n, m))
+        chosen = kept
     return [n for n, _ in chosen], named, skipped
 
 
 def _refit_candidates(model, refit, names):
     """``(names, named, skipped rows)`` of the dense layers ``refit`` asks to refit."""
-    from .selection import module_names, obstacle, param_owners
-
     if refit is None:
         return [], False, []
     if isinstance(model, (nn.Conv2d, nn.Linear)):
@@ -647,7 +661,9 @@ def _refit_candidates(model, refit, names):
         clash = [n for n, _ in chosen if n in compressed]
         if clash:
             raise ValueError(f"refit contains {clash[0]!r}, which is also a layer to "
-                             "compress; refit is for layers left dense")
+                             "compress (it is among the chosen layers, even if its ranks "
+                             "end up leaving it dense); refit is for layers outside that "
+                             "choice: leave it out of layers= to refit it")
     chosen = [(n, m) for n, m in chosen if n not in compressed]
     paths, owners = module_names(model), param_owners(model)
     out, skipped = [], []
@@ -675,10 +691,12 @@ def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, 
 
     from .compress import LAYER_METHODS, layer_method_for
     from .covariance import collect_covariances
-
     modules = dict(model.named_modules())
+    paths, owners = module_names(model), param_owners(model)
+    # only layers compress can replace share the budget (as in one-shot compression)
     names = [n for n in names
-             if not (isinstance(modules[n], nn.Conv2d) and modules[n].groups != 1)]
+             if not (isinstance(modules[n], nn.Conv2d) and modules[n].groups != 1)
+             and obstacle(model, modules[n], paths.get(id(modules[n]), [n]), owners) is None]
     stats = collect_covariances(model, data, layers=names, max_batches=max_batches,
                                 progress=False, forward=forward, mask=mask,
                                 distributed=distributed)
@@ -741,9 +759,9 @@ min_speedup, example_input
         ``ridge`` of :func:`corrected_target`. ``None`` (default): the ridge
         the layer's solver minimises with, so the fit is the exact optimum of
         the ridge-regularised objective: ``options['ridge']`` or
-        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` for Tucker-2, CP and TT, and
-        ``DEFAULT_RIDGE`` for the SVD of Linear and 1x1 layers (``compress``
-        passes it no options).
+        :data:`sigmadecomp.sigma.DEFAULT_RIDGE` for Tucker-2, CP and TT and for
+        ``method='svd'``, and ``DEFAULT_RIDGE`` for the SVD that other methods
+        use on Linear and 1x1 layers (``compress`` passes it no options).
     independent : bool, optional
         Compress layers whose inputs do not depend on each other in one
         group (one pass over the data for all of them). ``False``: one
@@ -855,6 +873,10 @@ min_speedup, example_input
                         min_speedup=min_speedup, example_input=example_input)
 
     names, named, skipped = _candidates(model, layers, ranks, ratio)
+    if not names and refit is None:  # as one-shot compress says it
+        raise ValueError("no layer can be compressed: "
+                         + ("; ".join(f"{r['name']!r}: {r['reason']}" for r in skipped)
+                            or f"layers={layers!r} selects no Conv2d/Linear module"))
     explicit = dict(ranks) if hasattr(ranks, "items") else {}
     if ratio is None and budget is None and ranks != "evbmf":
         missing = [n for n in names if n not in explicit]
@@ -931,7 +953,7 @@ min_speedup, example_input
             if cross:
                 lam = target_ridge
                 if lam is None:
-                    lam = _solver_ridge(layer_method_for(m_o, method), options)
+                    lam = _solver_ridge(layer_method_for(m_o, method), options, method)
                 target, shift = corrected_target(K, cs, centered=centered, ridge=lam)
             else:
                 target = K.to(torch.float64)
@@ -983,12 +1005,20 @@ min_speedup, example_input
                                                        else b.detach()),
                                     orig_modules[name], work.get_submodule(name)))
             skipped += [s for s in report.skipped if s["name"] in grp]
-        else:
-            skipped += [{"name": n, "kind": type(orig_modules[n]).__name__, "reason": reason}
+        else:  # each layer's own obstacle where it has one (as one-shot compress reports)
+            paths, owners = module_names(original), param_owners(original)
+            skipped += [{"name": n, "kind": type(orig_modules[n]).__name__,
+                         "reason": obstacle(original, orig_modules[n], paths.get(
+                             id(orig_modules[n]), [n]), owners) or reason}
                         for n in group]
         for n in group:  # layers left dense get their own weights back
             if n in done or n not in saved:
                 continue
+            if refit is not None and n not in refit_set:
+                add_skipped(skipped, [{"name": n, "kind": type(orig_modules[n]).__name__,
+                                       "reason": "not refitted: a chosen layer left dense "
+                                                 "keeps its own weights in sequential "
+                                                 "compression"}])
             w, b, had_none = saved[n]
             m_c = work_modules[n]
             with torch.no_grad():
@@ -1097,8 +1127,16 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
                         "a torch.nn.Module")
     data = _check_reiterable(data)
-    # refit checked before any work (a name among the layers compress takes is refused)
-    _refit_candidates(model, refit, layers or [])
+    # refit checked before any work (a name among the layers compress takes is refused,
+    # and so is a named layer that never runs: compress_fn may work in place)
+    pre, pre_named, _ = _refit_candidates(model, refit, layers or [])
+    first = next(iter(data), None)
+    if pre_named and pre and first is not None and not isinstance(model, (nn.Conv2d, nn.Linear)):
+        _, never = _layer_groups(model, pre, first, torch.device(model_device(model)), forward,
+                                 True)
+        if never:
+            raise ValueError(f"refit contains {never[0]!r}, which never ran in the forward "
+                             "pass; it cannot be refitted")
     original = copy.deepcopy(model) if inplace else model  # the reference outputs
     stats = collect_covariances(model, data, layers=layers, progress=progress,
                                 max_batches=max_batches, forward=forward, mask=mask,
@@ -1222,9 +1260,11 @@ def _copy_dense(src, dst):
                 dst.bias.copy_(src.bias)
 
 
-def _solver_ridge(fmt, options):
-    """The ridge the core solver of format ``fmt`` minimises with (see ``target_ridge``)."""
-    if fmt in ("tucker2", "cp", "tt"):
+def _solver_ridge(fmt, options, method=None):
+    """The ridge the core solver of format ``fmt`` minimises with (see ``target_ridge``):
+    ``options['ridge']`` where ``compress`` passes ``options`` to it (Tucker-2, CP, TT, and
+    the SVD when the method itself is ``'svd'``), else the default."""
+    if fmt in ("tucker2", "cp", "tt") or (fmt == "svd" and method == "svd"):
         return float((options or {}).get("ridge", DEFAULT_RIDGE))
     return float(DEFAULT_RIDGE)
 
