@@ -208,8 +208,11 @@ def check_weight(weight, name="weight"):
     return weight
 
 
-def _whitened(weight, sigma):
-    """``Y = K_(1) Sigma^{1/2}`` (symmetric floored root) as float64, shape of the weight."""
+def _whitened(weight, sigma, rank_out=None):
+    """``Y = K_(1) Sigma^{1/2}`` (symmetric floored root) as float64, shape of the weight.
+
+    ``rank_out``: a list that receives the numerical rank of ``sigma`` (the
+    number of input directions the data shows)."""
     from .prepared import prepared_or
     from .sigma import default_neg_rtol, default_rtol, psd_root
 
@@ -222,17 +225,24 @@ def _whitened(weight, sigma):
     S = check_sigma(sigma, K1.shape[1], K1, psd=False)  # psd_root checks it
     root = psd_root(prepared_or(sigma, S), rtol=default_rtol(sigma.dtype),
                     neg_rtol=default_neg_rtol(sigma.dtype))  # once per PreparedSigma
+    if rank_out is not None:
+        rank_out.append(int(root.rank))
     return xp.reshape(K1 @ root.sqrt(), tuple(K.shape))
 
 
 def whitened_spectra(weight, sigma):
-    """Singular values (NumPy float64) of the whitened mode-0 and mode-1 unfoldings."""
+    """Singular values (NumPy float64) of the whitened mode-0 and mode-1 unfoldings, and
+    ``rank``: the number of input directions ``sigma`` shows (its numerical rank; all
+    ``n`` without ``sigma``)."""
     from .tenalg import unfold
 
-    Y = _whitened(weight, sigma)
+    rank = []
+    Y = _whitened(weight, sigma, rank)
     xp = B.namespace(Y)
+    n = math.prod(int(d) for d in Y.shape[1:])
     out = {"s0": B.to_numpy(B.svd(xp.reshape(Y, (Y.shape[0], -1)))[1]),
-           "energy": float(xp.sum(Y * Y)), "shape": tuple(int(d) for d in Y.shape)}
+           "energy": float(xp.sum(Y * Y)), "shape": tuple(int(d) for d in Y.shape),
+           "rank": rank[0] if rank else n}
     if Y.ndim == 4:
         out["s1"] = B.to_numpy(B.svd(unfold(Y, 1))[1])
     return out
@@ -247,7 +257,12 @@ def evbmf_ranks(weight, method, sigma=None):
     ``Y_(1)`` (T x S*H*W) and the mode-1 unfolding (S x T*H*W). For the
     mode-0 side this is exactly the spectrum the Sigma-optimal factorisation
     sees; for the mode-1 side it is exact when ``Sigma`` is a Kronecker product
-    ``Sigma_S kron Sigma_HW`` and a proxy otherwise.
+    ``Sigma_S kron Sigma_HW`` and a proxy otherwise. A singular ``Sigma``
+    (fewer samples than inputs, dead input channels) shows only ``rank(Sigma)``
+    input directions: EVB then treats the mode-0 side as the ``T x rank``
+    matrix it is, and the mode-1 side as ``S`` rows of the same number of
+    entries (``T * rank``), so that the exact zeros outside the data are not
+    mistaken for a vanishing noise level.
 
     Parameters
     ----------
@@ -281,11 +296,20 @@ def evbmf_ranks(weight, method, sigma=None):
         raise ValueError(f"method={method!r} is not allowed; evbmf_ranks supports 'svd', 'tucker2', 'cp'")
     sp = whitened_spectra(weight, sigma)
     T, n = shape[0], math.prod(shape[1:])
-    r0 = max(1, evbmf_from_singular_values(sp["s0"], min(T, n), max(T, n))[0])
+    # a singular sigma shows only sp["rank"] input directions: the whitened weight is then
+    # a T x rank matrix in disguise (the other singular values are exactly 0, not noise),
+    # and EVB runs on that size -- else its noise estimate collapses and every direction
+    # the data shows is kept
+    m = max(1, min(n, sp["rank"]))
+    L0 = min(T, m)
+    r0 = max(1, evbmf_from_singular_values(sp["s0"][:L0], L0, max(T, m))[0])
     if method == "svd":
         return min(r0, T, n)
-    S, rest = shape[1], T * shape[2] * shape[3]
-    r1 = max(1, evbmf_from_singular_values(sp["s1"], min(S, rest), max(S, rest))[0])
+    # mode 1 (S x T*H*W): the same number of observed entries, T * rank, over S rows
+    S = shape[1]
+    cols = max(1, -(-T * m // S))
+    L1 = min(S, cols)
+    r1 = max(1, evbmf_from_singular_values(sp["s1"][:L1], L1, max(S, cols))[0])
     if method == "tucker2":
         return min(r0, T), min(r1, S)
     return max(r0, r1)

@@ -326,6 +326,10 @@ def oas_alpha(sigma, count):
     True
     """
     check_array(sigma, "sigma", ndim=2)
+    if sigma.shape[0] != sigma.shape[1] or sigma.shape[0] == 0:
+        raise ValueError(f"sigma has shape {tuple(sigma.shape)}; it must be a non-empty square "
+                         "(n, n) matrix")
+    check_finite(sigma, "sigma")
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
         raise ValueError(f"count={count!r} is not allowed; count must be a positive integer")
     S = B.to_numpy(B.as_compute(sigma)).astype(np.float64)

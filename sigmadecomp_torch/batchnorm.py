@@ -14,8 +14,10 @@ from BatchNorm; what couples channels and positions is one of three models
   smooth Gaussian-noise images (:func:`sigmadecomp_torch.data.synthetic_images`)
   are pushed through a copy of the model whose BatchNorm layers normalise
   with the statistics of each batch, so that every BatchNorm output has
-  exactly the mean ``beta`` and standard deviation ``|gamma|`` it has on the
-  training data, while the correlations between channels and positions are
+  exactly the mean ``beta`` and standard deviation ``|gamma| sqrt(v / (v +
+  eps))`` it has on the training data (``v`` its running variance; the
+  affine weight of the copy carries that factor and its ``eps`` is
+  negligible), while the correlations between channels and positions are
   those the network's own weights create; the patch statistics are then
   collected as :func:`collect_covariances` does. This is a Monte-Carlo
   propagation of the moments through every layer, not only the last one.
@@ -104,6 +106,10 @@ __all__ = ["covariances_from_batchnorm", "BatchNormReport", "relu_moments"]
 _SPATIAL = ("auto", "propagate", "kernel", "independent")
 _GRAPHS = ("auto", "fx", "sequential")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+#: ``eps`` of the BatchNorm layers of the ``"propagate"`` copy: far below any
+#: variance of real activations, it only keeps a constant (dead) channel finite.
+_PROPAGATE_EPS = 1e-12
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _DEFAULT_SHRINKAGE = 0.5
 _FITS = ("bn", "bn-gain")
@@ -587,6 +593,14 @@ def _propagated(model, names, input_shape, samples, seed):
     twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, _BN):
+            # on the training data the output has std |gamma| sqrt(v / (v + eps)); with batch
+            # statistics (and eps -> 0) the copy gives each batch that std whatever the
+            # variance of the noise reaching it
+            if m.affine and m.running_var is not None:
+                with torch.no_grad():
+                    v = m.running_var.to(m.weight.dtype)
+                    m.weight.mul_(torch.sqrt(v / (v + m.eps)))
+                m.eps = _PROPAGATE_EPS
             m.running_mean = None
             m.running_var = None
             m.track_running_stats = False

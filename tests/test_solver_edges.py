@@ -193,3 +193,27 @@ def test_bad_arguments_are_named():
             call()
     # a 1-D array or tensor of two ranks is still a pair
     assert sd.tucker2(K, np.array([2, 2]), n_iter_max=1).core.shape[:2] == (2, 2)
+
+
+def test_evbmf_ranks_with_a_singular_sigma_sees_only_the_data_directions():
+    from sigmadecomp.evbmf import evbmf, evbmf_ranks
+
+    rng = np.random.default_rng(0)
+    T, n, true_rank, k = 20, 120, 3, 10
+    Q = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    S = Q @ Q.T  # rank 10 of 120
+    K = (0.3 * rng.standard_normal((T, true_rank)) @ rng.standard_normal((true_rank, n))
+         + 0.1 * rng.standard_normal((T, n)))
+    # the whitened weight is the T x 10 matrix K Q in disguise: the same answer
+    assert evbmf_ranks(K, "svd", S) == evbmf(K @ Q).rank == true_rank
+    assert evbmf_ranks(K, "svd") == evbmf(K).rank  # without sigma: unchanged
+
+
+def test_oas_alpha_checks_sigma():
+    from sigmadecomp.shrinkage import oas_alpha
+
+    with pytest.raises(ValueError, match="sigma contains NaN"):
+        oas_alpha(np.full((3, 3), np.nan), 10)
+    for bad in (np.ones((2, 3)), np.zeros((0, 0))):
+        with pytest.raises(ValueError, match="non-empty square"):
+            oas_alpha(bad, 10)

@@ -6,6 +6,7 @@ Each test pins a behaviour that once went wrong.
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -213,3 +214,28 @@ def test_distributed_true_without_a_group_reads_no_batch():
     with pytest.raises(ValueError, match="distributed=True is not allowed without"):
         collect_covariances(model, batches(), distributed=True)
     assert read == []
+
+
+@pytest.mark.parametrize("weight_scale,running_var", [(1.0, 1e-6), (1e-3, 1.0)])
+def test_propagated_batchnorm_marginals_follow_the_running_variance(weight_scale, running_var):
+    import math
+
+    from scipy.stats import norm
+
+    from sigmadecomp_torch import covariances_from_batchnorm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 5, 1)).eval()  # 1x1 consumer: its patch is the channel
+    with torch.no_grad():
+        m[0].weight.mul_(weight_scale)
+        m[0].bias.zero_()
+        m[1].weight.copy_(torch.tensor([1.5, -0.7, 0.3, 2.0]))
+        m[1].bias.copy_(torch.tensor([0.2, -0.4, 1.0, 0.0]))
+        m[1].running_var.fill_(running_var)
+    g, b = m[1].weight.detach().double().numpy(), m[1].bias.detach().double().numpy()
+    sd = abs(g) * math.sqrt(running_var / (running_var + m[1].eps))
+    expected = sd * norm.pdf(b / sd) + b * norm.cdf(b / sd)  # rectified Gaussian mean
+    got = covariances_from_batchnorm(m, input_shape=(3, 8, 8), spatial="propagate",
+                                     shrinkage=0.0, samples=512)[0]["3"].mean.numpy()
+    assert np.allclose(got, expected, atol=0.03)  # Monte-Carlo error of 512 noise images
