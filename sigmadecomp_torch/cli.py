@@ -106,6 +106,54 @@ def cli_default_layers(model, *, include_first=False, example=None):
     return default_layers(model, include_first=include_first)
 
 
+def _runs_on(model, images):
+    """Run the model on one calibration image; any failure is the one-line error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            was = {m: m.training for m in model.modules()}
+            model.eval()
+            try:
+                model(images[:1])
+            finally:
+                for m, mode in was.items():
+                    m.training = mode
+    except Exception as exc:
+        raise _failed_on_images(exc, images) from None
+
+
+def _replaceable(model, layers):
+    """The chosen layers compress can replace: the others need no statistics (a layer its
+    parent reads directly, like attention's out_proj, never even runs as a module), and the
+    report says why they are left alone."""
+    from torch import nn
+
+    from .selection import module_names, obstacle, param_owners
+
+    if layers is None:
+        return None
+    modules = dict(model.named_modules())
+    paths, owners = module_names(model), param_owners(model)
+    return [n for n in layers if not isinstance(modules.get(n), (nn.Conv2d, nn.Linear))
+            or obstacle(model, modules[n], paths.get(id(modules[n]), [n]), owners) is None]
+
+
+def _check_writable(path, flag):
+    """Refuse an output path that cannot be written, before any work."""
+    import os
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag}={path!r} is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag}={path!r}: cannot create its directory ({exc.strerror or exc})")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"{flag}={path!r} is not writable; choose another location")
+
+
 def _failed_on_images(exc, images):
     """The one-line error for a model that cannot run on the calibration images."""
     first = str(exc).strip().splitlines()[0]
@@ -133,6 +181,17 @@ def _parse_floats(text, name):
 def _choose_layers(args, model, example=None):
     if args.layers in (None, "auto"):
         layers = cli_default_layers(model, include_first=args.include_first, example=example)
+        kept = _replaceable(model, layers)
+        dense = [n for n in layers if n not in kept]  # e.g. attention's out_proj
+        if layers and not kept:
+            raise UserError("no layer to compress: the Conv2d/Linear layers besides the first "
+                            f"and the last ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''}) "
+                            "cannot be replaced: their parent modules read their weights "
+                            "directly (as nn.MultiheadAttention and nn.TransformerEncoderLayer "
+                            "do), or another obstacle keeps them dense")
+        if dense:
+            print(f"left dense: {', '.join(dense)} (a factorized module cannot replace them)")
+        layers = kept
         if not layers:
             raise UserError("no layer to compress: the model has no Conv2d or Linear besides "
                             "the first and the last; name layers with --layers or use "
@@ -273,6 +332,13 @@ def _cmd_compress(args):
             if given:
                 raise UserError(f"{what} cannot be combined with {flag}: it collects its own "
                                 "statistics from --data as it goes")
+    if args.save_stats is not None and (args.frobenius or args.transfer_stats is not None):
+        raise UserError("--save-stats saves statistics collected from --data; with "
+                        f"{'--frobenius' if args.frobenius else '--transfer-stats'} none are "
+                        "collected")
+    _check_writable(args.out, "--out")
+    if args.save_stats is not None:
+        _check_writable(args.save_stats, "--save-stats")
     rank_kw, rank_text = _rank_choice(args)
     options = {}
     if args.n_iter is not None:
@@ -282,7 +348,8 @@ def _cmd_compress(args):
             raise UserError(f"--cp-inner adaptive applies to --method cp, not {args.method}")
         options["inner"] = {"maxiter": "adaptive"}
     model = _load_model(args.model)
-    with_images = fitted or (weighted and args.transfer_stats is None)
+    # images whenever --data is given: they also decide the default layers (call order)
+    with_images = fitted or args.data is not None or (weighted and args.transfer_stats is None)
     # the default layers follow the order the model runs them on an image, once one is read
     defer = with_images and args.layers in (None, "auto")
     layers = None if defer else _choose_layers(args, model)
@@ -290,6 +357,7 @@ def _cmd_compress(args):
     stats, x = None, None
     if with_images:
         x = _calibration_images(args, model)
+        _runs_on(model, x)
         if defer:
             layers = _choose_layers(args, model, example=x[:1])
     print(rank_text)
@@ -300,9 +368,14 @@ def _cmd_compress(args):
             raise UserError(f"--transfer-stats={args.transfer_stats!r}: {exc}") from None
         print(f"statistics of {len(stats)} layers from {args.transfer_stats}")
     elif weighted and not fitted:
-        try:
-            stats = collect_covariances(model, make_loader(x, batch_size=args.batch_size),
-                                        layers=layers, progress=not args.no_progress)
+        wanted = _replaceable(model, layers)
+        try:  # (none replaceable: no statistics; compress then says why for each layer)
+            stats = {} if wanted == [] else collect_covariances(
+                model, make_loader(x, batch_size=args.batch_size), layers=wanted,
+                progress=not args.no_progress)
+        except (ValueError, TypeError) as exc:  # (the model itself ran: _runs_on)
+            raise UserError(f"--layers={args.layers!r}: {exc}" if args.layers not in
+                            (None, "auto", "all") else str(exc)) from None
         except RuntimeError as exc:
             raise _failed_on_images(exc, x) from None
         if args.save_stats:
@@ -322,7 +395,12 @@ def _cmd_compress(args):
     try:
         small, report = compress(model, args.method, **kw)
     except (ValueError, TypeError) as exc:
-        raise UserError(str(exc)) from None
+        hint = ""
+        if args.transfer_stats is not None and "no statistics for this layer" in str(exc):
+            hint = (f" (--transfer-stats={args.transfer_stats!r} has no statistics for it: "
+                    "they come from another model or other layers; collect them with "
+                    "--data, or name the layers they cover with --layers)")
+        raise UserError(str(exc) + hint) from None
     if args.ratio is not None:
         _warn_unmet_ratio(report, args.ratio)
 
@@ -340,10 +418,19 @@ def _cmd_compress(args):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 scripted = torch.jit.script(small.eval())
         except Exception:
+            done = "; " + ", ".join(written) + " were written"
             if x is None:
                 raise UserError("torch.jit.script failed on this model and no calibration image "
-                                "is at hand to trace it; use --data") from None
-            scripted = torch.jit.trace(small.eval(), x[:1])
+                                "is at hand to trace it; give --data to trace it"
+                                + done) from None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scripted = torch.jit.trace(small.eval(), x[:1])
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"--torchscript: neither torch.jit.script nor torch.jit.trace "
+                                f"can convert this model ({first})" + done) from None
         scripted.save(f"{stem}.torchscript.pt")
         written.append(f"{stem}.torchscript.pt")
     print(table)

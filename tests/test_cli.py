@@ -431,3 +431,63 @@ def test_cp_inner_adaptive_reaches_compress(model_file, tmp_path, idx_dir, monke
     msg = _error(["compress", model_file, "--method", "tucker2", "--out", str(tmp_path / "p.pt"),
                   "--ratio", "2", "--data", idx_dir, "--cp-inner", "adaptive"])
     assert "--cp-inner adaptive applies to --method cp, not tucker2" in msg
+
+
+def test_outputs_are_checked_before_any_work(model_file, tmp_path):
+    (tmp_path / "adir").mkdir()
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--out",
+                           str(tmp_path / "adir")))
+    assert "--out=" in msg and "is a directory" in msg
+    (tmp_path / "afile").write_text("x")
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--out",
+                           str(tmp_path / "afile" / "m.pt")))
+    assert "cannot create its directory" in msg
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--save-stats",
+                           str(tmp_path / "s.pt")))
+    assert "--save-stats saves statistics collected from --data; with --frobenius" in msg
+
+
+class _NeedsKwargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, *, scale):
+        return self.fc(self.c2(self.c1(x * scale)).mean((2, 3)))
+
+
+def test_a_model_failing_with_any_error_is_one_line(tmp_path, idx_dir):
+    path = tmp_path / "kw.pt"  # (its class unpickles from this test module)
+    torch.save(_NeedsKwargs(), path)
+    msg = _error(_compress(str(path), tmp_path, "--ratio", "2", "--data", idx_dir))
+    assert "failed on the calibration images" in msg and "keyword-only argument" in msg
+
+
+def test_layers_that_are_not_conv_or_linear_with_data(model_file, tmp_path, idx_dir):
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--layers", "layer1"))
+    assert "--layers='layer1'" in msg and "only nn.Conv2d and nn.Linear" in msg
+
+
+def test_transferred_statistics_of_other_layers_say_so(model_file, tmp_path, idx_dir):
+    stats = str(tmp_path / "s.pt")
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--layers", "layer1.conv1", "--save-stats", stats)) == 0
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--transfer-stats", stats,
+                           "--layers", "layer1.conv2"))
+    assert "--transfer-stats=" in msg and "has no statistics for it" in msg
+
+
+def test_transformer_layers_that_cannot_be_replaced_are_named(tmp_path, capsys):
+    from sigmadecomp_torch.vit import TorchViT
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit.pt"
+    torch.save(TorchViT(depth=1, dim=16, heads=2).eval(), path)
+    d = tmp_path / "idx"
+    d.mkdir()
+    write_idx(d / "train-images-idx3-ubyte", np.random.default_rng(0).integers(0, 256, (4, 28, 28)))
+    msg = _error(["compress", str(path), "--method", "svd", "--ratio", "2", "--out",
+                  str(tmp_path / "o.pt"), "--no-progress", "--data", str(d)])
+    assert "no layer to compress" in msg and "MultiheadAttention" in msg
