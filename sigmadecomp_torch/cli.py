@@ -120,7 +120,11 @@ def _runs_on(model, images):
                 for m, mode in was.items():
                     m.training = mode
     except Exception as exc:
-        raise _failed_on_images(exc, images) from None
+        guess = ""
+        if _first_conv(model)[1] is None and images.shape[1] == 3:
+            guess = ("; the model has no Conv2d to tell its channel count, so the images were "
+                     "read with 3 channels: give --channels 1 for grey images")
+        raise UserError(str(_failed_on_images(exc, images)) + guess) from None
 
 
 def _replaceable(model, layers):
@@ -179,6 +183,9 @@ def _parse_floats(text, name):
 
 
 def _choose_layers(args, model, example=None):
+    if args.include_first and args.layers not in (None, "auto"):
+        raise UserError(f"--include-first applies to --layers auto, not to --layers="
+                        f"{args.layers!r}; name the first layer in --layers instead")
     if args.layers in (None, "auto"):
         layers = cli_default_layers(model, include_first=args.include_first, example=example)
         kept = _replaceable(model, layers)

@@ -145,7 +145,8 @@ class CompressionReport:
                          _fmt(r["sigma_error"], ".4f"), _fmt(r["frobenius_error"], ".4f"),
                          _fmt(r["n_iter"], "d"), "-" if conv is None else ("yes" if conv else "NO"),
                          f"{r['seconds']:.2f}"])
-        rows.append([f"total ({len(self.layers)} layers)", "", "", "",
+        n = len(self.layers)
+        rows.append([f"total ({n} layer{'' if n == 1 else 's'})", "", "", "",
                      str(self.layer_params_before), str(self.layer_params_after),
                      f"{self.layer_ratio:.2f}", "", "", "", "", f"{self.seconds:.2f}"])
         width = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in range(len(head))]

@@ -491,3 +491,40 @@ def test_transformer_layers_that_cannot_be_replaced_are_named(tmp_path, capsys):
     msg = _error(["compress", str(path), "--method", "svd", "--ratio", "2", "--out",
                   str(tmp_path / "o.pt"), "--no-progress", "--data", str(d)])
     assert "no layer to compress" in msg and "MultiheadAttention" in msg
+
+
+def test_include_first_next_to_named_layers_is_refused(model_file, tmp_path):
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--layers",
+                           "layer1.conv1", "--include-first"))
+    assert "--include-first applies to --layers auto" in msg
+
+
+def test_report_total_counts_one_layer_in_the_singular(model_file, tmp_path, capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--layers",
+                              "layer1.conv1")) == 0
+    out = capsys.readouterr().out
+    assert "total (1 layer)" in out and "(1 layers)" not in out
+
+
+class _GreyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Flatten()
+        self.a, self.b, self.c = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(self.f(x))))))
+
+
+def test_a_model_without_conv_says_the_channel_count_was_guessed(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    path = tmp_path / "mlp.pt"
+    torch.save(_GreyMLP(), path)
+    msg = _error(["compress", str(path), "--method", "svd", "--ratio", "2", "--out",
+                  str(tmp_path / "o.pt"), "--no-progress", "--data", str(d)])
+    assert "read with 3 channels: give --channels 1" in msg
