@@ -66,3 +66,17 @@ def tt_identity_case(rng, kind):
         return (rng.standard_normal((6, 4, 3, 3)), (3, 4),
                 dict(in_modes=(2, 2), out_modes=(2, 3)), tt_conv, 36)
     return rng.standard_normal((6, 12)), 2, dict(in_modes=(3, 4), out_modes=(2, 3)), tt_linear, 12
+
+
+def write_png_folder(folder, n, shape, seed=0):
+    """``n`` random RGB PNG images of ``shape`` (H, W, 3) in a new ``folder``; skips the
+    test without Pillow."""
+    import numpy as np
+    import pytest
+
+    Image = pytest.importorskip("PIL.Image")
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder

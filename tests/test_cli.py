@@ -517,12 +517,9 @@ class _GreyMLP(nn.Module):
 
 
 def test_a_model_without_conv_says_the_channel_count_was_guessed(tmp_path):
-    Image = pytest.importorskip("PIL.Image")
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    from _helpers import write_png_folder
+
+    d = write_png_folder(tmp_path / "imgs", 3, (8, 8, 3))
     path = tmp_path / "mlp.pt"
     torch.save(_GreyMLP(), path)
     msg = _error(["compress", str(path), "--method", "svd", "--ratio", "2", "--out",

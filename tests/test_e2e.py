@@ -283,13 +283,10 @@ def test_cli_compress_idx_data(tmp_path, small_model_file, capsys):
 
 
 def test_cli_compress_image_folder_frobenius(tmp_path, small_model_file):
-    Image = pytest.importorskip("PIL.Image")
+    from _helpers import write_png_folder
+
     path, _ = small_model_file
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 30, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = write_png_folder(tmp_path / "imgs", 4, (32, 30, 3), seed=1)
     out = tmp_path / "svd.pt"
     assert cli.main(["compress", str(path), "--data", str(folder), "--method", "svd",
                      "--ratio", "2", "--out", str(out), "--image-size", "28",
