@@ -131,16 +131,12 @@ def _replaceable(model, layers):
     """The chosen layers compress can replace: the others need no statistics (a layer its
     parent reads directly, like attention's out_proj, never even runs as a module), and the
     report says why they are left alone."""
-    from torch import nn
-
-    from .selection import module_names, obstacle, param_owners
+    from .selection import dense_reasons
 
     if layers is None:
         return None
-    modules = dict(model.named_modules())
-    paths, owners = module_names(model), param_owners(model)
-    return [n for n in layers if not isinstance(modules.get(n), (nn.Conv2d, nn.Linear))
-            or obstacle(model, modules[n], paths.get(id(modules[n]), [n]), owners) is None]
+    dense = dense_reasons(model, layers)
+    return [n for n in layers if n not in dense]
 
 
 def _check_writable(path, flag):

@@ -68,6 +68,7 @@ from .selection import (
     _default_names,
     default_exclusions,
     default_layers,
+    dense_reasons,
     module_kind,
     module_names,
     n_params,
@@ -745,12 +746,11 @@ def _data_layers(model, layers, ranks, ratio):
     """
     if not isinstance(model, nn.Module) or isinstance(model, (nn.Conv2d, nn.Linear)):
         return None
-    paths, canon, explicit = _canonical_names(model, ranks)
+    _, canon, explicit = _canonical_names(model, ranks)
     chosen, _, _, _ = select_step(model, layers, explicit, ratio, canon)
-    owners = param_owners(model)
-    # layers that surgery leaves dense (e.g. attention's out_proj, which MHA reads as a
-    # parameter and never calls) need no statistics; the report lists them as skipped
-    return [n for n, m in chosen if obstacle(model, m, paths.get(id(m), [n]), owners) is None]
+    # layers surgery leaves dense need no statistics; the report lists them as skipped
+    dense = dense_reasons(model, [n for n, _ in chosen])
+    return [n for n, _ in chosen if n not in dense]
 
 
 def _canonical_names(model, ranks):

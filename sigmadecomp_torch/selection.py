@@ -20,8 +20,8 @@ from torch import nn
 
 from ._batches import call_with, eval_modes
 
-__all__ = ["default_layers", "module_kind", "module_names", "obstacle", "param_owners",
-           "default_exclusions", "unsupported_modules", "n_params", "SUPPORTED"]
+__all__ = ["default_layers", "dense_reasons", "module_kind", "module_names", "obstacle",
+           "param_owners", "default_exclusions", "unsupported_modules", "n_params", "SUPPORTED"]
 
 
 def module_kind(module):
@@ -323,6 +323,26 @@ def _forward_overridden(module):
     if cls.forward is not base.forward:
         return True
     return base is nn.Conv2d and cls._conv_forward is not nn.Conv2d._conv_forward
+
+
+def dense_reasons(model, names):
+    """``{name: reason}`` for the named Conv2d/Linear modules of ``model`` that a factorized
+    module cannot replace (:func:`obstacle`); other names are not in it.
+
+    The one filter of every step that needs only the replaceable layers (statistics,
+    budgets, the CLI's choice): e.g. attention's ``out_proj``, which its parent reads as a
+    parameter and never calls, needs no statistics.
+    """
+    modules = dict(model.named_modules())
+    paths, owners = module_names(model), param_owners(model)
+    out = {}
+    for n in names:
+        m = modules.get(n)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            why = obstacle(model, m, paths.get(id(m), [n]), owners)
+            if why is not None:
+                out[n] = why
+    return out
 
 
 def obstacle(model, module, paths, owners):

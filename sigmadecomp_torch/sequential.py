@@ -59,7 +59,7 @@ from ._batches import (batch_mask, check_pass_options, eval_modes, model_device,
                        check_not_nested, run_batch, token_rows, warn_mask_use)
 from .covariance import LayerStats, select_layers
 from .parallel import agree, resolve_group
-from .selection import module_names, obstacle, param_owners
+from .selection import dense_reasons
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
            "sequential_compress", "refit_after"]
@@ -630,15 +630,11 @@ def _candidates(model, layers, ranks, ratio):
     explicit = dict(ranks) if hasattr(ranks, "items") else {}
     chosen, named, skipped, _ = select_step(model, layers, explicit, ratio)
     if not named:  # layers surgery leaves dense are reported with their obstacle up front
-        paths, owners = module_names(model), param_owners(model)
-        kept = []
-        for n, m in chosen:
-            why = obstacle(model, m, paths.get(id(m), [n]), owners)
-            if why is not None and not (isinstance(m, nn.Conv2d) and m.groups != 1):
-                skipped.append({"name": n, "kind": type(m).__name__, "reason": why})
-            else:
-                kept.append((n, m))
-        chosen = kept
+        dense = dense_reasons(model, [n for n, m in chosen  # (grouped convs: handled later)
+                                      if not (isinstance(m, nn.Conv2d) and m.groups != 1)])
+        skipped += [{"name": n, "kind": type(m).__name__, "reason": dense[n]}
+                    for n, m in chosen if n in dense]
+        chosen = [(n, m) for n, m in chosen if n not in dense]
     return [n for n, _ in chosen], named, skipped
 
 
@@ -665,10 +661,10 @@ def _refit_candidates(model, refit, names):
                              "end up leaving it dense); refit is for layers outside that "
                              "choice: leave it out of layers= to refit it")
     chosen = [(n, m) for n, m in chosen if n not in compressed]
-    paths, owners = module_names(model), param_owners(model)
+    dense = dense_reasons(model, [n for n, _ in chosen])
     out, skipped = [], []
     for n, m in chosen:
-        why = obstacle(model, m, paths.get(id(m), [n]), owners)
+        why = dense.get(n)
         if why is None and not isinstance(m.weight, nn.Parameter):
             why = "its weight is not a parameter"
         if why is not None:
@@ -692,11 +688,9 @@ def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, 
     from .compress import LAYER_METHODS, layer_method_for
     from .covariance import collect_covariances
     modules = dict(model.named_modules())
-    paths, owners = module_names(model), param_owners(model)
     # only layers compress can replace share the budget (as in one-shot compression)
-    names = [n for n in names
-             if not (isinstance(modules[n], nn.Conv2d) and modules[n].groups != 1)
-             and obstacle(model, modules[n], paths.get(id(modules[n]), [n]), owners) is None]
+    dense = dense_reasons(model, names)
+    names = [n for n in names if n not in dense]
     stats = collect_covariances(model, data, layers=names, max_batches=max_batches,
                                 progress=False, forward=forward, mask=mask,
                                 distributed=distributed)
@@ -1006,11 +1000,9 @@ min_speedup, example_input
                                     orig_modules[name], work.get_submodule(name)))
             skipped += [s for s in report.skipped if s["name"] in grp]
         else:  # each layer's own obstacle where it has one (as one-shot compress reports)
-            paths, owners = module_names(original), param_owners(original)
+            dense = dense_reasons(original, group)
             skipped += [{"name": n, "kind": type(orig_modules[n]).__name__,
-                         "reason": obstacle(original, orig_modules[n], paths.get(
-                             id(orig_modules[n]), [n]), owners) or reason}
-                        for n in group]
+                         "reason": dense.get(n, reason)} for n in group]
         for n in group:  # layers left dense get their own weights back
             if n in done or n not in saved:
                 continue
