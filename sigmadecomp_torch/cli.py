@@ -110,15 +110,11 @@ def _runs_on(model, images):
     """Run the model on one calibration image; any failure is the one-line error."""
     import torch
 
+    from ._batches import eval_modes
+
     try:
-        with torch.no_grad():
-            was = {m: m.training for m in model.modules()}
-            model.eval()
-            try:
-                model(images[:1])
-            finally:
-                for m, mode in was.items():
-                    m.training = mode
+        with eval_modes(model), torch.no_grad():
+            model(images[:1])
     except Exception as exc:
         guess = ""
         if _first_conv(model)[1] is None and images.shape[1] == 3:

@@ -95,20 +95,29 @@ def agree(group, what, signature, error=None):
     """
     if group is None:
         return
-    dist = _dist()
+    got = _outcomes(group, what, signature, error)
+    if got is None:
+        return
+    for r, sig in enumerate(got):
+        if sig != got[0]:
+            raise ValueError(f"the processes disagree while {what}: process 0 has {got[0]}, "
+                             f"process {r} has {sig}; every process must make the same call "
+                             "(same model, layers and options)")
+
+
+def _outcomes(group, what, value, error):
+    """Every process's ``value`` (one ``all_gather_object``), after the failures: None on a
+    process that passes its ``error``; on the others a ``RuntimeError`` naming the first
+    process that failed."""
     sent = None if error is None else f"{type(error).__name__}: {error}"
     got = [None] * group[1]
-    dist.all_gather_object(got, (sent, signature))
+    _dist().all_gather_object(got, (sent, value))
     if error is not None:
-        return
+        return None
     for r, (err, _) in enumerate(got):
         if err is not None:
             raise RuntimeError(f"process {r} failed while {what}: {err}")
-    for r, (_, sig) in enumerate(got):
-        if sig != got[0][1]:
-            raise ValueError(f"the processes disagree while {what}: process 0 has {got[0][1]}, "
-                             f"process {r} has {sig}; every process must make the same call "
-                             "(same model, layers and options)")
+    return [v for _, v in got]
 
 
 def first_given(group, value, error=None):
@@ -118,15 +127,8 @@ def first_given(group, value, error=None):
     A process that failed passes its ``error`` instead (and re-raises it afterwards); the
     others then raise a ``RuntimeError`` naming it, as in :func:`agree`.
     """
-    sent = None if error is None else f"{type(error).__name__}: {error}"
-    got = [None] * group[1]
-    _dist().all_gather_object(got, (sent, value))
-    if error is not None:
-        return None
-    for r, (err, _) in enumerate(got):
-        if err is not None:
-            raise RuntimeError(f"process {r} failed while finding the default layers: {err}")
-    return next((v for _, v in got if v is not None), None)
+    got = _outcomes(group, "finding the default layers", value, error)
+    return None if got is None else next((v for v in got if v is not None), None)
 
 
 def _digest(t):
