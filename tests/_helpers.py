@@ -1,5 +1,7 @@
 """Small builders shared by the test modules."""
 
+import contextlib
+import os
 import socket
 import struct
 import time
@@ -37,6 +39,25 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank, port, world):
+    """Inside a spawned worker: a gloo process group of ``world`` processes met at
+    127.0.0.1:``port`` (one torch thread each, a 60 s timeout), destroyed on exit."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_workers(worker, args, nprocs, timeout, what):

@@ -1,7 +1,6 @@
 """Data-parallel collection over 2 gloo processes equals single-process collection."""
 
 import os
-from datetime import timedelta
 
 import pytest
 
@@ -10,7 +9,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, load_covariances, save_covariances  # noqa: E402
-from _helpers import free_port, spawn_workers  # noqa: E402
+from _helpers import free_port, gloo_group, spawn_workers  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 120.0  # seconds for the whole spawned run (start-up included)
@@ -43,12 +42,7 @@ def _batches():
 
 
 def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, port, WORLD):
         shard = _batches()[rank::WORLD]  # uneven shards: 3 and 2 batches
         stats = collect_covariances(_model(), shard, progress=False)
         save_covariances(stats, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -57,8 +51,6 @@ def _worker(rank, port, out_dir):
         assert qkv["q"] is qkv["v"] and qkv["k"] is not qkv["q"]  # k's link differs by rank
         save_covariances(qkv, os.path.join(out_dir, f"qkv{rank}.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

@@ -7,7 +7,6 @@ got (a result or an exception) and the test compares.
 import json
 import os
 import warnings
-from datetime import timedelta
 
 import pytest
 
@@ -16,7 +15,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
-from _helpers import free_port, spawn_workers  # noqa: E402
+from _helpers import free_port, gloo_group, spawn_workers  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 180.0
@@ -62,13 +61,9 @@ def _outcome(call):
 
 
 def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     got = {}
     mine = _batches()[rank::WORLD]
-    try:
+    with gloo_group(rank, port, WORLD):
         # a call only rank 0 makes, with distributed=False: its own data, no collective
         if rank == 0:
             local = collect_covariances(_model(), mine, progress=False, distributed=False)
@@ -108,8 +103,6 @@ def _worker(rank, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(got, f)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

@@ -523,15 +523,12 @@ def test_refit_bad_inputs():
 
 def _refit_worker(rank, port, out_dir):
     import os
-    from datetime import timedelta
 
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    from _helpers import gloo_group
+
+    with gloo_group(rank, port, 2):
         shard = _refit_batches()[rank::2]  # uneven shards: 3 and 2 batches
         small, rep = sequential_compress(_chain().double(), "svd", shard, ranks={"2": 3},
                                          layers=["2"], refit="all", centered=True,
@@ -543,8 +540,6 @@ def _refit_worker(rank, port, out_dir):
                     "one_shot_refitted": rep1.refitted},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _refit_batches():
