@@ -13,12 +13,18 @@ Run ``sigmadecomp <command> --help`` for every option.
 The module imports torch only when a command runs, so ``--help`` is quick and
 works without torch. Mistakes of the user end in one line naming the option
 and the fix, and a non-zero exit status (1; 2 for unknown options, as
-argparse; 3 when the demo's dataset is missing).
+argparse; 3 when the demo's dataset is missing). An option without effect in
+its combination is refused with the reason. Warnings are printed as one line,
+``warning: <message>``, without the file and line of their source, and the
+library's messages name the options of the command (``--n-iter``, not
+``n_iter_max``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +39,65 @@ TORCH_HINT = ("the sigmadecomp command needs PyTorch: pip install 'sigmadecomp[t
 
 class UserError(Exception):
     """A mistake in the command line or its files; printed as one line, exit status 1."""
+
+
+def _non_negative_int(text):
+    """argparse type of an option that must be an integer >= 0 (a one-line error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= 0")
+    return value
+
+
+# ------------------------------------------------------------ the CLI's words
+
+#: The library's keywords in the messages the CLI passes on (errors and warnings of
+#: compress and of the statistics), and the options of the command that set them.
+_OPTION_OF = {"ratio": "--ratio", "budget": "--budget", "layers": "--layers",
+              "refit": "--refit", "data": "--data", "n_iter_max": "--n-iter",
+              "channels": "--channels"}
+_KEYWORD = "(?<![\\w'-])(" + "|".join(_OPTION_OF) + ")"
+
+#: (pattern, replacement) in order: whole phrases first, then any ``keyword=``.
+_CLI_WORDS = [
+    (r"options\['n_iter_max'\] or options\['tol'\]", "--n-iter"),
+    (r"choose a smaller rank or fewer n_iter_max",
+     "choose a smaller rank (a larger --ratio) or a smaller --n-iter"),
+    (r"options=\{'inner': \{'maxiter': 'adaptive'\}, 'n_iter_max': (\d+)\}",
+     r"--cp-inner adaptive --n-iter \1"),
+    (r"\(use higher ranks for it, or leave it out of layers=\)",
+     "(give it higher ranks with a smaller --ratio or a larger --budget, or leave it out of "
+     "--layers)"),
+    (r"data yielded no batches \(or the chosen layers never ran\); collect_covariances needs "
+     r"at least one batch", "no chosen layer ran in the forward pass on the images of --data"),
+    (r"no statistics for this layer in covariances", "no statistics for this layer"),
+    (r"; pass size=$", ""),  # (the CLI adds its hint: --image-size)
+    (r"\bcovariances\[('(?:[^'\\]|\\.)*')\]", r"the statistics of \1"),
+    (_KEYWORD + r" contains\b", lambda m: f"{_OPTION_OF[m[1]]} contains"),
+    (r"\bchosen in layers\b", "chosen in --layers"),
+    (_KEYWORD + r"=(?=[^\s),;.:])", lambda m: f"{_OPTION_OF[m[1]]}="),  # with its value
+    (_KEYWORD + r"=", lambda m: _OPTION_OF[m[1]]),  # the keyword alone ("out of layers=)")
+]
+
+
+def _cli_words(text):
+    """``text`` (a message of the library) with the options of the command for its keywords."""
+    for pattern, replacement in _CLI_WORDS:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def _warning_printer(words):
+    """A ``warnings.showwarning`` for a command: ``warning: <message>`` on one line, without
+    the file and line of the source; ``words`` rewrites the message."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+        print(f"warning: {words(text)}", file=sys.stderr if file is None else file)
+
+    return show
 
 
 # --------------------------------------------------------------------- demo
@@ -205,10 +270,13 @@ def _choose_layers(args, model, example=None):
         print("layers: every Conv2d and Linear (--layers all)")
         return default_layers(model, include_first=True, include_last=True)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
+    if not layers:
+        raise UserError(f"--layers={args.layers!r} names no module; give comma-separated module "
+                        "names, 'auto' or 'all'")
     known = dict(model.named_modules())
     missing = [n for n in layers if n not in known]
-    if missing or not layers:
-        raise UserError(f"--layers={args.layers!r}: {', '.join(missing) or 'no name'} not in the "
+    if missing:
+        raise UserError(f"--layers={args.layers!r}: {', '.join(missing)} not in the "
                         f"model; its modules include {', '.join(list(known)[1:6])}, ...")
     return layers
 
@@ -216,9 +284,9 @@ def _choose_layers(args, model, example=None):
 def _rank_choice(args):
     """The rank keyword of compress and a sentence saying what was chosen."""
     if args.ratio is not None:
-        if not args.ratio > 1:
+        if not (args.ratio > 1 and math.isfinite(args.ratio)):
             raise UserError(f"--ratio={args.ratio:g} is not allowed; the per-layer ratio rX "
-                            "must be > 1")
+                            "must be a finite number > 1")
         return {"ratio": args.ratio}, f"ranks: per-layer ratio rX = {args.ratio:g} (--ratio)"
     if args.budget is not None:
         if args.method == "tt":
@@ -227,12 +295,13 @@ def _rank_choice(args):
         b = args.budget
         if 0 < b < 1:
             return ({"budget": b}, f"ranks: allocated across layers to keep {b:g} of their "
-                                   "parameters (--budget)")
-        if b >= 1 and b == int(b):
+                                   "weight parameters (--budget)")
+        if math.isfinite(b) and b >= 1 and b == int(b):
             return ({"budget": int(b)}, f"ranks: allocated across layers to keep {int(b)} "
-                                        "parameters (--budget)")
-        raise UserError(f"--budget={b:g} is not allowed; give a whole parameter count (>= 1) or "
-                        "a fraction in (0, 1) of the compressed layers' parameters")
+                                        "weight parameters (--budget)")
+        raise UserError(f"--budget={b:g} is not allowed; give a whole count of weight "
+                        "parameters (>= 1) or a fraction in (0, 1) of the compressed layers' "
+                        "weights")
     if args.method == "tt":
         raise UserError("--method tt needs --ratio: the default ranks (EVBMF) and --budget's "
                         "allocation work for tucker2, cp and svd only")
@@ -241,16 +310,44 @@ def _rank_choice(args):
             "or --budget to set the size")
 
 
-def _warn_unmet_ratio(report, ratio):
-    """One line when some layers cannot reach the per-layer ratio (ranks at their minimum)."""
-    short = [r for r in report.layers if r["params_before"] / max(r["params_after"], 1) < 0.9 * ratio]
+def _bias_count(module):
+    return int(sum(p.numel() for name, p in module.named_parameters()
+                   if name.rsplit(".", 1)[-1] == "bias"))
+
+
+def _weights(report, model, small):
+    """``(row, weights before, weights after)`` of each compressed layer: its parameters but
+    the biases, which --ratio and --budget do not count (a factorized layer keeps the bias)."""
+    return [(r, r["params_before"] - _bias_count(model.get_submodule(r["name"])),
+             r["params_after"] - _bias_count(small.get_submodule(r["name"])))
+            for r in report.layers]
+
+
+def _warn_unmet_ratio(weights, ratio):
+    """One line when some layers cannot reach the per-layer ratio (ranks at their minimum);
+    rX of the weights, as --ratio counts them."""
+    short = [(r, b / max(a, 1)) for r, b, a in weights if b / max(a, 1) < 0.9 * ratio]
     if short:
-        names = ", ".join(f"{r['name']} (ranks {r['ranks']}, rX "
-                          f"{r['params_before'] / max(r['params_after'], 1):.1f})" for r in short[:4])
+        names = ", ".join(f"{r['name']} (ranks {r['ranks']}, rX {rx:.1f})" for r, rx in short[:4])
         more = f" and {len(short) - 4} more" if len(short) > 4 else ""
-        print(f"warning: --ratio {ratio:g} cannot be met by {len(short)} of {len(report.layers)} "
+        before, after = sum(w[1] for w in weights), sum(w[2] for w in weights)
+        print(f"warning: --ratio {ratio:g} cannot be met by {len(short)} of {len(weights)} "
               f"layers even at their smallest ranks: {names}{more}; the compressed layers reach "
-              f"rX = {report.layer_ratio:.1f}", file=sys.stderr)
+              f"rX = {before / max(after, 1):.1f} (of their weights)", file=sys.stderr)
+
+
+def _weights_note(weights, report, args):
+    """The line under the table when biases make its params and rX differ from the weights
+    that --ratio and --budget count; None without biases or without a size target."""
+    before, after = sum(w[1] for w in weights), sum(w[2] for w in weights)
+    if (args.ratio is None and args.budget is None) or (
+            (before, after) == (report.layer_params_before, report.layer_params_after)):
+        return None
+    flag = f"--ratio {args.ratio:g}" if args.ratio is not None else f"--budget {args.budget:g}"
+    why = ("kept, or added by the bias correction of --centered" if args.centered else
+           "the factorized layers keep them")
+    return (f"params and rX above count biases too ({why}); {flag} counts weights only: the "
+            f"compressed layers' weights go {before} -> {after}, rX {before / max(after, 1):.2f}")
 
 
 def _calibration_images(args, model):
@@ -271,10 +368,11 @@ def _calibration_images(args, model):
         x, _ = load_images(data, limit=args.calib_images, size=args.image_size,
                            channels=channels, seed=args.seed)
     except FileNotFoundError as exc:
-        raise UserError(f"--data={args.data!r}: {exc}; give a folder of images or IDX files") from None
+        raise UserError(f"--data={args.data!r}: {_cli_words(str(exc))}; give a folder of images "
+                        "or IDX files") from None
     except (ValueError, OSError) as exc:
         hint = " (resize them with --image-size SIZE)" if "different sizes" in str(exc) else ""
-        raise UserError(f"--data={args.data!r}: {exc}{hint}") from None
+        raise UserError(f"--data={args.data!r}: {_cli_words(str(exc))}{hint}") from None
     if args.normalize:
         x = _normalize(x, args.normalize)
     if args.image_size is not None and tuple(x.shape[-2:]) != (args.image_size,) * 2:
@@ -285,11 +383,24 @@ def _calibration_images(args, model):
     return x
 
 
+def _normalize_values(text):
+    """The numbers of ``--normalize``, checked as far as they can be without the images."""
+    vals = _parse_floats(text, "--normalize")
+    if not all(math.isfinite(v) for v in vals):
+        raise UserError(f"--normalize={text!r} is not allowed; give finite numbers")
+    if len(vals) % 2:
+        raise UserError(f"--normalize={text!r} is not allowed; give MEAN,STD (2 values) or one "
+                        "mean per channel then one std per channel (6 values for 3 channels)")
+    if not all(v > 0 for v in vals[len(vals) // 2:]):
+        raise UserError(f"--normalize={text!r}: the standard deviations must be > 0")
+    return vals
+
+
 def _normalize(x, text):
     """``x`` (N, C, H, W) normalized by ``--normalize`` = MEAN,STD (every channel) or C means then C stds."""
     import torch
 
-    vals = _parse_floats(text, "--normalize")
+    vals = _normalize_values(text)
     channels = x.shape[1]
     if len(vals) not in (2, 2 * channels):
         allowed = ("MEAN,STD (2 values) for these 1-channel images" if channels == 1 else
@@ -299,8 +410,6 @@ def _normalize(x, text):
     half = len(vals) // 2
     mean = torch.tensor(vals[:half]).view(1, -1, 1, 1)
     std = torch.tensor(vals[half:]).view(1, -1, 1, 1)
-    if not bool((std > 0).all()):
-        raise UserError(f"--normalize={text!r}: the standard deviations must be > 0")
     return (x - mean) / std
 
 
@@ -320,11 +429,19 @@ def _cmd_compress(args):
                         "decompositions")
     if args.centered and not weighted:
         raise UserError("--centered needs statistics; it cannot be combined with --frobenius")
+    if args.transfer_stats is not None and not weighted:
+        raise UserError("--transfer-stats cannot be combined with --frobenius: it gives "
+                        "statistics, and the weight-space decompositions of --frobenius use none")
+    if args.normalize is not None:
+        _normalize_values(args.normalize)
     fitted = args.sequential or args.refit is not None
     if fitted:
         what = "--sequential" if args.sequential else "--refit"
         if args.data is None:
             raise UserError(f"{what} needs calibration images: give --data DIR")
+        if args.refit is not None and not args.refit.replace(",", "").strip():
+            raise UserError(f"--refit={args.refit!r} names no layer; give 'all' or "
+                            "comma-separated module names")
         for flag, given in (("--frobenius", args.frobenius),
                             ("--transfer-stats", args.transfer_stats is not None),
                             ("--save-stats", args.save_stats is not None)):
@@ -335,16 +452,38 @@ def _cmd_compress(args):
         raise UserError("--save-stats saves statistics collected from --data; with "
                         f"{'--frobenius' if args.frobenius else '--transfer-stats'} none are "
                         "collected")
+    source = "--frobenius" if args.frobenius else "--transfer-stats"
+    image_options = [flag for flag, value in (
+        ("--calib-images", args.calib_images), ("--batch-size", args.batch_size),
+        ("--image-size", args.image_size), ("--channels", args.channels),
+        ("--normalize", args.normalize), ("--seed", args.seed)) if value is not None]
+    if args.data is None and image_options:
+        them = " and ".join(image_options)
+        raise UserError(f"{them} appl{'y' if len(image_options) > 1 else 'ies'} to the "
+                        f"calibration images of --data, and with {source} and no --data no "
+                        f"image is read: give --data DIR, or leave {them} out")
+    if args.batch_size is not None and not fitted and (args.frobenius or args.transfer_stats):
+        raise UserError(f"--batch-size sets the batches of the statistics collected from "
+                        f"--data; with {source} none are collected: leave --batch-size out")
+    args.calib_images = 1024 if args.calib_images is None else args.calib_images
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
+    args.seed = 0 if args.seed is None else args.seed
     _check_writable(args.out, "--out")
     if args.save_stats is not None:
         _check_writable(args.save_stats, "--save-stats")
     rank_kw, rank_text = _rank_choice(args)
     options = {}
     if args.n_iter is not None:
+        if args.method == "svd":
+            raise UserError("--n-iter applies to tucker2, cp and tt; --method svd is a closed "
+                            "form without iterations: leave --n-iter out")
         options["n_iter_max"] = args.n_iter
     if args.cp_inner == "adaptive":
         if args.method != "cp":
             raise UserError(f"--cp-inner adaptive applies to --method cp, not {args.method}")
+        if not weighted:
+            raise UserError("--cp-inner adaptive caps the inner solves of Sigma-weighted CP; "
+                            "the Frobenius CP of --frobenius has none: leave --cp-inner out")
         options["inner"] = {"maxiter": "adaptive"}
     model = _load_model(args.model)
     # images whenever --data is given: they also decide the default layers (call order)
@@ -364,8 +503,10 @@ def _cmd_compress(args):
         try:
             stats = load_covariances(args.transfer_stats)
         except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"--transfer-stats={args.transfer_stats!r}: {exc}") from None
-        print(f"statistics of {len(stats)} layers from {args.transfer_stats}")
+            raise UserError(f"--transfer-stats={args.transfer_stats!r}: "
+                            f"{_cli_words(str(exc))}") from None
+        print(f"statistics of {len(stats)} layer{'' if len(stats) == 1 else 's'} from "
+              f"{args.transfer_stats}")
     elif weighted and not fitted:
         wanted = _replaceable(model, layers)
         try:  # (none replaceable: no statistics; compress then says why for each layer)
@@ -373,8 +514,9 @@ def _cmd_compress(args):
                 model, make_loader(x, batch_size=args.batch_size), layers=wanted,
                 progress=not args.no_progress)
         except (ValueError, TypeError) as exc:  # (the model itself ran: _runs_on)
-            raise UserError(f"--layers={args.layers!r}: {exc}" if args.layers not in
-                            (None, "auto", "all") else str(exc)) from None
+            msg = _cli_words(str(exc))
+            raise UserError(f"--layers={args.layers!r}: {msg}" if args.layers not in
+                            (None, "auto", "all") and "--layers" not in msg else msg) from None
         except RuntimeError as exc:
             raise _failed_on_images(exc, x) from None
         if args.save_stats:
@@ -394,21 +536,30 @@ def _cmd_compress(args):
     try:
         small, report = compress(model, args.method, **kw)
     except (ValueError, TypeError) as exc:
-        hint = ""
-        if args.transfer_stats is not None and "no statistics for this layer" in str(exc):
+        msg, hint = _cli_words(str(exc)), ""
+        if args.transfer_stats is not None and "no statistics for this layer" in msg:
             hint = (f" (--transfer-stats={args.transfer_stats!r} has no statistics for it: "
                     "they come from another model or other layers; collect them with "
                     "--data, or name the layers they cover with --layers)")
-        raise UserError(str(exc) + hint) from None
+        elif args.transfer_stats is not None and "covariances" in str(exc):
+            msg = f"--transfer-stats={args.transfer_stats!r}: {msg}"
+        raise UserError(msg + hint) from None
+    for row in report.skipped:  # (the reasons are printed with the table)
+        row["reason"] = _cli_words(row["reason"])
+    weights = _weights(report, model, small)
     if args.ratio is not None:
-        _warn_unmet_ratio(report, args.ratio)
+        _warn_unmet_ratio(weights, args.ratio)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(small, out)
     stem = out.with_suffix("")
     report.to_json(f"{stem}.report.json")
-    table = report.table()
+    # the title in the command's words: "--method svd (Sigma)", not "compress(method='svd', ...)"
+    table = re.sub(r"\Acompress\(method='(\w+)', ", r"--method \1 (", report.table())
+    note = _weights_note(weights, report, args)
+    if note:
+        table += "\n" + note
     Path(f"{stem}.report.txt").write_text(table + "\n")
     written = [str(out), f"{stem}.report.json", f"{stem}.report.txt"]
     if args.torchscript:
@@ -491,17 +642,20 @@ def build_parser():
                         "the others those use the SVD)")
     r = c.add_mutually_exclusive_group()
     r.add_argument("--ratio", type=float, metavar="RX",
-                   help="per-layer compression ratio rX = params(original) / params(factorized), "
-                        "> 1; a warning names layers that cannot reach it. Without --ratio and "
+                   help="per-layer compression ratio rX = weights(original) / "
+                        "weights(factorized), > 1 (biases, kept as they are, are not counted); "
+                        "a warning names layers that cannot reach it. Without --ratio and "
                         "--budget, EVBMF estimates the ranks (no size target; not for --method tt)")
     r.add_argument("--budget", type=float,
-                   help="total weight parameters of the compressed layers after compression: "
-                        "a whole count, or a fraction in (0, 1) of their original total; "
+                   help="total weight parameters of the compressed layers after compression "
+                        "(biases not counted): a whole count, or a fraction in (0, 1) of their "
+                        "original total; "
                         "ranks are allocated across layers by their error curves (tucker2, "
                         "cp and svd; not --method tt)")
     c.add_argument("--transfer-stats", metavar="FILE",
                    help="use statistics saved by --save-stats / save_covariances (e.g. from "
-                        "another dataset) instead of collecting them from --data")
+                        "another dataset) instead of collecting them from --data (not with "
+                        "--frobenius, which uses none)")
     c.add_argument("--save-stats", metavar="FILE",
                    help="also save the collected statistics (.pt or .safetensors) for reuse")
     c.add_argument("--out", required=True, metavar="OUT",
@@ -529,21 +683,26 @@ def build_parser():
                    help="refit the layers left dense after the compressed ones (the "
                         "classifier, say) to the original outputs on the compressed model's "
                         "inputs: 'all' or comma-separated module names (needs --data)")
-    c.add_argument("--calib-images", type=positive_int, default=1024,
+    g = c.add_argument_group("calibration images", "options of the images read from "
+                             "--data (refused without --data)")
+    g.add_argument("--calib-images", type=positive_int, default=None, metavar="N",
                    help="number of calibration images, a seeded random subset (default: 1024)")
-    c.add_argument("--batch-size", type=positive_int, default=64,
-                   help="batch size for the statistics (default: 64)")
-    c.add_argument("--image-size", type=positive_int, default=None,
+    g.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="batch size for the statistics collected from --data (default: 64)")
+    g.add_argument("--image-size", type=positive_int, default=None, metavar="SIZE",
                    help="resize images of a folder to SIZE x SIZE (default: keep; all images "
                         "must then have the same size)")
-    c.add_argument("--channels", type=int, choices=[1, 3], default=None,
+    g.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="image channels (default: the in_channels of the model's first conv)")
-    c.add_argument("--normalize", metavar="MEAN,STD", default=None,
+    g.add_argument("--normalize", metavar="MEAN,STD", default=None,
                    help="normalise calibration images in [0, 1] as (x - mean) / std before the "
                         "model, e.g. 0.485,0.456,0.406,0.229,0.224,0.225 for ImageNet models "
                         "(default: feed [0, 1] images unchanged)")
-    c.add_argument("--n-iter", type=int, default=None,
-                   help="maximum ALS sweeps per layer (default: the decomposition's default)")
+    g.add_argument("--seed", type=_non_negative_int, default=None,
+                   help="seed of the calibration subset (default: 0)")
+    c.add_argument("--n-iter", type=_non_negative_int, default=None, metavar="N",
+                   help="maximum ALS sweeps per layer of tucker2, cp and tt (default: the "
+                        "decomposition's default)")
     c.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
                    help="CP's inner solves: 'exact' (default; each ALS block solved to its "
                         "minimiser) or 'adaptive' (a few CG iterations, more when progress "
@@ -551,9 +710,7 @@ def build_parser():
     c.add_argument("--torchscript", action="store_true",
                    help="also write a self-contained TorchScript version (OUT's stem + "
                         ".torchscript.pt; load with torch.jit.load)")
-    c.add_argument("--seed", type=int, default=0,
-                   help="seed of the calibration subset (default: 0)")
-    c.add_argument("--threads", type=positive_int, default=None,
+    c.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compress)
@@ -568,7 +725,10 @@ def main(argv=None):
     """
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # (restores showwarning; the filters stay the caller's)
+            warnings.showwarning = _warning_printer(_cli_words if args.command == "compress"
+                                                    else str)
+            return args.func(args)
     except UserError as exc:
         raise SystemExit(f"sigmadecomp {args.command}: error: {exc}") from None
     except ModuleNotFoundError as exc:

@@ -113,6 +113,16 @@ def idx_dir(tmp_path):
     return str(d)
 
 
+@pytest.fixture
+def shown_warnings():
+    """Warnings shown as by a plain ``python``, whatever ``-W`` pytest runs with."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        yield
+
+
 def _error(argv):
     """The message of the SystemExit a command raises (its exit status is then 1)."""
     with pytest.raises(SystemExit) as info:
@@ -199,7 +209,7 @@ def test_model_path_that_is_not_a_file(tmp_path):
 
 def test_budget_that_is_neither_count_nor_fraction(model_file, tmp_path):
     msg = _error(_compress(model_file, tmp_path, "--frobenius", "--budget", "1.5"))
-    assert "--budget=1.5 is not allowed" in msg and "whole parameter count" in msg
+    assert "--budget=1.5 is not allowed" in msg and "whole count of weight parameters" in msg
 
 
 def test_ratio_not_above_one(model_file, tmp_path):
@@ -216,7 +226,7 @@ def test_unreachable_ratio_warns_and_reachable_one_does_not(model_file, tmp_path
     assert f"reach rX = {reached:.1f}" in err and reached < 1000
     assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2")) == 0
     out, err = capsys.readouterr()
-    assert "warning" not in err
+    assert "cannot be met" not in err
 
 
 def test_default_ranks_and_layers_are_announced(model_file, tmp_path, capsys):
@@ -251,7 +261,8 @@ def test_tt_needs_a_size_before_any_image_is_read(model_file, tmp_path):
 
 @pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--threads", "-1"),
                                           ("--threads", "0"), ("--calib-images", "0"),
-                                          ("--image-size", "0"), ("--batch-size", "x")])
+                                          ("--image-size", "0"), ("--batch-size", "x"),
+                                          ("--n-iter", "-1"), ("--seed", "-1")])
 def test_counts_must_be_positive_integers(model_file, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as info:
         cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", option, value))
@@ -279,28 +290,32 @@ def test_normalize_on_one_channel_names_the_two_values():
 
 def test_budget_fraction_is_announced(model_file, tmp_path, capsys):
     assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--budget", "0.5")) == 0
-    assert "keep 0.5 of their parameters (--budget)" in capsys.readouterr().out
+    assert "keep 0.5 of their weight parameters (--budget)" in capsys.readouterr().out
 
 
 def test_unknown_layer_name(model_file, tmp_path):
     msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2",
                            "--layers", "layer1.conv1,nope"))
     assert "--layers=" in msg and "nope not in the model" in msg
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--layers", ","))
+    assert "--layers=',' names no module; give comma-separated module names" in msg
 
 
-def test_sequential_and_refit(model_file, tmp_path, idx_dir, capsys):
+def test_sequential_and_refit(model_file, tmp_path, idx_dir, capsys, shown_warnings):
     argv = _compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir, "--sequential",
                      "--refit", "all")
-    with pytest.warns(Warning):  # 12 images: few rows for the refitted classifier, too
-        assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert [r["name"] for r in report["refitted"]] == ["fc"]  # every other layer compressed
     assert all(r["output_error"] is not None for r in report["layers"])  # sequential rows
-    assert "refitted fc (Linear, dense)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "refitted fc (Linear, dense)" in out
+    # 12 images: few rows for the refitted classifier, too
+    assert "warning: layer 'fc' is refitted from " in err and "out of --refit)" in err
     # one-shot compression, then the refit of the named layer
-    with pytest.warns(Warning):
-        assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
-                                  "--refit", "fc")) == 0
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--refit", "fc")) == 0
+    assert "warning: layer 'fc' is refitted from " in capsys.readouterr().err
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert [r["name"] for r in report["refitted"]] == ["fc"]
     assert all("output_error" not in r for r in report["layers"])
@@ -316,6 +331,9 @@ def test_sequential_and_refit_errors(model_file, tmp_path, idx_dir):
     msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
                            "--refit", "nope"))
     assert "refit contains 'nope'" in msg
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--refit", ","))
+    assert "--refit=',' names no layer" in msg
 
 
 # ------------------------------------------------------------------ demo
@@ -467,7 +485,8 @@ def test_a_model_failing_with_any_error_is_one_line(tmp_path, idx_dir):
 def test_layers_that_are_not_conv_or_linear_with_data(model_file, tmp_path, idx_dir):
     msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
                            "--layers", "layer1"))
-    assert "--layers='layer1'" in msg and "only nn.Conv2d and nn.Linear" in msg
+    assert "--layers contains 'layer1', a BasicBlock" in msg
+    assert "only nn.Conv2d and nn.Linear" in msg
 
 
 def test_transferred_statistics_of_other_layers_say_so(model_file, tmp_path, idx_dir):
@@ -504,6 +523,8 @@ def test_report_total_counts_one_layer_in_the_singular(model_file, tmp_path, cap
                               "layer1.conv1")) == 0
     out = capsys.readouterr().out
     assert "total (1 layer)" in out and "(1 layers)" not in out
+    # the table's title in the command's words
+    assert "\n--method tucker2 (Frobenius)\n" in out and "compress(method=" not in out
 
 
 class _GreyMLP(nn.Module):
@@ -525,3 +546,217 @@ def test_a_model_without_conv_says_the_channel_count_was_guessed(tmp_path):
     msg = _error(["compress", str(path), "--method", "svd", "--ratio", "2", "--out",
                   str(tmp_path / "o.pt"), "--no-progress", "--data", str(d)])
     assert "read with 3 channels: give --channels 1" in msg
+
+
+# ------------------------------------- every option checked, in the CLI's words
+
+
+@pytest.fixture
+def stats_file(small_model_file, tmp_path):
+    """Statistics of the small model's layer1.conv1, as --save-stats writes them."""
+    from sigmadecomp_torch import collect_covariances, save_covariances
+
+    stats = collect_covariances(small_model_file[1], torch.rand(4, 1, 28, 28),
+                                layers=["layer1.conv1"], progress=False)
+    save_covariances(stats, tmp_path / "s.pt")
+    return str(tmp_path / "s.pt")
+
+
+@pytest.mark.parametrize("option,value", [("--normalize", "0.5,0.25"), ("--image-size", "32"),
+                                          ("--channels", "1"), ("--calib-images", "8"),
+                                          ("--seed", "3"), ("--batch-size", "8")])
+@pytest.mark.parametrize("source", ["--transfer-stats", "--frobenius"])
+def test_image_options_without_data_are_refused(model_file, stats_file, tmp_path, option,
+                                                value, source):
+    src = ["--transfer-stats", stats_file] if source == "--transfer-stats" else [source]
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--layers", "layer1.conv1",
+                           *src, option, value))
+    assert f"{option} applies to the calibration images of --data" in msg
+    assert f"with {source} and no --data no image is read" in msg
+    assert f"leave {option} out" in msg
+
+
+@pytest.mark.parametrize("value,allowed", [("abc", "give comma-separated numbers"),
+                                           ("0.5,0", "the standard deviations must be > 0"),
+                                           ("0.1,0.2,0.3", "MEAN,STD (2 values) or")])
+@pytest.mark.parametrize("source", ["--transfer-stats", "--data"])
+def test_normalize_value_is_checked_whatever_path_runs(model_file, stats_file, tmp_path, value,
+                                                       allowed, source):
+    # checked before any image is read (a --data that does not exist is not reached)
+    src = ([source, stats_file] if source == "--transfer-stats" else
+           [source, str(tmp_path / "not-read")])
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--layers", "layer1.conv1",
+                           *src, "--normalize", value))
+    assert f"--normalize={value!r}" in msg and allowed in msg
+
+
+def test_options_without_effect_next_to_transfer_stats_or_frobenius_are_refused(
+        model_file, stats_file, tmp_path, idx_dir):
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--frobenius",
+                           "--transfer-stats", stats_file))
+    assert "--transfer-stats cannot be combined with --frobenius" in msg
+    for src in (["--transfer-stats", stats_file], ["--frobenius"]):
+        msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--layers",
+                               "layer1.conv1", "--data", idx_dir, "--batch-size", "8", *src))
+        assert "--batch-size sets the batches of the statistics collected from --data" in msg
+        assert f"with {src[0]} none are collected" in msg
+    msg = _error(["compress", model_file, "--method", "svd", "--frobenius", "--ratio", "2",
+                  "--n-iter", "3", "--out", str(tmp_path / "o.pt")])
+    assert "--n-iter applies to tucker2, cp and tt" in msg and "--method svd" in msg
+    msg = _error(["compress", model_file, "--method", "cp", "--frobenius", "--ratio", "2",
+                  "--cp-inner", "adaptive", "--out", str(tmp_path / "o.pt")])
+    assert "--cp-inner adaptive" in msg and "--frobenius" in msg
+
+
+_LIBRARY_WORD = r"(?<![\w-])(ratio|budget|layers|refit|data|n_iter_max|options|covariances)="
+
+
+def _in_cli_words(msg):
+    import re
+
+    assert not re.search(_LIBRARY_WORD, msg), msg
+    assert "options[" not in msg and "covariances[" not in msg and "in covariances" not in msg
+    return msg
+
+
+def test_library_errors_name_the_cli_options(model_file, tmp_path, idx_dir):
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "inf")))
+    assert "--ratio=inf is not allowed" in msg and "finite" in msg
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--frobenius", "--budget", "inf")))
+    assert "--budget=inf is not allowed" in msg
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--frobenius", "--budget", "1")))
+    assert msg.startswith("sigmadecomp compress: error: --budget=1 is not allowed for these "
+                          "layers; the smallest ranks already cost")
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2",
+                                         "--layers", "layer1")))
+    assert "--layers contains 'layer1', a BasicBlock" in msg
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--data", idx_dir, "--ratio", "2",
+                                         "--layers", "layer1")))
+    assert "--layers contains 'layer1', a BasicBlock" in msg
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--data", idx_dir, "--ratio", "2",
+                                         "--refit", "layer1")))
+    assert "--refit contains 'layer1', a BasicBlock" in msg
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--data", idx_dir, "--ratio", "2",
+                                         "--layers", "layer1.conv1", "--refit", "layer1.conv1")))
+    assert "--refit contains 'layer1.conv1'" in msg and "leave it out of --layers to refit" in msg
+
+
+def test_image_errors_name_the_cli_options(tmp_path):
+    from _helpers import write_png_folder
+
+    path = tmp_path / "mlp.pt"
+    torch.save(_GreyMLP(), path)  # no conv: the channel count is not checked beforehand
+    argv = ["compress", str(path), "--method", "svd", "--ratio", "2", "--out",
+            str(tmp_path / "o.pt"), "--no-progress"]
+    rgb = tmp_path / "rgb-idx"
+    rgb.mkdir()
+    write_idx(rgb / "train-images-idx3-ubyte",
+              np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8)))
+    msg = _in_cli_words(_error(argv + ["--data", str(rgb), "--channels", "1"]))
+    assert "--channels=1 is not allowed for 3-channel IDX images" in msg
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_png_folder(mixed / "a", 1, (8, 8, 3))
+    write_png_folder(mixed / "b", 1, (9, 9, 3))
+    msg = _in_cli_words(_error(argv + ["--data", str(mixed)]))
+    assert "have different sizes" in msg and "pass size" not in msg
+    assert msg.endswith("(resize them with --image-size SIZE)")
+
+
+def test_transferred_statistics_of_another_model_say_so(model_file, tmp_path, capsys):
+    from sigmadecomp_torch import collect_covariances, save_covariances
+    from sigmadecomp_torch.models import ResNetSmall
+
+    narrow = ResNetSmall(width=4).eval()  # same layer names, other shapes
+    save_covariances(collect_covariances(narrow, torch.rand(2, 1, 28, 28),
+                                         layers=["layer1.conv1"], progress=False),
+                     tmp_path / "narrow.pt")
+    msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--ratio", "2", "--layers",
+                                         "layer1.conv1", "--transfer-stats",
+                                         str(tmp_path / "narrow.pt"))))
+    assert f"--transfer-stats={str(tmp_path / 'narrow.pt')!r}: the statistics of " \
+           "'layer1.conv1' were collected on a Conv2d with weight 4x4x3x3" in msg
+    assert "statistics of 1 layer from" in capsys.readouterr().out
+
+
+class _SpareConv(nn.Module):
+    """A conv registered but never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.spare = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.c1(x)).mean((2, 3)))
+
+
+def test_a_chosen_layer_that_never_runs_is_named_in_cli_words(tmp_path, idx_dir):
+    path = tmp_path / "spare.pt"
+    torch.save(_SpareConv(), path)
+    for extra in ([], ["--sequential"]):
+        msg = _in_cli_words(_error(_compress(str(path), tmp_path, "--ratio", "2", "--data",
+                                             idx_dir, "--layers", "c2,spare", *extra)))
+        assert "'spare'" in msg and "never ran in the forward pass" in msg
+        assert "chosen in --layers" in msg
+
+
+def test_warnings_are_plain_lines_in_the_cli_words(model_file, tmp_path, idx_dir, capsys,
+                                                    shown_warnings):
+    import warnings
+
+    show, filters = warnings.showwarning, list(warnings.filters)
+    # 2 sweeps (not converged) at rX 2 on 12 images: a large Sigma-error
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--layers", "layer1.conv1")) == 0
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: layer 'layer1.conv1': ")
+                                   for line in lines), err
+    assert "cli.py" not in err and "Warning:" not in err and "compress(" not in err
+    assert "(raise --n-iter)" in err and "leave it out of --layers)" in err
+    _in_cli_words(err)
+    # the library's own warnings machinery is left as it was
+    assert warnings.showwarning is show and warnings.filters == filters
+    with pytest.warns(UserWarning, match="still recorded"):
+        warnings.warn("still recorded", UserWarning)
+
+
+def test_cp_cost_warning_names_cli_options(model_file, tmp_path, idx_dir, capsys, monkeypatch,
+                                           shown_warnings):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("sigmadecomp_torch.compress"),
+                        "CP_COST_WARN_FLOP", 0)
+    assert cli.main(["compress", model_file, "--method", "cp", "--out", str(tmp_path / "o.pt"),
+                     "--no-progress", "--n-iter", "2", "--data", idx_dir, "--ratio", "2",
+                     "--layers", "layer1.conv1"]) == 0
+    err = _in_cli_words(capsys.readouterr().err)
+    assert "choose a smaller rank (a larger --ratio) or a smaller --n-iter" in err
+    assert "with --cp-inner adaptive --n-iter 10 every conv" in err
+    assert "n_iter_max" not in err
+
+
+def test_report_says_what_rx_counts_when_layers_have_biases(model_file, tmp_path,
+                                                             capsys):
+    path = tmp_path / "mlp.pt"
+    torch.save(_GreyMLP(), path)  # Linear 64->16 and 16->16 with biases
+    argv = ["compress", str(path), "--method", "svd", "--frobenius", "--out",
+            str(tmp_path / "o.pt"), "--no-progress", "--layers", "a,b"]
+    # ranks 3 and 2: weights 1024 -> 240 and 256 -> 64 (rX 4.27 and 4.00); the biases (16
+    # each) are kept, so the table's rX (all parameters) is 4.06 and 3.40
+    assert cli.main(argv + ["--ratio", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err  # b meets --ratio 4 on its weights
+    note = ("params and rX above count biases too (the factorized layers keep them); --ratio "
+            "4 counts weights only: the compressed layers' weights go 1280 -> 304, rX 4.21")
+    assert note in out and note in (tmp_path / "o.report.txt").read_text()
+    assert cli.main(argv + ["--budget", "304"]) == 0
+    out = capsys.readouterr().out
+    assert "keep 304 weight parameters (--budget)" in out
+    assert ("params and rX above count biases too (the factorized layers keep them); --budget "
+            "304 counts weights only: the compressed layers' weights go 1280 -> 304") in out
+    # layers without biases: the table's rX is the weights' one, no note
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--layers",
+                              "layer1.conv1")) == 0
+    assert "counts weights only" not in capsys.readouterr().out
