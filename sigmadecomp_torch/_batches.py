@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -171,6 +171,19 @@ def progress_bar(iterable, *, total, enabled, desc):
     except ImportError:  # pragma: no cover - tqdm is a dependency of the extra
         return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def as_batches(data):
+    """``data`` as an iterable of batches: a tensor or a mapping is one batch (not its rows
+    or keys); a string or anything not iterable is refused (named error)."""
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return [data]
+    # (without calling iter: that would start a DataLoader's worker processes)
+    iterable = isinstance(data, Iterable) or hasattr(type(data), "__getitem__")
+    if isinstance(data, (str, bytes)) or not iterable:
+        raise TypeError(f"data of type {type(data).__name__} is not allowed; data must be a "
+                        "tensor or an iterable of batches (a list, a DataLoader, a generator)")
+    return data
 
 
 def check_materialized(model, who="statistics need"):

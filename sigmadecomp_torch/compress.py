@@ -60,7 +60,7 @@ from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_laye
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
-from ._batches import check_materialized, check_not_meta
+from ._batches import as_batches, check_not_meta
 from .selection import (
     SUPPORTED,
     CallOrder,
@@ -766,6 +766,36 @@ def _canonical_names(model, ranks):
     return paths, canon, explicit
 
 
+def _check_early(model, method, covariances, ratio, ranks, budget, layers, data, sequential,
+                 refit, inplace, centered, options):
+    """The checks of :func:`compress` that come before any pass over ``data`` or exchange:
+    its options, and with ``data`` (one-shot) what the statistics pass checks, which then
+    runs without an exchange of its own (the layer names, the batches' container)."""
+    for flag, value in (("sequential", sequential), ("inplace", inplace),
+                        ("centered", centered)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}={value!r} is not allowed; it must be True or False")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options of type {type(options).__name__} is not allowed; options "
+                        "must be a dict of keyword arguments of the core decomposition, e.g. "
+                        "{'n_iter_max': 20}")
+    if (sequential or data is not None) and covariances is not None:
+        raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
+                         "statistics are then collected from data; give one or the other")
+    check_evbmf_method(method, ranks, budget)
+    if isinstance(model, nn.Module):  # before any forward pass could materialize them
+        check_not_meta(model, who="compress needs")
+    if refit is not None and data is None:
+        raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
+                         "original outputs on the compressed model's inputs, measured on "
+                         "calibration batches")
+    if data is not None and not sequential and isinstance(model, nn.Module):
+        as_batches(data)
+        if not isinstance(model, SUPPORTED):  # the names the statistics are collected for
+            _, canon, explicit = _canonical_names(model, ranks)
+            select_step(model, layers, explicit, ratio, canon)
+
+
 def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, centered, options,
                 min_speedup, example_input):
     """Steps 1-3 of :func:`compress`: ``(options, min_speedup, skipped rows, plans, input
@@ -796,7 +826,7 @@ def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, center
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
              distributed=None, min_speedup=None, example_input=None, data=None,
-             sequential=False, refit=None):
+             sequential=False, refit=None, _checked=False):
     """Replace Conv2d/Linear layers of a model by factorized layers.
 
     Parameters
@@ -884,8 +914,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         group, or this process's data alone with ``False``). The processes
         compare their plans (layers, formats, ranks, a hash of each weight,
         statistics counts) and learn of each other's errors at each step
-        that needs them all, so a process that fails makes the others raise
-        an error naming it instead of waiting.
+        that needs them all, the argument checks first (before any batch is
+        read), so a process that fails makes the others raise an error
+        naming it instead of waiting. A process whose ``data`` has no batch
+        takes part with zero sums (one-shot and sequential alike).
     min_speedup : float, optional
         Keep a layer dense unless its factorized form runs at least this many
         times faster than the dense layer (``1.0``: only strictly not slower).
@@ -918,7 +950,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         details; ``report.refitted`` lists them). With ``sequential``
         they are refitted in network order with the compressed layers;
         without, after the one-shot compression (one more pass over
-        ``data`` per group of dependent layers). Default None.
+        ``data`` per group of dependent layers). ``'all'`` and a predicate
+        also take the chosen layers that their ranks leave dense, in both
+        modes. Default None.
 
     Returns
     -------
@@ -989,24 +1023,20 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     [('0', 4640, 1474), ('2', 9248, 3017)]
     """
     t_start = time.perf_counter()
-    # --- data= / sequential= (sigmadecomp_torch.sequential) ---------------------------
-    for flag, value in (("sequential", sequential), ("inplace", inplace),
-                        ("centered", centered)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag}={value!r} is not allowed; it must be True or False")
-    if options is not None and not isinstance(options, Mapping):
-        raise TypeError(f"options of type {type(options).__name__} is not allowed; options "
-                        "must be a dict of keyword arguments of the core decomposition, e.g. "
-                        "{'n_iter_max': 20}")
-    if (sequential or data is not None) and covariances is not None:
-        raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
-                         "statistics are then collected from data; give one or the other")
-    check_evbmf_method(method, ranks, budget)
     group = _parallel.resolve_group(distributed)  # distributed=True without a group: refused
-    if isinstance(model, nn.Module):  # before any forward pass could materialize them
-        check_materialized(model, who="compress needs")
-    if not (hasattr(ranks, "items") and ranks and ratio is None and budget is None):
-        # (explicit ranks alone name the layers themselves: no default to find)
+    # (explicit ranks alone name the layers themselves: no default to find)
+    explicit_only = bool(hasattr(ranks, "items") and ranks and ratio is None and budget is None)
+    # under a process group every process learns whether the others' argument checks
+    # passed, and that they take the same path (the same exchanges follow); _checked
+    # (internal): the caller's exchanged checks covered these, so no exchange here
+    path = {"sequential": sequential is True, "refit given": refit is not None,
+            "data given": data is not None, "covariances given": covariances is not None,
+            "layers given": layers is not None, "explicit ranks alone": explicit_only}
+    with _parallel.checking(group, path, exchange=not _checked):
+        _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
+                     sequential, refit, inplace, centered, options)
+    # --- data= / sequential= (sigmadecomp_torch.sequential) ---------------------------
+    if not explicit_only:
         default = layers is None
         try:
             layers, data = _default_by_call_order(model, layers, data, example_input)
@@ -1016,10 +1046,6 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             raise
         if default and group is not None:  # the same choice on every process, also on one
             layers = _parallel.first_given(group, layers)  # that has no batch to look at
-    if refit is not None and data is None:
-        raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
-                         "original outputs on the compressed model's inputs, measured on "
-                         "calibration batches")
     if refit is not None and not sequential:
         from .sequential import refit_after
 
@@ -1028,7 +1054,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                 m, method, covariances=stats, ratio=ratio, ranks=ranks, budget=budget,
                 layers=layers, inplace=inplace, centered=centered, options=options,
                 progress=progress, distributed=distributed, min_speedup=min_speedup,
-                example_input=example_input),
+                example_input=example_input, _checked=True),  # (checked above)
             centered=centered, inplace=inplace, progress=progress,
             layers=_data_layers(model, layers, ranks, ratio), distributed=distributed)
     if sequential:
@@ -1044,12 +1070,13 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
 
         wanted = _data_layers(model, layers, ranks, ratio)
         # (no layer that can be replaced: no statistics to collect; planning says why)
+        # (its argument checks are among those exchanged above: _check_early)
         covariances = {} if wanted == [] else collect_covariances(
-            model, data, progress=progress, layers=wanted, distributed=distributed)
+            model, data, progress=progress, layers=wanted, distributed=distributed,
+            _checked=True)
     # --- end data= / sequential= -------------------------------------------------------
     # steps 1-3 on every process; under a process group each learns whether the others
     # planned too, so none waits in the decomposition's exchange for one that failed here
-    group = _parallel.resolve_group(distributed)
     try:
         options, min_speedup, skipped, plans, shapes = _plan_steps(
             model, method, covariances, ratio, ranks, budget, layers, centered, options,

@@ -38,7 +38,6 @@ lives in :mod:`sigmadecomp_torch.layer_stats`, files in
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
 import json
 import warnings
 import weakref
@@ -50,11 +49,11 @@ from torch import nn
 from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
-from ._batches import (batch_mask, check_not_meta, check_not_nested, check_pass_options,
-                       eval_modes, model_device, progress_bar, run_batch, token_rows,
-                       warn_mask_use)
+from ._batches import (as_batches, batch_mask, check_not_meta, check_not_nested,
+                       check_pass_options, eval_modes, model_device, progress_bar, run_batch,
+                       token_rows, warn_mask_use)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
-from .parallel import agree, resolve_group
+from .parallel import agree, checking, resolve_group
 
 __all__ = [
     "LayerStats",
@@ -632,7 +631,7 @@ def select_layers(model, layers=None, *, name="layers"):
 def collect_covariances(model, data, *, layers=None, max_batches=None, progress=True,
                         device=None, chunk_bytes=_DEFAULT_CHUNK_BYTES, position_fraction=1.0,
                         seed=0, forward=None, mask="auto", dtype=torch.float64,
-                        gram_dtype=torch.float64, distributed=None):
+                        gram_dtype=torch.float64, distributed=None, _checked=False):
     """Second moments of the input patches of a model's Conv2d/Linear layers.
 
     The model is run over ``data`` (in eval mode, without gradients); a forward
@@ -683,7 +682,12 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         (``notes/collect_cost.md``). Default 1.0: every position (exact; Proposition 1 then holds on
         the calibration data to rounding). Linear layers always use all rows.
     seed : int, optional
-        Seed of the position draws (only used when ``position_fraction < 1``).
+        Seed of the position draws (only used when ``position_fraction < 1``): layer
+        ``i`` of the chosen ones draws from ``seed + i``. Under a process group
+        (``distributed``) that seed is mixed with the process's rank and the world size
+        (:func:`position_seed`), so each process draws its own positions of its own
+        batches: reproducible for a given ``seed``, world size and rank, and different
+        from the one-process draws.
     forward : callable, optional
         ``forward(model, batch)`` runs the model on one batch, for batches the
         rules above do not cover (the callable moves data to the device
@@ -720,7 +724,10 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         than one process is initialised, sum the statistics over it. ``True``:
         the same, an uninitialised group being an error (raised before any
         batch is read). ``False``: this process's data alone, no collective
-        (for a call that only some processes make).
+        (for a call that only some processes make). Under a group the outcome of
+        the argument checks is exchanged before any batch is read: a process whose
+        arguments are refused raises its error, the others a ``RuntimeError``
+        naming it. A process with no batches adds zero sums.
 
     Returns
     -------
@@ -781,45 +788,47 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     >>> collect_covariances(Tiny(), [batch], progress=False)["proj"].count
     5
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must "
-                        "be a torch.nn.Module")
-    if max_batches is not None:
-        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-            raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must "
-                             "be None or a positive integer")
-    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
-    if (isinstance(position_fraction, bool) or not isinstance(position_fraction, (int, float))
-            or not 0 < position_fraction <= 1):
-        raise ValueError(f"position_fraction={position_fraction!r} is not allowed; "
-                         "position_fraction must be a number in (0, 1]")
-    if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype={dtype!r} is not allowed; dtype must be torch.float64 or "
-                         "torch.float32")
-    if gram_dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"gram_dtype={gram_dtype!r} is not allowed; gram_dtype must be "
-                         "torch.float64 or torch.float32")
-    check_not_meta(model)
     group = resolve_group(distributed)  # before any batch is read
-    chosen = select_layers(model, layers)
-    if not chosen:
-        raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
-                         f"statistics for (layers={layers!r})")
-    signature = [(n, type(m).__name__, tuple(m.weight.shape)) for n, m in chosen]
-    if isinstance(data, (torch.Tensor, Mapping)):  # one batch (not its keys)
-        data = [data]
-    elif isinstance(data, (str, bytes)) or not _iterable(data):
-        raise TypeError(f"data of type {type(data).__name__} is not allowed; data must be a "
-                        "tensor or an iterable of batches (a list, a DataLoader, a generator)")
-    if device is None:
-        device = model_device(model)
-    device = torch.device(device)
-    if device.type == "meta":
-        raise ValueError("device='meta' is not allowed; statistics need real data (use the "
-                         "device of the model's weights)")
+    # under a process group, a process whose checks fail tells the others (one exchange;
+    # none with _checked, internal: the caller's exchanged checks covered these)
+    with checking(group, exchange=not _checked):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model of type {type(model).__name__} is not allowed; model "
+                            "must be a torch.nn.Module")
+        if max_batches is not None:
+            if (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                    or max_batches < 1):
+                raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches "
+                                 "must be None or a positive integer")
+        check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
+        if (isinstance(position_fraction, bool)
+                or not isinstance(position_fraction, (int, float))
+                or not 0 < position_fraction <= 1):
+            raise ValueError(f"position_fraction={position_fraction!r} is not allowed; "
+                             "position_fraction must be a number in (0, 1]")
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"dtype={dtype!r} is not allowed; dtype must be torch.float64 "
+                             "or torch.float32")
+        if gram_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"gram_dtype={gram_dtype!r} is not allowed; gram_dtype must be "
+                             "torch.float64 or torch.float32")
+        check_not_meta(model)
+        chosen = select_layers(model, layers)
+        if not chosen:
+            raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
+                             f"statistics for (layers={layers!r})")
+        signature = [(n, type(m).__name__, tuple(m.weight.shape)) for n, m in chosen]
+        data = as_batches(data)  # (a tensor or a mapping is one batch, not its rows or keys)
+        if device is None:
+            device = model_device(model)
+        device = torch.device(device)
+        if device.type == "meta":
+            raise ValueError("device='meta' is not allowed; statistics need real data (use "
+                             "the device of the model's weights)")
+        seeds = [position_seed(seed, i, group) for i in range(len(chosen))]
 
     run = _Run()
-    accs = {name: _Accumulator(name, m, chunk_bytes, run, position_fraction, seed + i,
+    accs = {name: _Accumulator(name, m, chunk_bytes, run, position_fraction, seeds[i],
                                gram_dtype)
             for i, (name, m) in enumerate(chosen)}
     handles = []
@@ -890,12 +899,33 @@ def _why_no_rows(position_fraction):
                if position_fraction < 1 else "") + ")")
 
 
-def _iterable(data):
+def position_seed(seed, index, group=None):
+    """Seed of the position draws of the ``index``-th chosen layer (``position_fraction``).
+
+    One process: ``seed + index``. Under a process group (``group`` = ``(rank,
+    world_size)`` from :func:`sigmadecomp_torch.parallel.resolve_group`) that number is
+    mixed with the rank and the world size (``numpy.random.SeedSequence``), so that the
+    processes draw different positions of their batches, each reproducibly.
+
+    Examples
+    --------
+    >>> from sigmadecomp_torch.covariance import position_seed
+    >>> position_seed(7, 2)
+    9
+    >>> position_seed(7, 2, (0, 2)) != position_seed(7, 2, (1, 2))
+    True
+    """
     try:
-        iter(data)
-    except TypeError:
-        return False
-    return True
+        base = int(seed) + int(index)
+    except (TypeError, ValueError):
+        raise TypeError(f"seed={seed!r} is not allowed; seed must be an integer") from None
+    if group is None:
+        return base
+    import numpy as np
+
+    rank, world = group
+    mixed = np.random.SeedSequence((base % 2 ** 64, int(rank), int(world)))
+    return int(mixed.generate_state(1, np.uint64)[0])
 
 
 def _all_reduce(accs):

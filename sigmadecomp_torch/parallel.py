@@ -31,14 +31,15 @@ thread settings.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import secrets
 
 import torch
 
-__all__ = ["layer_cost", "assign", "resolve_group", "agree", "first_given", "LayerShard",
-           "SCHEDULES"]
+__all__ = ["layer_cost", "assign", "resolve_group", "agree", "checking", "first_given",
+           "LayerShard", "SCHEDULES"]
 
 #: How :class:`LayerShard` shares the layers: ``"dynamic"`` (the next layer
 #: to whichever process is free) or ``"static"`` (shares fixed in advance).
@@ -105,6 +106,39 @@ def agree(group, what, signature, error=None):
                              "(same model, layers and options)")
 
 
+@contextlib.contextmanager
+def checking(group, signature=None, *, exchange=True):
+    """The argument checks of an entry point, their outcome exchanged once over ``group``.
+
+    Every process runs the ``with`` block (its own checks of its arguments, before any
+    collective) and then takes part in one :func:`agree` ("checking the arguments"): a
+    process whose checks raised passes its error there and re-raises it; every other
+    process raises a ``RuntimeError`` naming it, instead of going on into a collective
+    that the failed process never joins. ``signature`` (picklable, comparable) describes
+    the choices that decide which exchanges follow (e.g. whether statistics are
+    collected); processes that differ in it raise a ``ValueError``, so they never pair
+    unlike exchanges.
+
+    Without a group (``group`` None), or with ``exchange=False`` (a call nested in one
+    whose own exchanged checks already covered these), the block just runs.
+
+    Examples
+    --------
+    >>> from sigmadecomp_torch.parallel import checking
+    >>> with checking(None):  # one process: the checks alone
+    ...     pass
+    """
+    if group is None or not exchange:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        agree(group, "checking the arguments", signature, error=exc)
+        raise
+    agree(group, "checking the arguments", signature)
+
+
 def _outcomes(group, what, value, error):
     """Every process's ``value`` (one ``all_gather_object``), after the failures: None on a
     process that passes its ``error``; on the others a ``RuntimeError`` naming the first
@@ -120,14 +154,15 @@ def _outcomes(group, what, value, error):
     return [v for _, v in got]
 
 
-def first_given(group, value, error=None):
+def first_given(group, value, error=None, what="finding the default layers"):
     """The ``value`` of the lowest-ranked process of ``group`` that has one (not None), on
     every process (one ``all_gather_object``); None if no process has one.
 
     A process that failed passes its ``error`` instead (and re-raises it afterwards); the
-    others then raise a ``RuntimeError`` naming it, as in :func:`agree`.
+    others then raise a ``RuntimeError`` naming it and ``what`` it was doing, as in
+    :func:`agree`.
     """
-    got = _outcomes(group, "finding the default layers", value, error)
+    got = _outcomes(group, what, value, error)
     return None if got is None else next((v for v in got if v is not None), None)
 
 
@@ -248,16 +283,24 @@ class LayerShard:
         group's store); falls back to ``"static"`` when the store cannot be
         reached. ``"static"``: :func:`assign` fixes the shares in advance.
 
-    With one process every layer is this process's, in plan order, and
+    Under a process group the construction takes part in one exchange, whatever the
+    schedule: a ``schedule`` refused on one process makes the others raise a
+    ``RuntimeError`` naming it, and unlike schedules are a ``ValueError`` on every
+    process. With one process every layer is this process's, in plan order, and
     :meth:`gather` returns its arguments unchanged. Iterate over
     :meth:`layers` to get this process's share.
     """
 
     def __init__(self, plan, options, distributed, *, schedule="dynamic"):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is not allowed; schedule must be one of "
-                             f"{', '.join(map(repr, SCHEDULES))}")
         group = resolve_group(distributed)
+        bad = None if schedule in SCHEDULES else ValueError(
+            f"schedule={schedule!r} is not allowed; schedule must be one of "
+            f"{', '.join(map(repr, SCHEDULES))}")
+        claim = (None, None)
+        if group is not None:  # one exchange in either schedule: the others learn of `bad`
+            claim = _claim_counter(group, schedule, bad)
+        if bad is not None:
+            raise bad
         self.rank, self.world_size = group if group is not None else (0, 1)
         self.names = [p.name for p in plan]
         self.devices = {p.name: p.module.weight.device for p in plan}
@@ -272,8 +315,7 @@ class LayerShard:
                                 p.sigma is not None, p.samples) for p in plan]
             #: plan indices in the order the layers are handed out
             self.order = sorted(range(len(plan)), key=lambda i: (-float(costs[i]), i))
-            if schedule == "dynamic":
-                self._store, self._key = _claim_counter()
+            self._store, self._key = claim
             if self._store is not None:
                 self.schedule = "dynamic"
                 owner = [None] * len(plan)  # decided by the claims, known after gather
@@ -414,24 +456,35 @@ class LayerShard:
                 pass
 
 
-def _claim_counter():
-    """``(store, key)`` of a fresh counter in the default group's store, or ``(None, None)``.
+def _claim_counter(group, schedule, error=None):
+    """``(store, key)`` of a fresh counter in the default group's store, or ``(None, None)``
+    (``schedule`` not ``"dynamic"``, or a store some process cannot reach).
 
-    The key carries a random token drawn by process 0 and broadcast to all,
+    Every process of ``group`` calls it, whatever its ``schedule``: a process whose
+    ``schedule`` was refused passes its ``error`` (and raises it afterwards), the others
+    then raise a ``RuntimeError`` naming it; processes with different schedules raise a
+    ``ValueError``. The key carries a random token drawn by process 0 and broadcast to all,
     so no two calls (nor a restarted job on the same store) share a counter.
     """
     dist = _dist()
     from torch.distributed import distributed_c10d
 
-    try:
-        store = distributed_c10d._get_default_store()
-    except Exception:  # no store reachable (an unusual backend or torch version)
-        store = None
+    store = None
+    if error is None and schedule == "dynamic":
+        try:
+            store = distributed_c10d._get_default_store()
+        except Exception:  # no store reachable (an unusual backend or torch version)
+            store = None
     token = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)  # every process learns process 0's token
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, store is not None)
-    if not all(flags):
+    got = _outcomes(group, "checking the arguments", (schedule, store is not None), error)
+    if got is None:  # this process failed: the caller raises its error
+        return None, None
+    if any(s != got[0][0] for s, _ in got):
+        raise ValueError("the processes disagree on the schedule: "
+                         + ", ".join(f"process {r} has {s!r}" for r, (s, _) in enumerate(got))
+                         + "; every process must make the same call")
+    if schedule != "dynamic" or not all(ok for _, ok in got):
         return None, None
     return store, f"sigmadecomp/compress/claims/{token[0]}"
 

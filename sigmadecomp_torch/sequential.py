@@ -55,10 +55,11 @@ from torch import nn
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
-from ._batches import (batch_mask, check_pass_options, eval_modes, model_device, progress_bar,
-                       check_not_nested, run_batch, token_rows, warn_mask_use)
+from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
+                       model_device, progress_bar, check_not_nested, run_batch, token_rows,
+                       warn_mask_use)
 from .covariance import LayerStats, select_layers
-from .parallel import agree, resolve_group
+from .parallel import agree, checking, first_given, resolve_group
 from .selection import dense_reasons
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
@@ -244,12 +245,13 @@ class _CrossAccumulator:
     def all_reduce(self):
         import torch.distributed as dist
 
-        cnt = torch.tensor([float(self.count), float(self.changed)], dtype=torch.float64,
-                           device=self.device)
+        cnt = torch.tensor([float(self.count), float(self.changed), float(self.calls)],
+                           dtype=torch.float64, device=self.device)
         for t in (self.cc, self.oc, self.so, self.sc, self.energy, cnt):
             dist.all_reduce(t)
         self.count = int(round(float(cnt[0].item())))
         self.changed = bool(cnt[1].item() > 0)
+        self.calls = int(round(float(cnt[2].item())))
 
     def result(self):
         c = self.count
@@ -297,9 +299,11 @@ class _OutputAccumulator:
     def all_reduce(self, device):
         import torch.distributed as dist
 
-        t = torch.tensor([self.diff, self.energy], dtype=torch.float64, device=device)
+        t = torch.tensor([self.diff, self.energy, float(self.count)], dtype=torch.float64,
+                         device=device)
         dist.all_reduce(t)
         self.diff, self.energy = float(t[0]), float(t[1])
+        self.count = int(round(float(t[2])))  # (a process without batches has none)
 
     def relative(self):
         if self.count == 0:
@@ -309,9 +313,21 @@ class _OutputAccumulator:
         return math.sqrt(self.diff / self.energy)
 
 
+def _check_pass(chunk_bytes, forward, mask, max_batches):
+    """The options of the passes over the data (as :func:`collect_covariances` checks them)."""
+    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
+                         "None or a positive integer")
+
+
 def _check_reiterable(data, name="data"):
     if isinstance(data, (torch.Tensor, Mapping)):  # one batch
         return [data]
+    if isinstance(data, (str, bytes)):
+        raise TypeError(f"{name} of type {type(data).__name__} is not allowed; it must be a "
+                        "tensor or an iterable of batches (a list or a DataLoader)")
     if isinstance(data, Iterator):
         raise TypeError(f"{name} of type {type(data).__name__} is an iterator, which can be "
                         "read only once; sequential compression runs the data once per "
@@ -362,9 +378,9 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
                             f"original model than in the compressed one in batch {i}; the "
                             "two forward passes must call it the same number of times")
                 n_batches += 1
-        if n_batches == 0:
+        if n_batches == 0 and group is None:
             raise ValueError("data yielded no batches; sequential compression needs at least "
-                             "one batch" + (" on every process" if group else ""))
+                             "one batch")
     except Exception as exc:
         agree(group, what, signature, error=exc)
         raise
@@ -377,8 +393,15 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
         square = next((a.square_mask for a, _, _ in cross if a.square_mask is not None), None)
         warn_mask_use(square, mask_seen, any(a.mask_used for a, _, _ in cross),
                       stacklevel=3)
-    if group is not None:
+    if group is not None:  # (a process without batches adds zero sums and counts)
         agree(group, what, signature)
+        import torch.distributed as dist
+
+        total = torch.tensor([float(n_batches)], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        if total.item() == 0:
+            raise ValueError("data yielded no batches on any process of the group; sequential "
+                             "compression needs at least one batch on one of them")
         for acc, _, _ in cross:
             acc.all_reduce()
         for acc, m_o, _ in outputs:
@@ -428,38 +451,38 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
     >>> bool(torch.allclose(s.sigma_oc, s.sigma_cc)), s.count
     (True, 32)
     """
-    for what, m in (("original", original), ("compressed", compressed)):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{what} of type {type(m).__name__} is not allowed; it must be a "
-                            "torch.nn.Module")
-    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
-    if max_batches is not None and (isinstance(max_batches, bool)
-                                    or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
-                         "None or a positive integer")
-    data = _check_reiterable(data)
-    if compressed is original:  # hooks on one module would see both passes
-        compressed = copy.deepcopy(original)
-    comp_modules = dict(compressed.named_modules())
-    if layers is None:
-        chosen = [(n, m) for n, m in select_layers(original)
-                  if isinstance(comp_modules.get(n), (nn.Conv2d, nn.Linear))]
-    else:
-        chosen = select_layers(original, layers)
-    cross = []
-    for name, m in chosen:
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"layer {name!r} is a grouped convolution (groups={m.groups}); "
-                             "cross statistics are gathered for groups=1 only")
-        mc = comp_modules.get(name)
-        if mc is None:
-            raise ValueError(f"layer {name!r} of the original model is not a module of the "
-                             "compressed model")
-        cross.append((_CrossAccumulator(name, m, chunk_bytes), m, mc))
-    if device is None:
-        device = model_device(original)
+    # under a process group, a process whose checks fail tells the others (one exchange)
+    with checking(resolve_group(distributed)):
+        for what, m in (("original", original), ("compressed", compressed)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"{what} of type {type(m).__name__} is not allowed; it must "
+                                "be a torch.nn.Module")
+        _check_pass(chunk_bytes, forward, mask, max_batches)
+        data = _check_reiterable(data)
+        if compressed is original:  # hooks on one module would see both passes
+            compressed = copy.deepcopy(original)
+        comp_modules = dict(compressed.named_modules())
+        if layers is None:
+            chosen = [(n, m) for n, m in select_layers(original)
+                      if isinstance(comp_modules.get(n), (nn.Conv2d, nn.Linear))]
+        else:
+            chosen = select_layers(original, layers)
+        cross = []
+        for name, m in chosen:
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise ValueError(f"layer {name!r} is a grouped convolution (groups="
+                                 f"{m.groups}); cross statistics are gathered for groups=1 "
+                                 "only")
+            mc = comp_modules.get(name)
+            if mc is None:
+                raise ValueError(f"layer {name!r} of the original model is not a module of "
+                                 "the compressed model")
+            cross.append((_CrossAccumulator(name, m, chunk_bytes), m, mc))
+        if device is None:
+            device = model_device(original)
+        device = torch.device(device)
     _run_pair(original, compressed, data, cross=cross, outputs=[], max_batches=max_batches,
-              forward=forward, mask=mask, device=torch.device(device), progress=progress,
+              forward=forward, mask=mask, device=device, progress=progress,
               desc="cross statistics", distributed=distributed)
     out = {}
     for acc, _, _ in cross:
@@ -620,6 +643,33 @@ def _layer_groups(model, names, batch, device, forward, independent):
     return groups, never
 
 
+def _groups_on_first_batch(model, names, data, device, forward, independent, group,
+                           who="sequential compression"):
+    """``(groups, never)`` of :func:`_layer_groups` on the first batch of ``data``.
+
+    Under a process group (``group`` from :func:`resolve_group`) every process gets those
+    of the lowest-ranked process that has a batch (one without any takes part with zero
+    sums later); a process that fails here makes the others raise. An error when no
+    process has a batch.
+    """
+    what = "finding the layer groups on the first batch"
+    try:
+        first = next(iter(data), None)
+        found = (None if first is None else
+                 _layer_groups(model, names, first, device, forward, independent))
+    except Exception as exc:
+        if group is not None:
+            first_given(group, None, error=exc, what=what)
+        raise
+    if group is not None:
+        found = first_given(group, found, what=what)
+    if found is None:
+        raise ValueError("data yielded no batches"
+                         + (" on any process of the group" if group is not None else "")
+                         + f"; {who} needs at least one batch")
+    return found
+
+
 # --------------------------------------------------------------- compression
 
 
@@ -693,7 +743,7 @@ def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, 
     names = [n for n in names if n not in dense]
     stats = collect_covariances(model, data, layers=names, max_batches=max_batches,
                                 progress=False, forward=forward, mask=mask,
-                                distributed=distributed)
+                                distributed=distributed, _checked=True)  # (checked by caller)
     specs, methods = {}, {}
     for n in names:
         if n not in stats:
@@ -735,7 +785,13 @@ def sequential_compress(model, method, data, *, ratio=None, ranks=None, budget=N
         Calibration batches (a list or a ``DataLoader``; an iterator is
         refused: the data are read once per group, plus once for the
         budget allocation and once for the final output errors). Batch rules
-        as in :func:`collect_covariances`.
+        as in :func:`collect_covariances`. Under a process group each
+        process passes its own share; a process with none adds zero sums
+        (and counts) to every pass and returns the same model as the others,
+        which is the one-process model on the union of the shares (the layer
+        groups are those found on the first batch of the lowest-ranked
+        process that has one). Only data without a batch on every process is
+        an error.
     ratio, ranks, budget, layers, inplace, centered, options, progress, distributed, \
 min_speedup, example_input
         As for :func:`compress`. ``ranks='evbmf'`` is evaluated on the
@@ -761,19 +817,23 @@ min_speedup, example_input
         group (one pass over the data for all of them). ``False``: one
         layer per group.
     refit : None, 'all', str, list of str or callable, optional
-        Dense layers (``nn.Conv2d`` with ``groups=1`` or ``nn.Linear``, not
-        among the layers to compress) to refit in place, in network order
-        with the others: their weight becomes the corrected target ``K'``
-        itself (full rank; the ridge as ``target_ridge``, default
+        Dense layers (``nn.Conv2d`` with ``groups=1`` or ``nn.Linear``) to
+        refit in place, in network order with the others: their weight
+        becomes the corrected target ``K'`` itself (full rank; the ridge as
+        ``target_ridge``, default
         :data:`sigmadecomp.sigma.DEFAULT_RIDGE`), the exact minimiser of
         the ridge-regularised ``E||K x_o - K~ x_c||^2`` over dense ``K~``,
         so a layer downstream of compressed ones (a shortcut, the
         classifier) undoes part of their error. With ``centered`` the bias
         becomes ``b + K mu_o - K' mu_c`` (a layer without bias gets one, its
         only added parameters). ``'all'``: every such layer that can be
-        refitted (the others are listed in ``report.skipped``); a
+        refitted (the others are listed in ``report.skipped``), the layers
+        chosen for compression that their ranks leave dense included (kept
+        dense because the factorized form would not be smaller, or by
+        ``min_speedup``), as one-shot compression + refit does; a
         predicate ``f(name, module)``: those of them it accepts; names:
-        those (an error if one cannot be). A layer whose inputs the
+        those (an error if one cannot be, or if it is among the layers to
+        compress). A layer whose inputs the
         compression does not change is left as it is. ``None`` (default):
         dense layers keep their weights. ``compress(..., data=...,
         refit=...)`` without ``sequential`` refits after a one-shot
@@ -822,74 +882,89 @@ min_speedup, example_input
     from .compress import check_evbmf_method, compress, layer_method_for
 
     t_start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module")
-    if data is None:
-        raise ValueError("data=None is not allowed with sequential=True; sequential "
-                         "compression needs calibration batches (data=...)")
-    data = _check_reiterable(data)
-    for flag, value in (("cross", cross), ("independent", independent),
-                        ("inplace", inplace), ("centered", centered)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag}={value!r} is not allowed; {flag} must be True or False")
-    if method not in ("svd", "tucker2", "cp", "tt"):
-        from .compress import LAYER_METHODS
+    pg = resolve_group(distributed)  # (the process group, if any)
+    bare = isinstance(model, (nn.Conv2d, nn.Linear))
+    # under a process group every process learns whether the others' argument checks
+    # passed, and that they take the same path (the same exchanges follow)
+    path = {"single layer": bare, "budget given": budget is not None,
+            "layers given": layers is not None, "refit given": refit is not None}
+    with checking(pg, path):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model of type {type(model).__name__} is not allowed; model must "
+                            "be a torch.nn.Module")
+        if data is None:
+            raise ValueError("data=None is not allowed with sequential=True; sequential "
+                             "compression needs calibration batches (data=...)")
+        data = _check_reiterable(data)
+        for flag, value in (("cross", cross), ("independent", independent),
+                            ("inplace", inplace), ("centered", centered)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}={value!r} is not allowed; {flag} must be True or "
+                                "False")
+        if method not in ("svd", "tucker2", "cp", "tt"):
+            from .compress import LAYER_METHODS
 
-        if method not in LAYER_METHODS:
-            allowed = ", ".join(repr(m) for m in LAYER_METHODS)
-            raise ValueError(f"method={method!r} is not allowed; method must be one of "
-                             f"{allowed}")
-    if target_ridge is not None and (isinstance(target_ridge, bool)
-                                     or not isinstance(target_ridge, (int, float))
-                                     or not math.isfinite(target_ridge) or target_ridge < 0):
-        raise ValueError(f"target_ridge={target_ridge!r} is not allowed; target_ridge must "
-                         "be None or a finite number >= 0")
-    if ratio is None and ranks is None and budget is None:
-        raise ValueError("no way to choose ranks: give ratio=, ranks= (a dict or 'evbmf') "
-                         "or budget=")
-    if budget is not None and (ratio is not None or ranks is not None):
-        raise ValueError("budget cannot be combined with ratio or ranks; give one of them")
-    if isinstance(ranks, str) and ranks != "evbmf":
-        raise ValueError(f"ranks={ranks!r} is not allowed; ranks must be a dict of layer "
-                         "name -> ranks or the string 'evbmf'")
-    check_evbmf_method(method, ranks, budget)
-    if isinstance(model, (nn.Conv2d, nn.Linear)):
-        _refit_candidates(model, refit, [])  # refuses a named refit
-        # a single layer has no upstream layers: sequential equals one-shot
+            if method not in LAYER_METHODS:
+                allowed = ", ".join(repr(m) for m in LAYER_METHODS)
+                raise ValueError(f"method={method!r} is not allowed; method must be one of "
+                                 f"{allowed}")
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"options of type {type(options).__name__} is not allowed; "
+                            "options must be a dict of keyword arguments of the core "
+                            "decomposition, e.g. {'n_iter_max': 20}")
+        if target_ridge is not None and (isinstance(target_ridge, bool)
+                                         or not isinstance(target_ridge, (int, float))
+                                         or not math.isfinite(target_ridge)
+                                         or target_ridge < 0):
+            raise ValueError(f"target_ridge={target_ridge!r} is not allowed; target_ridge "
+                             "must be None or a finite number >= 0")
+        if ratio is None and ranks is None and budget is None:
+            raise ValueError("no way to choose ranks: give ratio=, ranks= (a dict or "
+                             "'evbmf') or budget=")
+        if budget is not None and (ratio is not None or ranks is not None):
+            raise ValueError("budget cannot be combined with ratio or ranks; give one of them")
+        if isinstance(ranks, str) and ranks != "evbmf":
+            raise ValueError(f"ranks={ranks!r} is not allowed; ranks must be a dict of layer "
+                             "name -> ranks or the string 'evbmf'")
+        check_evbmf_method(method, ranks, budget)
+        _check_pass(_DEFAULT_CHUNK_BYTES, forward, mask, max_batches)
+        check_not_meta(model, who="sequential compression needs")
+        if bare:
+            _refit_candidates(model, refit, [])  # refuses a named refit
+        else:
+            names, named, skipped = _candidates(model, layers, ranks, ratio)
+            if not names and refit is None:  # as one-shot compress says it
+                raise ValueError("no layer can be compressed: "
+                                 + ("; ".join(f"{r['name']!r}: {r['reason']}" for r in skipped)
+                                    or f"layers={layers!r} selects no Conv2d/Linear module"))
+            explicit = dict(ranks) if hasattr(ranks, "items") else {}
+            if ratio is None and budget is None and ranks != "evbmf":
+                missing = [n for n in names if n not in explicit]
+                if missing:
+                    raise ValueError(f"layers {missing} have no ranks: ranks= does not name "
+                                     "them and ratio= is not given")
+            refits, refit_named, refit_skipped = _refit_candidates(model, refit, names)
+            # with 'all' or a predicate, refit also takes the chosen layers that their
+            # ranks leave dense (as one-shot compression + refit does)
+            late = set() if refit is None or refit_named else (
+                set(_refit_candidates(model, refit, [])[0]) & set(names))
+    if bare:
+        # a single layer has no upstream layers: sequential equals one-shot (the checks
+        # of both calls are among those exchanged above)
         from .covariance import collect_covariances
 
         stats = collect_covariances(model, data, max_batches=max_batches, progress=False,
-                                    forward=forward, mask=mask, distributed=distributed)
+                                    forward=forward, mask=mask, distributed=distributed,
+                                    _checked=True)
         return compress(model, method, covariances=stats, ratio=ratio, ranks=ranks,
                         budget=budget, layers=layers, inplace=inplace, centered=centered,
                         options=options, progress=progress, distributed=distributed,
-                        min_speedup=min_speedup, example_input=example_input)
+                        min_speedup=min_speedup, example_input=example_input, _checked=True)
 
-    names, named, skipped = _candidates(model, layers, ranks, ratio)
-    if not names and refit is None:  # as one-shot compress says it
-        raise ValueError("no layer can be compressed: "
-                         + ("; ".join(f"{r['name']!r}: {r['reason']}" for r in skipped)
-                            or f"layers={layers!r} selects no Conv2d/Linear module"))
-    explicit = dict(ranks) if hasattr(ranks, "items") else {}
-    if ratio is None and budget is None and ranks != "evbmf":
-        missing = [n for n in names if n not in explicit]
-        if missing:
-            raise ValueError(f"layers {missing} have no ranks: ranks= does not name them and "
-                             "ratio= is not given")
-    device = torch.device(model_device(model))
-    first = next(iter(data), None)
-    empty = None if first is not None else ValueError(
-        "data yielded no batches; sequential compression needs at least one batch (on every "
-        "process of a process group)")
-    # every process learns whether the others can start (no one waits for a process that
-    # stopped here)
-    agree(resolve_group(distributed), "starting sequential compression", None, error=empty)
-    if empty is not None:
-        raise empty
-    refits, refit_named, refit_skipped = _refit_candidates(model, refit, names)
     add_skipped(skipped, refit_skipped)
-    groups, never = _layer_groups(model, names + refits, first, device, forward, independent)
+    device = torch.device(model_device(model))
+    groups, never = _groups_on_first_batch(model, names + refits, data, device, forward,
+                                           independent, pg)
     for n in never:
         if n in refits:
             if refit_named:
@@ -958,7 +1033,7 @@ min_speedup, example_input
             stats[acc.name] = cs.layer_stats()
         kw = dict(covariances=stats, inplace=True, centered=centered, options=options,
                   progress=False, distributed=distributed, min_speedup=min_speedup,
-                  example_input=example_input)
+                  example_input=example_input, _checked=True)  # (checked above)
         if alloc is not None:
             kw["ranks"] = {n: alloc[n] for n in eligible if n in alloc}
         elif ranks == "evbmf":
@@ -1003,14 +1078,10 @@ min_speedup, example_input
             dense = dense_reasons(original, group)
             skipped += [{"name": n, "kind": type(orig_modules[n]).__name__,
                          "reason": dense.get(n, reason)} for n in group]
-        for n in group:  # layers left dense get their own weights back
+        by_name = {acc.name: acc for acc, _, _ in cross_accs}
+        for n in group:  # layers left dense get their own weights back ...
             if n in done or n not in saved:
                 continue
-            if refit is not None and n not in refit_set:
-                add_skipped(skipped, [{"name": n, "kind": type(orig_modules[n]).__name__,
-                                       "reason": "not refitted: a chosen layer left dense "
-                                                 "keeps its own weights in sequential "
-                                                 "compression"}])
             w, b, had_none = saved[n]
             m_c = work_modules[n]
             with torch.no_grad():
@@ -1019,6 +1090,10 @@ min_speedup, example_input
                     m_c.bias = None
                 else:
                     m_c.bias.copy_(b)
+            if n in late:  # ... or are refitted, with refit='all' or a predicate
+                _refit_into(by_name[n], orig_modules[n], m_c, gi, centered=centered,
+                            ridge=DEFAULT_RIDGE if target_ridge is None else target_ridge,
+                            refitted=refitted, skipped=skipped, pending=pending_out)
     _last_outputs(original, work, data, pending_out, rows + refitted, max_batches=max_batches,
                   forward=forward, mask=mask, device=device, progress=progress,
                   distributed=distributed)
@@ -1090,7 +1165,9 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
         as they are, and the token mask of padded sequence batches.
     distributed : None or bool, optional
         Process group use of the statistics passes, as for
-        :func:`collect_covariances` (``compress_fn`` has its own).
+        :func:`collect_covariances` (``compress_fn`` has its own): the
+        outcome of the argument checks is exchanged first, and a process
+        without batches adds zero sums.
 
     Returns
     -------
@@ -1115,24 +1192,45 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     from .covariance import collect_covariances
 
     t_start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module")
-    data = _check_reiterable(data)
-    # refit checked before any work (a name among the layers compress takes is refused,
-    # and so is a named layer that never runs: compress_fn may work in place)
-    pre, pre_named, _ = _refit_candidates(model, refit, layers or [])
-    first = next(iter(data), None)
-    if pre_named and pre and first is not None and not isinstance(model, (nn.Conv2d, nn.Linear)):
-        _, never = _layer_groups(model, pre, first, torch.device(model_device(model)), forward,
-                                 True)
-        if never:
-            raise ValueError(f"refit contains {never[0]!r}, which never ran in the forward "
-                             "pass; it cannot be refitted")
+    pg = resolve_group(distributed)  # (the process group, if any)
+    bare = isinstance(model, (nn.Conv2d, nn.Linear))
+    # under a process group every process learns whether the others' checks passed
+    with checking(pg, {"single layer": bare}):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model of type {type(model).__name__} is not allowed; model must "
+                            "be a torch.nn.Module")
+        data = _check_reiterable(data)
+        if not callable(compress_fn):
+            raise TypeError(f"compress_fn={compress_fn!r} is not allowed; compress_fn must be "
+                            "a callable compress_fn(model, statistics) -> (model, report)")
+        for flag, value in (("centered", centered), ("inplace", inplace)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}={value!r} is not allowed; {flag} must be True or "
+                                "False")
+        if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
+                                  or not math.isfinite(ridge) or ridge < 0):
+            raise ValueError(f"ridge={ridge!r} is not allowed; ridge must be None or a finite "
+                             "number >= 0")
+        _check_pass(_DEFAULT_CHUNK_BYTES, forward, mask, max_batches)
+        check_not_meta(model)
+        # (what the statistics pass checks: it runs without an exchange of its own)
+        if not select_layers(model, layers):
+            raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
+                             f"statistics for (layers={layers!r})")
+        # refit checked before any work (a name among the layers compress takes is refused,
+        # and so is a named layer that never runs: compress_fn may work in place)
+        pre, pre_named, _ = _refit_candidates(model, refit, layers or [])
+        first = next(iter(data), None)
+        if pre_named and pre and first is not None and not bare:
+            _, never = _layer_groups(model, pre, first, torch.device(model_device(model)),
+                                     forward, True)
+            if never:
+                raise ValueError(f"refit contains {never[0]!r}, which never ran in the "
+                                 "forward pass; it cannot be refitted")
     original = copy.deepcopy(model) if inplace else model  # the reference outputs
     stats = collect_covariances(model, data, layers=layers, progress=progress,
                                 max_batches=max_batches, forward=forward, mask=mask,
-                                distributed=distributed)
+                                distributed=distributed, _checked=True)
     small, report = compress_fn(model, stats)
     if isinstance(model, (nn.Conv2d, nn.Linear)):
         return small, report
@@ -1143,8 +1241,8 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     if not refits:
         return small, report
     device = torch.device(model_device(original))
-    first = next(iter(data), None)
-    groups, never = _layer_groups(original, refits, first, device, forward, True)
+    groups, never = _groups_on_first_batch(original, refits, data, device, forward, True, pg,
+                                           who="the refit")
     for n in never:
         if named:
             raise ValueError(f"refit contains {n!r}, which never ran in the forward pass; "

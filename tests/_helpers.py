@@ -42,9 +42,10 @@ def free_port():
 
 
 @contextlib.contextmanager
-def gloo_group(rank, port, world):
+def gloo_group(rank, port, world, timeout=60):
     """Inside a spawned worker: a gloo process group of ``world`` processes met at
-    127.0.0.1:``port`` (one torch thread each, a 60 s timeout), destroyed on exit."""
+    127.0.0.1:``port`` (one torch thread each, a ``timeout`` of 60 s for every collective
+    by default), destroyed on exit."""
     from datetime import timedelta
 
     import torch
@@ -53,7 +54,7 @@ def gloo_group(rank, port, world):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     try:
         yield
     finally:

@@ -78,3 +78,71 @@ def test_two_gloo_workers_equal_one_process(tmp_path):
     # each worker alone saw only part of the data: the all-reduce did the merge
     part = collect_covariances(_model(), _batches()[0::WORLD], progress=False)
     assert part["0"].count < single["0"].count
+
+
+# ------------------------------------------------ position draws (position_fraction < 1)
+
+FRACTION, SEED = 0.5, 7
+
+
+def _record_draws(drawn):
+    """Make every accumulator of this process record its position masks in ``drawn[-1]``
+    (a dict of layer name -> masks)."""
+    from sigmadecomp_torch import covariance
+
+    keep = covariance._Accumulator._keep
+
+    def spy(self, shape):
+        mask = keep(self, shape)
+        if mask is not None:
+            drawn[-1].setdefault(self.name, []).append(mask.clone())
+        return mask
+
+    covariance._Accumulator._keep = spy
+
+
+def _draw_worker(rank, port, out_dir):
+    drawn = []
+    _record_draws(drawn)
+    with gloo_group(rank, port, WORLD):
+        same = _batches()[:1]  # the same batch on both processes
+        for _ in range(2):  # twice: the draws repeat
+            drawn.append({})
+            stats = collect_covariances(_model(), same, layers=["0"], progress=False,
+                                        position_fraction=FRACTION, seed=SEED)
+            drawn[-1]["sigma"] = stats["0"].sigma
+        torch.save(drawn, os.path.join(out_dir, f"draws{rank}.pt"))
+        dist.barrier()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_position_draws_differ_between_processes_and_repeat(tmp_path, monkeypatch):
+    from sigmadecomp_torch import covariance
+
+    spawn_workers(_draw_worker, (free_port(), str(tmp_path)), WORLD, TIMEOUT, "position draws")
+    got = [torch.load(os.path.join(tmp_path, f"draws{r}.pt")) for r in range(WORLD)]
+    for rank in range(WORLD):
+        first, again = got[rank]
+        # reproducible for a given seed, world size and rank ...
+        assert len(first["0"]) == len(again["0"]) > 0
+        for a, b in zip(first["0"], again["0"]):
+            assert torch.equal(a, b)
+        assert torch.equal(first["sigma"], again["sigma"])
+    # ... and the two processes draw different positions of the same batch
+    assert not torch.equal(got[0][0]["0"][0], got[1][0]["0"][0])
+    from sigmadecomp_torch.covariance import position_seed  # (the documented seeds)
+
+    for rank in range(WORLD):
+        mask = got[rank][0]["0"][0]
+        gen = torch.Generator().manual_seed(position_seed(SEED, 0, (rank, WORLD)))
+        assert torch.equal(mask, torch.rand(mask.shape, generator=gen) < FRACTION)
+    # one process draws as it always did: layer i from seed + i
+    drawn = [{}]
+    monkeypatch.setattr(covariance._Accumulator, "_keep", covariance._Accumulator._keep)
+    _record_draws(drawn)
+    collect_covariances(_model(), _batches()[:1], layers=["0", "2"], progress=False,
+                        position_fraction=FRACTION, seed=SEED)
+    for i, name in enumerate(["0", "2"]):
+        mask = drawn[0][name][0]
+        gen = torch.Generator().manual_seed(SEED + i)
+        assert torch.equal(mask, torch.rand(mask.shape, generator=gen) < FRACTION)

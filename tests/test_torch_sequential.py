@@ -521,6 +521,43 @@ def test_refit_bad_inputs():
                  refit=["x"])
 
 
+def test_sequential_refit_all_refits_chosen_layers_left_dense():
+    # layer '4' (2 -> 2) is chosen but stays dense at ratio 2 (rank 1 would not shrink
+    # it); its input changes once '2' is compressed, so refit='all' refits it, in
+    # sequential compression as in one-shot compression + refit
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2), nn.Tanh(),
+                        nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(64, 8, generator=g, dtype=F64) for _ in range(2)]
+    kw = dict(ratio=2, layers=["2", "4"], progress=False, target_ridge=0.0)
+    plain, rep0 = sequential_compress(net, "svd", data, **kw)
+    small, rep = sequential_compress(net, "svd", data, refit="all", **kw)
+    assert [r["name"] for r in rep0.layers] == [r["name"] for r in rep.layers] == ["2"]
+    reasons = {s["name"]: s["reason"] for s in rep.skipped}
+    assert reasons["4"].startswith("ranks 1 would not reduce")
+    assert "keeps its own weights" not in reasons["4"]
+    assert [r["name"] for r in rep.refitted] == ["4", "6"]
+    _, one_shot = compress(net, "svd", data=data, ratio=2, layers=["2", "4"], refit="all",
+                           progress=False)
+    assert [r["name"] for r in one_shot.refitted] == ["4", "6"]
+    assert not torch.equal(small[4].weight, net[4].weight)
+    torch.testing.assert_close(plain[4].weight, net[4].weight)
+    x = torch.cat(data)
+    with torch.no_grad():
+        def error(model, upto=None):
+            return float(((model[:upto](x) - net[:upto](x)) ** 2).sum())
+
+        # the refitted layer's output (its least-squares fit) and the model's output
+        assert error(small, 5) < error(plain, 5)
+        assert error(small) <= error(plain)
+    row = rep.refitted[0]
+    assert row["group"] == 2 and row["output_error"] is not None  # passes: 0, 2, 4, 6
+    # a predicate picks among those layers too
+    _, rep2 = sequential_compress(net, "svd", data, refit=lambda n, m: n == "4", **kw)
+    assert [r["name"] for r in rep2.refitted] == ["4"]
+
+
 def _refit_worker(rank, port, out_dir):
     import os
 
