@@ -245,6 +245,15 @@ def _choose_layers(args, model, example=None):
                         f"{args.layers!r}; name the first layer in --layers instead")
     if args.layers in (None, "auto"):
         layers = cli_default_layers(model, include_first=args.include_first, example=example)
+        if example is not None:  # (statistics need a layer to run: one that never does is left)
+            from .selection import _call_order
+
+            called = set(_call_order(model, example).order)
+            never = [n for n in layers if n not in called]
+            if never:
+                print(f"left alone: {', '.join(never)} (never ran in the forward pass on a "
+                      "calibration image)")
+            layers = [n for n in layers if n in called]
         kept = _replaceable(model, layers)
         dense = [n for n in layers if n not in kept]  # e.g. attention's out_proj
         if layers and not kept:

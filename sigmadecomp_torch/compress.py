@@ -348,6 +348,10 @@ def select_step(model, layers, explicit, ratio, canon=lambda n: n):
     return chosen, named, skipped, layers
 
 
+#: The skip reason of a default layer without statistics.
+_NO_STATISTICS = "no statistics for this layer in covariances"
+
+
 def _plan(model, chosen, method, covariances, centered, options, paths, named, skipped):
     """Step 2: a :class:`LayerPlan` per layer that can be replaced (no decomposition yet)."""
     owners = param_owners(model)
@@ -361,7 +365,7 @@ def _plan(model, chosen, method, covariances, centered, options, paths, named, s
         if reason is None and covariances is not None:
             stats_key = next((n for n in names if n in covariances), None)
             if stats_key is None:
-                reason = "no statistics for this layer in covariances"
+                reason = _NO_STATISTICS
         if reason is not None:
             if named:
                 raise ValueError(f"layer {name!r} cannot be compressed: {reason}")
@@ -750,7 +754,11 @@ def _data_layers(model, layers, ranks, ratio):
     chosen, _, _, _ = select_step(model, layers, explicit, ratio, canon)
     # layers surgery leaves dense need no statistics; the report lists them as skipped
     dense = dense_reasons(model, [n for n, _ in chosen])
-    return [n for n, _ in chosen if n not in dense]
+    # nor do default layers the pass on the first batch never called (no rows to collect;
+    # planning skips them for want of statistics, and says why)
+    called = set(layers.order) if isinstance(layers, CallOrder) else None
+    return [n for n, _ in chosen if n not in dense
+            and (called is None or n in called or n in explicit)]
 
 
 def _canonical_names(model, ranks):
@@ -875,7 +883,9 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         ``example_input``) they are found in a forward pass on its first
         batch, as :func:`default_layers` does with ``example_input`` (every
         layer reading a model input and every layer whose output the model
-        returns); without either, the first and last registered.
+        returns); without either, the first and last registered. With
+        ``data``, a default layer that pass never calls has no statistics
+        and is skipped with that reason.
         Named layers that cannot be compressed raise; other candidates are
         skipped with a reason.
     inplace : bool, optional
@@ -1085,6 +1095,11 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         _parallel.agree(group, "planning the compression", None, error=exc)
         raise
     _parallel.agree(group, "planning the compression", None)
+    for row in skipped:  # a default layer that the pass on data= never called
+        if (isinstance(layers, CallOrder) and row["name"] not in layers.order
+                and row["reason"] == _NO_STATISTICS):
+            row["reason"] = ("never ran in the forward pass on the first batch of data, so it "
+                             "has no statistics; name it in layers= if it runs on other inputs")
 
     # 4. decompose and build (the model is untouched until every layer succeeded)
     rows, new_modules = _decompose_all(plans, options, distributed, progress, shapes,

@@ -429,6 +429,34 @@ def test_default_layers_follow_the_order_the_model_runs(tmp_path, idx_dir, capsy
     assert "layers: 1 Conv2d/Linear layers (body)" in out
 
 
+class _UnusedConv(nn.Module):
+    """A conv registered between the others that forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.unused = nn.Conv2d(4, 4, 3, padding=1)
+        self.tail = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.body(torch.relu(self.stem(x))))
+        return self.head(torch.relu(self.tail(x)).mean((2, 3)))
+
+
+def test_default_layers_leave_out_a_layer_that_never_runs(tmp_path, idx_dir, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "unused.pt"
+    torch.save(_UnusedConv().eval(), path)
+    argv = ["compress", str(path), "--method", "tucker2", "--out", str(tmp_path / "o.pt"),
+            "--no-progress", "--n-iter", "2", "--data", idx_dir, "--ratio", "1.5"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "left alone: unused (never ran in the forward pass" in out
+    assert "layers: 2 Conv2d/Linear layers (body, tail)" in out
+
+
 def test_cp_inner_adaptive_reaches_compress(model_file, tmp_path, idx_dir, monkeypatch):
     import importlib
 

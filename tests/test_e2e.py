@@ -263,7 +263,7 @@ def test_cli_compress_idx_data(tmp_path, small_model_file, capsys):
     assert [r["name"] for r in report["layers"]] == default_layers(model)  # the library default
     assert report["weighted"] and report["centered"]
     assert report["totals"]["params_after"] < report["totals"]["params_before"]
-    assert (tmp_path / "out" / "small.report.txt").read_text().startswith("compress(")
+    assert (tmp_path / "out" / "small.report.txt").read_text().startswith("--method tucker2 (Sigma")
     x = torch.rand(2, 1, 28, 28)
     assert small(x).shape == (2, 10)
     scripted = torch.jit.load(str(tmp_path / "out" / "small.torchscript.pt"))
