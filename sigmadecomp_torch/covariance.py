@@ -937,8 +937,10 @@ def _all_reduce(accs):
     import torch.distributed as dist
 
     index = {id(a): i for i, a in enumerate(accs)}
+    # on the statistics' device: a backend such as NCCL reduces device tensors only
+    device = accs[0].device if accs else "cpu"
     links = torch.tensor([index[id(a.link)] if a.link is not None else -1 for a in accs],
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=device)
     lo, hi = links.clone(), links.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

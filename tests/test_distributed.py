@@ -146,3 +146,33 @@ def test_position_draws_differ_between_processes_and_repeat(tmp_path, monkeypatc
         mask = drawn[0][name][0]
         gen = torch.Generator().manual_seed(SEED + i)
         assert torch.equal(mask, torch.rand(mask.shape, generator=gen) < FRACTION)
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_every_reduced_tensor_is_on_the_statistics_device(device, monkeypatch):
+    """Under a group, every tensor collect_covariances reduces lives where the statistics
+    do (NCCL reduces device tensors only), and a second process that adds nothing leaves
+    the one-process statistics. A fake group of two: process 1's part is zero."""
+    model = _QKV().double().to(device)
+    batches = [b[:, 0, 0, :3].to(device) for b in _batches()]
+    alone = collect_covariances(model, batches, progress=False)
+    seen = []
+
+    def all_reduce(t, op=None, group=None):
+        seen.append(t.device)  # (the other process adds zeros: sum and min/max unchanged)
+
+    def all_gather_object(out, obj, group=None):
+        out[:] = [obj] * len(out)  # (the other process agrees)
+
+    for name, value in (("is_initialized", lambda: True), ("get_world_size", lambda: 2),
+                        ("get_rank", lambda: 0), ("all_reduce", all_reduce),
+                        ("all_gather_object", all_gather_object)):
+        monkeypatch.setattr(dist, name, value)
+    stats = collect_covariances(model, batches, progress=False)
+    assert seen and all(d == torch.device(device) or d.type == device for d in seen)
+    assert stats["q"] is stats["v"] and stats.keys() == alone.keys()
+    for name in alone:
+        torch.testing.assert_close(stats[name].sigma, alone[name].sigma, rtol=0, atol=0)
