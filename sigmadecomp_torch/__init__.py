@@ -49,6 +49,7 @@ _EXPORTS = {
                    "sequential_compress"),
     "transfer": ("shrink_covariances", "ShrunkCovariances"),
     "batchnorm": ("BatchNormReport", "covariances_from_batchnorm"),
+    "restore": ("load_compressed",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -79,6 +80,7 @@ __all__ = [
     "ShrunkCovariances",
     "covariances_from_batchnorm",
     "BatchNormReport",
+    "load_compressed",
 ]
 
 

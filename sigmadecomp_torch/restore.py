@@ -1,0 +1,276 @@
+"""Load the state dict of a compressed model into a fresh model of the original architecture.
+
+A compressed model can be saved whole (``torch.save(model)``), but checkpoints
+and model hubs keep state dicts: ``small.state_dict()`` holds the factors
+under the names of the factorized layers (``layer1.conv.first.weight``,
+``layer1.conv.core.weight``, ...), which a freshly built original model does
+not have. :func:`load_compressed` reads from the state dict alone which
+layers were factorized, in which format and at which ranks, puts factorized
+layers of those shapes in their places and loads the state dict::
+
+    model = build_the_original_architecture()
+    small = load_compressed(model, torch.load("small_state.pt"))
+
+Every format of :func:`sigmadecomp_torch.compress` is recognised by its keys:
+
+=============  ==============================================================
+format         keys under the layer's name ``N``
+=============  ==============================================================
+Tucker-2       ``N.first.weight``, ``N.core.weight``, ``N.last.weight``
+CP             ``N.first.weight``, ``N.vertical.weight``,
+               ``N.horizontal.weight``, ``N.last.weight``
+low rank       ``N.first.weight``, ``N.last.weight`` (conv or linear)
+Tensor-Train   ``N.cores.0``, ``N.cores.1``, ... (and ``N.spatial`` for a conv)
+=============  ==============================================================
+
+A layer whose own ``N.weight`` is in the state dict stays dense. A bias that
+the compressed layer has and the original has not (the bias correction of
+``centered=True``) is created, and one the compressed layer dropped is
+removed. The compact state dicts of :func:`quantized_state_dict` (int8
+weights and ``weight_scale`` vectors) load too, dequantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .compress import _carry_requires_grad
+from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
+from .tt_layers import TTConv2d, TTLinear
+
+__all__ = ["load_compressed", "factorized_formats"]
+
+_SCALE_KEY = "weight_scale"
+_FORMAT_NAMES = {"tucker2": "Tucker-2", "cp": "CP", "svd": "low-rank", "tt": "Tensor-Train"}
+
+
+def _parts(state, name):
+    """``{part key: shape}`` of the entries under ``name`` (``name.<rest>``)."""
+    prefix = name + "." if name else ""
+    return {k[len(prefix):]: tuple(v.shape) for k, v in state.items()
+            if k.startswith(prefix) and not k.endswith("." + _SCALE_KEY)}
+
+
+def _format_of(parts):
+    """The factorized format the keys of one layer describe, or None (dense or absent)."""
+    if "weight" in parts:
+        return None
+    has = set(parts)
+    if {"first.weight", "core.weight", "last.weight"} <= has:
+        return "tucker2"
+    if {"first.weight", "vertical.weight", "horizontal.weight", "last.weight"} <= has:
+        return "cp"
+    if {"first.weight", "last.weight"} <= has:
+        return "svd"
+    if "cores.0" in has:
+        return "tt"
+    return None
+
+
+def factorized_formats(state_dict):
+    """``{layer name: format}`` of the factorized layers a compressed state dict holds.
+
+    Parameters
+    ----------
+    state_dict : dict of str to torch.Tensor
+        E.g. ``compressed_model.state_dict()``.
+
+    Returns
+    -------
+    dict of str to str
+        Formats ``'tucker2'``, ``'cp'``, ``'svd'`` (low rank) or ``'tt'``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import LowRankLinear
+    >>> from sigmadecomp_torch.restore import factorized_formats
+    >>> lin = nn.Linear(6, 4)
+    >>> model = nn.Sequential(LowRankLinear(lin, torch.randn(4, 2), torch.randn(2, 6)),
+    ...                       nn.ReLU(), nn.Linear(4, 3))
+    >>> factorized_formats(model.state_dict())
+    {'0': 'svd'}
+    """
+    names = set()
+    for key in state_dict:
+        for marker in (".first.weight", ".cores.0"):
+            if key.endswith(marker):
+                names.add(key[: -len(marker)])
+        if key in ("first.weight", "cores.0"):
+            names.add("")
+    out = {}
+    for name in sorted(names):
+        fmt = _format_of(_parts(state_dict, name))
+        if fmt is not None:
+            out[name] = fmt
+    return out
+
+
+def _skeleton(name, module, fmt, parts):
+    """A factorized layer of the shapes in ``parts`` standing in for ``module`` (values
+    are overwritten by the state dict)."""
+    w = module.weight
+    fk = {"device": w.device, "dtype": w.dtype}
+    zeros = lambda *shape: torch.zeros(shape, **fk)  # noqa: E731
+    if fmt in ("tucker2", "cp", "svd"):
+        bias_key = "last.bias"
+    else:
+        bias_key = "bias"
+    has_bias = bias_key in parts
+    shift = zeros(w.shape[0]) if has_bias and getattr(module, "bias", None) is None else None
+    conv = isinstance(module, nn.Conv2d)
+    if fmt == "tucker2" and conv:
+        rT, rS, H, W = parts["core.weight"]
+        layer = Tucker2Conv2d(module, zeros(rT, rS, H, W), zeros(w.shape[0], rT),
+                              zeros(w.shape[1], rS), bias_shift=shift)
+    elif fmt == "cp" and conv:
+        R = parts["first.weight"][0]
+        T, S, H, W = w.shape
+        layer = CPConv2d(module, torch.ones(R, **fk),
+                         [zeros(T, R), zeros(S, R), zeros(H, R), zeros(W, R)], bias_shift=shift)
+    elif fmt == "svd" and conv:
+        r = parts["first.weight"][0]
+        layer = LowRankConv2d(module, zeros(w.shape[0], r), zeros(r, math.prod(w.shape[1:])),
+                              bias_shift=shift)
+    elif fmt == "svd" and isinstance(module, nn.Linear):
+        r = parts["first.weight"][0]
+        layer = LowRankLinear(module, zeros(w.shape[0], r), zeros(r, w.shape[1]),
+                              bias_shift=shift)
+    elif fmt == "tt":
+        d = sum(1 for k in parts if k.startswith("cores."))
+        cores = [parts.get(f"cores.{k}") for k in range(d)]
+        if any(c is None or len(c) != 4 for c in cores):
+            raise ValueError(f"layer {name!r}: the Tensor-Train cores of the state dict are "
+                             f"not numbered 0..{d - 1} with 4 axes each: {sorted(parts)}")
+        in_modes = [c[1] for c in cores]
+        out_modes = [c[2] for c in cores]
+        if conv:  # ranks (r_0, ..., r_{d-1}): r_0 spatial filters
+            layer = TTConv2d(module.in_channels, module.out_channels, module.kernel_size,
+                             in_modes, out_modes, [c[0] for c in cores], stride=module.stride,
+                             padding=module.padding, dilation=module.dilation, bias=has_bias,
+                             padding_mode=module.padding_mode, **fk)
+        elif isinstance(module, nn.Linear):
+            layer = TTLinear(module.in_features, module.out_features, in_modes, out_modes,
+                             [c[0] for c in cores[1:]], bias=has_bias, **fk)
+        else:
+            layer = None
+    else:
+        layer = None
+    if layer is None:
+        raise ValueError(f"layer {name!r} is a {type(module).__name__} in the model, but the "
+                         f"state dict holds a {_FORMAT_NAMES[fmt]} factorization there, which only "
+                         f"{'Conv2d' if fmt in ('tucker2', 'cp') else 'Conv2d and Linear'} "
+                         "layers have; is the model the compressed one's original architecture?")
+    if fmt != "tt" and not has_bias:  # the compressed layer has none: neither has this one
+        layer.last.bias = None
+    _carry_requires_grad(module, layer)
+    return layer
+
+
+def load_compressed(model, state_dict, *, strict=True, inplace=False):
+    """``model`` with the factorized layers ``state_dict`` describes, and its values loaded.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model of the original (uncompressed) architecture, e.g. freshly
+        built; its weights are overwritten. Shared modules stay shared.
+    state_dict : dict of str to torch.Tensor
+        The state dict of a model returned by :func:`compress` (possibly after
+        :func:`quantize_weights` and :func:`quantized_state_dict`).
+    strict : bool, optional
+        Passed to ``load_state_dict`` (default True: every key must match).
+    inplace : bool, optional
+        Change ``model`` itself (default: a deep copy is changed and returned).
+
+    Returns
+    -------
+    torch.nn.Module
+        The model with the factorized layers in place (the layer itself when
+        ``model`` is a bare factorized ``Conv2d``/``Linear``).
+
+    Raises
+    ------
+    ValueError
+        A factorized layer of the state dict that is not a ``Conv2d``/``Linear``
+        of the model, or factor shapes that do not fit it.
+
+    Examples
+    --------
+    >>> import io, torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import compress, load_compressed
+    >>> def build():
+    ...     torch.manual_seed(0)
+    ...     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+    ...                          nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> small, report = compress(build(), "tucker2", ratio=2, progress=False)
+    >>> buffer = io.BytesIO()
+    >>> torch.save(small.state_dict(), buffer)
+    >>> _ = buffer.seek(0)
+    >>> restored = load_compressed(build(), torch.load(buffer))
+    >>> type(restored[2]).__name__
+    'Tucker2Conv2d'
+    >>> x = torch.randn(1, 3, 9, 9)
+    >>> bool(torch.equal(restored(x), small(x)))
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
+                        "a torch.nn.Module of the original architecture")
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        raise TypeError(f"state_dict of type {type(state_dict).__name__} is not allowed; "
+                        "state_dict must be a dict of str to tensor, e.g. "
+                        "torch.load('compressed_state.pt')")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace={inplace!r} is not allowed; it must be True or False")
+    formats = factorized_formats(state_dict)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules(remove_duplicate=False))
+    missing = [n for n in formats if n not in modules]
+    if missing:
+        raise ValueError(f"the state dict holds factorized layers {missing[:4]} that the model "
+                         "does not have; is the model the compressed one's original "
+                         "architecture?")
+    built = {}  # one factorized layer per module object: shared modules stay shared
+    for name, fmt in formats.items():
+        module = modules[name]
+        if id(module) not in built:
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                raise ValueError(f"layer {name!r} is a {type(module).__name__} in the model; "
+                                 f"the state dict holds a {_FORMAT_NAMES[fmt]} factorization of a Conv2d or "
+                                 "Linear there")
+            parts = _parts(state_dict, name)
+            try:
+                built[id(module)] = _skeleton(name, module, fmt, parts)
+            except ValueError as exc:
+                msg = str(exc)
+                raise ValueError(msg if msg.startswith(f"layer {name!r}") else
+                                 f"layer {name!r}: {msg}") from None
+            for key, value in built[id(module)].state_dict().items():
+                if key in parts and parts[key] != tuple(value.shape):
+                    raise ValueError(
+                        f"layer {name!r}: the state dict's {key!r} has shape {parts[key]}, "
+                        f"but a {_FORMAT_NAMES[fmt]} factorization of this {type(module).__name__} of "
+                        f"weight {tuple(module.weight.shape)} needs {tuple(value.shape)}; is "
+                        "the model the compressed one's original architecture?")
+        layer = built[id(module)]
+        if name == "":
+            target = layer
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else target, child, layer)
+    if any(k == _SCALE_KEY or k.endswith("." + _SCALE_KEY) for k in state_dict):
+        from .quantize import load_quantized_state_dict
+
+        if not strict:
+            raise ValueError("strict=False is not allowed with a quantized state dict "
+                             "(weight_scale entries); load it whole")
+        return load_quantized_state_dict(target, state_dict)
+    target.load_state_dict(state_dict, strict=strict)
+    return target

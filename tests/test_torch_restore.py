@@ -1,0 +1,162 @@
+"""load_compressed: a compressed model's state dict loads into a fresh original model."""
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from sigmadecomp_torch import collect_covariances, compress, load_compressed  # noqa: E402
+from sigmadecomp_torch.quantize import quantize_weights, quantized_state_dict  # noqa: E402
+from sigmadecomp_torch.restore import factorized_formats  # noqa: E402
+
+F64 = torch.float64
+FAST = {"n_iter_max": 3}
+
+
+class _Net(nn.Module):
+    """Convs with and without bias, a frozen one, a linear hidden layer and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(12, 12, 3, stride=2, padding=1)
+        self.hidden = nn.Linear(12, 16)
+        self.head = nn.Linear(16, 4)
+        self.b.weight.requires_grad_(False)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.head(torch.relu(self.hidden(x.mean((2, 3)))))
+
+
+def _build():
+    torch.manual_seed(0)
+    return _Net().double()
+
+
+def _roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(6, 3, 8, 8, generator=g, dtype=F64) for _ in range(2)]
+
+
+@pytest.mark.parametrize("method, centered", [("tucker2", False), ("tucker2", True),
+                                              ("cp", False), ("svd", True), ("tt", False)])
+def test_every_format_loads_into_a_fresh_model_and_computes_the_same(method, centered):
+    data = _batches()
+    stats = collect_covariances(_build(), data, progress=False)
+    small, report = compress(_build(), method, covariances=stats, ratio=1.5, options=FAST,
+                             centered=centered, progress=False)
+    assert [r["name"] for r in report.layers] == ["a", "b", "hidden"]
+    fresh = _build()
+    with torch.no_grad():  # other values than the compressed model's
+        for p in fresh.parameters():
+            p.add_(1.0)
+    snapshot = {k: v.clone() for k, v in fresh.state_dict().items()}
+    restored = load_compressed(fresh, _roundtrip(small.state_dict()))
+    for name in ("a", "b", "hidden"):
+        assert type(restored.get_submodule(name)) is type(small.get_submodule(name))
+    assert type(restored.stem) is nn.Conv2d
+    for x in data:
+        assert torch.equal(restored(x), small(x))
+    assert [p.requires_grad for p in restored.parameters()] == \
+        [p.requires_grad for p in small.parameters()]
+    # the model given is untouched (inplace=False)
+    assert all(torch.equal(v, snapshot[k]) for k, v in fresh.state_dict().items())
+    assert type(fresh.a) is nn.Conv2d
+
+
+def test_the_bias_correction_creates_a_bias_the_original_layer_lacks():
+    data = _batches()
+    stats = collect_covariances(_build(), data, progress=False)
+    small, _ = compress(_build(), "tucker2", covariances=stats, ratio=1.5, options=FAST,
+                        centered=True, layers=["a"], progress=False)
+    assert small.a.last.bias is not None  # 'a' has none in the original
+    restored = load_compressed(_build(), small.state_dict())
+    assert torch.equal(restored.a.last.bias, small.a.last.bias)
+    plain, _ = compress(_build(), "tucker2", ratio=1.5, options=FAST, layers=["a"],
+                        progress=False)
+    assert load_compressed(_build(), plain.state_dict()).a.last.bias is None
+
+
+def test_formats_are_read_from_the_keys():
+    small, _ = compress(_build(), "cp", ratio=1.5, options=FAST, layers=["a", "b"],
+                        progress=False)
+    assert factorized_formats(small.state_dict()) == {"a": "cp", "b": "cp"}
+    small, _ = compress(_build(), "tt", ratio=1.5, options=FAST, layers=["b", "hidden"],
+                        progress=False)
+    assert factorized_formats(small.state_dict()) == {"b": "tt", "hidden": "tt"}
+    assert factorized_formats(_build().state_dict()) == {}
+
+
+def test_a_module_registered_under_two_names_stays_shared():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), conv, nn.ReLU(), conv,
+                          nn.Conv2d(6, 2, 3)).double()
+    small, _ = compress(model, "tucker2", ratio=1.5, options=FAST, progress=False)
+    assert small[1] is small[3]
+    torch.manual_seed(0)
+    conv2 = nn.Conv2d(6, 6, 3, padding=1)
+    fresh = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), conv2, nn.ReLU(), conv2,
+                          nn.Conv2d(6, 2, 3)).double()
+    restored = load_compressed(fresh, small.state_dict())
+    assert restored[1] is restored[3] and type(restored[1]).__name__ == "Tucker2Conv2d"
+    x = torch.randn(2, 3, 7, 7, dtype=F64)
+    assert torch.equal(restored(x), small(x))
+
+
+def test_a_bare_layer_comes_back_as_its_factorized_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3).double()
+    small, _ = compress(conv, "tucker2", ranks={"": (2, 2)}, options=FAST, progress=False)
+    restored = load_compressed(nn.Conv2d(4, 6, 3).double(), small.state_dict())
+    assert type(restored).__name__ == "Tucker2Conv2d"
+    x = torch.randn(1, 4, 5, 5, dtype=F64)
+    assert torch.equal(restored(x), small(x))
+
+
+def test_a_quantized_state_dict_loads_dequantized():
+    small, _ = compress(_build(), "tucker2", ratio=1.5, options=FAST, progress=False)
+    q, info = quantize_weights(small)
+    state = _roundtrip(quantized_state_dict(q, info))
+    assert any(v.dtype == torch.int8 for v in state.values())
+    restored = load_compressed(_build(), state)
+    x = _batches()[0]
+    torch.testing.assert_close(restored(x), q(x), rtol=1e-6, atol=1e-6)
+
+
+def test_state_dicts_that_do_not_fit_the_model_are_clear_errors():
+    small, _ = compress(_build(), "tucker2", ratio=1.5, options=FAST, progress=False)
+    state = small.state_dict()
+    other = nn.Sequential(nn.Conv2d(3, 8, 3)).double()
+    with pytest.raises(ValueError, match="does not have"):
+        load_compressed(other, state)
+    renamed = {k.replace("hidden.", "stem."): v for k, v in state.items()
+               if not k.startswith("stem.")}
+    with pytest.raises(ValueError, match="layer 'stem'"):  # a conv given linear factors
+        load_compressed(_build(), renamed)
+    moved = {k.replace("a.", "head.", 1) if k.startswith("a.") else k: v
+             for k, v in state.items() if not k.startswith("head.")}
+    with pytest.raises(ValueError, match="'head'.*Tucker-2"):  # conv factors on a Linear
+        load_compressed(_build(), moved)
+    with pytest.raises(TypeError, match="state_dict"):
+        load_compressed(_build(), [1, 2])
+    with pytest.raises(TypeError, match="model"):
+        load_compressed(state, state)
+    with pytest.raises(TypeError, match="inplace"):
+        load_compressed(_build(), state, inplace="yes")
+    missing = {k: v for k, v in state.items() if not k.startswith("head.")}
+    with pytest.raises(RuntimeError, match="head"):
+        load_compressed(_build(), missing)
+    assert type(load_compressed(_build(), missing, strict=False).hidden).__name__ == \
+        "LowRankLinear"
