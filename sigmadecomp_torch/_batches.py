@@ -11,6 +11,7 @@ within the package.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,23 @@ import torch
 
 __all__ = ["batch_mask", "check_materialized", "check_not_meta", "check_pass_options",
            "describe_item", "eval_modes", "model_device", "progress_bar", "run_batch", "to_device"]
+
+
+def outside_inference_mode(fn):
+    """``fn`` run outside ``torch.inference_mode`` (under ``torch.no_grad``) when called in it.
+
+    The models a function of the package returns must train: tensors created under
+    inference mode (a deep copy, the factors of a new layer) cannot take part in
+    autograd afterwards. The passes inside set their own grad mode as before.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

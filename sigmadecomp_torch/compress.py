@@ -60,7 +60,7 @@ from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_laye
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
-from ._batches import as_batches, check_not_meta
+from ._batches import as_batches, check_not_meta, outside_inference_mode
 from .selection import (
     SUPPORTED,
     CallOrder,
@@ -831,6 +831,7 @@ def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, center
     return options, min_speedup, skipped, plans, shapes
 
 
+@outside_inference_mode
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
              distributed=None, min_speedup=None, example_input=None, data=None,

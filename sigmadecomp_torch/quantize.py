@@ -47,6 +47,8 @@ from torch import nn
 
 from sigmadecomp.exceptions import CompressionWarning
 
+from ._batches import outside_inference_mode
+
 __all__ = [
     "QuantizedWeights",
     "quantize_weights",
@@ -133,6 +135,7 @@ def _chosen(model, layers):
     return sorted(out.items(), key=lambda t: order[t[0]]), sorted(tt, key=order.get)
 
 
+@outside_inference_mode
 def quantize_weights(model, *, layers=None, inplace=False):
     """int8 per-output-channel symmetric weight quantization.
 

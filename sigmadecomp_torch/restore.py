@@ -38,6 +38,7 @@ import math
 import torch
 from torch import nn
 
+from ._batches import outside_inference_mode
 from .compress import _carry_requires_grad
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 from .tt_layers import TTConv2d, TTLinear
@@ -172,6 +173,7 @@ def _skeleton(name, module, fmt, parts):
     return layer
 
 
+@outside_inference_mode
 def load_compressed(model, state_dict, *, strict=True, inplace=False):
     """``model`` with the factorized layers ``state_dict`` describes, and its values loaded.
 

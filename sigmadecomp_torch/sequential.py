@@ -56,8 +56,8 @@ from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
 from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
-                       model_device, progress_bar, check_not_nested, run_batch, token_rows,
-                       warn_mask_use)
+                       model_device, outside_inference_mode, progress_bar, check_not_nested,
+                       run_batch, token_rows, warn_mask_use)
 from .covariance import LayerStats, select_layers
 from .parallel import agree, checking, first_given, resolve_group
 from .selection import dense_reasons
@@ -756,6 +756,7 @@ def _budget_ranks(model, method, names, budget, data, *, centered, max_batches, 
     return _ranks.allocate_ranks(specs, budget, method=methods)
 
 
+@outside_inference_mode
 def sequential_compress(model, method, data, *, ratio=None, ranks=None, budget=None,
                         layers=None, inplace=False, centered=False, options=None,
                         progress=True, distributed=None, min_speedup=None,
@@ -1119,6 +1120,7 @@ min_speedup, example_input
     return target, report
 
 
+@outside_inference_mode
 def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=False,
                 ridge=None, progress=True, layers=None, max_batches=None, forward=None,
                 mask="auto", distributed=None):

@@ -189,3 +189,37 @@ def test_torch_vit_from_a_float64_vit_runs_in_float64():
     x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), vit(x))
+
+
+@pytest.mark.parametrize("kw", [{"method": "tucker2"}, {"method": "tt"},
+                                {"method": "cp", "inplace": True},
+                                {"method": "tucker2", "sequential": True},
+                                {"method": "svd", "refit": "all"}])
+def test_a_model_compressed_under_inference_mode_still_trains(kw):
+    """Tensors made under torch.inference_mode cannot enter autograd later; the returned
+    model (its copy and its factors) is made outside it, so it can be fine-tuned."""
+    from sigmadecomp_torch import load_compressed
+    from sigmadecomp_torch.quantize import quantize_weights
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    model = build()
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.inference_mode():
+            small, _ = compress(model, ratio=2, data=data, progress=False,
+                                options=None if kw["method"] == "svd" else {"n_iter_max": 2},
+                                **kw)
+            quantized, _ = quantize_weights(small)
+            restored = load_compressed(build(), small.state_dict())
+    for m in (small, quantized, restored):
+        assert not any(p.is_inference() for p in m.parameters())
+        m.train()
+        m(data[0]).sum().backward()
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
