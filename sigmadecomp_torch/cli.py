@@ -29,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sigmadecomp_torch.demo import TIMES, add_demo_options, positive_int
+from sigmadecomp_torch.demo import TIMES, add_demo_options, int_at_least, positive_int
 
 __all__ = ["main", "build_parser", "cli_default_layers"]
 
@@ -41,15 +41,7 @@ class UserError(Exception):
     """A mistake in the command line or its files; printed as one line, exit status 1."""
 
 
-def _non_negative_int(text):
-    """argparse type of an option that must be an integer >= 0 (a one-line error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= 0")
-    return value
+_non_negative_int = int_at_least(0)
 
 
 # ------------------------------------------------------------ the CLI's words

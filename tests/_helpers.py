@@ -61,6 +61,20 @@ def gloo_group(rank, port, world, timeout=60):
         dist.destroy_process_group()
 
 
+def outcome(call):
+    """``"ok"``, or ``"<ExceptionType>: <message>"`` of what ``call()`` raised (warnings
+    silenced): what a spawned worker reports for the test to check."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
+        return "ok"
+    except Exception as exc:  # recorded for the test to check
+        return f"{type(exc).__name__}: {exc}"
+
+
 def spawn_workers(worker, args, nprocs, timeout, what):
     """Run ``worker(rank, *args)`` in ``nprocs`` processes; fail the test after ``timeout`` s."""
     import pytest
@@ -102,3 +116,4 @@ def write_png_folder(folder, n, shape, seed=0):
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
+

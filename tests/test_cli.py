@@ -61,6 +61,7 @@ from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import cli  # noqa: E402
 from _helpers import write_idx  # noqa: E402
+from _torch_models import WithUnusedConv  # noqa: E402
 
 
 def _help(*argv):
@@ -418,43 +419,23 @@ class _HeadRegisteredFirst(nn.Module):
         return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)))
 
 
-def test_default_layers_follow_the_order_the_model_runs(tmp_path, idx_dir, capsys):
+@pytest.mark.parametrize("build, expected", [
+    (_HeadRegisteredFirst, ["layers: 1 Conv2d/Linear layers (body)"]),
+    (lambda: WithUnusedConv(1, 4, 3),
+     ["left alone: unused (never ran in the forward pass",
+      "layers: 2 Conv2d/Linear layers (body, tail)"]),
+])
+def test_default_layers_follow_the_order_the_model_runs(tmp_path, idx_dir, capsys, build,
+                                                        expected):
+    """First and last as the model runs them; a layer it never runs is left out."""
     torch.manual_seed(0)
-    path = tmp_path / "head_first.pt"
-    torch.save(_HeadRegisteredFirst().eval(), path)
+    path = tmp_path / "model.pt"
+    torch.save(build().eval(), path)
     argv = ["compress", str(path), "--method", "tucker2", "--out", str(tmp_path / "o.pt"),
             "--no-progress", "--n-iter", "2", "--data", idx_dir, "--ratio", "1.5"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "layers: 1 Conv2d/Linear layers (body)" in out
-
-
-class _UnusedConv(nn.Module):
-    """A conv registered between the others that forward never calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.body = nn.Conv2d(4, 4, 3, padding=1)
-        self.unused = nn.Conv2d(4, 4, 3, padding=1)
-        self.tail = nn.Conv2d(4, 4, 3, padding=1)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.body(torch.relu(self.stem(x))))
-        return self.head(torch.relu(self.tail(x)).mean((2, 3)))
-
-
-def test_default_layers_leave_out_a_layer_that_never_runs(tmp_path, idx_dir, capsys):
-    torch.manual_seed(0)
-    path = tmp_path / "unused.pt"
-    torch.save(_UnusedConv().eval(), path)
-    argv = ["compress", str(path), "--method", "tucker2", "--out", str(tmp_path / "o.pt"),
-            "--no-progress", "--n-iter", "2", "--data", idx_dir, "--ratio", "1.5"]
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "left alone: unused (never ran in the forward pass" in out
-    assert "layers: 2 Conv2d/Linear layers (body, tail)" in out
+    assert all(line in out for line in expected)
 
 
 def test_cp_inner_adaptive_reaches_compress(model_file, tmp_path, idx_dir, monkeypatch):

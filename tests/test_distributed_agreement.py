@@ -6,7 +6,6 @@ got (a result or an exception) and the test compares.
 
 import json
 import os
-import warnings
 
 import pytest
 
@@ -15,7 +14,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
-from _helpers import free_port, gloo_group, spawn_workers  # noqa: E402
+from _helpers import free_port, gloo_group, outcome, spawn_workers  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 180.0
@@ -50,16 +49,6 @@ def _batches():
     return [torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(4)]
 
 
-def _outcome(call):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            call()
-        return "ok"
-    except Exception as exc:  # recorded for the test to check
-        return f"{type(exc).__name__}: {exc}"
-
-
 def _worker(rank, port, out_dir):
     got = {}
     mine = _batches()[rank::WORLD]
@@ -68,31 +57,31 @@ def _worker(rank, port, out_dir):
         if rank == 0:
             local = collect_covariances(_model(), mine, progress=False, distributed=False)
             got["local_count"] = local["2"].count
-            got["compress_alone"] = _outcome(lambda: compress(
+            got["compress_alone"] = outcome(lambda: compress(
                 _model(), "svd", data=mine, ratio=2, distributed=False, progress=False))
         # different layers on the two ranks
-        got["layers"] = _outcome(lambda: collect_covariances(
+        got["layers"] = outcome(lambda: collect_covariances(
             _model(), mine, layers=["2"] if rank == 0 else ["2", "4"], progress=False))
         # a non-finite input on rank 1 only
         bad = [b.clone() for b in mine]
         if rank == 1:
             bad[0][0, 0, 0, 0] = float("inf")
-        got["inf"] = _outcome(lambda: collect_covariances(_model(), bad, progress=False))
+        got["inf"] = outcome(lambda: collect_covariances(_model(), bad, progress=False))
         stats = collect_covariances(_model(), mine, progress=False)
         # a planning error on rank 1 only
-        got["plan"] = _outcome(lambda: compress(_model(), "svd", covariances=stats,
+        got["plan"] = outcome(lambda: compress(_model(), "svd", covariances=stats,
                                                 ratio=2 if rank == 0 else 1, progress=False))
         # different weights on the two ranks
         other = _model()
         if rank == 1:
             with torch.no_grad():
                 other[2].weight.mul_(-3)
-        got["weights"] = _outcome(lambda: compress(other, "svd", covariances=stats, ratio=2,
+        got["weights"] = outcome(lambda: compress(other, "svd", covariances=stats, ratio=2,
                                                    progress=False))
         # sequential compression with no batch on rank 1: it adds zero sums; none anywhere
-        got["empty"] = _outcome(lambda: compress(_model(), "svd", data=mine if rank == 0 else [],
+        got["empty"] = outcome(lambda: compress(_model(), "svd", data=mine if rank == 0 else [],
                                                  ratio=2, sequential=True, progress=False))
-        got["all_empty"] = _outcome(lambda: compress(_model(), "svd", data=[], ratio=2,
+        got["all_empty"] = outcome(lambda: compress(_model(), "svd", data=[], ratio=2,
                                                      sequential=True, progress=False))
         # default layers when one process has no batch: chosen as the others choose them
         _, rep = compress(_HeadFirst().double().eval(), "svd", data=mine if rank == 0 else [],
@@ -100,7 +89,7 @@ def _worker(rank, port, out_dir):
         got["default_layers"] = [r["name"] for r in rep.layers]
         # the model fails on rank 1's first batch, in the pass that finds the default layers
         odd = [b[:, :2] if rank == 1 else b for b in mine]  # 2 channels: c1 fails
-        got["first_pass"] = _outcome(lambda: compress(_HeadFirst().double().eval(), "svd",
+        got["first_pass"] = outcome(lambda: compress(_HeadFirst().double().eval(), "svd",
                                                       data=odd, ratio=2, progress=False))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(got, f)

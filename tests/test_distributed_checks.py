@@ -9,7 +9,6 @@ timeout makes a process left waiting fail the test instead of hanging it.
 
 import json
 import os
-import warnings
 
 import pytest
 
@@ -25,7 +24,7 @@ from sigmadecomp_torch.sequential import (  # noqa: E402
     refit_after,
     sequential_compress,
 )
-from _helpers import free_port, gloo_group, spawn_workers  # noqa: E402
+from _helpers import free_port, gloo_group, outcome, spawn_workers  # noqa: E402
 
 WORLD = 2
 GLOO_TIMEOUT = 15  # s: a process left waiting in a collective fails after this
@@ -43,16 +42,6 @@ def _model():
 def _batches():
     g = torch.Generator().manual_seed(2)
     return [torch.randn(3, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(4)]
-
-
-def _outcome(call):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            call()
-        return "ok"
-    except Exception as exc:  # recorded for the test to check
-        return f"{type(exc).__name__}: {exc}"
 
 
 def _scenarios(rank, mine, stats):
@@ -105,7 +94,7 @@ def _worker(rank, port, out_dir):
     with gloo_group(rank, port, WORLD, timeout=GLOO_TIMEOUT):
         stats = collect_covariances(_model(), mine, progress=False)
         for name, call in _scenarios(rank, mine, stats).items():
-            got[name] = _outcome(call)
+            got[name] = outcome(call)
         # still in step: the next collection sums both processes' batches
         got["count"] = collect_covariances(_model(), mine, layers=["2"],
                                            progress=False)["2"].count

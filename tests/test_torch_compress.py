@@ -18,6 +18,7 @@ from sigmadecomp_torch import (  # noqa: E402
     collect_covariances,
     compress,
 )
+from _torch_models import WithUnusedConv  # noqa: E402
 
 F64 = torch.float64
 FAST = {"n_iter_max": 4}
@@ -496,27 +497,11 @@ def test_default_layers_follow_the_call_order_when_compress_has_an_input():
     assert model.training
 
 
-class _WithUnusedConv(nn.Module):
-    """A conv registered among the others but never called by forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.Conv2d(8, 8, 3, padding=1)
-        self.unused = nn.Conv2d(8, 8, 3, padding=1)
-        self.tail = nn.Conv2d(8, 8, 3, padding=1)
-        self.classifier = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.body(torch.relu(self.stem(x))))
-        return self.classifier(torch.relu(self.tail(x)).mean((2, 3)))
-
-
 @pytest.mark.parametrize("extra", [{}, {"budget": 0.6, "ratio": None}, {"refit": "all"},
                                    {"sequential": True}, {"centered": True}])
 def test_a_default_layer_that_never_runs_on_data_is_skipped_with_the_reason(extra):
     torch.manual_seed(0)
-    model = _WithUnusedConv().double()
+    model = WithUnusedConv(3, 8, 4).double()
     batches = [torch.randn(4, 3, 6, 6, dtype=F64) for _ in range(2)]
     kw = {"ratio": 2, "options": FAST, "progress": False, **extra}
     small, report = compress(model, "tucker2", data=batches, **kw)

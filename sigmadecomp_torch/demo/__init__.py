@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-__all__ = ["add_demo_options", "fresh_out_dir", "main", "positive_int", "EXIT_NO_DATA",
+__all__ = ["add_demo_options", "fresh_out_dir", "main", "positive_int", "int_at_least", "EXIT_NO_DATA",
            "INSTALL_COMMAND"]
 
 EXIT_NO_DATA = 3
@@ -29,17 +29,26 @@ INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 TIMES = "about 90 s with --quick, about 21.5 minutes by default, hours with --full, on 2 cores"
 
 
-def positive_int(text):
-    """argparse type of an option that must be an integer >= 1 (a one-line error otherwise)."""
+def int_at_least(low):
+    """argparse type of an option that must be an integer >= ``low`` (a one-line error
+    otherwise)."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= 1")
-    return value
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= {low}")
+        return value
+
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+#: argparse type of a count: an integer >= 1.
+positive_int = int_at_least(1)
 
 
 def add_demo_options(parser):
