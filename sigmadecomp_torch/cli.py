@@ -563,6 +563,11 @@ def _cmd_compress(args):
         table += "\n" + note
     Path(f"{stem}.report.txt").write_text(table + "\n")
     written = [str(out), f"{stem}.report.json", f"{stem}.report.txt"]
+    try:  # the per-layer figure, when matplotlib is installed
+        report.plot(f"{stem}.report.png")
+        written.append(f"{stem}.report.png")
+    except ImportError:
+        print("(no report.png: matplotlib is not installed)")
     if args.torchscript:
         try:
             with warnings.catch_warnings():

@@ -178,6 +178,81 @@ class CompressionReport:
             out.append(f"skipped {s['name']} ({s['kind']}): {s['reason']}")
         return "\n".join(out)
 
+    def plot(self, path=None):
+        """A figure of the layers: rX (left) and relative errors (right), one row each.
+
+        The left panel shows each layer's parameters ratio ``rX`` with a line at
+        the ratio over the compressed layers; the right panel the relative
+        Sigma-error (when statistics were used) and the Frobenius error, with
+        a line at :data:`SIGMA_ERROR_WARN`. Layers that were refitted or
+        skipped are not drawn (the table lists them). Needs matplotlib.
+
+        Parameters
+        ----------
+        path : str or path-like, optional
+            Also write the figure there (the format from the suffix, e.g.
+            ``.png`` or ``.pdf``).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from sigmadecomp_torch import compress
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3))
+        >>> _, report = compress(model, "tucker2", ratio=2, layers=["0", "1", "2"],
+        ...                      progress=False)
+        >>> fig = report.plot()
+        >>> [ax.get_xlabel() for ax in fig.axes]
+        ['rX (parameters before / after)', 'relative error']
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("CompressionReport.plot needs matplotlib: pip install matplotlib "
+                              "(or the package's [bench] extra)") from None
+        rows = self.layers
+        names = [r["name"] or "(model)" for r in rows]
+        y = list(range(len(rows)))
+        fig = Figure(figsize=(10, 1.2 + 0.32 * max(len(rows), 1)), layout="constrained")
+        left, right = fig.subplots(1, 2, sharey=True)
+        rx = [r["params_before"] / max(r["params_after"], 1) for r in rows]
+        left.barh(y, rx, color="tab:blue")
+        if rows:
+            left.axvline(self.layer_ratio, color="k", lw=1, ls="--",
+                         label=f"compressed layers: rX = {self.layer_ratio:.2f}")
+            left.legend(loc="lower left", bbox_to_anchor=(0, 1), fontsize="small",
+                        frameon=False)
+        left.set_xlabel("rX (parameters before / after)")
+        left.set_yticks(y, names, fontsize="small")
+        left.invert_yaxis()  # the first layer on top, as in the table
+        h = 0.4
+        frob = [r["frobenius_error"] or 0.0 for r in rows]
+        if self.weighted:
+            sig = [r["sigma_error"] if r["sigma_error"] is not None else 0.0 for r in rows]
+            right.barh([v - h / 2 for v in y], sig, height=h, color="tab:orange",
+                       label="Sigma-error (output change)")
+            right.barh([v + h / 2 for v in y], frob, height=h, color="tab:gray",
+                       label="Frobenius error (weights)")
+            right.axvline(SIGMA_ERROR_WARN, color="tab:red", lw=1, ls=":",
+                          label=f"warning above {SIGMA_ERROR_WARN:g}")
+        else:
+            right.barh(y, frob, color="tab:gray", label="Frobenius error (weights)")
+        right.set_xlabel("relative error")
+        right.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize="small",
+                     frameon=False)
+        norm = "Sigma" if self.weighted else "Frobenius"
+        fig.suptitle(f"{self.method} ({norm}{', centered' if self.centered else ''}): "
+                     f"model {self.params_before} -> {self.params_after} parameters, "
+                     f"rX = {self.ratio:.2f}", fontsize="medium")
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
     def __str__(self):
         return self.table()
 

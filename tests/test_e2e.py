@@ -264,6 +264,7 @@ def test_cli_compress_idx_data(tmp_path, small_model_file, capsys):
     assert report["weighted"] and report["centered"]
     assert report["totals"]["params_after"] < report["totals"]["params_before"]
     assert (tmp_path / "out" / "small.report.txt").read_text().startswith("--method tucker2 (Sigma")
+    assert (tmp_path / "out" / "small.report.png").read_bytes()[:4] == b"\x89PNG"
     x = torch.rand(2, 1, 28, 28)
     assert small(x).shape == (2, 10)
     scripted = torch.jit.load(str(tmp_path / "out" / "small.torchscript.pt"))

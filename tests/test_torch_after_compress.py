@@ -239,3 +239,25 @@ def test_propagated_batchnorm_marginals_follow_the_running_variance(weight_scale
     got = covariances_from_batchnorm(m, input_shape=(3, 8, 8), spatial="propagate",
                                      shrinkage=0.0, samples=512)[0]["3"].mean.numpy()
     assert np.allclose(got, expected, atol=0.03)  # Monte-Carlo error of 512 noise images
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_report_plot_draws_each_layers_ratio_and_errors(tmp_path, weighted):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3))
+    stats = collect_covariances(model, [torch.randn(4, 3, 9, 9)], progress=False) \
+        if weighted else None
+    _, report = compress(model, "tucker2", covariances=stats, ratio=2,
+                         layers=["0", "2", "4"], options={"n_iter_max": 3}, progress=False)
+    fig = report.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    left, right = fig.axes
+    rx = [r["params_before"] / r["params_after"] for r in report.layers]
+    assert [p.get_width() for p in left.patches] == pytest.approx(rx)
+    errors = [r["frobenius_error"] for r in report.layers]
+    if weighted:
+        errors = [r["sigma_error"] for r in report.layers] + errors
+    assert [p.get_width() for p in right.patches] == pytest.approx(errors)
+    assert [t.get_text() for t in left.get_yticklabels()] == ["0", "2", "4"]
