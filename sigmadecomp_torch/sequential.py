@@ -276,16 +276,21 @@ class _OutputAccumulator:
         self.diff = 0.0
         self.energy = 0.0
         self.count = 0
+        #: why the calls of the two models did not pair up (then no error is reported)
+        self.unpaired = None
 
     def hook_original(self, module, args, out):
         self.queue.append(out.detach())
 
     def hook_compressed(self, module, args, out):
         if not self.queue:
+            self.unpaired = "it ran more often in the compressed model than in the original"
             return
         yo = self.queue.pop(0).to(torch.float64)
         yc = out.detach().to(torch.float64)
         if yo.shape != yc.shape:
+            self.unpaired = (f"its output has shape {tuple(yc.shape)} in the compressed "
+                             f"model, {tuple(yo.shape)} in the original")
             return
         self.diff += float(((yo - yc) ** 2).sum())
         ref = yo
@@ -296,17 +301,27 @@ class _OutputAccumulator:
         self.energy += float((ref * ref).sum())
         self.count += 1
 
+    def end_batch(self):
+        """After a batch: calls of the original left without a partner unpair the layer."""
+        if self.queue:
+            self.unpaired = "it ran more often in the original model than in the compressed"
+            self.queue = []
+
     def all_reduce(self, device):
         import torch.distributed as dist
 
-        t = torch.tensor([self.diff, self.energy, float(self.count)], dtype=torch.float64,
-                         device=device)
+        t = torch.tensor([self.diff, self.energy, float(self.count),
+                          float(self.unpaired is not None)], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         self.diff, self.energy = float(t[0]), float(t[1])
         self.count = int(round(float(t[2])))  # (a process without batches has none)
+        if t[3] > 0 and self.unpaired is None:
+            self.unpaired = "its calls did not pair up on another process"
 
     def relative(self):
-        if self.count == 0:
+        """The relative output error; None without paired calls, or when they did not pair
+        up (a forward pass whose control flow changed with the compression)."""
+        if self.count == 0 or self.unpaired is not None:
             return None
         if self.energy <= 0:
             return 0.0 if self.diff == 0 else math.inf
@@ -371,6 +386,8 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
                     acc.queue = []
                 run_batch(original, batch, i, device, forward)
                 run_batch(compressed, batch, i, device, forward)
+                for acc, _, _ in outputs:
+                    acc.end_batch()
                 for acc, _, _ in cross:
                     if acc.queue:
                         raise RuntimeError(
@@ -854,7 +871,9 @@ min_speedup, example_input
         (in ``Sigma_cc``, resp. relative to ``||K'||``), plus
         ``output_error``: the measured relative change
         ``sqrt(E||y_o - y_c||^2 / E||y_o - b||^2)`` of the layer's output
-        (original model vs the final compressed one) on ``data``,
+        (original model vs the final compressed one) on ``data``; None,
+        with a ``CompressionWarning``, when the two models do not call the
+        layer alike (control flow that changes with the compression),
         ``target_change`` (``||K' - K|| / ||K||``) and ``group`` (the index
         of the pass that compressed the layer). Layers refitted by
         ``refit`` are listed in ``report.refitted`` (``name``, ``kind``,
@@ -1375,3 +1394,8 @@ def _finish_outputs(rows, pending):
     for acc, _, _ in pending:
         if acc.name in by_name:
             by_name[acc.name]["output_error"] = acc.relative()
+            if acc.unpaired is not None:
+                warnings.warn(f"layer {acc.name!r}: its output error is not measured: "
+                              f"{acc.unpaired} (a forward pass whose calls change with the "
+                              "compression); output_error is None", CompressionWarning,
+                              stacklevel=4)

@@ -693,3 +693,36 @@ def test_data_collects_only_the_statistics_compress_uses(monkeypatch):
     assert [r["name"] for r in rep.layers] == ["a"] == [r["name"] for r in rep2.layers]
     assert [r["name"] for r in rep2.refitted] == ["c", "fc"]
     assert [r["name"] for r in rep3.layers] == default_layers(net)
+
+
+class _CallsChangeWithCompression(nn.Module):
+    """Calls ``b`` twice while it is a dense conv, once when it is factorized."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        y = self.b(h)
+        if isinstance(self.b, nn.Conv2d):
+            y = y + self.b(h)
+        return self.head(torch.relu(self.c(torch.relu(y))).mean((2, 3)))
+
+
+def test_an_output_error_whose_calls_do_not_pair_up_is_not_reported():
+    """The final pass pairs the original's and the compressed model's calls of a layer; when
+    the compression changes how often the model calls it, the layer gets no output error
+    (None, with a warning) instead of one computed from mismatched calls."""
+    model = _CallsChangeWithCompression().double()
+    data = [torch.randn(4, 3, 6, 6, dtype=F64) for _ in range(2)]
+    with pytest.warns(sigmadecomp.CompressionWarning, match="'b': its output error is not "
+                      "measured: it ran more often in the original"):
+        _, report = compress(model, "tucker2", data=data, sequential=True, ratio=1.5,
+                             layers=["b", "c"], options=FAST, progress=False)
+    errors = {r["name"]: r["output_error"] for r in report.layers}
+    assert errors["b"] is None and errors["c"] is not None and errors["c"] > 0
