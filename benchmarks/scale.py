@@ -404,6 +404,8 @@ def write_notes(out, path_md, path_png):
         + ("" if out.get("stats_dtype", "float64") == "float64" else
            f" --stats-dtype {out['stats_dtype']}")
         + ("" if out.get("cp_inner", "exact") == "exact" else f" --cp-inner {out['cp_inner']}")
+        + ("" if out.get("methods", "tucker2,cp") == "tucker2,cp" else
+           f" --methods {out['methods']}")
         + f"` ({out['images']} random images of "
         f"{out['size']}x{out['size']}, batches of {out['batch']}, every Conv2d at rX=3, "
         f"n_iter_max={out['n_iter_max']}, settings {out['settings']}; {out['cores']} cores, "

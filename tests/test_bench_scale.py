@@ -131,7 +131,7 @@ def test_scale_quick_resnet50_counts_multiply_adds_and_names_its_notes(tmp_path)
     scale.write_notes(out, md, png)
     text = open(md).read()
     assert text.startswith("# ResNet-50 at scale")
-    assert "`python -m benchmarks.scale --arch resnet50 --stats-dtype float32`" in text
+    assert "`python -m benchmarks.scale --arch resnet50 --stats-dtype float32 --methods tucker2`" in text
     assert "stored in float32" in text
     red = macs["original"] / macs["tucker2"]
     assert f"reduction **{red:.2f}x**" in text
