@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 __all__ = ["batch_mask", "check_materialized", "check_not_meta", "check_pass_options",
-           "describe_item", "eval_modes", "model_device", "progress_bar", "run_batch", "to_device"]
+           "describe_item", "eval_modes", "model_device", "progress_bar", "run_batch", "to_device",
+           "user_stacklevel"]
 
 
 def outside_inference_mode(fn):
@@ -28,15 +29,40 @@ def outside_inference_mode(fn):
     The models a function of the package returns must train: tensors created under
     inference mode (a deep copy, the factors of a new layer) cannot take part in
     autograd afterwards. The passes inside set their own grad mode as before.
+    A call with ``inplace=True`` on a model that holds inference tensors stays in
+    inference mode: only there can they be written, and such a model cannot train
+    whatever is done. (Warnings raised inside name the caller's line with
+    :func:`user_stacklevel`, not this wrapper's.)
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not torch.is_inference_mode_enabled():
+        if not torch.is_inference_mode_enabled() or (
+                kwargs.get("inplace") is True
+                and _holds_inference_tensors(args[0] if args else kwargs.get("model"))):
             return fn(*args, **kwargs)
         with torch.inference_mode(False), torch.no_grad():
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _holds_inference_tensors(model):
+    return isinstance(model, torch.nn.Module) and any(
+        t.is_inference() for t in (*model.parameters(), *model.buffers()))
+
+
+_PACKAGES = ("sigmadecomp", "sigmadecomp_torch")
+
+
+def user_stacklevel():
+    """The ``stacklevel`` for ``warnings.warn`` that names the first line outside the
+    package: the user's call, however deep inside (and through which wrappers) the
+    function calling ``warnings.warn`` runs."""
+    frame, level = sys._getframe(1), 1  # the function that warns is level 1
+    while (frame.f_back is not None
+           and frame.f_globals.get("__name__", "").split(".")[0] in _PACKAGES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from torch import nn
 
 from sigmadecomp.exceptions import CompressionWarning
 
-from ._batches import outside_inference_mode
+from ._batches import outside_inference_mode, user_stacklevel
 
 __all__ = [
     "QuantizedWeights",
@@ -183,7 +183,7 @@ def quantize_weights(model, *, layers=None, inplace=False):
     if tt:
         warnings.warn(f"quantize_weights: {len(tt)} Tensor-Train layer(s) ({', '.join(tt)}) stay "
                       "in float; only Conv/Linear weights are quantized", CompressionWarning,
-                      stacklevel=2)
+                      stacklevel=user_stacklevel())
     first = {}  # id of a weight -> the first name it was quantized under
     for name, module in chosen:
         if id(module.weight) in first:  # tied: already quantized, keep one set of codes

@@ -15,6 +15,8 @@ from typing import List
 
 from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
 
+from ._batches import user_stacklevel
+
 __all__ = ["CompressionReport", "SIGMA_ERROR_WARN", "warn_layer"]
 
 #: A layer whose relative Sigma-error (the relative change of its output on
@@ -185,7 +187,8 @@ class CompressionReport:
         the ratio over the compressed layers; the right panel the relative
         Sigma-error (when statistics were used) and the Frobenius error, with
         a line at :data:`SIGMA_ERROR_WARN`. Layers that were refitted or
-        skipped are not drawn (the table lists them). Needs matplotlib.
+        skipped are not drawn (the table lists them); a report without
+        factorized layers says so in both panels. Needs matplotlib.
 
         Parameters
         ----------
@@ -232,7 +235,12 @@ class CompressionReport:
         left.invert_yaxis()  # the first layer on top, as in the table
         h = 0.4
         frob = [r["frobenius_error"] or 0.0 for r in rows]
-        if self.weighted:
+        if not rows:  # (no bars: their legend would show swatches of the default colour)
+            for ax in (left, right):
+                ax.text(0.5, 0.5, "no layer was factorized (see the report's table)",
+                        ha="center", va="center", transform=ax.transAxes, fontsize="small")
+                ax.set_xticks([])
+        elif self.weighted:
             sig = [r["sigma_error"] if r["sigma_error"] is not None else 0.0 for r in rows]
             right.barh([v - h / 2 for v in y], sig, height=h, color="tab:orange",
                        label="Sigma-error (output change)")
@@ -243,8 +251,9 @@ class CompressionReport:
         else:
             right.barh(y, frob, color="tab:gray", label="Frobenius error (weights)")
         right.set_xlabel("relative error")
-        right.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize="small",
-                     frameon=False)
+        if rows:
+            right.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize="small",
+                         frameon=False)
         norm = "Sigma" if self.weighted else "Frobenius"
         fig.suptitle(f"{self.method} ({norm}{', centered' if self.centered else ''}): "
                      f"model {self.params_before} -> {self.params_after} parameters, "
@@ -269,10 +278,10 @@ def warn_layer(row):
         warnings.warn(
             f"layer {name!r}: the {row['method']} decomposition stopped after {row['n_iter']} "
             "iterations without meeting its tolerance (raise options['n_iter_max'] or "
-            "options['tol'])", ConvergenceWarning, stacklevel=3)
+            "options['tol'])", ConvergenceWarning, stacklevel=user_stacklevel())
     if sig_err is not None and sig_err > SIGMA_ERROR_WARN:
         warnings.warn(
             f"layer {name!r}: relative Sigma-error {sig_err:.3f} > {SIGMA_ERROR_WARN} "
             f"at ranks {ranks}; its output changes enough to cost accuracy (use "
             "higher ranks for it, or leave it out of layers=)", CompressionWarning,
-            stacklevel=3)
+            stacklevel=user_stacklevel())

@@ -25,15 +25,19 @@ Tensor-Train   ``N.cores.0``, ``N.cores.1``, ... (and ``N.spatial`` for a conv)
 
 A layer whose own ``N.weight`` is in the state dict stays dense. A bias that
 the compressed layer has and the original has not (the bias correction of
-``centered=True``) is created, and one the compressed layer dropped is
-removed. The compact state dicts of :func:`quantized_state_dict` (int8
-weights and ``weight_scale`` vectors) load too, dequantized.
+``centered=True``, also of a dense layer refitted with it) is created, and
+one the compressed layer dropped is removed. The compact state dicts of
+:func:`quantized_state_dict` (int8 weights and ``weight_scale`` vectors) load
+too, dequantized. A tensor the model holds under several names (a shared
+module, tied weights) may be given under one of them, as safetensors'
+``save_model`` writes it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -56,24 +60,33 @@ def _parts(state, name):
             if k.startswith(prefix) and not k.endswith("." + _SCALE_KEY)}
 
 
+_FACTOR_KEYS = {  # the keys of each factorized layer (besides an optional bias)
+    "tucker2": {"first.weight", "core.weight", "last.weight"},
+    "cp": {"first.weight", "vertical.weight", "horizontal.weight", "last.weight"},
+    "svd": {"first.weight", "last.weight"},
+}
+
+
 def _format_of(parts):
-    """The factorized format the keys of one layer describe, or None (dense or absent)."""
-    if "weight" in parts:
-        return None
+    """The factorized format the keys of one layer describe, or None (dense, absent, or
+    keys no factorized layer has: submodules of the model that happen to be named
+    ``first``, ``last``, ...)."""
     has = set(parts)
-    if {"first.weight", "core.weight", "last.weight"} <= has:
-        return "tucker2"
-    if {"first.weight", "vertical.weight", "horizontal.weight", "last.weight"} <= has:
-        return "cp"
-    if {"first.weight", "last.weight"} <= has:
-        return "svd"
-    if "cores.0" in has:
+    for fmt, keys in _FACTOR_KEYS.items():
+        if keys <= has <= keys | {"last.bias"}:
+            return fmt
+    cores = {k for k in has if k.startswith("cores.")}
+    if "cores.0" in has and has - cores <= {"spatial", "bias"}:
         return "tt"
     return None
 
 
 def factorized_formats(state_dict):
     """``{layer name: format}`` of the factorized layers a compressed state dict holds.
+
+    Read from the keys alone: a module of the model whose own children look like
+    factors (e.g. ``first`` and ``last`` Linear layers without biases) is listed
+    too; :func:`load_compressed` tells them apart with the model at hand.
 
     Parameters
     ----------
@@ -125,6 +138,11 @@ def _skeleton(name, module, fmt, parts):
     has_bias = bias_key in parts
     shift = zeros(w.shape[0]) if has_bias and getattr(module, "bias", None) is None else None
     conv = isinstance(module, nn.Conv2d)
+    if conv and module.groups != 1:
+        raise ValueError(f"layer {name!r} is a grouped Conv2d (groups={module.groups}) in the "
+                         f"model, but the state dict holds a {_FORMAT_NAMES[fmt]} "
+                         "factorization there, which compress makes of groups=1 convs only; "
+                         "is the model the compressed one's original architecture?")
     if fmt == "tucker2" and conv:
         rT, rS, H, W = parts["core.weight"]
         layer = Tucker2Conv2d(module, zeros(rT, rS, H, W), zeros(w.shape[0], rT),
@@ -143,6 +161,12 @@ def _skeleton(name, module, fmt, parts):
         layer = LowRankLinear(module, zeros(w.shape[0], r), zeros(r, w.shape[1]),
                               bias_shift=shift)
     elif fmt == "tt":
+        if conv != ("spatial" in parts):  # TTConv2d has a spatial core, TTLinear none
+            made_of = "a Conv2d (it has a 'spatial' core)" if "spatial" in parts else \
+                "a Linear (it has no 'spatial' core)"
+            raise ValueError(f"layer {name!r} is a {type(module).__name__} in the model, but the "
+                             f"state dict holds a Tensor-Train factorization of {made_of} "
+                             "there; is the model the compressed one's original architecture?")
         d = sum(1 for k in parts if k.startswith("cores."))
         cores = [parts.get(f"cores.{k}") for k in range(d)]
         if any(c is None or len(c) != 4 for c in cores):
@@ -170,7 +194,54 @@ def _skeleton(name, module, fmt, parts):
     if fmt != "tt" and not has_bias:  # the compressed layer has none: neither has this one
         layer.last.bias = None
     _carry_requires_grad(module, layer)
+    layer.train(module.training)  # as compress does
     return layer
+
+
+def _own_keys(module, parts):
+    """Whether the keys ``parts`` under a module's name are its own submodules' (a module
+    with children named ``first`` and ``last``), not the factors of a replaced layer."""
+    return (not isinstance(module, (nn.Conv2d, nn.Linear))
+            and set(parts) <= set(module.state_dict()))
+
+
+def _add_refit_biases(model, state_dict):
+    """A bias for each dense Conv2d/Linear that has none but whose state dict entry has one
+    (the bias correction of a layer refitted with ``centered=True``)."""
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = name + "." if name else ""
+        if (isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None
+                and prefix + "bias" in state_dict and prefix + "weight" in state_dict):
+            w = module.weight
+            module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                       requires_grad=w.requires_grad)
+
+
+def _with_aliases(model, state_dict):
+    """``state_dict`` with the entries of a tensor the model holds under several names (a
+    shared module, tied weights) filled in from the one name given: files written by
+    safetensors' ``save_model`` keep one name per tensor."""
+    names = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), []).append(key)
+    filled = {}
+    for keys in names.values():
+        given = next((k for k in keys if k in state_dict), None)
+        if given is None:
+            continue
+        for key in keys:
+            if key not in state_dict:
+                filled[key] = state_dict[given]
+                scale = given[: -len("weight")] + _SCALE_KEY  # (an int8 weight's scales)
+                if given.endswith("weight") and scale in state_dict:
+                    filled[key[: -len("weight")] + _SCALE_KEY] = state_dict[scale]
+    if not filled:
+        return state_dict
+    out = OrderedDict(state_dict)
+    out.update(filled)
+    if hasattr(state_dict, "_metadata"):
+        out._metadata = state_dict._metadata
+    return out
 
 
 @outside_inference_mode
@@ -234,6 +305,8 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
     formats = factorized_formats(state_dict)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules(remove_duplicate=False))
+    formats = {n: f for n, f in formats.items()
+               if n not in modules or not _own_keys(modules[n], _parts(state_dict, n))}
     missing = [n for n in formats if n not in modules]
     if missing:
         raise ValueError(f"the state dict holds factorized layers {missing[:4]} that the model "
@@ -264,9 +337,13 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
         layer = built[id(module)]
         if name == "":
             target = layer
-        else:
-            parent_name, _, child = name.rpartition(".")
+            continue
+        # under each of its names (a state dict may hold a shared module's keys under one)
+        for alias in [n for n, m in modules.items() if m is module]:
+            parent_name, _, child = alias.rpartition(".")
             setattr(modules[parent_name] if parent_name else target, child, layer)
+    _add_refit_biases(target, state_dict)
+    state_dict = _with_aliases(target, state_dict)
     if any(k == _SCALE_KEY or k.endswith("." + _SCALE_KEY) for k in state_dict):
         from .quantize import load_quantized_state_dict
 

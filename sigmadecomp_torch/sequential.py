@@ -599,6 +599,30 @@ def _layer_groups(model, names, batch, device, forward, independent):
 
     Returns ``(groups, never_called)``.
     """
+    with torch.inference_mode(False):  # autograd refuses tensors made in inference mode:
+        if any(t.is_inference() for t in (*model.parameters(), *model.buffers())):
+            model = copy.deepcopy(model)  # ... a model's (its copy here has normal ones)
+        batch = _normal_tensors(batch)  # ... or a batch's
+        return _traced_groups(model, names, batch, device, forward, independent)
+
+
+def _normal_tensors(batch):
+    """``batch`` with its tensors made under inference mode cloned (outside it)."""
+    def normal(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+
+    if isinstance(batch, torch.Tensor):
+        return normal(batch)
+    if type(batch) in (dict, tuple, list):  # (other containers as they are)
+        values = batch.values() if isinstance(batch, dict) else batch
+        if any(isinstance(v, torch.Tensor) and v.is_inference() for v in values):
+            if isinstance(batch, dict):
+                return type(batch)((k, normal(v)) for k, v in batch.items())
+            return type(batch)(normal(v) for v in batch)
+    return batch
+
+
+def _traced_groups(model, names, batch, device, forward, independent):
     modules = dict(model.named_modules())
     wanted = set(names)
     order, inputs, zeros, handles = [], {}, {}, []

@@ -1,5 +1,6 @@
 """load_compressed: a compressed model's state dict loads into a fresh original model."""
 
+import copy
 import io
 
 import pytest
@@ -160,3 +161,137 @@ def test_state_dicts_that_do_not_fit_the_model_are_clear_errors():
         load_compressed(_build(), missing)
     assert type(load_compressed(_build(), missing, strict=False).hidden).__name__ == \
         "LowRankLinear"
+
+
+def test_factorized_layers_take_the_training_mode_of_the_model():
+    """compress gives a factorized layer its original's mode; so does load_compressed."""
+    small, _ = compress(_build().eval(), "tt", ratio=1.5, options=FAST, progress=False)
+    small2, _ = compress(_build().eval(), "tucker2", ratio=1.5, options=FAST, progress=False)
+    for s in (small, small2):
+        assert not any(m.training for m in s.modules())
+        restored = load_compressed(_build().eval(), s.state_dict())
+        assert [m.training for m in restored.modules()] == [m.training for m in s.modules()]
+
+
+class _FirstLast(nn.Module):
+    """Submodules named like the factors of a factorized layer: first, core, last, cores."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.core = nn.Conv2d(8, 8, 3, padding=1)
+        self.last = nn.Conv2d(8, 8, 3, padding=1)
+        self.cores = nn.ParameterList([nn.Parameter(torch.ones(1))])
+
+    def forward(self, x):
+        return self.last(torch.relu(self.core(torch.relu(self.first(x))))) * self.cores[0]
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _FirstLast()
+        self.pair = nn.Module()  # only 'first' and 'last', no biases: a low-rank layer's keys
+        self.pair.first = nn.Linear(8, 6, bias=False)
+        self.pair.last = nn.Linear(6, 4, bias=False)
+
+    def forward(self, x):
+        return self.pair.last(self.pair.first(self.block(x).mean((2, 3))))
+
+
+def test_submodules_named_like_factors_are_not_taken_for_factorized_layers():
+    def build(cls):
+        torch.manual_seed(0)
+        return cls().double()
+
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    for cls, layer in ((_FirstLast, "core"), (_Outer, "block.core")):
+        small, _ = compress(build(cls), "tucker2", ranks={layer: (3, 3)}, options=FAST,
+                            progress=False)
+        # (from the keys alone, 'pair' reads as a low-rank layer; the model tells)
+        assert factorized_formats(small.state_dict()) == \
+            {layer: "tucker2", **({"pair": "svd"} if cls is _Outer else {})}
+        restored = load_compressed(build(cls), small.state_dict())
+        assert type(restored.get_submodule(layer)).__name__ == "Tucker2Conv2d"
+        assert torch.equal(restored(x), small(x))
+        # an uncompressed state dict of such a model loads as it is
+        plain = build(cls).state_dict()
+        assert torch.equal(load_compressed(build(cls), plain)(x), build(cls)(x))
+
+
+def test_tensor_train_factors_of_another_kind_of_layer_are_clear_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Flatten(), nn.Linear(8 * 16, 12), nn.Linear(12, 4)).double()
+    small, _ = compress(model, "tt", ranks={"1": 2, "3": 2}, options=FAST,
+                        progress=False)
+    state = small.state_dict()
+    as_conv = copy.deepcopy(model)
+    as_conv[3] = nn.Conv2d(8 * 16, 12, 1).double()  # a TT Linear's cores at a 1x1 conv
+    grouped = copy.deepcopy(model)
+    grouped[1] = nn.Conv2d(8, 8, 3, padding=1, groups=2).double()
+    for other, name in ((as_conv, "3"), (grouped, "1")):
+        for strict in (True, False):
+            with pytest.raises(ValueError, match=f"layer '{name}'.*Tensor-Train"):
+                load_compressed(other, state, strict=strict)
+
+
+def test_a_state_dict_with_one_name_per_shared_tensor_loads(tmp_path):
+    """safetensors' save_model keeps one name per shared tensor (a module under two names,
+    tied weights); load_file gives that state dict back."""
+    st = pytest.importorskip("safetensors.torch")
+
+    def shared():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(6, 6, 3, padding=1)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), conv, nn.ReLU(), conv,
+                             nn.Conv2d(6, 2, 3)).double()
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.mid, self.b = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+            self.b.weight = self.a.weight
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.b(torch.relu(self.mid(torch.relu(self.a(x))))))
+
+    def tied():
+        torch.manual_seed(0)
+        return Tied().double()
+
+    for build, x, kw in ((shared, torch.randn(2, 3, 7, 7, dtype=F64), {"method": "tucker2"}),
+                         (tied, torch.randn(3, 6, dtype=F64), {"method": "svd",
+                                                                "layers": ["mid"]})):
+        small, _ = compress(build(), ratio=1.5, progress=False, **kw)
+        st.save_model(small, tmp_path / "small.safetensors")
+        state = st.load_file(tmp_path / "small.safetensors")
+        assert len(state) < len(small.state_dict())  # the aliases were left out
+        for strict in (True, False):
+            restored = load_compressed(build(), state, strict=strict)
+            assert torch.equal(restored(x), small(x))
+            if build is shared:
+                assert restored[1] is restored[3]
+            else:
+                assert restored.a.weight is restored.b.weight
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_bias_the_centered_refit_gave_a_dense_layer_is_created(sequential):
+    """refit with centered=True adds a bias to a refitted layer that had none."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+                             nn.Conv2d(8, 4, 3, padding=1, bias=False)).double()
+
+    data = [x + 0.5 for x in _batches()]
+    small, report = compress(build(), "tucker2", ratio=1.5, data=data, refit="all",
+                             centered=True, sequential=sequential, options=FAST,
+                             progress=False)
+    assert [r["name"] for r in report.refitted] == ["4"] and small[4].bias is not None
+    for strict in (True, False):
+        restored = load_compressed(build(), small.state_dict(), strict=strict)
+        assert torch.equal(restored(data[0]), small(data[0]))
+        assert restored[4].bias.requires_grad
