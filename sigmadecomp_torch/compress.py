@@ -1082,9 +1082,17 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         wanted = _data_layers(model, layers, ranks, ratio)
         # (no layer that can be replaced: no statistics to collect; planning says why)
         # (its argument checks are among those exchanged above: _check_early)
-        covariances = {} if wanted == [] else collect_covariances(
-            model, data, progress=progress, layers=wanted, distributed=distributed,
-            _checked=True)
+        if isinstance(layers, CallOrder) and wanted:
+            # default layers: one that never runs on data has no statistics and is skipped
+            # (planning says why), as one the first pass never called is (_data_layers)
+            chosen_set = set(wanted)
+            wanted = lambda name, module: name in chosen_set  # noqa: E731
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"layer .* never ran in the forward "
+                                    r"pass; it has no statistics")
+            covariances = {} if wanted == [] else collect_covariances(
+                model, data, progress=progress, layers=wanted, distributed=distributed,
+                _checked=True)
     # --- end data= / sequential= -------------------------------------------------------
     # steps 1-3 on every process; under a process group each learns whether the others
     # planned too, so none waits in the decomposition's exchange for one that failed here
@@ -1096,11 +1104,11 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         _parallel.agree(group, "planning the compression", None, error=exc)
         raise
     _parallel.agree(group, "planning the compression", None)
-    for row in skipped:  # a default layer that the pass on data= never called
-        if (isinstance(layers, CallOrder) and row["name"] not in layers.order
-                and row["reason"] == _NO_STATISTICS):
-            row["reason"] = ("never ran in the forward pass on the first batch of data, so it "
-                             "has no statistics; name it in layers= if it runs on other inputs")
+    for row in skipped:  # a default layer that never ran: on data=, or in the choosing pass
+        if (isinstance(layers, CallOrder) and row["reason"] == _NO_STATISTICS
+                and (data is not None or row["name"] not in layers.order)):
+            row["reason"] = ("never ran in the forward pass on data (or on example_input, "
+                             "which chose the default layers), so it has no statistics")
 
     # 4. decompose and build (the model is untouched until every layer succeeded)
     rows, new_modules = _decompose_all(plans, options, distributed, progress, shapes,

@@ -573,3 +573,33 @@ def test_every_stem_and_every_head_is_left_alone_when_compress_has_an_input():
     lasts = {s["name"] for s in report.skipped if s["reason"].startswith("last layer")}
     assert firsts == {"stem_a", "stem_b"} and lasts == {"head_a", "head_b"}
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_default_layers_chosen_on_example_input_that_never_run_on_data_are_skipped():
+    """With example_input the default layers come from its pass; a layer it calls that the
+    data never reach (and the reverse) is skipped with the reason, not an error about a
+    layer the user never chose."""
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 3, padding=1)
+            self.small = nn.Conv2d(6, 6, 3, padding=1)  # inputs of side < 8
+            self.large = nn.Conv2d(6, 6, 3, padding=1)  # inputs of side >= 8
+            self.tail = nn.Conv2d(6, 6, 3, padding=1)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = torch.relu((self.small if x.shape[-1] < 8 else self.large)(h))
+            return self.head(torch.relu(self.tail(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Gate().double()
+    data = [torch.randn(4, 3, 6, 6, dtype=F64) for _ in range(2)]  # runs `small`
+    example = torch.randn(1, 3, 9, 9, dtype=F64)  # runs `large`
+    _, report = compress(model, "tucker2", data=data, example_input=example, ratio=1.5,
+                         options=FAST, progress=False)
+    assert [r["name"] for r in report.layers] == ["tail"]
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["large"].startswith("never ran in the forward pass on data")
+    assert reasons["small"].startswith("never ran in the forward pass on data")
