@@ -106,7 +106,7 @@ def token_rows(x, mask):
     return x, False, False
 
 
-def warn_mask_use(square, given, used, stacklevel=3):
+def warn_mask_use(square, given, used):
     """The warnings of a pass with token masks: ``square`` is ``(layer, shape)`` of the first
     ambiguous square mask or None; ``given``/``used``: whether a mask was given / applied."""
     if square is not None:
@@ -116,11 +116,11 @@ def warn_mask_use(square, given, used, stacklevel=3):
                       "features) or (seq, batch, features); it was applied as (batch, seq). "
                       "For a sequence-first model pass mask=lambda b: <mask>.T, or use a "
                       "batch size other than the sequence length", RuntimeWarning,
-                      stacklevel=stacklevel)
+                      stacklevel=user_stacklevel())
     if given and not used:
         warnings.warn("a token mask was given but no chosen Linear layer had an input of "
                       "the mask's shape; the statistics use every row", RuntimeWarning,
-                      stacklevel=stacklevel)
+                      stacklevel=user_stacklevel())
 
 
 def describe_item(v):

@@ -60,7 +60,7 @@ from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_laye
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
-from ._batches import as_batches, check_not_meta, outside_inference_mode
+from ._batches import as_batches, check_not_meta, outside_inference_mode, user_stacklevel
 from .selection import (
     SUPPORTED,
     CallOrder,
@@ -427,7 +427,8 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
             warnings.warn(
                 f"ranks {p.ranks} for layer {p.name!r} (weight {shape}) give "
                 f"{p.params} weight parameters, more than the {dense} of the original "
-                "layer; the layer is replaced anyway", CompressionWarning, stacklevel=3)
+                "layer; the layer is replaced anyway", CompressionWarning,
+                stacklevel=user_stacklevel())
         if rmeth == "cp":
             flop = cp_flop(shape, p.ranks, options, p.sigma is not None, p.samples)
             if flop > CP_COST_WARN_FLOP:
@@ -439,7 +440,7 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
                        ", or cap the inner solves: with options={'inner': {'maxiter': "
                        "'adaptive'}, 'n_iter_max': 10} every conv of a ResNet-18 at rX=3 "
                        "took about 5.5 min on 2 cores"),
-                    CompressionWarning, stacklevel=3)
+                    CompressionWarning, stacklevel=user_stacklevel())
         kept.append(p)
     if sigma_aware:  # layers dropped above: their factorizations are not needed either
         needed = {id(p.sigma) for p in kept if p.method == "svd"}
@@ -549,7 +550,7 @@ def decompose_layer(plan):
         if plan.ranks is not None and check_tt_ranks(plan.ranks, len(ranks)) != ranks:
             warnings.warn(f"TT ranks {plan.ranks} for layer {plan.name!r} (weight "
                           f"{tuple(W.shape)}) were clipped to {ranks}, the largest useful rank "
-                          "of each bond", CompressionWarning, stacklevel=2)
+                          "of each bond", CompressionWarning, stacklevel=user_stacklevel())
     row = {
         "name": plan.name, "kind": plan.kind, "method": plan.method, "ranks": ranks,
         "params_before": n_params(module), "params_after": n_params(new),

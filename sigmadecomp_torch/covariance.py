@@ -51,7 +51,7 @@ from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
 from ._batches import (as_batches, batch_mask, check_not_meta, check_not_nested,
                        check_pass_options, eval_modes, model_device, progress_bar, run_batch,
-                       token_rows, warn_mask_use)
+                       token_rows, user_stacklevel, warn_mask_use)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 from .parallel import agree, checking, resolve_group
 
@@ -887,7 +887,8 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                 what = f"layer {name!r} never ran in the forward pass"
             if layers is not None and not callable(layers):
                 raise ValueError(f"{what}; no statistics for it (it was chosen in layers)")
-            warnings.warn(f"{what}; it has no statistics", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{what}; it has no statistics", RuntimeWarning,
+                          stacklevel=user_stacklevel())
             continue
         out[name] = results[src]
     return out

@@ -57,7 +57,7 @@ from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
 from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
                        model_device, outside_inference_mode, progress_bar, check_not_nested,
-                       run_batch, token_rows, warn_mask_use)
+                       run_batch, token_rows, user_stacklevel, warn_mask_use)
 from .covariance import LayerStats, select_layers
 from .parallel import agree, checking, first_given, resolve_group
 from .selection import dense_reasons
@@ -408,8 +408,7 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
             acc.queue = []
     if cross:  # the same warnings as collect_covariances
         square = next((a.square_mask for a, _, _ in cross if a.square_mask is not None), None)
-        warn_mask_use(square, mask_seen, any(a.mask_used for a, _, _ in cross),
-                      stacklevel=3)
+        warn_mask_use(square, mask_seen, any(a.mask_used for a, _, _ in cross))
     if group is not None:  # (a process without batches adds zero sums and counts)
         agree(group, what, signature)
         import torch.distributed as dist
@@ -1331,7 +1330,7 @@ def _refit_layer(acc, m_o, m_c, *, centered, ridge):
             f"layer {acc.name!r} is refitted from {cs.count} input rows for {cs.n} inputs; "
             "a full-rank fit to fewer rows than inputs can follow the calibration data "
             "(give more data, or leave the layer out of refit=)", CompressionWarning,
-            stacklevel=3)
+            stacklevel=user_stacklevel())
     K = m_o.weight.detach()
     target, shift = corrected_target(K, cs, centered=centered, ridge=ridge)
     before = sum(p.numel() for p in m_c.parameters())
@@ -1422,4 +1421,4 @@ def _finish_outputs(rows, pending):
                 warnings.warn(f"layer {acc.name!r}: its output error is not measured: "
                               f"{acc.unpaired} (a forward pass whose calls change with the "
                               "compression); output_error is None", CompressionWarning,
-                              stacklevel=4)
+                              stacklevel=user_stacklevel())

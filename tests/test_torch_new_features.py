@@ -110,9 +110,16 @@ def test_warnings_of_the_entry_points_name_the_callers_line():
         with torch.inference_mode():
             compress(model, "tucker2", ratio=2, options={"n_iter_max": 1}, progress=False,
                      layers=["1"])
+        # warnings raised in the planning steps and by the statistics
+        compress(model, "tucker2", ranks={"1": (8, 8)}, options={"n_iter_max": 1},
+                 progress=False)  # more parameters than the layer has
+        compress(model, "tt", ranks={"1": 500}, options={"n_iter_max": 1},
+                 progress=False)  # TT ranks clipped
     ours = [w for w in caught if issubclass(w.category, (CompressionWarning,
                                                          ConvergenceWarning))]
     assert {w.category for w in ours} == {CompressionWarning, ConvergenceWarning}
+    messages = " | ".join(str(w.message) for w in ours)
+    assert "more than the" in messages and "were clipped" in messages
     assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
 
 
