@@ -798,6 +798,10 @@ def _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
         raise ValueError(f"refit={refit!r} needs data=: dense layers are refitted to the "
                          "original outputs on the compressed model's inputs, measured on "
                          "calibration batches")
+    if (sequential or refit is not None) and data is not None:
+        from .sequential import _check_reiterable
+
+        _check_reiterable(data)  # (before a one-shot iterator is wrapped, so it is named)
     if data is not None and not sequential and isinstance(model, nn.Module):
         as_batches(data)
         if not isinstance(model, SUPPORTED):  # the names the statistics are collected for

@@ -345,8 +345,9 @@ def _check_reiterable(data, name="data"):
                         "tensor or an iterable of batches (a list or a DataLoader)")
     if isinstance(data, Iterator):
         raise TypeError(f"{name} of type {type(data).__name__} is an iterator, which can be "
-                        "read only once; sequential compression runs the data once per "
-                        "group of layers: pass a list of batches, a tensor or a DataLoader")
+                        "read only once; sequential compression and refit read the data "
+                        "several times (once per group of layers): pass a list of batches, a "
+                        "tensor or a DataLoader")
     try:
         iter(data)
     except TypeError:

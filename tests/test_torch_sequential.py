@@ -689,7 +689,9 @@ def test_data_collects_only_the_statistics_compress_uses(monkeypatch):
     _, rep2 = compress(net, "svd", data=data, ratio=2, layers=["a"], refit="all",
                        progress=False)
     _, rep3 = compress(net, "svd", data=data, ratio=2, progress=False)
-    assert seen == [["a"], ["a"], default_layers(net)]
+    assert seen[:2] == [["a"], ["a"]]
+    # the default layers, as a predicate (one the data never reach is skipped, not an error)
+    assert [n for n, m in net.named_modules() if seen[2](n, m)] == default_layers(net)
     assert [r["name"] for r in rep.layers] == ["a"] == [r["name"] for r in rep2.layers]
     assert [r["name"] for r in rep2.refitted] == ["c", "fc"]
     assert [r["name"] for r in rep3.layers] == default_layers(net)
@@ -726,3 +728,15 @@ def test_an_output_error_whose_calls_do_not_pair_up_is_not_reported():
                              layers=["b", "c"], options=FAST, progress=False)
     errors = {r["name"]: r["output_error"] for r in report.layers}
     assert errors["b"] is None and errors["c"] is not None and errors["c"] > 0
+
+
+@pytest.mark.parametrize("kw", [{"sequential": True}, {"refit": "all"}])
+def test_a_generator_given_to_sequential_or_refit_is_named_in_the_error(kw):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))
+
+    def batches():
+        for _ in range(2):
+            yield torch.randn(2, 3, 9, 9)
+
+    with pytest.raises(TypeError, match="data of type generator is an iterator"):
+        compress(model, "tucker2", data=batches(), ratio=1.5, progress=False, **kw)
