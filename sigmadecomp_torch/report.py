@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import List
 
@@ -127,6 +128,52 @@ class CompressionReport:
             with open(path, "w") as f:
                 f.write(text + "\n")
         return text
+
+    @classmethod
+    def from_dict(cls, data):
+        """The report that :meth:`to_dict` described (e.g. read back from JSON to plot it).
+
+        Examples
+        --------
+        >>> from sigmadecomp_torch import CompressionReport
+        >>> r = CompressionReport(method="svd", weighted=False, centered=False,
+        ...                       params_before=10, params_after=6)
+        >>> CompressionReport.from_dict(r.to_dict()) == r
+        True
+        """
+        if not isinstance(data, Mapping) or not {"method", "layers", "totals"} <= set(data):
+            raise ValueError("data must be a dict written by CompressionReport.to_dict (keys "
+                             f"'method', 'layers', 'totals', ...); got {type(data).__name__}"
+                             + (f" with keys {sorted(data)[:6]}" if isinstance(data, Mapping)
+                                else ""))
+        layers = []
+        for row in data["layers"]:
+            row = dict(row)
+            if isinstance(row.get("ranks"), list):
+                row["ranks"] = tuple(row["ranks"])
+            layers.append(row)
+        totals = data["totals"]
+        return cls(method=data["method"], weighted=bool(data.get("weighted", False)),
+                   centered=bool(data.get("centered", False)), layers=layers,
+                   skipped=[dict(r) for r in data.get("skipped", [])],
+                   params_before=int(totals["params_before"]),
+                   params_after=int(totals["params_after"]),
+                   seconds=float(totals.get("seconds", 0.0)),
+                   refitted=[dict(r) for r in data.get("refitted", [])])
+
+    @classmethod
+    def from_json(cls, path):
+        """The report of a JSON file written by :meth:`to_json` (or the CLI's
+        ``<out>.report.json``)."""
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path!r} is not a JSON file: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: {exc}") from None
 
     def table(self):
         """The report as a plain-text table."""

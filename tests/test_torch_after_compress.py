@@ -261,3 +261,25 @@ def test_report_plot_draws_each_layers_ratio_and_errors(tmp_path, weighted):
         errors = [r["sigma_error"] for r in report.layers] + errors
     assert [p.get_width() for p in right.patches] == pytest.approx(errors)
     assert [t.get_text() for t in left.get_yticklabels()] == ["0", "2", "4"]
+
+
+def test_a_report_read_back_from_json_equals_the_report(tmp_path):
+    from sigmadecomp_torch import CompressionReport
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3))
+    stats = collect_covariances(model, [torch.randn(4, 3, 9, 9)], progress=False)
+    for method in ("tucker2", "svd"):
+        _, report = compress(model, method, covariances=stats, ratio=2,
+                             options=None if method == "svd" else {"n_iter_max": 2},
+                             progress=False)
+        report.to_json(tmp_path / "r.json")
+        back = CompressionReport.from_json(tmp_path / "r.json")
+        assert back == report and back.table() == report.table()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*not a JSON file"):
+        CompressionReport.from_json(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="CompressionReport.to_dict"):
+        CompressionReport.from_json(tmp_path / "other.json")
