@@ -37,6 +37,22 @@ def calibration_images(n_images=256, seed=0):
         return x.astype(np.float32), "smooth-noise"
 
 
+def reference_setup(calib, test, seed):
+    """The committed reference network and its Fashion-MNIST images, as the accuracy
+    benchmarks use them: ``(model, x_cal, x_test, y_test)`` with ``calib`` training images
+    (a seeded random subset, in file order) and ``test`` test images (None: all)."""
+    import torch
+
+    from sigmadecomp_torch.data import fashion_mnist
+    from sigmadecomp_torch.demo.reference import load_reference
+
+    model = load_reference()
+    x_train, _ = fashion_mnist("train")
+    x_test, y_test = fashion_mnist("test", limit=test, seed=seed + 1)
+    perm = np.random.default_rng(seed).permutation(len(x_train))[:calib]
+    return model, x_train[torch.as_tensor(np.sort(perm))], x_test, y_test
+
+
 def im2col(x, k=3, pad=1):
     """Patches of ``x`` (N, C, H, W) as rows (N*H*W, C*k*k), column order (c, i, j)."""
     N, C, H, W = x.shape

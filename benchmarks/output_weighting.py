@@ -31,7 +31,6 @@ import json
 import time
 import warnings
 
-import numpy as np
 
 
 def parse_args(argv=None):
@@ -101,18 +100,16 @@ def main(argv=None, *, log=print):
 
     from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
     from sigmadecomp_torch import collect_covariances
-    from sigmadecomp_torch.data import fashion_mnist, make_loader
-    from sigmadecomp_torch.demo.reference import evaluate, load_reference
+    from sigmadecomp_torch.data import make_loader
+    from sigmadecomp_torch.demo.reference import evaluate
+
+    from benchmarks.common import reference_setup
     from sigmadecomp_torch.models import conv3x3_names
 
     args = parse_args(argv)
     t_start = time.perf_counter()
-    model = load_reference()
+    model, x_cal, x_test, y_test = reference_setup(args.calib, args.test, args.seed)
     names = conv3x3_names(model, skip_first=True)
-    x_train, _ = fashion_mnist("train")
-    x_test, y_test = fashion_mnist("test", limit=args.test, seed=args.seed + 1)
-    perm = np.random.default_rng(args.seed).permutation(len(x_train))[: args.calib]
-    x_cal = x_train[torch.as_tensor(np.sort(perm))]
     stats = collect_covariances(model, make_loader(x_cal, batch_size=256), layers=names,
                                 progress=False)
     scales = batchnorm_scales(model, names)

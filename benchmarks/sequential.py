@@ -46,16 +46,17 @@ import json
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
 from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
 from sigmadecomp_torch import collect_covariances, compress
-from sigmadecomp_torch.data import fashion_mnist, make_loader
-from sigmadecomp_torch.demo.reference import evaluate, load_reference
+from sigmadecomp_torch.data import make_loader
+from sigmadecomp_torch.demo.reference import evaluate
 from sigmadecomp_torch.models import conv3x3_names
 from sigmadecomp_torch.sequential import sequential_compress
+
+from benchmarks.common import reference_setup
 
 VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget", "seqrefit", "seqbudgetrefit",
             "oneshotrefit", "budgetrefit")
@@ -146,11 +147,7 @@ def main(argv=None):
     n_test = args.test or (1000 if args.quick else 10000)
     torch.set_num_threads(args.threads)
 
-    model = load_reference()
-    x_train, _ = fashion_mnist("train")
-    x_test, y_test = fashion_mnist("test", limit=n_test, seed=args.seed + 1)
-    perm = np.random.default_rng(args.seed).permutation(len(x_train))[:calib]
-    x_cal = x_train[torch.as_tensor(np.sort(perm))]
+    model, x_cal, x_test, y_test = reference_setup(calib, n_test, args.seed)
     loader = make_loader(x_cal, batch_size=256)
     base = evaluate(model, x_test, y_test)
     print(f"original: {100 * base:.2f}% on {n_test} test images; calibration {calib} images; "

@@ -103,8 +103,10 @@ def main(argv=None, *, log=print):
 
     from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
     from sigmadecomp_torch import collect_covariances, compress, covariances_from_batchnorm
-    from sigmadecomp_torch.data import digits, fashion_mnist, make_loader
-    from sigmadecomp_torch.demo.reference import evaluate, load_reference
+    from sigmadecomp_torch.data import digits, make_loader
+    from sigmadecomp_torch.demo.reference import evaluate
+
+    from benchmarks.common import reference_setup
     from sigmadecomp_torch.models import conv3x3_names
     from sigmadecomp_torch.transfer import shrink_covariances
 
@@ -113,12 +115,8 @@ def main(argv=None, *, log=print):
         return merge(args, log=log)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    model = load_reference()
+    model, x_cal, x_test, y_test = reference_setup(args.calib, args.test, args.seed)
     names = conv3x3_names(model, skip_first=True)
-    x_train, _ = fashion_mnist("train")
-    x_test, y_test = fashion_mnist("test", limit=args.test, seed=args.seed + 1)
-    perm = np.random.default_rng(args.seed).permutation(len(x_train))[: args.calib]
-    x_cal = x_train[torch.as_tensor(np.sort(perm))]
     x_dig, _ = digits(limit=args.digits, seed=args.seed)
 
     def stats_of(x):
