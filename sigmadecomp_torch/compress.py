@@ -726,22 +726,46 @@ def _default_by_call_order(model, layers, data, example_input):
     if example_input is not None:
         order = _call_order(model, example_input)
     else:
-        if isinstance(data, (torch.Tensor, Mapping)):  # one batch
-            first = data
-        else:
-            try:
-                it = iter(data)
-            except TypeError:
-                return layers, data  # collect_covariances explains
-            try:
-                first = next(it)
-            except StopIteration:
-                return layers, data  # no batch: collect_covariances explains
-            if it is data:  # a one-shot iterator: the batch read goes back in front
-                data = itertools.chain([first], it)
+        first, data = _first_batch(data)
+        if first is None:
+            return layers, data  # no batch (or no iterable): collect_covariances explains
         order = _call_order(model, None,
                             run=lambda m: run_batch(m, first, 0, model_device(m), None))
     return (order if order else None), data
+
+
+def _first_batch(data):
+    """``(the first batch or None, data)``; a one-shot iterator gets the batch read back in
+    front, so ``data`` still yields every batch."""
+    if isinstance(data, (torch.Tensor, Mapping)):  # one batch
+        return data, data
+    try:
+        it = iter(data)
+    except TypeError:
+        return None, data
+    try:
+        first = next(it)
+    except StopIteration:
+        return None, data
+    if it is data:
+        data = itertools.chain([first], it)
+    return first, data
+
+
+def _example_of_batch(batch, device):
+    """The model's input in ``batch`` by the batch rules of :func:`collect_covariances` (a
+    tensor, a mapping of keyword arguments, ``(inputs,)`` or ``(inputs, targets)``), as an
+    ``example_input``; None for other batches."""
+    from ._batches import to_device
+
+    if isinstance(batch, torch.Tensor):
+        return to_device(batch, device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor)
+            and (len(batch) == 1 or (len(batch) == 2 and batch[0].is_floating_point()))):
+        return to_device(batch[0], device)
+    return None
 
 
 def _data_layers(model, layers, ranks, ratio):
@@ -942,11 +966,14 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         ``example_input`` (:func:`sigmadecomp_torch.latency.compare_latency`,
         torch's current threads); a layer kept dense is listed in
         ``report.skipped`` with both times. ``None`` (default): no timing.
-        Requires ``example_input``. Layers the example pass never calls are
-        compressed without timing. Times are noisy on a busy machine.
+        Needs ``example_input``, or else ``data``: its first batch is the
+        example (the inputs of a ``(inputs, targets)`` batch). Layers the
+        example pass never calls are compressed without timing. Times are
+        noisy on a busy machine.
     example_input : tensor, tuple or dict, optional
         One input batch of the model, for ``min_speedup`` and for the call
-        order of the default ``layers``.
+        order of the default ``layers`` (default: the first batch of
+        ``data``, when given).
     data : tensor or iterable of batches, optional
         Calibration data. Without ``sequential``: the statistics are
         collected from it (:func:`collect_covariances` over every layer) and
@@ -1045,12 +1072,25 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     # under a process group every process learns whether the others' argument checks
     # passed, and that they take the same path (the same exchanges follow); _checked
     # (internal): the caller's exchanged checks covered these, so no exchange here
+    # min_speedup without example_input times the layers at the first batch of data
+    example_from_data = (min_speedup is not None and example_input is None
+                         and data is not None and isinstance(model, nn.Module))
     path = {"sequential": sequential is True, "refit given": refit is not None,
             "data given": data is not None, "covariances given": covariances is not None,
-            "layers given": layers is not None, "explicit ranks alone": explicit_only}
+            "layers given": layers is not None, "explicit ranks alone": explicit_only,
+            "example from data": example_from_data}
     with _parallel.checking(group, path, exchange=not _checked):
         _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
                      sequential, refit, inplace, centered, options)
+    if example_from_data:
+        from ._batches import model_device
+
+        first, data = _first_batch(data)
+        example_input = None if first is None else _example_of_batch(first,
+                                                                       model_device(model))
+        if group is not None:  # (a process without batches times at another's)
+            example_input = _parallel.first_given(group, example_input,
+                                                  what="reading an example batch")
     # --- data= / sequential= (sigmadecomp_torch.sequential) ---------------------------
     if not explicit_only:
         default = layers is None

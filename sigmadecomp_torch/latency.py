@@ -255,8 +255,9 @@ def check_min_speedup(min_speedup, example_input):
                          "None or a finite number >= 0 (e.g. 1.0: keep a layer dense unless "
                          "its factorized form is faster)")
     if example_input is None:
-        raise ValueError("min_speedup needs example_input= (one input batch of the model) to "
-                         "know the input shape of each layer it times")
+        raise ValueError("min_speedup needs example_input= (one input batch of the model), "
+                         "or data= whose first batch gives it, to know the input shape of "
+                         "each layer it times")
     return float(min_speedup)
 
 

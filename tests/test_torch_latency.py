@@ -126,3 +126,37 @@ def test_latency_benchmark_quick(tmp_path):
                      "LowRankLinear", "TTLinear"}
     text = out.read_text()
     assert "## Whole model" in text and "min_speedup=1" in text
+
+
+@pytest.mark.parametrize("wrap", [lambda x: x, lambda x: (x, torch.zeros(len(x))),
+                                  lambda x: {"input": x}])
+def test_min_speedup_times_the_layers_at_the_first_batch_of_data(monkeypatch, wrap):
+    """Without example_input, the first batch of data= (its inputs) is the example."""
+    import importlib
+
+    lat = importlib.import_module("sigmadecomp_torch.latency")
+    seen = []
+    real = lat.input_shapes
+
+    def spy(model, example_input, names=None):
+        seen.append(example_input)
+        return real(model, example_input, names)
+
+    monkeypatch.setattr(lat, "input_shapes", spy)
+
+    class Keyword(nn.Module):  # dict batches run as model(**batch)
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, input):
+            return self.net(input)
+
+    model = Keyword() if isinstance(wrap(X), dict) else _model()
+    data = [wrap(X), wrap(torch.randn(3, 3, 12, 12))]
+    _, report = compress(model, "tucker2", ratio=3, options=OPTS, progress=False,
+                         min_speedup=0, data=data)
+    assert len(seen) == 1
+    got = seen[0]["input"] if isinstance(seen[0], dict) else seen[0]
+    assert torch.equal(got, X)
+    assert report.layers and all(r["latency_dense_ms"] > 0 for r in report.layers)
