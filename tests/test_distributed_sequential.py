@@ -56,6 +56,10 @@ def _runs(data):
         out["one_shot"] = compress(_Net().double().eval(), "tucker2", data=data, ratio=2,
                                    layers=["a", "c"], refit="all", options=OPTIONS,
                                    progress=False)
+        # min_speedup times at the first batch of data: on the empty process, another's
+        out["timed"] = compress(_Net().double().eval(), "tucker2", data=data, ratio=2,
+                                layers=["a", "c"], min_speedup=0, options=OPTIONS,
+                                progress=False)
     return {k: (m.state_dict(), rep.to_dict()) for k, (m, rep) in out.items()}
 
 
@@ -78,7 +82,7 @@ def test_a_process_without_batches_gets_the_one_process_model(tmp_path):
     assert [r["name"] for r in ref["sequential"][1]["refitted"]] == ["fc"]
     for rank in range(WORLD):
         got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=False)
-        for key in ("sequential", "one_shot"):
+        for key in ("sequential", "one_shot", "timed"):
             state, report = got[key]
             ref_state, ref_report = ref[key]
             assert state.keys() == ref_state.keys()
@@ -87,6 +91,8 @@ def test_a_process_without_batches_gets_the_one_process_model(tmp_path):
             for what in ("layers", "refitted"):
                 rows, ref_rows = _rows(report, what), _rows(ref_report, what)
                 assert rows.keys() == ref_rows.keys()
+                if key == "timed":
+                    assert all(r["latency_dense_ms"] > 0 for r in rows.values())
                 for name, r in ref_rows.items():
                     if "output_error" in r:  # measured on the other process's batches
                         assert rows[name]["output_error"] is not None
