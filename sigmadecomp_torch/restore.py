@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from ._batches import outside_inference_mode
+from ._batches import outside_inference_mode, user_stacklevel
 from .compress import _carry_requires_grad
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 from .tt_layers import TTConv2d, TTLinear
@@ -258,6 +259,7 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
         :func:`quantize_weights` and :func:`quantized_state_dict`).
     strict : bool, optional
         Passed to ``load_state_dict`` (default True: every key must match).
+        With ``False``, keys that do not match are named in a ``UserWarning``.
     inplace : bool, optional
         Change ``model`` itself (default: a deep copy is changed and returned).
 
@@ -351,5 +353,14 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
             raise ValueError("strict=False is not allowed with a quantized state dict "
                              "(weight_scale entries); load it whole")
         return load_quantized_state_dict(target, state_dict)
-    target.load_state_dict(state_dict, strict=strict)
+    result = target.load_state_dict(state_dict, strict=strict)
+    if result.missing_keys or result.unexpected_keys:  # (strict=False: said, not silent)
+        warnings.warn(
+            f"load_compressed(strict=False): {len(result.missing_keys)} key(s) of the model "
+            f"not in the state dict ({', '.join(result.missing_keys[:4])}"
+            f"{', ...' if len(result.missing_keys) > 4 else ''}) keep their values; "
+            f"{len(result.unexpected_keys)} key(s) of the state dict not in the model "
+            f"({', '.join(result.unexpected_keys[:4])}"
+            f"{', ...' if len(result.unexpected_keys) > 4 else ''}) were ignored",
+            UserWarning, stacklevel=user_stacklevel())
     return target
