@@ -463,10 +463,17 @@ def _cmd_compress(args):
         raise UserError(f"{them} appl{'y' if len(image_options) > 1 else 'ies'} to the "
                         f"calibration images of --data, and with {source} and no --data no "
                         f"image is read: give --data DIR, or leave {them} out")
-    if args.batch_size is not None and not fitted and (args.frobenius or args.transfer_stats):
+    collects = fitted or not (args.frobenius or args.transfer_stats)  # statistics from --data
+    if args.batch_size is not None and not collects:
         raise UserError(f"--batch-size sets the batches of the statistics collected from "
                         f"--data; with {source} none are collected: leave --batch-size out")
-    args.calib_images = 1024 if args.calib_images is None else args.calib_images
+    if args.calib_images is not None and not collects:
+        raise UserError(f"--calib-images sets how many images of --data the statistics are "
+                        f"collected from; with {source} none are collected (one image is read "
+                        "to choose the layers): leave --calib-images out")
+    # (without statistics one image serves: the layer choice and the first-image check)
+    args.calib_images = 1 if not collects else (
+        1024 if args.calib_images is None else args.calib_images)
     args.batch_size = 64 if args.batch_size is None else args.batch_size
     args.seed = 0 if args.seed is None else args.seed
     _check_writable(args.out, "--out")

@@ -599,6 +599,26 @@ def test_normalize_value_is_checked_whatever_path_runs(model_file, stats_file, t
     assert f"--normalize={value!r}" in msg and allowed in msg
 
 
+def test_without_statistics_one_image_of_data_is_read(model_file, stats_file, tmp_path,
+                                                        idx_dir, monkeypatch, capsys):
+    import importlib
+
+    data = importlib.import_module("sigmadecomp_torch.data")
+    limits = []
+    real = data.load_images
+
+    def spy(*args, limit=None, **kw):
+        limits.append(limit)
+        return real(*args, limit=limit, **kw)
+
+    monkeypatch.setattr(data, "load_images", spy)
+    for src in (["--transfer-stats", stats_file], ["--frobenius"]):
+        assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                                  "--layers", "layer1.conv1", *src)) == 0
+    assert limits == [1, 1]
+    assert "calibration: 1 image" in capsys.readouterr().out
+
+
 def test_options_without_effect_next_to_transfer_stats_or_frobenius_are_refused(
         model_file, stats_file, tmp_path, idx_dir):
     msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--frobenius",
@@ -608,6 +628,10 @@ def test_options_without_effect_next_to_transfer_stats_or_frobenius_are_refused(
         msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--layers",
                                "layer1.conv1", "--data", idx_dir, "--batch-size", "8", *src))
         assert "--batch-size sets the batches of the statistics collected from --data" in msg
+        assert f"with {src[0]} none are collected" in msg
+        msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                               "--calib-images", "8", *src))
+        assert "--calib-images sets how many images" in msg
         assert f"with {src[0]} none are collected" in msg
     msg = _error(["compress", model_file, "--method", "svd", "--frobenius", "--ratio", "2",
                   "--n-iter", "3", "--out", str(tmp_path / "o.pt")])
