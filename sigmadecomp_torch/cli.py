@@ -50,7 +50,7 @@ _non_negative_int = int_at_least(0)
 #: compress and of the statistics), and the options of the command that set them.
 _OPTION_OF = {"ratio": "--ratio", "budget": "--budget", "layers": "--layers",
               "refit": "--refit", "data": "--data", "n_iter_max": "--n-iter",
-              "channels": "--channels"}
+              "channels": "--channels", "min_speedup": "--min-speedup"}
 _KEYWORD = "(?<![\\w'-])(" + "|".join(_OPTION_OF) + ")"
 
 #: (pattern, replacement) in order: whole phrases first, then any ``keyword=``.
@@ -463,6 +463,18 @@ def _cmd_compress(args):
         raise UserError(f"{them} appl{'y' if len(image_options) > 1 else 'ies'} to the "
                         f"calibration images of --data, and with {source} and no --data no "
                         f"image is read: give --data DIR, or leave {them} out")
+    if args.latency_batch is not None and args.min_speedup is None:
+        raise UserError("--latency-batch sets the batch --min-speedup times the layers at; "
+                        "give --min-speedup X, or leave --latency-batch out")
+    if args.min_speedup is not None:
+        if not (math.isfinite(args.min_speedup) and args.min_speedup >= 0):
+            raise UserError(f"--min-speedup={args.min_speedup:g} is not allowed; give a "
+                            "finite number >= 0 (e.g. 1: keep a layer dense unless its "
+                            "factorized form is faster)")
+        if args.data is None:
+            raise UserError("--min-speedup times each layer at the input size the images of "
+                            "--data give it: give --data DIR")
+    latency_batch = args.latency_batch or 1
     collects = fitted or not (args.frobenius or args.transfer_stats)  # statistics from --data
     if args.batch_size is not None and not collects:
         raise UserError(f"--batch-size sets the batches of the statistics collected from "
@@ -471,9 +483,14 @@ def _cmd_compress(args):
         raise UserError(f"--calib-images sets how many images of --data the statistics are "
                         f"collected from; with {source} none are collected (one image is read "
                         "to choose the layers): leave --calib-images out")
-    # (without statistics one image serves: the layer choice and the first-image check)
-    args.calib_images = 1 if not collects else (
-        1024 if args.calib_images is None else args.calib_images)
+    # (without statistics one image serves the layer choice and the first-image check, or
+    # the batch --min-speedup times at)
+    timed = latency_batch if args.min_speedup is not None else 1
+    args.calib_images = timed if not collects else (
+        max(1024, timed) if args.calib_images is None else args.calib_images)
+    if args.min_speedup is not None and args.calib_images < timed:
+        raise UserError(f"--latency-batch {timed} needs as many images: --calib-images is "
+                        f"{args.calib_images}")
     args.batch_size = 64 if args.batch_size is None else args.batch_size
     args.seed = 0 if args.seed is None else args.seed
     _check_writable(args.out, "--out")
@@ -541,6 +558,13 @@ def _cmd_compress(args):
                   sequential=args.sequential, refit=refit)
     if options:
         kw["options"] = options
+    if args.min_speedup is not None:
+        if len(x) < latency_batch:
+            raise UserError(f"--latency-batch {latency_batch}: --data has only {len(x)} "
+                            "image(s)")
+        kw.update(min_speedup=args.min_speedup, example_input=x[:latency_batch])
+        print(f"timing each layer at batch {latency_batch} (--min-speedup "
+              f"{args.min_speedup:g})")
     try:
         small, report = compress(model, args.method, **kw)
     except (ValueError, TypeError) as exc:
@@ -716,6 +740,14 @@ def build_parser():
     c.add_argument("--n-iter", type=_non_negative_int, default=None, metavar="N",
                    help="maximum ALS sweeps per layer of tucker2, cp and tt (default: the "
                         "decomposition's default)")
+    c.add_argument("--min-speedup", type=float, default=None, metavar="X",
+                   help="keep a layer dense unless its factorized form runs at least X times "
+                        "faster (1: only if not slower), each layer timed dense and "
+                        "factorized at the input size the images of --data give it (needs "
+                        "--data); the report lists the times")
+    c.add_argument("--latency-batch", type=positive_int, default=None, metavar="N",
+                   help="with --min-speedup: the batch size the layers are timed at "
+                        "(default: 1, single-image inference)")
     c.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
                    help="CP's inner solves: 'exact' (default; each ALS block solved to its "
                         "minimiser) or 'adaptive' (a few CG iterations, more when progress "

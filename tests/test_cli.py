@@ -263,7 +263,8 @@ def test_tt_needs_a_size_before_any_image_is_read(model_file, tmp_path):
 @pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--threads", "-1"),
                                           ("--threads", "0"), ("--calib-images", "0"),
                                           ("--image-size", "0"), ("--batch-size", "x"),
-                                          ("--n-iter", "-1"), ("--seed", "-1")])
+                                          ("--n-iter", "-1"), ("--seed", "-1"),
+                                          ("--latency-batch", "0")])
 def test_counts_must_be_positive_integers(model_file, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as info:
         cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", option, value))
@@ -793,3 +794,47 @@ def test_report_says_what_rx_counts_when_layers_have_biases(model_file, tmp_path
     assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--layers",
                               "layer1.conv1")) == 0
     assert "counts weights only" not in capsys.readouterr().out
+
+
+def test_min_speedup_times_the_layers_at_images_of_data(model_file, stats_file, tmp_path,
+                                                        idx_dir, capsys, monkeypatch):
+    import importlib
+
+    lat = importlib.import_module("sigmadecomp_torch.latency")
+    shapes = []
+    real = lat.input_shapes
+
+    def spy(model, example_input, names=None):
+        shapes.append(tuple(example_input.shape))
+        return real(model, example_input, names)
+
+    monkeypatch.setattr(lat, "input_shapes", spy)
+    out = tmp_path / "o.pt"
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--min-speedup", "1000")) == 0
+    text = capsys.readouterr().out
+    assert "timing each layer at batch 1 (--min-speedup 1000)" in text
+    assert "--min-speedup=1000: kept dense" in text
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["layers"] == [] and all(s["latency_dense_ms"] > 0 for s in report["skipped"]
+                                          if "kept dense" in s["reason"])
+    # Frobenius with a batch of 3 images: three images are read for it
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--frobenius", "--min-speedup", "0", "--latency-batch",
+                              "3")) == 0
+    assert shapes[-1][0] == 3
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["layers"] and all(r["latency_dense_ms"] > 0 for r in report["layers"])
+    assert out.exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--latency-batch", "4"], "give --min-speedup X"),
+    (["--min-speedup", "1"], "give --data DIR"),
+    (["--data", "DATA", "--min-speedup", "-1"], "--min-speedup=-1 is not allowed"),
+    (["--data", "DATA", "--min-speedup", "inf"], "--min-speedup=inf is not allowed"),
+])
+def test_min_speedup_options_are_checked(model_file, tmp_path, idx_dir, extra, words):
+    extra = [idx_dir if e == "DATA" else e for e in extra]
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--frobenius", *extra))
+    assert words in msg
