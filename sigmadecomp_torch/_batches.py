@@ -149,18 +149,28 @@ def call_with(model, example_input):
     return model(example_input)
 
 
+def batch_inputs(batch, device):
+    """The model's input in ``batch`` by the documented batch rules, on ``device``: the
+    tensor itself, the mapping of keyword arguments (as a dict), or the inputs of an
+    ``(inputs,)`` / ``(inputs, targets)`` tuple; None for any other batch."""
+    if isinstance(batch, torch.Tensor):
+        return to_device(batch, device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor)
+            and (len(batch) == 1 or (len(batch) == 2 and batch[0].is_floating_point()))):
+        return to_device(batch[0], device)
+    return None
+
+
 def run_batch(model, batch, index, device, forward):
     """Run ``model`` on one batch by the documented rules (see collect_covariances)."""
     if forward is not None:
         return forward(model, batch)
-    if isinstance(batch, torch.Tensor):
-        return model(to_device(batch, device))
-    if isinstance(batch, Mapping):
-        return model(**{k: to_device(v, device) for k, v in batch.items()})
+    inputs = batch_inputs(batch, device)
+    if inputs is not None:
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        first = batch[0]
-        if len(batch) == 1 or (len(batch) == 2 and first.is_floating_point()):
-            return model(to_device(first, device))
         items = ", ".join(describe_item(v) for v in batch)
         raise TypeError(
             f"batch {index} is a {type(batch).__name__} of {len(batch)} items ({items}); "

@@ -752,22 +752,6 @@ def _first_batch(data):
     return first, data
 
 
-def _example_of_batch(batch, device):
-    """The model's input in ``batch`` by the batch rules of :func:`collect_covariances` (a
-    tensor, a mapping of keyword arguments, ``(inputs,)`` or ``(inputs, targets)``), as an
-    ``example_input``; None for other batches."""
-    from ._batches import to_device
-
-    if isinstance(batch, torch.Tensor):
-        return to_device(batch, device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor)
-            and (len(batch) == 1 or (len(batch) == 2 and batch[0].is_floating_point()))):
-        return to_device(batch[0], device)
-    return None
-
-
 def _data_layers(model, layers, ranks, ratio):
     """Names of the layers ``compress`` will choose: those whose statistics ``data=`` needs.
 
@@ -1083,11 +1067,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
                      sequential, refit, inplace, centered, options)
     if example_from_data:
-        from ._batches import model_device
+        from ._batches import batch_inputs, model_device
 
         first, data = _first_batch(data)
-        example_input = None if first is None else _example_of_batch(first,
-                                                                       model_device(model))
+        example_input = None if first is None else batch_inputs(first, model_device(model))
         if group is not None:  # (a process without batches times at another's)
             example_input = _parallel.first_given(group, example_input,
                                                   what="reading an example batch")
