@@ -18,7 +18,9 @@ The four steps:
 3. **evaluate** top-1 accuracy of the original and the compressed model, with
    no fine-tuning;
 4. **save** the compressed model (a plain ``nn.Module`` built from ``nn.Conv2d``
-   layers), the statistics (reusable, e.g. for another ratio) and the report.
+   layers) and its state dict (``load_compressed`` puts it into a fresh
+   ``torchvision.models.resnet18()``), the statistics (reusable, e.g. for
+   another ratio) and the report.
 
 A command-line near-equivalent of steps 1, 2 and 4 is::
 
@@ -110,10 +112,14 @@ def main(argv=None):
     print(f"top-1: original {100 * acc0:.2f}%, compressed (rX={report.ratio:.2f} overall) "
           f"{100 * acc1:.2f}%")
 
-    # 4. save the compressed module and the report
+    # 4. save the compressed module, its state dict and the report; the state dict
+    #    loads into a fresh torchvision ResNet-18 with
+    #    sigmadecomp_torch.load_compressed(torchvision.models.resnet18(), state_dict)
+    stem = args.out.rsplit(".", 1)[0]
     torch.save(small.cpu(), args.out)
-    report.to_json(args.out.rsplit(".", 1)[0] + ".report.json")
-    print(f"wrote {args.out}")
+    torch.save(small.state_dict(), stem + ".state.pt")
+    report.to_json(stem + ".report.json")
+    print(f"wrote {args.out}, {stem}.state.pt and {stem}.report.json")
 
 
 if __name__ == "__main__":
