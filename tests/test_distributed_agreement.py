@@ -15,17 +15,14 @@ from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
 from _helpers import free_port, gloo_group, outcome, spawn_workers  # noqa: E402
+from _torch_models import small_conv_net  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 180.0
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 5)).double().eval()
+    return small_conv_net(8, 5)
 
 
 class _HeadFirst(nn.Module):

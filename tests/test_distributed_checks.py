@@ -14,7 +14,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
 
 from sigmadecomp_torch import collect_covariances, compress  # noqa: E402
 from sigmadecomp_torch.compress import LayerPlan  # noqa: E402
@@ -25,6 +24,7 @@ from sigmadecomp_torch.sequential import (  # noqa: E402
     sequential_compress,
 )
 from _helpers import free_port, gloo_group, outcome, spawn_workers  # noqa: E402
+from _torch_models import small_conv_net  # noqa: E402
 
 WORLD = 2
 GLOO_TIMEOUT = 15  # s: a process left waiting in a collective fails after this
@@ -32,11 +32,7 @@ TIMEOUT = 120.0
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(6, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    return small_conv_net(6, 4)
 
 
 def _batches():
