@@ -46,11 +46,11 @@ from torch import nn
 from ._batches import outside_inference_mode, user_stacklevel
 from .compress import _carry_requires_grad
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
+from .quantize import _SCALE_KEY, load_quantized_state_dict
 from .tt_layers import TTConv2d, TTLinear
 
 __all__ = ["load_compressed", "factorized_formats"]
 
-_SCALE_KEY = "weight_scale"
 _FORMAT_NAMES = {"tucker2": "Tucker-2", "cp": "CP", "svd": "low-rank", "tt": "Tensor-Train"}
 
 
@@ -347,8 +347,6 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
     _add_refit_biases(target, state_dict)
     state_dict = _with_aliases(target, state_dict)
     if any(k == _SCALE_KEY or k.endswith("." + _SCALE_KEY) for k in state_dict):
-        from .quantize import load_quantized_state_dict
-
         if not strict:
             raise ValueError("strict=False is not allowed with a quantized state dict "
                              "(weight_scale entries); load it whole")
