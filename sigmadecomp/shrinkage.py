@@ -37,6 +37,12 @@ BatchNorm layers without data), and :func:`moment_mixture` chooses the
 shrinkage and the prior's share together by the criterion of
 :func:`moment_alpha`.
 
+A scalar ``alpha`` (and ``w``) can only make the output energies roughly
+right. :func:`match_moments` then makes them exactly right with the least
+change: the second moment closest to the given one (Kullback-Leibler
+divergence between zero-mean Gaussians) under which every output channel has
+its target mean square, up to one common factor.
+
 Examples
 --------
 >>> import numpy as np
@@ -65,6 +71,8 @@ __all__ = [
     "oas_alpha",
     "mix_sigma",
     "moment_mixture",
+    "match_moments",
+    "MomentMatch",
     "DEFAULT_ALPHAS",
     "DEFAULT_WEIGHTS",
 ]
@@ -459,3 +467,180 @@ def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
         spreads[(a, w)] = float(np.std(d)) if np.all(np.isfinite(d)) else float("inf")
     best = min(grid, key=lambda g: (spreads[g], g[1], g[0]))
     return best, spreads
+
+
+class MomentMatch(tuple):
+    """Result of :func:`match_moments`: ``(sigma, multipliers, scale)``.
+
+    ``sigma`` is the matched second moment (library, dtype and device of the
+    input), ``multipliers`` the ``T`` Lagrange multipliers ``lam`` of
+    ``sigma^-1 -> sigma^-1 + K^T diag(lam) K`` (float64 NumPy, 0 for the
+    channels left out), ``scale`` the common factor ``c`` of the matched mean
+    squares ``c * target``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, sigma, multipliers, scale):
+        return super().__new__(cls, (sigma, multipliers, scale))
+
+    sigma = property(lambda self: self[0])
+    multipliers = property(lambda self: self[1])
+    scale = property(lambda self: self[2])
+
+
+#: Largest relative deviation of a matched mean square from its target that
+#: :func:`match_moments` accepts before it warns.
+MATCH_RTOL = 1e-8
+
+
+def match_moments(weight, sigma, target, *, maxiter=100):
+    """The second moment nearest ``sigma`` whose output mean squares are ``c * target``.
+
+    Among the second moments ``S'`` under which the layer's output channels
+    have the mean squares ``(K_(1) S' K_(1)^T)[t, t] = c * target_t``, the
+    one with the least Kullback-Leibler divergence ``KL(N(0, S') || N(0,
+    sigma))``. ``c`` is fixed beforehand as the geometric mean of ``q_t /
+    target_t`` (``q_t`` the mean squares under ``sigma``): the solvers ignore
+    the scale of Sigma, and the matched matrix keeps that of ``sigma``. The
+    solution is ``S'^-1 = sigma^-1 + K^T diag(lam) K`` (the Gaussian tilted by
+    ``exp(-sum_t lam_t (K_t x)^2 / 2)``), computed without inverting
+    ``sigma``::
+
+        S' = sigma - sigma K^T diag(lam) (I + Q diag(lam))^-1 K sigma,   Q = K sigma K^T
+
+    where ``lam`` maximises the concave ``log det(I + Q^1/2 diag(lam) Q^1/2)
+    - c target . lam`` (Newton's method with backtracking; ``T x T``
+    systems only). ``S'`` is symmetric PSD, changes ``sigma`` only in the
+    directions ``sigma K^T`` and equals it when the mean squares are already
+    proportional to ``target``. Use it after :func:`moment_alpha` or
+    :func:`moment_mixture`, whose scalar choice leaves the energies only
+    roughly right (``notes/transfer.md``).
+
+    Channels whose kernel row is zero or whose mean square under ``sigma`` is
+    below ``1e-12`` of the largest carry no information about ``sigma`` and
+    are left out (multiplier 0).
+
+    Parameters
+    ----------
+    weight : array of shape (T, ...)
+    sigma : array of shape (n, n)
+        Symmetric PSD second moment, ``n = prod(weight.shape[1:])``; NumPy or
+        torch, float32 or float64. Not modified.
+    target : array of shape (T,)
+        Positive expected mean square of each output channel (e.g.
+        ``running_var + (running_mean - bias)**2`` of the following
+        BatchNorm).
+    maxiter : int, optional
+        Newton steps at most. A match that is off by more than
+        ``MATCH_RTOL`` (relative) after them warns with the deviation
+        reached.
+
+    Returns
+    -------
+    MomentMatch
+        ``(sigma, multipliers, scale)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.shrinkage import match_moments
+    >>> K = np.array([[1.0, 0.0], [1.0, 1.0]])
+    >>> S = np.eye(2)
+    >>> out = match_moments(K, S, np.array([1.0, 4.0]))
+    >>> np.round(np.diag(K @ out.sigma @ K.T) / out.scale, 10)
+    array([1., 4.])
+    """
+    import warnings
+
+    from .exceptions import CompressionWarning
+
+    K = _flat(weight)
+    n, T = K.shape[1], K.shape[0]
+    _check_second_moment(sigma, "sigma", n, weight)
+    check_finite(sigma, "sigma")
+    tgt = _check_target(target, T)
+    if isinstance(maxiter, bool) or not isinstance(maxiter, numbers.Integral) or maxiter < 1:
+        raise ValueError(f"maxiter={maxiter!r} is not allowed; maxiter must be a positive "
+                         "integer")
+    Kn = B.to_numpy(K).astype(np.float64)
+    Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
+    Sn = (Sn + Sn.T) / 2
+    q_all = np.einsum("tn,nm,tm->t", Kn, Sn, Kn)
+    keep = (np.einsum("tn,tn->t", Kn, Kn) > 0) & (q_all > 1e-12 * max(q_all.max(), 0.0))
+    lam_all = np.zeros(T)
+    if not np.any(keep):
+        return MomentMatch(B.asarray_like(Sn, sigma), lam_all, 1.0)
+    Kk = Kn[keep]
+    SK = Sn @ Kk.T
+    Q = Kk @ SK
+    Q = (Q + Q.T) / 2
+    q = q_all[keep]
+    scale = float(np.exp(np.mean(np.log(q) - np.log(tgt[keep]))))
+    v = scale * tgt[keep]
+    lam, dev = _match_multipliers(Q, v, maxiter)
+    if dev > MATCH_RTOL:
+        warnings.warn(f"match_moments: the output mean squares match their targets to "
+                      f"{dev:.2e} (relative) after maxiter={maxiter} Newton steps; the "
+                      "targets may be out of reach of this weight (rows nearly dependent)",
+                      CompressionWarning, stacklevel=2)
+    m = len(q)
+    A = np.linalg.solve(np.eye(m) + Q * lam[None, :], np.eye(m))  # (I + Q diag(lam))^-1
+    out = Sn - SK @ (lam[:, None] * A) @ SK.T
+    out = (out + out.T) / 2
+    lam_all[keep] = lam
+    return MomentMatch(B.asarray_like(out, sigma), lam_all, scale)
+
+
+def _match_multipliers(Q, v, maxiter):
+    """``lam`` with ``diag((Q^-1 + diag(lam))^-1) = v``, and the relative deviation reached."""
+    m = len(v)
+    w, V = np.linalg.eigh(Q)
+    w = np.maximum(w, max(w.max(), 0.0) * 1e-13)
+    Qh = (V * np.sqrt(w)) @ V.T
+    eye = np.eye(m)
+
+    def dual(lam):
+        # log det(I + Qh diag(lam) Qh) - v . lam and P = Qh (I + Qh diag(lam) Qh)^-1 Qh
+        try:
+            L = np.linalg.cholesky(eye + Qh @ (lam[:, None] * Qh))
+        except np.linalg.LinAlgError:
+            return -np.inf, None
+        X = np.linalg.solve(L, Qh)
+        return 2.0 * np.sum(np.log(np.diag(L))) - v @ lam, X.T @ X
+
+    lam = np.zeros(m)
+    val, P = dual(lam)
+    # a start from the diagonal of Q (exact when Q is diagonal), if it is better
+    guess = 1.0 / v - 1.0 / np.diag(Q)
+    for _ in range(30):
+        g_val, g_P = dual(guess)
+        if g_val >= val:
+            lam, val, P = guess, g_val, g_P
+            break
+        guess = guess * 0.5
+    dev = float(np.max(np.abs(np.diag(P) / v - 1.0)))
+    best = (dev, lam)
+    for _ in range(maxiter):
+        if dev <= MATCH_RTOL * 1e-2:
+            break
+        step = np.linalg.lstsq(P * P, np.diag(P) - v, rcond=None)[0]
+        s, moved = 1.0, False
+        while s > 1e-12:
+            new_val, new_P = dual(lam + s * step)
+            if new_P is not None:
+                new_dev = float(np.max(np.abs(np.diag(new_P) / v - 1.0)))
+                # an ascent step, or (near the optimum, where the dual's rounding hides
+                # the ascent) one that brings the energies closer
+                if new_val >= val or (new_dev < dev and new_val >= val - 1e-9 * abs(val)):
+                    moved = True
+                    break
+            s *= 0.5
+        if not moved:
+            break
+        lam, val, P, dev = lam + s * step, new_val, new_P, new_dev
+        if dev < best[0]:
+            best = (dev, lam)
+    # targets out of reach (e.g. more channels than sigma has rank): the dual climbs
+    # without bound; keep the iterate that came closest, which the caller reports
+    return best[1], best[0]

@@ -9,6 +9,7 @@ from sigmadecomp import sigma_svd, tucker2
 from sigmadecomp.shrinkage import (
     check_alpha,
     holdout_alpha,
+    match_moments,
     moment_alpha,
     oas_alpha,
     shrink_sigma,
@@ -487,3 +488,147 @@ def test_moments_rule_models_a_layer_with_a_bias():
     torch.testing.assert_close(targets["0"], expect, rtol=2e-3, atol=0)  # running_var: n/(n-1)
     out = shrink_covariances(stats, "moments", model=model)
     assert out.skipped == {} and out.alphas["0"] <= 0.02
+
+
+# ------------------------------------------------------------------ match_moments
+
+
+def _kl(S1, S0):
+    """KL(N(0, S1) || N(0, S0)) for positive definite matrices."""
+    n = S0.shape[0]
+    M = np.linalg.solve(S0, S1)
+    return 0.5 * (np.trace(M) - n - np.linalg.slogdet(M)[1])
+
+
+def test_match_moments_hits_the_targets_with_the_kkt_structure(lib, rng):
+    T, n = 5, 12
+    K = rng.standard_normal((T, n))
+    S = _psd(rng, n)
+    t = rng.uniform(0.3, 3.0, T)
+    S_in, K_in = lib.asarray(S), lib.asarray(K)
+    saved = lib.to_numpy(S_in).copy()
+    out = match_moments(K_in, S_in, t)
+    assert lib.is_same_kind(out.sigma)
+    np.testing.assert_array_equal(lib.to_numpy(S_in), saved)
+    Sp = lib.to_numpy(out.sigma)
+    float64 = lib.dtype_name == "float64"
+    tol = 1e-9 if float64 else 1e-5
+    # every output channel has c * target, c the geometric mean of the old ratios
+    S64, K64 = lib.to_numpy(S_in), lib.to_numpy(K_in)
+    q = np.einsum("tn,nm,tm->t", K64, S64, K64)
+    assert out.scale == pytest.approx(np.exp(np.mean(np.log(q / t))), rel=1e-12)
+    np.testing.assert_allclose(np.einsum("tn,nm,tm->t", K64, Sp, K64), out.scale * t, rtol=tol)
+    assert np.linalg.eigvalsh(Sp).min() > -tol * np.trace(Sp)
+    # stationarity of the KL projection: Sp^-1 - S^-1 = K^T diag(lam) K
+    if float64:
+        lhs = np.linalg.inv(Sp) - np.linalg.inv(S64)
+        rhs = K64.T @ np.diag(out.multipliers) @ K64
+        np.testing.assert_allclose(lhs, rhs, atol=1e-6 * np.abs(rhs).max())
+
+
+def test_match_moments_is_the_nearest_in_kl_among_feasible_matrices(rng):
+    # with K = I the constraint is diag(S') = c t; D S D (D diagonal) is another feasible S'
+    n = 6
+    S = _psd(rng, n)
+    t = rng.uniform(0.5, 2.0, n)
+    out = match_moments(np.eye(n), S, t)
+    np.testing.assert_allclose(np.diag(out.sigma), out.scale * t, rtol=1e-10)
+    D = np.diag(np.sqrt(out.scale * t / np.diag(S)))
+    other = D @ S @ D
+    np.testing.assert_allclose(np.diag(other), out.scale * t, rtol=1e-12)
+    assert _kl(out.sigma, S) < _kl(other, S)
+    for _ in range(5):  # and than random feasible perturbations of the solution
+        E = rng.standard_normal((n, n)) * 1e-3
+        E = E + E.T
+        np.fill_diagonal(E, 0.0)
+        assert _kl(out.sigma, S) <= _kl(out.sigma + E, S) + 1e-14
+
+
+def test_match_moments_keeps_sigma_when_the_targets_already_agree(rng):
+    K = rng.standard_normal((4, 9))
+    S = _psd(rng, 9)
+    q = np.einsum("tn,nm,tm->t", K, S, K)
+    out = match_moments(K, S, 3.0 * q)
+    np.testing.assert_allclose(out.sigma, S, rtol=1e-12, atol=1e-14 * np.trace(S))
+    np.testing.assert_allclose(out.multipliers, 0.0, atol=1e-12)
+    assert out.scale == pytest.approx(1.0 / 3.0)
+
+
+def test_match_moments_zero_rows_and_out_of_reach_targets(rng):
+    from sigmadecomp.exceptions import CompressionWarning
+
+    K = rng.standard_normal((4, 9))
+    K[2] = 0.0  # carries no information: left out
+    S = _psd(rng, 9)
+    t = np.array([1.0, 2.0, 5.0, 0.5])
+    out = match_moments(K, S, t)
+    assert out.multipliers[2] == 0.0
+    got = np.einsum("tn,nm,tm->t", K, out.sigma, K)
+    np.testing.assert_allclose(got[[0, 1, 3]], out.scale * t[[0, 1, 3]], rtol=1e-9)
+    # more channels than sigma has rank: no sigma' on sigma's support has these energies
+    X = rng.standard_normal((9, 2))
+    S2 = X @ X.T
+    K2 = rng.standard_normal((5, 9))
+    with pytest.warns(CompressionWarning, match="match their targets to"):
+        bad = match_moments(K2, S2, np.array([1.0, 9.0, 0.2, 4.0, 1.0]))
+    assert np.all(np.isfinite(bad.sigma))
+    assert np.linalg.eigvalsh(bad.sigma).min() > -1e-9 * np.trace(bad.sigma)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(target=np.ones(3)), ValueError, r"target has shape \(3,\); it must be \(4,\)"),
+    (dict(target=np.array([1.0, 0.0, 1.0, 1.0])), ValueError, "finite and positive"),
+    (dict(maxiter=0), ValueError, "maxiter=0 is not allowed"),
+    (dict(sigma=np.eye(5)), ValueError, r"sigma has shape \(5, 5\); it must be \(9, 9\)"),
+    (dict(sigma=np.full((9, 9), np.nan)), ValueError, "sigma"),
+])
+def test_match_moments_bad_input(rng, kwargs, err, match):
+    args = dict(weight=rng.standard_normal((4, 1, 3, 3)), sigma=np.eye(9), target=np.ones(4))
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        match_moments(args.pop("weight"), args.pop("sigma"), args.pop("target"), **args)
+
+
+def test_match_true_gives_the_batchnorm_energies_and_a_valid_pair():
+    model, train, other = _bn_model_and_data()
+    saved = _copy(other)
+    out = shrink_covariances(other, "auto", model=model, match=True)
+    plain = shrink_covariances(other, "auto", model=model)
+    assert _same(other, saved) and out.alphas == plain.alphas
+    targets, _ = output_moments(model, ["2"])
+    K = model[2].weight.detach().double().reshape(8, -1)
+    st = out["2"]
+    got = torch.einsum("ti,ij,tj->t", K, st.sigma.double(), K)
+    torch.testing.assert_close(got, out.scales["2"] * targets["2"], rtol=1e-8, atol=0)
+    before = torch.einsum("ti,ij,tj->t", K, plain["2"].sigma.double(), K)
+    assert float(torch.std(torch.log(before / targets["2"]))) > 1e-3  # the rule alone: rough
+    cov = (st.sigma - torch.outer(st.mean, st.mean)).double()
+    assert torch.linalg.eigvalsh(cov).min() > -1e-9 * float(cov.diagonal().max())
+    assert st.sigma.dtype == other["2"].sigma.dtype and st.count == other["2"].count
+    small, report = compress(model, "tucker2", covariances=out, ratio=2, layers=["2"],
+                             options={"n_iter_max": 2}, progress=False)
+    assert [r["name"] for r in report.layers] == ["2"]
+
+
+def test_match_true_with_a_prior_leaves_skipped_layers_alone(setup):
+    model, stats = setup
+    gen = torch.Generator().manual_seed(3)
+    prior = collect_covariances(model, [torch.randn(16, 2, 6, 6, generator=gen)],
+                                layers=["3"], progress=False)
+    out = shrink_covariances(stats, "moments", model=model, prior=prior, match=True)
+    assert set(out.scales) == {"3"} and "6" in out.skipped
+    torch.testing.assert_close(out["6"].sigma, stats["6"].sigma, rtol=0, atol=0)
+    targets, _ = output_moments(model, ["3"])
+    K = model[3].weight.detach().double().reshape(8, -1)
+    got = torch.einsum("ti,ij,tj->t", K, out["3"].sigma.double(), K)
+    torch.testing.assert_close(got, out.scales["3"] * targets["3"], rtol=1e-8, atol=0)
+
+
+def test_match_bad_input(setup):
+    model, stats = setup
+    with pytest.raises(ValueError, match="match=True is not allowed with alpha=0.5"):
+        shrink_covariances(stats, 0.5, match=True)
+    with pytest.raises(ValueError, match="match=True is not allowed with alpha='oas'"):
+        shrink_covariances(stats, "oas", match=True)
+    with pytest.raises(TypeError, match="match='yes' is not allowed"):
+        shrink_covariances(stats, "auto", model=model, match="yes")
