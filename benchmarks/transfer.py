@@ -23,8 +23,9 @@ default). Rows, each with the same ALS options (``n_iter_max`` 10, ``rng`` 0):
   statistics of :func:`sigmadecomp_torch.covariances_from_batchnorm`
   (unshrunk, 2,048 smooth-noise images): per layer the rule chooses the
   shrinkage ``a`` and the share ``w`` of the BatchNorm statistics together;
-* ``digits+moments+bn+match``: the same, then each layer's second moment
-  matched to the BatchNorm's output mean squares (``match=True``);
+* ``digits+moments+bn+match`` (``digits+moments+match``): the same (the
+  moments rule alone), then each layer's second moment matched to the
+  BatchNorm's output mean squares (``match=True``);
 * ``bn``: the data-free statistics alone, with their own BatchNorm-fitted
   shrinkage (no image data; a reference for the mixture).
 
@@ -47,7 +48,7 @@ import warnings
 import numpy as np
 
 GOAL = 2.0 / 3.0
-RULES = ("moments", "moments+bn", "moments+bn+match", "bn", "holdout", "oas")
+RULES = ("moments", "moments+match", "moments+bn", "moments+bn+match", "bn", "holdout", "oas")
 
 
 def parse_args(argv=None):
@@ -58,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None, choices=("tucker2", "cp"))
     p.add_argument("--rx", nargs="+", type=float, default=None)
     p.add_argument("--rules", nargs="+", default=None,
-                   help="moments, moments+bn, moments+bn+match, bn, holdout, oas, or a=<float> "
+                   help="moments, moments+match, moments+bn, moments+bn+match, bn, holdout, oas, "
+                        "or a=<float> "
                         "(default: "
                         "moments, oas, a=0.5, holdout, moments+bn)")
     p.add_argument("--iters", type=int, default=None, help="ALS sweeps (default 10)")
@@ -179,8 +181,9 @@ def main(argv=None, *, log=print):
                     continue
                 if rule.startswith("a="):
                     cov = shrink_covariances(s_dig, float(rule[2:]))
-                elif rule == "moments":
-                    cov = shrink_covariances(s_dig, "moments", model=model)
+                elif rule in ("moments", "moments+match"):
+                    cov = shrink_covariances(s_dig, "moments", model=model,
+                                             match=rule.endswith("+match"))
                 elif rule.startswith("moments+bn"):
                     cov = shrink_covariances(s_dig, "moments", model=model, prior=bn_stats(0.0),
                                              match=rule.endswith("+match"))

@@ -60,7 +60,7 @@ import numbers
 import numpy as np
 
 from . import _backend as B
-from ._validation import check_array, check_finite
+from ._validation import check_array, check_finite, check_sigma, neg_rtol
 from .sigma import relative_sigma_error
 
 __all__ = [
@@ -226,22 +226,28 @@ def holdout_alpha(weight, sigma_fit, sigma_check, fit, *, alphas=DEFAULT_ALPHAS)
 
 
 def _check_second_moment(M, name, n, weight):
-    """Refuse ``M`` unless it is an ``(n, n)`` array matching ``weight``'s input size."""
+    """Refuse ``M`` unless it is an ``(n, n)`` symmetric PSD array matching ``weight``'s input
+    size (the library's PSD policy, :func:`sigmadecomp._validation.check_psd`)."""
     check_array(M, name, ndim=2)
     if tuple(M.shape) != (n, n):
         raise ValueError(f"{name} has shape {tuple(M.shape)}; it must be ({n}, {n}) for a "
                          f"weight of shape {tuple(weight.shape)}")
+    check_sigma(M, n, M, name)
 
 
 def _check_target(target, T):
-    """``target`` as a float64 NumPy vector of ``T`` finite positive mean squares."""
+    """``target`` as a float64 NumPy vector of ``T`` finite non-negative mean squares.
+
+    A zero (a channel that is constant on the training data, e.g. a pruned one)
+    carries no information about the input's second moment; the rules leave
+    such channels out, as they do all-zero kernel rows."""
     tgt = np.asarray(B.to_numpy(target) if not isinstance(target, np.ndarray) else target,
                      dtype=np.float64).reshape(-1)
     if tgt.shape != (T,):
         raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
                          "output channel")
-    if not np.all(np.isfinite(tgt)) or np.any(tgt <= 0):
-        raise ValueError("target must be finite and positive (an expected mean square per "
+    if not np.all(np.isfinite(tgt)) or np.any(tgt < 0):
+        raise ValueError("target must be finite and non-negative (an expected mean square per "
                          "output channel)")
     return tgt
 
@@ -263,7 +269,7 @@ def moment_alpha(weight, sigma, target, *, alphas=DEFAULT_ALPHAS):
     sigma : array of shape (n, n)
         Calibration second moment, ``n = prod(weight.shape[1:])``.
     target : array of shape (T,)
-        Positive expected mean square of each output channel.
+        Non-negative expected mean square of each output channel (zeros are left out).
     alphas : sequence of float in [0, 1], optional
 
     Returns
@@ -290,7 +296,8 @@ def moment_alpha(weight, sigma, target, *, alphas=DEFAULT_ALPHAS):
     tgt = _check_target(target, T)
     Kn = B.to_numpy(K).astype(np.float64)
     Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
-    keep = np.einsum("tn,tn->t", Kn, Kn) > 0  # an all-zero row carries no information
+    # an all-zero row or a zero target carries no information
+    keep = (np.einsum("tn,tn->t", Kn, Kn) > 0) & (tgt > 0)
     if not np.any(keep):
         return alphas[0], {a: 0.0 for a in alphas}
     q_sigma = np.einsum("tn,nm,tm->t", Kn[keep], Sn, Kn[keep])
@@ -420,7 +427,7 @@ def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
     weight : array of shape (T, ...)
     sigma, prior : arrays of shape (n, n), ``n = prod(weight.shape[1:])``
     target : array of shape (T,)
-        Positive expected mean square of each output channel.
+        Non-negative expected mean square of each output channel (zeros are left out).
     alphas, weights : sequences of float in [0, 1], optional
 
     Returns
@@ -450,7 +457,7 @@ def moment_mixture(weight, sigma, prior, target, *, alphas=DEFAULT_ALPHAS,
     if not np.trace(Pn) > 0:
         raise ValueError("prior has no positive trace; it must be a second moment with "
                          "some energy")
-    keep = np.einsum("tn,tn->t", Kn, Kn) > 0
+    keep = (np.einsum("tn,tn->t", Kn, Kn) > 0) & (tgt > 0)
     grid = [(a, w) for w in weights for a in alphas]
     if not np.any(keep):
         return grid[0], {g: 0.0 for g in grid}
@@ -494,7 +501,7 @@ class MomentMatch(tuple):
 MATCH_RTOL = 1e-8
 
 
-def match_moments(weight, sigma, target, *, maxiter=100):
+def match_moments(weight, sigma, target, *, maxiter=200):
     """The second moment nearest ``sigma`` whose output mean squares are ``c * target``.
 
     Among the second moments ``S'`` under which the layer's output channels
@@ -517,9 +524,10 @@ def match_moments(weight, sigma, target, *, maxiter=100):
     :func:`moment_mixture`, whose scalar choice leaves the energies only
     roughly right (``notes/transfer.md``).
 
-    Channels whose kernel row is zero or whose mean square under ``sigma`` is
-    below ``1e-12`` of the largest carry no information about ``sigma`` and
-    are left out (multiplier 0).
+    Channels whose kernel row is zero, whose target is zero (constant on the
+    training data) or whose mean square under ``sigma`` is below ``1e-12`` of
+    the largest carry no information about ``sigma`` and are left out
+    (multiplier 0).
 
     Parameters
     ----------
@@ -528,13 +536,17 @@ def match_moments(weight, sigma, target, *, maxiter=100):
         Symmetric PSD second moment, ``n = prod(weight.shape[1:])``; NumPy or
         torch, float32 or float64. Not modified.
     target : array of shape (T,)
-        Positive expected mean square of each output channel (e.g.
+        Non-negative expected mean square of each output channel (e.g.
         ``running_var + (running_mean - bias)**2`` of the following
         BatchNorm).
     maxiter : int, optional
-        Newton steps at most. A match that is off by more than
-        ``MATCH_RTOL`` (relative) after them warns with the deviation
-        reached.
+        Newton steps at most (default 200). A match that is off by more
+        than ``MATCH_RTOL`` (relative) after them warns with the deviation
+        reached and why, and returns the closest matrix found. On the
+        reference network's layers (ratios of target to current mean square
+        within a decade) it converges in a few steps; targets whose ratios
+        span several decades, with an ill-conditioned ``K sigma K^T``, can
+        need more.
 
     Returns
     -------
@@ -567,7 +579,8 @@ def match_moments(weight, sigma, target, *, maxiter=100):
     Sn = B.to_numpy(B.as_compute(sigma)).astype(np.float64)
     Sn = (Sn + Sn.T) / 2
     q_all = np.einsum("tn,nm,tm->t", Kn, Sn, Kn)
-    keep = (np.einsum("tn,tn->t", Kn, Kn) > 0) & (q_all > 1e-12 * max(q_all.max(), 0.0))
+    keep = ((np.einsum("tn,tn->t", Kn, Kn) > 0) & (q_all > 1e-12 * max(q_all.max(), 0.0))
+            & (tgt > 0))
     lam_all = np.zeros(T)
     if not np.any(keep):
         return MomentMatch(B.asarray_like(Sn, sigma), lam_all, 1.0)
@@ -579,68 +592,112 @@ def match_moments(weight, sigma, target, *, maxiter=100):
     scale = float(np.exp(np.mean(np.log(q) - np.log(tgt[keep]))))
     v = scale * tgt[keep]
     lam, dev = _match_multipliers(Q, v, maxiter)
-    if dev > MATCH_RTOL:
-        warnings.warn(f"match_moments: the output mean squares match their targets to "
-                      f"{dev:.2e} (relative) after maxiter={maxiter} Newton steps; the "
-                      "targets may be out of reach of this weight (rows nearly dependent)",
-                      CompressionWarning, stacklevel=2)
     m = len(q)
     A = np.linalg.solve(np.eye(m) + Q * lam[None, :], np.eye(m))  # (I + Q diag(lam))^-1
     out = Sn - SK @ (lam[:, None] * A) @ SK.T
     out = (out + out.T) / 2
     lam_all[keep] = lam
+    if dev > MATCH_RTOL:
+        spread = float(np.log10((v / q).max() / (v / q).min()))
+        eig = np.linalg.eigvalsh(Q)
+        rank = int(np.sum(eig > eig[-1] * len(q) * np.finfo(np.float64).eps))
+        why = (f"the {len(q)} channels' rows are dependent under sigma (K sigma K^T has rank "
+               f"{rank}), so no second moment on sigma's support has these energies"
+               if rank < len(q) else
+               f"the targets' ratios to the current mean squares span {spread:.1f} decades "
+               f"and K sigma K^T has condition number {eig[-1] / eig[0]:.1e}, which puts the "
+               "answer near the boundary of the solver's domain, where it converges slowly")
+        lo, hi = np.linalg.eigvalsh(out)[[0, -1]]
+        if lo < -neg_rtol(np.float64) * max(hi, 0.0):
+            # the closest iterate is not a valid second moment in floating point: no match
+            out, lam_all, what = Sn.copy(), np.zeros(T), "sigma is returned unchanged"
+        else:
+            what = "the closest matrix found is returned"
+        warnings.warn(f"match_moments: the output mean squares match their targets only to "
+                      f"{dev:.2e} (relative) after maxiter={maxiter} steps; {why}; {what}",
+                      CompressionWarning, stacklevel=2)
     return MomentMatch(B.asarray_like(out, sigma), lam_all, scale)
 
 
 def _match_multipliers(Q, v, maxiter):
-    """``lam`` with ``diag((Q^-1 + diag(lam))^-1) = v``, and the relative deviation reached."""
+    """``lam`` with ``diag((Q^-1 + diag(lam))^-1) = v``, and the relative deviation reached.
+
+    Newton's method on the dual ``f(lam) = v . lam - log det(I + Q^1/2 diag(lam) Q^1/2)``
+    (convex; its minimiser is the answer), started from the solution for the
+    diagonal of ``Q`` and with backtracking (a step is taken when it lowers
+    ``f`` enough, or brings the energies closer without raising it). When no
+    step or only a tiny one is found, one sweep of exact coordinate steps (iterative
+    proportional fitting: the ``lam_t`` that matches channel ``t`` with the
+    others fixed) moves on. Targets far from the current energies put the
+    answer near the boundary of the dual's domain, where convergence can be
+    slow; the iterate that came closest is returned with its deviation.
+    """
     m = len(v)
     w, V = np.linalg.eigh(Q)
-    w = np.maximum(w, max(w.max(), 0.0) * 1e-13)
-    Qh = (V * np.sqrt(w)) @ V.T
+    Qh = (V * np.sqrt(np.maximum(w, max(w.max(), 0.0) * 1e-13))) @ V.T
     eye = np.eye(m)
 
-    def dual(lam):
-        # log det(I + Qh diag(lam) Qh) - v . lam and P = Qh (I + Qh diag(lam) Qh)^-1 Qh
+    def evaluate(lam):
+        # P = Qh (I + Qh diag(lam) Qh)^-1 Qh and f, or (None, None) outside the domain
         try:
             L = np.linalg.cholesky(eye + Qh @ (lam[:, None] * Qh))
         except np.linalg.LinAlgError:
-            return -np.inf, None
+            return None, None
         X = np.linalg.solve(L, Qh)
-        return 2.0 * np.sum(np.log(np.diag(L))) - v @ lam, X.T @ X
+        return X.T @ X, float(v @ lam - 2.0 * np.sum(np.log(np.diag(L))))
+
+    def deviation(P):
+        return float(np.max(np.abs(np.diag(P) / v - 1.0)))
 
     lam = np.zeros(m)
-    val, P = dual(lam)
-    # a start from the diagonal of Q (exact when Q is diagonal), if it is better
-    guess = 1.0 / v - 1.0 / np.diag(Q)
+    P, f = evaluate(lam)
+    guess = 1.0 / v - 1.0 / np.diag(Q)  # exact when Q is diagonal
     for _ in range(30):
-        g_val, g_P = dual(guess)
-        if g_val >= val:
-            lam, val, P = guess, g_val, g_P
+        P2, f2 = evaluate(guess)
+        if P2 is not None and f2 <= f:
+            lam, P, f = guess, P2, f2
             break
         guess = guess * 0.5
-    dev = float(np.max(np.abs(np.diag(P) / v - 1.0)))
-    best = (dev, lam)
+    # a few sweeps of coordinate steps from zero: a better start when the targets are far
+    lam_c, P_c = np.zeros(m), Q.copy()
+    for _ in range(5):
+        lam_c, P_c = _coordinate_sweep(lam_c, P_c, v)
+    P2, f2 = evaluate(lam_c)
+    if P2 is not None and f2 < f:
+        lam, P, f = lam_c, P2, f2
+    dev = deviation(P)
+    best = (dev, lam.copy())
     for _ in range(maxiter):
         if dev <= MATCH_RTOL * 1e-2:
             break
-        step = np.linalg.lstsq(P * P, np.diag(P) - v, rcond=None)[0]
-        s, moved = 1.0, False
-        while s > 1e-12:
-            new_val, new_P = dual(lam + s * step)
-            if new_P is not None:
-                new_dev = float(np.max(np.abs(np.diag(new_P) / v - 1.0)))
-                # an ascent step, or (near the optimum, where the dual's rounding hides
-                # the ascent) one that brings the energies closer
-                if new_val >= val or (new_dev < dev and new_val >= val - 1e-9 * abs(val)):
-                    moved = True
-                    break
-            s *= 0.5
-        if not moved:
-            break
-        lam, val, P, dev = lam + s * step, new_val, new_P, new_dev
+        g = v - np.diag(P)
+        step = -np.linalg.lstsq(P * P, g, rcond=None)[0]
+        moved = False
+        for k in range(40):
+            s = 0.5 ** k
+            P2, f2 = evaluate(lam + s * step)
+            if P2 is not None and (f2 <= f + 1e-4 * s * float(g @ step)
+                                   or (deviation(P2) < dev and f2 <= f + 1e-9 * abs(f))):
+                lam, P, f, moved = lam + s * step, P2, f2, s >= 1e-3
+                break
+        if not moved:  # no step, or a tiny one: near the boundary these may do better
+            lam_c, P_c = _coordinate_sweep(lam, P, v)
+            P2, f2 = evaluate(lam_c)
+            if P2 is not None and f2 < f:
+                lam, P, f = lam_c, P2, f2
+        dev = deviation(P)
         if dev < best[0]:
-            best = (dev, lam)
-    # targets out of reach (e.g. more channels than sigma has rank): the dual climbs
-    # without bound; keep the iterate that came closest, which the caller reports
+            best = (dev, lam.copy())
     return best[1], best[0]
+
+
+def _coordinate_sweep(lam, P, v):
+    """One sweep of exact coordinate steps: for each ``t`` in turn, the ``lam_t`` that gives
+    ``P[t, t] = v[t]`` (a rank-one update of ``P``, which stays positive definite)."""
+    lam, P = lam.copy(), P.copy()
+    for t in range(len(v)):
+        d = 1.0 / v[t] - 1.0 / P[t, t]
+        Pt = P[:, t].copy()
+        P -= (d / (1.0 + d * Pt[t])) * np.outer(Pt, Pt)
+        lam[t] += d
+    return lam, P

@@ -80,6 +80,8 @@ import numbers
 import torch
 from torch import nn
 
+from sigmadecomp.exceptions import CompressionWarning
+
 from sigmadecomp.shrinkage import (
     DEFAULT_ALPHAS,
     DEFAULT_WEIGHTS,
@@ -205,7 +207,7 @@ def output_moments(model, names):
         idx = [i for i, (n, _) in enumerate(sibs) if n == leaf]
         nxt = sibs[idx[0] + 1][1] if idx and idx[0] + 1 < len(sibs) else None
         T = layer.weight.shape[0]
-        if not isinstance(nxt, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        if not isinstance(nxt, nn.modules.batchnorm._BatchNorm):  # 1d/2d/3d, SyncBatchNorm
             reasons[name] = "no BatchNorm registered right after it"
         elif nxt.num_features != T or nxt.running_var is None or nxt.running_mean is None:
             reasons[name] = (f"the BatchNorm after it has {nxt.num_features} features or no "
@@ -374,16 +376,26 @@ def shrink_covariances(stats, alpha="auto", *, model=None, holdout=None, method=
     if match:
         for k in out:
             if k not in skipped:
-                out[k], scales[k] = _match_stats(out[k], _weight_of(model, k, out[k]), found[k])
+                out[k], scales[k] = _match_stats(out[k], _weight_of(model, k, out[k]), found[k],
+                                                 k)
     result = ShrunkCovariances(out, alphas=chosen, rule=rule, scores=scores, skipped=skipped,
                                weights=shares)
     result.scales = scales
     return result
 
 
-def _match_stats(st, W, target):
+def _match_stats(st, W, target, name):
     """``st`` with the matched second moment and a mean that keeps it a valid pair."""
-    sigma, lam, scale = match_moments(W, st.sigma.to(torch.float64).cpu(), target)
+    import warnings
+
+    from sigmadecomp_torch._batches import user_stacklevel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionWarning)
+        sigma, lam, scale = match_moments(W, st.sigma.to(torch.float64).cpu(), target)
+    for w in caught:  # the layer's name, at the caller's line
+        text = str(w.message).replace("match_moments:", f"match=True, layer {name!r}:", 1)
+        warnings.warn(text, w.category, stacklevel=user_stacklevel())
     # sigma'^-1 = sigma^-1 + K^T diag(lam) K, and mean^T sigma^+ mean <= 1 for valid
     # statistics, so mean^T sigma'^+ mean <= 1 + sum lam (K mean)^2: scale the mean by
     # the square root of the inverse of that bound when it exceeds 1
@@ -428,8 +440,21 @@ def _rule_moments(stats, model, targets, alphas, scores, skipped, prior=None,
         if not isinstance(targets, dict):
             raise TypeError(f"targets of type {type(targets).__name__} is not allowed; targets "
                             "must be a dict of layer name to a tensor of shape (T,)")
-        found.update({k: torch.as_tensor(v, dtype=torch.float64).cpu()
-                      for k, v in targets.items()})
+        unknown = sorted(set(targets) - set(stats))
+        if unknown:
+            raise ValueError(f"targets names layers {unknown} that are not in stats; allowed: "
+                             f"{sorted(stats)}")
+        for k, v in targets.items():
+            t = torch.as_tensor(v, dtype=torch.float64).cpu()
+            T = _weight_of(model, k, stats[k]).shape[0] if model is not None else None
+            if t.ndim != 1 or (T is not None and t.shape[0] != T):
+                raise ValueError(f"targets[{k!r}] has shape {tuple(t.shape)}; it must be "
+                                 f"({T if T is not None else 'T'},), one mean square per output "
+                                 "channel of the layer")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(f"targets[{k!r}] must be finite and non-negative (a mean "
+                                 "square per output channel)")
+            found[k] = t
     if found_out is not None:
         found_out.update(found)
     chosen = {}

@@ -557,19 +557,21 @@ def test_match_moments_keeps_sigma_when_the_targets_already_agree(rng):
 def test_match_moments_zero_rows_and_out_of_reach_targets(rng):
     from sigmadecomp.exceptions import CompressionWarning
 
-    K = rng.standard_normal((4, 9))
+    K = rng.standard_normal((5, 9))
     K[2] = 0.0  # carries no information: left out
     S = _psd(rng, 9)
-    t = np.array([1.0, 2.0, 5.0, 0.5])
+    t = np.array([1.0, 2.0, 5.0, 0.5, 0.0])  # a zero target (constant channel): left out too
     out = match_moments(K, S, t)
-    assert out.multipliers[2] == 0.0
+    assert out.multipliers[2] == 0.0 and out.multipliers[4] == 0.0
     got = np.einsum("tn,nm,tm->t", K, out.sigma, K)
     np.testing.assert_allclose(got[[0, 1, 3]], out.scale * t[[0, 1, 3]], rtol=1e-9)
+    alpha, _ = moment_alpha(K, S, t)  # the selection rules leave zeros out the same way
+    assert 0.0 <= alpha <= 1.0
     # more channels than sigma has rank: no sigma' on sigma's support has these energies
     X = rng.standard_normal((9, 2))
     S2 = X @ X.T
     K2 = rng.standard_normal((5, 9))
-    with pytest.warns(CompressionWarning, match="match their targets to"):
+    with pytest.warns(CompressionWarning, match=r"match their targets only to .*rank 2"):
         bad = match_moments(K2, S2, np.array([1.0, 9.0, 0.2, 4.0, 1.0]))
     assert np.all(np.isfinite(bad.sigma))
     assert np.linalg.eigvalsh(bad.sigma).min() > -1e-9 * np.trace(bad.sigma)
@@ -577,7 +579,9 @@ def test_match_moments_zero_rows_and_out_of_reach_targets(rng):
 
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(target=np.ones(3)), ValueError, r"target has shape \(3,\); it must be \(4,\)"),
-    (dict(target=np.array([1.0, 0.0, 1.0, 1.0])), ValueError, "finite and positive"),
+    (dict(target=np.array([1.0, -1.0, 1.0, 1.0])), ValueError, "finite and non-negative"),
+    (dict(sigma=np.diag([1.0] * 8 + [-1.0])), ValueError,
+     "sigma is not positive semi-definite: smallest eigenvalue -1"),
     (dict(maxiter=0), ValueError, "maxiter=0 is not allowed"),
     (dict(sigma=np.eye(5)), ValueError, r"sigma has shape \(5, 5\); it must be \(9, 9\)"),
     (dict(sigma=np.full((9, 9), np.nan)), ValueError, "sigma"),
@@ -632,3 +636,53 @@ def test_match_bad_input(setup):
         shrink_covariances(stats, "oas", match=True)
     with pytest.raises(TypeError, match="match='yes' is not allowed"):
         shrink_covariances(stats, "auto", model=model, match="yes")
+
+
+def test_match_moments_targets_spread_over_decades():
+    # full-rank rows and a positive definite sigma: any positive targets are reachable,
+    # also six decades apart (the solution then lies near the boundary of the dual)
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((12, 40))
+    S = A @ A.T / 40
+    K = rng.standard_normal((5, 12))
+    t = np.array([1e-3, 1.0, 1.0, 1.0, 1e3])
+    out = match_moments(K, S, t)
+    np.testing.assert_allclose(np.einsum("tn,nm,tm->t", K, out.sigma, K), out.scale * t,
+                               rtol=1e-8)
+    assert np.linalg.eigvalsh(out.sigma).min() > -1e-9 * np.trace(out.sigma)
+
+
+def test_match_warning_names_the_layer_and_the_callers_line():
+    from sigmadecomp.exceptions import CompressionWarning
+
+    torch.manual_seed(0)
+    # 32 inputs seen through 2 batches of 1 image: a rank-2 statistic for 8 channels
+    model = nn.Sequential(nn.Linear(32, 8, bias=False), nn.BatchNorm1d(8))
+    _run_once_in_training_mode(model, torch.randn(64, 32))
+    stats = collect_covariances(model, [torch.randn(1, 32), torch.randn(1, 32)], layers=["0"],
+                                progress=False)
+    with pytest.warns(CompressionWarning, match=r"match=True, layer '0': .*rank 2") as rec:
+        shrink_covariances(stats, "auto", model=model, match=True, alphas=(0.0,))
+    assert any(w.filename == __file__ for w in rec)
+
+
+def test_targets_are_checked_by_layer(setup):
+    model, stats = setup
+    with pytest.raises(ValueError, match=r"targets names layers \['zz'\]"):
+        shrink_covariances(stats, "auto", model=model, targets={"zz": torch.ones(8)})
+    with pytest.raises(ValueError, match=r"targets\['6'\] has shape \(3,\); it must be \(8,\)"):
+        shrink_covariances(stats, "auto", model=model, targets={"6": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"targets\['6'\] must be finite and non-negative"):
+        shrink_covariances(stats, "auto", model=model, targets={"6": -torch.ones(8)})
+    # a zero target (constant channel) is allowed and left out
+    t = torch.ones(8)
+    t[3] = 0.0
+    out = shrink_covariances(stats, "auto", model=model, targets={"6": t}, match=True)
+    assert "6" in out.scales and "6" not in out.skipped
+
+
+def test_output_moments_finds_sync_batchnorm():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.SyncBatchNorm(4), nn.ReLU())
+    model.eval()
+    targets, reasons = output_moments(model, ["0"])
+    assert reasons == {} and targets["0"].shape == (4,)
