@@ -784,10 +784,17 @@ def _canonical_names(model, ranks):
 
 
 def _check_early(model, method, covariances, ratio, ranks, budget, layers, data, sequential,
-                 refit, inplace, centered, options):
+                 refit, inplace, centered, options, min_speedup=None, example_input=None):
     """The checks of :func:`compress` that come before any pass over ``data`` or exchange:
-    its options, and with ``data`` (one-shot) what the statistics pass checks, which then
-    runs without an exchange of its own (the layer names, the batches' container)."""
+    its options (method, ratio, ranks, budget, min_speedup: a bad value must not cost a
+    pass over the calibration data first), and with ``data`` (one-shot) what the
+    statistics pass checks, which then runs without an exchange of its own (the layer
+    names, the batches' container)."""
+    # (centered needs the statistics, which data= collects later: checked with them)
+    _check_arguments(model, method, ratio, ranks, budget, centered and data is None,
+                     covariances)
+    _latency.check_min_speedup(
+        min_speedup, example_input if data is None else "the first batch of data")
     for flag, value in (("sequential", sequential), ("inplace", inplace),
                         ("centered", centered)):
         if not isinstance(value, bool):
@@ -1065,7 +1072,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             "example from data": example_from_data}
     with _parallel.checking(group, path, exchange=not _checked):
         _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
-                     sequential, refit, inplace, centered, options)
+                     sequential, refit, inplace, centered, options, min_speedup,
+                     example_input)
     if example_from_data:
         from ._batches import batch_inputs, model_device
 

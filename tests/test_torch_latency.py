@@ -160,3 +160,30 @@ def test_min_speedup_times_the_layers_at_the_first_batch_of_data(monkeypatch, wr
     got = seen[0]["input"] if isinstance(seen[0], dict) else seen[0]
     assert torch.equal(got, X)
     assert report.layers and all(r["latency_dense_ms"] > 0 for r in report.layers)
+
+
+class _CountingBatches:
+    """Re-iterable calibration data that counts the batches read."""
+
+    def __init__(self, n=5):
+        self.n, self.read = n, 0
+
+    def __iter__(self):
+        for _ in range(self.n):
+            self.read += 1
+            yield torch.randn(2, 3, 9, 9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="svd", ratio=2, min_speedup=-1), "min_speedup=-1 is not allowed"),
+    (dict(method="bogus", ratio=2), "method='bogus' is not allowed"),
+    (dict(method="svd", ratio=-3), "ratio=-3 is not allowed"),
+    (dict(method="svd", ratio=2, budget=0.5), "budget cannot be combined with ratio"),
+])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_bad_options_are_refused_before_any_batch_is_read(kwargs, match, sequential):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    data = _CountingBatches()
+    with pytest.raises(ValueError, match=match):
+        compress(model, data=data, sequential=sequential, progress=False, **kwargs)
+    assert data.read == 0
