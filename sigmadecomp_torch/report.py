@@ -8,7 +8,11 @@ its row, once every layer is done.
 
 from __future__ import annotations
 
+import copy
 import json
+import numbers
+import os
+import reprlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +32,66 @@ SIGMA_ERROR_WARN = 0.2
 
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# What the report's methods (table, to_dict, plot, the properties) read of a field: a
+# check and the words for what is allowed.
+_STR = (lambda v: isinstance(v, str), "a str")
+_BOOL = (lambda v: isinstance(v, bool), "a bool")
+_BOOL_OR_NONE = (lambda v: v is None or isinstance(v, bool), "a bool or None")
+_INT = (_is_int, "an int")
+_INT_OR_NONE = (lambda v: v is None or _is_int(v), "an int or None")
+_NUMBER = (_is_number, "a number")
+_NUMBER_OR_NONE = (lambda v: v is None or _is_number(v), "a number or None")
+_DICT = (lambda v: isinstance(v, Mapping), "a dict")
+_LIST = (lambda v: isinstance(v, (list, tuple)), "a list of dicts")
+_RANKS = (lambda v: _is_int(v) or (isinstance(v, (list, tuple)) and all(map(_is_int, v))),
+          "an int or a list of ints")
+_STRS = (lambda v: isinstance(v, (list, tuple)) and all(isinstance(a, str) for a in v),
+         "a list of str")
+
+#: Fields of the report dict and of its rows: required ones, and optional ones with the
+#: default a missing one gets.
+_REPORT = {"method": _STR, "layers": _LIST, "totals": _DICT}
+_REPORT_OPTIONAL = {"weighted": (False, _BOOL), "centered": (False, _BOOL),
+                    "skipped": ([], _LIST), "refitted": ([], _LIST)}
+_TOTALS = {"params_before": _INT, "params_after": _INT}
+_TOTALS_OPTIONAL = {"seconds": (0.0, _NUMBER)}
+_LAYER = {"name": _STR, "kind": _STR, "method": _STR, "ranks": _RANKS, "params_before": _INT,
+          "params_after": _INT, "sigma_error": _NUMBER_OR_NONE,
+          "frobenius_error": _NUMBER_OR_NONE, "n_iter": _INT_OR_NONE, "seconds": _NUMBER}
+_LAYER_OPTIONAL = {"converged": (None, _BOOL_OR_NONE), "aliases": ([], _STRS)}
+_SKIPPED = {"name": _STR, "kind": _STR, "reason": _STR}
+_REFITTED = {"name": _STR, "kind": _STR, "target_change": _NUMBER}
+_REFITTED_OPTIONAL = {"output_error": (None, _NUMBER_OR_NONE)}
+
+
+def _fields(row, where, required, optional=None):
+    """The dict ``row`` (named ``where`` in errors) as a dict, its ``required``
+    fields checked and its ``optional`` ones checked or set to their defaults."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where} must be a dict; got {reprlib.repr(row)}")
+    row = dict(row)
+    for key, (ok, allowed) in required.items():
+        if key not in row:
+            raise ValueError(f"{where} lacks {key!r} (CompressionReport.to_dict writes "
+                             f"{', '.join(map(repr, required))} there)")
+        if not ok(row[key]):
+            raise ValueError(f"{where}[{key!r}] must be {allowed}; got {reprlib.repr(row[key])}")
+    for key, (default, (ok, allowed)) in (optional or {}).items():
+        row.setdefault(key, copy.deepcopy(default))
+        if not ok(row[key]):
+            raise ValueError(f"{where}[{key!r}] must be {allowed} (or left out); "
+                             f"got {reprlib.repr(row[key])}")
+    return row
 
 
 @dataclass(repr=False)
@@ -96,10 +160,13 @@ class CompressionReport:
         return self.layer_params_before / max(self.layer_params_after, 1)
 
     def to_dict(self):
-        """A JSON-serialisable dict (rows, skipped layers and totals)."""
+        """A JSON-serialisable dict (rows, skipped layers and totals).
+
+        A deep copy: changing it leaves the report as it was, and the other way round.
+        """
         rows = []
         for r in self.layers:
-            r = dict(r)
+            r = copy.deepcopy(dict(r))
             if isinstance(r["ranks"], tuple):
                 r["ranks"] = list(r["ranks"])
             rows.append(r)
@@ -108,8 +175,8 @@ class CompressionReport:
             "weighted": self.weighted,
             "centered": self.centered,
             "layers": rows,
-            "skipped": [dict(s) for s in self.skipped],
-            "refitted": [dict(r) for r in self.refitted],
+            "skipped": [copy.deepcopy(dict(s)) for s in self.skipped],
+            "refitted": [copy.deepcopy(dict(r)) for r in self.refitted],
             "totals": {
                 "params_before": self.params_before,
                 "params_after": self.params_after,
@@ -133,6 +200,28 @@ class CompressionReport:
     def from_dict(cls, data):
         """The report that :meth:`to_dict` described (e.g. read back from JSON to plot it).
 
+        Parameters
+        ----------
+        data : dict
+            As written by :meth:`to_dict`: ``method``, ``layers``, ``totals``
+            (``params_before``, ``params_after``; the ratios in it are not read)
+            and optionally ``weighted``, ``centered`` (False when left out),
+            ``skipped``, ``refitted`` (empty) and ``totals['seconds']`` (0).
+            Each layer row needs the fields the table and the figure show
+            (``name``, ``kind``, ``method``, ``ranks``, ``params_before``,
+            ``params_after``, ``sigma_error``, ``frobenius_error``, ``n_iter``,
+            ``seconds``; ``converged`` and ``aliases`` are None and empty when
+            left out); a skipped row ``name``, ``kind`` and ``reason``; a
+            refitted row ``name``, ``kind`` and ``target_change``. The report
+            holds a copy: changing ``data`` afterwards leaves it as it was.
+
+        Raises
+        ------
+        ValueError
+            If ``data`` is not such a dict: the message names the first field
+            that is missing or of the wrong type (e.g. ``data['layers'][0] lacks
+            'ranks'``).
+
         Examples
         --------
         >>> from sigmadecomp_torch import CompressionReport
@@ -146,20 +235,27 @@ class CompressionReport:
                              f"'method', 'layers', 'totals', ...); got {type(data).__name__}"
                              + (f" with keys {sorted(data)[:6]}" if isinstance(data, Mapping)
                                 else ""))
+        data = _fields(copy.deepcopy(data), "data", _REPORT, _REPORT_OPTIONAL)
+        totals = _fields(data["totals"], "data['totals']", _TOTALS, _TOTALS_OPTIONAL)
         layers = []
-        for row in data["layers"]:
-            row = dict(row)
-            if isinstance(row.get("ranks"), list):
+        for i, row in enumerate(data["layers"]):
+            where = f"data['layers'][{i}]"
+            row = _fields(row, where, _LAYER, _LAYER_OPTIONAL)
+            if row.get("latency_dense_ms") is not None:  # (the table shows both latencies)
+                _fields(row, where, {"latency_dense_ms": _NUMBER,
+                                     "latency_factorized_ms": _NUMBER})
+            if isinstance(row["ranks"], list):
                 row["ranks"] = tuple(row["ranks"])
             layers.append(row)
-        totals = data["totals"]
-        return cls(method=data["method"], weighted=bool(data.get("weighted", False)),
-                   centered=bool(data.get("centered", False)), layers=layers,
-                   skipped=[dict(r) for r in data.get("skipped", [])],
+        skipped = [_fields(r, f"data['skipped'][{i}]", _SKIPPED)
+                   for i, r in enumerate(data["skipped"])]
+        refitted = [_fields(r, f"data['refitted'][{i}]", _REFITTED, _REFITTED_OPTIONAL)
+                    for i, r in enumerate(data["refitted"])]
+        return cls(method=data["method"], weighted=data["weighted"],
+                   centered=data["centered"], layers=layers, skipped=skipped,
                    params_before=int(totals["params_before"]),
                    params_after=int(totals["params_after"]),
-                   seconds=float(totals.get("seconds", 0.0)),
-                   refitted=[dict(r) for r in data.get("refitted", [])])
+                   seconds=float(totals["seconds"]), refitted=refitted)
 
     @classmethod
     def from_json(cls, path):
@@ -233,15 +329,19 @@ class CompressionReport:
         The left panel shows each layer's parameters ratio ``rX`` with a line at
         the ratio over the compressed layers; the right panel the relative
         Sigma-error (when statistics were used) and the Frobenius error, with
-        a line at :data:`SIGMA_ERROR_WARN`. Layers that were refitted or
-        skipped are not drawn (the table lists them); a report without
-        factorized layers says so in both panels. Needs matplotlib.
+        a line at :data:`SIGMA_ERROR_WARN`. An error that was not computed
+        (None in the row, e.g. the Sigma-error of a layer without statistics)
+        gets no bar but an "n/a" on its row, and the legend says so. Layers
+        that were refitted or skipped are not drawn (the table lists them); a
+        report without factorized layers says so in both panels. Needs
+        matplotlib.
 
         Parameters
         ----------
         path : str or path-like, optional
-            Also write the figure there (the format from the suffix, e.g.
-            ``.png`` or ``.pdf``).
+            Also write the figure to exactly this file, in the format of its
+            suffix (e.g. ``.png`` or ``.pdf``), or as PNG when it has none
+            (``"report"`` writes ``report``, not ``report.png``).
 
         Returns
         -------
@@ -281,22 +381,31 @@ class CompressionReport:
         left.set_yticks(y, names, fontsize="small")
         left.invert_yaxis()  # the first layer on top, as in the table
         h = 0.4
-        frob = [r["frobenius_error"] or 0.0 for r in rows]
+
+        def bars(key, shift, height, color, label):
+            # an error that was not computed (None) gets "n/a" on its row, not a bar of 0
+            done = [(v + shift, r[key]) for v, r in zip(y, rows) if r[key] is not None]
+            missing = [v + shift for v, r in zip(y, rows) if r[key] is None]
+            if missing:
+                label += " (n/a: not computed)"
+            right.barh([v for v, _ in done], [e for _, e in done], height=height,
+                       color=color, label=label)
+            for v in missing:  # (x in axes coordinates, y at the row)
+                right.text(0.01, v, "n/a", color=color, ha="left", va="center",
+                           fontsize="x-small", transform=right.get_yaxis_transform())
+
         if not rows:  # (no bars: their legend would show swatches of the default colour)
             for ax in (left, right):
                 ax.text(0.5, 0.5, "no layer was factorized (see the report's table)",
                         ha="center", va="center", transform=ax.transAxes, fontsize="small")
                 ax.set_xticks([])
         elif self.weighted:
-            sig = [r["sigma_error"] if r["sigma_error"] is not None else 0.0 for r in rows]
-            right.barh([v - h / 2 for v in y], sig, height=h, color="tab:orange",
-                       label="Sigma-error (output change)")
-            right.barh([v + h / 2 for v in y], frob, height=h, color="tab:gray",
-                       label="Frobenius error (weights)")
+            bars("sigma_error", -h / 2, h, "tab:orange", "Sigma-error (output change)")
+            bars("frobenius_error", h / 2, h, "tab:gray", "Frobenius error (weights)")
             right.axvline(SIGMA_ERROR_WARN, color="tab:red", lw=1, ls=":",
                           label=f"warning above {SIGMA_ERROR_WARN:g}")
         else:
-            right.barh(y, frob, color="tab:gray", label="Frobenius error (weights)")
+            bars("frobenius_error", 0.0, 0.8, "tab:gray", "Frobenius error (weights)")
         right.set_xlabel("relative error")
         if rows:
             right.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize="small",
@@ -306,7 +415,10 @@ class CompressionReport:
                      f"model {self.params_before} -> {self.params_after} parameters, "
                      f"rX = {self.ratio:.2f}", fontsize="medium")
         if path is not None:
-            fig.savefig(path, dpi=120)
+            # matplotlib would write a name without suffix to name + ".png"
+            plain = (isinstance(path, (str, os.PathLike))
+                     and not os.path.splitext(os.fspath(path))[1][1:])
+            fig.savefig(path, dpi=120, format="png" if plain else None)
         return fig
 
     def __str__(self):

@@ -283,3 +283,120 @@ def test_a_report_read_back_from_json_equals_the_report(tmp_path):
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(ValueError, match="CompressionReport.to_dict"):
         CompressionReport.from_json(tmp_path / "other.json")
+
+
+def _report_dict():
+    """The to_dict of a small hand-made Sigma-weighted report (no compression: fast)."""
+    from sigmadecomp_torch import CompressionReport
+
+    rows = [{"name": "a", "kind": "Conv2d", "method": "tucker2", "ranks": (2, 3),
+             "params_before": 100, "params_after": 40, "sigma_error": 0.1,
+             "frobenius_error": 0.3, "n_iter": 2, "converged": True, "seconds": 0.5,
+             "aliases": ["b"]},
+            {"name": "c", "kind": "Linear", "method": "svd", "ranks": 2,
+             "params_before": 60, "params_after": 30, "sigma_error": None,
+             "frobenius_error": 0.2, "n_iter": None, "converged": None, "seconds": 0.25,
+             "aliases": []}]
+    return CompressionReport(
+        method="tucker2", weighted=True, centered=False, layers=rows,
+        skipped=[{"name": "d", "kind": "Conv2d", "reason": "slower"}],
+        params_before=200, params_after=110, seconds=1.0,
+        refitted=[{"name": "e", "kind": "Linear", "params_before": 20, "params_after": 20,
+                   "target_change": 0.05, "group": 0, "output_error": None}]).to_dict()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.update(totals={}), r"data\['totals'\] lacks 'params_before'"),
+    (lambda d: d["totals"].pop("params_after"), r"data\['totals'\] lacks 'params_after'"),
+    (lambda d: d.update(totals=None), r"data\['totals'\] must be a dict.*got None"),
+    (lambda d: d["totals"].update(params_before="many"),
+     r"data\['totals'\]\['params_before'\] must be an int; got 'many'"),
+    (lambda d: d.update(layers={"a": 1}), r"data\['layers'\] must be a list of dicts; got \{'a': 1\}"),
+    (lambda d: d["layers"].append(3), r"data\['layers'\]\[2\] must be a dict; got 3"),
+    (lambda d: d["layers"][0].pop("ranks"), r"data\['layers'\]\[0\] lacks 'ranks'"),
+    (lambda d: d["layers"][1].pop("name"), r"data\['layers'\]\[1\] lacks 'name'"),
+    (lambda d: d["layers"][1].pop("sigma_error"), r"data\['layers'\]\[1\] lacks 'sigma_error'"),
+    (lambda d: d["layers"][0].update(ranks=[2, "x"]),
+     r"data\['layers'\]\[0\]\['ranks'\] must be an int or a list of ints; got \[2, 'x'\]"),
+    (lambda d: d["layers"][0].update(sigma_error="0.1"),
+     r"data\['layers'\]\[0\]\['sigma_error'\] must be a number or None; got '0.1'"),
+    (lambda d: d["layers"][0].update(seconds=None),
+     r"data\['layers'\]\[0\]\['seconds'\] must be a number; got None"),
+    (lambda d: d["layers"][0].update(aliases="b"),
+     r"data\['layers'\]\[0\]\['aliases'\] must be a list of str.*; got 'b'"),
+    (lambda d: d["layers"][0].update(latency_dense_ms=1.0),
+     r"data\['layers'\]\[0\] lacks 'latency_factorized_ms'"),
+    (lambda d: d["skipped"][0].pop("reason"), r"data\['skipped'\]\[0\] lacks 'reason'"),
+    (lambda d: d["refitted"][0].pop("target_change"),
+     r"data\['refitted'\]\[0\] lacks 'target_change'"),
+    (lambda d: d.update(weighted="no"), r"data\['weighted'\] must be a bool.*; got 'no'"),
+])
+def test_a_report_dict_with_a_missing_or_malformed_field_is_refused_by_name(change, match):
+    from sigmadecomp_torch import CompressionReport
+
+    data = _report_dict()
+    change(data)
+    with pytest.raises(ValueError, match=match):
+        CompressionReport.from_dict(data)
+
+
+def test_a_report_dict_without_the_optional_fields_reads_back_with_their_defaults():
+    from sigmadecomp_torch import CompressionReport
+
+    data = _report_dict()
+    for key in ("weighted", "centered", "skipped", "refitted"):
+        del data[key]
+    del data["totals"]["seconds"]
+    for row in data["layers"]:
+        del row["converged"], row["aliases"]
+    report = CompressionReport.from_dict(data)
+    assert not report.weighted and report.skipped == [] and report.seconds == 0.0
+    assert [(r["converged"], r["aliases"]) for r in report.layers] == [(None, [])] * 2
+    assert str(report).splitlines()[3].split()[:4] == ["a", "Conv2d", "tucker2", "2x3"]
+    assert report.to_dict()["totals"]["layer_params_after"] == 70
+
+
+def test_a_report_and_its_dict_share_no_mutable_data():
+    from sigmadecomp_torch import CompressionReport
+
+    data = _report_dict()
+    report = CompressionReport.from_dict(data)
+    assert report.to_dict() == _report_dict()
+    out = report.to_dict()
+    out["layers"][0]["aliases"].append("ZZZ")
+    out["layers"][0]["ranks"].append(9)
+    out["skipped"][0]["reason"] = "changed"
+    out["refitted"][0]["target_change"] = 1.0
+    data["layers"][0]["aliases"].append("YYY")
+    data["layers"][1]["name"] = "changed"
+    data["skipped"].append({"name": "x", "kind": "Linear", "reason": "r"})
+    data["refitted"][0]["kind"] = "changed"
+    assert report.to_dict() == _report_dict()  # (a fresh copy of what it was)
+
+
+def test_report_plot_writes_a_path_without_suffix_as_png_at_that_path(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sigmadecomp_torch import CompressionReport
+
+    report = CompressionReport.from_dict(_report_dict())
+    report.plot(tmp_path / "figure")
+    assert (tmp_path / "figure").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report.plot(str(tmp_path / "fig.pdf"))
+    assert (tmp_path / "fig.pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "figure"]
+
+
+def test_report_plot_marks_a_sigma_error_that_was_not_computed():
+    pytest.importorskip("matplotlib")
+    from sigmadecomp_torch import CompressionReport
+
+    report = CompressionReport.from_dict(_report_dict())  # layer "c": sigma_error None
+    fig = report.plot()
+    _, right = fig.axes
+    # no bar of width 0 for it (it would read as an error of 0) ...
+    assert [p.get_width() for p in right.patches] == pytest.approx([0.1, 0.3, 0.2])
+    # ... but an "n/a" on its row, next to the Frobenius bar of that row
+    na = [t for t in right.texts if t.get_text() == "n/a"]
+    assert len(na) == 1 and 0.5 < na[0].get_position()[1] < 1.5  # row 1: layer "c"
+    legend = [t.get_text() for t in right.get_legend().get_texts()]
+    assert any("n/a" in t and "not computed" in t for t in legend), legend
