@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 
 import pytest
 
@@ -297,3 +298,106 @@ def test_a_bias_the_centered_refit_gave_a_dense_layer_is_created(sequential):
         restored = load_compressed(build(), small.state_dict(), strict=strict)
         assert torch.equal(restored(data[0]), small(data[0]))
         assert restored[4].bias.requires_grad
+
+
+@pytest.mark.parametrize("method, key", [("tucker2", "b.last.bias"), ("svd", "hidden.last.bias"),
+                                         ("tt", "b.bias")])
+def test_a_missing_bias_of_a_factorized_layer_is_a_missing_key(method, key):
+    """The original layer has a bias, so the compressed one has: a state dict without it
+    is incomplete, not a layer without bias."""
+    small, _ = compress(_build(), method, ratio=1.5, options=FAST, progress=False)
+    state = small.state_dict()
+    del state[key]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*" + re.escape(key)):
+        load_compressed(_build(), state)
+    with pytest.warns(UserWarning, match=r"1 key\(s\) of the model not in the state dict \("
+                      + re.escape(key) + r"\) keep their values"):
+        loose = load_compressed(_build(), state, strict=False)
+    # (the placeholder's bias: the one of the model's layer, as for a dense layer)
+    assert torch.equal(loose.get_parameter(key), _build().get_submodule(key.split(".")[0]).bias)
+
+
+class _WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.norm(self.a(torch.relu(self.stem(x))))))
+        return self.head(x.flatten(1))
+
+
+def test_a_failed_in_place_load_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    small, _ = compress(_WithNorm().double(), "svd", ranks={"a": 4, "b": 4, "head": 4},
+                        options=FAST, progress=False)
+    assert factorized_formats(small.state_dict()) == {"a": "svd", "b": "svd", "head": "svd"}
+    bad_shape = small.state_dict()  # the last factorized layer does not fit
+    bad_shape["head.first.weight"] = torch.zeros(6, 70, dtype=F64)
+    no_buffer = small.state_dict()  # fails in load_state_dict, after a bias was created
+    del no_buffer["norm.running_mean"]
+    no_buffer["stem.bias"] = torch.ones(8, dtype=F64)
+    for state, error in ((bad_shape, ValueError), (no_buffer, RuntimeError)):
+        torch.manual_seed(1)
+        model = _WithNorm().double()
+        kinds = [type(m) for m in model.modules()]
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match="head.first.weight" if error is ValueError
+                           else "norm.running_mean"):
+            load_compressed(model, state, inplace=True)
+        assert [type(m) for m in model.modules()] == kinds and model.stem.bias is None
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert type(load_compressed(model, small.state_dict(), inplace=True).head).__name__ \
+            == "LowRankLinear"
+
+
+def test_strict_false_skips_factorized_layers_the_model_lacks():
+    small, _ = compress(_build(), "tucker2", ratio=1.5, options=FAST, progress=False)
+    state = small.state_dict()
+    extra = dict(state, **{"zz.first.weight": torch.zeros(2, 3, 1, 1, dtype=F64),
+                           "zz.core.weight": torch.zeros(2, 2, 3, 3, dtype=F64),
+                           "zz.last.weight": torch.zeros(3, 2, 1, 1, dtype=F64)})
+    with pytest.raises(ValueError, match=r"\['zz'\] that the model does not have"):
+        load_compressed(_build(), extra)
+    with pytest.warns(UserWarning, match=r"\['zz'\] that the model does not have") as caught:
+        loose = load_compressed(_build(), extra, strict=False)
+    assert len(caught) == 1  # (not named again as unexpected keys)
+    x = _batches()[0]
+    assert torch.equal(loose(x), small(x))
+    for strict in ("no", None, 0):
+        with pytest.raises(TypeError, match=f"strict={strict!r} is not allowed"):
+            load_compressed(_build(), state, strict=strict)
+    q, info = quantize_weights(small)
+    model = _build()
+    with pytest.raises(ValueError, match="strict=False is not allowed"):
+        load_compressed(model, quantized_state_dict(q, info), strict=False, inplace=True)
+    assert type(model.a) is nn.Conv2d
+
+
+def test_corrupt_factor_values_are_clear_errors():
+    small, _ = compress(_build(), "tucker2", ratio=1.5, options=FAST, progress=False)
+    lowrank, _ = compress(_build(), "svd", ratio=1.5, options=FAST, progress=False)
+    cp, _ = compress(_build(), "cp", ratio=1.5, options=FAST, progress=False)
+    cases = [(small, "b.core.weight", torch.zeros(3, 2, 3, 3, dtype=F64),
+              r"'b.core.weight' has shape \(3, 2, 3, 3\).*needs \(\d+, \d+, 3, 3\)"),
+             (small, "b.first.weight", torch.tensor(1.0, dtype=F64),
+              r"'b.first.weight' has shape \(\).*needs \(r_S, 12, 1, 1\)"),
+             (lowrank, "hidden.first.weight", torch.tensor(1.0, dtype=F64),
+              r"'hidden.first.weight' has shape \(\).*needs \(r, 12\)"),
+             (cp, "a.first.weight", torch.zeros(4, dtype=F64),
+              r"'a.first.weight' has shape \(4,\).*needs \(R, 8, 1, 1\)")]
+    for model, key, value, match in cases:
+        state = model.state_dict()
+        state[key] = value
+        with pytest.raises(ValueError, match=match):
+            load_compressed(_build(), state)
+    state = small.state_dict()
+    state["b.first.weight"] = [1.0, 2.0]
+    with pytest.raises(TypeError, match=r"'b.first.weight' is a list.*tensor"):
+        load_compressed(_build(), state)
