@@ -65,9 +65,13 @@ def _worker(rank, port, out_dir):
             bad[0][0, 0, 0, 0] = float("inf")
         got["inf"] = outcome(lambda: collect_covariances(_model(), bad, progress=False))
         stats = collect_covariances(_model(), mine, progress=False)
-        # a planning error on rank 1 only
-        got["plan"] = outcome(lambda: compress(_model(), "svd", covariances=stats,
+        # an argument error on rank 1 only (caught by the argument checks) ...
+        got["args"] = outcome(lambda: compress(_model(), "svd", covariances=stats,
                                                 ratio=2 if rank == 0 else 1, progress=False))
+        # ... and a planning error on rank 1 only (ranks beyond the layer's size)
+        got["plan"] = outcome(lambda: compress(_model(), "svd", covariances=stats,
+                                                ranks={"2": 2 if rank == 0 else 10000},
+                                                progress=False))
         # different weights on the two ranks
         other = _model()
         if rank == 1:
@@ -107,9 +111,12 @@ def test_disagreeing_failing_and_opting_out_processes(tmp_path):
     assert r1["inf"].startswith("ValueError: layer '0': its input contains NaN or inf")
     assert r0["inf"].startswith("RuntimeError: process 1 failed while collecting statistics: "
                                 "ValueError: layer '0'")
-    assert r1["plan"].startswith("ValueError: ratio=1 is not allowed")
+    assert r1["args"].startswith("ValueError: ratio=1 is not allowed")
+    assert r0["args"].startswith("RuntimeError: process 1 failed while checking the "
+                                 "arguments: ValueError: ratio=1")
+    assert r1["plan"].startswith("ValueError: ranks for layer '2'")
     assert r0["plan"].startswith("RuntimeError: process 1 failed while planning the "
-                                 "compression: ValueError: ratio=1")
+                                 "compression: ValueError: ranks for layer '2'")
     assert r0["empty"] == r1["empty"] == "ok"
     for got in (r0, r1):
         assert got["all_empty"].startswith("ValueError: data yielded no batches on any process")
