@@ -1096,6 +1096,12 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if refit is not None and not sequential:
         from .sequential import refit_after
 
+        if _data_layers(model, layers, ranks, ratio) == []:
+            # no layer can be replaced: planning says why (no statistics, nothing to refit)
+            return compress(model, method, covariances={}, ratio=ratio, ranks=ranks,
+                            budget=budget, layers=layers, inplace=inplace, centered=centered,
+                            options=options, progress=progress, distributed=distributed,
+                            _checked=True)
         return refit_after(
             model, data, refit, lambda m, stats: compress(
                 m, method, covariances=stats, ratio=ratio, ranks=ranks, budget=budget,

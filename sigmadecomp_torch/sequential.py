@@ -55,7 +55,7 @@ from torch import nn
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
-from ._batches import (batch_mask, check_not_meta, check_pass_options, eval_modes,
+from ._batches import (as_batches, batch_mask, check_not_meta, check_pass_options, eval_modes,
                        model_device, outside_inference_mode, progress_bar, check_not_nested,
                        run_batch, token_rows, user_stacklevel, warn_mask_use)
 from .covariance import LayerStats, select_layers
@@ -218,6 +218,8 @@ class _CrossAccumulator:
         if self.is_conv:
             if xo.ndim == 3:
                 xo, xc = xo.unsqueeze(0), xc.unsqueeze(0)
+            if xo.shape[0] == 0:  # a batch without samples adds nothing
+                return
             m = self.module
             per = max(1, xo[0].numel() * self.n // max(1, m.in_channels))  # rough patch size
             step = max(1, self.chunk_bytes // (8 * 2 * per))
@@ -357,7 +359,7 @@ def _check_reiterable(data, name="data"):
 
 
 def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forward, mask,
-              device, progress, desc, distributed=None):
+              device, progress, desc, distributed=None, warn_unused_mask=True):
     """Run both models on every batch with the given accumulators hooked in; under a process
     group (``distributed``, as for :func:`collect_covariances`) the sums are all-reduced."""
     group = resolve_group(distributed)
@@ -397,8 +399,7 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
                             "two forward passes must call it the same number of times")
                 n_batches += 1
         if n_batches == 0 and group is None:
-            raise ValueError("data yielded no batches; sequential compression needs at least "
-                             "one batch")
+            raise ValueError(f"data yielded no batches; {what} needs at least one batch")
     except Exception as exc:
         agree(group, what, signature, error=exc)
         raise
@@ -409,7 +410,8 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
             acc.queue = []
     if cross:  # the same warnings as collect_covariances
         square = next((a.square_mask for a, _, _ in cross if a.square_mask is not None), None)
-        warn_mask_use(square, mask_seen, any(a.mask_used for a, _, _ in cross))
+        warn_mask_use(square, mask_seen and warn_unused_mask,
+                      any(a.mask_used for a, _, _ in cross))
     if group is not None:  # (a process without batches adds zero sums and counts)
         agree(group, what, signature)
         import torch.distributed as dist
@@ -417,8 +419,8 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
         total = torch.tensor([float(n_batches)], dtype=torch.float64, device=device)
         dist.all_reduce(total)
         if total.item() == 0:
-            raise ValueError("data yielded no batches on any process of the group; sequential "
-                             "compression needs at least one batch on one of them")
+            raise ValueError(f"data yielded no batches on any process of the group; {what} "
+                             "needs at least one batch on one of them")
         for acc, _, _ in cross:
             acc.all_reduce()
         for acc, m_o, _ in outputs:
@@ -475,7 +477,7 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
                 raise TypeError(f"{what} of type {type(m).__name__} is not allowed; it must "
                                 "be a torch.nn.Module")
         _check_pass(chunk_bytes, forward, mask, max_batches)
-        data = _check_reiterable(data)
+        data = as_batches(data)  # (read once: a generator is fine)
         if compressed is original:  # hooks on one module would see both passes
             compressed = copy.deepcopy(original)
         comp_modules = dict(compressed.named_modules())
@@ -1144,18 +1146,7 @@ min_speedup, example_input
 
     from .compress import CompressionReport
 
-    if inplace:
-        target = model
-        for r in rows:
-            new = work.get_submodule(r["name"])
-            for path in [r["name"]] + list(r.get("aliases", [])):
-                parent_name, _, child = path.rpartition(".")
-                parent = target.get_submodule(parent_name) if parent_name else target
-                setattr(parent, child, new)
-        for r in refitted:  # in place, so every name of a shared module sees the change
-            _copy_dense(work.get_submodule(r["name"]), model.get_submodule(r["name"]))
-    else:
-        target = work
+    target = _install(model, work, rows, refitted) if inplace else work
     report = CompressionReport(
         method=method, weighted=True, centered=bool(centered), layers=rows, skipped=skipped,
         params_before=params_before, params_after=sum(p.numel() for p in target.parameters()),
@@ -1195,8 +1186,10 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     centered : bool, optional
         Also refit the biases (centered statistics).
     inplace : bool, optional
-        Let ``compress_fn`` work on ``model`` itself (the original outputs
-        then come from a copy made first); default False.
+        Return ``model`` itself, compressed and refitted; default False.
+        ``compress_fn`` then works on a copy, whose factorized layers and
+        refitted weights are put into ``model`` once every pass succeeded,
+        so ``model`` is left unchanged on every error.
     ridge : float, optional
         Ridge of the refit solves; default :data:`sigmadecomp.sigma.DEFAULT_RIDGE`.
     progress : bool, optional
@@ -1272,13 +1265,14 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
             if never:
                 raise ValueError(f"refit contains {never[0]!r}, which never ran in the "
                                  "forward pass; it cannot be refitted")
-    original = copy.deepcopy(model) if inplace else model  # the reference outputs
+    original = model  # the reference outputs, unchanged until every pass succeeded
     stats = collect_covariances(model, data, layers=layers, progress=progress,
                                 max_batches=max_batches, forward=forward, mask=mask,
                                 distributed=distributed, _checked=True)
-    small, report = compress_fn(model, stats)
-    if isinstance(model, (nn.Conv2d, nn.Linear)):
-        return small, report
+    if bare:  # (nothing downstream to refit)
+        return compress_fn(model, stats)
+    # with inplace, compress_fn works in place on a copy, installed into model at the end
+    small, report = compress_fn(copy.deepcopy(model) if inplace else model, stats)
     done = [r["name"] for r in report.layers]
     done += [a for r in report.layers for a in r.get("aliases", [])]
     refits, named, skipped = _refit_candidates(original, refit, done)
@@ -1303,7 +1297,8 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
                  small.get_submodule(n)) for n in group]
         _run_pair(original, small, data, cross=accs, outputs=pending, max_batches=max_batches,
                   forward=forward, mask=mask, device=device, progress=progress,
-                  desc=f"refit group {gi + 1}/{len(groups)}", distributed=distributed)
+                  desc=f"refit group {gi + 1}/{len(groups)}", distributed=distributed,
+                  warn_unused_mask=False)
         _finish_outputs(refitted, pending)
         pending = []
         for acc, m_o, m_c in accs:
@@ -1313,9 +1308,25 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
                   forward=forward, mask=mask, device=device, progress=progress,
                   distributed=distributed)
     report.refitted = refitted
+    if inplace:
+        small = _install(model, small, report.layers, refitted)
     report.params_after = sum(p.numel() for p in small.parameters())
     report.seconds = time.perf_counter() - t_start
     return small, report
+
+
+def _install(model, work, rows, refitted):
+    """``model`` with the factorized layers of ``rows`` and the refitted dense weights of
+    ``work`` (a compressed copy of it) put in, under every name of a shared module."""
+    for r in rows:
+        new = work.get_submodule(r["name"])
+        for path in [r["name"]] + list(r.get("aliases", [])):
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+    for r in refitted:  # in place, so every name of a shared module sees the change
+        _copy_dense(work.get_submodule(r["name"]), model.get_submodule(r["name"]))
+    return model
 
 
 def _refit_layer(acc, m_o, m_c, *, centered, ridge):

@@ -740,3 +740,110 @@ def test_a_generator_given_to_sequential_or_refit_is_named_in_the_error(kw):
 
     with pytest.raises(TypeError, match="data of type generator is an iterator"):
         compress(model, "tucker2", data=batches(), ratio=1.5, progress=False, **kw)
+
+
+# ------------------------------------------------------------------ audit regressions
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_failed_in_place_refit_leaves_the_model_unchanged():
+    batches = [torch.randn(16, 6) for _ in range(2)]
+
+    class FailsLate:  # re-iterable; a later pass fails (a data source gone, a Ctrl-C ...)
+        reads = 0
+
+        def __iter__(self):
+            self.reads += 1
+            if self.reads >= 6:  # (a refit pass: after the layers were compressed)
+                raise OSError("data source unavailable")
+            return iter(batches)
+
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(OSError, match="unavailable"):
+        compress(model, "svd", ratio=1.5, layers=["2", "4"], data=FailsLate(), refit="all",
+                 inplace=True, progress=False)
+    assert [type(m) for m in model] == [type(m) for m in _mlp()]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # and when every pass succeeds, the model itself is the compressed and refitted one
+    out, report = compress(model, "svd", ratio=1.5, layers=["2", "4"], data=batches,
+                           refit="all", inplace=True, progress=False)
+    ref, _ = compress(_mlp(), "svd", ratio=1.5, layers=["2", "4"], data=batches, refit="all",
+                      progress=False)
+    assert out is model and [r["name"] for r in report.refitted] == ["6"]
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_batches_without_samples_add_nothing_to_cross_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    x = torch.randn(4, 3, 6, 6)
+    empty = torch.empty(0, 3, 6, 6)
+    with_empty = collect_cross_covariances(net, net, [x, empty], progress=False)
+    plain = collect_cross_covariances(net, net, [x], progress=False)
+    for k in plain:
+        torch.testing.assert_close(with_empty[k].sigma_cc, plain[k].sigma_cc)
+    small, _ = compress(net, "svd", ratio=2, data=[x, empty], sequential=True, progress=False)
+    assert small(x).shape == (4, 2)
+
+
+def test_cross_statistics_read_a_generator_once_and_name_themselves():
+    net = _mlp()
+    batches = [torch.randn(8, 6) for _ in range(2)]
+    from_list = collect_cross_covariances(net, net, batches, progress=False)
+    from_gen = collect_cross_covariances(net, net, (b for b in batches), progress=False)
+    for k in from_list:
+        torch.testing.assert_close(from_gen[k].sigma_oc, from_list[k].sigma_oc)
+    with pytest.raises(ValueError, match=r"no batches; running the original and the "
+                                         r"compressed model \(cross statistics\) needs"):
+        collect_cross_covariances(net, net, [], progress=False)
+
+
+def test_refit_with_no_compressible_layer_gives_the_planning_reasons():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.t = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.t.weight = self.a.weight
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.t(torch.relu(self.a(torch.relu(self.stem(x)))))))
+
+    with pytest.raises(ValueError, match=r"no layer can be compressed: .*'a': its weight is "
+                                         r"tied"):
+        compress(Tied(), "svd", ratio=1.5, data=[torch.randn(8, 6)], refit="all",
+                 progress=False)
+
+
+def test_refit_of_a_pooled_head_does_not_claim_the_mask_went_unused():
+    import warnings
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a = nn.Embedding(20, 8), nn.Linear(8, 16)
+            self.b, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.b(torch.relu(self.a(self.emb(input_ids))))
+            m = attention_mask[..., None].float()
+            return self.head((h * m).sum(1) / m.sum(1))
+
+    torch.manual_seed(0)
+    am = torch.ones(4, 6, dtype=torch.long)
+    am[0, 3:] = 0
+    data = [{"input_ids": torch.randint(0, 20, (4, 6)), "attention_mask": am}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = compress(Enc(), "svd", ratio=1.5, layers=["b"], data=data, refit="all",
+                             progress=False)
+    assert "head" in [r["name"] for r in report.refitted]
+    assert not [w for w in caught if "token mask was given" in str(w.message)]
