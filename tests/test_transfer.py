@@ -458,12 +458,18 @@ def test_prior_mixture_is_a_valid_moment_pair_and_compress_accepts(setup):
     assert [r["name"] for r in report.layers] == ["3"]
 
 
+@pytest.mark.parametrize("alpha, shown", [(0.5, "0.5"), ("oas", "'oas'")])
+@pytest.mark.parametrize("option", ["prior", "match"])
+def test_prior_and_match_need_the_moments_rule(setup, option, alpha, shown):
+    model, stats = setup
+    kw, word = ({"prior": stats}, "prior=") if option == "prior" else ({"match": True},
+                                                                        "match=True")
+    with pytest.raises(ValueError, match=f"{word} is not allowed with alpha={shown}"):
+        shrink_covariances(stats, alpha, **kw)
+
+
 def test_prior_bad_input(setup):
     model, stats = setup
-    with pytest.raises(ValueError, match="prior= is not allowed with alpha=0.5"):
-        shrink_covariances(stats, 0.5, prior=stats)
-    with pytest.raises(ValueError, match="prior= is not allowed with alpha='oas'"):
-        shrink_covariances(stats, "oas", prior=stats)
     bad = {"3": stats["6"]}
     with pytest.raises(ValueError, match=r"prior\['3'\]"):
         shrink_covariances(stats, "auto", model=model, prior=bad)
@@ -628,12 +634,8 @@ def test_match_true_with_a_prior_leaves_skipped_layers_alone(setup):
     torch.testing.assert_close(got, out.scales["3"] * targets["3"], rtol=1e-8, atol=0)
 
 
-def test_match_bad_input(setup):
+def test_match_must_be_a_bool(setup):
     model, stats = setup
-    with pytest.raises(ValueError, match="match=True is not allowed with alpha=0.5"):
-        shrink_covariances(stats, 0.5, match=True)
-    with pytest.raises(ValueError, match="match=True is not allowed with alpha='oas'"):
-        shrink_covariances(stats, "oas", match=True)
     with pytest.raises(TypeError, match="match='yes' is not allowed"):
         shrink_covariances(stats, "auto", model=model, match="yes")
 
