@@ -790,15 +790,15 @@ def _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
     pass over the calibration data first), and with ``data`` (one-shot) what the
     statistics pass checks, which then runs without an exchange of its own (the layer
     names, the batches' container)."""
+    for flag, value in (("sequential", sequential), ("inplace", inplace),
+                        ("centered", centered)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}={value!r} is not allowed; it must be True or False")
     # (centered needs the statistics, which data= collects later: checked with them)
     _check_arguments(model, method, ratio, ranks, budget, centered and data is None,
                      covariances)
     _latency.check_min_speedup(
         min_speedup, example_input if data is None else "the first batch of data")
-    for flag, value in (("sequential", sequential), ("inplace", inplace),
-                        ("centered", centered)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag}={value!r} is not allowed; it must be True or False")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options of type {type(options).__name__} is not allowed; options "
                         "must be a dict of keyword arguments of the core decomposition, e.g. "
