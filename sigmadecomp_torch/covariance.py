@@ -869,7 +869,8 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     if all(a.count == 0 and a.link is None for a in accs.values()):
         if any(a.calls > 0 for a in accs.values()):
             raise ValueError("the chosen layers ran, but none of their input rows entered "
-                             "the statistics " + _why_no_rows(position_fraction))
+                             "the statistics " + _why_no_rows(position_fraction,
+                                                              run.mask_used))
         raise ValueError("data yielded no batches (or the chosen layers never ran); "
                          "collect_covariances needs at least one batch")
     results = {}
@@ -882,7 +883,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         if src not in results:
             if accs[src].calls > 0:  # it ran, but every row was left out
                 what = (f"layer {name!r} ran, but none of its input rows entered the "
-                        "statistics " + _why_no_rows(position_fraction))
+                        "statistics " + _why_no_rows(position_fraction, accs[src].masked))
             else:
                 what = f"layer {name!r} never ran in the forward pass"
             if layers is not None and not callable(layers):
@@ -894,10 +895,31 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     return out
 
 
-def _why_no_rows(position_fraction):
-    return ("(a token mask that is zero everywhere"
-            + (f", or position_fraction={position_fraction!r} too small to draw a position"
-               if position_fraction < 1 else "") + ")")
+def _why_no_rows(position_fraction, masked):
+    """The possible causes of a layer that ran but added no rows, in parentheses.
+
+    Parameters
+    ----------
+    position_fraction : float
+        The ``position_fraction`` of the pass (a cause only when below 1).
+    masked : bool
+        Whether a token mask was applied to the layer's inputs (a cause only then).
+
+    Examples
+    --------
+    >>> from sigmadecomp_torch.covariance import _why_no_rows
+    >>> _why_no_rows(1.0, False)
+    '(only batches with zero samples)'
+    >>> _why_no_rows(0.01, True)  # doctest: +NORMALIZE_WHITESPACE
+    '(only batches with zero samples, or a token mask that is zero everywhere,
+    or position_fraction=0.01 too small to draw a position)'
+    """
+    causes = ["only batches with zero samples"]
+    if masked:
+        causes.append("a token mask that is zero everywhere")
+    if position_fraction < 1:
+        causes.append(f"position_fraction={position_fraction!r} too small to draw a position")
+    return "(" + ", or ".join(causes) + ")"
 
 
 def position_seed(seed, index, group=None):

@@ -159,14 +159,56 @@ def load_covariances(path, *, map_location="cpu"):
     with open(path, "rb") as f:
         head = f.read(16)
     size = os.path.getsize(path)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    fmt = _sniff(head, size)
+    if fmt == "torch":
         return _load_torch(path, map_location)
-    if len(head) >= 9 and head[8:9] == b"{":
+    if fmt == "safetensors":
         return _load_safetensors(path, map_location)
     raise ValueError(
         f"{path!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors nor a "
         "torch.save file; it is not a statistics file written by save_covariances"
     )
+
+
+#: The first bytes of a zip archive: ``torch.save`` files (since torch 1.6).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _sniff(head, size):
+    r"""``"safetensors"``, ``"torch"`` or None: the format of a file from its structure.
+
+    ``head`` holds the file's first bytes (at least 9 when the file has them),
+    ``size`` its length in bytes. A safetensors file starts with the 8-byte
+    little-endian length ``N`` of its JSON header, which follows at byte 8 and
+    opens with ``{``, so the file holds at least ``8 + N`` bytes. That
+    structure is tested first, since the first byte is ``N``'s lowest
+    (``0x80`` for one header length in 256, as a pickle starts). A
+    ``torch.save`` file is a zip archive (``PK\x03\x04``). A file with ``{``
+    at byte 8 but shorter than ``8 + N`` is a truncated safetensors file (its
+    reader reports the damage; a legacy ``torch.save`` file has the byte
+    ``0xf9`` of its magic number there). Last, a legacy (pre-zip)
+    ``torch.save`` file is a pickle: ``0x80`` and the protocol, 2 to 5.
+
+    Examples
+    --------
+    >>> from sigmadecomp_torch.covariance_io import _sniff
+    >>> _sniff((128).to_bytes(8, "little") + b'{"a"', 8 + 128)
+    'safetensors'
+    >>> _sniff(b"PK\x03\x04" + bytes(12), 500), _sniff(b"\x80\x02\x8a\x0a" + bytes(12), 500)
+    ('torch', 'torch')
+    >>> _sniff(b"hello world\n" * 3, 36) is None
+    True
+    """
+    header_at_8 = len(head) >= 9 and head[8:9] == b"{"
+    if header_at_8 and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    if head[:4] == _ZIP_MAGIC:
+        return "torch"
+    if header_at_8:
+        return "safetensors"  # its header runs past the end of the file
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch"
+    return None
 
 
 def _load_torch(path, map_location):

@@ -50,6 +50,56 @@ def _describe(kind, weight_shape, geometry, groups):
     return out
 
 
+def _lambda_max_lower(a):
+    """A lower bound of the largest eigenvalue of the symmetric ``a``, without eigen-solve.
+
+    The largest diagonal entry and the Rayleigh quotients of a few power
+    iterations (as in :func:`sigmadecomp._validation.check_psd`).
+    """
+    n = a.shape[-1]
+    lam = float(a.diagonal().max())
+    v = torch.full((n,), n ** -0.5, dtype=a.dtype, device=a.device)
+    for _ in range(3):
+        w = a @ v
+        lam = max(lam, float(v @ w))
+        wmax = float(w.abs().max())
+        if wmax == 0.0:
+            break
+        w = w / wmax  # (no overflow in the norm)
+        v = w / w.norm()
+    return lam
+
+
+def _within_rounding(c, sigma, stored):
+    """The float64 covariance ``c`` of float32 statistics, rounding below 0 clipped.
+
+    ``c`` is ``sigma - mean mean^T`` formed in float64 from the ``stored``
+    dtype. When it passes the float64 PSD test (with a margin), it is returned
+    as it is. Otherwise its eigenvalues down to ``-neg_rtol(stored) *
+    lambda_max(sigma)`` are set to 0 (the rounding of the stored moments moves
+    them by about ``eps(stored) * lambda_max(sigma)``, ``mean mean^T`` being
+    at most ``sigma``). With a lower one, ``c`` is returned as it is, for the
+    PSD test of its user to refuse: it fails that test, since
+    ``neg_rtol(stored) * lambda_max(sigma) >= NEG_RTOL["float64"] * lambda_max(c)``.
+    """
+    from sigmadecomp._validation import neg_rtol
+
+    c_sym = 0.5 * (c + c.T)
+    top = _lambda_max_lower(c_sym)
+    if top > 0.0:
+        shifted = c_sym.clone()
+        shifted.diagonal().add_(0.5 * neg_rtol(torch.float64) * top)
+        if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+            return c
+    lam, V = torch.linalg.eigh(c_sym)
+    # lambda_max(c) <= lambda_max(sigma): both are lower bounds of the latter
+    scale = max(_lambda_max_lower(0.5 * (sigma + sigma.T)), float(lam[-1]))
+    if float(lam[0]) < -neg_rtol(stored) * scale:
+        return c  # not rounding: the caller's PSD test refuses it (naming the layer)
+    out = (V * lam.clamp(min=0.0)) @ V.T
+    return 0.5 * (out + out.T)
+
+
 @dataclass(repr=False, eq=False)
 class LayerStats:
     """Input statistics of one layer.
@@ -147,9 +197,49 @@ class LayerStats:
         return int(self.sigma.shape[-1])
 
     def centered(self):
-        """Covariance ``sigma - mean mean^T`` (same shape as ``sigma``, float64)."""
+        """Covariance ``sigma - mean mean^T`` (same shape as ``sigma``, float64).
+
+        Formed in float64. Statistics stored in float32 carry the rounding of
+        that storage (about ``1e-7`` of ``sigma``'s scale); for a
+        rank-deficient ``sigma`` (fewer patches than its size, or constant
+        inputs) it makes the covariance slightly indefinite, beyond what the
+        PSD test of a float64 matrix (:func:`sigmadecomp.sigma.psd_root`)
+        allows. Eigenvalues of the covariance between ``-NEG_RTOL[dtype] *
+        lambda_max(sigma)`` (the library's tolerance for a ``sigma`` of the
+        stored dtype: ``1e-4`` for float32) and 0 are then set to 0. The
+        covariance is returned unchanged when it passes the float64 test, and
+        always for float64 statistics. An eigenvalue below the bound is kept:
+        rounding cannot explain it (``sigma`` and ``mean`` are not the second
+        moment and the mean of the same inputs), and the PSD test of the
+        matrix's users (``compress(..., centered=True)``) refuses it, naming
+        the layer.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sigmadecomp_torch import LayerStats
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 0.4]], dtype=torch.float64)
+        >>> s = LayerStats(x.T @ x / 2, x.mean(0), 2).to(dtype=torch.float32)
+        >>> m = s.mean.double()   # rank 1, but rounded below 0 when formed directly:
+        >>> float(torch.linalg.eigvalsh(s.sigma.double() - m[:, None] * m[None, :])[0])
+        -9.46...e-08
+        >>> c = s.centered()
+        >>> c.dtype, float(torch.linalg.eigvalsh(c)[0]) >= -1e-15
+        (torch.float64, True)
+        >>> bad = LayerStats(torch.eye(2), torch.tensor([0.0, 3.0]), 5)  # not of one input
+        >>> torch.linalg.eigvalsh(bad.centered()).tolist()
+        [-8.0, 1.0]
+        """
         m = self.mean.to(torch.float64)
-        return self.sigma.to(torch.float64) - m[..., :, None] * m[..., None, :]
+        sigma = self.sigma.to(torch.float64)
+        c = sigma - m[..., :, None] * m[..., None, :]
+        # the less precise of the two stored dtypes sets the rounding
+        stored = max((self.sigma.dtype, self.mean.dtype), key=lambda t: torch.finfo(t).eps)
+        if stored == torch.float64 or c.numel() == 0 or not bool(torch.isfinite(c).all()):
+            return c  # (non-finite values are refused by the caller's checks)
+        if c.ndim == 2:
+            return _within_rounding(c, sigma, stored)
+        return torch.stack([_within_rounding(c[g], sigma[g], stored) for g in range(len(c))])
 
     def _meta(self):
         return dict(layer=self.layer, groups=self.groups, kind=self.kind,

@@ -221,6 +221,54 @@ def test_layers_that_never_run():
         collect_covariances(m, [torch.randn(4, 3)], layers=["used", "unused"], progress=False)
 
 
+def test_no_rows_message_names_only_the_possible_causes():
+    from sigmadecomp_torch import compress
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.Flatten(), nn.Linear(64, 2))
+    empty = torch.empty(0, 3, 6, 6)  # e.g. a filtered batch with no samples left
+    no_mask = r"entered the statistics \(only batches with zero samples\)$"
+    with pytest.raises(ValueError, match="their input rows " + no_mask):
+        collect_covariances(net, [empty, empty], progress=False)
+    with pytest.raises(ValueError, match="their input rows " + no_mask):
+        compress(net, "svd", ratio=2, data=empty, progress=False)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 3), nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x, attention_mask=None):
+            # b reads no tokens; c reads pooled inputs (a mask does not apply to them)
+            return self.a(x).sum() + self.b(x[:, :0]).sum() + self.c(x.mean(1)).sum()
+
+    x = torch.randn(2, 4, 5)
+    zeros = torch.zeros(2, 4, dtype=torch.long)
+    for batch, a_rows in ((x, True), ({"x": x, "attention_mask": zeros}, False)):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            stats = collect_covariances(Tokens(), [batch], progress=False)
+        assert sorted(stats) == (["a", "c"] if a_rows else ["c"])
+        no_rows = {m.split("'")[1]: m.split("statistics ")[1] for m in map(str, (
+            w.message for w in rec)) if "ran, but none of its input rows" in m}
+        # a token mask is a cause only when one was applied to the layer's inputs
+        expected = {"b": "(only batches with zero samples); it has no statistics"}
+        if not a_rows:
+            expected["a"] = ("(only batches with zero samples, or a token mask that is zero "
+                             "everywhere); it has no statistics")
+        assert no_rows == expected
+    with pytest.raises(ValueError, match=r"their input rows entered the statistics \(only "
+                                         r"batches with zero samples, or a token mask that "
+                                         r"is zero everywhere\)$"):
+        collect_covariances(Tokens(), [{"x": x, "attention_mask": zeros}], layers=["a"],
+                            progress=False)
+    with pytest.raises(ValueError, match=r"\(only batches with zero samples, or "
+                                         r"position_fraction=1e-09 too small"):
+        collect_covariances(net, [torch.randn(1, 3, 6, 6)], layers=["0"],
+                            position_fraction=1e-9, progress=False)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_save_and_load_round_trip(tmp_path, suffix):
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)).double()
@@ -248,6 +296,51 @@ def test_layer_stats_validation_and_merge_errors():
     b = LayerStats(torch.eye(3, dtype=F64), torch.zeros(3, dtype=F64), 1)
     with pytest.raises(ValueError, match="different layers"):
         a + b
+
+
+def test_centered_float32_statistics_lose_only_their_rounding():
+    from sigmadecomp_torch import compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    data = [torch.randn(2, 3, 4, 4)]
+    s64 = collect_covariances(model, data, progress=False)["2"]
+    s32 = collect_covariances(model, data, progress=False, dtype=torch.float32)["2"]
+    assert s32.count < s32.n  # 32 patches of size 72: a rank-deficient Sigma
+    m = s64.mean
+    assert torch.equal(s64.centered(), s64.sigma - m[:, None] * m[None, :])  # float64: as is
+    c = s32.centered()
+    lam = torch.linalg.eigvalsh(c)
+    assert c.dtype == F64 and lam[0] >= -1e-8 * lam[-1]  # passes the float64 PSD test
+    _close(c, s64.centered(), tol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the warning on the error at this ratio)
+        compress(model, "svd", covariances={"2": s32}, layers=["2"], ratio=2, centered=True,
+                 progress=False)
+    # a pair that rounding cannot explain is still refused: only eigenvalues down to
+    # -1e-4 * lambda_max(sigma) (the float32 tolerance) are clipped
+    linear = nn.Sequential(nn.Linear(2, 4))
+    for excess, clipped in ((1e-6, True), (1e-3, False), (8.0, False)):
+        mean = torch.tensor([0.0, (1.0 + excess) ** 0.5])  # var = 1 - mean^2 = -excess
+        s = LayerStats(torch.eye(2), mean, 5, kind="Linear", weight_shape=(4, 2))
+        low = float(torch.linalg.eigvalsh(s.centered())[0])
+        if clipped:
+            assert abs(low) < 1e-15
+            compress(linear, "svd", covariances={"0": s}, layers=["0"], ratio=2,
+                     centered=True, progress=False)
+        else:
+            assert low < -0.9 * excess
+            with pytest.raises(ValueError, match="layer '0': sigma is not positive "
+                                                 "semi-definite: smallest eigenvalue -"):
+                compress(linear, "svd", covariances={"0": s}, layers=["0"], ratio=2,
+                         centered=True, progress=False)
+    # grouped statistics: each group on its own
+    two = LayerStats(torch.stack([s32.sigma, torch.eye(72)]),
+                     torch.stack([s32.mean, torch.full((72,), 2.0)]), s32.count, groups=2)
+    both = two.centered()
+    assert torch.equal(both[0], c)
+    assert float(torch.linalg.eigvalsh(both[1])[0]) < -100  # refused by its user
 
 
 def test_select_layers_orders_and_checks():

@@ -79,6 +79,39 @@ def test_truncated_files_raise_value_error_naming_the_file(saved, tmp_path):
             load_covariances(bad)
 
 
+def test_safetensors_files_are_recognised_whatever_their_first_byte(tmp_path):
+    # a safetensors file starts with its header length (8 bytes, little-endian): one
+    # length in 256 starts with 0x80, the first byte of a pickle
+    path = os.path.join(tmp_path, "stats.safetensors")
+    first_bytes = set()
+    for n in range(1, 200):  # header lengths over all residues mod 256
+        name = "fc" + "_" * n
+        stats = {name: LayerStats(torch.eye(3, dtype=F64), torch.arange(3, dtype=F64), 7,
+                                  "Linear")}
+        save_covariances(stats, path)
+        data = open(path, "rb").read()
+        first_bytes.add(data[0])
+        back = load_covariances(path)
+        assert list(back) == [name] and back[name].count == 7
+        assert torch.equal(back[name].sigma, stats[name].sigma)
+        assert torch.equal(back[name].mean, stats[name].mean)
+        if data[0] == 0x80:  # truncated, it is still reported as a damaged safetensors file
+            bad = os.path.join(tmp_path, "cut.pt")
+            with open(bad, "wb") as f:
+                f.write(data[:40])
+            with pytest.raises(ValueError, match="'.*cut.pt' could not be read as a "
+                                                 "safetensors file.*truncated"):
+                load_covariances(bad)
+    assert 0x80 in first_bytes and len(first_bytes) >= 32
+    # a legacy (pre-zip) torch.save file, a pickle starting with 0x80, is still one
+    legacy = os.path.join(tmp_path, "legacy.pt")
+    torch.save({"a": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert open(legacy, "rb").read(1) == b"\x80"
+    with pytest.raises(ValueError, match=r"legacy.pt' is a torch.save file of a dict with "
+                                         r"keys \['a'\]"):
+        load_covariances(legacy)
+
+
 def test_foreign_files_raise_value_error(tmp_path):
     from safetensors.torch import save_file
 
