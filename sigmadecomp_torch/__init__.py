@@ -50,6 +50,9 @@ _EXPORTS = {
     "transfer": ("shrink_covariances", "ShrunkCovariances"),
     "batchnorm": ("BatchNormReport", "covariances_from_batchnorm"),
     "restore": ("load_compressed",),
+    "tt_layers": ("TTConv2d", "TTLinear"),
+    "quantize": ("QuantizedWeights", "quantize_weights", "quantized_state_dict",
+                 "load_quantized_state_dict"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -81,6 +84,12 @@ __all__ = [
     "covariances_from_batchnorm",
     "BatchNormReport",
     "load_compressed",
+    "TTConv2d",
+    "TTLinear",
+    "QuantizedWeights",
+    "quantize_weights",
+    "quantized_state_dict",
+    "load_quantized_state_dict",
 ]
 
 

@@ -120,7 +120,8 @@ def _check_ratio(ratio):
         raise TypeError(f"ratio={ratio!r} is not allowed; ratio must be a finite number > 1")
     if ratio <= 1:
         raise ValueError(f"ratio={ratio!r} is not allowed; ratio (the per-layer compression "
-                         "factor rX = params(original) / params(factorized)) must be > 1")
+                         "factor rX = weights(original) / weights(factorized), biases not "
+                         "counted) must be > 1")
     return float(ratio)
 
 
