@@ -15,6 +15,11 @@ accuracy without fine-tuning for the statistics
   each layer's output BatchNorm (the default of the function);
 * ``bn-kernel-half``  kernel model, fixed shrinkage 0.5;
 * ``real``           Sigma from 2048 Fashion-MNIST training images;
+* ``synthetic-mix``  the synthetic-image Sigma mixed per layer with the
+  BatchNorm statistics by :func:`shrink_covariances`' moments rule (the CP
+  recipe of ``notes/datafree.md``); ``synthetic-mix-match`` the same with
+  ``match=True``, ``bn-prop-fit-match`` the default BatchNorm statistics
+  matched to the BatchNorm output energies (``notes/transfer.md``);
 * ``synthetic-seq``  error-compensating sequential compression
   (``compress(..., data=, sequential=True)``) fed with the 2048 synthetic
   smooth images: data-free as well, no image of any dataset is used.
@@ -50,6 +55,10 @@ VARIANTS = {
     # no shrinkage of their own) by shrink_covariances' moments rule: the transfer
     # recipe with synthetic images as the other dataset
     "synthetic-mix": "synthetic-mix",
+    # the same, then each layer's statistics matched to its BatchNorm's output energies
+    # (shrink_covariances(..., match=True)); and the default BatchNorm statistics matched
+    "synthetic-mix-match": "synthetic-mix-match",
+    "bn-prop-fit-match": dict(spatial="propagate", shrinkage="bn", match=True),
     "bn-indep": dict(spatial="independent", shrinkage=0.0),
     "bn-kernel-fit": dict(spatial="kernel", shrinkage="bn"),
     "bn-prop": dict(spatial="propagate", shrinkage=0.0),
@@ -77,18 +86,24 @@ def statistics(model, names, variants, n_images, seed):
             out[v] = None
         elif spec == "synthetic-seq":  # no statistics ahead: compress collects them as it goes
             out[v] = make_loader(synthetic_images(n_images, seed=seed), batch_size=256)
-        elif spec in ("synthetic", "real", "synthetic-mix"):
+        elif spec in ("synthetic", "real", "synthetic-mix", "synthetic-mix-match"):
             x = (fashion_mnist("train", limit=n_images, seed=seed)[0] if spec == "real"
                  else synthetic_images(n_images, seed=seed))
             out[v] = collect_covariances(model, make_loader(x, batch_size=256), layers=names,
                                          progress=False)
-            if spec == "synthetic-mix":
+            if spec.startswith("synthetic-mix"):
                 prior, _ = covariances_from_batchnorm(model, layers=names,
                                                       input_shape=(1, 28, 28), shrinkage=0.0)
-                out[v] = shrink_covariances(out[v], "auto", model=model, prior=prior)
+                out[v] = shrink_covariances(out[v], "auto", model=model, prior=prior,
+                                            match=spec.endswith("-match"))
         else:
+            spec = dict(spec)
+            match = spec.pop("match", False)
             out[v], rep = covariances_from_batchnorm(model, layers=names, input_shape=(1, 28, 28),
                                                      **spec)
+            if match:  # no further shrinkage (a = 0): the match alone
+                out[v] = shrink_covariances(out[v], "auto", model=model, alphas=(0.0,),
+                                            match=True)
             reports[v] = {k: {"shrinkage": i["shrinkage"], "gain": i["gain"], "fitted": i["fitted"],
                               "fit_spread": i["fit_spread"], "spatial": i["spatial"]}
                           for k, i in rep.modelled.items()}
@@ -295,6 +310,8 @@ def main(argv=None):
     p.add_argument("--spreads", action="store_true",
                    help="only print how well each statistic explains the output BatchNorm "
                         "variances (spread of log ratios per layer)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="synthetic images, calibration subset and ALS start (default 0)")
     p.add_argument("--out", default=os.path.join("notes", "datafree"),
                    help="prefix of the .json and .png written")
     a = p.parse_args(argv)
@@ -326,7 +343,7 @@ def main(argv=None):
             json.dump(res, f, indent=1)
 
     res = run(quick=a.quick, rx=a.rx, methods=a.methods, variants=a.variants,
-              centered=not a.uncentered, threads=a.threads, on_row=save)
+              centered=not a.uncentered, threads=a.threads, seed=a.seed, on_row=save)
     print(table(res))
     save(res)
     plot(res, a.out + ".png")
