@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-__all__ = ["add_demo_options", "fresh_out_dir", "main", "positive_int", "int_at_least", "EXIT_NO_DATA",
-           "INSTALL_COMMAND"]
+__all__ = ["add_demo_options", "fresh_out_dir", "check_out_dir", "main", "positive_int",
+           "int_at_least", "EXIT_NO_DATA", "INSTALL_COMMAND"]
 
 EXIT_NO_DATA = 3
 """Exit status of the demo when Fashion-MNIST is not installed."""
@@ -93,6 +93,34 @@ def fresh_out_dir(parent=".", *, stamp=None):
     return path
 
 
+def check_out_dir(path, flag="--out-dir"):
+    """Refuse an output directory that cannot be created or written, before any work.
+
+    Creates nothing (:func:`~sigmadecomp_torch.demo.report.write_outputs` makes
+    the directory once there are results); raises ``ValueError`` with a one-line
+    message naming ``flag`` when ``path`` or one of its existing parents is not
+    a directory, or when the nearest existing one is not writable.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     open(os.path.join(d, "afile"), "w").close()
+    ...     check_out_dir(os.path.join(d, "new", "sub"))
+    ...     check_out_dir(os.path.join(d, "afile", "sub"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: --out-dir=...: ...afile' exists and is not a directory; give a directory ...
+    """
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag}={path!r}: {probe!r} exists and is not a directory; give a "
+                         "directory that exists or can be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}={path!r}: {probe!r} is not writable; choose another location")
+
+
 def _data_missing_message():
     return ("sigmadecomp demo needs the Fashion-MNIST dataset, which is not installed. "
             f"Install it with:\n    {INSTALL_COMMAND}\n"
@@ -101,6 +129,10 @@ def _data_missing_message():
 
 def main(argv=None, *, prog="sigmadecomp demo", default_out_dir=None, parser=None):
     """Run the demo; returns the exit status (0, or :data:`EXIT_NO_DATA` without the data).
+
+    An output directory that cannot be written (:func:`check_out_dir`) ends the
+    run before the experiment with ``SystemExit`` and a one-line message (exit
+    status 1, as the command's other mistakes of the user).
 
     ``default_out_dir`` replaces the fresh folder of :func:`fresh_out_dir`
     when ``--out-dir`` is not given (the benchmark script passes ``notes/``).
@@ -117,6 +149,10 @@ def main(argv=None, *, prog="sigmadecomp demo", default_out_dir=None, parser=Non
         return EXIT_NO_DATA
     mode = "full" if args.full else "quick" if args.quick else "default"
     out_dir = args.out_dir or default_out_dir or fresh_out_dir()
+    try:  # before the experiment, not after its minutes
+        check_out_dir(out_dir)
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: error: {exc}") from None
     print(f"sigmadecomp demo ({mode}): results go to {os.path.abspath(out_dir)}", flush=True)
 
     from sigmadecomp_torch.demo.experiment import make_config, run

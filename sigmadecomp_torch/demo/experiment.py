@@ -24,8 +24,9 @@ fine-tuning**, Frobenius against Sigma decompositions. Steps:
    (error-compensating) compression with uniform and with budget-allocated
    ranks.
 5. Parameters, multiply-adds, CPU latency (``torch.utils.benchmark``, median,
-   batch 1 and 64) of the original and of every compressed shape, the
-   decomposition seconds, and the ALS error histories on the largest layer.
+   batch 1 and 64; speed-up = ratio of the medians) of the original and of
+   every compressed shape, the decomposition seconds, and the ALS error
+   histories on the largest layer.
 
 :func:`run` returns the raw results; :func:`findings` states what they show
 with their figures; :mod:`sigmadecomp_torch.demo.report` writes
@@ -197,6 +198,36 @@ def measure_latency(model, batch, *, min_run_time=0.3, shape=(1, 28, 28)):
         )
         m = timer.blocked_autorange(min_run_time=min_run_time)
     return float(m.median)
+
+
+def latency_figures(times):
+    """Latency and speed-up per model from the times of the rounds.
+
+    ``times[key][batch]`` lists the milliseconds of each round (key
+    ``"original"`` among them; the models are timed round-robin, so a round's
+    times share its background load). Returns per key ``latency_b{batch}_ms``
+    (the median over rounds), ``speedup_b{batch}`` (the median over rounds of
+    the original's time divided by the model's in the same round: the
+    project's rule for speed on a shared machine, a ratio against a baseline
+    of the same moment; with few rounds under a drifting load it can differ
+    from the ratio of the two medians, see :func:`report.latency_note`) and
+    ``latency_b{batch}_runs_ms`` (the rounds).
+
+    Examples
+    --------
+    >>> f = latency_figures({"original": {1: [1.0, 4.0]}, "m": {1: [0.8, 4.4]}})
+    >>> f["m"]["latency_b1_ms"], round(f["m"]["speedup_b1"], 4)
+    (2.6, 1.0795)
+    """
+    out = {}
+    for key, per_batch in times.items():
+        out[key] = {}
+        for b, runs in per_batch.items():
+            out[key][f"latency_b{b}_ms"] = float(np.median(runs))
+            out[key][f"speedup_b{b}"] = float(np.median(
+                np.asarray(times["original"][b]) / np.asarray(runs)))
+            out[key][f"latency_b{b}_runs_ms"] = list(runs)
+    return out
 
 
 def finetune(model, x_train, y_train, *, steps, batch_size=128, lr=0.01, seed=0):
@@ -499,8 +530,9 @@ def run(cfg, *, progress=True, log=print):
     # ---- latency
     if cfg["latency"]:
         # round-robin over the models, several rounds: a drifting background load
-        # then hits the original and the compressed models alike; speed-ups are
+        # then hits the original and the compressed models alike; the speed-ups are
         # medians of per-round ratios against the original of the same round
+        # (latency_figures)
         items = list(shapes.items())
         rounds = int(cfg.get("latency_rounds", 3))
         times = {key: {1: [], 64: []} for key, _ in items}
@@ -515,12 +547,9 @@ def run(cfg, *, progress=True, log=print):
                     bar.update(1)
         if bar is not None:
             bar.close()
+        figures = latency_figures(times)
         for key, sh in items:
-            for b in (1, 64):
-                sh[f"latency_b{b}_ms"] = float(np.median(times[key][b]))
-                sh[f"speedup_b{b}"] = float(np.median(
-                    np.array(times["original"][b]) / np.array(times[key][b])))
-                sh[f"latency_b{b}_runs_ms"] = times[key][b]
+            sh.update(figures[key])
     for sh in shapes.values():
         sh.pop("model", None)
         sh["macs_ratio"] = orig_macs / sh["macs"] if sh["macs"] else None
@@ -617,7 +646,7 @@ QUESTIONS = {
         "centered Sigma + bias correction at least plain Sigma",
         "The bias correction lowers each layer's expected squared output error (it never "
         "raises it at the optimum); accuracy is a different measure and may move either "
-        "way by a few tenths of a point."),
+        "way: the range of differences above is what this run measured."),
     "transfer_keeps_gain": (
         "statistics from another dataset (digits), shrunk, keep at least 2/3 of the Sigma gain",
         "It shows how much of the gain survives when the calibration images come from "

@@ -16,8 +16,16 @@ import numpy as np
 from sigmadecomp_torch.demo.experiment import LABELS, QUESTIONS, accuracy_of, rx_label
 
 __all__ = ["write_outputs", "print_summary", "markdown", "results_table", "shapes_table",
-           "quant_table", "findings_text", "write_plots", "accuracy_figure"]
+           "latency_note", "quant_table", "findings_text", "write_plots", "accuracy_figure",
+           "VARIANT_ORDER", "STYLES"]
 
+
+VARIANT_ORDER = ["frobenius", "sigma", "sigma-centered", "frobenius+ft", "transfer:sigma",
+                 "transfer:sigma-centered", "datafree:sigma", "datafree:sigma-centered",
+                 "budget:sigma-centered", "sequential:sigma", "seqbudget:sigma",
+                 "int8:sigma-centered"]
+"""The variants (rows of the accuracy table) in the order shown; each is plotted
+(:data:`STYLES`)."""
 
 
 def _fmt_acc(a):
@@ -29,14 +37,10 @@ def results_table(results):
     rows, cfg = results["rows"], results["config"]
     rxs = sorted({r["rx_target"] for r in rows if r.get("rx_target") is not None})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    order = ["frobenius", "sigma", "sigma-centered", "frobenius+ft", "transfer:sigma",
-             "transfer:sigma-centered", "datafree:sigma", "datafree:sigma-centered",
-             "budget:sigma-centered", "sequential:sigma", "seqbudget:sigma",
-             "int8:sigma-centered"]
     head = "| method | variant | " + " | ".join(f"rX={rx_label(x)}" for x in rxs) + " |"
     lines = [head, "|" + "---|" * (2 + len(rxs))]
     for method in methods:
-        for v in order:
+        for v in VARIANT_ORDER:
             cells = []
             found = False
             for rx in rxs:
@@ -72,6 +76,24 @@ def shapes_table(results):
                      f"{macs_ratio} | " + " | ".join(lat) + " | "
                      + ("-" if key == "original" else " / ".join(secs)) + " |")
     return "\n".join(lines)
+
+
+def latency_note(results):
+    """The line under :func:`shapes_table`: how many rounds the latencies are medians of."""
+    cfg = results["config"]
+    if not cfg.get("latency"):
+        return ""
+    rounds = cfg.get("latency_rounds", 3)
+    note = (f"Latency rounds: {rounds}, each at least {cfg['latency_seconds']:g} s per model and "
+            "batch, the models in turn; a speed-up is the median over the rounds of the "
+            "original's time divided by the model's in the same round, so under a changing "
+            "load it can differ from the ratio of the two median latencies shown. The times "
+            "of each round are in results.json (`latency_b1_runs_ms`, `latency_b64_runs_ms`).")
+    if rounds < 3:
+        note += (f" Only {rounds} rounds: on a loaded machine these latencies and speed-ups "
+                 "are rough" + ("; run without --quick for figures to quote."
+                                if cfg.get("mode") == "quick" else "."))
+    return note
 
 
 def quant_table(results):
@@ -191,12 +213,15 @@ def markdown(results, plots=()):
         "",
         "Latency: median over rounds of `torch.utils.benchmark` (`blocked_autorange`, itself a "
         "median of repeated runs), inference mode, the models measured round-robin; speed-up: "
-        "median of the per-round ratios to the original. Decomposition seconds cover all "
-        "compressed layers of one model.",
+        "median of the per-round ratios to the original. "
+        "Decomposition seconds cover all compressed layers of one model.",
         "",
         shapes_table(results),
         "",
     ]
+    note = latency_note(results)
+    if note:
+        parts += [note, ""]
     q = quant_table(results)
     if q:
         parts += ["## Combination with int8 weight quantization", "",
@@ -228,13 +253,18 @@ def markdown(results, plots=()):
 
 STYLES = {"frobenius": ("tab:red", "o-"), "sigma": ("tab:blue", "s-"),
           "sigma-centered": ("tab:green", "^-"), "frobenius+ft": ("tab:red", "D--"),
+          "transfer:sigma": ("tab:purple", "<--"),
           "transfer:sigma-centered": ("tab:purple", "v-"),
+          "datafree:sigma": ("tab:orange", ">--"),
           "datafree:sigma-centered": ("tab:orange", "d-"),
           "int8:sigma-centered": ("tab:olive", "x:"),
           "budget:sigma-centered": ("tab:cyan", "P-"),
           "sequential:sigma": ("tab:brown", "*-"),
           "seqbudget:sigma": ("tab:pink", "X-")}
-"""Colour and line style (marker, line) per variant; each variant has its own marker."""
+"""Colour and line style (marker, line) per variant; each variant has its own marker.
+
+Every variant of :data:`VARIANT_ORDER` (every row of the accuracy table) is here: a
+variant missing from this dict would be left out of the plots."""
 
 
 def accuracy_figure(results, method):
@@ -309,6 +339,9 @@ def print_summary(results, out=print):
     out(results_table(results))
     out("")
     out(shapes_table(results))
+    note = latency_note(results)
+    if note:
+        out(note)
     q = quant_table(results)
     if q:
         out("")
