@@ -12,11 +12,14 @@ Run ``sigmadecomp <command> --help`` for every option.
 
 The module imports torch only when a command runs, so ``--help`` is quick and
 works without torch. Mistakes of the user end in one line naming the option
-and the fix, and a non-zero exit status (1; 2 for unknown options, as
-argparse; 3 when the demo's dataset is missing). An option without effect in
-its combination is refused with the reason. Warnings are printed as one line,
-``warning: <message>``, without the file and line of their source, and the
-library's messages name the options of the command (``--n-iter``, not
+and the fix, and a non-zero exit status (:data:`EXIT_STATUS_ALL`): 2 for a
+refused command line (an unknown option or a bad value, as argparse, or a
+value or combination of options that is not allowed), 1 for a run that failed
+(a missing or unreadable file, a model that cannot be loaded or run, an error
+of the compression), 3 when the demo's dataset is missing. An option without
+effect in its combination is refused with the reason. Warnings are printed as
+one line, ``warning: <message>``, without the file and line of their source,
+and the library's messages name the options of the command (``--n-iter``, not
 ``n_iter_max``).
 """
 
@@ -38,10 +41,43 @@ TORCH_HINT = ("the sigmadecomp command needs PyTorch: pip install 'sigmadecomp[t
 
 
 class UserError(Exception):
-    """A mistake in the command line or its files; printed as one line, exit status 1."""
+    """A refused command line: a value or a combination of options that is not allowed.
+    Printed as one line; exit status 2, as argparse's usage errors."""
+
+    status = 2
+
+
+class RunError(UserError):
+    """A run that failed: a file missing or unreadable, a model that cannot be loaded or run
+    on the images, an error of the compression. Printed as one line; exit status 1."""
+
+    status = 1
 
 
 _non_negative_int = int_at_least(0)
+
+_EXIT_REFUSED = ("exit status: 0 done; 2 the command line is refused (an unknown option, or a "
+                 "value or combination of options that is not allowed: the message names the "
+                 "option and what is allowed); 1 the run failed (a file missing or unreadable, "
+                 "PyTorch missing, a model that cannot be loaded or run on the images, an "
+                 "error of the compression")
+#: The exit statuses of ``compress``, the epilog of its ``--help``.
+EXIT_STATUS = _EXIT_REFUSED + ")"
+#: Those of every command, the epilog of ``sigmadecomp --help``.
+EXIT_STATUS_ALL = (_EXIT_REFUSED + "; demo: an --out-dir that cannot be written); 3 demo: "
+                   "the Fashion-MNIST data are not installed")
+
+
+def _version():
+    """The installed package's version (importlib.metadata), else sigmadecomp.__version__."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sigmadecomp")
+    except PackageNotFoundError:
+        import sigmadecomp
+
+        return getattr(sigmadecomp, "__version__", "unknown")
 
 
 # ------------------------------------------------------------ the CLI's words
@@ -108,7 +144,7 @@ def _load_model(path):
     import torch
 
     if not Path(path).is_file():
-        raise UserError(f"MODEL={path!r} is not a file")
+        raise RunError(f"MODEL={path!r} is not a file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -116,7 +152,7 @@ def _load_model(path):
     except Exception:  # not a TorchScript archive
         scripted = None
     if scripted is not None:
-        raise UserError(
+        raise RunError(
             f"{path} is a TorchScript model. TorchScript graphs are compiled against their "
             "modules' types, so their layers cannot be replaced by factorized ones; save the "
             "Python module instead (torch.save(model, path)) and pass that file. The compressed "
@@ -125,23 +161,46 @@ def _load_model(path):
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except AttributeError as exc:
         # pickle stores classes by module and name; a class of the saving script is '__main__.X'
-        raise UserError(
+        raise RunError(
             f"could not load MODEL={path!r}: {exc}. The model's class must be importable here: "
             "if it was defined in the script that saved it (its __main__), move the class into "
             "a module (e.g. mynet.py), import it from there in that script, save the model "
             "again, and run sigmadecomp with that module's directory on PYTHONPATH") from None
     except ModuleNotFoundError as exc:
-        raise UserError(
+        raise RunError(
             f"could not load MODEL={path!r}: {exc}. The module defining the model's class must "
             "be importable: add its directory to PYTHONPATH") from None
     except Exception as exc:
-        raise UserError(f"could not load MODEL={path!r}: {exc}") from None
+        if not _torch_save_file(path):  # (pickle's own words, e.g. "Memo value not found")
+            raise RunError(f"MODEL={path!r} is not a file written by torch.save; MODEL must be "
+                           "a model saved with torch.save(model, path) (a pickled "
+                           "torch.nn.Module)") from None
+        raise RunError(f"could not load MODEL={path!r}: {exc}") from None
     if not isinstance(obj, torch.nn.Module):
         hint = (" (a state_dict holds only weights: save the module itself with "
                 "torch.save(model, path))") if isinstance(obj, dict) else ""
-        raise UserError(f"MODEL={path!r} holds an object of type {type(obj).__name__}, not a "
-                        f"torch.nn.Module{hint}")
+        raise RunError(f"MODEL={path!r} holds an object of type {type(obj).__name__}, not a "
+                       f"torch.nn.Module{hint}")
     return obj.eval()
+
+
+def _torch_save_file(path):
+    """Whether the file at ``path`` has the structure of a torch.save file: a zip archive
+    with a data.pkl (torch >= 1.6), or the legacy format, which starts with torch's magic
+    number."""
+    import zipfile
+
+    from torch.serialization import MAGIC_NUMBER
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(n.rsplit("/", 1)[-1] == "data.pkl" for n in z.namelist())
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except (OSError, zipfile.BadZipFile):
+        return True  # (unreadable: torch.load's own message says why)
+    return head[:1] == b"\x80" and MAGIC_NUMBER.to_bytes(10, "little") in head
 
 
 def cli_default_layers(model, *, include_first=False, example=None):
@@ -177,7 +236,7 @@ def _runs_on(model, images):
         if _first_conv(model)[1] is None and images.shape[1] == 3:
             guess = ("; the model has no Conv2d to tell its channel count, so the images were "
                      "read with 3 channels: give --channels 1 for grey images")
-        raise UserError(str(_failed_on_images(exc, images)) + guess) from None
+        raise RunError(str(_failed_on_images(exc, images)) + guess) from None
 
 
 def _replaceable(model, layers):
@@ -199,20 +258,56 @@ def _check_writable(path, flag):
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag}={path!r} is a directory; give a file name")
+    if os.path.basename(path) in ("", ".", ".."):  # ("out/new/": Path would drop the "/")
+        raise UserError(f"{flag}={path!r} names a directory (it ends in a path separator); "
+                        "give a file name")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{flag}={path!r}: cannot create its directory ({exc.strerror or exc})")
+        raise RunError(f"{flag}={path!r}: cannot create its directory ({exc.strerror or exc})")
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UserError(f"{flag}={path!r} is not writable; choose another location")
+        raise RunError(f"{flag}={path!r} is not writable; choose another location")
+
+
+def _same_file(a, b):
+    """Whether the paths ``a`` and ``b`` name one file: os.path.samefile when both exist,
+    else the same normalized absolute path."""
+    import os
+
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _check_no_overwrite(args):
+    """Refuse an output that would overwrite an input of the command (or another output):
+    --out and the files written next to it, and --save-stats."""
+    stem = Path(args.out).with_suffix("")
+    outputs = [("--out", args.out, args.out)] + [
+        ("--out", args.out, f"{stem}{end}") for end in
+        (".report.json", ".report.txt", ".report.png")
+        + ((".torchscript.pt",) if args.torchscript else ())]
+    if args.save_stats is not None:
+        outputs.append(("--save-stats", args.save_stats, args.save_stats))
+    others = [("MODEL", args.model), ("--transfer-stats", args.transfer_stats),
+              ("--data", args.data), ("--save-stats", args.save_stats)]
+    for flag, value, path in outputs:
+        for other, given in others:
+            if given is not None and other != flag and _same_file(path, given):
+                what = "" if path == value else f" (it writes {path!r})"
+                raise UserError(f"{flag}={value!r}{what} is the file of {other}={given!r}, "
+                                f"which would be overwritten; give another {flag}")
 
 
 def _failed_on_images(exc, images):
     """The one-line error for a model that cannot run on the calibration images."""
     first = str(exc).strip().splitlines()[0]
-    return UserError(f"the model failed on the calibration images of shape "
-                     f"{tuple(images.shape[1:])}: {first} (check --image-size, --channels "
-                     "and --normalize)")
+    return RunError(f"the model failed on the calibration images of shape "
+                    f"{tuple(images.shape[1:])}: {first} (check --image-size, --channels "
+                    "and --normalize)")
 
 
 def _first_conv(model):
@@ -279,7 +374,72 @@ def _choose_layers(args, model, example=None):
     if missing:
         raise UserError(f"--layers={args.layers!r}: {', '.join(missing)} not in the "
                         f"model; its modules include {', '.join(list(known)[1:6])}, ...")
+    from .covariance import select_layers
+
+    try:  # (a module that is no Conv2d or Linear)
+        select_layers(model, layers)
+    except ValueError as exc:
+        raise UserError(_cli_words(str(exc))) from None
     return layers
+
+
+def _check_chosen_layers(args, model, layers, stats):
+    """The checks that need the model's layers but no image, run before any is read:
+    --refit's names, and once the layers to compress are known (with --layers auto, after
+    the image that gives their call order), --refit against them and --budget against
+    their sizes."""
+    if args.refit not in (None, "all"):
+        from .covariance import select_layers
+        from .sequential import _refit_candidates
+
+        names = [n.strip() for n in args.refit.split(",") if n.strip()]
+        try:
+            if layers is None:
+                select_layers(model, names, name="refit")
+            else:
+                _refit_candidates(model, names, layers)
+        except ValueError as exc:
+            raise UserError(_cli_words(str(exc))) from None
+    if args.budget is not None and layers is not None:
+        _check_budget_size(args, model, layers, stats)
+
+
+def _check_budget_size(args, model, layers, stats):
+    """Refuse a --budget below the cost of the compressed layers' smallest ranks (as the
+    allocation does, once the statistics are at hand); warn about one at or above their
+    original size."""
+    from sigmadecomp.costs import METHODS, layer_params
+
+    from .formats import LAYER_METHODS, layer_method_for
+
+    modules, seen, dense, least = dict(model.named_modules()), set(), 0, 0
+    for name in _replaceable(model, layers):
+        m = modules[name]
+        if id(m) in seen or (stats is not None and name not in stats):
+            continue  # (a layer without statistics stays dense: no share of the budget)
+        seen.add(id(m))
+        shape = tuple(m.weight.shape)
+        rank_method = LAYER_METHODS[layer_method_for(m, args.method)].rank_method
+        dense += layer_params(shape, "dense", None)
+        least += layer_params(shape, rank_method,
+                              METHODS[rank_method].candidates(shape, True)[0])
+    if not dense:
+        return
+    b = args.budget
+    budget = int(b) if b >= 1 else math.floor(b * dense)
+    if least > budget:
+        asked = (f"--budget={budget}" if b >= 1 else
+                 f"--budget={b:g} (a fraction: {budget} of {dense} weight parameters)")
+        fraction = "" if b >= 1 else f" (a fraction of at least {least / dense:.4g})"
+        raise UserError(f"{asked} is not allowed for these layers; the smallest ranks already "
+                        f"cost {least} weight parameters, so the budget must be at least "
+                        f"{least}{fraction}")
+    if b >= 1 and budget >= dense:
+        n = len(seen)
+        print(f"warning: --budget {budget} is at least the {dense} weight parameters of the "
+              f"{n} layer{'' if n == 1 else 's'} to compress (biases not counted): they need "
+              "no compression to fit it; give a smaller count, or a fraction in (0, 1)",
+              file=sys.stderr)
 
 
 def _rank_choice(args):
@@ -363,25 +523,34 @@ def _calibration_images(args, model):
     channels = args.channels or (in_ch if in_ch in (1, 3) else None)
     data = Path(args.data)
     if not data.exists():
-        raise UserError(f"--data={args.data!r} does not exist; give a folder of images (flat or "
-                        "one sub-folder per class), a directory of IDX files, or an IDX file")
+        raise RunError(f"--data={args.data!r} does not exist; give a folder of images (flat or "
+                       "one sub-folder per class), a directory of IDX files, or an IDX file")
     try:
         x, _ = load_images(data, limit=args.calib_images, size=args.image_size,
                            channels=channels, seed=args.seed)
     except FileNotFoundError as exc:
-        raise UserError(f"--data={args.data!r}: {_cli_words(str(exc))}; give a folder of images "
-                        "or IDX files") from None
+        raise RunError(f"--data={args.data!r}: {_cli_words(str(exc))}; give a folder of images "
+                       "or IDX files") from None
     except (ValueError, OSError) as exc:
         hint = " (resize them with --image-size SIZE)" if "different sizes" in str(exc) else ""
-        raise UserError(f"--data={args.data!r}: {_cli_words(str(exc))}{hint}") from None
+        raise RunError(f"--data={args.data!r}: {_cli_words(str(exc))}{hint}") from None
     if args.normalize:
         x = _normalize(x, args.normalize)
-    if args.image_size is not None and tuple(x.shape[-2:]) != (args.image_size,) * 2:
-        print(f"warning: --image-size {args.image_size} was not applied: it resizes the images "
-              f"of a folder, and {args.data} holds IDX data of size "
-              f"{tuple(x.shape[-2:])}", file=sys.stderr)
-    print(f"calibration: {len(x)} images of shape {tuple(x.shape[1:])} from {args.data}")
+    print(f"calibration: {len(x)} image{'' if len(x) == 1 else 's'} of shape "
+          f"{tuple(x.shape[1:])} from {args.data}")
     return x
+
+
+def _holds_idx(data):
+    """Whether --data names IDX data (an IDX file, or a directory with IDX image files), as
+    load_images tells them from an image folder."""
+    from sigmadecomp_torch.data import _idx_pair
+
+    p = Path(data)
+    try:
+        return p.is_file() or (p.is_dir() and _idx_pair(p) is not None)
+    except OSError:
+        return False  # (reading --data says why)
 
 
 def _normalize_values(text):
@@ -483,9 +652,20 @@ def _cmd_compress(args):
         raise UserError(f"--calib-images sets how many images of --data the statistics are "
                         f"collected from; with {source} none are collected (one image is read "
                         "to choose the layers): leave --calib-images out")
+    # (the image read then, or the batch --min-speedup times, serves by its size alone)
+    for flag, value, does in (("--seed", args.seed, "chooses the images of --data"),
+                              ("--normalize", args.normalize, "normalises the images of --data")):
+        if value is not None and not collects:
+            raise UserError(f"{flag} {does} the statistics are collected from; with {source} "
+                            "none are collected (the image read to choose the layers counts "
+                            f"by its size alone): leave {flag} out")
+    if args.image_size is not None and args.data is not None and _holds_idx(args.data):
+        raise UserError(f"--image-size resizes the images of a folder; --data={args.data!r} "
+                        "holds IDX data, which keep their size: leave --image-size out")
     # (without statistics one image serves the layer choice and the first-image check, or
     # the batch --min-speedup times at)
     timed = latency_batch if args.min_speedup is not None else 1
+    asked_images = args.calib_images
     args.calib_images = timed if not collects else (
         max(1024, timed) if args.calib_images is None else args.calib_images)
     if args.min_speedup is not None and args.calib_images < timed:
@@ -496,6 +676,12 @@ def _cmd_compress(args):
     _check_writable(args.out, "--out")
     if args.save_stats is not None:
         _check_writable(args.save_stats, "--save-stats")
+        suffix = Path(args.save_stats).suffix
+        if suffix not in ("", ".pt", ".pth", ".safetensors"):  # (as save_covariances reads it)
+            raise UserError(f"--save-stats={args.save_stats!r}: a {suffix} name is not "
+                            "allowed; give a name ending in .safetensors (safetensors) or in "
+                            ".pt or .pth (a torch.save file; so is a name without suffix)")
+    _check_no_overwrite(args)
     rank_kw, rank_text = _rank_choice(args)
     options = {}
     if args.n_iter is not None:
@@ -503,12 +689,15 @@ def _cmd_compress(args):
             raise UserError("--n-iter applies to tucker2, cp and tt; --method svd is a closed "
                             "form without iterations: leave --n-iter out")
         options["n_iter_max"] = args.n_iter
-    if args.cp_inner == "adaptive":
+    if args.cp_inner is not None:
         if args.method != "cp":
-            raise UserError(f"--cp-inner adaptive applies to --method cp, not {args.method}")
+            raise UserError(f"--cp-inner {args.cp_inner} applies to --method cp, not "
+                            f"{args.method}: leave --cp-inner out")
         if not weighted:
-            raise UserError("--cp-inner adaptive caps the inner solves of Sigma-weighted CP; "
-                            "the Frobenius CP of --frobenius has none: leave --cp-inner out")
+            raise UserError(f"--cp-inner {args.cp_inner} sets the inner solves of "
+                            "Sigma-weighted CP; the Frobenius CP of --frobenius has none: "
+                            "leave --cp-inner out")
+    if args.cp_inner == "adaptive":
         options["inner"] = {"maxiter": "adaptive"}
     model = _load_model(args.model)
     # images whenever --data is given: they also decide the default layers (call order)
@@ -518,21 +707,26 @@ def _cmd_compress(args):
     layers = None if defer else _choose_layers(args, model)
 
     stats, x = None, None
-    if with_images:
-        x = _calibration_images(args, model)
-        _runs_on(model, x)
-        if defer:
-            layers = _choose_layers(args, model, example=x[:1])
-    print(rank_text)
-    if weighted and args.transfer_stats is not None:
+    if weighted and args.transfer_stats is not None:  # (before any image is read)
         try:
             stats = load_covariances(args.transfer_stats)
         except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"--transfer-stats={args.transfer_stats!r}: "
-                            f"{_cli_words(str(exc))}") from None
+            raise RunError(f"--transfer-stats={args.transfer_stats!r}: "
+                           f"{_cli_words(str(exc))}") from None
         print(f"statistics of {len(stats)} layer{'' if len(stats) == 1 else 's'} from "
               f"{args.transfer_stats}")
-    elif weighted and not fitted:
+    _check_chosen_layers(args, model, layers, stats)  # (with --layers auto: --refit's names)
+    if with_images:
+        x = _calibration_images(args, model)
+        if asked_images is not None and len(x) < asked_images:
+            print(f"note: --calib-images {asked_images}: --data holds only {len(x)} "
+                  f"image{'' if len(x) == 1 else 's'}, all used")
+        _runs_on(model, x)
+        if defer:
+            layers = _choose_layers(args, model, example=x[:1])
+            _check_chosen_layers(args, model, layers, stats)
+    print(rank_text)
+    if weighted and not fitted and args.transfer_stats is None:
         wanted = _replaceable(model, layers)
         try:  # (none replaceable: no statistics; compress then says why for each layer)
             stats = {} if wanted == [] else collect_covariances(
@@ -540,8 +734,8 @@ def _cmd_compress(args):
                 progress=not args.no_progress)
         except (ValueError, TypeError) as exc:  # (the model itself ran: _runs_on)
             msg = _cli_words(str(exc))
-            raise UserError(f"--layers={args.layers!r}: {msg}" if args.layers not in
-                            (None, "auto", "all") and "--layers" not in msg else msg) from None
+            raise RunError(f"--layers={args.layers!r}: {msg}" if args.layers not in
+                           (None, "auto", "all") and "--layers" not in msg else msg) from None
         except RuntimeError as exc:
             raise _failed_on_images(exc, x) from None
         if args.save_stats:
@@ -575,12 +769,17 @@ def _cmd_compress(args):
                     "--data, or name the layers they cover with --layers)")
         elif args.transfer_stats is not None and "covariances" in str(exc):
             msg = f"--transfer-stats={args.transfer_stats!r}: {msg}"
-        raise UserError(msg + hint) from None
+        raise RunError(msg + hint) from None
     for row in report.skipped:  # (the reasons are printed with the table)
         row["reason"] = _cli_words(row["reason"])
     weights = _weights(report, model, small)
     if args.ratio is not None:
         _warn_unmet_ratio(weights, args.ratio)
+    if not report.layers:
+        why = (f" (each ran less than --min-speedup {args.min_speedup:g} times faster "
+               f"factorized at batch {latency_batch})" if args.min_speedup is not None else "")
+        print(f"warning: no layer was compressed{why}; the model written is the original "
+              "one", file=sys.stderr)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -589,6 +788,8 @@ def _cmd_compress(args):
     report.to_json(f"{stem}.report.json")
     # the title in the command's words: "--method svd (Sigma)", not "compress(method='svd', ...)"
     table = re.sub(r"\Acompress\(method='(\w+)', ", r"--method \1 (", report.table())
+    # no layer: rX 0 / 0 is undefined, not 0.00
+    table = re.sub(r"(?m)^(total \(0 layers\)\s+0\s+0\s+)0\.00", r"\1   -", table)
     note = _weights_note(weights, report, args)
     if note:
         table += "\n" + note
@@ -607,17 +808,17 @@ def _cmd_compress(args):
         except Exception:
             done = "; " + ", ".join(written) + " were written"
             if x is None:
-                raise UserError("torch.jit.script failed on this model and no calibration image "
-                                "is at hand to trace it; give --data to trace it"
-                                + done) from None
+                raise RunError("torch.jit.script failed on this model and no calibration image "
+                               "is at hand to trace it; give --data to trace it"
+                               + done) from None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     scripted = torch.jit.trace(small.eval(), x[:1])
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"--torchscript: neither torch.jit.script nor torch.jit.trace "
-                                f"can convert this model ({first})" + done) from None
+                raise RunError(f"--torchscript: neither torch.jit.script nor torch.jit.trace "
+                               f"can convert this model ({first})" + done) from None
         scripted.save(f"{stem}.torchscript.pt")
         written.append(f"{stem}.torchscript.pt")
     print(table)
@@ -639,7 +840,9 @@ def build_parser():
         description="Distribution-aware low-rank compression of CNNs (Sigma-norm SVD, "
                     "Tucker-2, CP, Tensor-Train): factors chosen to keep each layer's output "
                     "on real data.",
+        epilog=EXIT_STATUS_ALL,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -665,7 +868,8 @@ def build_parser():
                     "Tucker-2, CP or Tensor-Train), and the compressed model and its report "
                     "(JSON and a text table) are written. Load the result with "
                     "torch.load(OUT, weights_only=False) where sigmadecomp_torch is installed, "
-                    "or write a self-contained TorchScript file with --torchscript.")
+                    "or write a self-contained TorchScript file with --torchscript.",
+        epilog=EXIT_STATUS)
     c.add_argument("model", metavar="MODEL",
                    help="the model file: a pickled nn.Module (torch.save(model, path)); a "
                         "TorchScript file is recognised and refused with an explanation")
@@ -694,7 +898,9 @@ def build_parser():
                         "another dataset) instead of collecting them from --data (not with "
                         "--frobenius, which uses none)")
     c.add_argument("--save-stats", metavar="FILE",
-                   help="also save the collected statistics (.pt or .safetensors) for reuse")
+                   help="also save the collected statistics for reuse: a name ending in "
+                        ".safetensors (safetensors), or in .pt or .pth or without suffix (a "
+                        "torch.save file)")
     c.add_argument("--out", required=True, metavar="OUT",
                    help="where to write the compressed model (torch.save of the module; load "
                         "with torch.load(OUT, weights_only=False)); the report goes to OUT's "
@@ -737,7 +943,7 @@ def build_parser():
                         "(default: feed [0, 1] images unchanged)")
     g.add_argument("--seed", type=_non_negative_int, default=None,
                    help="seed of the calibration subset (default: 0)")
-    c.add_argument("--n-iter", type=_non_negative_int, default=None, metavar="N",
+    c.add_argument("--n-iter", type=positive_int, default=None, metavar="N",
                    help="maximum ALS sweeps per layer of tucker2, cp and tt (default: the "
                         "decomposition's default)")
     c.add_argument("--min-speedup", type=float, default=None, metavar="X",
@@ -748,10 +954,11 @@ def build_parser():
     c.add_argument("--latency-batch", type=positive_int, default=None, metavar="N",
                    help="with --min-speedup: the batch size the layers are timed at "
                         "(default: 1, single-image inference)")
-    c.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
+    c.add_argument("--cp-inner", choices=("exact", "adaptive"), default=None,
                    help="CP's inner solves: 'exact' (default; each ALS block solved to its "
                         "minimiser) or 'adaptive' (a few CG iterations, more when progress "
-                        "stalls: far faster on large layers, e.g. with --n-iter 10)")
+                        "stalls: far faster on large layers, e.g. with --n-iter 10); "
+                        "Sigma-weighted CP only")
     c.add_argument("--torchscript", action="store_true",
                    help="also write a self-contained TorchScript version (OUT's stem + "
                         ".torchscript.pt; load with torch.jit.load)")
@@ -765,8 +972,9 @@ def build_parser():
 def main(argv=None):
     """Entry point of the ``sigmadecomp`` console script; returns the exit status.
 
-    A mistake of the user raises ``SystemExit`` with a one-line message (exit
-    status 1); so does a missing torch.
+    A mistake of the user raises ``SystemExit`` with a one-line message: a refused
+    command line (:class:`UserError`) prints it and exits with status 2, as argparse's
+    usage errors; a failed run (:class:`RunError`) and a missing torch exit with status 1.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -775,7 +983,11 @@ def main(argv=None):
                                                     else str)
             return args.func(args)
     except UserError as exc:
-        raise SystemExit(f"sigmadecomp {args.command}: error: {exc}") from None
+        stop = SystemExit(f"sigmadecomp {args.command}: error: {exc}")
+        if exc.status != 1:  # (Python prints the message of a SystemExit with status 1 only)
+            print(stop.code, file=sys.stderr)
+            stop.code = exc.status
+        raise stop from None
     except ModuleNotFoundError as exc:
         if exc.name == "torch" or (exc.name or "").startswith("torch."):
             raise SystemExit(f"sigmadecomp {args.command}: error: {TORCH_HINT}") from None

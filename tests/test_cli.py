@@ -124,13 +124,17 @@ def shown_warnings():
         yield
 
 
-def _error(argv):
-    """The message of the SystemExit a command raises (its exit status is then 1)."""
+def _error(argv, status=2):
+    """The one-line message of the SystemExit a command raises, whose exit status must be
+    ``status``: 2 for a refused command line (as argparse's usage errors), 1 for a run
+    that failed (a missing file, a model that fails, an error of the compression)."""
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
-    assert isinstance(info.value.code, str), info.value.code
-    assert "\n" not in info.value.code.strip()
-    return info.value.code
+    code = info.value.code  # (a message as the code: Python prints it, exit status 1)
+    assert (1 if isinstance(code, str) else code) == status, code
+    msg = str(info.value)
+    assert msg.startswith("sigmadecomp ") and "\n" not in msg.strip()
+    return msg
 
 
 def _compress(model_file, tmp_path, *extra):
@@ -139,7 +143,8 @@ def _compress(model_file, tmp_path, *extra):
 
 
 def test_wrong_data_path(model_file, tmp_path):
-    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", str(tmp_path / "nope")))
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", str(tmp_path / "nope")),
+                 status=1)  # (a missing file: the run fails)
     assert msg.startswith("sigmadecomp compress: error: --data=")
     assert "does not exist" in msg and "folder of images" in msg
 
@@ -148,7 +153,7 @@ def test_folder_without_images(model_file, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", str(empty)))
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", str(empty)), status=1)
     assert "no image files" in msg and "--data=" in msg
 
 
@@ -165,7 +170,7 @@ def test_images_the_model_cannot_take(tmp_path, idx_dir):
     path = tmp_path / "fixed.pt"
     torch.save(model, path)
     msg = _error(_compress(str(path), tmp_path, "--ratio", "2", "--data", idx_dir,
-                           "--include-first"))
+                           "--include-first"), status=1)
     assert "failed on the calibration images of shape (1, 28, 28)" in msg
     assert "--image-size" in msg
 
@@ -182,7 +187,8 @@ def test_model_class_from_main_gets_the_hint(tmp_path):
         torch.save(MyNet(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)), tmp_path / "mine.pt")
     finally:
         del main_module.MyNet
-    msg = _error(_compress(str(tmp_path / "mine.pt"), tmp_path, "--frobenius", "--ratio", "2"))
+    msg = _error(_compress(str(tmp_path / "mine.pt"), tmp_path, "--frobenius", "--ratio", "2"),
+                 status=1)
     assert "Can't get attribute 'MyNet'" in msg
     assert "move the class into a module" in msg and "PYTHONPATH" in msg
 
@@ -196,12 +202,14 @@ def test_model_class_from_a_missing_module_gets_the_hint(tmp_path, monkeypatch):
     torch.save(netmod_for_cli_test.Net(nn.Conv2d(1, 2, 3)), tmp_path / "net.pt")
     monkeypatch.delitem(sys.modules, "netmod_for_cli_test")
     sys.path.remove(str(tmp_path))
-    msg = _error(_compress(str(tmp_path / "net.pt"), tmp_path, "--frobenius", "--ratio", "2"))
+    msg = _error(_compress(str(tmp_path / "net.pt"), tmp_path, "--frobenius", "--ratio", "2"),
+                 status=1)
     assert "No module named 'netmod_for_cli_test'" in msg and "PYTHONPATH" in msg
 
 
 def test_model_path_that_is_not_a_file(tmp_path):
-    msg = _error(_compress(str(tmp_path / "missing.pt"), tmp_path, "--frobenius", "--ratio", "2"))
+    msg = _error(_compress(str(tmp_path / "missing.pt"), tmp_path, "--frobenius", "--ratio", "2"),
+                 status=1)
     assert "MODEL=" in msg and "is not a file" in msg
 
 
@@ -263,7 +271,8 @@ def test_tt_needs_a_size_before_any_image_is_read(model_file, tmp_path):
 @pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--threads", "-1"),
                                           ("--threads", "0"), ("--calib-images", "0"),
                                           ("--image-size", "0"), ("--batch-size", "x"),
-                                          ("--n-iter", "-1"), ("--seed", "-1"),
+                                          ("--n-iter", "-1"), ("--n-iter", "0"),
+                                          ("--seed", "-1"),
                                           ("--latency-batch", "0")])
 def test_counts_must_be_positive_integers(model_file, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as info:
@@ -279,10 +288,19 @@ def test_demo_threads_must_be_positive(capsys):
     assert info.value.code == 2 and "argument --threads: -1 is not allowed" in capsys.readouterr().err
 
 
-def test_image_size_on_idx_data_says_it_was_not_applied(model_file, tmp_path, idx_dir, capsys):
-    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
-                              "--image-size", "32", "--calib-images", "8")) == 0
-    assert "--image-size 32 was not applied" in capsys.readouterr().err
+def test_image_size_on_idx_data_is_refused_before_reading_them(model_file, tmp_path, idx_dir,
+                                                               monkeypatch):
+    import importlib
+
+    def unread(*args, **kw):
+        raise AssertionError("the images were read")
+
+    monkeypatch.setattr(importlib.import_module("sigmadecomp_torch.data"), "load_images", unread)
+    for data in (idx_dir, os.path.join(idx_dir, "train-images-idx3-ubyte")):  # a folder, a file
+        msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", data,
+                               "--image-size", "32", "--calib-images", "8"))
+        assert f"--image-size resizes the images of a folder; --data={data!r} holds IDX data" in msg
+        assert "leave --image-size out" in msg
 
 
 def test_normalize_on_one_channel_names_the_two_values():
@@ -468,7 +486,7 @@ def test_outputs_are_checked_before_any_work(model_file, tmp_path):
     assert "--out=" in msg and "is a directory" in msg
     (tmp_path / "afile").write_text("x")
     msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--out",
-                           str(tmp_path / "afile" / "m.pt")))
+                           str(tmp_path / "afile" / "m.pt")), status=1)
     assert "cannot create its directory" in msg
     msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--save-stats",
                            str(tmp_path / "s.pt")))
@@ -488,7 +506,7 @@ class _NeedsKwargs(nn.Module):
 def test_a_model_failing_with_any_error_is_one_line(tmp_path, idx_dir):
     path = tmp_path / "kw.pt"  # (its class unpickles from this test module)
     torch.save(_NeedsKwargs(), path)
-    msg = _error(_compress(str(path), tmp_path, "--ratio", "2", "--data", idx_dir))
+    msg = _error(_compress(str(path), tmp_path, "--ratio", "2", "--data", idx_dir), status=1)
     assert "failed on the calibration images" in msg and "keyword-only argument" in msg
 
 
@@ -504,7 +522,7 @@ def test_transferred_statistics_of_other_layers_say_so(model_file, tmp_path, idx
     assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
                               "--layers", "layer1.conv1", "--save-stats", stats)) == 0
     msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--transfer-stats", stats,
-                           "--layers", "layer1.conv2"))
+                           "--layers", "layer1.conv2"), status=1)
     assert "--transfer-stats=" in msg and "has no statistics for it" in msg
 
 
@@ -554,7 +572,7 @@ def test_a_model_without_conv_says_the_channel_count_was_guessed(tmp_path):
     path = tmp_path / "mlp.pt"
     torch.save(_GreyMLP(), path)
     msg = _error(["compress", str(path), "--method", "svd", "--ratio", "2", "--out",
-                  str(tmp_path / "o.pt"), "--no-progress", "--data", str(d)])
+                  str(tmp_path / "o.pt"), "--no-progress", "--data", str(d)], status=1)
     assert "read with 3 channels: give --channels 1" in msg
 
 
@@ -686,13 +704,13 @@ def test_image_errors_name_the_cli_options(tmp_path):
     rgb.mkdir()
     write_idx(rgb / "train-images-idx3-ubyte",
               np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8)))
-    msg = _in_cli_words(_error(argv + ["--data", str(rgb), "--channels", "1"]))
+    msg = _in_cli_words(_error(argv + ["--data", str(rgb), "--channels", "1"], status=1))
     assert "--channels=1 is not allowed for 3-channel IDX images" in msg
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     write_png_folder(mixed / "a", 1, (8, 8, 3))
     write_png_folder(mixed / "b", 1, (9, 9, 3))
-    msg = _in_cli_words(_error(argv + ["--data", str(mixed)]))
+    msg = _in_cli_words(_error(argv + ["--data", str(mixed)], status=1))
     assert "have different sizes" in msg and "pass size" not in msg
     assert msg.endswith("(resize them with --image-size SIZE)")
 
@@ -707,7 +725,7 @@ def test_transferred_statistics_of_another_model_say_so(model_file, tmp_path, ca
                      tmp_path / "narrow.pt")
     msg = _in_cli_words(_error(_compress(model_file, tmp_path, "--ratio", "2", "--layers",
                                          "layer1.conv1", "--transfer-stats",
-                                         str(tmp_path / "narrow.pt"))))
+                                         str(tmp_path / "narrow.pt")), status=1))
     assert f"--transfer-stats={str(tmp_path / 'narrow.pt')!r}: the statistics of " \
            "'layer1.conv1' were collected on a Conv2d with weight 4x4x3x3" in msg
     assert "statistics of 1 layer from" in capsys.readouterr().out
@@ -730,7 +748,8 @@ def test_a_chosen_layer_that_never_runs_is_named_in_cli_words(tmp_path, idx_dir)
     torch.save(_SpareConv(), path)
     for extra in ([], ["--sequential"]):
         msg = _in_cli_words(_error(_compress(str(path), tmp_path, "--ratio", "2", "--data",
-                                             idx_dir, "--layers", "c2,spare", *extra)))
+                                             idx_dir, "--layers", "c2,spare", *extra),
+                                   status=1))
         assert "'spare'" in msg and "never ran in the forward pass" in msg
         assert "chosen in --layers" in msg
 
@@ -838,3 +857,213 @@ def test_min_speedup_options_are_checked(model_file, tmp_path, idx_dir, extra, w
     extra = [idx_dir if e == "DATA" else e for e in extra]
     msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--frobenius", *extra))
     assert words in msg
+
+
+# ------------------------------------------- inputs kept, outputs named, refusals
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused(model_file, stats_file, tmp_path,
+                                                           idx_dir, monkeypatch):
+    before = open(model_file, "rb").read()
+    monkeypatch.chdir(tmp_path)  # (the same file under another name: model.pt)
+    base = ["compress", model_file, "--method", "tucker2", "--ratio", "2", "--no-progress"]
+    for out in (model_file, "model.pt", os.path.join("new", "..", "model.pt")):
+        msg = _error(base + ["--frobenius", "--out", out])
+        assert f"--out={out!r} is the file of MODEL={model_file!r}, which would be " \
+               "overwritten; give another --out" in msg
+    msg = _error(base + ["--data", idx_dir, "--save-stats", model_file, "--out", "o.pt"])
+    assert f"--save-stats={model_file!r} is the file of MODEL=" in msg
+    msg = _error(base + ["--transfer-stats", stats_file, "--out", stats_file])
+    assert f"is the file of --transfer-stats={stats_file!r}" in msg
+    # two outputs that do not exist yet: their normalized paths
+    msg = _error(base + ["--data", idx_dir, "--save-stats", "s.pt", "--out",
+                         os.path.join("sub", "..", "s.pt")])
+    assert "is the file of --save-stats='s.pt'" in msg
+    # the files written next to --out count too
+    os.rename(model_file, "m.torchscript.pt")
+    msg = _error(["compress", "m.torchscript.pt", "--method", "tucker2", "--ratio", "2",
+                  "--frobenius", "--out", "m.pt", "--torchscript"])
+    assert "--out='m.pt' (it writes 'm.torchscript.pt') is the file of MODEL=" in msg
+    assert open("m.torchscript.pt", "rb").read() == before
+
+
+def test_out_or_save_stats_naming_a_directory_is_refused(model_file, tmp_path, idx_dir):
+    new = str(tmp_path / "newdir") + os.sep
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--out", new))
+    assert f"--out={new!r} names a directory (it ends in a path separator); give a file " \
+           "name" in msg
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--save-stats", new))
+    assert f"--save-stats={new!r} names a directory" in msg
+    assert not os.path.exists(new)
+
+
+def test_save_stats_needs_a_name_of_a_statistics_format(model_file, tmp_path, idx_dir, capsys):
+    from sigmadecomp_torch import load_covariances
+
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                           "--save-stats", str(tmp_path / "st.npz")))
+    assert f"--save-stats={str(tmp_path / 'st.npz')!r}: a .npz name is not allowed; give a " \
+           "name ending in .safetensors (safetensors) or in .pt or .pth (a torch.save file; " \
+           "so is a name without suffix)" in msg
+    assert not (tmp_path / "st.npz").exists()
+    # a name without suffix is a torch.save file, as save_covariances documents
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--layers", "layer1.conv1", "--calib-images", "4",
+                              "--save-stats", str(tmp_path / "stats"))) == 0
+    assert list(load_covariances(tmp_path / "stats")) == ["layer1.conv1"]
+    _help("compress")
+    assert ".pth or without suffix" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("option,value", [("--seed", "3"), ("--normalize", "0.5,0.5")])
+@pytest.mark.parametrize("source", ["--transfer-stats", "--frobenius"])
+def test_options_of_the_statistics_images_are_refused_when_none_are_collected(
+        model_file, stats_file, tmp_path, idx_dir, option, value, source):
+    # (with --frobenius or --transfer-stats the one image read chooses the layers by the
+    # model's call order, whichever image it is and however normalised)
+    src = ["--transfer-stats", stats_file] if source == "--transfer-stats" else [source]
+    msg = _error(_compress(model_file, tmp_path, "--ratio", "2", "--layers", "layer1.conv1",
+                           "--data", idx_dir, *src, option, value))
+    assert f"{option} " in msg and "the statistics are collected from" in msg
+    assert f"with {source} none are collected" in msg and f"leave {option} out" in msg
+
+
+def test_cp_inner_exact_is_refused_where_it_has_no_effect(model_file, tmp_path):
+    msg = _error(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2",
+                           "--cp-inner", "exact"))
+    assert "--cp-inner exact applies to --method cp, not tucker2" in msg
+    msg = _error(["compress", model_file, "--method", "cp", "--frobenius", "--ratio", "2",
+                  "--cp-inner", "exact", "--out", str(tmp_path / "o.pt")])
+    assert "--cp-inner exact sets the inner solves of Sigma-weighted CP" in msg
+    assert "--frobenius" in msg and "leave --cp-inner out" in msg
+
+
+def test_budget_at_or_above_the_layers_size_warns(model_file, tmp_path, capsys):
+    # layer1.conv1: 8 x 8 x 3 x 3 = 576 weights
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--layers", "layer1.conv1",
+                              "--budget", "1000")) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("warning: --budget")] == [
+        "warning: --budget 1000 is at least the 576 weight parameters of the 1 layer to "
+        "compress (biases not counted): they need no compression to fit it; give a smaller "
+        "count, or a fraction in (0, 1)"]
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--layers", "layer1.conv1",
+                              "--budget", "300")) == 0
+    assert "warning: --budget" not in capsys.readouterr().err
+
+
+def test_min_speedup_that_keeps_every_layer_dense_says_so(model_file, tmp_path, idx_dir,
+                                                         capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--frobenius", "--ratio", "2", "--data",
+                              idx_dir, "--layers", "layer1.conv1",
+                              "--min-speedup", "1000")) == 0
+    out, err = capsys.readouterr()
+    assert "warning: no layer was compressed (each ran less than --min-speedup 1000 times " \
+           "faster factorized at batch 1); the model written is the original one" in err
+    total = next(line for line in out.splitlines() if line.startswith("total ("))
+    assert total.split()[3:6] == ["0", "0", "-"], total  # (rX 0/0: undefined)
+    assert total in (tmp_path / "o.report.txt").read_text()
+
+
+def test_a_file_not_written_by_torch_save_says_so(tmp_path):
+    np.savez(tmp_path / "weights.npz", w=np.zeros(3))
+    (tmp_path / "notes.pt").write_text("hello")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("notes.pt", "weights.npz", "empty.pt"):
+        path = str(tmp_path / name)
+        msg = _error(_compress(path, tmp_path, "--frobenius", "--ratio", "2"), status=1)
+        assert msg == (f"sigmadecomp compress: error: MODEL={path!r} is not a file written by "
+                       "torch.save; MODEL must be a model saved with torch.save(model, path) (a "
+                       "pickled torch.nn.Module)")
+
+
+def test_calibration_counts_images_in_words(model_file, stats_file, tmp_path, idx_dir, capsys):
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--layers", "layer1.conv1", "--frobenius")) == 0
+    out = capsys.readouterr().out
+    assert f"calibration: 1 image of shape (1, 28, 28) from {idx_dir}" in out
+    assert "note:" not in out
+    # more images asked for than --data holds (12): all are used, and said so
+    assert cli.main(_compress(model_file, tmp_path, "--ratio", "2", "--data", idx_dir,
+                              "--layers", "layer1.conv1", "--calib-images", "500")) == 0
+    out = capsys.readouterr().out
+    assert f"calibration: 12 images of shape (1, 28, 28) from {idx_dir}\n" \
+           "note: --calib-images 500: --data holds only 12 images, all used\n" in out
+
+
+@pytest.mark.parametrize("extra, words, status", [
+    (["--layers", "layer1.conv1", "--refit", "layer1.conv1"],
+     "--refit contains 'layer1.conv1', which is also a layer to compress", 2),
+    (["--refit", "nope"], "--refit contains 'nope', which is not a module of the model", 2),
+    (["--refit", "layer1.bn1"], "--refit contains 'layer1.bn1', a BatchNorm2d", 2),
+    (["--layers", "layer1.bn1,layer1.conv1"], "--layers contains 'layer1.bn1', a BatchNorm2d", 2),
+    (["--layers", "layer1.conv1,layer1.conv2", "--budget", "1"],
+     "--budget=1 is not allowed for these layers; the smallest ranks already cost 50 weight "
+     "parameters, so the budget must be at least 50", 2),
+    (["--layers", "all", "--budget", "0.001"], "--budget=0.001 (a fraction: ", 2),
+    (["--transfer-stats", "STATS"], "--transfer-stats=", 1),
+])
+def test_checks_of_layers_and_statistics_come_before_the_images(model_file, tmp_path, extra,
+                                                                words, status):
+    # a --data that does not exist is not reached
+    extra = [str(tmp_path / "missing.pt") if e == "STATS" else e for e in extra]
+    ratio = [] if "--budget" in extra else ["--ratio", "2"]
+    msg = _error(_compress(model_file, tmp_path, *ratio, "--data", str(tmp_path / "not-read"),
+                           *extra), status=status)
+    assert words in msg and "not-read" not in msg
+
+
+def test_checks_of_default_layers_come_before_the_statistics(model_file, tmp_path, idx_dir,
+                                                             monkeypatch):
+    import importlib
+
+    def no_pass(*args, **kw):
+        raise AssertionError("the statistics were collected")
+
+    monkeypatch.setattr(importlib.import_module("sigmadecomp_torch.covariance"),
+                        "collect_covariances", no_pass)
+    # --layers auto: the layers follow the call order on an image, then they are checked
+    msg = _error(_compress(model_file, tmp_path, "--data", idx_dir, "--budget", "1"))
+    assert "--budget=1 is not allowed for these layers; the smallest ranks already cost 342 " \
+           "weight parameters" in msg
+    msg = _error(_compress(model_file, tmp_path, "--data", idx_dir, "--ratio", "2", "--refit",
+                           "layer2.conv1"))
+    assert "--refit contains 'layer2.conv1', which is also a layer to compress" in msg
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sigmadecomp {version('sigmadecomp')}"
+    proc = _run_without_torch("from sigmadecomp_torch.cli import main\nmain(['--version'])")
+    assert proc.returncode == 0 and proc.stdout.startswith("sigmadecomp "), proc.stderr
+
+
+def test_exit_status_tells_a_refused_command_line_from_a_failed_run(model_file, tmp_path,
+                                                                    capsys):
+    _help()
+    assert "exit status: 0 done; 2 the command line is refused" in " ".join(
+        capsys.readouterr().out.split())
+    _help("compress")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 done; 2 the command line is refused" in text
+    assert "1 the run failed (a file missing or unreadable" in text
+    # in a real process: the refusal printed once, on one line, and exit status 2
+    argv = ["compress", model_file, "--method", "tucker2", "--frobenius", "--ratio", "1",
+            "--out", str(tmp_path / "o.pt")]
+    proc = subprocess.run([sys.executable, "-m", "sigmadecomp_torch.cli", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "sigmadecomp compress: error: --ratio=1 is not allowed; the per-layer ratio rX must be "
+        "a finite number > 1"]
+    argv[1] = str(tmp_path / "missing.pt")
+    argv[argv.index("1")] = "2"
+    proc = subprocess.run([sys.executable, "-m", "sigmadecomp_torch.cli", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert "MODEL=" in proc.stderr and "is not a file" in proc.stderr
