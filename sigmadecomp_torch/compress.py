@@ -714,7 +714,7 @@ def _check_arguments(model, method, ratio, ranks, budget, centered, covariances)
 # ----------------------------------------------------------------- compress
 
 
-def _default_by_call_order(model, layers, data, example_input):
+def _default_by_call_order(model, layers, data, example_input, forward=None):
     """``(layers, data)``: ``layers=None`` as a :class:`CallOrder` when an input batch is at
     hand, so that the layers left alone (those reading the model's input, those whose
     output it returns) are found in one extra forward pass on one batch; ``data`` still
@@ -731,7 +731,7 @@ def _default_by_call_order(model, layers, data, example_input):
         if first is None:
             return layers, data  # no batch (or no iterable): collect_covariances explains
         order = _call_order(model, None,
-                            run=lambda m: run_batch(m, first, 0, model_device(m), None))
+                            run=lambda m: run_batch(m, first, 0, model_device(m), forward))
     return (order if order else None), data
 
 
@@ -782,6 +782,27 @@ def _canonical_names(model, ranks):
 
     explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
     return paths, canon, explicit
+
+
+def _check_data_options(data, max_batches, forward, mask, min_speedup, example_input):
+    """``max_batches``, ``forward`` and ``mask`` of :func:`compress`: valid, and given only
+    with ``data`` (they describe the passes over it)."""
+    from ._batches import check_pass_options
+
+    given = [n for n, v, d in (("max_batches", max_batches, None), ("forward", forward, None),
+                               ("mask", mask, "auto")) if v is not d]
+    if given and data is None:
+        raise ValueError(f"{given[0]}= needs data=: it describes the passes over the "
+                         "calibration data")
+    check_pass_options(chunk_bytes=1, forward=forward, mask=mask)
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, numbers.Integral)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
+                         "None or a positive integer")
+    if forward is not None and min_speedup is not None and example_input is None:
+        raise ValueError("min_speedup with forward= needs example_input= (one input of the "
+                         "model): the batches of data are not the model's inputs as they are")
 
 
 def _check_early(model, method, covariances, ratio, ranks, budget, layers, data, sequential,
@@ -856,7 +877,8 @@ def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, center
 def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=None,
              layers=None, inplace=False, centered=False, options=None, progress=True,
              distributed=None, min_speedup=None, example_input=None, data=None,
-             sequential=False, refit=None, _checked=False):
+             sequential=False, refit=None, max_batches=None, forward=None, mask="auto",
+             _checked=False):
     """Replace Conv2d/Linear layers of a model by factorized layers.
 
     Parameters
@@ -988,6 +1010,14 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         ``data`` per group of dependent layers). ``'all'`` and a predicate
         also take the chosen layers that their ranks leave dense, in both
         modes. Default None.
+    max_batches, forward, mask : optional
+        With ``data``, as for :func:`collect_covariances`, in every pass over
+        it: at most that many batches per pass; ``forward(model, batch)`` for
+        batches the model does not take as they are (e.g. a tuple of three
+        tensors: ``forward=lambda m, b: m(*b)``; with ``min_speedup``, give
+        ``example_input`` too, as the layers cannot be timed without knowing
+        the model's input); the token mask of padded sequence batches
+        (``'auto'``: a batch's ``attention_mask``).
 
     Returns
     -------
@@ -1075,6 +1105,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
                      sequential, refit, inplace, centered, options, min_speedup,
                      example_input)
+        _check_data_options(data, max_batches, forward, mask, min_speedup, example_input)
     if example_from_data:
         from ._batches import batch_inputs, model_device
 
@@ -1087,7 +1118,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     if not explicit_only:
         default = layers is None
         try:
-            layers, data = _default_by_call_order(model, layers, data, example_input)
+            layers, data = _default_by_call_order(model, layers, data, example_input, forward)
         except Exception as exc:  # (e.g. the model fails on the first batch)
             if default and group is not None:
                 _parallel.first_given(group, None, error=exc)
@@ -1110,7 +1141,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                 progress=progress, distributed=distributed, min_speedup=min_speedup,
                 example_input=example_input, _checked=True),  # (checked above)
             centered=centered, inplace=inplace, progress=progress,
-            layers=_data_layers(model, layers, ranks, ratio), distributed=distributed)
+            layers=_data_layers(model, layers, ranks, ratio), distributed=distributed,
+            max_batches=max_batches, forward=forward, mask=mask)
     if sequential:
         from .sequential import sequential_compress
 
@@ -1118,7 +1150,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             model, method, data, ratio=ratio, ranks=ranks, budget=budget, layers=layers,
             inplace=inplace, centered=centered, options=options, progress=progress,
             distributed=distributed, min_speedup=min_speedup, example_input=example_input,
-            refit=refit)
+            refit=refit, max_batches=max_batches, forward=forward, mask=mask)
     if data is not None and isinstance(model, nn.Module):
         from .covariance import collect_covariances
 
@@ -1135,7 +1167,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
                                     r"pass; it has no statistics")
             covariances = {} if wanted == [] else collect_covariances(
                 model, data, progress=progress, layers=wanted, distributed=distributed,
-                _checked=True)
+                max_batches=max_batches, forward=forward, mask=mask, _checked=True)
     # --- end data= / sequential= -------------------------------------------------------
     # steps 1-3 on every process; under a process group each learns whether the others
     # planned too, so none waits in the decomposition's exchange for one that failed here

@@ -847,3 +847,76 @@ def test_refit_of_a_pooled_head_does_not_claim_the_mask_went_unused():
                              progress=False)
     assert "head" in [r["name"] for r in report.refitted]
     assert not [w for w in caught if "token mask was given" in str(w.message)]
+
+
+class _ThreeInputs(nn.Module):
+    """Takes (x, scale, shift): batches of three tensors, which compress cannot take apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, scale, shift):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * scale + shift)))
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "sequential", "refit"])
+def test_compress_takes_forward_and_max_batches_for_its_passes(mode):
+    torch.manual_seed(0)
+    model = _ThreeInputs()
+    batches = [(torch.randn(8, 6), torch.rand(8, 1) + 0.5, torch.randn(8, 1)) for _ in range(3)]
+    fwd = lambda m, b: m(*b)  # noqa: E731
+    kw = dict(layers=["b"], ratio=2, progress=False)
+    extra = {"sequential": dict(sequential=True), "refit": dict(refit="all")}.get(mode, {})
+    with pytest.raises(TypeError, match="forward=lambda model, batch"):
+        compress(model, "svd", data=batches, **kw, **extra)
+    small, report = compress(model, "svd", data=batches, forward=fwd, max_batches=2, **kw,
+                             **extra)
+    # the statistics of the first two batches only, run through forward
+    stats = collect_covariances(model, batches[:2], layers=["b"], forward=fwd, progress=False)
+    ref, _ = compress(model, "svd", covariances=stats, **kw)
+    if mode == "one-shot":
+        x = batches[2]
+        torch.testing.assert_close(small(*x), ref(*x))
+    assert [r["name"] for r in report.layers] == ["b"]
+
+
+def test_pass_options_of_compress_are_checked_up_front():
+    model = _ThreeInputs()
+    with pytest.raises(ValueError, match="forward= needs data="):
+        compress(model, "svd", ratio=2, forward=lambda m, b: m(*b), progress=False)
+    with pytest.raises(ValueError, match="max_batches=0 is not allowed"):
+        compress(model, "svd", ratio=2, data=[torch.randn(2, 6)], max_batches=0,
+                 progress=False)
+    with pytest.raises(TypeError, match="forward=3 is not allowed"):
+        compress(model, "svd", ratio=2, data=[torch.randn(2, 6)], forward=3, progress=False)
+    with pytest.raises(ValueError, match="min_speedup with forward= needs example_input="):
+        compress(model, "svd", ratio=2, data=[torch.randn(2, 6)], forward=lambda m, b: m(*b),
+                 min_speedup=1.0, progress=False)
+
+
+def test_compress_passes_its_mask_option_to_the_statistics():
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a = nn.Embedding(20, 8), nn.Linear(8, 16)
+            self.b, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.b(torch.relu(self.a(self.emb(input_ids))))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Enc()
+    am = torch.ones(4, 6, dtype=torch.long)
+    am[:2, 3:] = 0
+    data = [{"input_ids": torch.randint(0, 20, (4, 6)), "attention_mask": am}]
+    for mask in ("auto", None):
+        small, _ = compress(model, "svd", ratio=2, layers=["b"], data=data, mask=mask,
+                            progress=False)
+        stats = collect_covariances(model, data, layers=["b"], mask=mask, progress=False)
+        ref, _ = compress(model, "svd", ratio=2, layers=["b"], covariances=stats,
+                          progress=False)
+        torch.testing.assert_close(small.b.first.weight, ref.b.first.weight)
+    assert collect_covariances(model, data, layers=["b"], mask=None,
+                               progress=False)["b"].count == 24
