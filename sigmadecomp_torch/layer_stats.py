@@ -2,7 +2,9 @@
 
 A :class:`LayerStats` holds Sigma, the mean and the count of a layer's input
 patches together with the layer's kind, weight shape and geometry, so that
-statistics are never applied to another layer (:meth:`LayerStats.check_compatible`).
+statistics are not applied to a layer of another kind, size or geometry
+(:meth:`LayerStats.check_compatible`); statistics of two layers with the same
+kind, input size and geometry cannot be told apart by these facts.
 Collected by :func:`sigmadecomp_torch.collect_covariances`, saved and loaded by
 :mod:`sigmadecomp_torch.covariance_io`.
 """

@@ -859,7 +859,11 @@ min_speedup, example_input
     independent : bool, optional
         Compress layers whose inputs do not depend on each other in one
         group (one pass over the data for all of them). ``False``: one
-        layer per group.
+        layer per group. The dependence is read from the autograd graph of
+        one forward pass: a layer reached from another only through
+        ``.detach()`` or another non-differentiable step is taken as
+        independent of it (and fitted to inputs the other's compression does
+        not yet change); use ``False`` for such models.
     refit : None, 'all', str, list of str or callable, optional
         Dense layers (``nn.Conv2d`` with ``groups=1`` or ``nn.Linear``) to
         refit in place, in network order with the others: their weight
