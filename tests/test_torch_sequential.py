@@ -823,20 +823,27 @@ def test_refit_with_no_compressible_layer_gives_the_planning_reasons():
                  progress=False)
 
 
+class _TokenEncoder(nn.Module):
+    """Dict batches (input_ids, attention_mask); the head reads the pooled tokens."""
+
+    def __init__(self, masked_pooling=True):
+        super().__init__()
+        self.masked_pooling = masked_pooling
+        self.emb, self.a = nn.Embedding(20, 8), nn.Linear(8, 16)
+        self.b, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.b(torch.relu(self.a(self.emb(input_ids))))
+        if not self.masked_pooling:
+            return self.head(h.mean(1))
+        m = attention_mask[..., None].float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
 def test_refit_of_a_pooled_head_does_not_claim_the_mask_went_unused():
     import warnings
 
-    class Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.a = nn.Embedding(20, 8), nn.Linear(8, 16)
-            self.b, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
-
-        def forward(self, input_ids, attention_mask):
-            h = self.b(torch.relu(self.a(self.emb(input_ids))))
-            m = attention_mask[..., None].float()
-            return self.head((h * m).sum(1) / m.sum(1))
-
+    Enc = _TokenEncoder
     torch.manual_seed(0)
     am = torch.ones(4, 6, dtype=torch.long)
     am[0, 3:] = 0
@@ -896,18 +903,8 @@ def test_pass_options_of_compress_are_checked_up_front():
 
 
 def test_compress_passes_its_mask_option_to_the_statistics():
-    class Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.a = nn.Embedding(20, 8), nn.Linear(8, 16)
-            self.b, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
-
-        def forward(self, input_ids, attention_mask):
-            h = self.b(torch.relu(self.a(self.emb(input_ids))))
-            return self.head(h.mean(1))
-
     torch.manual_seed(0)
-    model = Enc()
+    model = _TokenEncoder(masked_pooling=False)
     am = torch.ones(4, 6, dtype=torch.long)
     am[:2, 3:] = 0
     data = [{"input_ids": torch.randint(0, 20, (4, 6)), "attention_mask": am}]
