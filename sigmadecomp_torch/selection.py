@@ -10,6 +10,7 @@ layer's weight directly).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -59,12 +60,17 @@ class CallOrder:
         Those whose input is one of the model's input tensors.
     producers : tuple of str
         Those whose output is one of the model's output tensors.
+    siblings : tuple of str
+        The first layer called and every layer reading the same input tensor
+        (``q``/``k``/``v`` after an embedding): the first layers when none
+        reads the model's input.
     """
 
-    __slots__ = ("order", "readers", "producers")
+    __slots__ = ("order", "readers", "producers", "siblings")
 
-    def __init__(self, order, readers=(), producers=()):
+    def __init__(self, order, readers=(), producers=(), siblings=()):
         self.order, self.readers, self.producers = tuple(order), tuple(readers), tuple(producers)
+        self.siblings = tuple(siblings)
 
     def __bool__(self):
         return bool(self.order)
@@ -75,7 +81,8 @@ class CallOrder:
 
 
 def _tensors(obj, out):
-    """The tensors in ``obj`` (nested tuples, lists and dicts) by id."""
+    """The tensors in ``obj`` (nested tuples, lists, dicts and dataclass instances, e.g. a
+    model's output record) by id."""
     if isinstance(obj, torch.Tensor):
         out[id(obj)] = obj
     elif isinstance(obj, (tuple, list)):
@@ -84,6 +91,9 @@ def _tensors(obj, out):
     elif isinstance(obj, Mapping):
         for v in obj.values():
             _tensors(v, out)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _tensors(getattr(obj, f.name, None), out)
     return out
 
 
@@ -95,13 +105,19 @@ def _call_order(model, example_input, run=None):
     of all modules are restored afterwards.
     """
     order, readers, outputs, inputs, handles = [], [], [], {}, []
+    first_input, siblings = [], []  # the first layer's input tensor; the layers reading it
 
     def on_model_input(mod, args, kwargs):
         _tensors((args, kwargs), inputs)
 
     def on_layer_input(name, args):
+        x = args[0] if args else None
         if name not in order:
             order.append(name)
+            if not first_input:
+                first_input.append(x)
+            if x is not None and x is first_input[0]:
+                siblings.append(name)
         if name not in readers and args and id(args[0]) in inputs and inputs[id(args[0])] is args[0]:
             readers.append(name)
 
@@ -127,7 +143,7 @@ def _call_order(model, example_input, run=None):
         if (isinstance(out, torch.Tensor) and returned.get(id(out)) is out
                 and name not in producers):
             producers.append(name)
-    return CallOrder(order, readers, producers)
+    return CallOrder(order, readers, producers, siblings)
 
 
 def default_layers(model, *, include_first=False, include_last=False, example_input=None):
@@ -216,7 +232,8 @@ def _ends(model, order):
     called = [n for n in order.order if n in names]
     if not called:
         return names, [], []
-    firsts = [n for n in order.readers if n in names] or called[:1]
+    firsts = ([n for n in order.readers if n in names]
+              or [n for n in getattr(order, "siblings", ()) if n in names] or called[:1])
     lasts = [n for n in order.producers if n in names] or called[-1:]
     return names, firsts, lasts
 
@@ -236,8 +253,12 @@ def default_exclusions(model, order=None):
         return []
     names, firsts, lasts = _ends(model, order)
     kinds = {n: module_kind(m) for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
+    reads = order is None or any(n in order.readers for n in firsts)
+    what = ("reads the model's input" if reads else
+            "the first the forward pass calls, or one reading the same input; no Conv2d/Linear "
+            "reads the model's input")
     out = [{"name": n, "kind": kinds[n],
-            "reason": "first layer (reads the model's input): left alone by default; "
+            "reason": f"first layer ({what}): left alone by default; "
                       "name it in layers= to compress it"} for n in firsts]
     out += [{"name": n, "kind": kinds[n],
              "reason": "last layer (the model's output, e.g. the classifier): left "

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 
 import torch
@@ -65,9 +66,14 @@ def patchify(images, patch):
     >>> patchify(torch.zeros(2, 1, 28, 28), 4).shape
     torch.Size([2, 49, 16])
     """
-    if images.ndim != 4:
-        raise ValueError(f"images of shape {tuple(images.shape)} is not allowed; images must "
-                         "have shape (N, C, H, W)")
+    if isinstance(patch, bool) or not isinstance(patch, numbers.Integral) or patch < 1:
+        raise ValueError(f"patch={patch!r} is not allowed; patch must be a positive integer")
+    patch = int(patch)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        what = (f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+                else f"type {type(images).__name__}")
+        raise ValueError(f"images of {what} is not allowed; images must be a tensor of "
+                         "shape (N, C, H, W)")
     n, c, h, w = images.shape
     if h % patch or w % patch:
         raise ValueError(f"images of size {h}x{w} is not allowed; height and width must be "
@@ -81,12 +87,20 @@ class _Embedding(nn.Module):
 
     def __init__(self, image_size, patch, channels, dim):
         super().__init__()
-        self.patch = patch
+        self.patch, self.image_size, self.channels = patch, image_size, channels
         n_tokens = (image_size // patch) ** 2
         self.proj = nn.Linear(channels * patch * patch, dim)
         self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
 
     def forward(self, images):
+        size, channels = getattr(self, "image_size", None), getattr(self, "channels", None)
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and size is not None:
+            want = (channels, size, size)
+            if tuple(images.shape[1:]) != want:
+                raise ValueError(
+                    f"images of shape {tuple(images.shape)} is not allowed; this model takes "
+                    f"images of shape (N, {want[0]}, {want[1]}, {want[2]}) (channels="
+                    f"{want[0]}, image_size={want[1]})")
         return self.proj(patchify(images, self.patch)) + self.pos
 
 
