@@ -657,7 +657,10 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
           item alone would silently drop the others. Pass ``forward`` for it.
     layers : None, str, list of str, or callable, optional
         Which modules (see :func:`select_layers`); default all ``nn.Conv2d``
-        and ``nn.Linear``.
+        and ``nn.Linear`` but those whose parent reads their weight directly
+        instead of calling them (``nn.MultiheadAttention.out_proj``, the
+        Linear layers of ``nn.TransformerEncoderLayer``): they may never run
+        as modules, and no factorized module can replace them.
     max_batches : int, optional
         Stop after this many batches.
     progress : bool, optional
@@ -814,6 +817,8 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                              "torch.float64 or torch.float32")
         check_not_meta(model)
         chosen = select_layers(model, layers)
+        if layers is None and chosen:  # (by default, not the layers no forward pass calls)
+            chosen = _called_layers(model, chosen)
         if not chosen:
             raise ValueError("the model has no nn.Conv2d or nn.Linear module to collect "
                              f"statistics for (layers={layers!r})")
@@ -893,6 +898,16 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
             continue
         out[name] = results[src]
     return out
+
+
+def _called_layers(model, chosen):
+    """``chosen`` without the layers whose parent reads their weight directly instead of
+    calling them (``nn.MultiheadAttention.out_proj``): they never run, so they have no
+    statistics, and no factorized module can replace them."""
+    from .selection import dense_reasons
+
+    reasons = dense_reasons(model, [n for n, _ in chosen])
+    return [(n, m) for n, m in chosen if "reads its weight/bias directly" not in reasons.get(n, "")]
 
 
 def _why_no_rows(position_fraction, masked):

@@ -88,3 +88,24 @@ def test_patchify_names_a_bad_patch(patch):
     with pytest.raises(ValueError, match=rf"patch={patch!r} is not allowed; patch must be a "
                                          "positive integer"):
         patchify(torch.zeros(1, 1, 4, 4), patch)
+
+
+def test_default_statistics_leave_out_layers_their_parent_never_calls():
+    import warnings
+
+    from sigmadecomp_torch import collect_covariances
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16),
+                          nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                          nn.Linear(16, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = collect_covariances(model, [torch.randn(2, 5, 8)], progress=False)
+    assert sorted(stats) == ["0", "2"]
+    assert not [w for w in caught if "never ran" in str(w.message)]
+    # named explicitly, such a layer is still collected when it runs (the slow path)
+    model.train()
+    named = collect_covariances(model, [torch.randn(2, 5, 8)], layers=["1.linear1"],
+                                progress=False)
+    assert named["1.linear1"].count == 10
