@@ -66,8 +66,12 @@ import functools
 import inspect
 import math
 import numbers
+import os
+import sys
 import warnings
 from dataclasses import dataclass, fields, replace
+
+import numpy as np
 
 from ._validation import check_choice, check_int, check_positive_float
 
@@ -187,8 +191,11 @@ def check_inner(inner, name="inner", *, defaults, methods=_METHODS, solver="", m
         vals["maxiter"] = check_int(vals["maxiter"], f"{name}.maxiter", low=1)
     if vals["dense_max"] is not None:
         vals["dense_max"] = check_int(vals["dense_max"], f"{name}.dense_max", low=0)
-    if inner.precond is not None and not isinstance(inner.precond, bool):
+    if inner.precond is not None and not isinstance(inner.precond, (bool, np.bool_)):
         raise TypeError(f"{name}.precond={inner.precond!r} is not allowed; it must be True or False")
+    if inner.precond is not None:  # numpy booleans count as the Python ones (linesearch, ...)
+        inner = replace(inner, precond=bool(inner.precond))
+        vals["precond"] = inner.precond
     if inner.precond is False and defaults.get("precond") is None:
         raise ValueError(
             f"{name}.precond=False is not allowed for {solver or 'this solver'}; its CG is "
@@ -236,13 +243,30 @@ def relative_error(sq_err, sq_ref):
     return math.sqrt(sq_err / float(sq_ref))
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel():
+    """``stacklevel`` for a ``warnings.warn`` made by the caller of this function that
+    points at the first frame outside :mod:`sigmadecomp` (the user's call), whatever
+    the number of decorators in between; Python shows a ``DeprecationWarning`` by
+    default only when it is attributed to the user's code."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.dirname(
+            os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def check_init_name(init, solver, allowed=INIT_NAMES):
     """Validate a string ``init``; deprecated aliases warn and are translated."""
     if init in INIT_ALIASES:
         new = INIT_ALIASES[init]
         warnings.warn(
             f"{solver}(init={init!r}) is deprecated and will be removed in the next release; "
-            f"use init={new!r}", DeprecationWarning, stacklevel=4)
+            f"use init={new!r}", DeprecationWarning, stacklevel=user_stacklevel())
         init = new
     return check_choice(init, "init", allowed)
 
@@ -280,8 +304,17 @@ def check_callback(callback, solver, old_form=None):
         warnings.warn(
             f"{solver}: a callback taking two arguments is deprecated and will not be "
             "supported in the next release; use callback(result) (the error is "
-            "result.errors[-1])", DeprecationWarning, stacklevel=4)
+            "result.errors[-1])", DeprecationWarning, stacklevel=user_stacklevel())
         return old_form(callback)
+    try:
+        sig = inspect.signature(callback)
+    except (TypeError, ValueError):  # not introspectable (some builtins): trust it
+        return callback
+    try:
+        sig.bind(None)
+    except TypeError:
+        raise TypeError(f"callback={callback!r} is not allowed; it cannot be called with one "
+                        f"argument, and {solver} calls callback(result)") from None
     return callback
 
 

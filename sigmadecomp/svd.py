@@ -7,7 +7,7 @@ import time
 from . import _backend as B
 from ._threads import solver_threads
 from ._validation import (check_array, check_finite, check_int, check_magnitude,
-                          check_nonempty, check_sigma)
+                          check_nonempty, check_positive_float, check_sigma)
 from .contract import (
     check_callback,
     check_init_name,
@@ -129,6 +129,8 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
         check_int(n_iter_max, "n_iter_max", low=0)
     if tol is not None:
         check_tol(tol)
+    if rtol is not None:  # validated with or without sigma, as by every other solver
+        rtol = check_positive_float(rtol, "rtol", allow_zero=True)
     B.check_rng(rng)
     check_inner(inner, defaults={"precond": True}, solver="sigma_svd")
     callback = check_callback(callback, "sigma_svd")

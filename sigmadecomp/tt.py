@@ -177,7 +177,8 @@ _RENAMED = {
     "dense_max": ("dense_max", same),
     "cg_rtol": ("rtol", same),
     "cg_maxiter": ("maxiter", same),
-    "precond": ("precond", lambda v: {"kron": True, None: False}.get(v, v)),
+    "precond": ("precond", lambda v: True if isinstance(v, str) and v == "kron"
+                else False if v is None else v),
 }
 
 
@@ -256,18 +257,37 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
                      for c, m, n in zip(cores3, ms, ns)]
     else:
         cores, tails = [B.asarray_like(c, weight_m) for c in _check_init(init, ms, ns)], []
+        _check_init_ranks(init, cores, ranks, eps, dims)
     options = {"method": opts.method, "dense_max": opts.dense_max, "rtol": opts.rtol,
                "maxiter": opts.maxiter, "precond": opts.precond, "psd_rtol": rtol}
-    on_point = None
-    if callback is not None:
-        def on_point(cores_, errors_, n_iter_, converged_):
-            return callback(make(cores_, list(errors_), n_iter_, converged_, tails, None, False))
+    def partial(cores_, errors_, n_iter_, converged_):
+        return callback(make(cores_, list(errors_), n_iter_, converged_, tails, None, False))
+
+    on_point = None if callback is None else partial
     cores, errors, n_iter, converged, stats = als_sweeps(
         weight_m, S_m, cores, n_iter_max=n_iter_max, tol=tol, opts=options, on_point=on_point,
         extrapolate=bool(extrapolate))
     if sigma is None and n_iter_max == 0:  # the TT-SVD alone: a closed form, as tt_svd
         n_iter = converged = None
     return make(cores, errors, n_iter, converged, tails, stats, True)
+
+
+def _check_init_ranks(init, cores, ranks, eps, dims):
+    """A user-given ``init`` fixes the TT ranks: refuse ``ranks`` that differ and ``eps``."""
+    if eps is not None:
+        raise ValueError(
+            f"eps={eps!r} is not allowed with a user-given init; eps only chooses the ranks of "
+            "the TT-SVD start, and the ranks of init are used (pass eps=None)")
+    if ranks is None:
+        return
+    have = tuple(int(c.shape[-1]) for c in cores[:-1])
+    given = check_tt_ranks(ranks, len(dims) - 1)
+    want = clip_ranks(given, dims)
+    if have not in (tuple(given), tuple(want)):
+        raise ValueError(
+            f"ranks={ranks!r} is not allowed with this init; its cores have ranks {have} "
+            f"(ranks clipped to the bonds give {tuple(want)}); pass ranks=None or the ranks "
+            "of init")
 
 
 def _check_init(init, ms, ns):
@@ -328,7 +348,7 @@ _OPTIONS_DOC = """
         Starting point: ``'svd'`` (default) and ``'frobenius'`` the TT-SVD
         (the quasi-optimal Frobenius TT), ``'random'`` standard normal cores
         drawn from ``rng`` (needs ``ranks``), or given cores (their ranks are
-        used).
+        used: ``ranks`` must then be None or those ranks, and ``eps`` None).
     n_iter_max : int, optional
         Maximum number of ALS sweeps. Default: 100 with ``sigma``, 0 (plain
         TT-SVD, a closed form: ``n_iter`` and ``converged`` are None, as for

@@ -236,7 +236,7 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate
     ``on_point(cores, errors, n_iter, converged)`` is called at the starting
     point and after every sweep; a ``True`` return stops the run. Returns
     ``(cores, errors, n_iter, converged, stats)``; ``converged`` is True when
-    the ``tol`` rule held (or ``n_iter_max == 0``: nothing to iterate).
+    the ``tol`` rule held or a sweep was rejected (False with ``n_iter_max == 0``).
     ``extrapolate``: try the guarded extrapolation step after every sweep
     (module docstring); ``stats['extrapolated']`` counts the accepted steps.
     """

@@ -506,7 +506,8 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     callback : callable, optional
         ``callback(result)`` with the current :class:`Tucker2Result` at the
         initial point and after every sweep; returning ``True`` stops the run
-        (``converged`` stays False). The old form ``callback(result, error)``
+        (``converged`` is then True only if the ``tol`` rule held on that
+        sweep). The old form ``callback(result, error)``
         still works with a ``DeprecationWarning``.
     inner : InnerSolver or dict, optional
         The ``U_S`` block (Sigma only; :class:`sigmadecomp.InnerSolver`):
