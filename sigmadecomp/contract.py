@@ -23,9 +23,10 @@ each shared option is fixed here:
 ``callback``
     ``callback(result)`` with the partial result object (the solver's result
     type, ``errors`` so far) once per entry of ``errors``: at the starting
-    point (``n_iter == 0``) and after every sweep. Returning ``True`` stops the
-    run; ``converged`` is then True only if the ``tol`` rule held on that
-    sweep. Any other return value continues.
+    point (``n_iter == 0``) and after every sweep. Returning ``True`` (or
+    NumPy's ``True``, :func:`wants_stop`) stops the run; ``converged`` is then
+    True only if the ``tol`` rule held on that sweep. Any other return value
+    continues.
 ``inner``
     Options of the inner linear solves, an :class:`InnerSolver` or a dict
     with the same keys. Each field left at ``None`` takes the solver's own
@@ -258,6 +259,13 @@ def user_stacklevel():
         frame = frame.f_back
         level += 1
     return level
+
+
+def wants_stop(value):
+    """Whether a callback's return ``value`` asks the solver to stop: ``True`` (also
+    NumPy's ``True``, e.g. ``np.float64(err) < 1e-3``); anything else, ``None`` included,
+    lets it go on."""
+    return value is True or (isinstance(value, np.bool_) and bool(value))
 
 
 def check_init_name(init, solver, allowed=INIT_NAMES):

@@ -70,6 +70,7 @@ from .contract import (
     relative_error,
     same,
     tol_reached,
+    wants_stop,
 )
 from .results import CPResult
 from .sigma import (DEFAULT_RIDGE, _fitted_sigma, _ridge_result_fields, check_ridge,
@@ -1080,7 +1081,7 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         if callback is not None:
             snap = _result(engine, errors, n_iter, reached, weighted,
                            time.perf_counter() - t0, kernel, ridge, projected)
-            if callback(snap) is True:
+            if wants_stop(callback(snap)):
                 converged = reached
                 break
         if reached:

@@ -31,7 +31,7 @@ increases, and every entry is the error of the cores returned with it.
 from __future__ import annotations
 
 from . import _backend as B
-from .contract import relative_error, tol_reached
+from .contract import relative_error, tol_reached, wants_stop
 from ._tt_algebra import (
     left_interface_step,
     left_orthogonalize_one,
@@ -257,7 +257,7 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate
         old = _left_orthogonal(cores)
     converged = False  # only the tol rule sets it (the contract); no sweep, no convergence
     n_iter = 0
-    if on_point is not None and on_point(cores, errors, 0, converged) is True:
+    if on_point is not None and wants_stop(on_point(cores, errors, 0, converged)):
         return cores, errors, 0, converged, stats
     one = xp.ones((1, 1, 1), dtype=W.dtype, device=B.device(W))
     for it in range(1, n_iter_max + 1):
@@ -297,7 +297,7 @@ def als_sweeps(W, S, cores, *, n_iter_max, tol, opts, on_point=None, extrapolate
                 beta = max(beta * EXTRAP_SHRINK, EXTRAP_MIN)
             old = cores
         converged = tol_reached(errors[-2], errors[-1], tol)
-        stop = on_point is not None and on_point(cores, errors, n_iter, converged) is True
+        stop = on_point is not None and wants_stop(on_point(cores, errors, n_iter, converged))
         if converged or stop:
             break
     return cores, errors, n_iter, converged, stats

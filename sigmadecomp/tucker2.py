@@ -55,6 +55,7 @@ from .contract import (
     relative_error,
     same,
     tol_reached,
+    wants_stop,
 )
 from .results import Tucker2Result
 from .sigma import (
@@ -657,7 +658,7 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     def stop_requested(U_T, G, U_S, errors, n_done, converged=False):
         if callback is None:
             return False
-        return callback(make_result(U_T, G, U_S, errors, n_done, converged)) is True
+        return wants_stop(callback(make_result(U_T, G, U_S, errors, n_done, converged)))
 
     user_init = not isinstance(init, str)
     if user_init:

@@ -1125,15 +1125,15 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             raise
         if default and group is not None:  # the same choice on every process, also on one
             layers = _parallel.first_given(group, layers)  # that has no batch to look at
+    if (sequential or refit is not None) and _data_layers(model, layers, ranks, ratio) == []:
+        # no layer can be replaced: planning says why (as one-shot), nothing to refit
+        return compress(model, method, covariances={}, ratio=ratio, ranks=ranks,
+                        budget=budget, layers=layers, inplace=inplace, centered=centered,
+                        options=options, progress=progress, distributed=distributed,
+                        _checked=True)
     if refit is not None and not sequential:
         from .sequential import refit_after
 
-        if _data_layers(model, layers, ranks, ratio) == []:
-            # no layer can be replaced: planning says why (no statistics, nothing to refit)
-            return compress(model, method, covariances={}, ratio=ratio, ranks=ranks,
-                            budget=budget, layers=layers, inplace=inplace, centered=centered,
-                            options=options, progress=progress, distributed=distributed,
-                            _checked=True)
         return refit_after(
             model, data, refit, lambda m, stats: compress(
                 m, method, covariances=stats, ratio=ratio, ranks=ranks, budget=budget,

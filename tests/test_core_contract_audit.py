@@ -112,3 +112,22 @@ def test_deprecated_two_argument_callback_warning_points_at_the_caller(data):
     with pytest.warns(DeprecationWarning, match="two arguments") as rec:
         sd.tucker2(data["K"], (2, 2), data["S"], n_iter_max=1, callback=lambda r, e: None)
     assert [w.filename for w in rec if "two arguments" in str(w.message)] == [__file__]
+
+
+@pytest.mark.parametrize("solver", ["tucker2", "cp", "tt_conv"])
+def test_a_callback_returning_numpy_true_stops_the_run(solver):
+    rng = np.random.default_rng(0)
+    K = rng.standard_normal((4, 3, 3, 3))
+    X = rng.standard_normal((60, 27))
+    S = X.T @ X / 60
+    calls = []
+
+    def cb(result):
+        calls.append(result.n_iter)
+        return np.float64(len(calls)) >= 2  # a NumPy bool, True on the second call
+
+    fn = {"tucker2": lambda: sd.tucker2(K, (2, 2), S, n_iter_max=20, tol=0, callback=cb),
+          "cp": lambda: sd.cp(K, 3, S, n_iter_max=20, tol=0, callback=cb),
+          "tt_conv": lambda: sd.tt_conv(K, 2, S, n_iter_max=20, tol=0, callback=cb)}[solver]
+    result = fn()
+    assert len(calls) == 2 and result.n_iter == 1

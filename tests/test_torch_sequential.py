@@ -817,10 +817,10 @@ def test_refit_with_no_compressible_layer_gives_the_planning_reasons():
         def forward(self, x):
             return self.head(torch.relu(self.t(torch.relu(self.a(torch.relu(self.stem(x)))))))
 
-    with pytest.raises(ValueError, match=r"no layer can be compressed: .*'a': its weight is "
-                                         r"tied"):
-        compress(Tied(), "svd", ratio=1.5, data=[torch.randn(8, 6)], refit="all",
-                 progress=False)
+    for kw in (dict(refit="all"), dict(sequential=True), dict(sequential=True, refit="all")):
+        with pytest.raises(ValueError, match=r"no layer can be compressed: .*'a': its weight "
+                                             r"is tied"):
+            compress(Tied(), "svd", ratio=1.5, data=[torch.randn(8, 6)], progress=False, **kw)
 
 
 class _TokenEncoder(nn.Module):
