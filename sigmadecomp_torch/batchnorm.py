@@ -97,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import eval_modes
+from ._batches import check_not_meta, eval_modes
 from .covariance import select_layers
 from .layer_stats import LayerStats, layer_geometry, layer_kind
 
@@ -596,10 +596,17 @@ def _propagated(model, names, input_shape, samples, seed):
             # on the training data the output has std |gamma| sqrt(v / (v + eps)); with batch
             # statistics (and eps -> 0) the copy gives each batch that std whatever the
             # variance of the noise reaching it
-            if m.affine and m.running_var is not None:
-                with torch.no_grad():
-                    v = m.running_var.to(m.weight.dtype)
-                    m.weight.mul_(torch.sqrt(v / (v + m.eps)))
+            if m.running_var is not None:
+                v = m.running_var.detach()
+                scale = torch.sqrt(v / (v + m.eps))
+                if m.affine:
+                    with torch.no_grad():
+                        m.weight.mul_(scale.to(m.weight.dtype))
+                else:
+                    # no affine weight to carry the factor: give the copy one (bias zero)
+                    m.weight = nn.Parameter(scale.clone(), requires_grad=False)
+                    m.bias = nn.Parameter(torch.zeros_like(scale), requires_grad=False)
+                    m.affine = True
                 m.eps = _PROPAGATE_EPS
             m.running_mean = None
             m.running_var = None
@@ -711,13 +718,16 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
     if graph not in _GRAPHS:
         raise ValueError(f"graph={graph!r} is not allowed; graph must be one of {_GRAPHS}")
     if not (isinstance(shrinkage, str) and shrinkage in _FITS):
-        ok = (isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool)
+        ok = (isinstance(shrinkage, numbers.Real) and not isinstance(shrinkage, (bool, np.bool_))
               and 0.0 <= float(shrinkage) <= 1.0)
         if not ok:
             raise ValueError(f"shrinkage={shrinkage!r} is not allowed; shrinkage must be 'bn', "
                              "'bn-gain' or a number in [0, 1]")
     if input_shape is not None:
         try:
+            if not all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_))
+                       for s in input_shape):
+                raise TypeError
             input_shape = tuple(int(s) for s in input_shape)
         except (TypeError, ValueError):
             raise ValueError(f"input_shape={input_shape!r} is not allowed; input_shape must be "
@@ -729,6 +739,12 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
         raise ValueError(f"samples={samples!r} is not allowed; samples must be an integer "
                          ">= 2")
     samples = int(samples)
+    if seed is not None and (isinstance(seed, (bool, np.bool_))
+                             or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed={seed!r} is not allowed; seed must be a non-negative integer "
+                         "(or None)")
+    # every path reads the weights and running statistics (not only their shapes)
+    check_not_meta(model, "data-free statistics from BatchNorm need")
 
     chosen = select_layers(model, layers)
     names = [n for n, _ in chosen]

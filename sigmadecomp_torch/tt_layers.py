@@ -260,14 +260,14 @@ class TTConv2d(_TTChain):
     max_chunk_elements = 2 ** 24
 
     def forward(self, x):
-        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
-            return self._batched(x.unsqueeze(0)).squeeze(0)
-        if x.dim() != 4:
+        if x.dim() != 3 and x.dim() != 4:
             raise ValueError(f"TTConv2d: expected 3D (unbatched) or 4D (batched) input, "
                              f"got input of shape {list(x.shape)}")
-        if x.shape[1] != self.in_channels:
+        if x.shape[-3] != self.in_channels:
             raise ValueError(f"TTConv2d: expected input with {self.in_channels} channels, got "
                              f"input of shape {list(x.shape)}")
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self._batched(x.unsqueeze(0)).squeeze(0)
         return self._batched(x)
 
     def _batched(self, x):
@@ -282,13 +282,21 @@ class TTConv2d(_TTChain):
         """Samples per chunk in eager mode (the whole batch when compiled)."""
         if torch.compiler.is_compiling():
             return x.shape[0]
-        h, w = x.shape[2] + 2 * self.kernel_size[0], x.shape[3] + 2 * self.kernel_size[1]
+        # the output positions of the spatial core (the padding may exceed the kernel)
+        pw0, pw1, ph0, ph1 = self._rev_pad
+        hp, wp = x.shape[2] + ph0 + ph1, x.shape[3] + pw0 + pw1
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        # at least (H + 2 kh)(W + 2 kw), the historical bound (more when the padding is larger)
+        h = max(x.shape[2] + 2 * kh, (hp - dh * (kh - 1) - 1) // sh + 1)
+        w = max(x.shape[3] + 2 * kw, (wp - dw * (kw - 1) - 1) // sw + 1)
         widths = [self.in_channels * self.ranks[0]]
         rest, done = self.in_channels, 1
         for s_k, t_k, r_k in zip(self.in_modes, self.out_modes, self.ranks[1:] + (1,)):
             rest, done = rest // s_k, done * t_k
             widths.append(rest * done * r_k)
-        per_sample = h * w * max(widths)  # an upper bound of the output positions x width
+        per_sample = h * w * max(widths)  # output positions x the widest intermediate
+        if self.padding_mode != "zeros":  # the padded copy of the input
+            per_sample = max(per_sample, self.in_channels * hp * wp)
         return max(1, int(self.max_chunk_elements) // per_sample)
 
     def _forward(self, x):
