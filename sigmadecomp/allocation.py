@@ -26,6 +26,7 @@ from . import _backend as B
 from ._validation import check_array, check_choice, check_int
 from .costs import (
     METHODS,
+    check_flag,
     check_hw_pair,
     layer_macs,
     layer_params,
@@ -209,13 +210,15 @@ def error_curve(weight, method, sigma=None, *, out_hw=None, in_hw=None, keep_pro
     check_weight(weight)
     shape = tuple(int(d) for d in weight.shape)
     spec = method_spec(method, shape)
+    keep_proportion = check_flag(keep_proportion, "keep_proportion")
+    exact = check_flag(exact, "exact")
     if spec.candidates is None or spec.curve is None:
         raise ValueError(f"method={method!r} has no error curve; it cannot be allocated")
     if out_hw is not None or len(shape) == 2:
         out_hw, in_hw = check_hw_pair(shape, out_hw, in_hw)
     elif in_hw is not None:
         raise ValueError(f"in_hw={in_hw!r} is not allowed without out_hw; give out_hw too")
-    cands = spec.candidates(shape, bool(keep_proportion))
+    cands = spec.candidates(shape, keep_proportion)
     params = np.array([spec.params(shape, r) for r in cands], dtype=np.int64)
     if len(shape) == 2 or out_hw is not None:
         macs = np.array([spec.macs(shape, r, out_hw, in_hw) for r in cands], dtype=np.int64)
@@ -582,6 +585,8 @@ def allocate(layers, budget, *, method, cost="params", objective="sum", exact=Fa
     objective = check_choice(objective, "objective", ("sum", "max"))
     solver = check_choice(solver, "solver", ("auto", "exact", "greedy"))
     max_states = check_int(max_states, "max_states", low=1)
+    keep_proportion = check_flag(keep_proportion, "keep_proportion")
+    exact = check_flag(exact, "exact")
     if not hasattr(layers, "items"):
         raise ValueError(
             f"layers of type {type(layers).__name__} is not allowed; layers must be a "

@@ -400,6 +400,13 @@ def layer_macs(shape, method, ranks, out_hw=None, *, in_hw=None):
     return int(spec.macs(shape, spec.check_ranks(shape, ranks), out_hw, in_hw))
 
 
+def check_flag(value, name):
+    """``value`` as a bool: True/False (NumPy booleans too); anything else is refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}={value!r} is not allowed; {name} must be True or False")
+
+
 def _check_ratio(ratio):
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio):
         raise TypeError(f"ratio={ratio!r} is not allowed; ratio must be a finite real number > 1")
@@ -448,8 +455,9 @@ def ratio_to_ranks(shape, method, ratio, *, keep_proportion=True):
     shape = check_shape(shape)
     spec = method_spec(method, shape)
     ratio = _check_ratio(ratio)
+    keep_proportion = check_flag(keep_proportion, "keep_proportion")
     budget = int(math.floor(math.prod(shape) / ratio * (1 + COUNT_SLACK)))
-    return spec.from_budget(shape, budget, bool(keep_proportion))
+    return spec.from_budget(shape, budget, keep_proportion)
 
 
 # candidate rank lists for allocation -----------------------------------------

@@ -90,9 +90,22 @@ def _evb_objective(s2, sv2, M, alpha, xbar):
 
 def evbmf_from_singular_values(sv, L, M, sigma2=None):
     """EVBMF from the singular values ``sv`` (descending) of an ``L x M`` matrix, ``L <= M``."""
+    sv = np.asarray(sv, dtype=np.float64)
+    # EVB is scale-equivariant (sigma2 scales with the square of the matrix): solve it on
+    # the singular values divided by the largest, so that squares of very large or very
+    # small ones neither overflow nor underflow (a 1e-300-scaled matrix is not noise-free)
+    top = float(sv.max()) if sv.size else 0.0
+    if top > 0.0 and math.isfinite(top) and top != 1.0:
+        known = None if sigma2 is None else float(sigma2) / top / top
+        evb_rank, shrunk, s2, threshold = evbmf_from_singular_values(sv / top, L, M, known)
+        s2 = s2 * top * top if sigma2 is None else float(sigma2)
+        return evb_rank, shrunk * top, s2, threshold * top
+    return _evbmf_normalised(sv, L, M, sigma2)
+
+
+def _evbmf_normalised(sv, L, M, sigma2):
     from scipy.optimize import minimize_scalar
 
-    sv = np.asarray(sv, dtype=np.float64)
     sv2 = sv * sv
     alpha = L / M
     tau_ = _tau_lower(alpha)
@@ -131,8 +144,9 @@ def evbmf_from_singular_values(sv, L, M, sigma2=None):
     threshold = math.sqrt(M * s2 * xbar)
     keep = sv > threshold
     if s2 > 0:
-        q = np.where(keep, (L + M) * s2 / np.where(keep, sv2, 1.0), 0.0)
-        disc = np.maximum((1.0 - q) ** 2 - 4.0 * L * M * s2 * s2 / np.where(keep, sv2 * sv2, 1.0), 0.0)
+        ratio = np.where(keep, s2 / np.where(keep, sv2, 1.0), 0.0)  # sigma2 / gamma_h^2
+        q = (L + M) * ratio
+        disc = np.maximum((1.0 - q) ** 2 - 4.0 * L * M * ratio * ratio, 0.0)
         shrunk = np.where(keep, 0.5 * sv * (1.0 - q + np.sqrt(disc)), 0.0)
     else:
         shrunk = np.where(keep, sv, 0.0)
@@ -189,8 +203,12 @@ def evbmf(matrix, *, sigma2=None):
     check_array(matrix, "matrix", ndim=2)
     check_finite(matrix, "matrix")
     if sigma2 is not None:
-        if isinstance(sigma2, bool) or not isinstance(sigma2, numbers.Real) or not sigma2 >= 0:
-            raise ValueError(f"sigma2={sigma2!r} is not allowed; sigma2 must be a real number >= 0")
+        if isinstance(sigma2, bool) or not isinstance(sigma2, numbers.Real):
+            raise TypeError(f"sigma2={sigma2!r} is not allowed; sigma2 must be a finite real "
+                            "number >= 0 (or None to estimate it)")
+        if not (math.isfinite(sigma2) and sigma2 >= 0):
+            raise ValueError(f"sigma2={sigma2!r} is not allowed; sigma2 must be a finite real "
+                             "number >= 0 (or None to estimate it)")
     m, n = (int(d) for d in matrix.shape)
     if m == 0 or n == 0:
         raise ValueError(f"matrix has shape {(m, n)}; matrix must have at least one row and column")
@@ -216,7 +234,7 @@ def _whitened(weight, sigma, rank_out=None):
     from .prepared import prepared_or
     from .sigma import default_neg_rtol, default_rtol, psd_root
 
-    K = B.as_compute(weight)
+    K = B.as_compute(weight.detach() if B.is_torch(weight) else weight)
     xp = B.namespace(K)
     T = K.shape[0]
     K1 = xp.reshape(K, (T, -1))

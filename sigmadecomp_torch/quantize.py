@@ -102,7 +102,7 @@ def _is_tt(module):
 
 def _chosen(model, layers):
     """``(quantized, tt)``: the (name, module) pairs to quantize and the TT layers met."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: every name
     kinds = (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)
 
     def under(prefix):
@@ -116,6 +116,9 @@ def _chosen(model, layers):
     elif not isinstance(layers, (list, tuple)) or not all(isinstance(x, str) for x in layers):
         raise TypeError(f"layers={layers!r} is not allowed; layers must be None, a module name "
                         "or a list of module names")
+    elif not layers:
+        raise ValueError(f"layers={layers!r} is not allowed; give None (every layer) or at least "
+                         "one module name")
     out, tt = {}, {}
     for prefix in layers:
         if prefix not in modules:
@@ -147,8 +150,10 @@ def quantize_weights(model, *, layers=None, inplace=False):
         module at or under each name is quantized (e.g. the names of
         factorized layers). Default: all. Transposed convolutions (output
         channels on their second axis) are left in float. A weight shared by
-        several modules is quantized once; its codes are listed under every
-        name (the same tensor objects, saved once).
+        several modules (or a module registered under several names) is
+        quantized once; its codes are listed under every name (the same tensor
+        objects, saved once). Weights with NaN or inf values raise a
+        ``ValueError`` before anything is changed.
     inplace : bool, optional
         Modify ``model`` itself; default works on a deep copy. Tensor-Train
         layers under the chosen names stay in float (``quantized.skipped``,
@@ -174,6 +179,10 @@ def quantize_weights(model, *, layers=None, inplace=False):
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace={inplace!r} is not allowed; inplace must be True or False")
     chosen, tt = _chosen(model, layers)  # (checked before the copy)
+    for name, module in chosen:  # before any weight is overwritten (inplace=True)
+        if not bool(torch.isfinite(module.weight.detach()).all()):
+            raise ValueError(f"layer {name!r} has NaN or inf weights, which cannot be quantized; "
+                             "fix the weights or leave the layer out with layers=")
     if not inplace:
         model = copy.deepcopy(model)
         chosen, tt = _chosen(model, layers)
@@ -228,7 +237,41 @@ def quantized_state_dict(model, quantized):
     Returns
     -------
     dict of str to torch.Tensor
+        Every key of ``model.state_dict()``; each quantized weight (under every
+        name it has in the model: shared modules, tied weights) as int8 codes,
+        with its float32 scales under ``<name>.weight_scale``.
+
+    Raises
+    ------
+    ValueError
+        When a quantized weight of ``model`` no longer equals its int8 value
+        (changed after :func:`quantize_weights`, e.g. by fine-tuning) or
+        ``quantized`` names a layer ``model`` does not have: the codes would
+        silently drop the change.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be the "
+                        "torch.nn.Module returned by quantize_weights")
+    if not isinstance(quantized, QuantizedWeights):
+        raise TypeError(f"quantized of type {type(quantized).__name__} is not allowed; it must be "
+                        "the QuantizedWeights returned by quantize_weights")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_weight = {}  # id of a quantized weight -> the layer name its codes are listed under
+    for name, codes in quantized.int8.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"quantized lists layer {name!r}, which is not a module with a weight "
+                             "in model; pass the model quantize_weights returned with it")
+        scale = quantized.scales[name].to(weight.device)
+        stored = codes.to(weight.device).float() * scale.view((-1,) + (1,) * (codes.ndim - 1))
+        if stored.shape != weight.shape or not torch.equal(stored.to(weight.dtype),
+                                                           weight.detach()):
+            raise ValueError(
+                f"the weight of layer {name!r} is no longer its int8 value (changed since "
+                "quantize_weights, e.g. by training, or from another model); its codes would "
+                "drop the change: call quantize_weights again and save what it returns")
+        by_weight.setdefault(id(weight), name)
+
     copies = {}  # tensors shared in the model (tied weights) stay shared, so saved once
 
     def copy_of(t):
@@ -237,16 +280,23 @@ def quantized_state_dict(model, quantized):
             copies[key] = t.detach().clone()
         return copies[key]
 
-    state = {k: copy_of(v) for k, v in model.state_dict().items()}
-    for name, codes in quantized.int8.items():
-        prefix = name + "." if name else ""  # a bare layer (name '') has keys 'weight', ...
-        state[prefix + "weight"] = copy_of(codes)
-        state[prefix + _SCALE_KEY] = copy_of(quantized.scales[name])
+    state, scales = {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        is_weight = key == "weight" or key.endswith(".weight")
+        name = by_weight.get(id(value)) if is_weight else None
+        if name is None:
+            state[key] = copy_of(value)
+        else:  # also under every other name of a shared module or tied weight
+            state[key] = copy_of(quantized.int8[name])
+            scales[key[: -len("weight")] + _SCALE_KEY] = copy_of(quantized.scales[name])
+    state.update(scales)
     return state
 
 
 def load_quantized_state_dict(model, state):
     """Load a :func:`quantized_state_dict` into ``model`` (dequantizing int8 weights), in place.
+
+    An int8 weight without its ``weight_scale`` raises a ``ValueError``.
 
     Returns
     -------
@@ -261,6 +311,10 @@ def load_quantized_state_dict(model, state):
         if scale_key is not None and scale_key in state:
             scale = state[scale_key]
             value = value.float() * scale.view((-1,) + (1,) * (value.ndim - 1))
+        elif is_weight and value.dtype == torch.int8:
+            raise ValueError(f"state[{key!r}] holds int8 codes but state has no {scale_key!r}; "
+                             "the codes cannot be dequantized without their scales (pass the "
+                             "whole dict quantized_state_dict returned)")
         plain[key] = value
     model.load_state_dict(plain)
     return model
