@@ -419,7 +419,8 @@ def _choose_ranks(plans, *, explicit, ranks, ratio, budget, options, skipped):
         except (TypeError, ValueError) as e:
             raise type(e)(f"ranks for layer {p.name!r} (weight {shape}): {e}") from None
         p.ranks = tuple(int(v) for v in r) if isinstance(r, (tuple, list)) else int(r)
-        if auto and p.params >= dense and budget is None:
+        # (with a budget too: dense costs no more than the share allocated to the layer)
+        if auto and p.params >= dense:
             skipped.append({"name": p.name, "kind": p.kind,
                             "reason": f"ranks {p.ranks} would not reduce its {dense} "
                                       "weight parameters"})

@@ -147,3 +147,28 @@ def test_load_refuses_int8_codes_without_scales():
     with pytest.raises(ValueError, match=r"state\['0.weight'\] holds int8 codes but state has "
                                          r"no '0.weight_scale'"):
         load_quantized_state_dict(nn.Sequential(nn.Linear(4, 3)), state)
+
+
+def test_budget_keeps_dense_the_layers_its_ranks_would_not_shrink():
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from sigmadecomp_torch import compress
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 1), nn.Linear(1, 16), nn.Linear(16, 16),
+                      nn.Linear(16, 4))
+    layers = ["0", "1", "2", "3"]
+    before = sum(m.get_submodule(n).weight.numel() for n in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, report = compress(m, "svd", budget=0.99, layers=layers, progress=False)
+    for r in report.layers:  # every replaced layer is smaller than the original
+        assert r["params_after"] < r["params_before"]
+    kept = {s["name"] for s in report.skipped}
+    assert {"1", "2"} <= kept  # Linear(16, 1) and Linear(1, 16): rank 1 costs more
+    after = sum(p.numel() for n in layers for k, p in small.get_submodule(n).named_parameters()
+                if k.endswith("weight"))
+    assert after <= 0.99 * before
