@@ -772,6 +772,16 @@ def _data_layers(model, layers, ranks, ratio):
             and (called is None or n in called or n in explicit)]
 
 
+def _no_data_layers(model, layers, ranks, ratio):
+    """Whether ``compress`` would choose no layer at all. A choice that raises (a bad layer
+    name, say) counts as not empty: sequential compression and refit then refuse it in
+    their own argument checks, which every process of a group takes part in."""
+    try:
+        return _data_layers(model, layers, ranks, ratio) == []
+    except Exception:
+        return False
+
+
 def _canonical_names(model, ranks):
     """``(paths, canon, explicit)``: every name of every module, the map of a name to its
     module's first name, and the explicit ranks under those first names."""
@@ -1126,7 +1136,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
             raise
         if default and group is not None:  # the same choice on every process, also on one
             layers = _parallel.first_given(group, layers)  # that has no batch to look at
-    if (sequential or refit is not None) and _data_layers(model, layers, ranks, ratio) == []:
+    if (sequential or refit is not None) and _no_data_layers(model, layers, ranks, ratio):
         # no layer can be replaced: planning says why (as one-shot), nothing to refit
         return compress(model, method, covariances={}, ratio=ratio, ranks=ranks,
                         budget=budget, layers=layers, inplace=inplace, centered=centered,

@@ -62,11 +62,16 @@ def test_each_sigma_is_eigendecomposed_at_most_once(monkeypatch, method, how):
     seen = _eigh_counter(monkeypatch)
     _, report = compress(model, method, covariances=stats, layers=layers,
                          options={"n_iter_max": 3}, progress=False, **how)
-    assert [r["name"] for r in report.layers] == layers
+    # every layer is replaced, or (under a budget) kept dense when its allocated ranks
+    # would not shrink it
+    kept = [s["name"] for s in report.skipped if "would not reduce" in s["reason"]]
+    assert sorted([r["name"] for r in report.layers] + kept) == layers
+    assert not kept or "budget" in how
     counts = {n: _times_factorized(seen, stats[n].sigma) for n in layers}
     # rank selection, the SVD layers' decomposition and the report share one factorization;
     # Tucker-2/CP under ratio= need none (their PSD test is a Cholesky)
-    assert counts == {"2": 1 if method == "svd" or "ratio" not in how else 0, "4": 1, "8": 1}
+    want = {"2": 1 if method == "svd" or "ratio" not in how else 0, "4": 1, "8": 1}
+    assert all(counts[n] == want[n] or (n in kept and counts[n] <= want[n]) for n in layers)
 
 
 @pytest.mark.filterwarnings("ignore::sigmadecomp.CompressionWarning")

@@ -103,11 +103,18 @@ def test_sigma_svd_on_all_block_linears_via_dict_batches():
         warnings.simplefilter("ignore", CompressionWarning)
         small, report = compress(model, "svd", covariances=stats, budget=0.5, progress=False)
     names = [r["name"] for r in report.layers]
-    assert names == [f"vit.blocks.{i}.{s}" for i in range(2) for s in BLOCK_LINEARS]
-    after = sum(r["params_after"] for r in report.layers)
-    before = sum(r["params_before"] for r in report.layers)
+    # a layer whose allocated ranks would not shrink it stays dense, with the reason
+    kept = [s["name"] for s in report.skipped if "would not reduce" in s["reason"]]
+    chosen = [f"vit.blocks.{i}.{s}" for i in range(2) for s in BLOCK_LINEARS]
+    assert sorted(names + kept) == sorted(chosen) and len(names) > len(kept)
+
+    def weights(name):
+        return vit.get_submodule(name[len("vit."):]).weight.numel()
+
     n_bias = sum(vit.get_submodule(n[len("vit."):]).bias.numel() for n in names)
-    assert after - n_bias <= 0.5 * (before - n_bias)  # budget counts weights, not biases
+    after = sum(r["params_after"] for r in report.layers) - n_bias + sum(map(weights, kept))
+    before = sum(map(weights, chosen))
+    assert after <= 0.5 * before  # budget counts weights, not biases
     assert small(**data[0]).shape == (8, 10)
 
 
