@@ -78,8 +78,13 @@ def compress_grid(model, stats, x_test, y_test, rxs, log=print):
                         model, "svd", covariances=stats if kw.get("sigma") else None,
                         centered=kw.get("centered", False), layers=layers, progress=False, **size)
                 seconds = time.perf_counter() - t0
-                before = sum(r["params_before"] for r in report.layers)
-                after = sum(r["params_after"] for r in report.layers)
+                # over every chosen layer: those a budget keeps dense (ranks that would
+                # not shrink them) count at their own size
+                dense = [model.get_submodule(x["name"]) for x in report.skipped
+                         if x["name"] in layers]
+                kept = sum(p.numel() for m in dense for p in m.parameters())
+                before = sum(r["params_before"] for r in report.layers) + kept
+                after = sum(r["params_after"] for r in report.layers) + kept
                 row = {"alloc": alloc, "method": label, "rx": rx,
                        "accuracy": evaluate(small, x_test, y_test),
                        "params_before": before, "params_after": after,
