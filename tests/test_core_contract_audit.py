@@ -115,11 +115,8 @@ def test_deprecated_two_argument_callback_warning_points_at_the_caller(data):
 
 
 @pytest.mark.parametrize("solver", ["tucker2", "cp", "tt_conv"])
-def test_a_callback_returning_numpy_true_stops_the_run(solver):
-    rng = np.random.default_rng(0)
-    K = rng.standard_normal((4, 3, 3, 3))
-    X = rng.standard_normal((60, 27))
-    S = X.T @ X / 60
+def test_a_callback_returning_numpy_true_stops_the_run(data, solver):
+    K, S = data["K"], data["S"]
     calls = []
 
     def cb(result):
