@@ -269,9 +269,15 @@ def check_not_meta(model, who="statistics need"):
                 )
 
 
-def check_pass_options(*, chunk_bytes, forward, mask):
-    """Validate the options every pass over calibration data shares (named errors)."""
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+def check_pass_options(*, forward, mask, max_batches=None, chunk_bytes=None):
+    """Validate the options every pass over calibration data shares (named errors);
+    ``chunk_bytes`` None: not an option of the caller."""
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
+                         "None or a positive integer")
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool)
+                                    or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
         raise ValueError(f"chunk_bytes={chunk_bytes!r} is not allowed; chunk_bytes must be "
                          "a positive integer")
     if forward is not None and not callable(forward):

@@ -805,12 +805,7 @@ def _check_data_options(data, max_batches, forward, mask, min_speedup, example_i
     if given and data is None:
         raise ValueError(f"{given[0]}= needs data=: it describes the passes over the "
                          "calibration data")
-    check_pass_options(chunk_bytes=1, forward=forward, mask=mask)
-    if max_batches is not None and (isinstance(max_batches, bool)
-                                    or not isinstance(max_batches, numbers.Integral)
-                                    or max_batches < 1):
-        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
-                         "None or a positive integer")
+    check_pass_options(forward=forward, mask=mask, max_batches=max_batches)
     if forward is not None and min_speedup is not None and example_input is None:
         raise ValueError("min_speedup with forward= needs example_input= (one input of the "
                          "model): the batches of data are not the model's inputs as they are")

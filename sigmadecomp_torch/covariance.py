@@ -798,12 +798,8 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         if not isinstance(model, nn.Module):
             raise TypeError(f"model of type {type(model).__name__} is not allowed; model "
                             "must be a torch.nn.Module")
-        if max_batches is not None:
-            if (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                    or max_batches < 1):
-                raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches "
-                                 "must be None or a positive integer")
-        check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
+        check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask,
+                           max_batches=max_batches)
         if (isinstance(position_fraction, bool)
                 or not isinstance(position_fraction, (int, float))
                 or not 0 < position_fraction <= 1):

@@ -332,11 +332,8 @@ class _OutputAccumulator:
 
 def _check_pass(chunk_bytes, forward, mask, max_batches):
     """The options of the passes over the data (as :func:`collect_covariances` checks them)."""
-    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask)
-    if max_batches is not None and (isinstance(max_batches, bool)
-                                    or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches={max_batches!r} is not allowed; max_batches must be "
-                         "None or a positive integer")
+    check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask,
+                       max_batches=max_batches)
 
 
 def _check_reiterable(data, name="data"):
