@@ -67,7 +67,6 @@ import functools
 import inspect
 import math
 import numbers
-import os
 import sys
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -244,20 +243,19 @@ def relative_error(sq_err, sq_ref):
     return math.sqrt(sq_err / float(sq_ref))
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: The project's packages: frames in them are not the user's.
+_PACKAGES = ("sigmadecomp", "sigmadecomp_torch")
 
 
 def user_stacklevel():
-    """``stacklevel`` for a ``warnings.warn`` made by the caller of this function that
-    points at the first frame outside :mod:`sigmadecomp` (the user's call), whatever
-    the number of decorators in between; Python shows a ``DeprecationWarning`` by
-    default only when it is attributed to the user's code."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and os.path.dirname(
-            os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
-        frame = frame.f_back
-        level += 1
+    """The ``stacklevel`` for ``warnings.warn`` that names the first line outside the
+    project's packages: the user's call, however deep inside (and through which wrappers)
+    the function calling ``warnings.warn`` runs. Python shows a ``DeprecationWarning``
+    by default only when it is attributed to the user's code."""
+    frame, level = sys._getframe(1), 1  # the function that warns is level 1
+    while (frame.f_back is not None
+           and frame.f_globals.get("__name__", "").split(".")[0] in _PACKAGES):
+        frame, level = frame.f_back, level + 1
     return level
 
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from sigmadecomp.contract import user_stacklevel  # (one rule for the core and the adapter)
+
 __all__ = ["batch_mask", "check_materialized", "check_not_meta", "check_pass_options",
            "describe_item", "eval_modes", "model_device", "progress_bar", "run_batch", "to_device",
            "user_stacklevel"]
@@ -51,18 +53,6 @@ def _holds_inference_tensors(model):
         t.is_inference() for t in (*model.parameters(), *model.buffers()))
 
 
-_PACKAGES = ("sigmadecomp", "sigmadecomp_torch")
-
-
-def user_stacklevel():
-    """The ``stacklevel`` for ``warnings.warn`` that names the first line outside the
-    package: the user's call, however deep inside (and through which wrappers) the
-    function calling ``warnings.warn`` runs."""
-    frame, level = sys._getframe(1), 1  # the function that warns is level 1
-    while (frame.f_back is not None
-           and frame.f_globals.get("__name__", "").split(".")[0] in _PACKAGES):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @contextlib.contextmanager
