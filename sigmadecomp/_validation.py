@@ -250,6 +250,13 @@ def check_positive_float(value, name, *, allow_zero=False):
     return float(value)
 
 
+def check_flag(value, name):
+    """``value`` as a bool: True/False (NumPy booleans too); anything else is refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}={value!r} is not allowed; {name} must be True or False")
+
+
 def check_choice(value, name, choices):
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)

@@ -23,10 +23,9 @@ from typing import Optional
 import numpy as np
 
 from . import _backend as B
-from ._validation import check_array, check_choice, check_int
+from ._validation import check_array, check_choice, check_flag, check_int
 from .costs import (
     METHODS,
-    check_flag,
     check_hw_pair,
     layer_macs,
     layer_params,

@@ -73,7 +73,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from ._validation import check_choice, check_int, check_positive_float
+from ._validation import check_choice, check_flag, check_int, check_positive_float
 
 __all__ = [
     "InnerSolver",
@@ -191,10 +191,8 @@ def check_inner(inner, name="inner", *, defaults, methods=_METHODS, solver="", m
         vals["maxiter"] = check_int(vals["maxiter"], f"{name}.maxiter", low=1)
     if vals["dense_max"] is not None:
         vals["dense_max"] = check_int(vals["dense_max"], f"{name}.dense_max", low=0)
-    if inner.precond is not None and not isinstance(inner.precond, (bool, np.bool_)):
-        raise TypeError(f"{name}.precond={inner.precond!r} is not allowed; it must be True or False")
     if inner.precond is not None:  # numpy booleans count as the Python ones (linesearch, ...)
-        inner = replace(inner, precond=bool(inner.precond))
+        inner = replace(inner, precond=check_flag(inner.precond, f"{name}.precond"))
         vals["precond"] = inner.precond
     if inner.precond is False and defaults.get("precond") is None:
         raise ValueError(

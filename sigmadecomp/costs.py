@@ -50,7 +50,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from ._validation import COUNT_SLACK, check_int, check_positive_float
+from ._validation import COUNT_SLACK, check_flag, check_int, check_positive_float
 from .tt_modes import bond_caps, check_tt_ranks, clip_ranks, core_dims, shape_modes
 
 __all__ = [
@@ -398,13 +398,6 @@ def layer_macs(shape, method, ranks, out_hw=None, *, in_hw=None):
         return dense if out_hw is None else dense * out_hw[0] * out_hw[1]
     spec = method_spec(method, shape)
     return int(spec.macs(shape, spec.check_ranks(shape, ranks), out_hw, in_hw))
-
-
-def check_flag(value, name):
-    """``value`` as a bool: True/False (NumPy booleans too); anything else is refused."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{name}={value!r} is not allowed; {name} must be True or False")
 
 
 def _check_ratio(ratio):

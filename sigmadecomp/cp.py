@@ -54,6 +54,7 @@ from ._validation import (
     ZERO_RTOL,
     check_array,
     check_finite,
+    check_flag,
     check_int,
     check_magnitude,
     check_nonempty,
@@ -997,8 +998,7 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
     tol = check_tol(tol)
     l2_reg = check_positive_float(l2_reg, "l2_reg", allow_zero=True)
-    if not isinstance(linesearch, (bool, np.bool_)):
-        raise TypeError(f"linesearch={linesearch!r} is not allowed; linesearch must be True or False")
+    linesearch = check_flag(linesearch, "linesearch")
     callback = check_callback(callback, "cp")
     opts = check_inner(inner, defaults=INNER_DEFAULTS, methods=("auto", "cg"), solver="cp",
                        maxiter_words=("adaptive",))

@@ -37,13 +37,12 @@ import functools
 import time
 import warnings
 
-import numpy as np
 
 from . import _backend as B
 from ._threads import solver_threads
 from ._tt_algebra import pair_tensor, tt_matrix, tt_svd_dense
-from ._validation import (check_array, check_finite, check_int, check_magnitude, check_nonempty,
-                          check_positive_float, check_sigma)
+from ._validation import (check_array, check_finite, check_flag, check_int, check_magnitude,
+                          check_nonempty, check_positive_float, check_sigma)
 from .contract import (
     check_callback,
     check_init_name,
@@ -230,9 +229,7 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
     rtol = zero_rtol("float64") if rtol is None else check_positive_float(rtol, "rtol",
                                                                           allow_zero=True)
     callback = check_callback(callback, fname, _old_tt_callback)
-    if not isinstance(extrapolate, (bool, np.bool_)):
-        raise TypeError(f"extrapolate={extrapolate!r} is not allowed; extrapolate must be True "
-                        "or False")
+    extrapolate = check_flag(extrapolate, "extrapolate")
     rng = B.check_rng(rng)
     if eps is not None:
         eps = check_positive_float(eps, "eps", allow_zero=True)
