@@ -37,7 +37,6 @@ import functools
 import time
 import warnings
 
-
 from . import _backend as B
 from ._threads import solver_threads
 from ._tt_algebra import pair_tensor, tt_matrix, tt_svd_dense
