@@ -337,6 +337,25 @@ def _not_psd(name, lam_min, lam_max, tol):
     )
 
 
+def lambda_max_lower(S):
+    """A lower bound of the largest eigenvalue of the symmetric ``S`` (NumPy or torch),
+    without an eigen-solve: the largest diagonal entry and the Rayleigh quotients of a
+    few power iterations (those of unit vectors are lower bounds of lambda_max)."""
+    xp = B.namespace(S)
+    n = S.shape[0]
+    m = float(xp.max(xp.linalg.diagonal(S)))
+    v = xp.ones((n,), dtype=S.dtype, device=B.device(S)) / float(np.sqrt(n))
+    for _ in range(3):
+        w = S @ v
+        m = max(m, float(xp.sum(v * w)))
+        wmax = float(xp.max(xp.abs(w)))
+        if wmax == 0.0:
+            break
+        w = w / wmax  # (no overflow in the norm for huge entries)
+        v = w / float(xp.sqrt(xp.sum(w * w)))
+    return m
+
+
 def check_psd(S, dtype, name="sigma", *, eigenvalues=None, tol=None):
     """Refuse a symmetric ``S`` whose smallest eigenvalue is below ``-tol * lambda_max``.
 
@@ -363,17 +382,7 @@ def check_psd(S, dtype, name="sigma", *, eigenvalues=None, tol=None):
         return
     xp = B.namespace(S)
     if eigenvalues is None:
-        diag = xp.linalg.diagonal(S)
-        m = float(xp.max(diag))
-        v = xp.ones((n,), dtype=S.dtype, device=B.device(S)) / float(np.sqrt(n))
-        for _ in range(3):  # Rayleigh quotients of unit vectors are lower bounds of lambda_max
-            w = S @ v
-            m = max(m, float(xp.sum(v * w)))
-            wmax = float(xp.max(xp.abs(w)))
-            if wmax == 0.0:
-                break
-            w = w / wmax  # (no overflow in the norm for huge entries)
-            v = w / float(xp.sqrt(xp.sum(w * w)))
+        m = lambda_max_lower(S)
         if m > 0.0:
             shifted = xp.asarray(S, copy=True)
             idx = xp.arange(n, device=B.device(S))

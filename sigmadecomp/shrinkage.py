@@ -565,6 +565,7 @@ def match_moments(weight, sigma, target, *, maxiter=200):
     """
     import warnings
 
+    from .contract import user_stacklevel
     from .exceptions import CompressionWarning
 
     K = _flat(weight)
@@ -615,7 +616,7 @@ def match_moments(weight, sigma, target, *, maxiter=200):
             what = "the closest matrix found is returned"
         warnings.warn(f"match_moments: the output mean squares match their targets only to "
                       f"{dev:.2e} (relative) after maxiter={maxiter} steps; {why}; {what}",
-                      CompressionWarning, stacklevel=2)
+                      CompressionWarning, stacklevel=user_stacklevel())
     return MomentMatch(B.asarray_like(out, sigma), lam_all, scale)
 
 

@@ -52,26 +52,6 @@ def _describe(kind, weight_shape, geometry, groups):
     return out
 
 
-def _lambda_max_lower(a):
-    """A lower bound of the largest eigenvalue of the symmetric ``a``, without eigen-solve.
-
-    The largest diagonal entry and the Rayleigh quotients of a few power
-    iterations (as in :func:`sigmadecomp._validation.check_psd`).
-    """
-    n = a.shape[-1]
-    lam = float(a.diagonal().max())
-    v = torch.full((n,), n ** -0.5, dtype=a.dtype, device=a.device)
-    for _ in range(3):
-        w = a @ v
-        lam = max(lam, float(v @ w))
-        wmax = float(w.abs().max())
-        if wmax == 0.0:
-            break
-        w = w / wmax  # (no overflow in the norm)
-        v = w / w.norm()
-    return lam
-
-
 def _within_rounding(c, sigma, stored):
     """The float64 covariance ``c`` of float32 statistics, rounding below 0 clipped.
 
@@ -84,10 +64,10 @@ def _within_rounding(c, sigma, stored):
     PSD test of its user to refuse: it fails that test, since
     ``neg_rtol(stored) * lambda_max(sigma) >= NEG_RTOL["float64"] * lambda_max(c)``.
     """
-    from sigmadecomp._validation import neg_rtol
+    from sigmadecomp._validation import lambda_max_lower, neg_rtol
 
     c_sym = 0.5 * (c + c.T)
-    top = _lambda_max_lower(c_sym)
+    top = lambda_max_lower(c_sym)
     if top > 0.0:
         shifted = c_sym.clone()
         shifted.diagonal().add_(0.5 * neg_rtol(torch.float64) * top)
@@ -95,7 +75,7 @@ def _within_rounding(c, sigma, stored):
             return c
     lam, V = torch.linalg.eigh(c_sym)
     # lambda_max(c) <= lambda_max(sigma): both are lower bounds of the latter
-    scale = max(_lambda_max_lower(0.5 * (sigma + sigma.T)), float(lam[-1]))
+    scale = max(lambda_max_lower(0.5 * (sigma + sigma.T)), float(lam[-1]))
     if float(lam[0]) < -neg_rtol(stored) * scale:
         return c  # not rounding: the caller's PSD test refuses it (naming the layer)
     out = (V * lam.clamp(min=0.0)) @ V.T
