@@ -69,6 +69,7 @@ from .selection import (
     default_exclusions,
     default_layers,
     dense_reasons,
+    held_outside,
     module_kind,
     module_names,
     n_params,
@@ -321,6 +322,7 @@ def select_step(model, layers, explicit, ratio, canon=lambda n: n):
     name to the first name of its module. Also used by sequential compression.
     """
     skipped = []
+    _check_rank_names(model, explicit)
     order = layers if isinstance(layers, CallOrder) else None  # the default, by call order
     if order is not None:
         layers = None
@@ -349,19 +351,39 @@ def select_step(model, layers, explicit, ratio, canon=lambda n: n):
     return chosen, named, skipped, layers
 
 
+def _check_rank_names(model, explicit):
+    """Refuse keys of ``ranks`` that name no Conv2d/Linear module of ``model`` (a bare layer
+    is named ``''``), naming ``ranks`` rather than ``layers``."""
+    if not explicit:
+        return
+    if isinstance(model, SUPPORTED):
+        names = [""]
+    else:
+        names = [n for n, m in model.named_modules(remove_duplicate=False)
+                 if isinstance(m, SUPPORTED)]
+    for k in explicit:
+        if not isinstance(k, str):
+            raise TypeError(f"ranks has the key {k!r} of type {type(k).__name__}; its keys "
+                            "must be layer names (str), e.g. {'layer1.0.conv1': 8}")
+        if k not in names:
+            shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+            raise ValueError(f"ranks has the key {k!r}, which is not a Conv2d/Linear module of "
+                             f"the model; the Conv2d/Linear modules are: {shown}")
+
+
 #: The skip reason of a default layer without statistics.
 _NO_STATISTICS = "no statistics for this layer in covariances"
 
 
 def _plan(model, chosen, method, covariances, centered, options, paths, named, skipped):
     """Step 2: a :class:`LayerPlan` per layer that can be replaced (no decomposition yet)."""
-    owners = param_owners(model)
+    owners, held = param_owners(model), held_outside(model)
     cache = {}
     plans = []
     for name, module in chosen:
         kind = module_kind(module)
         names = paths.get(id(module), [name])
-        reason = obstacle(model, module, names, owners)
+        reason = obstacle(model, module, names, owners, held)
         stats_key = None
         if reason is None and covariances is not None:
             stats_key = next((n for n in names if n in covariances), None)
@@ -791,8 +813,21 @@ def _canonical_names(model, ranks):
     def canon(n):
         return canonical.get(n, n) if isinstance(n, str) else n
 
-    explicit = {canon(k): v for k, v in ranks.items()} if hasattr(ranks, "items") else {}
+    explicit, given_as = {}, {}
+    for k, v in (ranks.items() if hasattr(ranks, "items") else ()):
+        c = canon(k)
+        if c in explicit and not _same_ranks(explicit[c], v):
+            raise ValueError(f"ranks gives {given_as[c]!r}: {explicit[c]!r} and {k!r}: {v!r}, "
+                             "two names of one shared module; give its ranks once")
+        explicit[c], given_as[c] = v, k
     return paths, canon, explicit
+
+
+def _same_ranks(a, b):
+    try:
+        return bool(a == b)
+    except Exception:  # (e.g. tensors of several entries)
+        return False
 
 
 def _check_data_options(data, max_batches, forward, mask, min_speedup, example_input):
@@ -812,14 +847,15 @@ def _check_data_options(data, max_batches, forward, mask, min_speedup, example_i
 
 
 def _check_early(model, method, covariances, ratio, ranks, budget, layers, data, sequential,
-                 refit, inplace, centered, options, min_speedup=None, example_input=None):
+                 refit, inplace, centered, options, min_speedup=None, example_input=None,
+                 progress=True):
     """The checks of :func:`compress` that come before any pass over ``data`` or exchange:
     its options (method, ratio, ranks, budget, min_speedup: a bad value must not cost a
     pass over the calibration data first), and with ``data`` (one-shot) what the
     statistics pass checks, which then runs without an exchange of its own (the layer
     names, the batches' container)."""
     for flag, value in (("sequential", sequential), ("inplace", inplace),
-                        ("centered", centered)):
+                        ("centered", centered), ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag}={value!r} is not allowed; it must be True or False")
     # (centered needs the statistics, which data= collects later: checked with them)
@@ -1068,11 +1104,20 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     convolutions; ``Conv1d``, ``Conv3d``, transposed convolutions and
     ``Bilinear`` layers (listed when ``layers=None``); subclasses of
     ``Conv2d``/``Linear`` that override ``forward``; parametrized weights and
-    modules with forward hooks; weights tied to another module's parameter;
-    and layers whose parent reads their ``weight``/``bias`` directly instead
-    of calling them (``nn.MultiheadAttention.out_proj``, the Linear layers of
-    ``nn.TransformerEncoderLayer``; found in the source of the enclosing
-    modules' methods). A module registered under several names is replaced by
+    modules with forward or backward hooks; weights tied to another module's
+    parameter; layers a module also keeps in a plain list, tuple or dict
+    attribute (not ``nn.ModuleList``/``nn.ModuleDict``), where a replacement
+    would not reach; and layers whose parent reads their ``weight``/``bias`` directly
+    instead of calling them (``nn.MultiheadAttention.out_proj``, the Linear
+    layers of ``nn.TransformerEncoderLayer``; found in the source of the
+    enclosing modules' methods and properties, ``getattr(child, 'weight')``
+    included; a read in ``forward`` through a local name, e.g. ``for layer in
+    self.layers: F.linear(x, layer.weight)``, or by a function of the user's
+    module given ``self.child``, keeps the child's layers dense, or every
+    layer below the module when the source does not say which child it is).
+    A factorized layer keeps the size attributes of the layer it replaces
+    (``in_channels``, ``out_features``, ``kernel_size``, ...) but has no
+    ``weight``. A module registered under several names is replaced by
     one factorized module under every name (the report lists the other
     names in ``aliases``), and every factor keeps the ``requires_grad`` of
     the weight (the bias of the bias) it replaces. Convolutions called
@@ -1110,7 +1155,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     with _parallel.checking(group, path, exchange=not _checked):
         _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
                      sequential, refit, inplace, centered, options, min_speedup,
-                     example_input)
+                     example_input, progress)
         _check_data_options(data, max_batches, forward, mask, min_speedup, example_input)
     if example_from_data:
         from ._batches import batch_inputs, model_device

@@ -103,6 +103,17 @@ def register_layer_method(name, spec):
     if not isinstance(spec, LayerMethod):
         raise TypeError(f"spec of type {type(spec).__name__} is not allowed; spec must be "
                         "a LayerMethod")
+    from sigmadecomp.costs import METHODS
+
+    if spec.rank_method not in METHODS:
+        allowed = ", ".join(repr(m) for m in METHODS)
+        raise ValueError(f"spec.rank_method={spec.rank_method!r} is not allowed; it must be a "
+                         f"format known to sigmadecomp.ranks ({allowed}), or one added with "
+                         "sigmadecomp.ranks.register_method first")
+    for attr in ("decompose", "build"):
+        if not callable(getattr(spec, attr)):
+            raise TypeError(f"spec.{attr} of type {type(getattr(spec, attr)).__name__} is not "
+                            "allowed; it must be callable")
     LAYER_METHODS[name] = spec
 
 

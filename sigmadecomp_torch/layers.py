@@ -18,6 +18,11 @@ dilation.
 
 ``bias_shift`` (optional, shape ``(T,)``) is added to the original bias: the
 bias correction ``b~ = b + (K_(1) - K~_(1)) mu`` of the centered variant.
+
+Each layer keeps the size and geometry attributes of the layer it replaces
+(``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``,
+``dilation``, ``groups``, ``padding_mode``; ``in_features``, ``out_features``
+for a Linear), so that code reading them still runs; it has no ``weight``.
 """
 
 from __future__ import annotations
@@ -91,6 +96,24 @@ def _geom(conv):
                 padding_mode=conv.padding_mode)
 
 
+def _describe(layer, original):
+    """Give ``layer`` the size and geometry attributes of the layer it replaces.
+
+    Code that reads ``conv.out_channels`` or ``fc.in_features`` of a layer
+    (e.g. to reshape its input) keeps working once the layer is factorized;
+    the values are plain Python attributes, not parameters.
+    """
+    if isinstance(original, nn.Linear):
+        layer.in_features, layer.out_features = original.in_features, original.out_features
+        return
+    layer.in_channels, layer.out_channels = original.in_channels, original.out_channels
+    layer.kernel_size = tuple(original.kernel_size)
+    layer.stride, layer.dilation = tuple(original.stride), tuple(original.dilation)
+    padding = original.padding
+    layer.padding = padding if isinstance(padding, str) else tuple(padding)
+    layer.padding_mode, layer.groups = original.padding_mode, original.groups
+
+
 class Tucker2Conv2d(nn.Sequential):
     """Tucker-2 convolution: ``K ~= G x_1 U_T x_2 U_S``.
 
@@ -134,6 +157,7 @@ class Tucker2Conv2d(nn.Sequential):
             ("core", partial(nn.Conv2d, rS, rT, (H, W), **_geom(conv)), core),
             ("last", partial(nn.Conv2d, rT, T, 1), U_T.reshape(T, rT, 1, 1)),
         ]))
+        _describe(self, conv)
 
     @classmethod
     def from_result(cls, conv, result, *, bias_shift=None):
@@ -206,6 +230,7 @@ class CPConv2d(nn.Sequential):
              D.T.reshape(R, 1, 1, W)),
             ("last", partial(nn.Conv2d, R, T, 1), (A * lam[None, :]).reshape(T, R, 1, 1)),
         ]))
+        _describe(self, conv)
 
     @classmethod
     def from_result(cls, conv, result, *, bias_shift=None):
@@ -252,6 +277,7 @@ class LowRankConv2d(nn.Sequential):
             ("first", partial(nn.Conv2d, S, r, (H, W), **_geom(conv)), Rt.reshape(r, S, H, W)),
             ("last", partial(nn.Conv2d, r, T, 1), L.reshape(T, r, 1, 1)),
         ]))
+        _describe(self, conv)
 
     @classmethod
     def from_result(cls, conv, result, *, bias_shift=None):
@@ -299,6 +325,7 @@ class LowRankLinear(nn.Sequential):
             ("first", partial(nn.Linear, n, r), Rt),
             ("last", partial(nn.Linear, r, T), L),
         ]))
+        _describe(self, linear)
 
     @classmethod
     def from_result(cls, linear, result, *, bias_shift=None):

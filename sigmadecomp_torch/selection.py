@@ -4,8 +4,8 @@ The first step of the pipeline: the default choice of layers
 (:func:`default_layers`), the modules listed as skipped with their reason
 (first/last layer, kinds no factorized layer stands in for), and the
 obstacles that keep a chosen layer dense (grouped convolution, overridden
-``forward``, parametrization, hooks, tied weights, a parent that reads the
-layer's weight directly).
+``forward``, parametrization, forward or backward hooks, tied weights, a parent
+that reads the layer's weight directly).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from torch import nn
 from ._batches import call_with, eval_modes
 
 __all__ = ["default_layers", "dense_reasons", "module_kind", "module_names", "obstacle",
-           "param_owners", "default_exclusions", "unsupported_modules", "n_params", "SUPPORTED"]
+           "param_owners", "held_outside", "default_exclusions", "unsupported_modules",
+           "n_params", "SUPPORTED"]
 
 
 def module_kind(module):
@@ -287,7 +288,19 @@ def unsupported_modules(model):
 # -------------------------------------------------------- surgery obstacles
 
 
-_READ = re.compile(r"(?:\.\s*([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\])\s*\.\s*(?:weight|bias)\b")
+_READ = re.compile(
+    r"(?:\.\s*([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\]|\[\s*['\"](\w+)['\"]\s*\])"
+    r"\s*\.\s*(?:weight|bias)\b"
+    # getattr(self.conv, 'weight'), getattr(self.convs[0], "bias")
+    r"|getattr\(\s*[\w.]*?(?:\.\s*([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\]"
+    r"|\[\s*['\"](\w+)['\"]\s*\])\s*,\s*['\"](?:weight|bias)['\"]")
+#: A weight/bias read through a local name (``for layer in self.layers: layer.weight``,
+#: ``conv = self.conv; conv.weight``, ``getattr(layer, 'weight')``): which child it is
+#: cannot be told from the source.
+_READ_LOCAL = re.compile(r"(?<![\w.\])])\b(?!self\b)([A-Za-z_]\w*)\s*\.\s*(?:weight|bias)\b"
+                         r"|getattr\(\s*(?!self\s*,)([A-Za-z_]\w*)\s*,\s*['\"](?:weight|bias)['\"]")
+#: Methods whose reads through a local name count (where a module computes its output).
+_FORWARD_METHODS = frozenset({"forward", "_forward", "__call__"})
 _SETUP_METHODS = frozenset({"__init__", "reset_parameters", "_reset_parameters",
                             "init_weights", "_init_weights", "extra_repr", "__repr__",
                             "__setstate__"})
@@ -297,26 +310,93 @@ _SETUP_METHODS = frozenset({"__init__", "reset_parameters", "_reset_parameters",
 def _children_read_by(cls):
     """``{child name: 'Class.method'}`` of children whose weight/bias ``cls`` reads.
 
-    Found in the source of the class's methods (``self.out_proj.weight``,
-    ``layer.linear1.bias``, ``self.head[0].weight``), set-up methods excluded.
+    Found in the source of the class's methods and properties
+    (``self.out_proj.weight``, ``layer.linear1.bias``, ``self.head[0].weight``,
+    ``self.convs['a'].weight``, ``getattr(self.conv, 'weight')``), set-up
+    methods excluded. Reads in ``forward`` (and the methods of the class it calls)
+    through a local name (``layer.weight`` in ``for layer in self.layers``) or by
+    a plain function it calls are keyed
+    ``'*child'`` (every layer below that child) or ``'*'`` (every layer below
+    the module) when the source does not say which child.
     """
-    found = {}
+    sources = []  # (class, attribute, function, source)
     for klass in cls.__mro__:
         if klass is nn.Module or klass is object or not issubclass(klass, nn.Module):
             continue
-        for attr, fn in vars(klass).items():
+        for attr, value in vars(klass).items():
             if attr in _SETUP_METHODS:
                 continue
-            fn = getattr(fn, "__func__", fn)
-            if not inspect.isfunction(fn):
-                continue
-            try:
-                src = inspect.getsource(fn)
-            except (OSError, TypeError):
-                continue
-            for m in _READ.finditer(src):
-                found.setdefault(m.group(1) or m.group(2), f"{klass.__name__}.{attr}")
+            # methods, static/class methods and the accessors of properties
+            fns = ([value.fget, value.fset, value.fdel] if isinstance(value, property)
+                   else [getattr(value, "__func__", value)])
+            for fn in fns:
+                if not inspect.isfunction(fn):
+                    continue
+                try:
+                    sources.append((klass, attr, fn, inspect.getsource(fn)))
+                except (OSError, TypeError):
+                    continue
+    # where the output is computed: forward and the methods of its own it calls
+    computing = set(_FORWARD_METHODS)
+    for _, attr, _, src in sources:
+        if attr in _FORWARD_METHODS:
+            computing.update(re.findall(r"\bself\s*\.\s*(\w+)\s*\(", src))
+    computing -= _SETUP_METHODS
+    found = {}
+    for klass, attr, fn, src in sources:
+        where = f"{klass.__name__}.{attr}"
+        for m in _READ.finditer(src):
+            found.setdefault(next(g for g in m.groups() if g is not None), where)
+        if attr in computing:
+            for m in _READ_LOCAL.finditer(src):
+                local = m.group(1) or m.group(2)
+                found.setdefault(_ANY_CHILD + _bound_to(src, local),
+                                 f"{where}, through the local name {local!r}")
+            for key, helper in _read_by_helpers(fn, src):
+                found.setdefault(key, f"{where}, through {helper}()")
     return found
+
+
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+
+
+def _read_by_helpers(fn, src):
+    """``[(key, helper name)]``: plain functions of the user's code that ``src`` (the source
+    of ``fn``) calls and that read a ``weight``/``bias`` of an argument; the key is
+    ``'*child'`` for each ``self.child`` passed to it, else ``'*'``."""
+    out = []
+    for m in _CALL.finditer(src):
+        helper = fn.__globals__.get(m.group(1))
+        if (not inspect.isfunction(helper) or helper is fn
+                or (helper.__module__ or "").split(".")[0] == "torch"):
+            continue
+        try:
+            body = inspect.getsource(helper)
+        except (OSError, TypeError):
+            continue
+        if not _READ_LOCAL.search(body) and not _READ.search(body):
+            continue
+        children = re.findall(r"\bself\s*\.\s*(\w+)(?!\w|\s*\()", m.group(2))  # (not calls)
+        out += [(_ANY_CHILD + c, m.group(1)) for c in children] or [(_ANY_CHILD, m.group(1))]
+    return out
+
+
+#: The key of :func:`_children_read_by` for reads that may concern any descendant
+#: (``'*'``), or any descendant of one child (``'*layers'``).
+_ANY_CHILD = "*"
+
+
+def _bound_to(src, local):
+    """The child ``local`` is taken from in ``src`` (``for local in self.layers``,
+    ``local = self.conv``), when every binding of it names the same one; else ``''``."""
+    name = re.escape(local)
+    bindings = re.findall(
+        rf"\bfor\s+(?:\w+\s*,\s*)?{name}\s+in\s+(?:enumerate\(\s*)?self\.(\w+)\s*\)?\s*:"
+        rf"|\b{name}\s*=\s*self\.(\w+)\s*(?:\[[^\]]*\])?\s*$", src, flags=re.M)
+    children = {a or b for a, b in bindings}
+    others = len(re.findall(rf"\bfor\s+[\w\s,]*\b{name}\b[\w\s,]*\bin\b"
+                            rf"|\b{name}\s*(?:,[\w\s,]*)?=(?!=)", src))
+    return children.pop() if len(children) == 1 and others == len(bindings) else ""
 
 
 def _read_by_ancestor(model, path):
@@ -329,9 +409,9 @@ def _read_by_ancestor(model, path):
         anc_path = ".".join(parts[:k])
         anc = model.get_submodule(anc_path)
         reads = _children_read_by(type(anc))
-        keys = {leaf}
+        keys = [leaf, _ANY_CHILD, _ANY_CHILD + parts[k]]
         if leaf.lstrip("-").isdigit() and k == len(parts) - 1 and hasattr(anc, "__len__"):
-            keys.add(str(int(leaf) - len(anc)))
+            keys.append(str(int(leaf) - len(anc)))
         for key in keys:
             if key in reads:
                 return anc_path, reads[key]
@@ -355,19 +435,23 @@ def dense_reasons(model, names):
     parameter and never calls, needs no statistics.
     """
     modules = dict(model.named_modules())
-    paths, owners = module_names(model), param_owners(model)
+    paths, owners, held = module_names(model), param_owners(model), held_outside(model)
     out = {}
     for n in names:
         m = modules.get(n)
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            why = obstacle(model, m, paths.get(id(m), [n]), owners)
+            why = obstacle(model, m, paths.get(id(m), [n]), owners, held)
             if why is not None:
                 out[n] = why
     return out
 
 
-def obstacle(model, module, paths, owners):
-    """Why ``module`` cannot be replaced by a factorized one (or None)."""
+def obstacle(model, module, paths, owners, held=None):
+    """Why ``module`` cannot be replaced by a factorized one (or None).
+
+    ``owners`` is :func:`param_owners` of ``model``, ``held`` its
+    :func:`held_outside` (computed here when None).
+    """
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return "uninitialized lazy module: run one batch through the model first"
     if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -381,6 +465,8 @@ def obstacle(model, module, paths, owners):
                 "parametrization first")
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks, which a replacement would silently drop"
+    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
+        return "it has backward hooks, which a replacement would silently drop"
     for pname in ("weight", "bias"):
         p = getattr(module, pname, None)
         if p is None:
@@ -390,6 +476,11 @@ def obstacle(model, module, paths, owners):
             where = ", ".join(f"{o[0]!r}.{o[2]}" if o[0] else o[2] for o in others[:3])
             return (f"its {pname} is tied to {where}; compressing it would untie the "
                     "shared parameter")
+    held = held_outside(model) if held is None else held
+    if id(module) in held:
+        return (f"it is also held in {held[id(module)]}, a plain container that is not a "
+                "registered submodule; a replacement would not reach it there (use "
+                "nn.ModuleList/nn.ModuleDict)")
     for path in paths:
         found = _read_by_ancestor(model, path)
         if found is not None:
@@ -399,6 +490,27 @@ def obstacle(model, module, paths, owners):
             return (f"its parent {type(anc).__name__}{at} reads its weight/bias directly "
                     f"(in {where}), which a factorized module does not have")
     return None
+
+
+def held_outside(model):
+    """``{id(module): 'Class.attribute'}``: modules of ``model`` that a module of it also keeps
+    in a plain list, tuple, set or dict attribute (not ``nn.ModuleList``/``ModuleDict``),
+    where surgery, which replaces registered submodules, would leave the original."""
+    out = {}
+    for _, mod in model.named_modules():
+        for attr, value in vars(mod).items():
+            if attr in ("_modules", "_parameters", "_buffers"):
+                continue
+            if isinstance(value, Mapping):
+                items = value.values()
+            elif isinstance(value, (list, tuple, set, frozenset)):
+                items = value
+            else:
+                continue
+            for item in items:
+                if isinstance(item, nn.Module):
+                    out.setdefault(id(item), f"{type(mod).__name__}.{attr}")
+    return out
 
 
 def param_owners(model):
