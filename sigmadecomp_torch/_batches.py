@@ -80,20 +80,75 @@ def check_not_nested(x, name):
             "padded positions out of the statistics")
 
 
+def match_token_rows(x, mask):
+    """``(rows, how)``: the rows of a Linear input ``x`` (..., features) kept by a token
+    ``mask`` of shape (batch, seq), and how the mask was matched to ``x``.
+
+    ``how`` is None when the mask does not apply (``x`` returned unchanged), else:
+
+    * ``"batch_first"``: the leading dimensions of ``x`` start with the mask's shape,
+      ``(batch, seq, ..., features)`` (e.g. ``(batch, seq, heads, features)``);
+    * ``"square"``: the same, with a square mask of more than one token (batch size =
+      sequence length), so ``x`` could as well be sequence-first; applied as
+      (batch, seq);
+    * ``"seq_first"``: ``x`` is ``(seq, batch, ..., features)`` (non-square mask);
+    * ``"flattened"``: ``x`` is 2-D with ``mask.numel()`` rows, the tokens flattened
+      before the layer (``h.reshape(-1, d)``); row ``i`` is taken as the ``i``-th entry
+      of the mask in its row-major order, i.e. ``(batch, seq)`` rows as a batch-first
+      model flattens them (a sequence-first model flattens ``(seq, batch)``: give it a
+      mask of that shape).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sigmadecomp_torch._batches import match_token_rows
+    >>> mask = torch.tensor([[True, True, False], [True, False, False]])
+    >>> [(tuple(r.shape), how) for r, how in (
+    ...     match_token_rows(torch.ones(2, 3, 4), mask),
+    ...     match_token_rows(torch.ones(3, 2, 4), mask),
+    ...     match_token_rows(torch.ones(2, 3, 5, 4), mask),
+    ...     match_token_rows(torch.ones(6, 4), mask),
+    ...     match_token_rows(torch.ones(2, 4), mask))]
+    [((3, 4), 'batch_first'), ((3, 4), 'seq_first'), ((3, 5, 4), 'batch_first'), \
+((3, 4), 'flattened'), ((2, 4), None)]
+    """
+    if mask is None or mask.ndim == 0 or x.ndim < 2:
+        return x, None
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(mask.shape) or (mask.ndim == 2 and lead[:2] == tuple(mask.shape)):
+        square = x.ndim >= 3 and mask.ndim == 2 and mask.shape[0] == mask.shape[1] > 1
+        return x[mask.to(x.device)], "square" if square else "batch_first"
+    if mask.ndim != 2:  # (only a (batch, seq) mask is matched further)
+        return x, None
+    if x.ndim >= 3 and mask.shape[0] != mask.shape[1] and lead[:2] == tuple(mask.shape[::-1]):
+        return x.transpose(0, 1)[mask.to(x.device)], "seq_first"  # sequence first
+    if x.ndim == 2 and x.shape[0] == mask.numel():  # tokens flattened
+        return x[mask.reshape(-1).to(x.device)], "flattened"
+    return x, None
+
+
 def token_rows(x, mask):
     """``(rows, used, square)``: the rows of a Linear input ``x`` kept by a token ``mask``
-    of shape (batch, seq) -- or (seq, batch) for a sequence-first input -- whether the mask
-    applied, and whether it was ambiguous (square, more than one token: applied as
-    (batch, seq)). Without a matching mask ``x`` is returned unchanged."""
-    if mask is None:
-        return x, False, False
-    if tuple(x.shape[:-1]) == tuple(mask.shape):
-        square = x.ndim == 3 and mask.shape[0] == mask.shape[1] > 1
-        return x[mask.to(x.device)], True, square
-    if (x.ndim == 3 and mask.ndim == 2 and mask.shape[0] != mask.shape[1]
-            and tuple(x.shape[:2]) == tuple(mask.shape[::-1])):  # sequence first
-        return x.transpose(0, 1)[mask.to(x.device)], True, False
-    return x, False, False
+    (matched as :func:`match_token_rows` says), whether the mask applied, and whether it
+    was ambiguous (square, more than one token: applied as (batch, seq)). Without a
+    matching mask ``x`` is returned unchanged."""
+    rows, how = match_token_rows(x, mask)
+    return rows, how is not None, how == "square"
+
+
+def warn_flattened_order(seq_first, flattened):
+    """Warn when one pass matched a token mask both sequence-first (layer ``seq_first``)
+    and to flattened tokens (layer ``flattened``): the flattened rows were read in the
+    mask's (batch, seq) order, which a sequence-first model does not use. Either name None:
+    no warning."""
+    if seq_first is None or flattened is None:
+        return
+    warnings.warn(f"layer {seq_first!r} reads its tokens sequence-first (seq, batch, "
+                  f"features), but layer {flattened!r} reads them flattened to 2-D rows, "
+                  "to which the token mask was applied in its (batch, seq) order; if the "
+                  "model flattens (seq, batch) tokens, pass mask=lambda b: <mask>.T so "
+                  "that the mask has the model's token layout", RuntimeWarning,
+                  stacklevel=user_stacklevel())
 
 
 def warn_mask_use(square, given, used):
@@ -114,12 +169,24 @@ def warn_mask_use(square, given, used):
 
 
 def describe_item(v):
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return f"{v.dtype} NumPy array {tuple(v.shape)}"
     if isinstance(v, torch.Tensor):
         return f"{str(v.dtype).replace('torch.', '')} tensor {tuple(v.shape)}"
     return type(v).__name__
 
 
+def _from_numpy(v):
+    """A NumPy array as a tensor (its memory shared when possible); anything else as it is."""
+    import numpy as np
+
+    return torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+
+
 def to_device(v, device):
+    v = _from_numpy(v)
     if isinstance(v, torch.Tensor):
         if v.is_meta:
             raise ValueError("the batch holds a tensor on the meta device (no data); "
@@ -142,14 +209,18 @@ def call_with(model, example_input):
 def batch_inputs(batch, device):
     """The model's input in ``batch`` by the documented batch rules, on ``device``: the
     tensor itself, the mapping of keyword arguments (as a dict), or the inputs of an
-    ``(inputs,)`` / ``(inputs, targets)`` tuple; None for any other batch."""
+    ``(inputs,)`` / ``(inputs, targets)`` tuple; None for any other batch. NumPy arrays
+    count as tensors."""
+    batch = _from_numpy(batch)
     if isinstance(batch, torch.Tensor):
         return to_device(batch, device)
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor)
-            and (len(batch) == 1 or (len(batch) == 2 and batch[0].is_floating_point()))):
-        return to_device(batch[0], device)
+    if isinstance(batch, (tuple, list)) and batch:
+        first = _from_numpy(batch[0])
+        if isinstance(first, torch.Tensor) and (
+                len(batch) == 1 or (len(batch) == 2 and first.is_floating_point())):
+            return to_device(first, device)
     return None
 
 
@@ -160,7 +231,8 @@ def run_batch(model, batch, index, device, forward):
     inputs = batch_inputs(batch, device)
     if inputs is not None:
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+    if (isinstance(batch, (tuple, list)) and batch
+            and isinstance(_from_numpy(batch[0]), torch.Tensor)):
         items = ", ".join(describe_item(v) for v in batch)
         raise TypeError(
             f"batch {index} is a {type(batch).__name__} of {len(batch)} items ({items}); "
@@ -187,6 +259,7 @@ def batch_mask(mask, batch, index, device):
         m, what = batch["attention_mask"], "batch['attention_mask']"
     else:
         m, what = mask(batch), "mask(batch)"
+    m = _from_numpy(m)
     if m is None:
         return None
     if isinstance(m, torch.Tensor) and m.is_meta:
@@ -196,6 +269,13 @@ def batch_mask(mask, batch, index, device):
     if not isinstance(m, torch.Tensor) or m.is_complex():
         raise TypeError(f"{what} of batch {index} is a {describe_item(m)}; the token mask "
                         "must be a real-valued tensor (True/nonzero = a real token)")
+    if m.dtype != torch.bool and m.numel() and not bool(((m == 0) | (m == 1)).all()):
+        bad = m[(m != 0) & (m != 1)].reshape(-1)[0].item()
+        raise ValueError(
+            f"{what} of batch {index} holds the value {bad!r}; a token mask holds 0/1 or "
+            "True/False (1 = a real token). An additive attention mask (0 for a real "
+            "token, a large negative number for padding) is not one: pass "
+            "mask=lambda b: b['attention_mask'] == 0 (or mask=None for no mask)")
     return m.to(device) != 0
 
 
@@ -218,9 +298,11 @@ def progress_bar(iterable, *, total, enabled, desc):
 
 
 def as_batches(data):
-    """``data`` as an iterable of batches: a tensor or a mapping is one batch (not its rows
-    or keys); a string or anything not iterable is refused (named error)."""
-    if isinstance(data, (torch.Tensor, Mapping)):
+    """``data`` as an iterable of batches: a tensor, a NumPy array or a mapping is one batch
+    (not its rows or keys); a string or anything not iterable is refused (named error)."""
+    import numpy as np
+
+    if isinstance(data, (torch.Tensor, Mapping, np.ndarray)):
         return [data]
     # (without calling iter: that would start a DataLoader's worker processes)
     iterable = isinstance(data, Iterable) or hasattr(type(data), "__getitem__")

@@ -50,8 +50,9 @@ from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
 from ._batches import (as_batches, batch_mask, check_not_meta, check_not_nested,
-                       check_pass_options, eval_modes, model_device, progress_bar, run_batch,
-                       token_rows, user_stacklevel, warn_mask_use)
+                       check_pass_options, eval_modes, match_token_rows, model_device,
+                       progress_bar, run_batch, token_rows, user_stacklevel,
+                       warn_flattened_order, warn_mask_use)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 from .parallel import agree, checking, resolve_group
 
@@ -139,6 +140,8 @@ class _Run:
         self.serial = itertools.count()
         self.mask_used = False
         self.square_mask = None  # (layer, shape) of a 3-D input read under a square mask
+        self.seq_first = None  # first layer whose input matched the mask sequence-first
+        self.flattened = None  # first layer whose 2-D input matched the flattened mask
         self.buffers = {}  # (slot, device) -> flat uint8 tensor
 
     def start(self, mask):
@@ -260,10 +263,13 @@ class _Accumulator:
             self.xs = torch.zeros(self.shape[:-1], dtype=torch.float64, device=self.device)
 
     # -- the hook ----------------------------------------------------------
-    def __call__(self, module, args):
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"layer {self.name!r}: the input is not a tensor")
-        x = args[0]
+    def __call__(self, module, args, kwargs=None):
+        # (a layer may be called with its input as a keyword: layer(input=x))
+        given = args[0] if args else (kwargs or {}).get("input")
+        if not isinstance(given, torch.Tensor):
+            raise TypeError(f"layer {self.name!r}: the input is not a tensor (got "
+                            f"{type(given).__name__})")
+        x = given
         check_not_nested(x, self.name)
         if x.is_meta:
             raise ValueError(f"layer {self.name!r}: its input is on the meta device (no "
@@ -273,8 +279,8 @@ class _Accumulator:
             raise TypeError(f"layer {self.name!r}: input has dtype {x.dtype}; a floating "
                             "point input is required")
         run = self.run
-        key = (id(args[0]), self.signature)
-        seen = [e for e in run.registry.get(key, ()) if e.same(args[0])]
+        key = (id(given), self.signature)
+        seen = [e for e in run.registry.get(key, ()) if e.same(given)]
         if self.link is None and self.calls == 0:
             for e in seen:
                 if e.acc.link is None and e.acc.first_batch == run.batch:
@@ -308,8 +314,8 @@ class _Accumulator:
         serial = next(run.serial)
         self.provided.append(serial)
         entries = run.registry.setdefault(key, [])
-        entries[:] = [e for e in entries if e.ref() is args[0]]  # drop dead ids
-        entries.append(_Seen(args[0], self, serial))
+        entries[:] = [e for e in entries if e.ref() is given]  # drop dead ids
+        entries.append(_Seen(given, self, serial))
         return None  # the input is left unchanged
 
     def _add(self, x, mask):
@@ -384,11 +390,15 @@ class _Accumulator:
                 f"layer {self.name!r}: input has shape {tuple(x.shape)}; a Linear layer "
                 f"with in_features={self.n} needs inputs of shape (..., {self.n})"
             )
-        x, used, square = token_rows(x, mask)
-        if used:
+        x, how = match_token_rows(x, mask)
+        if how is not None:
             self.masked = self.run.mask_used = True
-        if square and self.run.square_mask is None:
+        if how == "square" and self.run.square_mask is None:
             self.run.square_mask = (self.name, tuple(mask.shape))
+        if how == "seq_first" and self.run.seq_first is None:
+            self.run.seq_first = self.name
+        if how == "flattened" and self.run.flattened is None:
+            self.run.flattened = self.name
         X = x.reshape(-1, self.n).to(self.device)
         rows = max(1, self.chunk_bytes // (self.n * (X.element_size() + 8)))
         for a in range(0, X.shape[0], rows):
@@ -608,6 +618,14 @@ def select_layers(model, layers=None, *, name="layers"):
     order = {n: i for i, n in enumerate(modules)}
     out = []
     for n in names:
+        if isinstance(n, str) and n not in modules:
+            alias = next((m for path, m in model.named_modules(remove_duplicate=False)
+                          if path == n), None)
+            if alias is not None:  # a second name of a module registered twice
+                first = next(k for k, m in modules.items() if m is alias)
+                raise ValueError(
+                    f"{name} contains {n!r}, a second name of the module {first!r} (one "
+                    f"module registered under both names); name it {first!r}")
         if not isinstance(n, str) or n not in modules:
             avail = ", ".join(repr(c) for c, _ in candidates[:12])
             more = ", ..." if len(candidates) > 12 else ""
@@ -643,8 +661,9 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         Left in the training/eval mode it came in, with no hooks attached
         afterwards (also when a batch raises).
     data : iterable of batches, a tensor or a mapping
-        A tensor or a mapping ``data`` is one batch. Each batch is run by these
-        rules:
+        A tensor (or NumPy array) or a mapping ``data`` is one batch. Each
+        batch is run by these rules (a NumPy array anywhere below counts as
+        a tensor and is converted to one):
 
         * a tensor ``x``: ``model(x)``;
         * a mapping (a dict, a Hugging Face ``BatchEncoding``):
@@ -697,12 +716,18 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         itself). Its return value is not used.
     mask : "auto", None or callable, optional
         Token mask for padded sequences: a bool (or 0/1) tensor, True/1 for a
-        real token. Rows of a ``Linear`` layer's input whose leading shape
-        equals the mask's shape (``(batch, seq)``, or ``(seq, batch)`` for
-        sequence-first layers) enter the statistics only where the mask is
-        true, so ``count`` is the number of real tokens. Inputs of other
-        shapes (e.g. a classifier head after pooling) and convolutions use all
-        rows. ``"auto"`` (default): the ``"attention_mask"`` entry of mapping
+        real token (other values, as in an additive attention mask, are
+        refused with a ``ValueError``). Rows of a ``Linear`` layer's input whose leading shape
+        starts with the mask's shape (``(batch, seq, ..., features)``, or
+        ``(seq, batch, ..., features)`` for sequence-first layers) enter the
+        statistics only where the mask is true, so ``count`` is the number of
+        real tokens. A 2-D input of ``batch * seq`` rows (tokens flattened
+        before the layer, ``h.reshape(-1, d)``) is masked by the flattened
+        mask, in the mask's row-major (batch, seq) order; a model that
+        flattens (seq, batch) tokens needs a mask of that shape (a warning is
+        given when one pass met both sequence-first and flattened inputs).
+        Inputs of other shapes (e.g. a classifier head after pooling) and
+        convolutions use all rows. ``"auto"`` (default): the ``"attention_mask"`` entry of mapping
         batches (Hugging Face convention), no mask otherwise; a callable
         ``mask(batch)`` returns the mask of any batch (e.g.
         ``lambda b: ~b["src_key_padding_mask"]`` for
@@ -753,8 +778,9 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     ------
     ValueError
         Empty ``data``, an input of the wrong shape, non-finite activations,
-        an unknown layer name, a chosen layer that never ran, or a model or
-        batch on the ``meta`` device.
+        an unknown layer name, a chosen layer that never ran, a model or
+        batch on the ``meta`` device, a ``device`` that is not available, or
+        a token mask with values other than 0/1.
     TypeError
         A batch the rules above do not cover (pass ``forward``).
 
@@ -822,7 +848,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         data = as_batches(data)  # (a tensor or a mapping is one batch, not its rows or keys)
         if device is None:
             device = model_device(model)
-        device = torch.device(device)
+        device = _check_device(device)
         if device.type == "meta":
             raise ValueError("device='meta' is not allowed; statistics need real data (use "
                              "the device of the model's weights)")
@@ -843,7 +869,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         total = min(total, max_batches)
     try:
         for name, m in chosen:
-            handles.append(m.register_forward_pre_hook(accs[name]))
+            handles.append(m.register_forward_pre_hook(accs[name], with_kwargs=True))
         batches = data if max_batches is None else itertools.islice(data, max_batches)
         it = progress_bar(batches, total=total, enabled=progress and (total is None or total > 1),
                        desc="collect_covariances")
@@ -864,6 +890,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         for h in handles:
             h.remove()
     warn_mask_use(run.square_mask, mask_seen, run.mask_used)
+    warn_flattened_order(run.seq_first, run.flattened)
     if group is not None:
         agree(group, "collecting statistics", signature)
         _all_reduce(list(accs.values()))
@@ -893,6 +920,23 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                           stacklevel=user_stacklevel())
             continue
         out[name] = results[src]
+    return out
+
+
+def _check_device(device):
+    """``device`` as an available ``torch.device``, or an error naming the argument
+    (raised with the argument checks, before any batch is read)."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device={device!r} is not allowed; device must be None, a "
+                        "torch.device, a string such as 'cpu' or a device index")
+    try:
+        out = torch.device(device)
+        if out.type != "meta":
+            torch.empty(0, device=out)  # it exists and is available here
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable device
+        raise ValueError(f"device={device!r} is not allowed: that device is not available "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
     return out
 
 
@@ -949,10 +993,11 @@ def position_seed(seed, index, group=None):
     >>> position_seed(7, 2, (0, 2)) != position_seed(7, 2, (1, 2))
     True
     """
-    try:
-        base = int(seed) + int(index)
-    except (TypeError, ValueError):
-        raise TypeError(f"seed={seed!r} is not allowed; seed must be an integer") from None
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed={seed!r} is not allowed; seed must be an integer")
+    base = int(seed) + int(index)
     if group is None:
         return base
     import numpy as np

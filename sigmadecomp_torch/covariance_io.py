@@ -25,12 +25,30 @@ _FORMATS = ("sigmadecomp.covariances/1", _FORMAT)
 _META_KEY = "sigmadecomp.layers"
 
 
+def _digest(sigma, mean):
+    """A checksum of the bytes, dtypes and shapes of a statistic's two tensors (hex).
+
+    Stored with each statistic, so that damaged tensor bytes (which neither file
+    format detects by itself) are refused on loading.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for t in (sigma, mean):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _entry_meta(v, same_as=None):
     meta = {"count": int(v.count), "layer": str(v.layer), "groups": int(v.groups),
             "kind": v.kind, "geometry": v.geometry,
             "weight_shape": None if v.weight_shape is None else list(v.weight_shape)}
     if same_as is not None:
         meta["same_as"] = same_as
+    else:
+        meta["digest"] = _digest(v.sigma, v.mean)
     return meta
 
 
@@ -97,6 +115,11 @@ def save_covariances(stats, path):
 
 
 def _build(path, name, info, sigma, mean, map_location):
+    digest = info.get("digest")
+    if digest is not None and digest != _digest(sigma, mean):
+        raise ValueError(f"{path!r}: the sigma/mean tensors of layer {name!r} do not match "
+                         "the checksum saved with them; the file is corrupt (save the "
+                         "statistics again)")
     try:
         geometry = info.get("geometry")
         if isinstance(geometry, str):
@@ -139,8 +162,9 @@ def load_covariances(path, *, map_location="cpu"):
     Parameters
     ----------
     path : str or os.PathLike
-    map_location : str or torch.device, optional
-        Device of the loaded tensors (default CPU).
+    map_location : str, int or torch.device, optional
+        Device of the loaded tensors (default CPU); a device that is not
+        available is refused (``ValueError``) before the file is read.
 
     Returns
     -------
@@ -153,9 +177,12 @@ def load_covariances(path, *, map_location="cpu"):
     ValueError
         When the file is not a statistics file of this package (another
         safetensors or ``torch.save`` file, a truncated or corrupt one, or an
-        unknown format); the message names the file and what is wrong.
+        unknown format), or when a statistic's tensors do not match the
+        checksum saved with them; the message names the file and what is
+        wrong.
     """
     path = os.fspath(path)
+    map_location = _check_map_location(map_location)
     with open(path, "rb") as f:
         head = f.read(16)
     size = os.path.getsize(path)
@@ -168,6 +195,27 @@ def load_covariances(path, *, map_location="cpu"):
         f"{path!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors nor a "
         "torch.save file; it is not a statistics file written by save_covariances"
     )
+
+
+def _check_map_location(map_location):
+    """``map_location`` as a usable ``torch.device`` (None: the CPU), or a named error.
+
+    Checked before the file is read, so that a device that does not exist (or is not
+    available here) is not reported as a damaged file.
+    """
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, bool) or not isinstance(map_location, (str, int, torch.device)):
+        raise TypeError(f"map_location={map_location!r} is not allowed; map_location must be "
+                        "a device (a torch.device, a string such as 'cpu' or an index)")
+    try:
+        device = torch.device(map_location)
+        torch.empty(0, device=device)  # the device exists and is available here
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable device
+        raise ValueError(f"map_location={map_location!r} is not allowed: that device is not "
+                         f"available ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return device
 
 
 #: The first bytes of a zip archive: ``torch.save`` files (since torch 1.6).
@@ -214,7 +262,7 @@ def _sniff(head, size):
 def _load_torch(path, map_location):
     try:
         with open(path, "rb") as f:  # a file object: the reader must not guess by name
-            obj = torch.load(f, map_location=map_location, weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure of the reader means a bad file
         raise ValueError(
             f"{path!r} could not be read as a torch.save file of statistics: it is "
@@ -251,6 +299,10 @@ def _load_safetensors(path, map_location):
                     f"{names[:3]}) without statistics metadata; it was not written by "
                     "save_covariances"
                 )
+            fmt = meta.get("format")
+            if fmt is not None and fmt not in _FORMATS:  # (the first format wrote none)
+                raise ValueError(f"{path!r} holds statistics of the unknown format {fmt!r}; "
+                                 f"this version reads {', '.join(map(repr, _FORMATS))}")
             try:
                 entries = json.loads(meta[_META_KEY])
             except json.JSONDecodeError as e:

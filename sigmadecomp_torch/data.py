@@ -53,6 +53,35 @@ def _check_limit(limit):
     return int(limit)
 
 
+def _check_real(name, value, low=None, *, strict=False):
+    """``value`` as a float: a finite real number, ``>= low`` (``> low`` when ``strict``)
+    unless ``low`` is None."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and bool(np.isfinite(value))
+          and (low is None or (value > low if strict else value >= low)))
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low}"
+        raise ValueError(f"{name}={value!r} is not allowed; {name} must be a finite "
+                         f"number{bound}")
+    return float(value)
+
+
+def _check_size(size):
+    """``size`` as ``(H, W)`` of positive ints (None stays None), or a named error."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, (int, np.integer)) else size
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                             or v < 1 for v in pair):
+        raise ValueError(f"size={size!r} is not allowed; size must be None, a positive "
+                         "integer or a pair (H, W) of positive integers")
+    return int(pair[0]), int(pair[1])
+
+
 def subset(images, labels=None, limit=None, *, seed=0):
     """A seeded random subset of at most ``limit`` rows (all rows if ``limit`` is None).
 
@@ -69,6 +98,9 @@ def subset(images, labels=None, limit=None, *, seed=0):
     """
     limit = _check_limit(limit)
     n = len(images)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries but images has {n}; they must "
+                         "match")
     if limit is None or limit >= n:
         return images, labels
     idx = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
@@ -147,6 +179,8 @@ def make_loader(images, labels=None, *, batch_size=256, shuffle=False, seed=0, d
             raise ValueError(f"labels has {len(labels)} entries but images has {len(images)}; "
                              "they must match")
         dataset = TensorDataset(images, labels)
+    if shuffle and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed={seed!r} is not allowed; seed must be an integer")
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last)
 
@@ -187,12 +221,15 @@ def synthetic_images(n, shape=(1, 28, 28), *, mean=0.29, std=0.35, smoothness=1.
     -------
     images : torch.Tensor of shape (n, C, H, W), float32
     """
-    n = _check_limit(n)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n={n!r} is not allowed; n must be a positive integer")
+    n = int(n)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape={shape!r} is not allowed; shape must be (C, H, W) with positive sizes")
-    if not (std > 0) or not (smoothness >= 0):
-        raise ValueError(f"std={std!r}, smoothness={smoothness!r}: std must be > 0 and smoothness >= 0")
+    mean = _check_real("mean", mean)
+    std = _check_real("std", std, 0.0, strict=True)
+    smoothness = _check_real("smoothness", smoothness, 0.0)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n,) + shape)
     if smoothness > 0:
@@ -258,7 +295,7 @@ class ImageFolder(Dataset):
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not allowed; channels must be 1 or 3")
         self.root, self.channels, self.transform = root, channels, transform
-        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+        self.size = _check_size(size)
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = [p.name for p in subdirs]
         samples = [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -172,6 +172,17 @@ class LayerStats:
                              "or None")
         if self.weight_shape is not None:
             self.weight_shape = tuple(int(s) for s in self.weight_shape)
+            if self.kind is not None:
+                # the record must describe a layer whose input patch is sigma's size
+                dims = 4 if self.kind == "Conv2d" else 2
+                size = 1
+                for s in self.weight_shape[1:]:
+                    size *= s
+                if len(self.weight_shape) != dims or size != self.n:
+                    raise ValueError(
+                        f"LayerStats: weight_shape={self.weight_shape} does not fit a "
+                        f"{self.kind} whose sigma has n={self.n}: it must have {dims} "
+                        f"entries whose product after the first is n")
 
     @property
     def n(self):
