@@ -43,7 +43,11 @@ each shared option is fixed here:
 ``rtol``
     Eigenvalue floor, relative to the largest eigenvalue, under which the
     singular systems of the Sigma algebra count as singular (the policy of
-    :func:`sigmadecomp.psd_root`).
+    :func:`sigmadecomp.psd_root`). ``None`` (the default of every solver)
+    follows one rule, :func:`sigmadecomp.sigma.solver_rtol`: the floor of the
+    dtype of the user's ``sigma``, 1e-10 for float64 and 1e-6 for float32
+    (whose own rounding puts eigenvalue noise near 1e-7 of the largest), and
+    1e-10 without ``sigma``.
 ``ridge``
     Minimise in ``sigma + ridge * (trace(sigma) / n) * I``
     (:func:`sigmadecomp.sigma.ridge_sigma`).

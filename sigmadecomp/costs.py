@@ -549,10 +549,11 @@ def tt_mac_count(in_modes, out_modes, ranks, *, kernel_size=None, out_hw=None):
     if kernel_size is not None:
         if out_hw is None:
             raise ValueError("out_hw=None is not allowed for a conv; give the output (height, width)")
-        positions = int(out_hw[0]) * int(out_hw[1])
-        total += math.prod(in_modes) * r[1] * ms[0]
+        ho, wo = _check_hw(out_hw, "out_hw")
+        positions = ho * wo
+        total += math.prod(ms[1:]) * r[1] * ms[0]
         off = 1
-    sm, tm = list(in_modes), list(out_modes)
+    sm, tm = ms[off:], ns[off:]
     for j in range(len(sm)):
         k = j + off
         rest = math.prod(sm[j + 1:]) * math.prod(tm[:j])
@@ -708,10 +709,10 @@ def tt_ranks_from_budget(shape, budget, keep_proportion=None):
     shape : tuple of int
         ``(T, S, H, W)`` or ``(T, n)`` (automatic modes).
     budget : int
-        Weight parameters allowed.
+        Weight parameters allowed, ``>= 0``.
     keep_proportion : bool, optional
         Deprecated, no effect (TT ranks are uniform, clipped per bond); a
-        ``DeprecationWarning`` when given.
+        ``DeprecationWarning`` when given (it must still be True or False).
 
     Returns
     -------
@@ -725,10 +726,11 @@ def tt_ranks_from_budget(shape, budget, keep_proportion=None):
     >>> r, tt_layer_params((128, 128, 3, 3), r) <= 128 * 128 * 9 // 8
     ((9, 27, 27), True)
     """
-    if keep_proportion is not None:
-        _deprecated_ignored("tt_ranks_from_budget", "keep_proportion")
     im, om, ks = shape_modes(shape)
-    budget = check_int(budget, "budget")
+    budget = check_int(budget, "budget", low=0)
+    if keep_proportion is not None:
+        check_flag(keep_proportion, "keep_proportion")
+        _deprecated_ignored("tt_ranks_from_budget", "keep_proportion")
     return _largest_uniform_rank(im, om, ks, budget)
 
 

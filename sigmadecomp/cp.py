@@ -75,7 +75,7 @@ from .contract import (
 )
 from .results import CPResult
 from .sigma import (DEFAULT_RIDGE, _fitted_sigma, _ridge_result_fields, check_ridge,
-                    psd_solve)
+                    psd_solve, solver_rtol)
 from .solvers import pcg
 from .tucker2 import CG_FLOAT32_RTOL
 
@@ -917,8 +917,10 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         the ``tol`` rule held on that sweep).
     rtol : float, optional
         Eigenvalue floor, relative to the largest eigenvalue, of the dense
-        solves (A, C, D; :func:`sigmadecomp.sigma.psd_solve`). Default
-        ``1e-10`` for every dtype.
+        solves (A, C, D; :func:`sigmadecomp.sigma.psd_solve`). Default: the
+        rule shared by every solver (:func:`sigmadecomp.sigma.solver_rtol`),
+        ``1e-10`` for a float64 ``sigma`` (and without ``sigma``), ``1e-6``
+        for a float32 one.
     inner : InnerSolver or dict, optional
         The B-update of CP-ALS-Sigma (:class:`sigmadecomp.InnerSolver`;
         ignored without ``sigma``). ``method``: 'auto' or 'cg' (the same:
@@ -1006,7 +1008,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     adaptive = inner_maxiter == "adaptive"
     if inner_maxiter is None:
         inner_maxiter = INNER_MAXITER_LIMIT
-    rtol = _PINV_RTOL if rtol is None else check_positive_float(rtol, "rtol", allow_zero=True)
+    rtol_given = rtol
+    rtol = solver_rtol(rtol, sigma)  # the shared rule: the floor of sigma's dtype
     rng = B.check_rng(0 if rng is None else rng)  # None: a fixed seed, reproducible runs
 
     K = B.as_compute(kernel)
@@ -1025,8 +1028,9 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     if isinstance(init, str):
         init = check_init_name(init, "cp")
         if init == "frobenius":
+            # exactly the Frobenius CP-ALS of these options (its rtol default has no sigma)
             fro = cp(K, rank, None, init="svd", n_iter_max=FROBENIUS_INIT_SWEEPS, tol=0.0,
-                     rng=rng, rtol=rtol, l2_reg=l2_reg, linesearch=linesearch)
+                     rng=rng, rtol=rtol_given, l2_reg=l2_reg, linesearch=linesearch)
             w0, F0 = fro.weights, fro.factors
         else:
             F0 = _svd_init(K, rank, rng) if init == "svd" else _random_init(K, rank, rng)

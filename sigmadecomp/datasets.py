@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from pathlib import Path
@@ -85,10 +86,13 @@ def load_idx(path):
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
         raise ValueError(f"{path}: unknown IDX element type 0x{code:02x}")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[code])
     offset = 4 + 4 * ndim
-    count = int(np.prod(dims)) if ndim else 1
+    if len(data) < offset:
+        raise ValueError(f"{path} is truncated: its header needs {offset} bytes for {ndim} "
+                         f"dimensions, the file has {len(data)} bytes")
+    dims = struct.unpack(">" + "I" * ndim, data[4:offset])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    count = math.prod(dims)  # exact (Python ints): no overflow for any header
     expected = offset + count * dtype.itemsize
     if len(data) < expected:
         raise ValueError(

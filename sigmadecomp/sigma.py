@@ -81,6 +81,7 @@ __all__ = [
     "DEFAULT_RIDGE",
     "default_rtol",
     "default_neg_rtol",
+    "solver_rtol",
 ]
 
 DEFAULT_RTOL = None  # ZERO_RTOL of sigma's dtype: 1e-10 for float64, 1e-6 for float32
@@ -96,6 +97,35 @@ DEFAULT_RIDGE = 5e-4
 def default_rtol(dtype):
     """The eigenvalue floor used when ``rtol=None``: 1e-10 (float64) or 1e-6 (float32)."""
     return zero_rtol(dtype)
+
+
+def solver_rtol(rtol, sigma):
+    """The eigenvalue floor ``rtol`` of a solver, by the one rule every solver follows.
+
+    A given ``rtol`` is validated (a finite real ``>= 0``) and used as is.
+    ``None`` is :func:`default_rtol` of the dtype of the user's ``sigma``
+    (1e-10 for float64, 1e-6 for float32: a float32 ``sigma`` carries
+    eigenvalue noise of about 1e-7 of its largest eigenvalue from its own
+    rounding), and the float64 floor 1e-10 without ``sigma`` (the Frobenius
+    algebra is float64 whatever the weight's dtype). ``sigma`` may be a
+    :class:`sigmadecomp.prepared.PreparedSigma` (its ``dtype`` is the one of
+    the matrix it was made from).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sigmadecomp.sigma import solver_rtol
+    >>> S = np.eye(3)
+    >>> solver_rtol(None, S), solver_rtol(None, S.astype(np.float32)), solver_rtol(None, None)
+    (1e-10, 1e-06, 1e-10)
+    >>> solver_rtol(1e-3, S.astype(np.float32))
+    0.001
+    """
+    if rtol is not None:
+        return check_positive_float(rtol, "rtol", allow_zero=True)
+    # (an invalid sigma is refused by check_sigma, with its own message)
+    dtype = getattr(sigma, "dtype", None)
+    return default_rtol("float64" if dtype is None else dtype)
 
 
 def default_neg_rtol(dtype):
@@ -340,6 +370,7 @@ def relative_sigma_error(weight, approx, sigma=None):
     Parameters
     ----------
     weight, approx : arrays of the same shape (T, ...)
+        Finite (NaN or inf raises ``ValueError`` naming the argument).
     sigma : array of shape (n, n) or None
         Symmetric PSD second moment (checked as in :func:`sigma_norm`);
         ``None`` gives the relative Frobenius error.
@@ -357,8 +388,8 @@ def relative_sigma_error(weight, approx, sigma=None):
     >>> relative_sigma_error(K, 0.5 * K)
     0.5
     """
-    K = _flatten_delta(weight, "weight")
-    A = _flatten_delta(approx, "approx")
+    K = check_finite(_flatten_delta(weight, "weight"), "weight")
+    A = check_finite(_flatten_delta(approx, "approx"), "approx")
     if tuple(weight.shape) != tuple(approx.shape):
         raise ValueError(
             f"approx has shape {tuple(approx.shape)}; it must match weight's shape "

@@ -7,7 +7,7 @@ import time
 from . import _backend as B
 from ._threads import solver_threads
 from ._validation import (check_array, check_finite, check_int, check_magnitude,
-                          check_nonempty, check_positive_float, check_sigma)
+                          check_nonempty, check_sigma)
 from .contract import (
     check_callback,
     check_init_name,
@@ -26,8 +26,8 @@ from .sigma import (
     _root_from_eigh,
     check_ridge,
     default_neg_rtol,
-    default_rtol,
     psd_root,
+    solver_rtol,
 )
 
 __all__ = ["sigma_svd"]
@@ -72,8 +72,9 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
         ``callback(result)``, called once with the final :class:`SVDResult`.
     rtol : float, optional
         Eigenvalue floor relative to the largest eigenvalue of ``sigma``
-        (default: 1e-10 for a float64 ``sigma``, 1e-6 for float32; see
-        :func:`sigmadecomp.psd_root`).
+        (default: the rule shared by every solver,
+        :func:`sigmadecomp.sigma.solver_rtol`: 1e-10 for a float64 ``sigma``,
+        1e-6 for float32; see :func:`sigmadecomp.psd_root`).
     ridge : float, optional
         Minimise in ``sigma + ridge * (trace(sigma) / n) * I``
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that
@@ -129,8 +130,7 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
         check_int(n_iter_max, "n_iter_max", low=0)
     if tol is not None:
         check_tol(tol)
-    if rtol is not None:  # validated with or without sigma, as by every other solver
-        rtol = check_positive_float(rtol, "rtol", allow_zero=True)
+    rtol = solver_rtol(rtol, sigma)  # the shared rule: the floor of sigma's dtype
     B.check_rng(rng)
     check_inner(inner, defaults={"precond": True}, solver="sigma_svd")
     callback = check_callback(callback, "sigma_svd")
@@ -151,7 +151,6 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
         tail = float(xp.sum(s[rank:] ** 2))
         weighted = False
     else:
-        rtol = default_rtol(sigma.dtype) if rtol is None else rtol
         neg = default_neg_rtol(sigma.dtype)
         root = psd_root(prepared_or(sigma, S), rtol=rtol, neg_rtol=neg)  # once per PreparedSigma
         S_user = S

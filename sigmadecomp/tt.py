@@ -62,10 +62,10 @@ from .costs import (
     tt_ranks_from_budget,
 )
 from .results import TTResult
-from .sigma import DEFAULT_RIDGE, _fitted_sigma, _ridge_result_fields, check_ridge
+from .sigma import (DEFAULT_RIDGE, _fitted_sigma, _ridge_result_fields, check_ridge,
+                    solver_rtol)
 from .tt_als import als_sweeps
 from .tt_modes import auto_modes, check_tt_ranks, clip_ranks, resolve_modes, tt_modes
-from ._validation import zero_rtol
 
 __all__ = [
     "TTResult",
@@ -225,8 +225,7 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
     n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
     tol = check_tol(tol)
     opts = check_inner(inner, defaults=INNER_DEFAULTS, solver=fname)
-    rtol = zero_rtol("float64") if rtol is None else check_positive_float(rtol, "rtol",
-                                                                          allow_zero=True)
+    rtol = solver_rtol(rtol, sigma)  # the shared rule: the floor of sigma's dtype
     callback = check_callback(callback, fname, _old_tt_callback)
     extrapolate = check_flag(extrapolate, "extrapolate")
     rng = B.check_rng(rng)
@@ -300,6 +299,7 @@ def _check_init(init, ms, ns):
     prev = 1
     for k, (c, m, n) in enumerate(zip(cores, ms, ns)):
         check_array(c, f"init core {k}")
+        check_finite(c, f"init core {k}")
         if c.ndim != 4 or c.shape[0] != prev or c.shape[1] != m or c.shape[2] != n:
             raise ValueError(
                 f"init core {k} has shape {tuple(c.shape)}; it must be ({prev}, {m}, {n}, r_{k})"
@@ -366,7 +366,9 @@ _OPTIONS_DOC = """
         and after every sweep (:mod:`sigmadecomp.contract`); ``True`` stops.
     rtol : float, optional
         Eigenvalue floor of the dense core solves, relative to the largest
-        eigenvalue (default 1e-10 for every dtype).
+        eigenvalue. Default: the rule shared by every solver
+        (:func:`sigmadecomp.sigma.solver_rtol`), 1e-10 for a float64
+        ``sigma`` (and without ``sigma``), 1e-6 for a float32 one.
     ridge : float, optional
         With ``sigma``: minimise in ``sigma + ridge * (trace(sigma) / n) * I``
         (:func:`sigmadecomp.sigma.ridge_sigma`) instead of ``sigma``, so that

@@ -173,20 +173,57 @@ def check_tt_ranks(ranks, n_bonds, name="ranks"):
     return tuple(check_int(r, f"{name}[{i}]", low=1) for i, r in enumerate(ranks))
 
 
+def _int_tuple(values, name, what):
+    """``values`` as a tuple of positive ints (Python or NumPy; no bools, no floats)."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name}={values!r} is not allowed; {name} must be {what}")
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise TypeError(f"{name}={values!r} is not allowed; {name} must be {what}") from None
+    return tuple(check_int(v, f"{name}[{i}]", low=1) for i, v in enumerate(values))
+
+
 def core_dims(in_modes, out_modes, kernel_size):
-    """Input and output mode sizes of all cores (spatial core first for a conv)."""
-    ms, ns = list(in_modes), list(out_modes)
+    """Input and output mode sizes of all cores (spatial core first for a conv).
+
+    ``in_modes`` and ``out_modes`` must be non-empty sequences of positive
+    integers of the same length, ``kernel_size`` None or a pair of positive
+    integers ``(H, W)``.
+    """
+    ms = list(_int_tuple(in_modes, "in_modes", "a sequence of positive integers"))
+    ns = list(_int_tuple(out_modes, "out_modes", "a sequence of positive integers"))
+    if not ms or len(ms) != len(ns):
+        raise ValueError(
+            f"in_modes={tuple(ms)} and out_modes={tuple(ns)} are not allowed; they must be "
+            "non-empty and of the same length (paired modes)")
     if kernel_size is not None:
-        ms = [int(math.prod(kernel_size))] + ms
+        ks = _int_tuple(kernel_size, "kernel_size", "None or a pair of positive integers (H, W)")
+        if len(ks) != 2:
+            raise ValueError(f"kernel_size={kernel_size!r} is not allowed; kernel_size must be "
+                             "None or a pair of positive integers (H, W)")
+        ms = [ks[0] * ks[1]] + ms
         ns = [1] + ns
     return ms, ns
 
 
 def shape_modes(shape):
-    try:
-        shape = tuple(int(v) for v in shape)
-    except TypeError:
+    """Automatic ``(in_modes, out_modes, kernel_size)`` of a weight shape.
+
+    ``shape`` must be ``(T, S, H, W)`` or ``(T, n)`` of positive integers
+    (Python or NumPy ints; floats and booleans are refused, not truncated).
+    """
+    if isinstance(shape, (str, bytes)):
         raise TypeError(f"shape={shape!r} is not allowed; shape must be (T, S, H, W) or (T, n)")
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(
+            f"shape={shape!r} is not allowed; shape must be (T, S, H, W) or (T, n)") from None
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in dims):
+        raise TypeError(f"shape={shape!r} is not allowed; shape must be (T, S, H, W) or (T, n) "
+                        "of integers")
+    shape = tuple(int(v) for v in dims)
     if len(shape) == 4 and min(shape) >= 1:
         T, S, H, W = shape
         return auto_modes(S, T) + ((H, W),)

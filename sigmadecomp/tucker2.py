@@ -64,8 +64,8 @@ from .sigma import (
     _psd_root_unchecked,
     _rel_sigma_error,
     check_ridge,
-    default_rtol,
     psd_solve,
+    solver_rtol,
 )
 from .solvers import pcg
 
@@ -531,7 +531,9 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     rtol : float, optional
         Eigenvalue floor relative to the largest eigenvalue for the singular
         systems of the Sigma-ALS (the policy of :func:`sigmadecomp.psd_root`):
-        default 1e-10 for a float64 ``sigma`` and 1e-6 for float32. Systems
+        default the rule shared by every solver
+        (:func:`sigmadecomp.sigma.solver_rtol`), 1e-10 for a float64 ``sigma``
+        (and without ``sigma``) and 1e-6 for float32. Systems
         that are numerically singular get the minimum-norm solution, which is
         still an exact minimiser.
     ridge : float, optional
@@ -629,9 +631,7 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     Sig, projected = _fitted_sigma(Sig_user, ridge)
     if Sig is None:
         ridge = 0.0
-    if rtol is None:
-        rtol = default_rtol(sigma.dtype if sigma is not None else "float64")
-    rtol = check_positive_float(rtol, "rtol", allow_zero=True)
+    rtol = solver_rtol(rtol, sigma)  # the shared rule: the floor of sigma's dtype
 
     def make_result(U_T, G, U_S, errors, n_done, converged, final=False):
         cast = lambda a: xp.astype(a, kernel.dtype)
