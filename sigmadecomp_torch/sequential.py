@@ -177,11 +177,11 @@ class _CrossAccumulator:
         self.changed = False  # whether any input differed between the two models
         self.calls = 0  # pairs of calls seen (a masked-out call adds no rows)
 
-    def hook_original(self, module, args):
-        self.queue.append(self._input(args).detach())
+    def hook_original(self, module, args, kwargs=None):
+        self.queue.append(self._input(args, kwargs).detach())
 
-    def hook_compressed(self, module, args):
-        xc = self._input(args).detach()
+    def hook_compressed(self, module, args, kwargs=None):
+        xc = self._input(args, kwargs).detach()
         if not self.queue:
             raise RuntimeError(f"layer {self.name!r} ran more often in the compressed model "
                                "than in the original one in the same batch; the two "
@@ -195,10 +195,12 @@ class _CrossAccumulator:
             self.changed = True
         self._add(xo, xc)
 
-    def _input(self, args):
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"layer {self.name!r}: the input is not a tensor")
-        x = args[0]
+    def _input(self, args, kwargs=None):
+        # (a layer may be called with its input as a keyword: layer(input=x))
+        x = args[0] if args else (kwargs or {}).get("input")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"layer {self.name!r}: the input is not a tensor (got "
+                            f"{type(x).__name__})")
         check_not_nested(x, self.name)
         if not x.is_floating_point():
             raise TypeError(f"layer {self.name!r}: input has dtype {x.dtype}; a floating "
@@ -365,8 +367,9 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
     handles = []
     try:
         for acc, m_o, m_c in cross:
-            handles.append(m_o.register_forward_pre_hook(acc.hook_original))
-            handles.append(m_c.register_forward_pre_hook(acc.hook_compressed))
+            handles.append(m_o.register_forward_pre_hook(acc.hook_original, with_kwargs=True))
+            handles.append(m_c.register_forward_pre_hook(acc.hook_compressed,
+                                                         with_kwargs=True))
         for acc, m_o, m_c in outputs:
             handles.append(m_o.register_forward_hook(acc.hook_original))
             handles.append(m_c.register_forward_hook(acc.hook_compressed))
@@ -627,11 +630,12 @@ def _traced_groups(model, names, batch, device, forward, independent):
     order, inputs, zeros, handles = [], {}, {}, []
 
     def pre(name):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             if name not in order:
                 order.append(name)
-            if args and isinstance(args[0], torch.Tensor):
-                inputs.setdefault(name, []).append(args[0])
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor):
+                inputs.setdefault(name, []).append(x)
         return hook
 
     def post(name):
@@ -645,7 +649,7 @@ def _traced_groups(model, names, batch, device, forward, independent):
 
     try:
         for name in names:
-            handles.append(modules[name].register_forward_pre_hook(pre(name)))
+            handles.append(modules[name].register_forward_pre_hook(pre(name), with_kwargs=True))
             if independent:
                 handles.append(modules[name].register_forward_hook(post(name)))
         with eval_modes(model), torch.enable_grad():
