@@ -37,6 +37,7 @@ lives in :mod:`sigmadecomp_torch.layer_stats`, files in
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import warnings
@@ -575,6 +576,19 @@ def _is_supported(module):
     return isinstance(module, (nn.Conv2d, nn.Linear))
 
 
+def _check_predicate(predicate, name):
+    """A predicate ``layers=`` must take ``(name, module)``; say so before calling it."""
+    try:
+        sig = inspect.signature(predicate)
+    except (TypeError, ValueError):  # not introspectable (some builtins): trust it
+        return
+    try:
+        sig.bind("", None)
+    except TypeError:
+        raise TypeError(f"{name}={predicate!r} is not allowed; a predicate {name}= is called "
+                        "as f(name, module) with two arguments") from None
+
+
 def select_layers(model, layers=None, *, name="layers"):
     """The ``(name, module)`` pairs chosen by ``layers``.
 
@@ -605,6 +619,7 @@ def select_layers(model, layers=None, *, name="layers"):
     if layers is None:
         return candidates
     if callable(layers) and not isinstance(layers, (str, nn.Module)):
+        _check_predicate(layers, name)
         return [(n, m) for n, m in candidates if layers(n, m)]
     if isinstance(layers, str):
         layers = [layers]

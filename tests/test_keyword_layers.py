@@ -35,3 +35,18 @@ def test_sequential_compression_of_keyword_called_layers(refit):
     x = data[0]
     torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)
     assert not torch.equal(got(x), keyword(x))  # the layers were replaced
+
+
+@pytest.mark.parametrize("predicate", [lambda n: True, lambda n, m, extra: True])
+def test_a_layers_predicate_of_the_wrong_arity_is_named(predicate):
+    from sigmadecomp_torch import collect_covariances
+
+    model = TwoLinear(False)
+    with pytest.raises(TypeError, match=r"layers=.*f\(name, module\)"):
+        collect_covariances(model, [torch.randn(4, 6)], layers=predicate, progress=False)
+    with pytest.raises(TypeError, match=r"layers=.*f\(name, module\)"):
+        compress(model, "svd", ratio=2, layers=predicate, progress=False)
+    # a predicate with a default third argument, or *args, is fine
+    got = collect_covariances(model, [torch.randn(4, 6)], layers=lambda n, m, k=0: n == "fc1",
+                              progress=False)
+    assert list(got) == ["fc1"]
