@@ -246,9 +246,11 @@ def _check_target(target, T):
     if tgt.shape != (T,):
         raise ValueError(f"target has shape {tgt.shape}; it must be ({T},), one value per "
                          "output channel")
-    if not np.all(np.isfinite(tgt)) or np.any(tgt < 0):
-        raise ValueError("target must be finite and non-negative (an expected mean square per "
-                         "output channel)")
+    bad = ~np.isfinite(tgt) | (tgt < 0)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"target[{i}]={float(tgt[i])!r} is not allowed; target must be finite "
+                         "and non-negative (an expected mean square per output channel)")
     return tgt
 
 

@@ -73,7 +73,9 @@ Examples
 >>> _ = torch.manual_seed(0)
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
 ...                       nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-...                       nn.Conv2d(16, 4, 1)).eval()
+...                       nn.Conv2d(16, 4, 1))
+>>> _ = model(torch.randn(32, 3, 12, 12))   # (training mode: BatchNorm records statistics)
+>>> _ = model.eval()
 >>> stats, report = covariances_from_batchnorm(model, input_shape=(3, 12, 12), samples=64)
 >>> sorted(stats), stats['3'].sigma.shape
 (['3', '6'], torch.Size([72, 72]))
@@ -144,11 +146,17 @@ class BatchNormReport:
     graph : str
         How the graph was read (``"fx"`` or ``"sequential"``, with the
         reason fx was not used when it failed).
+    notes : list of str
+        What makes the statistics doubtful although they were computed (each
+        also raised as a :class:`~sigmadecomp.CompressionWarning`): BatchNorm
+        layers whose running statistics were never updated (still the
+        initial mean 0 and variance 1), BatchNorm layers in training mode.
     """
 
     modelled: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     graph: str = ""
+    notes: list = field(default_factory=list)
 
     def __repr__(self):
         lines = [f"covariances_from_batchnorm (graph: {self.graph}): "
@@ -162,6 +170,8 @@ class BatchNormReport:
                          f"g={info['gain']:.2f}{fit}")
         for name, reason in self.skipped.items():
             lines.append(f"  not modelled {name}: {reason}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         return "\n".join(lines)
 
 
@@ -209,6 +219,12 @@ def relu_moments(mean1, mean2, std1, std2, rho):
     -------
     numpy.ndarray of float64
 
+    Raises
+    ------
+    ValueError
+        For a mean that is not finite, a standard deviation that is not
+        finite and positive, or a correlation outside ``[-1, 1]``.
+
     Examples
     --------
     >>> from sigmadecomp_torch.batchnorm import relu_moments
@@ -218,6 +234,15 @@ def relu_moments(mean1, mean2, std1, std2, rho):
     0.5
     """
     m1, m2, s1, s2, r = (np.asarray(v, dtype=np.float64) for v in (mean1, mean2, std1, std2, rho))
+    for name, v, ok, allowed in (
+            ("mean1", m1, np.isfinite(m1), "finite"), ("mean2", m2, np.isfinite(m2), "finite"),
+            ("std1", s1, np.isfinite(s1) & (s1 > 0), "finite and > 0"),
+            ("std2", s2, np.isfinite(s2) & (s2 > 0), "finite and > 0"),
+            ("rho", r, (r >= -1) & (r <= 1), "in [-1, 1]")):
+        if not np.all(ok):
+            bad = float(v[~ok].flat[0])
+            raise ValueError(f"{name} has the value {bad!r}, which is not allowed; {name} must "
+                             f"be {allowed}")
     r = np.clip(r, -1 + 1e-9, 1 - 1e-9)
     a, b = m1 / s1, m2 / s2
     q = np.sqrt(1.0 - r * r)
@@ -306,7 +331,7 @@ def _field_moments(modules, source, offsets, spatial):
     sd = np.sqrt(np.maximum(np.diagonal(cov[:, :, zero]), 1e-24))
     if not source.relu:
         return mean, cov + mean[:, None, None] * mean[None, :, None], used
-    rho = cov / (sd[:, None, None] * sd[None, :, None])
+    rho = np.clip(cov / (sd[:, None, None] * sd[None, :, None]), -1.0, 1.0)  # (rounding)
     M = relu_moments(mean[:, None, None], mean[None, :, None], sd[:, None, None],
                      sd[None, :, None], rho)
     idx = np.arange(sd.shape[0])
@@ -684,6 +709,17 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
     ``+`` weights them as one sample). The model is assumed to be in the
     state it will be used in (eval-mode BatchNorm).
 
+    Warns
+    -----
+    CompressionWarning
+        When a BatchNorm layer behind the statistics was never updated
+        (``num_batches_tracked`` 0 with the initial running mean 0 and
+        variance 1: a model that was never trained nor loaded) or is in
+        training mode; the statistics are still returned and the same text
+        is in ``report.notes``. BatchNorm layers without running statistics
+        (``track_running_stats=False``) are not used: the layers they feed
+        are in ``report.skipped`` with that reason.
+
     Raises
     ------
     ValueError
@@ -702,7 +738,9 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(),
     ...                       nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
-    ...                       nn.Linear(32, 5)).eval()
+    ...                       nn.Linear(32, 5))
+    >>> _ = model(torch.randn(64, 20))   # (training mode: BatchNorm records statistics)
+    >>> _ = model.eval()
     >>> stats, report = covariances_from_batchnorm(model)
     >>> sorted(stats), report.modelled['3']['relu']
     (['3', '6'], True)
@@ -823,7 +861,60 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
             "shrinkage": a, "gain": g, "fitted": src.output_bn if name in fitted else None,
             "fit_spread": fitted[name][1:] if name in fitted else None,
         }
+    _note_doubtful(report, raw, fitted, modules)
     return stats, report
+
+
+def _never_updated(bn):
+    """Whether ``bn`` tracks running statistics that no forward pass in training mode (and
+    no loaded state) has changed: ``num_batches_tracked`` 0, mean 0 and variance 1."""
+    if bn.running_mean is None or bn.running_var is None:
+        return False
+    count = getattr(bn, "num_batches_tracked", None)
+    if count is not None and int(count) != 0:
+        return False
+    return bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all())
+
+
+def _note_doubtful(report, raw, fitted, modules):
+    """Record (and warn about) the BatchNorm layers behind the modelled statistics whose
+    running statistics were never updated or that are in training mode."""
+    import warnings
+
+    from sigmadecomp.exceptions import CompressionWarning
+
+    from ._batches import user_stacklevel
+
+    used = {}  # bn name -> the modelled layers it informs (in order)
+    for name, (_, src, _, _, _) in raw.items():
+        bns = [bn for bn, _ in src.branches]
+        if name in fitted:
+            bns.append(src.output_bn)
+        for bn in bns:
+            used.setdefault(bn, [])
+            if name not in used[bn]:
+                used[bn].append(name)
+
+    def layers_of(bns):
+        return sorted({layer for bn in bns for layer in used[bn]}, key=list(raw).index)
+
+    fresh = [bn for bn in used if _never_updated(modules[bn])]
+    if fresh:
+        report.notes.append(
+            f"BatchNorm layers {fresh} were never updated (num_batches_tracked=0, running "
+            "mean 0 and variance 1, their initial values): the statistics of the layers "
+            f"{layers_of(fresh)} modelled from them describe no data; train the model or "
+            "load its trained state first")
+    training = [bn for bn in used if modules[bn].training]
+    if training:
+        report.notes.append(
+            f"BatchNorm layers {training} are in training mode: the statistics of the layers "
+            f"{layers_of(training)} model eval-mode BatchNorm (running statistics), while in "
+            "training mode BatchNorm normalises each batch with its own statistics; call "
+            "model.eval() if the model is to be used in eval mode")
+    for note in report.notes:
+        warnings.warn(f"covariances_from_batchnorm: {note}", CompressionWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _check(module, src, modules):

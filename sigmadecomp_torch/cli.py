@@ -252,21 +252,54 @@ def _replaceable(model, layers):
 
 
 def _check_writable(path, flag):
-    """Refuse an output path that cannot be written, before any work."""
+    """Refuse an output path that cannot be written, before any work. Nothing is created
+    here (a refused run leaves the file system as it was): the missing directories of the
+    path are made by :func:`_make_parent` when the file is written."""
     import os
 
-    p = Path(path)
-    if p.is_dir():
+    if not path:
+        raise UserError(f"{flag}={path!r} is empty; give a file name")
+    if os.path.isdir(path):
         raise UserError(f"{flag}={path!r} is a directory; give a file name")
     if os.path.basename(path) in ("", ".", ".."):  # ("out/new/": Path would drop the "/")
         raise UserError(f"{flag}={path!r} names a directory (it ends in a path separator); "
                         "give a file name")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{flag}={path!r}: cannot create its directory ({exc.strerror or exc})")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    # the nearest existing ancestor: the directory the missing ones would be made in
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunError(f"{flag}={path!r}: cannot create its directory ({parent!r} is not a "
+                       "directory)")
+    if (not os.access(parent, os.W_OK | os.X_OK)
+            or (os.path.exists(path) and not os.access(path, os.W_OK))):
         raise RunError(f"{flag}={path!r} is not writable; choose another location")
+
+
+def _check_companions(args):
+    """Refuse an --out whose companion files (report, TorchScript) cannot be written: a
+    directory, or a file that is not writable, under one of their names."""
+    import os
+
+    stem = Path(args.out).with_suffix("")
+    for end in ((".report.json", ".report.txt", ".report.png")
+                + ((".torchscript.pt",) if args.torchscript else ())):
+        path = f"{stem}{end}"
+        if os.path.isdir(path):
+            raise UserError(f"--out={args.out!r} also writes {path!r}, which is a directory; "
+                            "give another --out")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise RunError(f"--out={args.out!r} also writes {path!r}, which is not writable; "
+                           "choose another location")
+
+
+def _make_parent(path, flag):
+    """Make the missing directories of the output ``path`` (checked by _check_writable)."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{flag}={path!r}: cannot create its directory "
+                       f"({exc.strerror or exc})") from None
 
 
 def _same_file(a, b):
@@ -536,6 +569,10 @@ def _calibration_images(args, model):
         raise RunError(f"--data={args.data!r}: {_cli_words(str(exc))}{hint}") from None
     if args.normalize:
         x = _normalize(x, args.normalize)
+    # in the model's floating dtype (a float64 or float16 model takes no float32 images)
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is not None and x.is_floating_point() and x.dtype != p.dtype:
+        x = x.to(p.dtype)
     print(f"calibration: {len(x)} image{'' if len(x) == 1 else 's'} of shape "
           f"{tuple(x.shape[1:])} from {args.data}")
     return x
@@ -674,6 +711,7 @@ def _cmd_compress(args):
     args.batch_size = 64 if args.batch_size is None else args.batch_size
     args.seed = 0 if args.seed is None else args.seed
     _check_writable(args.out, "--out")
+    _check_companions(args)
     if args.save_stats is not None:
         _check_writable(args.save_stats, "--save-stats")
         suffix = Path(args.save_stats).suffix
@@ -722,6 +760,9 @@ def _cmd_compress(args):
             print(f"note: --calib-images {asked_images}: --data holds only {len(x)} "
                   f"image{'' if len(x) == 1 else 's'}, all used")
         _runs_on(model, x)
+        if args.min_speedup is not None and len(x) < latency_batch:  # (before any output)
+            raise UserError(f"--latency-batch {latency_batch}: --data has only {len(x)} "
+                            "image(s)")
         if defer:
             layers = _choose_layers(args, model, example=x[:1])
             _check_chosen_layers(args, model, layers, stats)
@@ -739,6 +780,7 @@ def _cmd_compress(args):
         except RuntimeError as exc:
             raise _failed_on_images(exc, x) from None
         if args.save_stats:
+            _make_parent(args.save_stats, "--save-stats")
             save_covariances(stats, args.save_stats)
             print(f"wrote statistics to {args.save_stats}")
 
@@ -753,9 +795,6 @@ def _cmd_compress(args):
     if options:
         kw["options"] = options
     if args.min_speedup is not None:
-        if len(x) < latency_batch:
-            raise UserError(f"--latency-batch {latency_batch}: --data has only {len(x)} "
-                            "image(s)")
         kw.update(min_speedup=args.min_speedup, example_input=x[:latency_batch])
         print(f"timing each layer at batch {latency_batch} (--min-speedup "
               f"{args.min_speedup:g})")
@@ -782,7 +821,7 @@ def _cmd_compress(args):
               "one", file=sys.stderr)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out, "--out")
     torch.save(small, out)
     stem = out.with_suffix("")
     report.to_json(f"{stem}.report.json")
@@ -983,7 +1022,11 @@ def main(argv=None):
                                                     else str)
             return args.func(args)
     except UserError as exc:
-        stop = SystemExit(f"sigmadecomp {args.command}: error: {exc}")
+        # one plain line: no terminal escape codes (as in some of torch's messages passed
+        # on) and no line breaks
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+        text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+        stop = SystemExit(f"sigmadecomp {args.command}: error: {text}")
         if exc.status != 1:  # (Python prints the message of a SystemExit with status 1 only)
             print(stop.code, file=sys.stderr)
             stop.code = exc.status

@@ -36,6 +36,21 @@ def _check_positive(name, value):
     return float(value)
 
 
+def _check_shape(input_shape):
+    """``input_shape`` as a tuple of positive ints, or a clear error naming it."""
+    try:
+        ok = (not isinstance(input_shape, (str, bytes)) and len(input_shape) > 0
+              and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+                      for s in input_shape))
+    except TypeError:  # (not a sequence)
+        ok = False
+    if not ok:
+        raise ValueError(f"input_shape={input_shape!r} is not allowed; input_shape must be a "
+                         "non-empty tuple of positive integers, batch first (e.g. "
+                         "(1, C, H, W) or (1, n))")
+    return tuple(int(s) for s in input_shape)
+
+
 def _median_ms(fn, min_run_time):
     """Median time of ``fn()`` in ms over blocks of :meth:`Timer.blocked_autorange`."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -121,7 +136,12 @@ def layer_latency(module, input_shape, *, memory_format=torch.contiguous_format,
     >>> 0 < ms < 1e4
     True
     """
-    shape = tuple(int(s) for s in input_shape)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module of type {type(module).__name__} is not allowed; module must "
+                        "be a torch.nn.Module")
+    shape = _check_shape(input_shape)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not allowed; seed must be a non-negative integer")
     p = next(iter(module.parameters()), None)
     dtype = p.dtype if p is not None else torch.get_default_dtype()
     device = p.device if p is not None else torch.device("cpu")
@@ -195,8 +215,9 @@ def input_shapes(model, example_input, names=None):
     example_input : tensor, tuple or dict
         One input batch; the pass runs in eval mode without gradients (the
         model's mode is restored).
-    names : iterable of str, optional
-        Only these module names (default: every ``Conv2d`` and ``Linear``).
+    names : str or iterable of str, optional
+        Only these module names (default: every ``Conv2d`` and ``Linear``);
+        each must name a ``Conv2d`` or ``Linear`` of ``model``.
 
     Returns
     -------
@@ -216,7 +237,19 @@ def input_shapes(model, example_input, names=None):
     >>> shapes['0'][0], shapes['2'][0]
     ((2, 3, 9, 9), (2, 128))
     """
-    wanted = None if names is None else set(names)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
+                        "a torch.nn.Module")
+    layers = [n for n, m in model.named_modules(remove_duplicate=False)  # (every name)
+              if isinstance(m, (nn.Conv2d, nn.Linear))]
+    wanted = None
+    if names is not None:
+        wanted = {names} if isinstance(names, str) else set(names)
+        unknown = sorted((n for n in wanted if n not in layers), key=str)
+        if unknown:
+            shown = ", ".join(map(repr, layers[:8])) + (", ..." if len(layers) > 8 else "")
+            raise ValueError(f"names={names!r} has {unknown}, not a Conv2d or Linear of the "
+                             f"model; allowed: {shown or 'none (the model has no such layer)'}")
     seen, handles = {}, []
 
     def hook(mod, args, _n):
@@ -229,7 +262,7 @@ def input_shapes(model, example_input, names=None):
             fmt = torch.channels_last
         seen[_n] = (tuple(x.shape), fmt)
 
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # a shared module: each name
         if isinstance(m, (nn.Conv2d, nn.Linear)) and (wanted is None or name in wanted):
             handles.append(m.register_forward_pre_hook(
                 lambda mod, args, _n=name: hook(mod, args, _n)))

@@ -296,12 +296,21 @@ def quantized_state_dict(model, quantized):
 def load_quantized_state_dict(model, state):
     """Load a :func:`quantized_state_dict` into ``model`` (dequantizing int8 weights), in place.
 
-    An int8 weight without its ``weight_scale`` raises a ``ValueError``.
+    An int8 weight without its ``weight_scale``, or a weight with a
+    ``weight_scale`` that is not int8, raises a ``ValueError``.
 
     Returns
     -------
     model : torch.nn.Module
     """
+    from collections.abc import Mapping
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be a "
+                        "torch.nn.Module")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state of type {type(state).__name__} is not allowed; it must be the "
+                        "dict quantized_state_dict returned")
     plain = {}
     for key, value in state.items():
         if key == _SCALE_KEY or key.endswith("." + _SCALE_KEY):
@@ -309,6 +318,10 @@ def load_quantized_state_dict(model, state):
         is_weight = key == "weight" or key.endswith(".weight")
         scale_key = key[: -len("weight")] + _SCALE_KEY if is_weight else None
         if scale_key is not None and scale_key in state:
+            if value.dtype != torch.int8:
+                raise ValueError(f"state[{key!r}] has dtype {value.dtype}, but state has its "
+                                 f"scales {scale_key!r}: a weight with scales must be int8 "
+                                 "codes (scaling a float weight again would change it)")
             scale = state[scale_key]
             value = value.float() * scale.view((-1,) + (1,) * (value.ndim - 1))
         elif is_weight and value.dtype == torch.int8:

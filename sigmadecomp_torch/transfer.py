@@ -96,6 +96,8 @@ from sigmadecomp.shrinkage import (
     shrink_sigma,
 )
 
+from sigmadecomp_torch.batchnorm import _never_updated
+
 __all__ = ["shrink_covariances", "ShrunkCovariances", "output_moments", "RULES"]
 
 #: The data-only rules of :func:`shrink_covariances` (``'auto'`` is ``'moments'``).
@@ -191,12 +193,19 @@ def output_moments(model, names):
         float64; only for the layers where such a BatchNorm was found.
     reasons : dict of str to str
         Why the other layers have none.
+
+    Warns
+    -----
+    CompressionWarning
+        When a BatchNorm giving targets was never updated (``num_batches_tracked``
+        0 with the initial running mean 0 and variance 1: a model that was
+        never trained nor loaded); its targets are still returned.
     """
     modules = dict(model.named_modules())
     children = {}
     for name, mod in model.named_modules():
         children[name] = list(mod.named_children())
-    targets, reasons = {}, {}
+    targets, reasons, fresh = {}, {}, {}
     for name in names:
         layer = modules.get(name)
         if layer is None:
@@ -213,11 +222,23 @@ def output_moments(model, names):
             reasons[name] = (f"the BatchNorm after it has {nxt.num_features} features or no "
                              f"running statistics; the layer has {T} outputs")
         else:
+            if _never_updated(nxt):
+                fresh[name] = (parent + "." if parent else "") + sibs[idx[0] + 1][0]
             mean = nxt.running_mean.detach().to(torch.float64)
             if getattr(layer, "bias", None) is not None:
                 mean = mean - layer.bias.detach().to(mean)
             t = nxt.running_var.detach().to(torch.float64) + mean ** 2
             targets[name] = t.cpu()
+    if fresh:
+        import warnings
+
+        from sigmadecomp_torch._batches import user_stacklevel
+
+        warnings.warn(
+            f"output_moments: the BatchNorm layers {list(fresh.values())} after the layers "
+            f"{list(fresh)} were never updated (num_batches_tracked=0, running mean 0 and "
+            "variance 1, their initial values): their targets describe no data; train the "
+            "model or load its trained state first", CompressionWarning, stacklevel=user_stacklevel())
     return targets, reasons
 
 
@@ -469,6 +490,11 @@ def _rule_moments(stats, model, targets, alphas, scores, skipped, prior=None,
             W = _weight_of(model, k, st)
         else:
             raise ValueError("alpha='moments' with targets= also needs model= (the weights)")
+        if not bool((found[k] > 0).any()):
+            chosen[k] = 0.0
+            skipped[k] = ("every target is zero: no output channel gives its mean square on "
+                          "the training data")
+            continue
         S = st.sigma.to(torch.float64).cpu()
         if prior is not None and k in prior and prior[k].groups == 1:
             (chosen[k], shares[k]), scores[k] = moment_mixture(

@@ -16,6 +16,7 @@ Both layers compute exactly the layer with the reconstructed weight
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -41,8 +42,34 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def _is_count(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_counts(values, name):
+    """``values`` as a tuple of ints (NumPy ints too), refusing fractions, bools and strings."""
+    try:
+        ok = not isinstance(values, (str, bytes)) and all(_is_count(v) for v in values)
+    except TypeError:  # (not a sequence)
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={values!r} is not allowed; {name} must be a sequence of "
+                         "positive ints")
+    return tuple(int(v) for v in values)
+
+
+def _check_pair(value, name):
+    """``value`` (an int or a pair of ints) as a pair of positive ints, as nn.Conv2d takes it."""
+    pair = _pair(value)
+    if len(pair) != 2 or not all(_is_count(v) and v >= 1 for v in pair):
+        raise ValueError(f"{name}={value!r} is not allowed; {name} must be a positive int or "
+                         "a pair of positive ints")
+    return tuple(int(v) for v in pair)
+
+
 def _check_modes_ranks(in_modes, out_modes, ranks, n_bonds):
-    in_modes, out_modes = tuple(int(m) for m in in_modes), tuple(int(m) for m in out_modes)
+    in_modes = _check_counts(in_modes, "in_modes")
+    out_modes = _check_counts(out_modes, "out_modes")
     if len(in_modes) != len(out_modes) or not in_modes:
         raise ValueError(
             f"in_modes={in_modes} and out_modes={out_modes} must be non-empty and of equal length"
@@ -50,7 +77,7 @@ def _check_modes_ranks(in_modes, out_modes, ranks, n_bonds):
     if min(in_modes + out_modes) < 1:
         raise ValueError(f"in_modes={in_modes} / out_modes={out_modes} is not allowed; modes "
                          "must be positive ints")
-    ranks = tuple(int(r) for r in ranks)
+    ranks = _check_counts(ranks, "ranks")
     if len(ranks) != n_bonds:
         raise ValueError(f"ranks={ranks} has {len(ranks)} entries; this layer needs {n_bonds}")
     if ranks and min(ranks) < 1:
@@ -187,8 +214,9 @@ class TTConv2d(_TTChain):
             )
         fk = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.kernel_size = _check_pair(kernel_size, "kernel_size")
+        self.stride = _check_pair(stride, "stride")
+        self.dilation = _check_pair(dilation, "dilation")
         self.padding = _check_padding(padding, self.stride)
         self.padding_mode = padding_mode
         self.in_modes, self.out_modes, self.ranks = in_modes, out_modes, ranks
@@ -510,6 +538,20 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
 
         ratio = _check_ratio(ratio)
     in_modes, out_modes, out_hw = opts.get("in_modes"), opts.get("out_modes"), opts.get("out_hw")
+    if out_hw is not None:
+        if not isinstance(module, nn.Conv2d):
+            raise ValueError(f"out_hw={out_hw!r} is not allowed for a "
+                             f"{type(module).__name__}; out_hw (the output height and width "
+                             "for the multiply-add counts) applies to an nn.Conv2d")
+        try:
+            ok = (len(out_hw) == 2 and not isinstance(out_hw, (str, bytes))
+                  and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                          for v in out_hw))
+        except TypeError:  # (not a sequence)
+            ok = False
+        if not ok:
+            raise ValueError(f"out_hw={out_hw!r} is not allowed; out_hw must be a pair of "
+                             "positive integers (H, W), the conv's output size")
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise ValueError(f"module has groups={module.groups}; TT compression supports groups=1 only")

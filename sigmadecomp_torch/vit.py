@@ -39,6 +39,7 @@ import math
 import numbers
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,9 +53,11 @@ VIT_INFO_FILE = os.path.splitext(VIT_WEIGHTS_FILE)[0] + ".json"
 
 
 def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int (NumPy integers too), or a clear error naming it."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+            or value < 1):
         raise ValueError(f"{name}={value!r} is not allowed; {name} must be a positive integer")
-    return value
+    return int(value)
 
 
 def patchify(images, patch):
@@ -136,8 +139,7 @@ class Block(nn.Module):
 
 def _checked_config(**config):
     """The network's configuration, each value a positive int, the patch dividing the image."""
-    for name, value in config.items():
-        _check_positive_int(value, name)
+    config = {name: _check_positive_int(value, name) for name, value in config.items()}
     image_size, patch, dim, heads = (config[k] for k in ("image_size", "patch", "dim", "heads"))
     if image_size % patch:
         raise ValueError(f"patch={patch} is not allowed with image_size={image_size}; "
@@ -162,6 +164,9 @@ class _Backbone(nn.Module):
         self.config = _checked_config(image_size=image_size, patch=patch, channels=channels,
                                       dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
                                       n_classes=n_classes)
+        (image_size, patch, channels, dim, depth, heads, mlp_dim, n_classes) = (
+            self.config[k] for k in ("image_size", "patch", "channels", "dim", "depth", "heads",
+                                     "mlp_dim", "n_classes"))
         self.embed = _Embedding(image_size, patch, channels, dim)
         self.blocks = nn.ModuleList(block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
