@@ -282,8 +282,11 @@ def check_min_speedup(min_speedup, example_input):
     """Validate ``compress``'s ``min_speedup=`` / ``example_input=`` pair; the float or None."""
     if min_speedup is None:
         return None
-    if (not isinstance(min_speedup, numbers.Real) or isinstance(min_speedup, bool)
-            or not min_speedup >= 0 or min_speedup == float("inf")):
+    if not isinstance(min_speedup, numbers.Real) or isinstance(min_speedup, bool):
+        raise TypeError(f"min_speedup={min_speedup!r} is not allowed; min_speedup must be "
+                        "None or a number (e.g. 1.0: keep a layer dense unless its "
+                        "factorized form is faster)")
+    if not min_speedup >= 0 or min_speedup == float("inf"):
         raise ValueError(f"min_speedup={min_speedup!r} is not allowed; min_speedup must be "
                          "None or a finite number >= 0 (e.g. 1.0: keep a layer dense unless "
                          "its factorized form is faster)")
