@@ -241,6 +241,18 @@ def check_int(value, name, *, low=None, high=None):
     return value
 
 
+def is_positive_int_tuple(value, length=None):
+    """Whether ``value`` is a non-empty sequence (not a string) of integers >= 1 (bools
+    excluded), of ``length`` entries when given."""
+    try:
+        return (not isinstance(value, (str, bytes)) and len(value) > 0
+                and (length is None or len(value) == length)
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                        for v in value))
+    except TypeError:  # (not a sequence)
+        return False
+
+
 def check_positive_float(value, name, *, allow_zero=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise TypeError(f"{name}={value!r} is not allowed; {name} must be a finite real number")

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from sigmadecomp._validation import is_positive_int_tuple
+
 from ._batches import call_with, eval_modes
 
 __all__ = ["layer_latency", "measure_latency", "input_shapes", "compare_latency"]
@@ -38,13 +40,7 @@ def _check_positive(name, value):
 
 def _check_shape(input_shape):
     """``input_shape`` as a tuple of positive ints, or a clear error naming it."""
-    try:
-        ok = (not isinstance(input_shape, (str, bytes)) and len(input_shape) > 0
-              and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
-                      for s in input_shape))
-    except TypeError:  # (not a sequence)
-        ok = False
-    if not ok:
+    if not is_positive_int_tuple(input_shape):
         raise ValueError(f"input_shape={input_shape!r} is not allowed; input_shape must be a "
                          "non-empty tuple of positive integers, batch first (e.g. "
                          "(1, C, H, W) or (1, n))")

@@ -94,6 +94,11 @@ class QuantizedWeights:
         return f"QuantizedWeights({len(self.int8)} layers, max |error| {worst:.3g})"
 
 
+def _check_type(value, kind, name, what):
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} of type {type(value).__name__} is not allowed; it must be {what}")
+
+
 def _is_tt(module):
     from .tt_layers import TTConv2d, TTLinear
 
@@ -174,8 +179,7 @@ def quantize_weights(model, *, layers=None, inplace=False):
     """
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be a torch.nn.Module")
+    _check_type(model, nn.Module, "model", "a torch.nn.Module")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace={inplace!r} is not allowed; inplace must be True or False")
     chosen, tt = _chosen(model, layers)  # (checked before the copy)
@@ -249,12 +253,9 @@ def quantized_state_dict(model, quantized):
         ``quantized`` names a layer ``model`` does not have: the codes would
         silently drop the change.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be the "
-                        "torch.nn.Module returned by quantize_weights")
-    if not isinstance(quantized, QuantizedWeights):
-        raise TypeError(f"quantized of type {type(quantized).__name__} is not allowed; it must be "
-                        "the QuantizedWeights returned by quantize_weights")
+    _check_type(model, nn.Module, "model", "the torch.nn.Module returned by quantize_weights")
+    _check_type(quantized, QuantizedWeights, "quantized",
+                "the QuantizedWeights returned by quantize_weights")
     modules = dict(model.named_modules(remove_duplicate=False))
     by_weight = {}  # id of a quantized weight -> the layer name its codes are listed under
     for name, codes in quantized.int8.items():
@@ -305,12 +306,8 @@ def load_quantized_state_dict(model, state):
     """
     from collections.abc import Mapping
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; it must be a "
-                        "torch.nn.Module")
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state of type {type(state).__name__} is not allowed; it must be the "
-                        "dict quantized_state_dict returned")
+    _check_type(model, nn.Module, "model", "a torch.nn.Module")
+    _check_type(state, Mapping, "state", "the dict quantized_state_dict returned")
     plain = {}
     for key, value in state.items():
         if key == _SCALE_KEY or key.endswith("." + _SCALE_KEY):

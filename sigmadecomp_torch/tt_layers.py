@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigmadecomp._tt_algebra import tt_matrix
+from sigmadecomp._validation import is_positive_int_tuple
 from sigmadecomp.prepared import prepare_sigma
 from sigmadecomp.tt import (
     TTResult,
@@ -543,13 +544,7 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
             raise ValueError(f"out_hw={out_hw!r} is not allowed for a "
                              f"{type(module).__name__}; out_hw (the output height and width "
                              "for the multiply-add counts) applies to an nn.Conv2d")
-        try:
-            ok = (len(out_hw) == 2 and not isinstance(out_hw, (str, bytes))
-                  and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                          for v in out_hw))
-        except TypeError:  # (not a sequence)
-            ok = False
-        if not ok:
+        if not is_positive_int_tuple(out_hw, 2):
             raise ValueError(f"out_hw={out_hw!r} is not allowed; out_hw must be a pair of "
                              "positive integers (H, W), the conv's output size")
     if isinstance(module, nn.Conv2d):

@@ -117,3 +117,14 @@ def write_png_folder(folder, n, shape, seed=0):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
 
+
+
+def assert_row_stats(stats, rows):
+    """``stats`` (a LayerStats) holds the float64 second moment, mean and count of ``rows``
+    (a torch tensor whose last dimension is the layer's input size), to 1e-12."""
+    import torch
+
+    X = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+    assert stats.count == X.shape[0]
+    torch.testing.assert_close(stats.sigma, X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.mean, X.mean(dim=0), rtol=1e-12, atol=1e-12)

@@ -8,22 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from _helpers import assert_row_stats  # noqa: E402
 from sigmadecomp_torch import collect_covariances  # noqa: E402
 
 F64 = torch.float64
-
-
-def _reference(rows):
-    """Independent float64 second moment, mean and count of (M, n) rows."""
-    X = rows.reshape(-1, rows.shape[-1]).to(F64)
-    return X.T @ X / X.shape[0], X.mean(dim=0), X.shape[0]
-
-
-def _assert_stats(s, rows):
-    sigma, mean, count = _reference(rows)
-    assert s.count == count
-    torch.testing.assert_close(s.sigma, sigma, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(s.mean, mean, rtol=1e-12, atol=1e-12)
 
 
 class FlattenLM(nn.Module):
@@ -61,8 +49,8 @@ def test_flattened_tokens_are_masked_by_default():
     with torch.no_grad():
         h = model.proj(model.emb(batch["input_ids"]))
     real = batch["attention_mask"].bool()
-    _assert_stats(stats["out"], h[real])
-    _assert_stats(stats["proj"], model.emb(batch["input_ids"]).detach()[real])
+    assert_row_stats(stats["out"], h[real])
+    assert_row_stats(stats["proj"], model.emb(batch["input_ids"]).detach()[real])
 
 
 def test_flattened_tokens_masked_without_any_3d_layer():
@@ -72,7 +60,7 @@ def test_flattened_tokens_masked_without_any_3d_layer():
         stats = collect_covariances(model, [batch], layers=["out"], progress=False)
     with torch.no_grad():
         h = model.proj(model.emb(batch["input_ids"]))
-    _assert_stats(stats["out"], h[batch["attention_mask"].bool()])
+    assert_row_stats(stats["out"], h[batch["attention_mask"].bool()])
 
 
 def test_per_head_4d_input_is_masked():
@@ -84,7 +72,7 @@ def test_per_head_4d_input_is_masked():
         h = model.proj(model.emb(batch["input_ids"]))
     rows = h[batch["attention_mask"].bool()].reshape(-1, 2)
     assert stats["out"].count == 5 * 2
-    _assert_stats(stats["out"], rows)
+    assert_row_stats(stats["out"], rows)
 
 
 def test_sequence_first_flattened_tokens_warn():
@@ -98,7 +86,7 @@ def test_sequence_first_flattened_tokens_warn():
                                     mask=lambda b: b["attention_mask"].T)
     with torch.no_grad():
         h = model.proj(model.emb(batch["input_ids"]).transpose(0, 1))
-    _assert_stats(stats["out"], h[batch["attention_mask"].T.bool()])
+    assert_row_stats(stats["out"], h[batch["attention_mask"].T.bool()])
 
 
 def test_additive_attention_mask_is_refused_with_the_way_out():
@@ -113,7 +101,7 @@ def test_additive_attention_mask_is_refused_with_the_way_out():
                                     mask=lambda b: b["attention_mask"] == 0)
     with torch.no_grad():
         h = model.proj(model.emb(batch["input_ids"]))
-    _assert_stats(stats["out"], h[batch["attention_mask"].bool()])
+    assert_row_stats(stats["out"], h[batch["attention_mask"].bool()])
     # a float 0/1 mask is a token mask
     floats = dict(batch, attention_mask=batch["attention_mask"].double())
     assert collect_covariances(model, [floats], progress=False)["out"].count == 5
@@ -306,7 +294,7 @@ def test_device_and_seed_are_checked_by_name():
                                             "integer"):
             collect_covariances(lin, data, progress=False, seed=bad, position_fraction=0.5)
     s = collect_covariances(lin, data, progress=False, device=torch.device("cpu"), seed=3)[""]
-    _assert_stats(s, data[0])
+    assert_row_stats(s, data[0])
 
 
 def test_image_folder_size_is_checked_by_name(tmp_path):
@@ -337,7 +325,7 @@ def test_second_name_of_a_shared_module_is_explained():
     s = collect_covariances(model, data, layers=["0"], progress=False)["0"]
     with torch.no_grad():
         rows = torch.cat([data[0], torch.relu(lin(data[0]))])
-    _assert_stats(s, rows)  # both calls of the shared module
+    assert_row_stats(s, rows)  # both calls of the shared module
 
 
 def test_numpy_batches_count_as_tensors():
@@ -369,7 +357,7 @@ def test_layer_called_with_a_keyword_input():
 
     x = torch.randn(4, 3)
     s = collect_covariances(KeywordCall(), [x], progress=False)["fc"]
-    _assert_stats(s, x)
+    assert_row_stats(s, x)
 
 
 def test_safetensors_file_of_an_unknown_format_is_refused(tmp_path):

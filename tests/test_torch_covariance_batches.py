@@ -7,21 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from _helpers import assert_row_stats  # noqa: E402
 from sigmadecomp_torch import collect_covariances  # noqa: E402
 
 F64 = torch.float64
-
-
-def _gram(X):
-    X = X.reshape(-1, X.shape[-1]).to(F64)
-    return X.T @ X / X.shape[0], X.mean(dim=0), X.shape[0]
-
-
-def _assert_stats(s, X):
-    sigma, mean, count = _gram(X)
-    assert s.count == count
-    torch.testing.assert_close(s.sigma, sigma, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(s.mean, mean, rtol=1e-12, atol=1e-12)
 
 
 class TinyLM(nn.Module):
@@ -66,7 +55,7 @@ def test_mapping_batches_run_as_keywords_and_mask_padding():
                    for b in batches]).double()
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     assert stats["q"].count == real == 26  # not the 42 padded positions
-    _assert_stats(stats["q"], h)
+    assert_row_stats(stats["q"], h)
     # the head reads pooled (batch, d) inputs: not a token layout, every row counts
     assert stats["head"].count == 6
     # mask=None: every position, padded ones included
@@ -112,9 +101,9 @@ def test_sharing_ends_exactly_when_inputs_differ():
     x1, x2 = (torch.randn(5, 4, generator=g, dtype=F64) for _ in range(2))
     stats = collect_covariances(model, [x1, x2], progress=False)
     assert stats["b"] is not stats["a"] and stats["c"] is not stats["a"]
-    _assert_stats(stats["a"], torch.cat([x1, x2]))
-    _assert_stats(stats["b"], torch.cat([x1, 2 * x2, x2]))
-    _assert_stats(stats["c"], x1)
+    assert_row_stats(stats["a"], torch.cat([x1, x2]))
+    assert_row_stats(stats["b"], torch.cat([x1, 2 * x2, x2]))
+    assert_row_stats(stats["c"], x1)
 
 
 def test_transformer_encoder_layer_with_padding_mask():
@@ -140,7 +129,7 @@ def test_transformer_encoder_layer_with_padding_mask():
                                     layers=["linear1", "linear2"])
         for name in ("linear1", "linear2"):
             x = seen[name] if batch_first else seen[name].transpose(0, 1)
-            _assert_stats(stats[name], x[~pad])
+            assert_row_stats(stats[name], x[~pad])
             assert stats[name].count == 9
 
 
@@ -163,8 +152,8 @@ def test_tuples_that_would_lose_inputs_are_refused():
     # (x,) and (x, y) with floating-point x
     one = collect_covariances(lin, [[x]], progress=False)[""]
     two = collect_covariances(lin, [(x, torch.zeros(4))], progress=False)[""]
-    _assert_stats(one, x)
-    _assert_stats(two, x)
+    assert_row_stats(one, x)
+    assert_row_stats(two, x)
     with pytest.raises(ValueError, match="mask='yes'"):
         collect_covariances(lin, [x], mask="yes", progress=False)
     with pytest.raises(TypeError, match="forward=3"):
