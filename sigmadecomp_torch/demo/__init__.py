@@ -26,7 +26,7 @@ EXIT_NO_DATA = 3
 INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 """The one command that installs the demo's data (Debian package)."""
 
-TIMES = "about 90 s with --quick, about 21.5 minutes by default, hours with --full, on 2 cores"
+TIMES = "about 90 s with --quick, about 22 minutes by default, hours with --full, on 2 cores"
 
 
 def int_at_least(low):
