@@ -28,9 +28,10 @@ prints a one-line summary: the time each method needs to reach the published
 method's 5-sweep error and their ratio (medians over ``--runs`` runs of ours
 and HOOI; ``--baseline-runs`` runs of the published method).
 
-Timings are wall-clock with BLAS limited to ``--threads`` threads (default 1,
-for reproducible figures on a shared machine); all methods run in float64 on
-NumPy in the same process.
+Timings are wall-clock at the libraries' default threads, or with BLAS limited
+to ``--threads`` threads (``--threads 1`` gives steadier figures on a shared
+machine); all methods run in float64 on NumPy in the same process, and the
+summary names the setting.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-from benchmarks.common import NOTES_DIR, Timer, realistic_covariance, trained_like_kernel, write_csv
+from benchmarks.common import (NOTES_DIR, Timer, check_output_dir, positive_int, realistic_covariance,
+                               threads_setting, trained_like_kernel, write_csv)
 from sigmadecomp import relative_sigma_error, tucker2
 from sigmadecomp._backend import einsum
 
@@ -186,33 +188,40 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run (32 channels, ranks (16, 16)); writes to a temporary directory")
-    ap.add_argument("--runs", type=int, default=5, help="runs of ours and HOOI (median)")
-    ap.add_argument("--baseline-runs", type=int, default=1, help="runs of the published method")
-    ap.add_argument("--baseline-sweeps", type=int, default=5, help="sweeps of the published method")
-    ap.add_argument("--sweeps", type=int, default=40, help="sweeps of ours and HOOI")
-    ap.add_argument("--inner-maxiter", type=int, default=10,
+    ap.add_argument("--runs", type=positive_int, default=5, help="runs of ours and HOOI (median)")
+    ap.add_argument("--baseline-runs", type=positive_int, default=3,
+                    help="runs of the published method (median; default 3)")
+    ap.add_argument("--baseline-sweeps", type=positive_int, default=5,
+                    help="sweeps of the published method")
+    ap.add_argument("--sweeps", type=positive_int, default=40, help="sweeps of ours and HOOI")
+    ap.add_argument("--inner-maxiter", type=positive_int, default=10,
                     help="CG iterations per sweep of ours (tucker2's inner.maxiter)")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
+    ap.add_argument("--threads", type=threads_setting, default="default",
+                    help="BLAS threads: 'default' (the libraries' own choice, the default) or "
+                         "a count to pin them to, e.g. 1 for steadier figures on a shared machine")
     ap.add_argument("--torch", action="store_true",
                     help="also time ours on torch CPU tensors (same code path; not in the CSV)")
     ap.add_argument("--out", default=None,
                     help="output directory for CSV and PNG (default notes/; a temporary "
                          "directory with --quick)")
     args = ap.parse_args(argv)
+    check_output_dir(ap, "--out", args.out)
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="als_quick_") if args.quick else NOTES_DIR
 
     try:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(args.threads)
+        if args.threads != "default":
+            threadpool_limits(args.threads)
     except ImportError:  # pragma: no cover
         pass
     torch = None
     if args.torch:
         import torch
 
-        torch.set_num_threads(args.threads)
+        if args.threads != "default":
+            torch.set_num_threads(args.threads)
 
     if args.quick:
         C, ranks, maxiter = 32, (16, 16), 300
@@ -280,7 +289,8 @@ def main(argv=None):
     ours_txt = "never" if t_ours is None else f"{t_ours:.2f} s (sweep {s_ours:g})"
     summary = (f"SUMMARY target = published {args.baseline_sweeps}-sweep Sigma-error {target:.5f}: "
                f"published {t_pub:.1f} s, ours {ours_txt}, HOOI {hooi_txt}; "
-               f"ours is {ratio:.0f}x sooner")
+               f"ours is {ratio:.0f}x sooner (medians of {args.runs} runs of ours and HOOI, "
+               f"{args.baseline_runs} of the published method; threads {args.threads})")
     print(summary)
     if torch is not None:
         Kt, St = torch.as_tensor(K), torch.as_tensor(Sig)

@@ -44,7 +44,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import NOTES_DIR, Timer, realistic_covariance, trained_like_kernel, write_csv
+from benchmarks.common import (NOTES_DIR, Timer, check_output_dir, realistic_covariance,
+                               trained_like_kernel, write_csv)
 from sigmadecomp import cp, relative_sigma_error
 from sigmadecomp.cp import FROBENIUS_INIT_SWEEPS, INNER_MAXITER_START, als_engine
 
@@ -64,7 +65,7 @@ def _gemm_seconds(sigma, R, reps=21):
     return _median_time(lambda: sigma @ X, reps)
 
 
-def run_rank(K, S, R, *, n_fro, n_sig, reps):
+def run_rank(K, S, R, *, n_fro, n_sig, reps, conv_sweeps=None):
     import tensorly as tl
     from tensorly.cp_tensor import CPTensor
     from tensorly.decomposition import parafac
@@ -124,8 +125,9 @@ def run_rank(K, S, R, *, n_fro, n_sig, reps):
     for _ in range(3):
         eng.sweep()
     # a run to convergence with the defaults (tol=1e-6): the CG cap doubles on stalls
+    # (conv_sweeps: a cap on its sweeps, for the smoke run)
     with Timer() as t_conv:
-        conv = cp(K, R, S, rng=0)
+        conv = cp(K, R, S, rng=0, **({} if conv_sweeps is None else {"n_iter_max": conv_sweeps}))
 
     rows = []
     for k, e in enumerate(tl_sig):
@@ -183,18 +185,21 @@ def plot(rows, R, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short smoke run, prints figures only")
+    ap.add_argument("--quick", action="store_true",
+                    help="short smoke run (rank 32, 2 repeats, the run to convergence capped at "
+                         "10 sweeps), prints figures only")
     ap.add_argument("--out", default=None, help="directory for CSV/PNGs (default: notes/ for a full run)")
     ap.add_argument("--threads", choices=("both", "default", "1"), default="both",
                     help="thread settings to time: library defaults, BLAS pinned to one, or both "
                          "(default, in that order; the CSV/PNGs come from the last one)")
     args = ap.parse_args(argv)
+    check_output_dir(ap, "--out", args.out)
     from threadpoolctl import threadpool_limits
 
     if args.quick:
-        ranks, n_fro, n_sig, reps, n_images = (32,), 10, 3, 2, 64
+        ranks, n_fro, n_sig, reps, n_images, conv_sweeps = (32,), 10, 3, 2, 64, 10
     else:
-        ranks, n_fro, n_sig, reps, n_images = (32, 128), 100, 30, 5, 256
+        ranks, n_fro, n_sig, reps, n_images, conv_sweeps = (32, 128), 100, 30, 5, 256, None
     out = args.out if args.out is not None else (None if args.quick else NOTES_DIR)
 
     S, source = realistic_covariance(channels=128, k=3, n_images=n_images, seed=0)
@@ -206,7 +211,7 @@ def main(argv=None):
     for threads in settings:
         print(f"--- threads: {threads}")
         with threadpool_limits(limits=None if threads == "default" else threads):
-            rows, s = _run_all(K, S, ranks, n_fro, n_sig, reps)
+            rows, s = _run_all(K, S, ranks, n_fro, n_sig, reps, conv_sweeps)
             sums.append((threads, s))
     if out:
         os.makedirs(out, exist_ok=True)
@@ -218,12 +223,13 @@ def main(argv=None):
     return sums
 
 
-def _run_all(K, S, ranks, n_fro, n_sig, reps):
+def _run_all(K, S, ranks, n_fro, n_sig, reps, conv_sweeps=None):
     rows, sums = [], []
     if True:
         for R in ranks:
             t0 = time.perf_counter()
-            r, s = run_rank(K, S, R, n_fro=n_fro, n_sig=n_sig, reps=reps)
+            r, s = run_rank(K, S, R, n_fro=n_fro, n_sig=n_sig, reps=reps,
+                            conv_sweeps=conv_sweeps)
             rows += r
             sums.append(s)
             print(
@@ -237,7 +243,9 @@ def _run_all(K, S, ranks, n_fro, n_sig, reps):
                 f"        Sigma-error: Frobenius CP-ALS {s['fro_final_sigma']:.4f} "
                 f"(Frobenius error {s['fro_final_fro']:.4f}) | CP-ALS-Sigma "
                 f"{s['sig_start']:.4f} -> {s['sig_final']:.4f} after {n_sig} sweeps\n"
-                f"        defaults (tol=1e-6): {s['conv_iter']} sweeps, {s['conv_seconds']:.1f} s, "
+                f"        defaults (tol=1e-6"
+                f"{'' if conv_sweeps is None else f', at most {conv_sweeps} sweeps'}): "
+                f"{s['conv_iter']} sweeps, {s['conv_seconds']:.1f} s, "
                 f"error {s['conv_error']:.5f}, converged={s['conv_converged']} "
                 f"[{time.perf_counter() - t0:.0f} s]", flush=True
             )

@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import Timer, realistic_covariance, trained_like_kernel, write_csv
+from benchmarks.common import (Timer, check_output_file, positive_float, positive_int,
+                               realistic_covariance, trained_like_kernel, write_csv)
 from sigmadecomp import sigma_svd
 from sigmadecomp.ranks import LayerSpec, allocate, evbmf_ranks, layer_params, ratio_to_ranks
 
@@ -107,14 +108,16 @@ def compress_and_score(model_stats, method, choice, n_iter, n_test):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", action="store_true", help="use synthetic layers")
-    ap.add_argument("--methods", nargs="+", default=["tucker2", "cp", "svd"])
-    ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 4.0])
-    ap.add_argument("--n-test", type=int, default=10000)
-    ap.add_argument("--iters", type=int, default=10,
+    ap.add_argument("--methods", nargs="+", default=["tucker2", "cp", "svd"],
+                    choices=["tucker2", "cp", "svd"])
+    ap.add_argument("--ratios", nargs="+", type=positive_float, default=[2.0, 4.0])
+    ap.add_argument("--n-test", type=positive_int, default=10000)
+    ap.add_argument("--iters", type=positive_int, default=10,
                     help="ALS sweeps of the Tucker-2/CP decompositions (default 10)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
+    check_output_file(ap, "--csv", args.csv, make_folder=True)
     try:
         import torch
 

@@ -20,7 +20,10 @@ Gram products ``n^2 * L`` (``n`` patch size, ``L`` output positions).
 
 Run from the repository root::
 
-    python -m benchmarks.collect_cost [--images 1024] [--repeats 5] [--threads 1]
+    python -m benchmarks.collect_cost [--images 1024] [--repeats 5] [--threads default,1]
+
+The table is printed per thread setting: torch's default threads first, then
+pinned to one (``--threads``).
 
 ``--model resnet18`` measures the ImageNet-scale case instead: torchvision's
 ResNet-18 layout (:func:`sigmadecomp_torch.resnet.resnet18`, random weights),
@@ -47,7 +50,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from benchmarks.common import calibration_images, peak_rss_mib
+from benchmarks.common import calibration_images, peak_rss_mib, positive_int, threads_setting
 from sigmadecomp_torch import collect_covariances
 from sigmadecomp_torch import covariance as cov_module
 from sigmadecomp_torch.models import ResNetSmall, conv3x3_names
@@ -217,25 +220,29 @@ def main_resnet(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: robust timings on a shared machine)")
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--fractions", default="0.25,0.1",
-                    help="comma-separated position_fraction values to time")
+    ap.add_argument("--images", type=positive_int, default=1024)
+    ap.add_argument("--batch", type=positive_int, default=256)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=_thread_settings, default="default,1",
+                    help="small: comma-separated torch thread settings timed in this order, "
+                         "'default' (torch's own choice) or a count (default 'default,1': "
+                         "the default first, then pinned to one thread, steadier on a shared "
+                         "machine)")
+    ap.add_argument("--width", type=positive_int, default=32)
+    ap.add_argument("--fractions", type=_fractions, default="0.25,0.1",
+                    help="comma-separated position_fraction values to time, each in (0, 1]")
     ap.add_argument("--model", choices=["small", "resnet18"], default="small")
-    ap.add_argument("--size", type=int, default=224, help="resnet18: image size")
-    ap.add_argument("--resnet-batch", type=int, default=16, help="resnet18: batch size")
-    ap.add_argument("--error-images", type=int, default=16,
+    ap.add_argument("--size", type=positive_int, default=224, help="resnet18: image size")
+    ap.add_argument("--resnet-batch", type=positive_int, default=16, help="resnet18: batch size")
+    ap.add_argument("--error-images", type=positive_int, default=16,
                     help="resnet18: images for the float32-product error table")
     ap.add_argument("--configs", default="exact@default,dtype=float32@default,exact@1,"
                     "gram_dtype=float32@1,position_fraction=0.25@1",
                     help="resnet18: comma-separated <config>@<threads> (default or 1), "
                     "config in " + ", ".join(_CONFIGS))
     ap.add_argument("--quick", action="store_true",
-                    help="resnet18: a tiny run of seconds (for the test suite)")
+                    help="a tiny run of seconds (for the test suite): resnet18 at 32x32; the "
+                         "small model on 64 images, 2 repeats")
     args = ap.parse_args(argv)
     if args.model == "resnet18":
         if args.images == 1024:
@@ -243,7 +250,9 @@ def main(argv=None):
         if args.repeats == 5:
             args.repeats = 3
         return main_resnet(args)
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.images, args.batch, args.repeats = min(args.images, 64), min(args.batch, 32), 2
+    default_threads = torch.get_num_threads()
     images, source = calibration_images(args.images, seed=0)
     x = torch.from_numpy(images).unsqueeze(1)
     batches = list(x.split(args.batch))
@@ -262,7 +271,7 @@ def main(argv=None):
     def collect_3x3():
         collect_covariances(model, batches, layers=names, progress=False)
 
-    fractions = [float(f) for f in args.fractions.split(",") if f]
+    fractions = args.fractions
 
     def collect_fraction(f):
         return lambda: collect_covariances(model, batches, position_fraction=f, progress=False)
@@ -275,15 +284,34 @@ def main(argv=None):
             "collect (full GEMM)": collect_full_gemm}
     for f in fractions:
         runs[f"collect (all, position_fraction={f:g})"] = collect_fraction(f)
-    forward()  # warm-up
-    collect_3x3()
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"# collect_covariances cost: ResNetSmall(width={args.width}), {args.images} "
+          f"{source} images, batch {args.batch}, median of {args.repeats}")
+    print(f"torch {torch.__version__}")
+    results = []
+    try:
+        for setting in args.threads:  # the default first (as given), then the pinned ones
+            torch.set_num_threads(default_threads if setting == "default" else setting)
+            forward()  # warm-up
+            collect_3x3()
+            times = {k: [] for k in runs}
+            for _ in range(args.repeats):
+                for k, f in runs.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            results.append((setting, times, med))
+            print()
+            label = (f"default ({default_threads})" if setting == "default" else str(setting))
+            print(f"threads: {label}")
+            print()
+            print("| run | median s | x forward | runs (s) |")
+            print("|---|---:|---:|---|")
+            for k, v in times.items():
+                print(f"| {k} | {med[k]:.3f} | {med[k] / med['forward']:.2f} | "
+                      + ", ".join(f"{t:.2f}" for t in v) + " |")
+    finally:
+        torch.set_num_threads(default_threads)
 
     exact = collect_covariances(model, batches, progress=False)
     devs = {}
@@ -296,16 +324,6 @@ def main(argv=None):
     fwd_total = sum(fwd.values())
     gram_all = sum(gram.values())
     gram_3x3 = sum(gram[n] for n in names)
-    print(f"# collect_covariances cost: ResNetSmall(width={args.width}), {args.images} "
-          f"{source} images, batch {args.batch}, {args.threads} thread(s), "
-          f"median of {args.repeats}")
-    print(f"torch {torch.__version__}")
-    print()
-    print("| run | median s | x forward | runs (s) |")
-    print("|---|---:|---:|---|")
-    for k, v in times.items():
-        print(f"| {k} | {med[k]:.3f} | {med[k] / med['forward']:.2f} | "
-              + ", ".join(f"{t:.2f}" for t in v) + " |")
     print()
     print(f"multiply-adds per image: forward {fwd_total / 1e6:.2f} M; Gram n^2*L over all "
           f"layers {gram_all / 1e6:.2f} M ({gram_all / fwd_total:.2f}x), over the 3x3 convs "
@@ -313,6 +331,30 @@ def main(argv=None):
     for f, dev in devs.items():
         print(f"position_fraction={f:g}: ||Sigma~ - Sigma||_F / ||Sigma||_F over the 3x3 "
               f"convs from {dev[0]:.4f} to {dev[-1]:.4f} (median {statistics.median(dev):.4f})")
+    return results
+
+
+def _thread_settings(text):
+    """argparse type: comma-separated 'default' or positive thread counts."""
+    out = [threads_setting(t.strip()) for t in text.split(",") if t.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected e.g. 'default,1'")
+    return out
+
+
+def _fractions(text):
+    """argparse type: comma-separated position fractions in (0, 1]."""
+    out = []
+    for t in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            f = float(t)
+        except ValueError:
+            f = float("nan")
+        if not 0 < f <= 1:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {t!r}: expected position fractions in (0, 1]")
+        out.append(f)
+    return out
 
 
 if __name__ == "__main__":

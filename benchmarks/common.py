@@ -11,6 +11,7 @@ activations.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import resource
@@ -150,3 +151,96 @@ def rss_mib():
     if now is None:
         raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
     return now
+
+
+# ---------------------------------------------------------------------------
+# command-line checks shared by the scripts
+# ---------------------------------------------------------------------------
+
+def _int_at_least(low, what):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"invalid value {value}: expected {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "a non-negative integer")
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive number") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive number")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a finite number >= 0")
+    return value
+
+
+def threads_setting(text):
+    """argparse type: ``'default'`` (the libraries' own choice) or a positive thread count."""
+    if text == "default":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected 'default' or a positive integer")
+    return value
+
+
+def check_output_file(parser, option, path, *, inputs=(), make_folder=False):
+    """Reject an output file ``path`` of ``option`` before any work is done.
+
+    An error (``parser.error``: usage, message, exit status 2) when ``path`` is
+    an existing folder, when the folder it would go in does not exist (unless
+    ``make_folder``: the script creates it) or is a file, or when ``path`` is
+    one of the ``inputs`` the same run reads. ``None`` passes.
+    """
+    if path is None:
+        return
+    if os.path.isdir(path):
+        parser.error(f"{option} {path!r}: is a folder; expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"{option} {path!r}: {folder!r} is a file, not a folder")
+    if not make_folder and not os.path.isdir(folder):
+        parser.error(f"{option} {path!r}: the folder {folder!r} does not exist")
+    for other in inputs:
+        if other is not None and os.path.abspath(other) == os.path.abspath(path):
+            parser.error(f"{option} {path!r}: would overwrite an input of this run")
+
+
+def check_output_dir(parser, option, path):
+    """Reject an output folder ``path`` of ``option`` that is an existing file."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{option} {path!r}: is a file; expected a folder")
+
+
+def check_input_file(parser, option, path):
+    """Reject an input file ``path`` of ``option`` that does not exist."""
+    if path is not None and not os.path.isfile(path):
+        parser.error(f"{option} {path!r}: no such file")

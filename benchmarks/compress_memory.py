@@ -29,6 +29,8 @@ import sys
 import time
 import warnings
 
+from benchmarks.common import check_output_file
+
 #: (label, statistics dtype, centered, budget instead of ratio 3)
 CONFIGS = (
     ("float64 statistics", "float64", False, False),
@@ -91,6 +93,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args(argv)
+    check_output_file(ap, "--json", args.json)
     if args.one is not None:
         arch, dtype, centered, budget, layers = json.loads(args.one)
         print(json.dumps(measure(arch, dtype, centered, budget, layers)))

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
+import os
 import sys
 import time
 
 import numpy as np
 
-from benchmarks.common import write_csv
+from benchmarks.common import (check_input_file, check_output_file, positive_float, positive_int,
+                               write_csv)
 
 CONFIGS = {
     "adaptive": {"inner": {"maxiter": "adaptive"}, "tol": 1e-6},
@@ -131,18 +132,28 @@ def report(path):
     return text
 
 
+def _load_average():
+    """``load average a, b, c`` where the platform reports it, else ``load average n/a``."""
+    try:
+        return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):  # pragma: no cover - not a Unix
+        return "load average n/a"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", default=None, help="directory of the cached statistics (benchmarks.sweeps)")
-    p.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--channels", type=positive_int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--only", nargs="+", default=None)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    p.add_argument("--max-sweeps", type=int, default=3000)
-    p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--max-sweeps", type=positive_int, default=3000)
+    p.add_argument("--max-seconds", type=positive_float, default=60.0)
     p.add_argument("--out", default=None, help="CSV of the curves")
     p.add_argument("--report", default=None, help="print the tables of this CSV")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    check_input_file(p, "--report", args.report)
+    check_output_file(p, "--out", args.out, inputs=(args.report,), make_folder=True)
     if args.report:
         report(args.report)
         return
@@ -167,7 +178,7 @@ def main(argv=None):
             with threads(1):
                 rec = run_one(K, S, CONFIGS[c], max_sweeps=args.max_sweeps,
                               max_seconds=args.max_seconds)
-            load_avg = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            load_avg = _load_average()
             print(f"{name} {c}: {rec[-1][0]} sweeps, {rec[-1][1]:.1f} CPU s, error {rec[-1][2]:.6f}, "
                   f"CG it (sweeps 2..) {[i for s, _, _, i in rec if s >= 2][:8]}...; {load_avg}",
                   flush=True)

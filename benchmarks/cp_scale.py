@@ -29,11 +29,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import peak_rss_mib
+from benchmarks.common import check_output_file, peak_rss_mib, positive_int
 
 LAYER = "layer4.1.conv1"
 RANK = 763  # compress(..., ratio=3) for a 512x512x3x3 conv
@@ -129,11 +130,12 @@ def write_notes(runs, path_md, sweeps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweeps", type=int, default=12)
-    ap.add_argument("--configs", default="exact,adaptive")
+    ap.add_argument("--sweeps", type=positive_int, default=12)
+    ap.add_argument("--configs", default="exact,adaptive",
+                    help="comma-separated, of " + ", ".join(CONFIGS))
     ap.add_argument("--library", default="numpy", choices=("numpy", "torch"))
-    ap.add_argument("--stat", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                   "cp_scale_layer4.npz"))
+    ap.add_argument("--stat", default=os.path.join(tempfile.gettempdir(), "cp_scale_layer4.npz"),
+                    help="cache of the layer's statistics (default: in the temporary folder)")
     ap.add_argument("--one", default=None, help="run one configuration in this process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--notes", default=None, help="markdown path; the PNG goes beside it")
@@ -141,6 +143,12 @@ def main(argv=None):
                     help="config=FILE,...: plot from the stderr progress lines of --one runs "
                          "(runs stopped early) instead of running")
     args = ap.parse_args(argv)
+    for config in [args.one] if args.one else args.configs.split(","):
+        if config not in CONFIGS:
+            ap.error(f"{'--one' if args.one else '--configs'} {config!r}: expected one of "
+                     f"{', '.join(CONFIGS)}")
+    check_output_file(ap, "--json", args.json)
+    check_output_file(ap, "--notes", args.notes)
     if args.progress:
         runs = [from_progress(*item.split("=", 1), args.library)
                 for item in args.progress.split(",")]

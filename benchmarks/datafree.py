@@ -28,8 +28,10 @@ Every Sigma variant is run with the centered covariance and bias correction
 (``centered=True``, as the demo's data-free row) unless ``--uncentered``.
 
 Run ``python -m benchmarks.datafree`` (all 10,000 test images, rX 2 3 4 6,
-10 ALS sweeps) or ``--quick`` (2000 test images, rX 3 and 6, 5 sweeps).
-Writes ``notes/datafree.json`` and ``notes/datafree.png`` (``--out``).
+10 ALS sweeps) or ``--quick`` (2000 test images, rX 3 and 6, 5 sweeps, Tucker-2,
+the variants ``frobenius``, ``bn-prop-fit`` and ``real``).
+A full run writes ``notes/datafree.json`` and ``notes/datafree.png`` (``--out``
+sets another prefix); ``--quick`` writes only where ``--out`` says.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from benchmarks.common import NOTES_DIR, check_output_file, positive_int
 
 VARIANTS = {
     # name: None (Frobenius) | "synthetic" | "real" | dict of covariances_from_batchnorm options
@@ -294,16 +298,22 @@ def plot(res, path):
     plt.close(fig)
 
 
+#: the variants of a --quick run: the Frobenius and real-data ends and the default
+QUICK_VARIANTS = ("frobenius", "bn-prop-fit", "real")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2000 test images, rX 3 and 6, 5 sweeps")
+    p.add_argument("--quick", action="store_true",
+                   help="2000 test images, rX 3 and 6, 5 sweeps; Tucker-2 and the variants "
+                        + ", ".join(QUICK_VARIANTS) + " unless given")
     p.add_argument("--rx", type=float, nargs="+")
-    p.add_argument("--methods", nargs="+", default=["tucker2", "cp"],
-                   choices=["tucker2", "cp"])
+    p.add_argument("--methods", nargs="+", default=None, choices=["tucker2", "cp"],
+                   help="default: tucker2 and cp (tucker2 with --quick)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     p.add_argument("--uncentered", action="store_true",
                    help="plain Sigma instead of centered Sigma + bias correction")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--correlations", action="store_true",
                    help="only print the correlation structure of each statistic against "
                         "the real one")
@@ -312,9 +322,19 @@ def main(argv=None):
                         "variances (spread of log ratios per layer)")
     p.add_argument("--seed", type=int, default=0,
                    help="synthetic images, calibration subset and ALS start (default 0)")
-    p.add_argument("--out", default=os.path.join("notes", "datafree"),
-                   help="prefix of the .json and .png written")
+    p.add_argument("--out", default=None,
+                   help="prefix of the .json and .png written (default notes/datafree for a "
+                        "full run; nothing is written with --quick unless given)")
     a = p.parse_args(argv)
+    a.methods = a.methods or (["tucker2"] if a.quick else ["tucker2", "cp"])
+    if a.quick and a.variants is None:
+        a.variants = list(QUICK_VARIANTS)
+    if a.rx is not None and min(a.rx) <= 0:
+        p.error(f"--rx {min(a.rx):g}: expected positive compression ratios")
+    if a.out is not None:
+        check_output_file(p, "--out", a.out + ".json")
+    elif not a.quick:
+        a.out = os.path.join(NOTES_DIR, "datafree")
     if a.correlations:
         torch.set_num_threads(a.threads)
         res = correlations()
@@ -339,15 +359,19 @@ def main(argv=None):
         return
 
     def save(res):
+        if a.out is None:
+            return
         with open(a.out + ".json", "w") as f:
             json.dump(res, f, indent=1)
 
     res = run(quick=a.quick, rx=a.rx, methods=a.methods, variants=a.variants,
               centered=not a.uncentered, threads=a.threads, seed=a.seed, on_row=save)
     print(table(res))
-    save(res)
-    plot(res, a.out + ".png")
-    print(f"wrote {a.out}.json, {a.out}.png")
+    if a.out is not None:
+        save(res)
+        plot(res, a.out + ".png")
+        print(f"wrote {a.out}.json, {a.out}.png")
+    return res
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import (NOTES_DIR, check_output_file, nonnegative_float, nonnegative_int,
+                               positive_float, positive_int)
 from sigmadecomp.exceptions import ConvergenceWarning
 from sigmadecomp_torch import LAYER_METHODS, LayerMethod, compress, register_layer_method
 from sigmadecomp_torch.latency import compare_latency, measure_latency
@@ -263,18 +265,19 @@ def render(args, layer_rows, model_rows, macs, verdicts, report, t_comp, seconds
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--min-speedup", type=float, default=1.0)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--min-run-time", type=float, default=0.5,
+    ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--min-speedup", type=nonnegative_float, default=1.0)
+    ap.add_argument("--size", type=positive_int, default=224)
+    ap.add_argument("--min-run-time", type=positive_float, default=0.5,
                     help="seconds of blocked_autorange per whole-model measurement")
     ap.add_argument("--out", default=None, help="markdown file (default notes/latency.md, "
                     "none with --quick)")
-    ap.add_argument("--layer-shapes", type=int, default=4,
+    ap.add_argument("--layer-shapes", type=nonnegative_int, default=4,
                     help="how many of the ResNet-18 conv shapes (64@56, 128@28, 256@14, "
                     "512@7) to time per layer")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    check_output_file(ap, "--out", args.out)
     t0 = time.perf_counter()
     layers, batches = _is_inner_3x3, (1, 16)
     if args.quick:  # tiny input, the last stage only, short timings
@@ -283,7 +286,7 @@ def main(argv=None):
         layers = lambda name, m: _is_inner_3x3(name, m) and name.startswith("layer4")  # noqa
     else:
         shapes, layer_time = [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)], 0.05
-    out = args.out if args.out is not None or args.quick else "notes/latency.md"
+    out = args.out if args.out is not None or args.quick else os.path.join(NOTES_DIR, "latency.md")
     print(f"load average {_load()}", flush=True)
     shapes = shapes[:args.layer_shapes]
 

@@ -34,16 +34,19 @@ import warnings
 
 
 def parse_args(argv=None):
+    from benchmarks.common import check_output_file, positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="Tucker-2 at rX 4 on 2000 test images with 512 calibration images")
     p.add_argument("--methods", nargs="+", default=None, choices=("tucker2", "cp"))
-    p.add_argument("--rx", nargs="+", type=float, default=None)
-    p.add_argument("--calib", type=int, default=None)
-    p.add_argument("--test", type=int, default=None)
+    p.add_argument("--rx", nargs="+", type=positive_float, default=None)
+    p.add_argument("--calib", type=positive_int, default=None)
+    p.add_argument("--test", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
+    check_output_file(p, "--out", args.out)
     quick = args.quick
     args.methods = args.methods or (["tucker2"] if quick else ["tucker2", "cp"])
     args.rx = args.rx or ([4.0] if quick else [2.0, 3.0, 4.0, 6.0])

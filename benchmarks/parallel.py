@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.common import nonnegative_int, positive_int
 from sigmadecomp_torch import collect_covariances, compress, load_covariances, save_covariances
 from sigmadecomp_torch.resnet import resnet18
 
@@ -89,12 +90,12 @@ def _spawn(world, stats_path, out_path, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=positive_int, default=2)
     ap.add_argument("--method", default="tucker2", choices=["tucker2", "cp", "svd"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sweeps", type=int, default=3, help="n_iter_max of each layer")
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--sweeps", type=positive_int, default=3, help="n_iter_max of each layer")
     ap.add_argument("--init", default="svd", help="init option of the solver")
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=nonnegative_int, default=0,
                     help="torch threads per process (0: default)")
     ap.add_argument("--quick", action="store_true", help="layer1 only, one repeat")
     args = ap.parse_args(argv)

@@ -39,8 +39,8 @@ Cases:
   whole steps of the large Tucker-2 layer (its sweeps take minutes on one
   shared core, the same in both paths) run only with ``--large-tucker2``.
 
-Run from the repository root (torch pinned to one thread, to share the
-machine; ``--threads`` to change)::
+Run from the repository root (torch at its default threads; ``--threads 1``
+pins it to one, steadier on a shared machine)::
 
     python -m benchmarks.prepared_sigma [--quick] [--part all|sigma|full] [--repeats 3]
 """
@@ -52,6 +52,7 @@ import statistics
 import time
 
 import sigmadecomp._backend as B
+from benchmarks.common import check_output_file, positive_int, threads_setting
 from sigmadecomp import ranks as R
 from sigmadecomp.cp import cp
 from sigmadecomp.prepared import PreparedSigma
@@ -222,10 +223,12 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (seconds)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=threads_setting, default="default",
+                   help="torch CPU threads: 'default' (torch's own choice, the default) or a "
+                        "count, e.g. 1 for steadier figures on a shared machine")
     p.add_argument("--method", default="tucker2", choices=["tucker2", "cp"])
-    p.add_argument("--n-iter-max", type=int, default=10,
+    p.add_argument("--n-iter-max", type=positive_int, default=10,
                    help="sweeps of the iterative methods (the same in both paths)")
     p.add_argument("--part", default="all", choices=["all", "sigma", "full"],
                    help="'sigma': only the Sigma steps (no solver iterations); 'full': the "
@@ -234,7 +237,11 @@ def main(argv=None):
                    help="also run the whole steps (with sweeps) of the large Tucker-2 layer")
     p.add_argument("--out", default=None, help="write the table (markdown) here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    check_output_file(p, "--out", args.out)
+    if args.threads != "default":
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {args.threads} ({torch.get_num_threads()}); median of "
+          f"{1 if args.quick else args.repeats} run(s) per path", flush=True)
     repeats = 1 if args.quick else args.repeats
     options = {"n_iter_max": 3 if args.quick else args.n_iter_max}
     rows = []

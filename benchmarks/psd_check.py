@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from benchmarks.common import positive_int
 from sigmadecomp import relative_sigma_error
 from sigmadecomp._validation import check_sigma
 
@@ -39,11 +40,19 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
+def _even_size(text):
+    n = positive_int(text)
+    if n % 2 or n < 2:
+        raise argparse.ArgumentTypeError(f"invalid value {n}: expected an even size >= 2")
+    return n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=4608)
-    ap.add_argument("--T", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--n", type=_even_size, default=4608,
+                    help="size of Sigma (even, >= 2; its rank is n / 2)")
+    ap.add_argument("--T", type=positive_int, default=512)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     n, T = args.n, args.T

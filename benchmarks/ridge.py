@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import calibration_images, im2col, trained_like_kernel
+from benchmarks.common import calibration_images, check_output_file, im2col, trained_like_kernel
 from sigmadecomp import cp, relative_sigma_error, sigma_svd, tt_conv, tucker2
 from sigmadecomp.tt import auto_modes, tt_ranks_for_ratio
 
@@ -125,6 +125,9 @@ def methods(K):
     }
 
 
+METHOD_NAMES = ("sigma_svd", "tucker2", "tt_conv", "cp")  # the keys of methods(K)
+
+
 def run_layer(K, S_cal, S_held, desc, ridges, only=None):
     rows = []
     for name, (run, frob) in methods(K).items():
@@ -174,11 +177,13 @@ def to_markdown(blocks):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="resnet layer only, ridge 0 and 1e-3")
-    ap.add_argument("--layers", nargs="*", default=["resnet"],
+    ap.add_argument("--layers", nargs="*", default=["resnet"], choices=["resnet", "synthetic"],
                     help="resnet (default) and/or synthetic")
-    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--methods", nargs="*", default=None, choices=list(METHOD_NAMES),
+                    help="formats to run (default: all)")
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     args = ap.parse_args(argv)
+    check_output_file(ap, "--out", args.out, make_folder=True)
     ridges = [0.0, 1e-3] if args.quick else RIDGES
     makers = {"resnet": resnet_layer, "synthetic": synthetic_layer}
     layers = [resnet_layer] if args.quick else [makers[k] for k in args.layers]

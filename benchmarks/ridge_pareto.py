@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 
-from benchmarks.common import calibration_images
-from benchmarks.ridge import _features, feature_layer, methods, resnet_layer, synthetic_layer
+from benchmarks.common import (NOTES_DIR, calibration_images, check_input_file,
+                               check_output_file)
+from benchmarks.ridge import (METHOD_NAMES, _features, feature_layer, methods, resnet_layer,
+                              synthetic_layer)
 from sigmadecomp import relative_sigma_error
 
 GRID_FINE = [0.0] + [float(f"{v:.3g}") for v in np.logspace(-5, 0, 26)]
@@ -205,19 +208,31 @@ def table(rows, show=(0.0, 5e-4, 1e-3, 2e-3, 1e-2)):
     return "\n".join(out) + "\n\n" + "\n".join(best)
 
 
+LAYERS = ("resnet", "synthetic", "r18", "r18-256", "r18-128")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", nargs="*", default=["synthetic"],
+    ap.add_argument("--layers", nargs="*", default=["synthetic"], choices=LAYERS,
                     help="resnet, synthetic, r18 (512 ch), r18-256, r18-128")
-    ap.add_argument("--methods", nargs="*", default=None)
-    ap.add_argument("--rules", nargs="*", default=["iso", "floor"])
+    ap.add_argument("--methods", nargs="*", default=None, choices=list(METHOD_NAMES),
+                    help="formats to run (default: all)")
+    ap.add_argument("--rules", nargs="*", default=["iso", "floor"], choices=["iso", "floor"])
     ap.add_argument("--fine", action="store_true", help="the 26-point log grid 1e-5..1")
     ap.add_argument("--grid", nargs="*", type=float, default=None)
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--plot", default=None, help="draw the PNG from this JSON-lines file")
-    ap.add_argument("--png", default="notes/ridge.png")
+    ap.add_argument("--png", default=os.path.join(NOTES_DIR, "ridge.png"),
+                    help="the PNG --plot draws (default notes/ridge.png)")
     ap.add_argument("--table", default=None, help="print the markdown tables of this file")
     args = ap.parse_args(argv)
+    check_input_file(ap, "--table", args.table)
+    check_input_file(ap, "--plot", args.plot)
+    if args.plot:
+        check_output_file(ap, "--png", args.png, inputs=(args.plot,))
+    check_output_file(ap, "--out", args.out)
+    if args.grid is not None and any(not (g >= 0 and np.isfinite(g)) for g in args.grid):
+        ap.error(f"--grid {args.grid}: expected non-negative finite ridge values")
     if args.table:
         print(table(load(args.table)))
         return

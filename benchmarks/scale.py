@@ -61,7 +61,8 @@ import warnings
 import torch
 
 import sigmadecomp
-from benchmarks.common import NOTES_DIR, peak_rss_mib
+from benchmarks.common import (NOTES_DIR, check_output_dir, check_output_file, peak_rss_mib,
+                               positive_float, positive_int)
 from benchmarks.latency import count_macs
 from sigmadecomp_torch import collect_covariances, compress, load_covariances, save_covariances
 from sigmadecomp_torch.resnet import resnet18, resnet50
@@ -250,7 +251,7 @@ def _parse_settings(text):
     out = []
     for item in text.split(","):
         p, _, t = item.partition(":")
-        if not p.isdigit() or int(p) < 1 or not (t == "default" or t.isdigit()):
+        if not p.isdigit() or int(p) < 1 or not (t == "default" or (t.isdigit() and int(t) > 0)):
             raise ValueError(f"--settings item {item!r} is not allowed; use P:T with P a "
                              "process count and T 'default' or a thread count")
         out.append((int(p), t))
@@ -497,20 +498,22 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="32x32 images, 1 sweep, seconds")
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet18",
                     help="the network (random weights, torchvision's layout)")
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=positive_int, default=64)
     ap.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
                     help="storage of the statistics (collect_covariances(dtype=...))")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--methods", default="tucker2,cp")
+    ap.add_argument("--size", type=positive_int, default=224)
+    ap.add_argument("--batch", type=positive_int, default=16)
+    ap.add_argument("--methods", default="tucker2,cp",
+                    help="comma-separated formats of compress (svd, tucker2, cp, tt)")
     ap.add_argument("--settings", default="1:default,1:1,2:default,2:1",
                     help="comma-separated P:T (processes:threads), default first")
-    ap.add_argument("--n-iter-max", type=int, default=None, help="bound the sweeps per layer")
+    ap.add_argument("--n-iter-max", type=positive_int, default=None,
+                    help="bound the sweeps per layer")
     ap.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
                     help="CP's B-update: 'exact' (the default of cp) or 'adaptive' "
                          "(inner={'maxiter': 'adaptive'}, a few CG iterations per sweep)")
-    ap.add_argument("--min-run-time", type=float, default=1.0)
-    ap.add_argument("--latency-rounds", type=int, default=5,
+    ap.add_argument("--min-run-time", type=positive_float, default=1.0)
+    ap.add_argument("--latency-rounds", type=positive_int, default=5,
                     help="interleaved rounds of the latency measurement (median reported)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time both models under torch.compile (needs a C++ compiler)")
@@ -522,6 +525,16 @@ def main(argv=None):
     ap.add_argument("--notes", default=NOTES_DIR,
                     help="folder of scale.md and scale.png (scale_resnet50.* for resnet50)")
     args = ap.parse_args(argv)
+    try:
+        _parse_settings(args.settings)
+    except ValueError as exc:
+        ap.error(str(exc))
+    bad = [m for m in args.methods.split(",") if m not in ("svd", "tucker2", "cp", "tt")]
+    if bad or not args.methods:
+        ap.error(f"--methods {args.methods!r}: expected comma-separated formats of svd, "
+                 "tucker2, cp, tt")
+    check_output_file(ap, "--json", args.json)
+    check_output_dir(ap, "--notes", args.notes)
     if args.quick:
         args.images, args.size, args.batch = 2, 32, 2
         args.n_iter_max, args.min_run_time, args.latency_rounds = 1, 0.05, 1

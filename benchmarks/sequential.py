@@ -1,6 +1,6 @@
 """One-shot against error-compensating sequential compression on the reference net.
 
-    python -m benchmarks.sequential --quick           # Tucker-2 and CP at rX 4, 1000 test images
+    python -m benchmarks.sequential --quick           # oneshot/sequential, Tucker-2 and CP at rX 4
     python -m benchmarks.sequential                   # Tucker-2, CP, TT at rX 2 3 4 6 8
     python -m benchmarks.sequential --methods cp --ratios 3 6 --variants oneshot sequential
 
@@ -56,7 +56,8 @@ from sigmadecomp_torch.demo.reference import evaluate
 from sigmadecomp_torch.models import conv3x3_names
 from sigmadecomp_torch.sequential import sequential_compress
 
-from benchmarks.common import reference_setup
+from benchmarks.common import (check_input_file, check_output_file, positive_float, positive_int,
+                               reference_setup)
 
 VARIANTS = ("oneshot", "sequential", "plain", "budget", "seqbudget", "seqrefit", "seqbudgetrefit",
             "oneshotrefit", "budgetrefit")
@@ -119,17 +120,19 @@ def run_one(model, method, rx, variant, loader, *, centered, options, seed, cp_i
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="Tucker-2 and CP at rX 4, 512 calibration and 1000 test images")
-    ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--ratios", nargs="+", type=float, default=None)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+                    help="oneshot and sequential, Tucker-2 and CP at rX 4, 512 calibration and "
+                         "1000 test images")
+    ap.add_argument("--methods", nargs="+", default=None, choices=("svd", "tucker2", "cp", "tt"))
+    ap.add_argument("--ratios", nargs="+", type=positive_float, default=None)
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                    help="default: all (oneshot and sequential with --quick)")
     ap.add_argument("--centered", action="store_true")
-    ap.add_argument("--calib", type=int, default=None)
-    ap.add_argument("--test", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=10, help="ALS sweeps (n_iter_max)")
+    ap.add_argument("--calib", type=positive_int, default=None)
+    ap.add_argument("--test", type=positive_int, default=None)
+    ap.add_argument("--iters", type=positive_int, default=10, help="ALS sweeps (n_iter_max)")
     ap.add_argument("--cp-inner", choices=("exact", "adaptive"), default="exact",
                     help="CP B-update CG cap: the solver's default or the demo's adaptive one")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--refit", default="all",
                     help="refit= of the *refit variants: 'all' or comma-separated names")
@@ -139,8 +142,13 @@ def main(argv=None):
                     help="no run: merge the rows of earlier --out files, print the table "
                          "(and --plot, --out the merged rows)")
     args = ap.parse_args(argv)
+    for path in args.combine or ():
+        check_input_file(ap, "--combine", path)
+    check_output_file(ap, "--out", args.out, inputs=args.combine or ())
+    check_output_file(ap, "--plot", args.plot)
     if args.combine:
         return _combine(args)
+    args.variants = args.variants or (["oneshot", "sequential"] if args.quick else list(VARIANTS))
     methods = args.methods or (["tucker2", "cp"] if args.quick else ["tucker2", "cp", "tt"])
     ratios = args.ratios or ([4.0] if args.quick else [2, 3, 4, 6, 8])
     calib = args.calib or (512 if args.quick else 2048)

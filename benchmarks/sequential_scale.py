@@ -28,6 +28,8 @@ import sys
 import time
 import warnings
 
+from benchmarks.common import positive_int
+
 RUNS = {"one-shot": {}, "one-shot + refit": {"refit": "all"},
         "sequential + refit": {"sequential": True, "refit": "all"}}
 
@@ -60,9 +62,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="32x32 images, two layers, seconds")
     ap.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"),
                     help="a model of benchmarks.scale.ARCHS")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--images", type=positive_int, default=64)
+    ap.add_argument("--size", type=positive_int, default=224)
+    ap.add_argument("--batch", type=positive_int, default=16)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one run
     args = ap.parse_args(argv)
     if args.quick:

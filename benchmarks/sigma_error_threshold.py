@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from benchmarks.common import check_output_file, positive_float, positive_int
 from sigmadecomp_torch.demo.reference import evaluate, load_reference
 from sigmadecomp_torch import collect_covariances, compress
 from sigmadecomp_torch.data import fashion_mnist, make_loader
@@ -106,17 +107,27 @@ def whole_model_rows(model, stats, x_test, y_test, ratio, methods=("tucker2", "c
     return rows
 
 
+FORMATS = ("svd", "tucker2", "cp", "tt")  # the layer formats of compress
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--test", type=int, default=2000, help="test images (seeded subset)")
-    p.add_argument("--calib", type=int, default=1024, help="calibration training images")
-    p.add_argument("--ratio", type=float, default=3.0, help="rX of the whole-model rows")
-    p.add_argument("--method", default="svd", help="format of the k x k convs (part 1)")
+    p.add_argument("--test", type=positive_int, default=2000, help="test images (seeded subset)")
+    p.add_argument("--calib", type=positive_int, default=1024, help="calibration training images")
+    p.add_argument("--ratio", type=positive_float, default=3.0, help="rX of the whole-model rows")
+    p.add_argument("--method", default="svd", choices=FORMATS,
+                   help="format of the k x k convs (part 1)")
     p.add_argument("--methods", default="tucker2,cp,svd",
-                   help="formats of the whole-model rows (comma-separated)")
+                   help="formats of the whole-model rows (comma-separated, of "
+                        + ", ".join(FORMATS) + ")")
     p.add_argument("--skip-single", action="store_true", help="only the whole-model rows")
     p.add_argument("--json", default=None, help="write all rows to this file")
     args = p.parse_args(argv)
+    bad = [m for m in args.methods.split(",") if m not in FORMATS]
+    if bad or not args.methods:
+        p.error(f"--methods {args.methods!r}: expected comma-separated formats of "
+                f"{', '.join(FORMATS)}")
+    check_output_file(p, "--json", args.json)
 
     t0 = time.perf_counter()
     model = load_reference()

@@ -41,7 +41,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import NOTES_DIR, write_csv
+from benchmarks.common import (NOTES_DIR, check_output_file, positive_float, positive_int,
+                               write_csv)
 
 TARGET = 1e-3  # within 0.1% of the converged error
 
@@ -200,12 +201,12 @@ def stop_rule(rec, tol, patience=1, relative=True):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=METHODS, default="tucker2")
-    p.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--channels", type=positive_int, nargs="+", default=[64, 128, 256])
     p.add_argument("--configs", nargs="+", default=None)
-    p.add_argument("--images", type=int, default=16)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--max-sweeps", type=int, default=300)
-    p.add_argument("--max-seconds", type=float, default=60.0, help="CPU seconds per run")
+    p.add_argument("--images", type=positive_int, default=16)
+    p.add_argument("--size", type=positive_int, default=224)
+    p.add_argument("--max-sweeps", type=positive_int, default=300)
+    p.add_argument("--max-seconds", type=positive_float, default=60.0, help="CPU seconds per run")
     p.add_argument("--no-reference", action="store_true", help="ResNet-18 layers only")
     p.add_argument("--only", nargs="+", default=None, help="run only problems whose name contains one of these")
     p.add_argument("--cache", default=None, help="directory for the collected statistics")
@@ -219,6 +220,12 @@ def main(argv=None):
     p.add_argument("--starts", action="store_true",
                    help="tucker2 only: CPU time and error of each start (n_iter_max=0)")
     args = p.parse_args(argv)
+    known = {"tucker2": TUCKER2_CONFIGS, "cp": CP_CONFIGS, "tt": TT_CONFIGS}[args.method]
+    bad = [c for c in args.configs or () if c not in known]
+    if bad:
+        p.error(f"--configs {' '.join(bad)}: not a configuration of --method {args.method}; "
+                f"choose from {', '.join(known)}")
+    check_output_file(p, "--out", args.out, make_folder=True)
 
     if args.report:
         return report()

@@ -46,7 +46,8 @@ import time
 import numpy as np
 
 import sigmadecomp
-from benchmarks.common import NOTES_DIR, im2col, trained_like_kernel
+from benchmarks.common import (NOTES_DIR, check_input_file, check_output_file, im2col,
+                               positive_int, trained_like_kernel)
 from sigmadecomp import cp, sigma_svd, tt_conv, tucker2
 from sigmadecomp import _threads
 from sigmadecomp._threads import available_cores
@@ -206,8 +207,8 @@ def environment():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small layers, seconds")
-    ap.add_argument("--reps", type=int, default=3, help="rounds per case (median)")
-    ap.add_argument("--all-reps", type=int, default=None,
+    ap.add_argument("--reps", type=positive_int, default=3, help="rounds per case (median)")
+    ap.add_argument("--all-reps", type=positive_int, default=None,
                     help="rounds that include the all-cores setting (default: all)")
     ap.add_argument("--solvers", default=",".join(SOLVERS))
     ap.add_argument("--libs", default="numpy,torch")
@@ -217,6 +218,22 @@ def main(argv=None):
     ap.add_argument("--table", default=None, metavar="CSV",
                     help="print the markdown table of a CSV written by this script and exit")
     args = ap.parse_args(argv)
+    check_input_file(ap, "--table", args.table)
+    check_output_file(ap, "--out", args.out, inputs=(args.table,))
+    if args.append and args.out is None and args.quick:
+        ap.error("--append: needs --out (a quick run writes no file otherwise)")
+    for name, known in (("--solvers", SOLVERS), ("--libs", ("numpy", "torch"))):
+        given = getattr(args, name[2:])
+        bad = [x for x in given.split(",") if x not in known]
+        if bad:
+            ap.error(f"{name} {given!r}: expected comma-separated names of {', '.join(known)}")
+    if args.channels:
+        try:
+            positive = all(int(c) > 0 for c in args.channels.split(","))
+        except ValueError:
+            positive = False
+        if not positive:
+            ap.error(f"--channels {args.channels!r}: expected comma-separated positive integers")
     cores = available_cores()
     if args.table:
         with open(args.table, newline="") as fh:

@@ -18,6 +18,7 @@ import argparse
 
 import torch
 
+from benchmarks.common import check_output_file, positive_float, positive_int
 from benchmarks.training import AUGMENTATION, LABEL_SMOOTHING, environment, fit, save_weights
 from sigmadecomp_torch.data import fashion_mnist
 from sigmadecomp_torch.demo.reference import (  # noqa: F401 (re-exported for older imports)
@@ -69,15 +70,18 @@ def train(*, epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0, progre
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
-    p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default 128)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--epochs", type=positive_int, default=8, help="training epochs (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="mini-batch size (default 128)")
+    p.add_argument("--lr", type=positive_float, default=0.1,
+                   help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--out", default=WEIGHTS_FILE,
                    help="where to write the state_dict (.pt); the JSON goes next to it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    check_output_file(p, "--out", args.out, make_folder=True)
     torch.set_num_threads(args.threads)
     model, info = train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, progress=not args.no_progress)

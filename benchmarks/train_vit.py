@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+from benchmarks.common import check_output_file, positive_float, positive_int
 from benchmarks.training import AUGMENTATION, LABEL_SMOOTHING, environment, fit, save_weights
 from sigmadecomp_torch.data import fashion_mnist
 from sigmadecomp_torch.demo.reference import evaluate
@@ -65,16 +66,17 @@ def train(*, epochs=3, batch_size=128, lr=2e-3, weight_decay=0.05, seed=0, log=p
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: faster than 2 on a shared machine)")
     p.add_argument("--out", default=VIT_WEIGHTS_FILE,
                    help="where to write the state_dict (.pt); the JSON goes next to it")
     args = p.parse_args(argv)
+    check_output_file(p, "--out", args.out, make_folder=True)
     torch.set_num_threads(args.threads)
     settings = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, seed=args.seed)

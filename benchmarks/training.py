@@ -79,3 +79,8 @@ def save_weights(model, info, out):
         f.write("\n")
     print(f"test accuracy {info['test_accuracy']:.4f}, {info['parameters']} parameters, "
           f"{info['train_seconds']:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit("benchmarks.training is the training loop the two training scripts share; "
+                     "run python -m benchmarks.train_reference or python -m benchmarks.train_vit")

@@ -52,22 +52,25 @@ RULES = ("moments", "moments+match", "moments+bn", "moments+bn+match", "bn", "ho
 
 
 def parse_args(argv=None):
+    from benchmarks.common import (check_input_file, check_output_file, positive_float,
+                                   positive_int)
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="256 calibration images, 512 digits, 1,000 test images, rX 4, "
                         "Tucker-2, 3 sweeps, rules moments and a=0.5")
     p.add_argument("--methods", nargs="+", default=None, choices=("tucker2", "cp"))
-    p.add_argument("--rx", nargs="+", type=float, default=None)
+    p.add_argument("--rx", nargs="+", type=positive_float, default=None)
     p.add_argument("--rules", nargs="+", default=None,
                    help="moments, moments+match, moments+bn, moments+bn+match, bn, holdout, oas, "
                         "or a=<float> "
                         "(default: "
                         "moments, oas, a=0.5, holdout, moments+bn)")
-    p.add_argument("--iters", type=int, default=None, help="ALS sweeps (default 10)")
-    p.add_argument("--calib", type=int, default=None)
-    p.add_argument("--digits", type=int, default=None, help="digit images (default all)")
-    p.add_argument("--test", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iters", type=positive_int, default=None, help="ALS sweeps (default 10)")
+    p.add_argument("--calib", type=positive_int, default=None)
+    p.add_argument("--digits", type=positive_int, default=None, help="digit images (default all)")
+    p.add_argument("--test", type=positive_int, default=None)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rng", type=int, default=None,
                    help="seed of the ALS initialisation (default: --seed)")
@@ -77,6 +80,10 @@ def parse_args(argv=None):
                    help="no run: join the rows of earlier --out files (e.g. one per method), "
                         "print the table, write --out / --png")
     args = p.parse_args(argv)
+    for path in args.merge or ():
+        check_input_file(p, "--merge", path)
+    check_output_file(p, "--out", args.out, inputs=args.merge or ())
+    check_output_file(p, "--png", args.png)
     if args.quick:
         d = dict(methods=["tucker2"], rx=[4.0], rules=["moments", "a=0.5"], iters=3, calib=256,
                  digits=512, test=1000)
@@ -89,11 +96,21 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     for r in args.rules:
-        if r not in RULES and not r.startswith("a="):
-            p.error(f"--rules: {r!r} is not allowed; use {', '.join(RULES)} or a=<float>")
+        if r not in RULES and not (r.startswith("a=") and _shrinkage(r[2:]) is not None):
+            p.error(f"--rules: {r!r} is not allowed; use {', '.join(RULES)} or a=<float> "
+                    f"with the float in [0, 1]")
     if args.rng is None:
         args.rng = args.seed
     return args
+
+
+def _shrinkage(text):
+    """``float(text)`` if it is a shrinkage in [0, 1], else None."""
+    try:
+        a = float(text)
+    except ValueError:
+        return None
+    return a if 0.0 <= a <= 1.0 else None
 
 
 def gain_kept(acc, frob, sigma):
