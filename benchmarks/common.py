@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from sigmadecomp.datasets import DatasetNotFoundError, load_fashion_mnist
+from sigmadecomp_torch.demo import int_at_least
 
 
 def calibration_images(n_images=256, seed=0):
@@ -157,45 +158,29 @@ def rss_mib():
 # command-line checks shared by the scripts
 # ---------------------------------------------------------------------------
 
-def _int_at_least(low, what):
+# integer counts: the one parser of the package's command line
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def _number_at_least(low, strict):
+    what = f"a finite number {'>' if strict else '>='} {low:g}"
+
     def parse(text):
         try:
-            value = int(text)
+            value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"invalid value {value}: expected {what}")
+            value = float("nan")
+        if not (np.isfinite(value) and (value > low if strict else value >= low)):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}")
         return value
 
     parse.__name__ = what  # argparse names the type in its own messages
     return parse
 
 
-positive_int = _int_at_least(1, "a positive integer")
-nonnegative_int = _int_at_least(0, "a non-negative integer")
-
-
-def positive_float(text):
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive number") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive number")
-    return value
-
-
-def nonnegative_float(text):
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}: expected a finite number >= 0")
-    return value
+positive_float = _number_at_least(0.0, strict=True)
+nonnegative_float = _number_at_least(0.0, strict=False)
 
 
 def threads_setting(text):

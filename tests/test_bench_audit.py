@@ -143,10 +143,10 @@ def test_argument_types_name_the_value_and_what_is_allowed():
     assert positive_int("3") == 3 and positive_float("0.5") == 0.5
     assert nonnegative_float("0") == 0.0
     assert threads_setting("default") == "default" and threads_setting("2") == 2
-    for parse, text, words in [(positive_int, "0", "positive integer"),
-                               (positive_int, "x", "positive integer"),
-                               (positive_float, "nan", "positive number"),
-                               (positive_float, "-1", "positive number"),
+    for parse, text, words in [(positive_int, "0", "integer >= 1"),
+                               (positive_int, "x", "not an integer"),
+                               (positive_float, "nan", "finite number > 0"),
+                               (positive_float, "-1", "finite number > 0"),
                                (nonnegative_float, "-0.5", "finite number >= 0"),
                                (threads_setting, "all", "'default' or a positive integer")]:
         with pytest.raises(argparse.ArgumentTypeError, match=words) as exc:
