@@ -613,6 +613,17 @@ def select_layers(model, layers=None, *, name="layers"):
     ValueError
         For a name that does not exist or names a module that is not a
         ``Conv2d`` or ``Linear``.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import select_layers
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+    ...                       nn.Linear(8, 2))
+    >>> [name for name, _ in select_layers(model)]
+    ['0', '2', '4']
+    >>> [name for name, _ in select_layers(model, lambda n, m: isinstance(m, nn.Conv2d))]
+    ['0', '2']
     """
     modules = dict(model.named_modules())
     candidates = [(n, m) for n, m in modules.items() if _is_supported(m)]

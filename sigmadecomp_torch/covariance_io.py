@@ -180,6 +180,19 @@ def load_covariances(path, *, map_location="cpu"):
         unknown format), or when a statistic's tensors do not match the
         checksum saved with them; the message names the file and what is
         wrong.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import collect_covariances, load_covariances, save_covariances
+    >>> model = nn.Sequential(nn.Linear(6, 4))
+    >>> stats = collect_covariances(model, [torch.randn(32, 6)], progress=False)
+    >>> path = os.path.join(tempfile.mkdtemp(), "stats.safetensors")
+    >>> save_covariances(stats, path)
+    >>> back = load_covariances(path)
+    >>> torch.equal(back["0"].sigma, stats["0"].sigma), back["0"].count
+    (True, 32)
     """
     path = os.fspath(path)
     map_location = _check_map_location(map_location)

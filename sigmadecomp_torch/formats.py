@@ -97,6 +97,27 @@ def register_layer_method(name, spec):
 
     The rank bookkeeping must be known to :mod:`sigmadecomp.ranks` under
     ``spec.rank_method`` (see :func:`sigmadecomp.ranks.register_method`).
+
+    Examples
+    --------
+    A Tucker-2 format whose decomposition always runs 3 sweeps from the
+    Frobenius start, under its own name:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import LayerMethod, compress, register_layer_method
+    >>> from sigmadecomp_torch.formats import LAYER_METHODS
+    >>> from sigmadecomp import tucker2
+    >>> def three_sweeps(weight, ranks, sigma, options):
+    ...     return tucker2(weight, ranks, sigma, init="frobenius", n_iter_max=3)
+    >>> register_layer_method("tucker2_3", LayerMethod(
+    ...     "tucker2", three_sweeps, LAYER_METHODS["tucker2"].build))
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    >>> small, report = compress(model, "tucker2_3", ratio=2, layers=["2"], progress=False)
+    >>> report.layers[0]["method"], report.layers[0]["n_iter"]
+    ('tucker2_3', 3)
+    >>> del LAYER_METHODS["tucker2_3"]
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is not allowed; name must be a non-empty string")
@@ -123,6 +144,15 @@ def layer_method_for(module, method):
     Linear layers and 1x1 convs use ``'svd'`` (the Sigma-SVD is their exact
     optimum) except under ``'tt'``, which tensorizes them too (TT-FC); other
     convs use ``method``.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import layer_method_for
+    >>> layer_method_for(nn.Conv2d(8, 8, 3), "cp"), layer_method_for(nn.Conv2d(8, 8, 1), "cp")
+    ('cp', 'svd')
+    >>> layer_method_for(nn.Linear(8, 8), "tucker2"), layer_method_for(nn.Linear(8, 8), "tt")
+    ('svd', 'tt')
     """
     if method == "tt":
         return "tt"

@@ -176,6 +176,22 @@ def quantize_weights(model, *, layers=None, inplace=False):
     Scales come from ``PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
     qscheme=torch.per_channel_symmetric)``: ``scale_c = max|w_c| / 127.5``
     (codes in [-128, 127]); rounding to nearest.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import quantize_weights
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> q_model, q = quantize_weights(model)
+    >>> sorted(q.int8), q.int8["0"].dtype
+    (['0', '2'], torch.int8)
+    >>> w, s = model[0].weight, q.scales["0"]
+    >>> bool((q_model[0].weight - w).abs().max() <= s.max() / 2 + 1e-6)  # half a step
+    True
+    >>> torch.equal(model[0].weight, w)  # the input model is not changed
+    True
     """
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
@@ -252,6 +268,17 @@ def quantized_state_dict(model, quantized):
         (changed after :func:`quantize_weights`, e.g. by fine-tuning) or
         ``quantized`` names a layer ``model`` does not have: the codes would
         silently drop the change.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import quantize_weights, quantized_state_dict
+    >>> _ = torch.manual_seed(0)
+    >>> q_model, q = quantize_weights(nn.Sequential(nn.Linear(8, 4)))
+    >>> state = quantized_state_dict(q_model, q)
+    >>> state["0.weight"].dtype, state["0.weight_scale"].shape
+    (torch.int8, torch.Size([4]))
     """
     _check_type(model, nn.Module, "model", "the torch.nn.Module returned by quantize_weights")
     _check_type(quantized, QuantizedWeights, "quantized",
@@ -303,6 +330,19 @@ def load_quantized_state_dict(model, state):
     Returns
     -------
     model : torch.nn.Module
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch import (load_quantized_state_dict, quantize_weights,
+    ...                                quantized_state_dict)
+    >>> _ = torch.manual_seed(0)
+    >>> q_model, q = quantize_weights(nn.Sequential(nn.Linear(8, 4)))
+    >>> state = quantized_state_dict(q_model, q)
+    >>> fresh = load_quantized_state_dict(nn.Sequential(nn.Linear(8, 4)), state)
+    >>> torch.equal(fresh[0].weight, q_model[0].weight)
+    True
     """
     from collections.abc import Mapping
 
