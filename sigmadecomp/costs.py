@@ -50,7 +50,8 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from ._validation import COUNT_SLACK, check_flag, check_int, check_positive_float
+from ._validation import (COUNT_SLACK, check_flag, check_int, check_positive_float,
+                          is_positive_int_tuple)
 from .tt_modes import bond_caps, check_tt_ranks, clip_ranks, core_dims, shape_modes
 
 __all__ = [
@@ -88,9 +89,7 @@ def check_shape(shape, name="shape"):
             f"{name}={shape!r} is not allowed; {name} must be a weight shape "
             "(T, S, H, W) or (T, n)"
         ) from None
-    if len(dims) not in (2, 4) or any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims
-    ):
+    if len(dims) not in (2, 4) or not is_positive_int_tuple(dims):
         raise ValueError(
             f"{name}={shape!r} is not allowed; {name} must be a weight shape of positive "
             "integers, (T, S, H, W) for a conv or (T, n) for a Linear layer"
@@ -105,9 +104,7 @@ def _check_hw(hw, name):
         pair = tuple(hw)
     except TypeError:
         raise TypeError(f"{name}={hw!r} is not allowed; {name} must be a pair (H, W)") from None
-    if len(pair) != 2 or any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in pair
-    ):
+    if not is_positive_int_tuple(pair, 2):
         raise ValueError(
             f"{name}={hw!r} is not allowed; {name} must be a pair of positive integers (H, W)"
         )

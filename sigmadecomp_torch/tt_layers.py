@@ -62,7 +62,7 @@ def _check_counts(values, name):
 def _check_pair(value, name):
     """``value`` (an int or a pair of ints) as a pair of positive ints, as nn.Conv2d takes it."""
     pair = _pair(value)
-    if len(pair) != 2 or not all(_is_count(v) and v >= 1 for v in pair):
+    if not is_positive_int_tuple(pair, 2):
         raise ValueError(f"{name}={value!r} is not allowed; {name} must be a positive int or "
                          "a pair of positive ints")
     return tuple(int(v) for v in pair)
