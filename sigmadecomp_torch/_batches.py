@@ -279,6 +279,25 @@ def batch_mask(mask, batch, index, device):
     return m.to(device) != 0
 
 
+def check_device(device, name):
+    """``device`` (a ``torch.device``, a string such as ``'cpu'`` or an index) as a
+    ``torch.device`` that exists and is available here, or an error naming the
+    argument ``name``; checked before any data or file is read. ``'meta'`` passes (the
+    passes over data refuse it with their own message)."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name}={device!r} is not allowed; {name} must be a torch.device, "
+                        "a string such as 'cpu' or a device index")
+    try:
+        out = torch.device(device)
+        if out.type != "meta":
+            torch.empty(0, device=out)  # it exists and is available here
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable device
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{name}={device!r} is not allowed: that device is not available "
+                         f"({type(e).__name__}: {detail})") from None
+    return out
+
+
 def model_device(model):
     for p in model.parameters():
         return p.device

@@ -50,9 +50,9 @@ from torch import nn
 from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
-from ._batches import (as_batches, batch_mask, check_not_meta, check_not_nested,
-                       check_pass_options, eval_modes, match_token_rows, model_device,
-                       progress_bar, run_batch, token_rows, user_stacklevel,
+from ._batches import (as_batches, batch_mask, check_device, check_not_meta,
+                       check_not_nested, check_pass_options, eval_modes, match_token_rows,
+                       model_device, progress_bar, run_batch, token_rows, user_stacklevel,
                        warn_flattened_order, warn_mask_use)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 from .parallel import agree, checking, resolve_group
@@ -874,7 +874,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
         data = as_batches(data)  # (a tensor or a mapping is one batch, not its rows or keys)
         if device is None:
             device = model_device(model)
-        device = _check_device(device)
+        device = check_device(device, "device")
         if device.type == "meta":
             raise ValueError("device='meta' is not allowed; statistics need real data (use "
                              "the device of the model's weights)")
@@ -946,23 +946,6 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
                           stacklevel=user_stacklevel())
             continue
         out[name] = results[src]
-    return out
-
-
-def _check_device(device):
-    """``device`` as an available ``torch.device``, or an error naming the argument
-    (raised with the argument checks, before any batch is read)."""
-    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
-        raise TypeError(f"device={device!r} is not allowed; device must be None, a "
-                        "torch.device, a string such as 'cpu' or a device index")
-    try:
-        out = torch.device(device)
-        if out.type != "meta":
-            torch.empty(0, device=out)  # it exists and is available here
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable device
-        raise ValueError(f"device={device!r} is not allowed: that device is not available "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         ) from None
     return out
 
 

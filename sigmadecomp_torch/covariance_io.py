@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._batches import check_device
 from .layer_stats import LayerStats
 
 __all__ = ["save_covariances", "load_covariances"]
@@ -195,7 +196,8 @@ def load_covariances(path, *, map_location="cpu"):
     (True, 32)
     """
     path = os.fspath(path)
-    map_location = _check_map_location(map_location)
+    map_location = (torch.device("cpu") if map_location is None
+                    else check_device(map_location, "map_location"))
     with open(path, "rb") as f:
         head = f.read(16)
     size = os.path.getsize(path)
@@ -208,27 +210,6 @@ def load_covariances(path, *, map_location="cpu"):
         f"{path!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors nor a "
         "torch.save file; it is not a statistics file written by save_covariances"
     )
-
-
-def _check_map_location(map_location):
-    """``map_location`` as a usable ``torch.device`` (None: the CPU), or a named error.
-
-    Checked before the file is read, so that a device that does not exist (or is not
-    available here) is not reported as a damaged file.
-    """
-    if map_location is None:
-        return torch.device("cpu")
-    if isinstance(map_location, bool) or not isinstance(map_location, (str, int, torch.device)):
-        raise TypeError(f"map_location={map_location!r} is not allowed; map_location must be "
-                        "a device (a torch.device, a string such as 'cpu' or an index)")
-    try:
-        device = torch.device(map_location)
-        torch.empty(0, device=device)  # the device exists and is available here
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable device
-        raise ValueError(f"map_location={map_location!r} is not allowed: that device is not "
-                         f"available ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return device
 
 
 #: The first bytes of a zip archive: ``torch.save`` files (since torch 1.6).
