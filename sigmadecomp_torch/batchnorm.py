@@ -876,6 +876,16 @@ def _never_updated(bn):
     return bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all())
 
 
+def never_updated_message(bns, what, after=None):
+    """The text that says the BatchNorm layers ``bns`` (reading the outputs of the layers
+    ``after``, when given) were never updated, so ``what`` (e.g. "the statistics of the
+    layers [...]") describes no data."""
+    where = "" if after is None else f" after the layers {list(after)}"
+    return (f"BatchNorm layers {list(bns)}{where} were never updated (num_batches_tracked=0, "
+            f"running mean 0 and variance 1, their initial values): {what} describe no "
+            "data; train the model or load its trained state first")
+
+
 def _note_doubtful(report, raw, fitted, modules):
     """Record (and warn about) the BatchNorm layers behind the modelled statistics whose
     running statistics were never updated or that are in training mode."""
@@ -900,11 +910,8 @@ def _note_doubtful(report, raw, fitted, modules):
 
     fresh = [bn for bn in used if _never_updated(modules[bn])]
     if fresh:
-        report.notes.append(
-            f"BatchNorm layers {fresh} were never updated (num_batches_tracked=0, running "
-            "mean 0 and variance 1, their initial values): the statistics of the layers "
-            f"{layers_of(fresh)} modelled from them describe no data; train the model or "
-            "load its trained state first")
+        report.notes.append(never_updated_message(
+            fresh, f"the statistics of the layers {layers_of(fresh)} modelled from them"))
     training = [bn for bn in used if modules[bn].training]
     if training:
         report.notes.append(

@@ -96,7 +96,7 @@ from sigmadecomp.shrinkage import (
     shrink_sigma,
 )
 
-from sigmadecomp_torch.batchnorm import _never_updated
+from sigmadecomp_torch.batchnorm import _never_updated, never_updated_message
 
 __all__ = ["shrink_covariances", "ShrunkCovariances", "output_moments", "RULES"]
 
@@ -234,11 +234,9 @@ def output_moments(model, names):
 
         from sigmadecomp_torch._batches import user_stacklevel
 
-        warnings.warn(
-            f"output_moments: the BatchNorm layers {list(fresh.values())} after the layers "
-            f"{list(fresh)} were never updated (num_batches_tracked=0, running mean 0 and "
-            "variance 1, their initial values): their targets describe no data; train the "
-            "model or load its trained state first", CompressionWarning, stacklevel=user_stacklevel())
+        msg = never_updated_message(fresh.values(), "their targets", after=fresh)
+        warnings.warn(f"output_moments: {msg}", CompressionWarning,
+                      stacklevel=user_stacklevel())
     return targets, reasons
 
 
