@@ -279,6 +279,14 @@ def batch_mask(mask, batch, index, device):
     return m.to(device) != 0
 
 
+def check_type(value, kind, name, what="a torch.nn.Module"):
+    """Refuse ``value`` unless it is an instance of ``kind``, naming the argument ``name``
+    and what it must be (by default a module: the first check of most entry points)."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} of type {type(value).__name__} is not allowed; {name} must "
+                        f"be {what}")
+
+
 def check_device(device, name):
     """``device`` (a ``torch.device``, a string such as ``'cpu'`` or an index) as a
     ``torch.device`` that exists and is available here, or an error naming the

@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import check_not_meta, eval_modes
+from ._batches import check_not_meta, check_type, eval_modes
 from .covariance import select_layers
 from .layer_stats import LayerStats, layer_geometry, layer_kind
 
@@ -748,9 +748,7 @@ def covariances_from_batchnorm(model, *, layers=None, input_shape=None, spatial=
     >>> small(torch.randn(4, 20)).shape
     torch.Size([4, 5])
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be a "
-                        "torch.nn.Module")
+    check_type(model, nn.Module, "model")
     if spatial not in _SPATIAL:
         raise ValueError(f"spatial={spatial!r} is not allowed; spatial must be one of {_SPATIAL}")
     if graph not in _GRAPHS:

@@ -60,7 +60,8 @@ from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_laye
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
-from ._batches import as_batches, check_not_meta, outside_inference_mode, user_stacklevel
+from ._batches import (as_batches, check_not_meta, check_type, outside_inference_mode,
+                       user_stacklevel)
 from .selection import (
     SUPPORTED,
     CallOrder,
@@ -703,9 +704,7 @@ def check_evbmf_method(method, ranks, budget=None):
 
 
 def _check_arguments(model, method, ratio, ranks, budget, centered, covariances):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module")
+    check_type(model, nn.Module, "model")
     if method not in LAYER_METHODS:
         allowed = ", ".join(repr(m) for m in LAYER_METHODS)
         raise ValueError(f"method={method!r} is not allowed; method must be one of {allowed}")

@@ -51,9 +51,9 @@ from sigmadecomp._threads import busy_machine_threads
 from sigmadecomp._validation import GRAM_BLOCK_MIN, GRAM_BLOCKS
 
 from ._batches import (as_batches, batch_mask, check_device, check_not_meta,
-                       check_not_nested, check_pass_options, eval_modes, match_token_rows,
-                       model_device, progress_bar, run_batch, token_rows, user_stacklevel,
-                       warn_flattened_order, warn_mask_use)
+                       check_not_nested, check_pass_options, check_type, eval_modes,
+                       match_token_rows, model_device, progress_bar, run_batch, token_rows,
+                       user_stacklevel, warn_flattened_order, warn_mask_use)
 from .layer_stats import LayerStats, layer_geometry, layer_kind  # noqa: F401 (re-exported)
 from .parallel import agree, checking, resolve_group
 
@@ -847,9 +847,7 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     # under a process group, a process whose checks fail tells the others (one exchange;
     # none with _checked, internal: the caller's exchanged checks covered these)
     with checking(group, exchange=not _checked):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model of type {type(model).__name__} is not allowed; model "
-                            "must be a torch.nn.Module")
+        check_type(model, nn.Module, "model")
         check_pass_options(chunk_bytes=chunk_bytes, forward=forward, mask=mask,
                            max_batches=max_batches)
         if (isinstance(position_fraction, bool)

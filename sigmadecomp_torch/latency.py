@@ -25,7 +25,7 @@ from torch.utils import benchmark
 
 from sigmadecomp._validation import is_positive_int_tuple
 
-from ._batches import call_with, eval_modes
+from ._batches import call_with, check_type, eval_modes
 
 __all__ = ["layer_latency", "measure_latency", "input_shapes", "compare_latency"]
 
@@ -87,9 +87,7 @@ def measure_latency(model, example_input, *, min_run_time=0.2, warmup=1):
     >>> 0 < ms < 1e4
     True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module")
+    check_type(model, nn.Module, "model")
     min_run_time = _check_positive("min_run_time", min_run_time)
     if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
         raise ValueError(f"warmup={warmup!r} is not allowed; warmup must be an int >= 0")
@@ -132,9 +130,7 @@ def layer_latency(module, input_shape, *, memory_format=torch.contiguous_format,
     >>> 0 < ms < 1e4
     True
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module of type {type(module).__name__} is not allowed; module must "
-                        "be a torch.nn.Module")
+    check_type(module, nn.Module, "module")
     shape = _check_shape(input_shape)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed; seed must be a non-negative integer")
@@ -233,9 +229,7 @@ def input_shapes(model, example_input, names=None):
     >>> shapes['0'][0], shapes['2'][0]
     ((2, 3, 9, 9), (2, 128))
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module")
+    check_type(model, nn.Module, "model")
     layers = [n for n, m in model.named_modules(remove_duplicate=False)  # (every name)
               if isinstance(m, (nn.Conv2d, nn.Linear))]
     wanted = None

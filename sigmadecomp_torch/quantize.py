@@ -47,7 +47,7 @@ from torch import nn
 
 from sigmadecomp.exceptions import CompressionWarning
 
-from ._batches import outside_inference_mode, user_stacklevel
+from ._batches import check_type, outside_inference_mode, user_stacklevel
 
 __all__ = [
     "QuantizedWeights",
@@ -93,10 +93,6 @@ class QuantizedWeights:
         worst = max(self.max_abs_error.values(), default=0.0)
         return f"QuantizedWeights({len(self.int8)} layers, max |error| {worst:.3g})"
 
-
-def _check_type(value, kind, name, what):
-    if not isinstance(value, kind):
-        raise TypeError(f"{name} of type {type(value).__name__} is not allowed; it must be {what}")
 
 
 def _is_tt(module):
@@ -195,7 +191,7 @@ def quantize_weights(model, *, layers=None, inplace=False):
     """
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
-    _check_type(model, nn.Module, "model", "a torch.nn.Module")
+    check_type(model, nn.Module, "model", "a torch.nn.Module")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace={inplace!r} is not allowed; inplace must be True or False")
     chosen, tt = _chosen(model, layers)  # (checked before the copy)
@@ -280,8 +276,8 @@ def quantized_state_dict(model, quantized):
     >>> state["0.weight"].dtype, state["0.weight_scale"].shape
     (torch.int8, torch.Size([4]))
     """
-    _check_type(model, nn.Module, "model", "the torch.nn.Module returned by quantize_weights")
-    _check_type(quantized, QuantizedWeights, "quantized",
+    check_type(model, nn.Module, "model", "the torch.nn.Module returned by quantize_weights")
+    check_type(quantized, QuantizedWeights, "quantized",
                 "the QuantizedWeights returned by quantize_weights")
     modules = dict(model.named_modules(remove_duplicate=False))
     by_weight = {}  # id of a quantized weight -> the layer name its codes are listed under
@@ -346,8 +342,8 @@ def load_quantized_state_dict(model, state):
     """
     from collections.abc import Mapping
 
-    _check_type(model, nn.Module, "model", "a torch.nn.Module")
-    _check_type(state, Mapping, "state", "the dict quantized_state_dict returned")
+    check_type(model, nn.Module, "model", "a torch.nn.Module")
+    check_type(state, Mapping, "state", "the dict quantized_state_dict returned")
     plain = {}
     for key, value in state.items():
         if key == _SCALE_KEY or key.endswith("." + _SCALE_KEY):

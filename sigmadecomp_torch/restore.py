@@ -45,7 +45,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ._batches import outside_inference_mode, user_stacklevel
+from ._batches import check_type, outside_inference_mode, user_stacklevel
 from .compress import _carry_requires_grad
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 from .quantize import _SCALE_KEY, load_quantized_state_dict
@@ -399,9 +399,8 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
     >>> bool(torch.equal(restored(x), small(x)))
     True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module of the original architecture")
+    check_type(model, nn.Module, "model",
+               "a torch.nn.Module of the original architecture")
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
         raise TypeError(f"state_dict of type {type(state_dict).__name__} is not allowed; "
                         "state_dict must be a dict of str to tensor, e.g. "

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._batches import call_with, eval_modes
+from ._batches import call_with, check_type, eval_modes
 
 __all__ = ["default_layers", "dense_reasons", "module_kind", "module_names", "obstacle",
            "param_owners", "held_outside", "default_exclusions", "unsupported_modules",
@@ -213,9 +213,7 @@ def default_layers(model, *, include_first=False, include_last=False, example_in
     >>> default_layers(TwoHeads(), example_input=torch.randn(2, 4))
     ['body']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model of type {type(model).__name__} is not allowed; model must be "
-                        "a torch.nn.Module")
+    check_type(model, nn.Module, "model")
     if isinstance(model, SUPPORTED):
         return [""]
     order = _call_order(model, example_input) if example_input is not None else None

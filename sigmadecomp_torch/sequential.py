@@ -55,9 +55,10 @@ from torch import nn
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
-from ._batches import (as_batches, batch_mask, check_not_meta, check_pass_options, eval_modes,
-                       model_device, outside_inference_mode, progress_bar, check_not_nested,
-                       run_batch, token_rows, user_stacklevel, warn_mask_use)
+from ._batches import (as_batches, batch_mask, check_not_meta, check_not_nested,
+                       check_pass_options, check_type, eval_modes, model_device,
+                       outside_inference_mode, progress_bar, run_batch, token_rows,
+                       user_stacklevel, warn_mask_use)
 from .covariance import LayerStats, select_layers
 from .parallel import agree, checking, first_given, resolve_group
 from .selection import dense_reasons
@@ -473,9 +474,7 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
     # under a process group, a process whose checks fail tells the others (one exchange)
     with checking(resolve_group(distributed)):
         for what, m in (("original", original), ("compressed", compressed)):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"{what} of type {type(m).__name__} is not allowed; it must "
-                                "be a torch.nn.Module")
+            check_type(m, nn.Module, what)
         _check_pass(chunk_bytes, forward, mask, max_batches)
         data = as_batches(data)  # (read once: a generator is fine)
         if compressed is original:  # hooks on one module would see both passes
@@ -940,9 +939,7 @@ min_speedup, example_input
     path = {"single layer": bare, "budget given": budget is not None,
             "layers given": layers is not None, "refit given": refit is not None}
     with checking(pg, path):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model of type {type(model).__name__} is not allowed; model must "
-                            "be a torch.nn.Module")
+        check_type(model, nn.Module, "model")
         if data is None:
             raise ValueError("data=None is not allowed with sequential=True; sequential "
                              "compression needs calibration batches (data=...)")
@@ -1239,9 +1236,7 @@ def refit_after(model, data, refit, compress_fn, *, centered=False, inplace=Fals
     bare = isinstance(model, (nn.Conv2d, nn.Linear))
     # under a process group every process learns whether the others' checks passed
     with checking(pg, {"single layer": bare}):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model of type {type(model).__name__} is not allowed; model must "
-                            "be a torch.nn.Module")
+        check_type(model, nn.Module, "model")
         data = _check_reiterable(data)
         if not callable(compress_fn):
             raise TypeError(f"compress_fn={compress_fn!r} is not allowed; compress_fn must be "
