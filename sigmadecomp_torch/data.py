@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from sigmadecomp._validation import is_positive_int_tuple
 from sigmadecomp.datasets import load_digits_28, load_fashion_mnist, load_idx
 
 __all__ = [
@@ -71,12 +72,7 @@ def _check_size(size):
     if size is None:
         return None
     pair = (size, size) if isinstance(size, (int, np.integer)) else size
-    try:
-        pair = tuple(pair)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                             or v < 1 for v in pair):
+    if not is_positive_int_tuple(pair, 2):
         raise ValueError(f"size={size!r} is not allowed; size must be None, a positive "
                          "integer or a pair (H, W) of positive integers")
     return int(pair[0]), int(pair[1])
