@@ -24,6 +24,8 @@ from array_api_compat import device as _device
 __all__ = [
     "namespace",
     "is_torch",
+    "is_array",
+    "arrays_equal",
     "device",
     "to_numpy",
     "asarray_like",
@@ -66,6 +68,25 @@ def namespace(*arrays):
 
 def is_torch(x) -> bool:
     return is_torch_array(x)
+
+
+def is_array(x) -> bool:
+    """Whether ``x`` is a NumPy array or a torch tensor."""
+    return is_numpy_array(x) or is_torch_array(x)
+
+
+def arrays_equal(a, b) -> bool:
+    """Whether ``a`` and ``b`` are arrays of one library, dtype, device and shape with
+    equal entries (NaN equal to NaN)."""
+    if not (is_array(a) and is_array(b)) or is_torch_array(a) != is_torch_array(b):
+        return False
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return False
+    if is_torch_array(a):
+        if a.device != b.device:
+            return False
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
 
 
 def device(x):

@@ -7,8 +7,9 @@
     solver(weight, rank_or_ranks, sigma=None, *, init=..., n_iter_max=...,
            tol=..., rng=None, callback=None, rtol=None, ridge=5e-4, inner=None)
 
-and return a :class:`sigmadecomp.results.DecompositionResult`. The meaning of
-each shared option is fixed here:
+and return a :class:`sigmadecomp.results.DecompositionResult` (results compare
+equal by value, so a pickled or copied result equals the original). The
+meaning of each shared option is fixed here:
 
 ``tol``
     The run stops after the first sweep ``k >= 1`` at which the relative error
@@ -17,7 +18,8 @@ each shared option is fixed here:
     ``converged`` is then True. ``tol=0`` switches the rule off: all
     ``n_iter_max`` sweeps run, unless the solver rejects a sweep that rounding
     made worse (the run then stops at the previous point, reported as
-    converged).
+    converged). ``tol=None`` and ``n_iter_max=None`` are the solver's
+    defaults (:func:`check_tol`, :func:`check_n_iter_max`).
     CP-ALS-Sigma with its adaptive inner cap first solves its inner systems
     more accurately before it accepts the stop (see :func:`sigmadecomp.cp`).
 ``callback``
@@ -26,7 +28,11 @@ each shared option is fixed here:
     point (``n_iter == 0``) and after every sweep. Returning ``True`` (or
     NumPy's ``True``, :func:`wants_stop`) stops the run; ``converged`` is then
     True only if the ``tol`` rule held on that sweep. Any other return value
-    continues.
+    continues. A closed form (:func:`sigmadecomp.sigma_svd`, and ``tt_conv``
+    / ``tt_linear`` from the TT-SVD without ``sigma`` and sweeps) calls it
+    once, with a copy of its result (equal to the one returned), and ignores
+    what it returns. Whatever a callback does to the result it gets leaves the
+    run and the returned result unchanged; an exception it raises propagates.
 ``inner``
     Options of the inner linear solves, an :class:`InnerSolver` or a dict
     with the same keys. Each field left at ``None`` takes the solver's own
@@ -86,6 +92,7 @@ __all__ = [
     "check_inner",
     "check_init_name",
     "check_tol",
+    "check_n_iter_max",
     "relative_error",
     "tol_reached",
     "deprecated_options",
@@ -208,9 +215,19 @@ def check_inner(inner, name="inner", *, defaults, methods=_METHODS, solver="", m
     return replace(inner, **vals)
 
 
-def check_tol(tol):
-    """A finite ``tol >= 0`` (see the module docstring for its meaning)."""
+def check_tol(tol, default=None):
+    """A finite ``tol >= 0`` (see the module docstring for its meaning); ``None`` is the
+    solver's ``default``."""
+    if tol is None:
+        return default
     return check_positive_float(tol, "tol", allow_zero=True)
+
+
+def check_n_iter_max(n_iter_max, default=None):
+    """An integer ``n_iter_max >= 0``; ``None`` is the solver's ``default``."""
+    if n_iter_max is None:
+        return default
+    return check_int(n_iter_max, "n_iter_max", low=0)
 
 
 def tol_reached(prev, cur, tol):

@@ -66,6 +66,7 @@ from .contract import (
     check_callback,
     check_init_name,
     check_inner,
+    check_n_iter_max,
     check_tol,
     deprecated_options,
     relative_error,
@@ -81,6 +82,9 @@ from .tucker2 import CG_FLOAT32_RTOL
 
 __all__ = ["cp"]
 
+#: Defaults of ``n_iter_max`` and ``tol`` (``None`` for either means its default).
+N_ITER_MAX = 100
+TOL = 1e-6
 #: Sweeps of Frobenius CP-ALS (from the ``'svd'`` start) behind ``init='frobenius'``.
 FROBENIUS_INIT_SWEEPS = 25
 
@@ -803,7 +807,7 @@ def _result(engine, errors, n_iter, converged, weighted, seconds, like, ridge=0.
 
 @deprecated_options("cp", _RENAMED)
 @solver_threads
-def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=None,
+def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=N_ITER_MAX, tol=TOL, rng=None,
        callback=None, rtol=None, ridge=DEFAULT_RIDGE, inner=None, l2_reg=0.0,
        linesearch=False):
     """CP decomposition of a conv kernel by ALS, in the Frobenius or the Sigma-norm.
@@ -888,12 +892,14 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
         A user-given CP (a :class:`CPResult` or ``(weights, factors)`` with
         factors ``[(T, R), (S, R), (H, R), (W, R)]``) is copied, not modified.
     n_iter_max : int, optional
-        Maximum number of sweeps (``>= 0``).
+        Maximum number of sweeps (``>= 0``; default ``N_ITER_MAX = 100``, also
+        for ``None``).
     tol : float, optional
         Stop after the first sweep that lowers the relative error by at most
         ``tol`` times its previous value (:mod:`sigmadecomp.contract`; with
         the adaptive inner cap, only once the B-update met ``inner.rtol``);
-        ``0`` runs all ``n_iter_max`` sweeps.
+        ``0`` runs all ``n_iter_max`` sweeps. Default ``TOL = 1e-6`` (also for
+        ``None``).
     rng : None, int or numpy.random.Generator, optional
         Randomness for ``'random'`` and for the padding columns of ``'svd'``
         (used when a mode is smaller than ``rank``). ``None`` means the fixed
@@ -924,7 +930,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     inner : InnerSolver or dict, optional
         The B-update of CP-ALS-Sigma (:class:`sigmadecomp.InnerSolver`;
         ignored without ``sigma``). ``method``: 'auto' or 'cg' (the same:
-        preconditioned CG; 'direct' is not available). ``rtol``: ``None``
+        preconditioned CG; 'direct' is not available, and ``dense_max`` has no
+        effect). ``rtol``: ``None``
         (default) is the excess rule above (exact to ``BLOCK_EXCESS_RTOL =
         1e-8`` of the objective); a number is the relative residual of its
         Sigma-weighted normal equations instead (``0`` runs every B-update to
@@ -997,8 +1004,8 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     check_nonempty(kernel, "kernel")
     check_finite(kernel, "kernel")
     rank = check_int(rank, "rank", low=1)
-    n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
-    tol = check_tol(tol)
+    n_iter_max = check_n_iter_max(n_iter_max, N_ITER_MAX)
+    tol = check_tol(tol, TOL)
     l2_reg = check_positive_float(l2_reg, "l2_reg", allow_zero=True)
     linesearch = check_flag(linesearch, "linesearch")
     callback = check_callback(callback, "cp")
@@ -1057,9 +1064,9 @@ def cp(kernel, rank, sigma=None, *, init=None, n_iter_max=100, tol=1e-6, rng=Non
     converged = False
     n_iter = 0
     power = 3.0
-    stop = callback is not None and callback(
+    stop = callback is not None and wants_stop(callback(
         _result(engine, errors, 0, False, weighted, time.perf_counter() - t0, kernel,
-                ridge, projected)) is True
+                ridge, projected)))
     for it in range(1, n_iter_max + 1 if not stop else 1):
         old = engine.point()
         saved_cache = engine._cache

@@ -10,7 +10,7 @@ weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from . import _backend as B
@@ -29,6 +29,19 @@ def _kind(x):
     return f"numpy.{x.dtype}"
 
 
+def _same(a, b):
+    """Whether two field values are equal: arrays by library, dtype, device, shape and
+    entries; sequences and dicts entry by entry; anything else by ``==``."""
+    if B.is_array(a) or B.is_array(b):
+        return B.arrays_equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
 def _fmt_err(e):
     return "None" if e is None else f"{e:.6g}"
 
@@ -39,7 +52,7 @@ def _ridge_tail(res):
     return f"ridge={res.ridge:g}, true Sigma error={_fmt_err(res.sigma_error)}, "
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class DecompositionResult:
     """What every decomposition returns (the base of the result classes).
 
@@ -80,6 +93,15 @@ class DecompositionResult:
     ridge: float = 0.0
     sigma_error: Optional[float] = None
 
+    def __eq__(self, other):
+        """Equal when of the same class with equal fields (arrays compared entry by
+        entry, so a pickled or deep-copied result equals the original)."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+    __hash__ = None  # mutable
+
     @property
     def error(self) -> Optional[float]:
         """Final relative error (last entry of ``errors``)."""
@@ -101,7 +123,7 @@ class DecompositionResult:
         )
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class SVDResult(DecompositionResult):
     """Rank-``r`` factorisation ``W ~= left @ right`` of a ``(T, n)`` matrix.
 
@@ -159,7 +181,7 @@ class SVDResult(DecompositionResult):
         )
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class Tucker2Result(DecompositionResult):
     """Tucker-2 decomposition ``K ~= G x_1 U_T x_2 U_S`` of a ``(T, S, H, W)`` kernel.
 
@@ -201,7 +223,7 @@ class Tucker2Result(DecompositionResult):
         )
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class CPResult(DecompositionResult):
     """CP decomposition ``K ~= sum_r w_r a_r (x) b_r (x) c_r (x) d_r``.
 
@@ -237,7 +259,7 @@ class CPResult(DecompositionResult):
         )
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class TTResult(DecompositionResult):
     """A Tensor-Train decomposition.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 from . import _backend as B
@@ -12,6 +13,7 @@ from .contract import (
     check_callback,
     check_init_name,
     check_inner,
+    check_n_iter_max,
     check_tol,
     relative_error,
 )
@@ -69,7 +71,8 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
     n_iter_max, tol, rng, inner : optional
         Accepted for the common contract and validated; no effect.
     callback : callable, optional
-        ``callback(result)``, called once with the final :class:`SVDResult`.
+        ``callback(result)``, called once with a copy of the final :class:`SVDResult`
+        (equal to the one returned, which the callback cannot change).
     rtol : float, optional
         Eigenvalue floor relative to the largest eigenvalue of ``sigma``
         (default: the rule shared by every solver,
@@ -126,10 +129,8 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
                 f"init of type {type(init).__name__} is not allowed for sigma_svd; it is a "
                 "closed form without a starting point (init must be None, 'svd' or 'frobenius')")
         init = check_init_name(init, "sigma_svd", ("svd", "frobenius"))
-    if n_iter_max is not None:
-        check_int(n_iter_max, "n_iter_max", low=0)
-    if tol is not None:
-        check_tol(tol)
+    check_n_iter_max(n_iter_max)
+    check_tol(tol)
     rtol = solver_rtol(rtol, sigma)  # the shared rule: the floor of sigma's dtype
     B.check_rng(rng)
     check_inner(inner, defaults={"precond": True}, solver="sigma_svd")
@@ -197,5 +198,5 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
         seconds=time.perf_counter() - t0,
     )
     if callback is not None:
-        callback(result)
+        callback(copy.deepcopy(result))  # an equal copy: the callback cannot change result
     return result

@@ -33,6 +33,7 @@ here.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 import warnings
@@ -40,12 +41,13 @@ import warnings
 from . import _backend as B
 from ._threads import solver_threads
 from ._tt_algebra import pair_tensor, tt_matrix, tt_svd_dense
-from ._validation import (check_array, check_finite, check_flag, check_int, check_magnitude,
+from ._validation import (check_array, check_finite, check_flag, check_magnitude,
                           check_nonempty, check_positive_float, check_sigma)
 from .contract import (
     check_callback,
     check_init_name,
     check_inner,
+    check_n_iter_max,
     check_tol,
     deprecated_options,
     is_int_sequence,
@@ -207,7 +209,7 @@ def _legacy_modes(fn):
 
 def _old_tt_callback(cb):
     # the old form was called after every sweep with the cores and the error
-    return lambda res: cb(list(res.cores), res.errors[-1]) if res.n_iter > 0 else None
+    return lambda res: cb(list(res.cores), res.errors[-1]) if res.n_iter else None
 
 
 def _random_cores(rng, ms, ns, ranks, like):
@@ -220,10 +222,8 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
          callback, rtol, ridge, inner, make, extrapolate):
     """Validate the options, pick the start, run the sweeps; ``make(...)`` builds the result."""
     xp = B.namespace(weight_m)
-    if n_iter_max is None:
-        n_iter_max = 0 if sigma is None else DEFAULT_SWEEPS
-    n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
-    tol = check_tol(tol)
+    n_iter_max = check_n_iter_max(n_iter_max, 0 if sigma is None else DEFAULT_SWEEPS)
+    tol = check_tol(tol, DEFAULT_TOL)
     opts = check_inner(inner, defaults=INNER_DEFAULTS, solver=fname)
     rtol = solver_rtol(rtol, sigma)  # the shared rule: the floor of sigma's dtype
     callback = check_callback(callback, fname, _old_tt_callback)
@@ -258,13 +258,19 @@ def _run(fname, weight_m, ms, ns, ranks, sigma, S_m, *, eps, init, n_iter_max, t
     def partial(cores_, errors_, n_iter_, converged_):
         return callback(make(cores_, list(errors_), n_iter_, converged_, tails, None, False))
 
-    on_point = None if callback is None else partial
+    # the TT-SVD alone is a closed form, as tt_svd; a random or given start without sweeps
+    # is not (n_iter 0, converged False, as every iterative solver)
+    closed = sigma is None and n_iter_max == 0 and isinstance(init, str) and init != "random"
+    on_point = None if callback is None or closed else partial
     cores, errors, n_iter, converged, stats = als_sweeps(
         weight_m, S_m, cores, n_iter_max=n_iter_max, tol=tol, opts=options, on_point=on_point,
         extrapolate=bool(extrapolate))
-    if sigma is None and n_iter_max == 0:  # the TT-SVD alone: a closed form, as tt_svd
+    if closed:
         n_iter = converged = None
-    return make(cores, errors, n_iter, converged, tails, stats, True)
+    result = make(cores, errors, n_iter, converged, tails, stats, True)
+    if closed and callback is not None:  # as sigma_svd: once, with a copy of the result
+        callback(copy.deepcopy(result))
+    return result
 
 
 def _check_init_ranks(init, cores, ranks, eps, dims):
@@ -314,8 +320,8 @@ def _maker(kind, shape, ms, ns, weight_m, S_user, ridge, dtype, t0, projected=Fa
     xp = B.namespace(weight_m)
 
     def make(cores, errors, n_iter, converged, tails, stats, final):
-        if final or not ridge:
-            other = ridge or projected  # sigma_error in another matrix than errors'
+        other = ridge or projected  # sigma_error in another matrix than errors'
+        if final or not other:  # a partial result has sigma_error only where it is errors[-1]
             ridge_, sigma_error = _ridge_result_fields(weight_m, tt_matrix(cores) if other else None,
                                                        S_user, ridge, errors[-1], projected)
         else:
@@ -348,7 +354,8 @@ _OPTIONS_DOC = """
     n_iter_max : int, optional
         Maximum number of ALS sweeps. Default: 100 with ``sigma``, 0 (plain
         TT-SVD, a closed form: ``n_iter`` and ``converged`` are None, as for
-        :func:`tt_svd`) without; ``n_iter_max > 0`` with ``sigma=None`` runs the
+        :func:`tt_svd`; from a ``'random'`` or given start they are 0 and
+        False) without; ``n_iter_max > 0`` with ``sigma=None`` runs the
         Frobenius TT-ALS. TT-ALS has a long slow tail: with the defaults the
         measured layers needed 44-95 sweeps to come within 0.1% of the
         converged error (``notes/sweeps.md``); fewer sweeps trade accuracy
@@ -356,14 +363,16 @@ _OPTIONS_DOC = """
     tol : float, optional
         The stopping rule of :mod:`sigmadecomp.contract`: stop after the first
         sweep that lowers the relative error by at most ``tol`` times its
-        previous value (default 1e-5; with the extrapolation step a sweep's
-        gain includes the step's).
+        previous value (default, also for ``None``, ``DEFAULT_TOL = 1e-5``;
+        with the extrapolation step a sweep's gain includes the step's).
     rng : None, int or numpy.random.Generator, optional
         Randomness for ``init='random'``; ``None`` is the fixed seed 0 (default
         runs are reproducible).
     callback : callable, optional
         ``callback(result)`` with the partial :class:`TTResult` at the start
         and after every sweep (:mod:`sigmadecomp.contract`); ``True`` stops.
+        A closed form (``sigma=None`` and ``n_iter_max=0``, the TT-SVD) calls
+        it once, with a copy of the final result, as :func:`sigmadecomp.sigma_svd`.
     rtol : float, optional
         Eigenvalue floor of the dense core solves, relative to the largest
         eigenvalue. Default: the rule shared by every solver

@@ -50,6 +50,7 @@ from .contract import (
     check_callback,
     check_init_name,
     check_inner,
+    check_n_iter_max,
     check_tol,
     deprecated_options,
     relative_error,
@@ -79,6 +80,8 @@ __all__ = ["tucker2"]
 #: up to 0.09%), after about half the sweeps of the earlier absolute 1e-6
 #: (notes/sweeps.md).
 TOL = 5e-5
+#: Default ``n_iter_max`` (``n_iter_max=None`` means it, as ``tol=None`` means ``TOL``).
+N_ITER_MAX = 100
 #: With ``inner.rtol`` at least this, the CG operator of the U_S block multiplies
 #: by a float32 copy of Sigma (rounding ~1e-6 relative, far below the tolerance):
 #: 15-27% less time per run on 128-channel layers, errors equal to 1e-7
@@ -446,7 +449,7 @@ def _old_callback(cb):
 
 @deprecated_options("tucker2", _RENAMED)
 @solver_threads(sigma_blas_unit="TUCKER2_WORK_PER_THREAD")
-def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rng=None,
+def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=N_ITER_MAX, tol=TOL, rng=None,
             callback=None, rtol=None, ridge=DEFAULT_RIDGE, inner=None, init_iter_max=100,
             init_tol=TOL):
     """Tucker-2 decomposition of a conv kernel on its two channel modes.
@@ -494,13 +497,15 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
         With ``sigma=None``, ``'frobenius'`` and ``'svd'`` both start HOOI
         from the HOSVD.
     n_iter_max : int, optional
-        Maximum number of sweeps.
+        Maximum number of sweeps (default ``N_ITER_MAX = 100``; ``None`` is
+        the default).
     tol : float, optional
         Stop after the first sweep that lowers the relative error by at most
         ``tol`` times its previous value (:mod:`sigmadecomp.contract`); ``0``
-        runs all ``n_iter_max`` sweeps. Default ``TOL = 5e-5``: on ResNet-18
-        and reference-network layers at rX=3 the Sigma-ALS then stopped within
-        0.06% of its converged error (``notes/sweeps.md``).
+        runs all ``n_iter_max`` sweeps. Default (also for ``None``)
+        ``TOL = 5e-5``: on ResNet-18 and reference-network layers at rX=3 the
+        Sigma-ALS then stopped within 0.06% of its converged error
+        (``notes/sweeps.md``).
     rng : None, int or numpy.random.Generator, optional
         Randomness for ``init='random'``; ``None`` is the fixed seed 0 (default
         runs are reproducible).
@@ -604,8 +609,8 @@ def tucker2(kernel, ranks, sigma=None, *, init=None, n_iter_max=100, tol=TOL, rn
     T, S, H, W = (int(d) for d in kernel.shape)
     P, n = H * W, S * H * W
     r_T, r_S = _check_ranks(ranks, T, S)
-    n_iter_max = check_int(n_iter_max, "n_iter_max", low=0)
-    tol = check_tol(tol)
+    n_iter_max = check_n_iter_max(n_iter_max, N_ITER_MAX)
+    tol = check_tol(tol, TOL)
     opts = check_inner(inner, defaults=INNER_DEFAULTS, solver="tucker2")
     inner_rtol, inner_maxiter = opts.rtol, opts.maxiter
     init_iter_max = check_int(init_iter_max, "init_iter_max", low=0)
