@@ -51,12 +51,13 @@ from torch import nn
 from sigmadecomp import ranks as _ranks
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.prepared import PreparedSigma
-from sigmadecomp.sigma import relative_sigma_error
+from sigmadecomp.sigma import _sq_sigma_norm, relative_sigma_error
 
 from . import latency as _latency
 from . import parallel as _parallel
 from .covariance import LayerStats, select_layers
 from .formats import LAYER_METHODS, LayerMethod, layer_method_for, register_layer_method
+from .layers import equivalent_weight
 from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
@@ -558,15 +559,19 @@ def decompose_layer(plan):
     new.train(module.training)
     _carry_requires_grad(module, new)
     seconds = time.perf_counter() - t0
+    # the errors of the layer as built: its own factors (in the layer's dtype) multiplied
+    # out in float64, so that a float32 layer reports what it computes, not what the
+    # float64 result would have
+    built = equivalent_weight(new)
+    if built is not None and built.numel() == W.numel():
+        approx = built.to(W).reshape(W.shape)
+        D = (W - approx).reshape(W.shape[0], -1)
     sig_err = None
     if plan.sigma is not None:
-        K = W.reshape(W.shape[0], -1)
-        num = float(torch.sum((D @ plan.sigma.matrix) * D).clamp_min(0))
         full = plan.sigma_full
         full = (full.matrix if isinstance(full, PreparedSigma)
-                else full.to(device=K.device, dtype=torch.float64))
-        den = float(torch.sum((K @ full) * K))
-        sig_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+                else full.to(device=W.device, dtype=torch.float64))
+        sig_err = _relative_error(W.reshape(W.shape[0], -1), D, plan.sigma.matrix, full)
     n_iter = getattr(result, "n_iter", None)
     converged = getattr(result, "converged", None)
     ranks = plan.ranks
@@ -587,6 +592,31 @@ def decompose_layer(plan):
     return new, row, result
 
 
+# a statistic whose largest entry lies in this range is used as it is by _relative_error
+_SAFE_SCALE = (1e-100, 1e100)
+
+
+def _relative_error(K, D, M, S):
+    """``sqrt(tr(D M D^T) / tr(K S K^T))`` in float64, each quadratic form measured by the
+    library's Sigma-norm policy (:func:`sigmadecomp.sigma_norm`): a value that is negative
+    beyond rounding (a float32 or slightly indefinite statistic) is measured in the
+    nearest PSD matrix, never clamped to 0. Scaled first, so that neither under- nor
+    overflows."""
+    a = float(K.abs().max()) if K.numel() else 0.0
+    a = a if a > 0.0 else 1.0
+    parts = []
+    for X, Y in ((D, M), (K, S)):
+        s = float(Y.abs().max()) if Y.numel() else 0.0
+        # rescale the statistic only at extreme magnitudes: an (n, n) copy per layer
+        # costs memory on the largest layers, and products of ordinary ones are safe
+        s = s if s > 0.0 and not _SAFE_SCALE[0] <= s <= _SAFE_SCALE[1] else 1.0
+        parts.append(float(_sq_sigma_norm(X / a, Y / s if s != 1.0 else Y)) * s)
+    num, den = parts
+    if den > 0:
+        return math.sqrt(num / den)
+    return 0.0 if num == 0 else math.inf
+
+
 @contextlib.contextmanager
 def _sweeps_on(bar, plan):
     """Show the sweeps of ``plan``'s decomposition on the progress bar (when there is one
@@ -599,9 +629,11 @@ def _sweeps_on(bar, plan):
 
     def show(result):
         errors = getattr(result, "errors", None)
-        err = f", error {float(errors[-1]):.4g}" if errors else ""
-        bar.set_postfix_str(f"{plan.name}: sweep {result.n_iter}"
-                            + (f"/{limit}" if limit else "") + err, refresh=True)
+        # a closed form (TT-SVD) has n_iter None: no sweep to show
+        parts = [] if result.n_iter is None else [
+            f"sweep {result.n_iter}" + (f"/{limit}" if limit else "")]
+        parts += [f"error {float(errors[-1]):.4g}"] if errors else []
+        bar.set_postfix_str(f"{plan.name}: " + ", ".join(parts), refresh=True)
         return False
 
     plan.options = {**saved, "callback": show}
@@ -942,8 +974,13 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         prepared Sigma.
     ratio : float, optional
         Per-layer parameter compression ratio rX (> 1); each layer's ranks
-        are the largest whose weight count is at most ``params / ratio``
-        (:func:`sigmadecomp.ranks.ratio_to_ranks`).
+        are the largest whose weight count is at most ``weights / ratio``
+        (biases not counted; :func:`sigmadecomp.ranks.ratio_to_ranks`). A
+        layer too small for that even at its smallest ranks gets those
+        (ranks of 1) and stays below ``ratio``, as its row shows (or is left
+        dense when they would not shrink it at all). The report's ``rX``
+        counts the biases too, so a layer that meets ``ratio`` in weights
+        can show a slightly lower ``rX``.
     ranks : dict or 'evbmf', optional
         Explicit ranks by layer name (``int`` for svd/cp, ``(r_T, r_S)`` for
         Tucker-2; with ``layers=None`` and no ``ratio`` only these layers are
@@ -980,7 +1017,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     centered : bool, optional
         Decompose in the centered covariance ``sigma - mu mu^T`` and correct the
         bias by ``(K_(1) - K~_(1)) mu`` (needs ``covariances``). The expected
-        squared output error is then ``tr(D C D^T) <= tr(D Sigma D^T)``.
+        squared output error is then ``tr(D C D^T) <= tr(D Sigma D^T)``, and
+        the report's ``sigma_error`` is measured in ``C``:
+        ``sqrt(tr(D C D^T) / tr(K Sigma K^T))``, the relative change of the
+        layer's output once the bias is corrected.
     options : dict, optional
         Keyword arguments for the core decomposition of the k x k convs
         (e.g. ``n_iter_max``, ``tol``, ``rng`` of :func:`sigmadecomp.tucker2`);

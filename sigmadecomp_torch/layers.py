@@ -27,13 +27,15 @@ for a Linear), so that code reading them still runs; it has no ``weight``.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from functools import partial
 
 import torch
 from torch import nn
 
-__all__ = ["Tucker2Conv2d", "CPConv2d", "LowRankConv2d", "LowRankLinear", "factorized_bias"]
+__all__ = ["Tucker2Conv2d", "CPConv2d", "LowRankConv2d", "LowRankLinear", "factorized_bias",
+           "equivalent_weight"]
 
 
 def _t(x, like):
@@ -170,6 +172,14 @@ class Tucker2Conv2d(nn.Sequential):
         """``(r_T, r_S)``."""
         return int(self.core.out_channels), int(self.core.in_channels)
 
+    def kernel(self, dtype=None):
+        """The equivalent ``(T, S, H, W)`` kernel (for checks; the forward never forms it),
+        in ``dtype`` (default: the layer's)."""
+        dtype = self.core.weight.dtype if dtype is None else dtype
+        U_S = self.first.weight.detach().to(dtype)[:, :, 0, 0]
+        U_T = self.last.weight.detach().to(dtype)[:, :, 0, 0]
+        return torch.einsum("ta,abhw,bs->tshw", U_T, self.core.weight.detach().to(dtype), U_S)
+
 
 class CPConv2d(nn.Sequential):
     """CP convolution: ``K ~= sum_r w_r a_r (x) b_r (x) c_r (x) d_r``.
@@ -241,6 +251,16 @@ class CPConv2d(nn.Sequential):
     def rank(self):
         return int(self.first.out_channels)
 
+    def kernel(self, dtype=None):
+        """The equivalent ``(T, S, H, W)`` kernel (for checks; the forward never forms it),
+        in ``dtype`` (default: the layer's)."""
+        dtype = self.first.weight.dtype if dtype is None else dtype
+        B = self.first.weight.detach().to(dtype)[:, :, 0, 0]
+        C = self.vertical.weight.detach().to(dtype)[:, 0, :, 0]
+        D = self.horizontal.weight.detach().to(dtype)[:, 0, 0, :]
+        A = self.last.weight.detach().to(dtype)[:, :, 0, 0]
+        return torch.einsum("tr,rs,rh,rw->tshw", A, B, C, D)
+
 
 class LowRankConv2d(nn.Sequential):
     """Rank-``r`` convolution ``K_(1) ~= left @ right``.
@@ -287,6 +307,13 @@ class LowRankConv2d(nn.Sequential):
     @property
     def rank(self):
         return int(self.first.out_channels)
+
+    def kernel(self, dtype=None):
+        """The equivalent ``(T, S, H, W)`` kernel (for checks; the forward never forms it),
+        in ``dtype`` (default: the layer's)."""
+        dtype = self.first.weight.dtype if dtype is None else dtype
+        L = self.last.weight.detach().to(dtype)[:, :, 0, 0]
+        return torch.einsum("tr,rshw->tshw", L, self.first.weight.detach().to(dtype))
 
 
 class LowRankLinear(nn.Sequential):
@@ -335,3 +362,54 @@ class LowRankLinear(nn.Sequential):
     @property
     def rank(self):
         return int(self.first.out_features)
+
+    def kernel(self, dtype=None):
+        """The equivalent ``(T, n)`` weight (for checks; the forward never forms it), in
+        ``dtype`` (default: the layer's)."""
+        dtype = self.first.weight.dtype if dtype is None else dtype
+        return self.last.weight.detach().to(dtype) @ self.first.weight.detach().to(dtype)
+
+
+def equivalent_weight(module):
+    """The dense weight that a (factorized) layer computes with, as a float64 tensor.
+
+    The product of the layer's own factors, as stored (in the layer's dtype),
+    multiplied out in float64: what the layer's forward computes up to the
+    rounding of its evaluation. Shape ``(T, S, H, W)`` for a conv, ``(T, n)``
+    for a Linear layer; a plain ``nn.Conv2d`` / ``nn.Linear`` gives its weight.
+
+    Parameters
+    ----------
+    module : nn.Module
+        A layer of this module or of :mod:`sigmadecomp_torch.tt_layers`, or a
+        plain ``nn.Conv2d`` / ``nn.Linear``.
+
+    Returns
+    -------
+    torch.Tensor or None
+        None for a module of another type (e.g. a format added with
+        :func:`sigmadecomp_torch.register_layer_method`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sigmadecomp_torch.layers import LowRankLinear, equivalent_weight
+    >>> lin = nn.Linear(5, 3)
+    >>> left, right = torch.randn(3, 2), torch.randn(2, 5)
+    >>> W = equivalent_weight(LowRankLinear(lin, left, right))
+    >>> W.dtype, bool(torch.allclose(W, (left @ right).double()))
+    (torch.float64, True)
+    """
+    with torch.no_grad():
+        if isinstance(module, (Tucker2Conv2d, CPConv2d, LowRankConv2d, LowRankLinear)):
+            return module.kernel(torch.float64)
+        from .tt_layers import TTConv2d, TTLinear
+
+        if isinstance(module, (TTConv2d, TTLinear)):
+            # (a float64 copy: the TT chain is multiplied out in the copy's dtype)
+            m64 = copy.deepcopy(module).to(torch.float64)
+            return (m64.kernel() if isinstance(m64, TTConv2d) else m64.weight()).detach()
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            return module.weight.detach().to(torch.float64)
+    return None

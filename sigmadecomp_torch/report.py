@@ -108,10 +108,29 @@ class CompressionReport:
     layers : list of dict
         One row per compressed layer: ``name``, ``kind``, ``method`` (the
         format used), ``ranks``, ``params_before``, ``params_after`` (of the
-        module, bias included), ``sigma_error`` (relative expected squared
-        output change ``sqrt(tr(D M D^T) / tr(K Sigma K^T))`` with ``M`` the
-        Sigma, or the centered covariance with bias correction; None without
-        statistics), ``frobenius_error`` (``||K - K~|| / ||K||``), ``n_iter``,
+        module, bias included), ``sigma_error`` (relative change of the
+        layer's output on the calibration data, ``sqrt(tr(D M D^T) /
+        tr(K Sigma K^T))``, ``D = K - K~``: ``M`` is the statistic the layer
+        was fitted in, the Sigma, or with ``centered=True`` the centered
+        covariance ``Sigma - mu mu^T`` (the error left once the bias is
+        corrected), without the solvers' ``ridge``; the denominator is
+        always the uncentered Sigma (the output energy without the bias);
+        None without statistics),
+        ``frobenius_error`` (``||K - K~|| / ||K||``). Both are measured on
+        the layer as built: ``K~`` is the product of its own factors in the
+        layer's dtype (:func:`sigmadecomp_torch.layers.equivalent_weight`),
+        multiplied out in float64, and each quadratic form follows the
+        policy of :func:`sigmadecomp.sigma_norm` (taken as it is; measured
+        in the nearest PSD matrix when it comes out negative beyond
+        rounding). With statistics stored in float32 or singular, a
+        recomputation that drops the statistic's (rounding-sized) negative
+        eigenvalues agrees to within ``NEG_RTOL * lambda_max * ||D||^2`` in
+        the squared numerator. Rows of sequential compression measure the
+        fit to the corrected target ``K'`` instead (in the second moment of
+        the layer's inputs in the compressed model, resp. relative to
+        ``||K'||``) and add ``output_error``, the measured relative change of
+        the layer's output, ``target_change`` and ``group``
+        (:func:`sigmadecomp_torch.sequential.sequential_compress`). ``n_iter``,
         ``converged`` (False when an iterative method stopped at
         ``n_iter_max``; None for the closed-form SVD), ``seconds`` and
         ``aliases`` (the module's other names when it is registered under
@@ -119,11 +138,17 @@ class CompressionReport:
         ``min_speedup`` also ``latency_dense_ms`` and ``latency_factorized_ms``
         (median milliseconds at the layer's input size) for the timed layers.
     skipped : list of dict
-        ``name``, ``kind`` and ``reason`` of each candidate left as it was
-        (with both latencies for a layer kept dense by ``min_speedup``).
+        ``name``, ``kind`` and ``reason`` of each candidate that was not
+        factorized (with both latencies for a layer kept dense by
+        ``min_speedup``). It keeps its weights unless it is also listed in
+        ``refitted`` (``refit='all'`` or a predicate also refits the chosen
+        layers left dense); the table says so on its line.
     params_before, params_after : int
-        Parameters of the whole model before and after.
+        Parameters of the whole model before and after (biases included;
+        layers kept dense count as dense).
     seconds : float
+        Wall time of the whole call (statistics, planning, decompositions,
+        timing), not the sum of the rows' ``seconds``.
     refitted : list of dict
         Dense layers refitted by ``compress(..., refit=...)``:
         ``name``, ``kind``, ``params_before``, ``params_after``,
@@ -156,7 +181,10 @@ class CompressionReport:
 
     @property
     def layer_ratio(self):
-        """rX over the compressed layers only."""
+        """rX over the compressed layers only; 1.0 when no layer was compressed (nothing
+        changed; the table shows ``-`` there, as ``0 / 0`` has no value)."""
+        if not self.layers:
+            return 1.0
         return self.layer_params_before / max(self.layer_params_after, 1)
 
     def to_dict(self):
@@ -273,8 +301,11 @@ class CompressionReport:
 
     def table(self):
         """The report as a plain-text table."""
+        # rows of sequential compression also carry the measured change of the output
+        measured = any("output_error" in r for r in self.layers)
         head = ["layer", "kind", "method", "ranks", "params", "->", "rX",
-                "sigma_err", "frob_err", "iters", "conv", "sec"]
+                "sigma_err", "frob_err"] + (["out_err"] if measured else []) + [
+                "iters", "conv", "sec"]
         rows = []
         for r in self.layers:
             ranks = r["ranks"]
@@ -287,13 +318,16 @@ class CompressionReport:
             rows.append([label, r["kind"], r["method"], str(ranks), str(r["params_before"]),
                          str(r["params_after"]),
                          f"{r['params_before'] / max(r['params_after'], 1):.2f}",
-                         _fmt(r["sigma_error"], ".4f"), _fmt(r["frobenius_error"], ".4f"),
-                         _fmt(r["n_iter"], "d"), "-" if conv is None else ("yes" if conv else "NO"),
-                         f"{r['seconds']:.2f}"])
+                         _fmt(r["sigma_error"], ".4f"), _fmt(r["frobenius_error"], ".4f")]
+                        + ([_fmt(r.get("output_error"), ".4f")] if measured else [])
+                        + [_fmt(r["n_iter"], "d"),
+                           "-" if conv is None else ("yes" if conv else "NO"),
+                           f"{r['seconds']:.2f}"])
         n = len(self.layers)
         rows.append([f"total ({n} layer{'' if n == 1 else 's'})", "", "", "",
                      str(self.layer_params_before), str(self.layer_params_after),
-                     f"{self.layer_ratio:.2f}", "", "", "", "", f"{self.seconds:.2f}"])
+                     f"{self.layer_ratio:.2f}" if n else "-", "", ""]
+                    + ([""] if measured else []) + ["", "", f"{self.seconds:.2f}"])
         width = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in range(len(head))]
         left = {0, 1, 2, 3}
 
@@ -310,6 +344,11 @@ class CompressionReport:
         out += [line(["-" * w for w in width]), line(rows[-1])]
         out.append(f"model: {self.params_before} -> {self.params_after} parameters, "
                    f"rX = {self.ratio:.2f}")
+        if any("target_change" in r for r in self.layers):
+            out.append("sequential: sigma_err and frob_err are the fit to each layer's "
+                       "corrected target K' (in the second moment of its inputs in the "
+                       "compressed model); out_err is the measured relative change of its "
+                       "output on the data")
         for r in self.layers:
             if r.get("latency_dense_ms") is not None:
                 out.append(f"latency {r['name']}: {r['latency_dense_ms']:.3f} ms dense -> "
@@ -319,8 +358,10 @@ class CompressionReport:
             out.append(f"refitted {r['name']} ({r['kind']}, dense): weight change "
                        f"{r['target_change']:.4f}"
                        + ("" if err is None else f", output error {err:.4f}"))
-        for s in self.skipped:
-            out.append(f"skipped {s['name']} ({s['kind']}): {s['reason']}")
+        refitted = {r["name"] for r in self.refitted}
+        for s in self.skipped:  # (a layer left dense may have been refitted all the same)
+            out.append(f"skipped {s['name']} ({s['kind']}): {s['reason']}"
+                       + ("; refitted (dense), see above" if s["name"] in refitted else ""))
         return "\n".join(out)
 
     def plot(self, path=None):

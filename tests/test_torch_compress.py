@@ -603,3 +603,28 @@ def test_default_layers_chosen_on_example_input_that_never_run_on_data_are_skipp
     reasons = {s["name"]: s["reason"] for s in report.skipped}
     assert reasons["large"].startswith("never ran in the forward pass on data")
     assert reasons["small"].startswith("never ran in the forward pass on data")
+
+
+def test_progress_of_a_closed_form_tt_shows_no_sweep_number(monkeypatch):
+    import importlib
+
+    # TT without statistics is the TT-SVD, a closed form (n_iter None): the bar shows the
+    # layer and its error, never "sweep None"
+    C = importlib.import_module("sigmadecomp_torch.compress")
+
+    class Bar(list):
+        def __init__(self, items):
+            super().__init__(items)
+            self.shown = []
+
+        def set_postfix_str(self, text, refresh=True):
+            self.shown.append(text)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)).double()
+    bars = []
+    monkeypatch.setattr(C, "_progress", lambda it, **_: bars.append(Bar(it)) or bars[-1])
+    compress(model, "tt", ratio=2, progress=True)
+    texts = bars[0].shown
+    assert texts and all("None" not in t and "sweep" not in t for t in texts), texts
+    assert all(t.split(": ")[0] in {"0", "1", "2"} and ": error " in t for t in texts), texts
