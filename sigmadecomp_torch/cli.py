@@ -315,9 +315,28 @@ def _same_file(a, b):
     return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
+def _inside(path, folder):
+    """Whether ``path`` lies in the directory ``folder`` or below it (links resolved)."""
+    import os
+
+    if not os.path.isdir(folder):
+        return False
+    a = os.path.normcase(os.path.realpath(path))
+    b = os.path.normcase(os.path.realpath(folder))
+    try:
+        return os.path.commonpath([a, b]) == b
+    except ValueError:  # (paths on different drives)
+        return False
+
+
 def _check_no_overwrite(args):
     """Refuse an output that would overwrite an input of the command (or another output):
-    --out and the files written next to it, and --save-stats."""
+    --out and the files written next to it, and --save-stats; none of them may be written
+    into a folder of images given as --data, whose images it would replace or add to (a
+    report's PNG would be read as a calibration image by the next run), nor over a file of
+    a directory of IDX files."""
+    import os
+
     stem = Path(args.out).with_suffix("")
     outputs = [("--out", args.out, args.out)] + [
         ("--out", args.out, f"{stem}{end}") for end in
@@ -328,6 +347,13 @@ def _check_no_overwrite(args):
     others = [("MODEL", args.model), ("--transfer-stats", args.transfer_stats),
               ("--data", args.data), ("--save-stats", args.save_stats)]
     for flag, value, path in outputs:
+        # (in a directory of IDX files only their own names are read: a new file is harmless)
+        if args.data is not None and _inside(path, args.data) and (
+                not _holds_idx(args.data) or os.path.exists(path)):
+            what = "" if path == value else f" (it writes {path!r})"
+            raise UserError(f"{flag}={value!r}{what} is inside --data={args.data!r}: it would "
+                            "overwrite or add to the calibration images; write it outside "
+                            "that folder")
         for other, given in others:
             if given is not None and other != flag and _same_file(path, given):
                 what = "" if path == value else f" (it writes {path!r})"
@@ -872,9 +898,19 @@ def _cmd_compress(args):
 # ------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line (as every other refusal of the
+    command): ``<prog>: error: <message>`` and a pointer to ``--help`` instead of the
+    whole usage text first; exit status 2. Its sub-command parsers are of this class too."""
+
+    def error(self, message):
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
 def build_parser():
     """The argparse parser of the ``sigmadecomp`` command."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sigmadecomp",
         description="Distribution-aware low-rank compression of CNNs (Sigma-norm SVD, "
                     "Tucker-2, CP, Tensor-Train): factors chosen to keep each layer's output "
@@ -943,7 +979,8 @@ def build_parser():
     c.add_argument("--out", required=True, metavar="OUT",
                    help="where to write the compressed model (torch.save of the module; load "
                         "with torch.load(OUT, weights_only=False)); the report goes to OUT's "
-                        "stem + .report.json and .report.txt")
+                        "stem + .report.json and .report.txt (none of them inside a --data "
+                        "image folder)")
     c.add_argument("--layers", default="auto",
                    help="comma-separated module names to compress; 'auto' (default) = every "
                         "Conv2d and Linear but the first and the last (the classifier), as "

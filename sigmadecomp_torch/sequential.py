@@ -55,7 +55,7 @@ from torch import nn
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.sigma import DEFAULT_RIDGE, psd_solve
 
-from ._batches import (as_batches, batch_mask, check_not_meta, check_not_nested,
+from ._batches import (as_batches, batch_mask, check_device, check_not_meta, check_not_nested,
                        check_pass_options, check_type, eval_modes, model_device,
                        outside_inference_mode, progress_bar, run_batch, token_rows,
                        user_stacklevel, warn_mask_use)
@@ -126,8 +126,20 @@ class CrossStats:
                 f"output_energy={self.output_energy:.4g}, layer={self.layer!r})")
 
 
-def _patch_rows(module, x, name):
-    """The (M, n) patch rows of a Conv2d/Linear input, in (s, h, w) order."""
+def _output_size(module, x):
+    """``(H_out, W_out)`` of the Conv2d ``module`` on the input ``x`` (N, C, H, W)."""
+    left, right, top, bottom = module._reversed_padding_repeated_twice
+    out = []
+    for size, k, d, st in zip((x.shape[-2] + top + bottom, x.shape[-1] + left + right),
+                              module.kernel_size, module.dilation, module.stride):
+        out.append((size - d * (k - 1) - 1) // st + 1)
+    return tuple(out)
+
+
+def _patch_rows(module, x, name, rows=None):
+    """The (M, n) patch rows of a Conv2d/Linear input, in (s, h, w) order; for a conv,
+    ``rows=(r0, r1)`` keeps the output rows ``r0 <= r < r1`` only (from the input rows
+    they read), so that a large feature map is taken in parts."""
     if isinstance(module, nn.Conv2d):
         if x.ndim == 3:
             x = x.unsqueeze(0)
@@ -138,6 +150,10 @@ def _patch_rows(module, x, name):
         if any(pad):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, pad, mode=mode)
+        if rows is not None:
+            r0, r1 = rows
+            st, d, k = module.stride[0], module.dilation[0], module.kernel_size[0]
+            x = x[:, :, r0 * st:(r1 - 1) * st + d * (k - 1) + 1]
         U = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
         return U.transpose(1, 2).reshape(-1, U.shape[1])
     n = module.in_features
@@ -225,10 +241,20 @@ class _CrossAccumulator:
                 return
             m = self.module
             per = max(1, xo[0].numel() * self.n // max(1, m.in_channels))  # rough patch size
-            step = max(1, self.chunk_bytes // (8 * 2 * per))
-            for i in range(0, xo.shape[0], step):
-                self._rows(_patch_rows(m, xo[i:i + step], self.name),
-                           _patch_rows(m, xc[i:i + step], self.name))
+            if 8 * 2 * per <= self.chunk_bytes:  # whole samples per chunk
+                step = max(1, self.chunk_bytes // (8 * 2 * per))
+                for i in range(0, xo.shape[0], step):
+                    self._rows(_patch_rows(m, xo[i:i + step], self.name),
+                               _patch_rows(m, xc[i:i + step], self.name))
+                return
+            # one sample's patches exceed the cap: blocks of output rows of one sample
+            h_out, w_out = _output_size(m, xo)
+            block = max(1, self.chunk_bytes // (8 * 2 * max(1, w_out) * self.n))
+            for i in range(xo.shape[0]):
+                for r0 in range(0, h_out, block):
+                    rows = (r0, min(h_out, r0 + block))
+                    self._rows(_patch_rows(m, xo[i:i + 1], self.name, rows),
+                               _patch_rows(m, xc[i:i + 1], self.name, rows))
         else:
             Xo = _patch_rows(self.module, xo, self.name)
             Xc = _patch_rows(self.module, xc, self.name)
@@ -272,11 +298,18 @@ class _CrossAccumulator:
 
 
 class _OutputAccumulator:
-    """``E||y_o - y_c||^2`` of one layer's outputs (original vs compressed model)."""
+    """``E||y_o - y_c||^2`` of one layer's outputs (original vs compressed model).
 
-    def __init__(self, name, bias):
+    ``linear``: the layer is an ``nn.Linear`` (output features on the last axis; the
+    token mask of the batch, ``mask``, keeps padded tokens out as in the statistics),
+    else a conv (channels on axis 1, no mask).
+    """
+
+    def __init__(self, name, bias, linear=False):
         self.name = name
         self.bias = bias
+        self.linear = bool(linear)
+        self.mask = None  # the token mask of the current batch (set by _run_pair)
         self.queue = []
         self.diff = 0.0
         self.energy = 0.0
@@ -297,11 +330,14 @@ class _OutputAccumulator:
             self.unpaired = (f"its output has shape {tuple(yc.shape)} in the compressed "
                              f"model, {tuple(yo.shape)} in the original")
             return
+        if self.linear:  # the real tokens only, as the statistics count them
+            yo = token_rows(yo, self.mask)[0]
+            yc = token_rows(yc, self.mask)[0]
         self.diff += float(((yo - yc) ** 2).sum())
         ref = yo
         if self.bias is not None:
             shape = [1] * yo.ndim
-            shape[1 if yo.ndim == 4 else -1] = -1
+            shape[-1 if self.linear else 1] = -1  # (a Linear's features come last)
             ref = yo - self.bias.to(yo).reshape(shape)
         self.energy += float((ref * ref).sum())
         self.count += 1
@@ -361,7 +397,11 @@ def _check_reiterable(data, name="data"):
 def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forward, mask,
               device, progress, desc, distributed=None, warn_unused_mask=True):
     """Run both models on every batch with the given accumulators hooked in; under a process
-    group (``distributed``, as for :func:`collect_covariances`) the sums are all-reduced."""
+    group (``distributed``, as for :func:`collect_covariances`) the sums are all-reduced.
+
+    Returns ``(mask_seen, mask_used)``: whether a batch had a token mask, and whether it
+    applied to the input of one of the ``cross`` layers (a driver of several passes that
+    gives ``warn_unused_mask=False`` warns once from these, over all of its passes)."""
     group = resolve_group(distributed)
     what = f"running the original and the compressed model ({desc})"
     signature = [acc.name for acc, _, _ in cross] + ["out:" + acc.name for acc, _, _ in outputs]
@@ -387,6 +427,7 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
                     acc.mask = m
                     acc.queue = []
                 for acc, _, _ in outputs:
+                    acc.mask = m
                     acc.queue = []
                 run_batch(original, batch, i, device, forward)
                 run_batch(compressed, batch, i, device, forward)
@@ -409,10 +450,10 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
             h.remove()
         for acc, _, _ in list(cross) + list(outputs):
             acc.queue = []
+    mask_used = any(a.mask_used for a, _, _ in cross)
     if cross:  # the same warnings as collect_covariances
         square = next((a.square_mask for a, _, _ in cross if a.square_mask is not None), None)
-        warn_mask_use(square, mask_seen and warn_unused_mask,
-                      any(a.mask_used for a, _, _ in cross))
+        warn_mask_use(square, mask_seen and warn_unused_mask, mask_used)
     if group is not None:  # (a process without batches adds zero sums and counts)
         agree(group, what, signature)
         import torch.distributed as dist
@@ -426,6 +467,7 @@ def _run_pair(original, compressed, data, *, cross, outputs, max_batches, forwar
             acc.all_reduce()
         for acc, m_o, _ in outputs:
             acc.all_reduce(m_o.weight.device)
+    return mask_seen, mask_used
 
 
 def collect_cross_covariances(original, compressed, data, *, layers=None, max_batches=None,
@@ -498,7 +540,10 @@ def collect_cross_covariances(original, compressed, data, *, layers=None, max_ba
             cross.append((_CrossAccumulator(name, m, chunk_bytes), m, mc))
         if device is None:
             device = model_device(original)
-        device = torch.device(device)
+        device = check_device(device, "device")  # (an unavailable one: a named ValueError)
+        if device.type == "meta":
+            raise ValueError("device='meta' is not allowed; statistics need real data (use "
+                             "the device of the model's weights)")
     _run_pair(original, compressed, data, cross=cross, outputs=[], max_batches=max_batches,
               forward=forward, mask=mask, device=device, progress=progress,
               desc="cross statistics", distributed=distributed)
@@ -901,7 +946,9 @@ min_speedup, example_input
         (in ``Sigma_cc``, resp. relative to ``||K'||``), plus
         ``output_error``: the measured relative change
         ``sqrt(E||y_o - y_c||^2 / E||y_o - b||^2)`` of the layer's output
-        (original model vs the final compressed one) on ``data``; None,
+        (original model vs the final compressed one) on ``data`` (for a Linear
+        layer, over the tokens the statistics count: real ones under a token
+        mask); None,
         with a ``CompressionWarning``, when the two models do not call the
         layer alike (control flow that changes with the compression),
         ``target_change`` (``||K' - K|| / ||K||``) and ``group`` (the index
@@ -1041,6 +1088,9 @@ min_speedup, example_input
     work_modules = dict(work.named_modules())
     orig_modules = dict(original.named_modules())
     rows, refitted, pending_out = [], [], []
+    # whether any batch had a token mask, and whether it applied in any pass: a pass over
+    # layers none of which reads tokens (the head after pooling) is no reason to warn
+    mask_seen = mask_used = False
     for gi, full_group in enumerate(groups):
         group = [n for n in full_group if n not in refit_set]
         eligible = [n for n in group
@@ -1049,10 +1099,12 @@ min_speedup, example_input
         refit_here = [n for n in full_group if n in refit_set]
         cross_accs = [(_CrossAccumulator(n, orig_modules[n], _DEFAULT_CHUNK_BYTES),
                        orig_modules[n], work_modules[n]) for n in eligible + refit_here]
-        _run_pair(original, work, data, cross=cross_accs, outputs=pending_out,
-                  max_batches=max_batches, forward=forward, mask=mask, device=device,
-                  progress=progress, desc=f"sequential group {gi + 1}/{len(groups)}",
-                  distributed=distributed)
+        seen, used = _run_pair(original, work, data, cross=cross_accs, outputs=pending_out,
+                               max_batches=max_batches, forward=forward, mask=mask,
+                               device=device, progress=progress,
+                               desc=f"sequential group {gi + 1}/{len(groups)}",
+                               distributed=distributed, warn_unused_mask=False)
+        mask_seen, mask_used = mask_seen or seen, mask_used or used
         _finish_outputs(rows + refitted, pending_out)
         pending_out = []
         stats, saved, changes = {}, {}, {}
@@ -1119,7 +1171,9 @@ min_speedup, example_input
                 rows.append(r)
                 b = orig_modules[name].bias
                 pending_out.append((_OutputAccumulator(name, None if b is None
-                                                       else b.detach()),
+                                                       else b.detach(),
+                                                       isinstance(orig_modules[name],
+                                                                  nn.Linear)),
                                     orig_modules[name], work.get_submodule(name)))
             skipped += [s for s in report.skipped if s["name"] in grp]
         else:  # each layer's own obstacle where it has one (as one-shot compress reports)
@@ -1142,6 +1196,8 @@ min_speedup, example_input
                 _refit_into(by_name[n], orig_modules[n], m_c, gi, centered=centered,
                             ridge=DEFAULT_RIDGE if target_ridge is None else target_ridge,
                             refitted=refitted, skipped=skipped, pending=pending_out)
+    if groups:  # (as collect_covariances warns: once, over all the passes)
+        warn_mask_use(None, mask_seen, mask_used)
     _last_outputs(original, work, data, pending_out, rows + refitted, max_batches=max_batches,
                   forward=forward, mask=mask, device=device, progress=progress,
                   distributed=distributed)
@@ -1373,7 +1429,8 @@ def _refit_into(acc, m_o, m_c, group, *, centered, ridge, refitted, skipped, pen
     row["group"] = group
     refitted.append(row)
     b = m_o.bias
-    pending.append((_OutputAccumulator(acc.name, None if b is None else b.detach()), m_o, m_c))
+    pending.append((_OutputAccumulator(acc.name, None if b is None else b.detach(),
+                                       isinstance(m_o, nn.Linear)), m_o, m_c))
 
 
 def _install_target(module, target, shift):
