@@ -853,8 +853,6 @@ def _cmd_compress(args):
     report.to_json(f"{stem}.report.json")
     # the title in the command's words: "--method svd (Sigma)", not "compress(method='svd', ...)"
     table = re.sub(r"\Acompress\(method='(\w+)', ", r"--method \1 (", report.table())
-    # no layer: rX 0 / 0 is undefined, not 0.00
-    table = re.sub(r"(?m)^(total \(0 layers\)\s+0\s+0\s+)0\.00", r"\1   -", table)
     note = _weights_note(weights, report, args)
     if note:
         table += "\n" + note
