@@ -91,7 +91,8 @@ def check_alpha(alpha, name="alpha"):
         raise TypeError(f"{name}={alpha!r} is not allowed; {name} must be a real number "
                         "in [0, 1]")
     if not 0.0 <= float(alpha) <= 1.0:
-        meaning = ("the share of the prior statistics" if name.startswith("weights")
+        meaning = ("the share of the prior statistics: 0 keeps the shrunk sigma, 1 gives "
+                   "the prior" if name.startswith("weight")  # mix_sigma's weight, weights[i]
                    else "0 keeps sigma, 1 gives the Frobenius metric")
         raise ValueError(f"{name}={alpha!r} is not allowed; {name} must be in [0, 1] "
                          f"({meaning})")

@@ -205,13 +205,14 @@ def synthetic_images(n, shape=(1, 28, 28), *, mean=0.29, std=0.35, smoothness=1.
     n : int
         Number of images.
     shape : tuple of int, optional
-        ``(C, H, W)``.
+        ``(C, H, W)``, positive integers.
     mean, std : float, optional
         Target grey-level mean and standard deviation (defaults close to
         Fashion-MNIST's; the data-free setting assumes only these two numbers).
     smoothness : float, optional
         Blur width in pixels; 0 gives white noise.
-    seed : int, optional
+    seed : int or None, optional
+        Non-negative seed of ``np.random.default_rng`` (None: fresh randomness).
 
     Returns
     -------
@@ -220,9 +221,14 @@ def synthetic_images(n, shape=(1, 28, 28), *, mean=0.29, std=0.35, smoothness=1.
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n={n!r} is not allowed; n must be a positive integer")
     n = int(n)
+    if not is_positive_int_tuple(shape, 3):  # no silent int() of 28.7 or of a bool
+        raise ValueError(f"shape={shape!r} is not allowed; shape must be (C, H, W) with positive "
+                         "integer sizes")
     shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape={shape!r} is not allowed; shape must be (C, H, W) with positive sizes")
+    if seed is not None and (isinstance(seed, (bool, np.bool_))
+                             or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed={seed!r} is not allowed; seed must be a non-negative integer "
+                         "(or None for fresh randomness)")
     mean = _check_real("mean", mean)
     std = _check_real("std", std, 0.0, strict=True)
     smoothness = _check_real("smoothness", smoothness, 0.0)

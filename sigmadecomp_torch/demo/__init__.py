@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 __all__ = ["add_demo_options", "fresh_out_dir", "check_out_dir", "main", "positive_int",
@@ -57,7 +58,8 @@ def add_demo_options(parser):
     g.add_argument("--full", action="store_true",
                    help="the whole grid (more ratios, more calibration images; slow)")
     g.add_argument("--quick", action="store_true",
-                   help="a small subset (one rX, 1000 test images) to check the set-up")
+                   help="a small subset to check the set-up: rX = 3 only, Tucker-2 and CP "
+                        "(no Tensor-Train rows), 256 calibration and 1000 test images")
     parser.add_argument("--out-dir", default=None,
                         help="directory for results.md, results.json and the PNG plots, created "
                              "if missing, files in it overwritten (default: a new folder "
@@ -96,10 +98,11 @@ def fresh_out_dir(parent=".", *, stamp=None):
 def check_out_dir(path, flag="--out-dir"):
     """Refuse an output directory that cannot be created or written, before any work.
 
-    Creates nothing (:func:`~sigmadecomp_torch.demo.report.write_outputs` makes
-    the directory once there are results); raises ``ValueError`` with a one-line
-    message naming ``flag`` when ``path`` or one of its existing parents is not
-    a directory, or when the nearest existing one is not writable.
+    Leaves nothing behind (:func:`~sigmadecomp_torch.demo.report.write_outputs`
+    makes the directory once there are results; the check creates and removes a
+    scratch directory in the nearest existing one); raises ``ValueError`` with a
+    one-line message naming ``flag`` when ``path`` or one of its existing parents
+    is not a directory, or when the nearest existing one is not writable.
 
     Examples
     --------
@@ -119,6 +122,12 @@ def check_out_dir(path, flag="--out-dir"):
                          "directory that exists or can be created")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{flag}={path!r}: {probe!r} is not writable; choose another location")
+    try:  # the permission bits can say yes where the file system says no (root on /proc or
+        # on a read-only or root-squashed mount): make and remove a scratch directory there
+        os.rmdir(tempfile.mkdtemp(prefix=".sigmadecomp-probe-", dir=probe))
+    except OSError as exc:
+        raise ValueError(f"{flag}={path!r}: no directory can be created in {probe!r} "
+                         f"({exc.strerror or exc}); choose another location") from None
 
 
 def _data_missing_message():
@@ -161,7 +170,12 @@ def main(argv=None, *, prog="sigmadecomp demo", default_out_dir=None, parser=Non
     cfg = make_config(mode, threads=args.threads)
     results = run(cfg, progress=not args.no_progress)
     results["command"] = " ".join([prog] + ([f"--{mode}"] if mode != "default" else []))
-    written = write_outputs(results, out_dir)
-    print_summary(results)
+    print_summary(results)  # first: the tables are not lost if the files cannot be written
+    try:
+        written = write_outputs(results, out_dir)
+    except OSError as exc:
+        raise SystemExit(f"{prog}: error: --out-dir={out_dir!r}: the results could not be "
+                         f"written ({exc}); the tables printed above are this run's "
+                         "results") from None
     print(f"\nwrote {', '.join(written)} ({results['seconds']:.0f} s)")
     return 0

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigmadecomp.exceptions import CompressionWarning, ConvergenceWarning
+from sigmadecomp_torch._batches import eval_modes
 from sigmadecomp_torch.data import digits, fashion_mnist, make_loader, synthetic_images
 from sigmadecomp_torch.demo.reference import (
     WEIGHTS_FILE,
@@ -153,15 +154,21 @@ def count_macs(model, input_shape):
     modules (e.g. Tensor-Train cores contracted by batched matrix products) is
     counted with torch's ``FlopCounterMode`` instead (its matrix-product and
     convolution FLOPs / 2), which sees those contractions.
+
+    The pass runs in eval mode on zeros of the model's dtype and device; the
+    model's training flags are restored afterwards.
     """
+    p = next(model.parameters(), None)
+    x = torch.zeros((1,) + tuple(input_shape), dtype=p.dtype if p is not None else None,
+                    device=p.device if p is not None else None)
     counted = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)
     for m in model.modules():
         if not isinstance(m, counted) and any(True for _ in m.parameters(recurse=False)):
             from torch.utils.flop_counter import FlopCounterMode
 
             counter = FlopCounterMode(display=False)
-            with torch.inference_mode(), counter:
-                model.eval()(torch.zeros((1,) + tuple(input_shape)))
+            with eval_modes(model), torch.inference_mode(), counter:
+                model(x)
             return int(counter.get_total_flops()) // 2
     total = [0]
 
@@ -175,8 +182,8 @@ def count_macs(model, input_shape):
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros((1,) + tuple(input_shape)))
+        with eval_modes(model), torch.inference_mode():
+            model(x)
     finally:
         for h in handles:
             h.remove()
@@ -184,12 +191,12 @@ def count_macs(model, input_shape):
 
 
 def measure_latency(model, batch, *, min_run_time=0.3, shape=(1, 28, 28)):
-    """Median seconds of one forward pass (``torch.utils.benchmark``, inference mode)."""
+    """Median seconds of one forward pass (``torch.utils.benchmark``, inference mode, eval
+    mode; the model's training flags are restored)."""
     import torch.utils.benchmark as benchmark
 
     x = torch.rand((batch,) + tuple(shape))
-    model.eval()
-    with torch.inference_mode():
+    with eval_modes(model), torch.inference_mode():
         model(x)  # warm-up
         timer = benchmark.Timer(
             stmt="model(x)", globals={"model": model, "x": x},
@@ -267,10 +274,11 @@ def rx_label(rx):
 def _solver_options(cfg, method, seed):
     """Solver options of one grid cell: the mode's sweeps and seed; CP's B-updates adaptive.
 
-    CP-ALS-Sigma solves every B-update exactly by default, at about 10x the
+    CP-ALS-Sigma solves every B-update exactly by default, at about 8-9x the
     time of a sweep whose CG cap starts at 5 and doubles when progress stalls
-    (``notes/sweeps.md``); with the grid's few sweeps the two end within a
-    fraction of a percent, so the demo takes the cheaper schedule.
+    (7.9-9.0x, ``notes/cp_exact.md``); with the grid's few sweeps the two end
+    within a fraction of a percent (0.05-0.18% at 10 sweeps, same note), so the
+    demo takes the cheaper schedule.
     """
     if method not in ("tucker2", "cp"):
         return None
@@ -357,7 +365,7 @@ def run(cfg, *, progress=True, log=print):
     base_acc = evaluate(model, x_test, y_test)
     timings["evaluate_original"] = time.perf_counter() - t0
     log(f"reference model: {count_parameters(model)} parameters, test accuracy "
-        f"{base_acc:.4f} on {len(x_test)} test images")
+        f"{100 * base_acc:.2f}% on {len(x_test)} test images")
 
     have_tt = _tt_available() and bool(cfg["tt_rx"])
     # Tensor-Train rows compress the convs and the final Linear layer (TT-FC)

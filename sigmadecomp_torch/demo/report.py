@@ -175,6 +175,7 @@ def markdown(results, plots=()):
     mode = cfg["mode"]
     cmd = results.get("command") or ("sigmadecomp demo" + ("" if mode == "default" else f" --{mode}"))
     info = ref.get("info", {})
+    has_tt = any(r.get("method") == "tt" for r in results["rows"])
     parts = [
         "# End-to-end results: compression without fine-tuning on Fashion-MNIST",
         "",
@@ -185,8 +186,9 @@ def markdown(results, plots=()):
         f"multiply-adds per image), committed weights trained by "
         f"`python -m benchmarks.train_reference` of the source tree (test accuracy "
         f"{_fmt_acc(info.get('test_accuracy'))}% on the full test set). Compressed layers: "
-        f"{', '.join(ref['layers'])} (all 3x3 convs but the first; the Tensor-Train (`tt`) rows "
-        "also tensorize the final Linear layer, TT-FC). Accuracy on "
+        f"{', '.join(ref['layers'])} (all 3x3 convs but the first"
+        + ("; the Tensor-Train (`tt`) rows also tensorize the final Linear layer, TT-FC"
+           if has_tt else "") + "). Accuracy on "
         f"{ref['test_images']} test images; original accuracy on them: "
         f"**{_fmt_acc(ref['accuracy'])}%**.",
         "",
@@ -199,9 +201,11 @@ def markdown(results, plots=()):
         f"{ref['synthetic_images']} smooth-noise samples pushed through the model, no image "
         "data). rX is the per-layer parameter "
         "compression ratio of the compressed layers; the whole-model ratio is lower (stem, "
-        "shortcuts, BatchNorm and, except for TT, the classifier stay dense), see the second "
-        "table. Multiply-adds of TT models are counted with torch's FlopCounterMode. "
-        f"Frobenius + fine-tune: {cfg['finetune_steps']} SGD steps of batch 128. "
+        "shortcuts, BatchNorm and" + (", except for TT," if has_tt else "")
+        + " the classifier stay dense), see the second table. "
+        + ("Multiply-adds of TT models are counted with torch's FlopCounterMode. "
+           if has_tt else "")
+        + f"Frobenius + fine-tune: {cfg['finetune_steps']} SGD steps of batch 128. "
         f"ALS options: {cfg['options']}; CP's B-updates use the adaptive CG cap "
         "(`inner={'maxiter': 'adaptive'}`) instead of the exact default.",
         "",
