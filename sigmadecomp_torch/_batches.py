@@ -230,7 +230,10 @@ def run_batch(model, batch, index, device, forward):
         return forward(model, batch)
     inputs = batch_inputs(batch, device)
     if inputs is not None:
-        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        if isinstance(inputs, dict):
+            _check_keywords(model, inputs, index)
+            return model(**inputs)
+        return model(inputs)
     if (isinstance(batch, (tuple, list)) and batch
             and isinstance(_from_numpy(batch[0]), torch.Tensor)):
         items = ", ".join(describe_item(v) for v in batch)
@@ -247,6 +250,25 @@ def run_batch(model, batch, index, device, forward):
         "be a tensor, a tuple/list (inputs,) or (inputs, targets), or a mapping of "
         "keyword arguments; for anything else pass forward=f(model, batch)"
     )
+
+
+def _check_keywords(model, inputs, index):
+    """Refuse a mapping batch whose keys ``model.forward`` does not take, before running it:
+    the model's own TypeError would not say that the batch ran as ``model(**batch)``."""
+    import inspect
+
+    if getattr(model, "_forward_pre_hooks", None):  # hooks may rewrite the keywords first
+        return
+    try:
+        inspect.signature(model.forward).bind(**inputs)
+    except TypeError as e:  # the keys do not fit the signature
+        raise TypeError(
+            f"batch {index} is a mapping with keys {sorted(inputs)}, which runs as "
+            f"model(**batch), but {type(model).__name__}.forward() does not take it: {e}; "
+            "pass forward= to say how to call the model, e.g. forward=lambda model, batch: "
+            "model(batch['<input key>'])") from None
+    except ValueError:  # no signature to read (a builtin): let the call decide
+        pass
 
 
 def batch_mask(mask, batch, index, device):
@@ -314,8 +336,26 @@ def model_device(model):
     return torch.device("cpu")
 
 
+def _visible():
+    """Whether a progress bar can be seen: stderr is a terminal, or the code runs in a
+    Jupyter kernel (whose stderr is no terminal; ``tqdm.auto`` draws a widget there). A log
+    file or a pipe gets no bar."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        if isatty is not None and isatty():
+            return True
+    except ValueError:  # (a closed stream)
+        return False
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:  # anything else that calls itself IPython: no bar
+        return False
+
+
 def progress_bar(iterable, *, total, enabled, desc):
-    if not enabled or not sys.stderr.isatty():
+    if not enabled or not _visible():
         return iterable
     try:
         from tqdm.auto import tqdm

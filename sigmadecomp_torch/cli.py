@@ -927,8 +927,10 @@ def build_parser():
                     "evaluate test accuracy without fine-tuning (and with a short fine-tuning, "
                     "transferred and data-free statistics, int8 weights, CPU latency), print the "
                     "tables and findings, and write results.md, results.json and plots to a new "
-                    f"folder. Takes {TIMES}. Needs the Debian package dataset-fashion-mnist; "
-                    "without it, prints the command that installs it and exits with status 3.")
+                    f"folder. Takes {TIMES}. Needs the Debian package dataset-fashion-mnist "
+                    "or the four Fashion-MNIST IDX files in the directory named by the "
+                    "environment variable SIGMADECOMP_FASHION_MNIST; without them, prints the "
+                    "command that installs the package and exits with status 3.")
     add_demo_options(d)
     d.set_defaults(func=_cmd_demo)
 

@@ -709,7 +709,8 @@ def collect_covariances(model, data, *, layers=None, max_batches=None, progress=
     max_batches : int, optional
         Stop after this many batches.
     progress : bool, optional
-        Show a tqdm bar (only when stderr is a terminal).
+        Show a tqdm bar (when stderr is a terminal or in a Jupyter notebook; never in
+        a log file or a pipe).
     device : torch.device or str, optional
         Where batches are sent; default the device of the model's parameters.
         Statistics are kept on the device of each layer's weight.

@@ -225,8 +225,10 @@ def test_readme_troubleshooting_quotes_the_real_messages():
 
     dict_batches = [{"image": x, "label": torch.zeros(len(x))} for x in data]
     msg = _message(lambda: collect_covariances(Net(), dict_batches, progress=False), TypeError)
-    assert "unexpected keyword argument 'image'" in msg
-    _in_readme("forward() got an unexpected keyword argument 'image'")
+    assert msg.startswith("batch 0 is a mapping with keys ['image', 'label'], which runs as "
+                          "model(**batch), but Net.forward() does not take it")
+    assert "forward=" in msg
+    _in_readme(msg.split(" does not take it")[0])
     fixed = collect_covariances(Net(), dict_batches, progress=False,
                                 forward=lambda m, b: m(b["image"]))
     assert sorted(fixed) == ["body.0", "body.2", "body.6"]

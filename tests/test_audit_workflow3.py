@@ -369,3 +369,77 @@ def test_cross_statistics_keep_to_chunk_bytes_on_large_feature_maps(conv, monkey
     torch.testing.assert_close(got.sigma_cc, want.sigma, rtol=0, atol=1e-13)
     torch.testing.assert_close(got.sigma_oc, want.sigma, rtol=0, atol=1e-13)
     torch.testing.assert_close(got.mean_c, want.mean, rtol=0, atol=1e-14)
+
+
+def test_a_dict_batch_the_forward_does_not_take_is_refused_before_running():
+    # model(**batch) with keys the forward does not take: one message that says how the
+    # batch ran and names forward=, raised before the model runs
+    from sigmadecomp_torch import collect_covariances
+
+    calls = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            calls.append(1)
+            return self.c(x)
+
+    batch = {"image": torch.randn(2, 3, 6, 6), "label": torch.zeros(2)}
+    with pytest.raises(TypeError, match=r"batch 0 is a mapping with keys \['image', 'label'\], "
+                                        r"which runs as model\(\*\*batch\).*forward="):
+        collect_covariances(Net(), [batch], progress=False)
+    assert calls == []
+    # keys the forward takes (also through **kwargs) run as before
+    stats = collect_covariances(Net(), [{"x": batch["image"]}], progress=False)
+    assert sorted(stats) == ["c"]
+
+    class Kw(Net):
+        def forward(self, **kw):
+            return self.c(kw["image"])
+
+    assert sorted(collect_covariances(Kw(), [batch], progress=False)) == ["c"]
+    # a pre-hook may rewrite the keywords: the call decides then
+    net = Net()
+    net.register_forward_pre_hook(lambda m, a, kw: ((), {"x": kw["image"]}), with_kwargs=True)
+    assert sorted(collect_covariances(net, [batch], progress=False)) == ["c"]
+
+
+def test_progress_bars_show_in_a_terminal_or_a_notebook_never_in_a_log(monkeypatch):
+    import io
+    import sys
+    import types
+
+    from sigmadecomp_torch import _batches
+
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    class Shell:
+        def __init__(self, config):
+            self.config = config
+
+    items = [1, 2, 3]
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    monkeypatch.setattr(sys, "stderr", Stream(False))  # a log file or a pipe
+    assert _batches.progress_bar(items, total=3, enabled=True, desc="x") is items
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: Shell({"IPKernelApp": {}})  # a Jupyter kernel
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert _batches._visible()
+    bar = _batches.progress_bar(items, total=3, enabled=True, desc="x")
+    assert bar is not items and list(bar) == items
+    assert _batches.progress_bar(items, total=3, enabled=False, desc="x") is items
+    fake.get_ipython = lambda: Shell({})  # a terminal IPython shell on a pipe: no bar
+    assert not _batches._visible()
+    fake.get_ipython = lambda: None  # IPython imported, not running
+    assert not _batches._visible()
+    monkeypatch.setattr(sys, "stderr", Stream(True))  # a terminal
+    assert _batches._visible()

@@ -77,6 +77,9 @@ def test_help_states_defaults_once_and_methods(capsys):
     _help("demo")
     demo = capsys.readouterr().out
     assert "Tensor-Train" in demo and "new" in demo and "minute" in demo
+    # both ways to provide the data: the Debian package and the directory variable
+    flat = " ".join(demo.split()).replace("- ", "-")
+    assert "dataset-fashion-mnist" in flat and "SIGMADECOMP_FASHION_MNIST" in flat
     _help("compress")
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and ") (default:" not in text
