@@ -453,13 +453,21 @@ class PSDRoot:
         xp = B.namespace(lam)
         return (V / xp.sqrt(lam)[None, :]) @ V.T
 
+    def _own(self, x):
+        """``x`` in the root's library, float64 and device (as the factors are)."""
+        return B.asarray_like(x, self.eigenvectors)
+
     def whiten(self, weight):
-        """``W @ L`` for ``W`` of shape (T, n): Frobenius norms of the result are Sigma-norms."""
-        return weight @ self.factor
+        """``W @ L`` for ``W`` of shape (T, n): Frobenius norms of the result are Sigma-norms.
+
+        ``W`` (NumPy or torch, any float dtype or device) is taken to the root's library,
+        float64 and device first, as is the result."""
+        return self._own(weight) @ self.factor
 
     def unwhiten(self, whitened):
-        """``Y @ L^+`` for ``Y`` of shape (T, rank); the result has no null-space part."""
-        return whitened @ self.pinv_factor
+        """``Y @ L^+`` for ``Y`` of shape (T, rank); the result has no null-space part
+        (in the root's library, float64 and device, like :meth:`whiten`)."""
+        return self._own(whitened) @ self.pinv_factor
 
     def null_energy(self, weight):
         """``sum_j max(lambda_j, 0) ||W v_j||^2`` over the floored (null) eigenpairs."""
@@ -468,7 +476,7 @@ class PSDRoot:
         V = self.eigenvectors[:, : n - self.rank]
         xp = B.namespace(lam)
         lam = xp.where(lam > 0, lam, 0.0)
-        P = weight @ V
+        P = self._own(weight) @ V
         return xp.sum(P * P * lam[None, :])
 
     def __repr__(self):

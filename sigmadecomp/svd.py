@@ -164,10 +164,11 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
             root = _root_from_eigh(root.eigenvalues + c, root.eigenvectors, rtol)
         k = root.rank
         total = float(xp.sum((W @ S) * W))
+        dev = B.device(W)  # new arrays on the weight's device
         if k == 0:
-            left = xp.zeros((T, rank), dtype=W.dtype)
-            right = xp.zeros((rank, n), dtype=W.dtype)
-            s = xp.zeros((0,), dtype=W.dtype)
+            left = xp.zeros((T, rank), dtype=W.dtype, device=dev)
+            right = xp.zeros((rank, n), dtype=W.dtype, device=dev)
+            s = xp.zeros((0,), dtype=W.dtype, device=dev)
             tail = float(root.null_energy(W))
         else:
             U, s, Vh = B.svd(root.whiten(W))
@@ -176,8 +177,10 @@ def sigma_svd(weight, rank, sigma=None, *, init=None, n_iter_max=None, tol=None,
             left = U[:, :r]
             right = root.unwhiten(s[:r, None] * Vh[:r, :])
             if r < rank:  # sigma sees fewer than `rank` directions: pad with zeros
-                left = xp.concat([left, xp.zeros((T, rank - r), dtype=W.dtype)], axis=1)
-                right = xp.concat([right, xp.zeros((rank - r, n), dtype=W.dtype)], axis=0)
+                left = xp.concat([left, xp.zeros((T, rank - r), dtype=W.dtype, device=dev)],
+                                 axis=1)
+                right = xp.concat([right, xp.zeros((rank - r, n), dtype=W.dtype, device=dev)],
+                                  axis=0)
             tail = float(xp.sum(s[r:] ** 2)) + float(root.null_energy(W))
         weighted = True
 
