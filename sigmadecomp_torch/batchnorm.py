@@ -431,7 +431,7 @@ def _fit_shrinkage(module, sigma, mean, bn, gain):
         g, at = beta / alpha, gam * float(t) / alpha
         a = at / (float(dC.mean()) + at)
         return (g, a), spread(q), spread(d + g * (q - d) + (gam / alpha) * f), spread(f)
-    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64, device=q.device)
     pred = (1 - grid[:, None]) * q[None, :] + grid[:, None] * f[None, :]
     spreads = torch.log(pred.clamp_min(1e-300) / v[None, :]).std(dim=1, unbiased=False)
     i = int(torch.argmin(spreads))
@@ -448,7 +448,7 @@ def _apply(sigma, mean, g, a):
     shrunk toward ``mean(diag C) I`` with weight ``a``; the mean is kept.
     """
     n = sigma.shape[0]
-    eye = torch.eye(n, dtype=sigma.dtype)
+    eye = torch.eye(n, dtype=sigma.dtype, device=sigma.device)
     if g == 1.0:
         return (1 - a) * sigma + (a * torch.trace(sigma) / n) * eye, math.sqrt(1 - a) * mean
     C = sigma - mean[:, None] * mean[None, :]

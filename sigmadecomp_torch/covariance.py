@@ -361,7 +361,8 @@ class _Accumulator:
         """Bernoulli(fraction) mask of output positions (None: keep all)."""
         if self.gen is None:
             return None
-        return (torch.rand(shape, generator=self.gen) < self.fraction).to(self.device)
+        # (drawn on the CPU, as the generator is, whatever torch's default device)
+        return (torch.rand(shape, generator=self.gen, device="cpu") < self.fraction).to(self.device)
 
     def _gram(self, X):
         """Add ``X^T X`` of a chunk to the float64 sum (:func:`add_gram`); float32
@@ -505,7 +506,7 @@ class _Accumulator:
             # accumulated in (h, w, c) order; the convention is (c, h, w)
             kh, kw = self.module.kernel_size
             C = self.module.in_channels
-            order = torch.arange(self.n).reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
+            order = torch.arange(self.n, device="cpu").reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
             _permute_sym_(S, order)
             mean = mean[order.to(mean.device)]
         S /= self.count

@@ -138,7 +138,7 @@ def layer_latency(module, input_shape, *, memory_format=torch.contiguous_format,
     dtype = p.dtype if p is not None else torch.get_default_dtype()
     device = p.device if p is not None else torch.device("cpu")
     g = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    x = torch.randn(shape, generator=g, dtype=dtype, device="cpu").to(device)  # g is a CPU one
     if memory_format is torch.channels_last:
         if len(shape) != 4:
             raise ValueError(f"memory_format=torch.channels_last needs a 4-D input_shape, got "

@@ -137,3 +137,28 @@ def test_compress_makes_nothing_off_the_model_device(method):
     assert all(_on_cpu(p) for p in small.parameters())
     assert _on_cpu(out) and out.shape == (2, 4)
     assert report.layers and all(r["sigma_error"] is not None for r in report.layers)
+
+
+def test_adapter_randoms_and_shrinkage_make_nothing_off_the_model_device():
+    # position_fraction's mask, the (h, w, c) -> (c, h, w) reordering and the BatchNorm
+    # statistics' shrinkage draw or build on an explicit device, whatever torch's default
+    # device is (layer_latency's input likewise; torch's own timer does not run under meta)
+    from torch import nn
+
+    from sigmadecomp_torch import collect_covariances, covariances_from_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].num_batches_tracked.fill_(10)
+    data = [torch.randn(2, 3, 6, 6)]
+    with meta_default_device():
+        stats = collect_covariances(model, data, progress=False, position_fraction=0.5, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bn, _ = covariances_from_batchnorm(model, input_shape=(3, 6, 6))
+    assert stats and all(_on_cpu(s.sigma) for s in stats.values())
+    assert bn and all(_on_cpu(s.sigma) and torch.isfinite(s.sigma).all() for s in bn.values())
