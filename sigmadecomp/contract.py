@@ -381,6 +381,7 @@ def deprecated_options(solver, renames, stacklevel=2):
                     kw["inner"] = merged
             return fn(*args, **kw)
 
+        wrapper.deprecated_names = tuple(renames)  # still accepted (the adapter checks names)
         return wrapper
 
     return deco

@@ -38,7 +38,6 @@ import copy
 import itertools
 import math
 import numbers
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -62,7 +61,7 @@ from .report import SIGMA_ERROR_WARN, CompressionReport, warn_layer
 from sigmadecomp.tt_modes import check_tt_ranks
 
 from ._batches import (as_batches, check_not_meta, check_type, outside_inference_mode,
-                       user_stacklevel)
+                       progress_bar, user_stacklevel)
 from .selection import (
     SUPPORTED,
     CallOrder,
@@ -108,14 +107,7 @@ CP_COST_WARN_FLOP = 1e14
 _ASSUMED_FLOPS = 50e9
 
 
-def _progress(iterable, *, total, enabled, desc):
-    if not enabled or not sys.stderr.isatty():
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+_progress = progress_bar  # (a module name of its own: tests replace it)
 
 
 def _check_ratio(ratio):
@@ -317,6 +309,11 @@ def _naming(name, shard=None):
         raise named from e
 
 
+def _every_layer(name, module):
+    """The predicate of ``layers='all'``."""
+    return True
+
+
 def select_step(model, layers, explicit, ratio, canon=lambda n: n):
     """Step 1: ``(chosen (name, module) pairs, whether named, skipped rows, the layers asked)``.
 
@@ -328,6 +325,8 @@ def select_step(model, layers, explicit, ratio, canon=lambda n: n):
     order = layers if isinstance(layers, CallOrder) else None  # the default, by call order
     if order is not None:
         layers = None
+    if isinstance(layers, str) and layers == "all" and layers not in dict(model.named_modules()):
+        layers = _every_layer  # every Conv2d and Linear, as a predicate (none is "named")
     named = layers is not None and not callable(layers)
     if layers is None:
         if explicit and ratio is None:
@@ -861,6 +860,25 @@ def _same_ranks(a, b):
         return False
 
 
+def _check_option_names(method, options):
+    """Refuse a key of ``options`` that the method's core solver does not take, before any
+    work, listing the ones it takes (``'tt'`` and registered methods check their own)."""
+    import inspect
+
+    import sigmadecomp
+
+    name = {"svd": "sigma_svd", "tucker2": "tucker2", "cp": "cp"}.get(method)
+    if name is None or not options:
+        return
+    solver = getattr(sigmadecomp, name)
+    takes = list(inspect.signature(solver).parameters)[3:]  # after weight, ranks, sigma
+    allowed = set(takes) | set(getattr(solver, "deprecated_names", ()))
+    for key in options:
+        if key not in allowed:
+            raise TypeError(f"options contains {key!r}, which method={method!r} does not take; "
+                            f"the options of sigmadecomp.{name} are: {', '.join(takes)}")
+
+
 def _check_data_options(data, max_batches, forward, mask, min_speedup, example_input):
     """``max_batches``, ``forward`` and ``mask`` of :func:`compress`: valid, and given only
     with ``data`` (they describe the passes over it)."""
@@ -898,6 +916,7 @@ def _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
         raise TypeError(f"options of type {type(options).__name__} is not allowed; options "
                         "must be a dict of keyword arguments of the core decomposition, e.g. "
                         "{'n_iter_max': 20}")
+    _check_option_names(method, options)
     if (sequential or data is not None) and covariances is not None:
         raise ValueError("covariances= cannot be combined with data= or sequential=True: the "
                          "statistics are then collected from data; give one or the other")
@@ -997,7 +1016,8 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         (methods ``'svd'``, ``'tucker2'`` and ``'cp'``; not ``'tt'``).
     layers : None, str, list of str, or callable, optional
         Which modules may be compressed (names, or ``f(name, module) -> bool``
-        over the ``Conv2d``/``Linear`` modules). Default
+        over the ``Conv2d``/``Linear`` modules; ``'all'``: every one of
+        them, unless the model has a module named ``'all'``). Default
         :func:`default_layers`: every ``Conv2d`` and ``Linear`` except the
         first layer (reading the model's input) and the last (the output
         layer, e.g. the classifier), which are listed in ``report.skipped``;
@@ -1028,7 +1048,7 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
         ``ridge``). Under the other methods, Linear layers and 1x1 convs use the
         closed-form Sigma-SVD with its defaults.
     progress : bool, optional
-        A tqdm bar over layers (only when stderr is a terminal).
+        A tqdm bar over layers (when stderr is a terminal or in a Jupyter notebook).
     distributed : None or bool, optional
         Spread the layers over the processes of a ``torch.distributed``
         process group. ``None`` (default): when a group is initialized with

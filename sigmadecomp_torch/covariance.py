@@ -597,9 +597,10 @@ def select_layers(model, layers=None, *, name="layers"):
     ----------
     model : torch.nn.Module
     layers : None, str, iterable of str, or callable
-        ``None``: every ``nn.Conv2d`` and ``nn.Linear``; names (dotted, as in
-        ``model.named_modules()``); or a predicate ``f(name, module) -> bool``
-        applied to the ``Conv2d``/``Linear`` modules.
+        ``None`` or ``'all'``: every ``nn.Conv2d`` and ``nn.Linear`` (``'all'``
+        names a module only in a model with a module of that name); names
+        (dotted, as in ``model.named_modules()``); or a predicate
+        ``f(name, module) -> bool`` applied to the ``Conv2d``/``Linear`` modules.
     name : str, optional
         The argument's name in error messages (e.g. ``'refit'`` when the
         names come from ``refit=``).
@@ -628,7 +629,7 @@ def select_layers(model, layers=None, *, name="layers"):
     """
     modules = dict(model.named_modules())
     candidates = [(n, m) for n, m in modules.items() if _is_supported(m)]
-    if layers is None:
+    if layers is None or (isinstance(layers, str) and layers == "all" and "all" not in modules):
         return candidates
     if callable(layers) and not isinstance(layers, (str, nn.Module)):
         _check_predicate(layers, name)

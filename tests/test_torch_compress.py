@@ -628,3 +628,37 @@ def test_progress_of_a_closed_form_tt_shows_no_sweep_number(monkeypatch):
     texts = bars[0].shown
     assert texts and all("None" not in t and "sweep" not in t for t in texts), texts
     assert all(t.split(": ")[0] in {"0", "1", "2"} and ": error " in t for t in texts), texts
+
+
+def test_layers_all_compresses_every_conv_and_linear_unless_a_module_is_named_all():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3))
+    _, report = compress(model, "tucker2", ratio=2, layers="all", progress=False)
+    assert [r["name"] for r in report.layers] == ["0", "1", "2"] and report.skipped == []
+    _, default = compress(model, "tucker2", ratio=2, progress=False)
+    assert [r["name"] for r in default.layers] == ["1"]  # the default keeps first and last
+    # the same word in select_layers / collect_covariances
+    from sigmadecomp_torch import select_layers
+
+    assert [n for n, _ in select_layers(model, "all")] == ["0", "1", "2"]
+    # a module really named 'all' is that module
+    named = nn.Sequential()
+    named.add_module("first", nn.Conv2d(3, 8, 3))
+    named.add_module("all", nn.Conv2d(8, 8, 3))
+    named.add_module("last", nn.Conv2d(8, 4, 3))
+    _, report = compress(named, "tucker2", ratio=2, layers="all", progress=False)
+    assert [r["name"] for r in report.layers] == ["all"]
+
+
+def test_an_option_the_solver_does_not_take_is_refused_before_any_work():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3))
+    for method, solver in (("tucker2", "tucker2"), ("cp", "cp"), ("svd", "sigma_svd")):
+        with pytest.raises(TypeError, match=rf"options contains 'n_iter', which "
+                                            rf"method='{method}' does not take; the options "
+                                            rf"of sigmadecomp.{solver} are: init, n_iter_max"):
+            compress(model, method, ratio=2, options={"n_iter": 5}, progress=False)
+    # the solvers' deprecated spellings still pass (with their warning)
+    with pytest.warns(DeprecationWarning, match="inner_rtol"):
+        compress(model, "cp", ratio=2, options={"inner_rtol": 1e-6, "n_iter_max": 2,
+                                                "tol": 0.5}, progress=False)
