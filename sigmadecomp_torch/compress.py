@@ -938,6 +938,23 @@ def _check_early(model, method, covariances, ratio, ranks, budget, layers, data,
             select_step(model, layers, explicit, ratio, canon)
 
 
+def _warn_foreign_statistics(model, covariances):
+    """Warn when ``covariances`` holds statistics under names that are no module of the
+    model (e.g. collected on a wrapped or unwrapped copy): they are not used, and the
+    layers they were meant for would be skipped for want of statistics."""
+    if not covariances or not isinstance(model, nn.Module):
+        return
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    foreign = [k for k in covariances if k not in names]
+    if foreign:
+        shown = ", ".join(repr(k) for k in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        warnings.warn(
+            f"covariances has statistics for {len(foreign)} name(s) that are no module of "
+            f"the model: {shown}; they are not used (statistics collected on another or a "
+            "wrapped copy of the model? the names must be those of model.named_modules())",
+            CompressionWarning, stacklevel=user_stacklevel())
+
+
 def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, centered, options,
                 min_speedup, example_input):
     """Steps 1-3 of :func:`compress`: ``(options, min_speedup, skipped rows, plans, input
@@ -951,6 +968,7 @@ def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, center
 
     # 1. select  2. plan (statistics prepared once)  3. ranks -- no decomposition yet
     chosen, named, skipped, asked = select_step(model, layers, explicit, ratio, canon)
+    _warn_foreign_statistics(model, covariances)
     plans = _plan(model, chosen, method, covariances, centered, options, paths, named, skipped)
     if not plans:
         raise ValueError("no layer can be compressed: "

@@ -662,3 +662,23 @@ def test_an_option_the_solver_does_not_take_is_refused_before_any_work():
     with pytest.warns(DeprecationWarning, match="inner_rtol"):
         compress(model, "cp", ratio=2, options={"inner_rtol": 1e-6, "n_iter_max": 2,
                                                 "tol": 0.5}, progress=False)
+
+
+def test_statistics_under_names_no_module_has_are_named_in_a_warning():
+    import warnings
+
+    from sigmadecomp import CompressionWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)).double()
+    stats = collect_covariances(model, [torch.randn(4, 3, 10, 10, dtype=F64)], progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compress(model, "tucker2", covariances=stats, ratio=2, progress=False)
+    assert not [w for w in seen if "no module of the model" in str(w.message)]
+    wrapped = nn.Sequential(model)  # names '0.0', '0.1', ...: the statistics' are '0', ...
+    with pytest.warns(CompressionWarning, match=r"covariances has statistics for 2 name\(s\) "
+                                                r"that are no module of the model: '1', '2'"):
+        with pytest.raises(ValueError, match="'0.1' cannot be compressed: no statistics"):
+            compress(wrapped, "tucker2", covariances={k: stats[k] for k in ("1", "2")},
+                     ratio=2, layers=["0.1"], progress=False)
