@@ -37,6 +37,10 @@ INSTALL_HINT = (
     "SIGMADECOMP_FASHION_MNIST may name that directory)"
 )
 
+# the four IDX files of Fashion-MNIST (each may also be gzip'ed, name + ".gz")
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
 _IDX_DTYPES = {
     0x08: np.uint8,
     0x09: np.int8,
@@ -123,8 +127,16 @@ def find_fashion_mnist(directory=None):
         else [os.environ.get("SIGMADECOMP_FASHION_MNIST")] + list(FASHION_MNIST_DIRS)
     )
     for d in candidates:
-        if d and _find_file(d, "train-images-idx3-ubyte") and _find_file(d, "t10k-labels-idx1-ubyte"):
+        if not d:
+            continue
+        found = [f for f in _FASHION_FILES if _find_file(d, f)]
+        if len(found) == len(_FASHION_FILES):
             return Path(d)
+        if found:  # a partial copy: loading a split would fail later, less clearly
+            missing = [f for f in _FASHION_FILES if f not in found]
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST in {d} is incomplete: {', '.join(missing)} (or .gz) missing "
+                f"beside {', '.join(found)}; {INSTALL_HINT}")
     where = directory if directory is not None else ", ".join(c for c in candidates if c)
     raise DatasetNotFoundError(f"Fashion-MNIST IDX files not found in {where}; {INSTALL_HINT}")
 

@@ -137,6 +137,20 @@ def test_missing_files_say_how_to_install(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
 
 
+def test_a_partial_copy_names_the_missing_files(tmp_path, monkeypatch):
+    fake_fashion_dir(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    monkeypatch.setenv("SIGMADECOMP_FASHION_MNIST", str(tmp_path))
+    for call in (lambda: find_fashion_mnist(tmp_path), lambda: load_fashion_mnist(split="train")):
+        with pytest.raises(DatasetNotFoundError) as info:
+            call()
+        msg = str(info.value)
+        assert f"Fashion-MNIST in {tmp_path} is incomplete: train-labels-idx1-ubyte, " \
+               "t10k-images-idx3-ubyte (or .gz) missing" in msg
+        assert INSTALL_HINT in msg
+
+
 def _real_fashion_dir():
     try:
         return find_fashion_mnist()
