@@ -44,7 +44,8 @@ def test_compress_without_torch_is_one_line_with_the_fix():
 
 def test_demo_without_torch_is_one_line(tmp_path):
     # the data check passes (an empty fake directory), then the experiment needs torch
-    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
         (tmp_path / name).write_bytes(b"")
     proc = _run_without_torch(
         f"import os; os.environ['SIGMADECOMP_FASHION_MNIST'] = {str(tmp_path)!r}\n"
