@@ -9,8 +9,36 @@ as one batched matrix product. :class:`TTLinear` is the same chain without the
 spatial core. Only ``reshape``, ``permute``, ``matmul`` and ``conv2d`` are used,
 so the layers trace, script and export like any other module.
 
+The chain is cheap in parameters, not always in compute: at the ranks of
+usual compression ratios it costs more multiply-adds than the dense layer.
+Both layers therefore have an ``evaluation`` setting (a constructor keyword
+and a plain attribute that may be changed on a built model):
+
+* ``'chain'`` -- the chain above;
+* ``'kernel'`` -- multiply the cores out into the dense kernel / weight
+  inside the forward (differentiably, once per call), then one ``conv2d`` /
+  ``linear``. When no gradient is taken through the cores (inference under
+  ``torch.no_grad()`` / ``torch.inference_mode()``, or frozen cores), the
+  built kernel is kept and reused by later calls until a core changes (its
+  storage or version counter: an optimizer step, ``load_state_dict``,
+  ``.to()``), so they cost the dense layer only; meanwhile the layer holds one
+  dense weight (not saved with the model; ``keep_kernel = False`` on a layer,
+  or on the class, builds it in every call instead). Traced and compiled
+  graphs build it in each call;
+* ``'auto'`` (default) -- per call, the path with fewer predicted
+  multiply-adds for the call's input shape: with ``P`` the number of output
+  positions of the call (batch x output height x width for the conv, the
+  number of input rows for the Linear), the kernel path is taken when
+  ``build + P * dense < P * chain`` (``build``: contracting the cores into the
+  kernel, counted as 0 when the kernel is kept for later calls, i.e. in
+  inference, where it is paid once; ``dense``: the dense layer per
+  position; ``chain``: the chain per
+  position, :func:`sigmadecomp.tt.tt_mac_count`), the chain otherwise. The
+  counts are integer arithmetic on the shapes only. A traced graph keeps the
+  path chosen for the example input.
+
 Both layers compute exactly the layer with the reconstructed weight
-(``TTResult.to_tensor()``), up to floating-point rounding.
+(``TTResult.to_tensor()``), up to floating-point rounding, whichever path runs.
 """
 
 from __future__ import annotations
@@ -18,6 +46,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +157,133 @@ def _set_bias(layer, bias, shift):
     layer.bias.copy_(value)
 
 
+_EVALUATIONS = ("auto", "chain", "kernel")
+
+
+def _check_evaluation(value):
+    if not isinstance(value, str) or value not in _EVALUATIONS:
+        raise ValueError(f"evaluation={value!r} is not allowed; evaluation must be one of "
+                         "'auto', 'chain', 'kernel'")
+    return value
+
+
 class _TTChain(nn.Module):
-    """Holds ``cores`` (a ParameterList) and ``_modes`` (input modes); applies the chain."""
+    """Holds ``cores`` (a ParameterList) and ``_modes`` (input modes); applies the chain.
+
+    Also the evaluation choice shared by both layers: the multiply-add counts
+    of the chain and of the kernel path, and the contraction of the cores
+    into the dense kernel.
+    """
+
+    # class default: modules pickled before the setting existed evaluate as 'auto'
+    evaluation = "auto"
+    #: Keep the kernel the kernel path built when no gradient is taken through the cores
+    #: and reuse it while they are unchanged (inference speed for one dense weight of
+    #: memory); False builds it in every call.
+    keep_kernel = True
+
+    def __setattr__(self, name, value):
+        if name == "evaluation":
+            value = _check_evaluation(value)
+        super().__setattr__(name, value)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_costs" not in self.__dict__:  # pickled before the evaluation setting existed
+            self._set_costs()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_kernel_reuse", None)  # a kept kernel is rebuilt, never stored
+        return state
+
+    def _build(self) -> torch.Tensor:
+        """The dense weight of the kernel path (differentiable); per layer type."""
+        raise NotImplementedError
+
+    def _factors(self) -> List[torch.Tensor]:
+        """The parameters the dense weight is built from."""
+        return list(self.cores)
+
+    @torch.jit.unused
+    def _reuse_key(self):
+        """What a kept kernel must match to be used again, or None when it may not be kept:
+        gradients are taken through the cores, or a graph is traced or compiled. The key
+        holds each factor's storage and version counter (in-place updates and ``.to()``
+        change them) and the inference-mode flag (an inference-mode tensor must not meet
+        autograd outside it)."""
+        if not self.keep_kernel or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        factors = self._factors()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in factors):
+            return None
+        return (torch.is_inference_mode_enabled(),) + tuple(
+            (p.data_ptr(), p._version, p.dtype, p.device) for p in factors)
+
+    @torch.jit.unused
+    def _kept(self):
+        """The kernel kept by an earlier call, if it is still valid (else None)."""
+        kept = self.__dict__.get("_kernel_reuse")
+        if kept is None:
+            return None
+        key = self._reuse_key()
+        return kept[1] if key is not None and kept[0] == key else None
+
+    @torch.jit.unused
+    def _reused(self) -> torch.Tensor:
+        """The dense weight for the kernel path: the kept one when valid, else a new one,
+        kept when no gradient is taken through the cores (inference: repeated calls then
+        cost the dense layer only; the layer holds one dense weight meanwhile)."""
+        kept = self._kept()
+        if kept is not None:
+            return kept
+        w = self._build()
+        key = self._reuse_key()
+        self.__dict__["_kernel_reuse"] = None if key is None else (key, w)
+        return w
+
+    def _dense_for_call(self) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._build()
+        return self._reused()
+
+    def _reusable(self) -> bool:
+        """Whether a kernel built now would be kept for later calls (or is kept already):
+        its build is then paid once, not per call."""
+        if torch.jit.is_scripting():
+            return False
+        return self._reuse_key() is not None
+
+    def _set_costs(self):
+        self._costs = _evaluation_costs(self._lead_dims(), self.in_modes, self.out_modes,
+                                        self._bond_ranks(), self._spatial_macs())
+
+    def _lead_dims(self) -> int:
+        """Rows of the leading factor of the kernel (``kh * kw`` for a conv, 1 for a Linear)."""
+        return 1
+
+    def _bond_ranks(self):
+        return (1,) + tuple(self.ranks) + (1,)
+
+    def _spatial_macs(self) -> int:
+        return 0
+
+    def _use_kernel(self, positions: int, kept: bool = False) -> bool:
+        """Whether a call with ``positions`` output positions runs the kernel path (``kept``:
+        the kernel is or will be kept for later calls, so its build is not paid per call)."""
+        if self.evaluation == "kernel":
+            return True
+        if self.evaluation == "chain":
+            return False
+        build = 0 if kept else self._costs[1]
+        return build + positions * self._costs[2] < positions * self._costs[0]
+
+    def _path_macs(self, positions: int, kept: bool = False):
+        """``(path, multiply-adds)`` of one call with ``positions`` output positions (``kept``:
+        an inference call once the kernel is kept, which costs no build)."""
+        if self._use_kernel(positions, kept):
+            return "kernel", (0 if kept else self._costs[1]) + positions * self._costs[2]
+        return "chain", positions * self._costs[0]
 
     def _apply_cores(self, z: torch.Tensor) -> torch.Tensor:
         """Contract ``z`` of shape (batch, S, r_0) with the channel cores; returns (batch, T).
@@ -154,6 +308,78 @@ class _TTChain(nn.Module):
             r = r_next
         return z.reshape(bp, t_done)
 
+    def _contract(self, lead: torch.Tensor) -> torch.Tensor:
+        """The dense weight as (T, N, lead rows) from ``lead`` of shape (lead rows, r_0).
+
+        The cores before the split bond (``_costs[3]``) are appended to ``lead``
+        left to right, those after it are multiplied right to left, then the
+        two parts are joined by one matrix product over the split bond; every
+        step is one matrix product. The rows end in the order
+        (lead, s_1, t_1, ..., s_d, t_d), then are permuted to (t, s, lead).
+        """
+        split = self._costs[3]
+        cores: List[torch.Tensor] = []
+        for core in self.cores:
+            cores.append(core)
+        d = len(cores)
+        cur = lead
+        for k in range(split):
+            r = cores[k].shape[0]
+            cur = torch.matmul(cur.reshape(-1, r), cores[k].reshape(r, -1))
+        if split < d:
+            last = cores[d - 1]
+            right = last.reshape(last.shape[0], -1)  # (r_{d-1}, s_d t_d)
+            k = d - 2
+            while k >= split:
+                c = cores[k]
+                right = torch.matmul(c.reshape(-1, c.shape[3]), right).reshape(c.shape[0], -1)
+                k -= 1
+            cur = torch.matmul(cur.reshape(-1, right.shape[0]), right)
+        shape = [lead.shape[0]]
+        n_out = 1
+        n_in = 1
+        for c in cores:
+            shape.append(c.shape[1])
+            shape.append(c.shape[2])
+            n_in = n_in * c.shape[1]
+            n_out = n_out * c.shape[2]
+        perm = [2 * k + 2 for k in range(d)] + [2 * k + 1 for k in range(d)] + [0]
+        return cur.reshape(shape).permute(perm).reshape(n_out, n_in, lead.shape[0])
+
+
+def _evaluation_costs(lead, in_modes, out_modes, rr, spatial):
+    """``[chain, build, dense, split]`` multiply-adds of a TT layer's two paths.
+
+    ``chain``: the chain per output position (``spatial``, the spatial core's
+    share, included), as :func:`sigmadecomp.tt.tt_mac_count`; ``dense``: the
+    dense layer per position; ``build``: the cheapest contraction of the
+    cores into the dense weight over the orders of :meth:`_TTChain._contract`
+    (``lead`` rows of the leading factor, bond ranks ``rr = (r_0, ..., r_d)``
+    with ``r_d = 1``), and ``split`` the bond of that order.
+    """
+    d = len(in_modes)
+    sizes = [s * t for s, t in zip(in_modes, out_modes)]
+    rest, done, chain = math.prod(in_modes), 1, spatial
+    for k, (s, t) in enumerate(zip(in_modes, out_modes)):
+        rest //= s
+        chain += rest * done * s * rr[k] * t * rr[k + 1]
+        done *= t
+    best = None
+    for split in range(d + 1):
+        cost, rows = 0, lead
+        for k in range(split):  # left to right
+            cost += rows * rr[k] * sizes[k] * rr[k + 1]
+            rows *= sizes[k]
+        cols = sizes[d - 1] if split < d else 1
+        for k in range(d - 2, split - 1, -1):  # right to left
+            cost += rr[k] * sizes[k] * rr[k + 1] * cols
+            cols *= sizes[k]
+        if split < d:  # the join over bond ``split``
+            cost += rows * rr[split] * cols
+        if best is None or cost < best[0]:
+            best = (cost, split)
+    return [chain, best[0], lead * math.prod(sizes), best[1]]
+
 
 class TTConv2d(_TTChain):
     """Conv2d whose kernel is a Tensor-Train (Garipov's TT-conv).
@@ -169,6 +395,10 @@ class TTConv2d(_TTChain):
         ``(r_0, ..., r_{d-1})``; ``r_0`` is the number of spatial filters.
     stride, padding, dilation, bias, padding_mode, device, dtype :
         As for :class:`torch.nn.Conv2d` (``groups=1`` only).
+    evaluation : {'auto', 'chain', 'kernel'}, default 'auto'
+        How the forward runs (see the module docstring): the TT chain, the
+        dense kernel formed from the cores, or per call the one with fewer
+        multiply-adds for the input's shape. Also a plain attribute.
 
     Attributes
     ----------
@@ -182,7 +412,8 @@ class TTConv2d(_TTChain):
         holds at most this many elements (default ``2**24``, 64 MiB in
         float32; at least one sample per chunk). The output is the same; only
         the peak memory changes. Traced, scripted and compiled graphs evaluate
-        the whole batch at once.
+        the whole batch at once. Only the chain is chunked: the kernel path
+        is one dense convolution.
 
     Examples
     --------
@@ -200,8 +431,9 @@ class TTConv2d(_TTChain):
 
     def __init__(self, in_channels, out_channels, kernel_size, in_modes, out_modes, ranks, *,
                  stride=1, padding=0, dilation=1, bias=True, padding_mode="zeros",
-                 device=None, dtype=None):
+                 device=None, dtype=None, evaluation="auto"):
         super().__init__()
+        self.evaluation = evaluation
         in_modes, out_modes, ranks = _check_modes_ranks(in_modes, out_modes, ranks, len(in_modes))
         if math.prod(in_modes) != in_channels or math.prod(out_modes) != out_channels:
             raise ValueError(
@@ -235,17 +467,20 @@ class TTConv2d(_TTChain):
             nn.init.normal_(self.spatial, std=1.0 / math.sqrt(kh * kw))
             for c in self.cores:
                 nn.init.normal_(c, std=1.0 / math.sqrt(c.shape[0] * c.shape[1]))
+        self._set_costs()
 
     @classmethod
-    def from_result(cls, conv, result, *, bias_shift=None):
+    def from_result(cls, conv, result, *, bias_shift=None, evaluation="auto"):
         """Build from the conv and a ``tt_conv`` result approximating its kernel.
 
         Keeps the conv's bias, stride, padding, dilation, padding mode, dtype
         and device; the conv itself is not modified. ``bias_shift`` (shape
         (T,)), if given, is added to the bias (a bias is created if the conv
-        has none): the centered-Sigma correction ``b + D mu``. The argument
-        order is that of every factorized layer's ``from_result``; the old
-        order ``(result, conv)`` still works with a ``DeprecationWarning``.
+        has none): the centered-Sigma correction ``b + D mu``. ``evaluation``
+        is the layer's setting (``'auto'``, ``'chain'`` or ``'kernel'``). The
+        argument order is that of every factorized layer's ``from_result``;
+        the old order ``(result, conv)`` still works with a
+        ``DeprecationWarning``.
 
         Raises
         ------
@@ -268,7 +503,8 @@ class TTConv2d(_TTChain):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, result.in_modes,
                     result.out_modes, result.ranks, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, bias=conv.bias is not None or bias_shift is not None,
-                    padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+                    padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype,
+                    evaluation=evaluation)
         cores = _as_cores(result, w)
         kh, kw = conv.kernel_size
         with torch.no_grad():
@@ -280,7 +516,7 @@ class TTConv2d(_TTChain):
         return layer
 
     def kernel(self):
-        """The equivalent (T, S, H, W) kernel (for checks; the forward never forms it)."""
+        """The equivalent (T, S, H, W) kernel (for checks; the kernel path forms it itself)."""
         kh, kw = self.kernel_size
         g0 = self.spatial.reshape(self.ranks[0], kh * kw).t().reshape(1, kh * kw, 1, self.ranks[0])
         w = tt_matrix([g0] + list(self.cores))  # (T, (h, w, s))
@@ -299,7 +535,47 @@ class TTConv2d(_TTChain):
             return self._batched(x.unsqueeze(0)).squeeze(0)
         return self._batched(x)
 
+    def _lead_dims(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def _bond_ranks(self):
+        return tuple(self.ranks) + (1,)
+
+    def _spatial_macs(self) -> int:
+        return self.in_channels * self.ranks[0] * self.kernel_size[0] * self.kernel_size[1]
+
+    def _out_positions(self, n: int, h: int, w: int) -> int:
+        """Output positions (batch x height x width) for an input of ``n`` x ``h`` x ``w``."""
+        pad = self._rev_pad  # (left, right, top, bottom)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ho = (h + pad[2] + pad[3] - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + pad[0] + pad[1] - dw * (kw - 1) - 1) // sw + 1
+        return n * max(ho, 0) * max(wo, 0)
+
+    def _dense_kernel(self):
+        """The (T, S, H, W) kernel contracted from the cores (differentiable, scriptable)."""
+        kh, kw = self.kernel_size[0], self.kernel_size[1]
+        lead = self.spatial.reshape(self.spatial.shape[0], kh * kw).t()
+        w = self._contract(lead)  # (T, S, kh kw)
+        return w.reshape(w.shape[0], w.shape[1], kh, kw)
+
+    def _factors(self) -> List[torch.Tensor]:
+        return [self.spatial] + list(self.cores)
+
+    def _build(self) -> torch.Tensor:
+        return self._dense_kernel()
+
+    def _forward_kernel(self, x):
+        w = self._dense_for_call()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._rev_pad, mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
     def _batched(self, x):
+        if self.evaluation == "kernel" or (self.evaluation == "auto" and self._use_kernel(
+                self._out_positions(x.shape[0], x.shape[2], x.shape[3]), self._reusable())):
+            return self._forward_kernel(x)
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             chunk = self._chunk_size(x)
             if chunk < x.shape[0]:
@@ -361,7 +637,8 @@ class TTConv2d(_TTChain):
                 f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"bias={self.bias is not None}"
-                + ("" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"))
+                + ("" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}")
+                + f", evaluation={self.evaluation!r}")
 
 
 class TTLinear(_TTChain):
@@ -376,6 +653,8 @@ class TTLinear(_TTChain):
     ranks : sequence of d-1 int
     bias, device, dtype :
         As for :class:`torch.nn.Linear`.
+    evaluation : {'auto', 'chain', 'kernel'}, default 'auto'
+        As for :class:`TTConv2d`; the positions of a call are its input rows.
 
     Attributes
     ----------
@@ -395,8 +674,9 @@ class TTLinear(_TTChain):
     """
 
     def __init__(self, in_features, out_features, in_modes, out_modes, ranks, *, bias=True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, evaluation="auto"):
         super().__init__()
+        self.evaluation = evaluation
         in_modes, out_modes, ranks = _check_modes_ranks(in_modes, out_modes, ranks,
                                                         len(in_modes) - 1)
         if math.prod(in_modes) != in_features or math.prod(out_modes) != out_features:
@@ -417,12 +697,14 @@ class TTLinear(_TTChain):
         with torch.no_grad():
             for c in self.cores:
                 nn.init.normal_(c, std=1.0 / math.sqrt(c.shape[0] * c.shape[1]))
+        self._set_costs()
 
     @classmethod
-    def from_result(cls, linear, result, *, bias_shift=None):
+    def from_result(cls, linear, result, *, bias_shift=None, evaluation="auto"):
         """Build from the Linear layer and a ``tt_linear`` result approximating its weight.
 
         The bias is kept; ``bias_shift`` (shape (T,)), if given, is added to it.
+        ``evaluation`` is the layer's setting (``'auto'``, ``'chain'`` or ``'kernel'``).
         The old argument order ``(result, linear)`` still works with a
         ``DeprecationWarning``.
         """
@@ -439,7 +721,7 @@ class TTLinear(_TTChain):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, result.in_modes, result.out_modes,
                     result.ranks, bias=linear.bias is not None or bias_shift is not None,
-                    device=w.device, dtype=w.dtype)
+                    device=w.device, dtype=w.dtype, evaluation=evaluation)
         with torch.no_grad():
             for p, c in zip(layer.cores, _as_cores(result, w)):
                 p.copy_(c)
@@ -448,14 +730,30 @@ class TTLinear(_TTChain):
         return layer
 
     def weight(self):
-        """The equivalent (T, N) weight (for checks; the forward never forms it)."""
+        """The equivalent (T, N) weight (for checks; the kernel path forms it itself)."""
         return tt_matrix(list(self.cores))
+
+    def _dense_weight(self):
+        """The (T, N) weight contracted from the cores (differentiable, scriptable)."""
+        core = self.cores[0]
+        lead = torch.ones((1, 1), dtype=core.dtype, device=core.device)
+        w = self._contract(lead)  # (T, N, 1)
+        return w.reshape(w.shape[0], w.shape[1])
+
+    def _build(self) -> torch.Tensor:
+        return self._dense_weight()
 
     def forward(self, x):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"TTLinear: expected input with {self.in_features} features in its "
                              f"last dimension, got input of shape {list(x.shape)}")
         out_shape = list(x.shape[:-1])
+        if self.evaluation != "chain":
+            rows = 1
+            for n in out_shape:
+                rows = rows * n
+            if self._use_kernel(rows, self._reusable()):
+                return F.linear(x, self._dense_for_call(), self.bias)
         out_shape.append(self.out_features)
         z = x.reshape(-1, self.in_features, 1)
         y = self._apply_cores(z)
@@ -466,7 +764,7 @@ class TTLinear(_TTChain):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, evaluation={self.evaluation!r}")
 
 
 _CORE_OPTS = ("eps", "init", "n_iter_max", "tol", "rng", "callback", "rtol", "ridge", "inner",
@@ -498,7 +796,8 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         or ``in_features``); runs TT-ALS-Sigma. ``None``: TT-SVD.
     **opts
         ``in_modes``, ``out_modes`` (default: automatic), ``out_hw`` (output
-        height, width of a conv, for the multiply-add counts), and the options
+        height, width of a conv, for the multiply-add counts), ``evaluation``
+        (the new layer's setting, ``'auto'`` by default), and the options
         of :func:`sigmadecomp.tt_conv` / :func:`sigmadecomp.tt_linear`
         (``eps``, ``init``, ``n_iter_max``, ``tol``, ``rng``, ``callback``,
         ``rtol``, ``ridge``, ``inner``).
@@ -510,8 +809,17 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
     info : dict
         ``method`` ('tt'), ``ranks``, ``in_modes``, ``out_modes``,
         ``params_before`` / ``params_after`` (all parameters, bias included),
-        ``macs_before`` / ``macs_after`` (per sample; ``None`` for a conv
-        without ``out_hw``), ``rel_sigma_error`` (``None`` without ``sigma``),
+        ``macs_before`` / ``macs_after`` (for one sample, a batch of 1, at
+        ``out_hw`` for a conv; ``None`` for a conv without ``out_hw``),
+        ``evaluation`` (the path whose cost ``macs_after`` is: ``'chain'``
+        (:func:`sigmadecomp.tt.tt_mac_count`) or ``'kernel'`` (contracting the
+        cores, then the dense layer); with ``evaluation='auto'`` the path the
+        layer takes for that input in a call with gradients through the
+        cores (training: the kernel is built in every call); ``None`` when
+        ``macs_after`` is), ``macs_inference`` and ``evaluation_inference``
+        (the same for an inference call once the kernel is kept: no build;
+        the first inference call also builds it, see the module docstring),
+        ``rel_sigma_error`` (``None`` without ``sigma``),
         ``rel_frobenius_error``, ``errors``, ``n_iter``, ``converged``,
         ``seconds``, and ``result`` (the :class:`sigmadecomp.TTResult`).
 
@@ -526,12 +834,13 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
     >>> new(torch.randn(1, 16, 8, 8)).shape
     torch.Size([1, 16, 8, 8])
     """
-    unknown = set(opts) - set(_CORE_OPTS) - {"in_modes", "out_modes", "out_hw"}
+    unknown = set(opts) - set(_CORE_OPTS) - {"in_modes", "out_modes", "out_hw", "evaluation"}
     if unknown:
         raise TypeError(
             f"unexpected options {sorted(unknown)}; allowed: in_modes, out_modes, out_hw, "
-            + ", ".join(_CORE_OPTS)
+            "evaluation, " + ", ".join(_CORE_OPTS)
         )
+    evaluation = _check_evaluation(opts.get("evaluation", "auto"))
     if ranks is not None and ratio is not None:
         raise ValueError("give ranks or ratio, not both")
     if ratio is not None:
@@ -579,17 +888,27 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
                      sigma=sigma, sigma_full=None if sigma is None else sigma.matrix,
                      ranks=ranks, options=options)
     new, row, result = decompose_layer(plan)
+    new.evaluation = evaluation
+    path = kept_path = macs_kept = None
     if ks is not None:
         if out_hw is None:
             macs_before = macs_after = None
         else:
             pos = int(out_hw[0]) * int(out_hw[1])
             macs_before = T * S * kh * kw * pos
-            macs_after = tt_mac_count(result.in_modes, result.out_modes, result.ranks,
-                                      kernel_size=ks, out_hw=out_hw)
+            path, macs_after = new._path_macs(pos)
+            kept_path, macs_kept = new._path_macs(pos, kept=True)
+            chain = tt_mac_count(result.in_modes, result.out_modes, result.ranks,
+                                 kernel_size=ks, out_hw=out_hw)
     else:
         macs_before = T * S
-        macs_after = tt_mac_count(result.in_modes, result.out_modes, result.ranks)
+        path, macs_after = new._path_macs(1)
+        kept_path, macs_kept = new._path_macs(1, kept=True)
+        chain = tt_mac_count(result.in_modes, result.out_modes, result.ranks)
+    if path == "chain":
+        macs_after = chain
+    if kept_path == "chain":
+        macs_kept = chain
     info = {
         "method": "tt",
         "ranks": result.ranks,
@@ -599,6 +918,9 @@ def tt_compress_module(module, ranks=None, ratio=None, sigma=None, **opts):
         "params_after": row["params_after"],
         "macs_before": macs_before,
         "macs_after": macs_after,
+        "evaluation": path,
+        "macs_inference": macs_kept,
+        "evaluation_inference": kept_path,
         "rel_sigma_error": row["sigma_error"],
         "rel_frobenius_error": row["frobenius_error"],
         "errors": list(result.errors),

@@ -25,7 +25,7 @@ def test_ttconv_unbatched_wrong_channels_named_error():
 
 def test_ttconv_chunks_respect_max_chunk_elements_with_large_padding():
     torch.manual_seed(0)
-    layer = TTConv2d(4, 4, 1, (2, 2), (2, 2), (2, 2), padding=8)
+    layer = TTConv2d(4, 4, 1, (2, 2), (2, 2), (2, 2), padding=8, evaluation="chain")
     x = torch.randn(20, 4, 4, 4)
     full = layer(x)
     layer.max_chunk_elements = 4000
