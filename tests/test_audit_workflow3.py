@@ -87,14 +87,20 @@ def _relative_output_error(original, small, name, data, keep=None):
     return math.sqrt(diff / energy)
 
 
-def test_output_error_of_a_token_model_counts_only_real_tokens():
+def _sequential_svd_of_token_net(**extra):
+    """``(model, data, compressed model, report)`` of sequential Sigma-SVD of the token net."""
     torch.manual_seed(0)
     model = _TokenNet().double().eval()
     data = _token_batches()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         small, report = compress(model, "svd", data=data, sequential=True, ratio=2,
-                                 layers=["attn.o", "fc1", "fc2"], progress=False)
+                                 layers=["attn.o", "fc1", "fc2"], progress=False, **extra)
+    return model, data, small, report
+
+
+def test_output_error_of_a_token_model_counts_only_real_tokens():
+    model, data, small, report = _sequential_svd_of_token_net()
     rows = {r["name"]: r for r in report.layers}
     real = lambda b: b["attention_mask"].bool()  # noqa: E731
     for name in ("attn.o", "fc1", "fc2"):
@@ -280,14 +286,7 @@ def test_sequential_layer_is_the_best_fit_to_its_corrected_target(centered):
     import sigmadecomp as sd
     from sigmadecomp.sigma import DEFAULT_RIDGE
 
-    torch.manual_seed(0)
-    model = _TokenNet().double().eval()
-    data = _token_batches()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        small, report = compress(model, "svd", data=data, sequential=True, ratio=2,
-                                 layers=["attn.o", "fc1", "fc2"], centered=centered,
-                                 progress=False)
+    model, data, small, report = _sequential_svd_of_token_net(centered=centered)
     rows = {r["name"]: r for r in report.layers}
     name = "fc2"
     hybrid = copy.deepcopy(model)  # the layers of earlier groups compressed

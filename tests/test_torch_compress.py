@@ -515,18 +515,21 @@ def test_a_default_layer_that_never_runs_on_data_is_skipped_with_the_reason(extr
                  options=FAST, progress=False)
 
 
+class _RecordingBar(list):
+    """What compress uses of a tqdm bar, recording the texts it is given."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.shown = []
+
+    def set_postfix_str(self, text, refresh=True):
+        self.shown.append(text)
+
+
 def test_the_progress_bar_shows_each_layers_sweeps_without_changing_the_result(monkeypatch):
     import importlib
 
     C = importlib.import_module("sigmadecomp_torch.compress")
-
-    class Bar(list):  # what compress uses of a tqdm bar
-        def __init__(self, items):
-            super().__init__(items)
-            self.shown = []
-
-        def set_postfix_str(self, text, refresh=True):
-            self.shown.append(text)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3),
@@ -536,7 +539,7 @@ def test_the_progress_bar_shows_each_layers_sweeps_without_changing_the_result(m
     for method in ("cp", "tucker2", "tt"):
         plain, _ = compress(model, method, progress=False, **kw)
         bars = []
-        monkeypatch.setattr(C, "_progress", lambda it, **_: bars.append(Bar(it)) or bars[-1])
+        monkeypatch.setattr(C, "_progress", lambda it, **_: bars.append(_RecordingBar(it)) or bars[-1])
         shown, report = compress(model, method, progress=True, **kw)
         monkeypatch.undo()
         for a, b in zip(plain.state_dict().values(), shown.state_dict().values()):
@@ -612,18 +615,10 @@ def test_progress_of_a_closed_form_tt_shows_no_sweep_number(monkeypatch):
     # layer and its error, never "sweep None"
     C = importlib.import_module("sigmadecomp_torch.compress")
 
-    class Bar(list):
-        def __init__(self, items):
-            super().__init__(items)
-            self.shown = []
-
-        def set_postfix_str(self, text, refresh=True):
-            self.shown.append(text)
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)).double()
     bars = []
-    monkeypatch.setattr(C, "_progress", lambda it, **_: bars.append(Bar(it)) or bars[-1])
+    monkeypatch.setattr(C, "_progress", lambda it, **_: bars.append(_RecordingBar(it)) or bars[-1])
     compress(model, "tt", ratio=2, progress=True)
     texts = bars[0].shown
     assert texts and all("None" not in t and "sweep" not in t for t in texts), texts

@@ -144,14 +144,7 @@ def test_kernel_path_gradcheck_and_gradients_equal_the_chain():
 
     inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in conv.named_parameters())
     assert torch.autograd.gradcheck(f, inputs)
-    grads = {}
-    for path in ("chain", "kernel"):
-        conv.evaluation = path
-        conv.zero_grad()
-        (conv(x) ** 2).sum().backward()
-        grads[path] = [p.grad.clone() for p in conv.parameters()]
-    for a, b in zip(grads["chain"], grads["kernel"]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _same_gradients_on_both_paths(conv, x)
 
     lin = TTLinear(12, 6, (3, 4), (2, 3), (2,), dtype=torch.float64, evaluation="kernel")
     z = torch.randn(3, 12, dtype=torch.float64)
@@ -159,11 +152,16 @@ def test_kernel_path_gradcheck_and_gradients_equal_the_chain():
     inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in lin.named_parameters())
     assert torch.autograd.gradcheck(
         lambda *ps: torch.func.functional_call(lin, dict(zip(names, ps)), (z,)), inputs)
+    _same_gradients_on_both_paths(lin, z)
+
+
+def _same_gradients_on_both_paths(layer, x):
+    grads = {}
     for path in ("chain", "kernel"):
-        lin.evaluation = path
-        lin.zero_grad()
-        (lin(z) ** 2).sum().backward()
-        grads[path] = [p.grad.clone() for p in lin.parameters()]
+        layer.evaluation = path
+        layer.zero_grad()
+        (layer(x) ** 2).sum().backward()
+        grads[path] = [p.grad.clone() for p in layer.parameters()]
     for a, b in zip(grads["chain"], grads["kernel"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
