@@ -10,10 +10,12 @@ listed in :attr:`QuantizedWeights.skipped` with a ``CompressionWarning``.
 * :func:`quantize_weights` computes the scales with torch's own observer
   (:class:`torch.ao.quantization.observer.PerChannelMinMaxObserver`, per-channel
   symmetric, ``qint8``) and replaces each chosen weight by its fake-quantized
-  value (:func:`torch.fake_quantize_per_channel_affine` picks the codes; the
-  weight becomes ``code * scale``, computed in float32 and stored in the
-  weight's dtype), so the model computes what the int8-weight model computes
-  (exactly for float32 weights; weight-only quantization:
+  value (:func:`torch.fake_quantize_per_channel_affine` picks the codes of
+  float32/float16/bfloat16 weights, float64 weights get the nearest codes of
+  their own values; the weight becomes ``code * scale``: the exact product
+  for float64 weights, else computed in float32 and stored in the weight's
+  dtype), so the model computes what the int8-weight model computes
+  (exactly for float32 and float64 weights; weight-only quantization:
   activations stay float). The int8 codes and scales are kept in the returned
   :class:`QuantizedWeights`.
 * :func:`quantized_state_dict` is the compact ``state_dict`` to ship (int8
@@ -40,6 +42,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -70,8 +73,10 @@ class QuantizedWeights:
         Codes, same shape as the weight; ``weight = int8 * scale[:, None, ...]``.
     scales : dict of str to torch.Tensor (float32) of shape (out_channels,)
     max_abs_error : dict of str to float
-        Largest change ``|w - stored w|`` per layer: at most half a scale step
-        for float32/float64 weights; float16/bfloat16 weights store the
+        Largest change ``|w - stored w|`` per layer: for float32/float64
+        weights at most half a scale step up to float32 rounding
+        (``|w - stored w| <= scale / 2 + 2**-23 * |w|`` per entry, the
+        second term from the float32 scale and product); float16/bfloat16 weights store the
         dequantized value rounded to their dtype, which may add up to half an
         ulp of that dtype.
     skipped : dict of str to str
@@ -93,6 +98,16 @@ class QuantizedWeights:
         worst = max(self.max_abs_error.values(), default=0.0)
         return f"QuantizedWeights({len(self.int8)} layers, max |error| {worst:.3g})"
 
+
+
+def _dequantized(codes, scale, dtype):
+    """``codes * scale`` (per output channel) stored in ``dtype``: for float64 the exact
+    product (an int8 code times a float32 scale fits a float64), else the float32 product
+    rounded to ``dtype`` (for float32 the exact product rounded once)."""
+    shape = (-1,) + (1,) * (codes.ndim - 1)
+    if dtype == torch.float64:
+        return codes.double() * scale.to(codes.device, torch.float64).view(shape)
+    return (codes.float() * scale.to(codes.device, torch.float32).view(shape)).to(dtype)
 
 
 def _is_tt(module):
@@ -171,7 +186,8 @@ def quantize_weights(model, *, layers=None, inplace=False):
     -----
     Scales come from ``PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
     qscheme=torch.per_channel_symmetric)``: ``scale_c = max|w_c| / 127.5``
-    (codes in [-128, 127]); rounding to nearest.
+    (codes in [-128, 127]; an all-zero channel gets the float32 eps); rounding to
+    nearest.
 
     Examples
     --------
@@ -228,13 +244,18 @@ def quantize_weights(model, *, layers=None, inplace=False):
             w.float(), scale, zero_point, 0, obs.quant_min, obs.quant_max
         )
         shape = (-1,) + (1,) * (w.ndim - 1)
-        # the int8 codes chosen by the fake-quantizer, and the exact dequantized weight
-        codes = torch.clamp(torch.round(fq / scale.view(shape)), obs.quant_min, obs.quant_max)
-        deq = codes * scale.view(shape)
-        result.int8[name] = codes.to(torch.int8)
+        if w.dtype == torch.float64:  # nearest codes of the weight itself, not of its
+            # float32 rounding (which can move a value across a rounding boundary)
+            codes = torch.clamp(torch.round(w / scale.double().view(shape)),
+                                obs.quant_min, obs.quant_max)
+        else:  # the int8 codes chosen by the fake-quantizer
+            codes = torch.clamp(torch.round(fq / scale.view(shape)),
+                                obs.quant_min, obs.quant_max)
+        codes = codes.to(torch.int8)
+        result.int8[name] = codes
         result.scales[name] = scale
         with torch.no_grad():
-            module.weight.copy_(deq.to(w.dtype))
+            module.weight.copy_(_dequantized(codes, scale, w.dtype))
         # measured on the weight as stored (rounded to its dtype), against the original
         result.max_abs_error[name] = float((module.weight.detach().double() - w.double())
                                            .abs().max())
@@ -287,9 +308,12 @@ def quantized_state_dict(model, quantized):
             raise ValueError(f"quantized lists layer {name!r}, which is not a module with a weight "
                              "in model; pass the model quantize_weights returned with it")
         scale = quantized.scales[name].to(weight.device)
-        stored = codes.to(weight.device).float() * scale.view((-1,) + (1,) * (codes.ndim - 1))
-        if stored.shape != weight.shape or not torch.equal(stored.to(weight.dtype),
-                                                           weight.detach()):
+        codes = codes.to(weight.device)
+        stored = _dequantized(codes, scale, weight.dtype)
+        # (a model quantized in float32 and converted to float64 holds the float32 products)
+        rounded = _dequantized(codes, scale, torch.float32).to(weight.dtype)
+        if stored.shape != weight.shape or not (torch.equal(stored, weight.detach())
+                                                or torch.equal(rounded, weight.detach())):
             raise ValueError(
                 f"the weight of layer {name!r} is no longer its int8 value (changed since "
                 "quantize_weights, e.g. by training, or from another model); its codes would "
@@ -317,11 +341,35 @@ def quantized_state_dict(model, quantized):
     return state
 
 
+def _checked_scale(state, key, codes):
+    """``state[key]``, the float32 scales of the int8 ``codes``, refused unless it is a
+    floating vector of one positive finite value per output channel (what
+    :func:`quantize_weights` writes)."""
+    scale = state[key]
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"state[{key!r}] is a {type(scale).__name__}; the scales of an int8 "
+                        "weight must be a float32 tensor")
+    want = (codes.shape[0],) if codes.ndim else None
+    if not scale.is_floating_point() or tuple(scale.shape) != want:
+        raise ValueError(f"state[{key!r}] has dtype {scale.dtype} and shape "
+                         f"{tuple(scale.shape)}; the scales of an int8 weight of shape "
+                         f"{tuple(codes.shape)} must be a float vector of shape {want} (one "
+                         "per output channel)")
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(f"state[{key!r}] holds scales that are not positive and finite "
+                         f"(min {float(scale.min())}); quantize_weights writes positive "
+                         "finite scales, is the file damaged?")
+    return scale
+
+
 def load_quantized_state_dict(model, state):
     """Load a :func:`quantized_state_dict` into ``model`` (dequantizing int8 weights), in place.
 
-    An int8 weight without its ``weight_scale``, or a weight with a
-    ``weight_scale`` that is not int8, raises a ``ValueError``.
+    An int8 weight without its ``weight_scale``, a weight with a
+    ``weight_scale`` that is not int8, a ``weight_scale`` without its weight,
+    or scales that are not a float vector of one positive finite value per
+    output channel raise a ``ValueError`` naming the key (codes or scales
+    that are not tensors a ``TypeError``).
 
     Returns
     -------
@@ -345,23 +393,44 @@ def load_quantized_state_dict(model, state):
     check_type(model, nn.Module, "model", "a torch.nn.Module")
     check_type(state, Mapping, "state", "the dict quantized_state_dict returned")
     plain = {}
+    targets = model.state_dict(keep_vars=True)  # (the dtype each weight is stored in)
     for key, value in state.items():
         if key == _SCALE_KEY or key.endswith("." + _SCALE_KEY):
+            weight_key = key[: -len(_SCALE_KEY)] + "weight"
+            if weight_key not in state:  # scales of no weight: foreign or partial state
+                raise ValueError(f"state has scales {key!r} but no weight {weight_key!r} to "
+                                 "dequantize with them; pass the whole dict "
+                                 "quantized_state_dict returned")
             continue
         is_weight = key == "weight" or key.endswith(".weight")
         scale_key = key[: -len("weight")] + _SCALE_KEY if is_weight else None
         if scale_key is not None and scale_key in state:
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state[{key!r}] is a {type(value).__name__}, but state has "
+                                f"its scales {scale_key!r}: it must be a tensor of int8 codes")
             if value.dtype != torch.int8:
                 raise ValueError(f"state[{key!r}] has dtype {value.dtype}, but state has its "
                                  f"scales {scale_key!r}: a weight with scales must be int8 "
                                  "codes (scaling a float weight again would change it)")
-            scale = state[scale_key]
-            value = value.float() * scale.view((-1,) + (1,) * (value.ndim - 1))
-        elif is_weight and value.dtype == torch.int8:
+            scale = _checked_scale(state, scale_key, value)
+            target = targets.get(key)
+            value = _dequantized(value, scale, target.dtype if isinstance(
+                target, torch.Tensor) and target.is_floating_point() else torch.float32)
+        elif is_weight and getattr(value, "dtype", None) == torch.int8:
             raise ValueError(f"state[{key!r}] holds int8 codes but state has no {scale_key!r}; "
                              "the codes cannot be dequantized without their scales (pass the "
                              "whole dict quantized_state_dict returned)")
+        elif (getattr(value, "dtype", None) == torch.int8
+              and isinstance(targets.get(key), torch.Tensor)
+              and targets[key].is_floating_point()):  # (codes of a format not ours)
+            raise ValueError(f"state[{key!r}] holds int8 values for the model's "
+                             f"{targets[key].dtype} tensor {key!r}, without scales; only "
+                             "weights (with their weight_scale) are quantized by "
+                             "quantized_state_dict")
         plain[key] = value
+    if hasattr(state, "_metadata"):  # (module versions, as load_state_dict reads them)
+        plain = OrderedDict(plain)
+        plain._metadata = state._metadata
     model.load_state_dict(plain)
     return model
 

@@ -367,17 +367,26 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
     Raises
     ------
     TypeError
-        ``strict`` or ``inplace`` not a bool, or an entry of a factorized
-        layer that is not a tensor.
+        ``strict`` or ``inplace`` not a bool, an entry of a factorized
+        layer that is not a tensor, or an entry that is a dict (a checkpoint
+        holding the state dict was passed instead of the state dict).
     ValueError
         A factorized layer of the state dict that is not a ``Conv2d``/``Linear``
         of the model (or, with ``strict=True``, that the model does not have),
-        factor shapes that do not fit it, or ``strict=False`` with a quantized
-        state dict.
+        factor shapes that do not fit it, ``strict=False`` with a quantized
+        state dict, int8 codes without their ``weight_scale``, or scales
+        that do not fit their codes (see :func:`load_quantized_state_dict`).
     RuntimeError
         From ``load_state_dict``: with ``strict=True``, keys of the model
         missing from the state dict or keys of the state dict the model does
         not have.
+
+    Notes
+    -----
+    The ``evaluation`` setting of Tensor-Train layers (``'auto'``, ``'chain'``,
+    ``'kernel'``) is not part of a state dict: they come back with the default
+    ``'auto'``; set ``layer.evaluation`` again where the saved model used
+    another (the paths agree up to floating-point rounding).
 
     Examples
     --------
@@ -409,10 +418,26 @@ def load_compressed(model, state_dict, *, strict=True, inplace=False):
         raise TypeError(f"strict={strict!r} is not allowed; it must be True or False")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace={inplace!r} is not allowed; it must be True or False")
+    own = model.state_dict(keep_vars=True)
+    nested = [k for k, v in state_dict.items() if isinstance(v, dict) and k not in own]
+    if nested:  # a checkpoint holding the state dict (and more), not the state dict
+        raise TypeError(f"state_dict[{nested[0]!r}] is a dict, not a tensor; state_dict must "
+                        "be the model's state dict itself (for a checkpoint that holds one, "
+                        f"e.g. checkpoint[{nested[0]!r}])")
     quantized = any(k == _SCALE_KEY or k.endswith("." + _SCALE_KEY) for k in state_dict)
     if quantized and not strict:
         raise ValueError("strict=False is not allowed with a quantized state dict "
                          "(weight_scale entries); load it whole, with strict=True")
+    codes = [k for k, v in state_dict.items()
+             if isinstance(v, torch.Tensor) and v.dtype == torch.int8
+             # (an int8 buffer of the model loads as it is)
+             and not (isinstance(own.get(k), torch.Tensor) and not own[k].is_floating_point())]
+    if codes and not quantized:  # (loading would silently cast int8 codes to float)
+        if not strict:
+            raise ValueError(f"state_dict[{codes[0]!r}] holds int8 codes but the state dict "
+                             "has no weight_scale entries to dequantize them; pass the whole "
+                             "dict quantized_state_dict returned")
+        quantized = True  # load_quantized_state_dict names the key
     formats = factorized_formats(state_dict)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules(remove_duplicate=False))
