@@ -250,7 +250,8 @@ def relu_moments(mean1, mean2, std1, std2, rho):
     joint = np.exp(-0.5 * (a * a - 2 * r * a * b + b * b) / (q * q)) / (2 * math.pi)
     val = ((a * b + r) * _bvn_cdf(a, b, r) + a * _phi(b) * _Phi(ca) + b * _phi(a) * _Phi(cb)
            + q * joint)
-    return s1 * s2 * val
+    # the mean of a product of two non-negative variables: a rounding below zero is zero
+    return s1 * s2 * np.maximum(val, 0.0)
 
 
 def _relu_second(mean, std):

@@ -68,7 +68,7 @@ def test_shrink_sigma_new_array_and_stack(rng):
 
 
 @pytest.mark.parametrize("bad, err", [(-0.1, ValueError), (1.5, ValueError), (True, TypeError),
-                                      (float("nan"), TypeError), ("half", TypeError),
+                                      (float("nan"), ValueError), ("half", TypeError),
                                       (None, TypeError)])
 def test_bad_alpha_core(bad, err, rng):
     with pytest.raises(err, match="alpha"):
@@ -281,7 +281,7 @@ def test_layers_sharing_statistics_keep_sharing():
 @pytest.mark.parametrize("alpha, err, match", [
     (-0.5, ValueError, "alpha"), (2, ValueError, "alpha"), (True, TypeError, "alpha"),
     ("best", ValueError, "alpha='best'"), ([0.1], TypeError, "alpha"),
-    (float("inf"), TypeError, "alpha"), ({"nope": 0.1}, ValueError, "nope"),
+    (float("inf"), ValueError, "alpha"), ({"nope": 0.1}, ValueError, "nope"),
     ({"3": 1.2}, ValueError, r"alpha\['3'\]"),
 ])
 def test_bad_alpha_adapter(setup, alpha, err, match):
