@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from . import _backend as B
-from ._validation import check_array, check_choice, check_flag, check_int
+from ._validation import COUNT_SLACK, check_array, check_choice, check_flag, check_int
 from .costs import (
     METHODS,
     check_hw_pair,
@@ -211,6 +211,7 @@ def error_curve(weight, method, sigma=None, *, out_hw=None, in_hw=None, keep_pro
     spec = method_spec(method, shape)
     keep_proportion = check_flag(keep_proportion, "keep_proportion")
     exact = check_flag(exact, "exact")
+    max_exact = check_int(max_exact, "max_exact", low=2)
     if spec.candidates is None or spec.curve is None:
         raise ValueError(f"method={method!r} has no error curve; it cannot be allocated")
     if out_hw is not None or len(shape) == 2:
@@ -224,7 +225,6 @@ def error_curve(weight, method, sigma=None, *, out_hw=None, in_hw=None, keep_pro
     else:
         macs = None
     if exact and method != "svd":
-        max_exact = check_int(max_exact, "max_exact", low=2)
         idx = _thin(params, max_exact)
         cands = [cands[i] for i in idx]
         params = params[idx]
@@ -232,7 +232,15 @@ def error_curve(weight, method, sigma=None, *, out_hw=None, in_hw=None, keep_pro
         errors = np.array([_exact_error(method, weight, sigma, r) for r in cands])
         return RankCurve(method, shape, cands, params, macs, errors, exact=True)
     sp = whitened_spectra(weight, sigma)
-    energy = sp["energy"]
+    # the errors are relative, hence scale-free: work on the spectra divided by the
+    # largest singular value, so that squares of very large or very small ones neither
+    # overflow (NaN errors) nor underflow (all errors 0)
+    top = float(np.max(sp["s0"])) if sp["s0"].size else 0.0
+    if top > 0.0:
+        sp = dict(sp, **{k: sp[k] / top for k in ("s0", "s1") if k in sp})
+        energy = float(np.sum(sp["s0"] ** 2))
+    else:
+        energy = 0.0
     tail = np.asarray(spec.curve(sp, cands), dtype=np.float64)
     if energy > 0:
         errors = np.sqrt(np.clip(tail / energy, 0.0, 1.0))
@@ -509,7 +517,9 @@ def _check_budget(budget, dense_total, cost):
             f"budget={budget!r} is not allowed; a float budget is a fraction of the original "
             f"total {cost} ({dense_total}) and must lie in (0, 1)"
         )
-    return int(math.floor(float(budget) * dense_total))
+    # the same slack as ratio_to_ranks: 0.29 of 100 is 29, although 0.29 * 100 rounds to
+    # 28.999999999999996 in floating point
+    return int(math.floor(float(budget) * dense_total * (1 + COUNT_SLACK)))
 
 
 def allocate(layers, budget, *, method, cost="params", objective="sum", exact=False,
@@ -603,6 +613,7 @@ def allocate(layers, budget, *, method, cost="params", objective="sum", exact=Fa
         m = method.get(name) if hasattr(method, "get") else method
         if m is None:
             raise ValueError(f"method has no entry for layer {name!r}; give a method for every layer")
+        method_spec(m)  # a misspelt method is refused for Linear layers too
         if len(shape) == 2:
             m = "svd"
         method_spec(m, shape)

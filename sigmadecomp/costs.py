@@ -281,7 +281,7 @@ def register_method(name, spec):
 
 
 def method_spec(method, shape=None):
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         allowed = ", ".join(repr(m) for m in sorted(METHODS))
         raise ValueError(f"method={method!r} is not allowed; method must be one of {allowed}")
     spec = METHODS[method]

@@ -240,12 +240,23 @@ def _whitened(weight, sigma, rank_out=None):
     K1 = xp.reshape(K, (T, -1))
     if sigma is None:
         return K
+    if B.is_torch(sigma):  # only the values are needed (no autograd warning from the checks)
+        sigma = sigma.detach()
     S = check_sigma(sigma, K1.shape[1], K1, psd=False)  # psd_root checks it
     root = psd_root(prepared_or(sigma, S), rtol=default_rtol(sigma.dtype),
                     neg_rtol=default_neg_rtol(sigma.dtype))  # once per PreparedSigma
     if rank_out is not None:
         rank_out.append(int(root.rank))
     return xp.reshape(K1 @ root.sqrt(), tuple(K.shape))
+
+
+def _squared_norm(sv):
+    """``sum(sv**2)`` scaled by the largest value, so that no square over- or underflows
+    (``inf`` only when the sum itself is beyond the float range)."""
+    top = float(np.max(sv)) if sv.size else 0.0
+    if top == 0.0:
+        return 0.0
+    return top * top * float(np.sum((sv / top) ** 2))
 
 
 def whitened_spectra(weight, sigma):
@@ -258,8 +269,8 @@ def whitened_spectra(weight, sigma):
     Y = _whitened(weight, sigma, rank)
     xp = B.namespace(Y)
     n = math.prod(int(d) for d in Y.shape[1:])
-    out = {"s0": B.to_numpy(B.svd(xp.reshape(Y, (Y.shape[0], -1)))[1]),
-           "energy": float(xp.sum(Y * Y)), "shape": tuple(int(d) for d in Y.shape),
+    s0 = B.to_numpy(B.svd(xp.reshape(Y, (Y.shape[0], -1)))[1])
+    out = {"s0": s0, "energy": _squared_norm(s0), "shape": tuple(int(d) for d in Y.shape),
            "rank": rank[0] if rank else n}
     if Y.ndim == 4:
         out["s1"] = B.to_numpy(B.svd(unfold(Y, 1))[1])
