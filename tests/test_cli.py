@@ -1071,3 +1071,16 @@ def test_exit_status_tells_a_refused_command_line_from_a_failed_run(model_file, 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert "MODEL=" in proc.stderr and "is not a file" in proc.stderr
+
+
+def test_budget_fraction_precheck_keeps_the_allocators_rounding_slack():
+    # 0.29 of a 4x25 Linear's 100 weights is 29, the cost of rank 1 (4 + 25), although
+    # 0.29 * 100 is 28.999999999999996 in floating point: accepted, as allocate accepts it
+    import argparse
+
+    model = nn.Sequential(nn.Linear(25, 4))
+    args = argparse.Namespace(budget=0.29, method="svd")
+    cli._check_budget_size(args, model, ["0"], None)  # no UserError
+    args.budget = 0.28
+    with pytest.raises(cli.UserError, match="at least 29"):
+        cli._check_budget_size(args, model, ["0"], None)
