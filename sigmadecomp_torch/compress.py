@@ -336,6 +336,9 @@ def select_step(model, layers, explicit, ratio, canon=lambda n: n):
             layers += [k for k in explicit if k not in layers]
             skipped += [s for s in default_exclusions(model, order) if s["name"] not in layers]
             skipped += unsupported_modules(model)
+    elif callable(layers) and not isinstance(layers, torch.nn.Module):
+        # a predicate or 'all' chooses among Conv2d/Linear: list what none can choose
+        skipped += unsupported_modules(model)
     elif isinstance(layers, str):
         layers = [canon(layers)]
     elif not callable(layers):
@@ -1179,7 +1182,10 @@ def compress(model, method, *, covariances=None, ratio=None, ranks=None, budget=
     -----
     What is left alone, each with its reason in ``report.skipped``: grouped
     convolutions; ``Conv1d``, ``Conv3d``, transposed convolutions and
-    ``Bilinear`` layers (listed when ``layers=None``); subclasses of
+    ``Bilinear`` layers, ``nn.MultiheadAttention``'s bare q/k/v projection
+    (``in_proj_weight``) and 4-D parameters held outside a ``Conv2d`` (a kernel
+    applied with ``torch.nn.functional.conv2d``) (listed when ``layers=None``,
+    ``'all'`` or a predicate); subclasses of
     ``Conv2d``/``Linear`` that override ``forward``; parametrized weights and
     modules with forward or backward hooks; weights tied to another module's
     parameter; layers a module also keeps in a plain list, tuple or dict

@@ -256,6 +256,12 @@ def default_exclusions(model, order=None):
     what = ("reads the model's input" if reads else
             "the first the forward pass calls, or one reading the same input; no Conv2d/Linear "
             "reads the model's input")
+    if order is None and firsts:
+        before = _embedding_before(model, firsts[0])
+        if before is not None:
+            what = (f"the first Conv2d/Linear registered; it may not read the model's input, "
+                    f"since the embedding {before!r} is registered before it: give data= or "
+                    "example_input= to find the first layers in a forward pass")
     out = [{"name": n, "kind": kinds[n],
             "reason": f"first layer ({what}): left alone by default; "
                       "name it in layers= to compress it"} for n in firsts]
@@ -266,8 +272,22 @@ def default_exclusions(model, order=None):
     return out
 
 
+def _embedding_before(model, name):
+    """The name of an ``nn.Embedding``/``nn.EmbeddingBag`` registered before the layer
+    ``name`` (a model that starts from token ids), or None."""
+    for path, mod in model.named_modules():
+        if path == name:
+            return None
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            return path
+    return None
+
+
 def unsupported_modules(model):
-    """Skipped rows for conv-like modules no factorized layer stands in for."""
+    """Skipped rows for what no factorized layer stands in for: conv-like modules other than
+    Conv2d, ``nn.MultiheadAttention``'s bare q/k/v projection parameters, and 4-D parameters
+    (of a leading size above 1) held outside a convolution module, e.g. a kernel applied with
+    ``torch.nn.functional.conv2d``."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -280,6 +300,35 @@ def unsupported_modules(model):
         else:
             continue
         out.append({"name": name, "kind": type(m).__name__, "reason": reason})
+    # attention's q/k/v projection held as a bare parameter, not as Linear modules
+    for path, mod in model.named_modules():
+        if not isinstance(mod, nn.MultiheadAttention):
+            continue
+        for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            p = getattr(mod, attr, None)
+            if not isinstance(p, nn.Parameter):
+                continue
+            out.append({"name": f"{path}.{attr}" if path else attr,
+                        "kind": f"Parameter {tuple(p.shape)}",
+                        "reason": (f"the q/k/v projection of MultiheadAttention is the bare "
+                                   f"parameter {attr}, not an nn.Linear: it is not factorized "
+                                   "(an attention with q/k/v nn.Linear layers can be)")})
+    # a convolution weight kept as a parameter of another module and applied with
+    # torch.nn.functional.conv2d: there is no module a factorized layer could replace
+    seen = {id(p) for mod in model.modules() if isinstance(mod, nn.modules.conv._ConvNd)
+            for p in mod.parameters()}  # a conv's own, parametrizations' originals included
+    for path, mod in model.named_modules():
+        for attr, p in mod._parameters.items():
+            # (a leading 1 is a broadcast shape: a positional embedding or a scale)
+            if p is None or p.dim() != 4 or p.shape[0] == 1 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{path}.{attr}" if path else attr
+            out.append({"name": name, "kind": f"Parameter {tuple(p.shape)}",
+                        "reason": (f"a 4-D parameter of {type(mod).__name__}, not of an nn.Conv2d "
+                                   "(a convolution weight applied with "
+                                   "torch.nn.functional.conv2d?): only Conv2d and Linear modules "
+                                   "are factorized; hold it in an nn.Conv2d to compress it")})
     return out
 
 
@@ -461,6 +510,9 @@ def obstacle(model, module, paths, owners, held=None):
     if torch.nn.utils.parametrize.is_parametrized(module):
         return ("its weight is parametrized (torch.nn.utils.parametrize); remove the "
                 "parametrization first")
+    if any(type(h).__name__ == "WeightNorm" for h in module._forward_pre_hooks.values()):
+        return ("its weight is weight-normalized (torch.nn.utils.weight_norm), which a "
+                "replacement would silently drop; call torch.nn.utils.remove_weight_norm first")
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks, which a replacement would silently drop"
     if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
