@@ -380,7 +380,11 @@ _NO_STATISTICS = "no statistics for this layer in covariances"
 
 
 def _plan(model, chosen, method, covariances, centered, options, paths, named, skipped):
-    """Step 2: a :class:`LayerPlan` per layer that can be replaced (no decomposition yet)."""
+    """Step 2: a :class:`LayerPlan` per layer that can be replaced (no decomposition yet).
+
+    ``named``: True when the user named every chosen layer, else the set of the names
+    given their own ranks; a named layer that cannot be replaced raises, others are
+    skipped with the reason."""
     owners, held = param_owners(model), held_outside(model)
     cache = {}
     plans = []
@@ -394,7 +398,8 @@ def _plan(model, chosen, method, covariances, centered, options, paths, named, s
             if stats_key is None:
                 reason = _NO_STATISTICS
         if reason is not None:
-            if named:
+            # a layer the user named (in layers=, or with its own ranks=) raises
+            if named is True or (named and name in named):
                 raise ValueError(f"layer {name!r} cannot be compressed: {reason}")
             skipped.append({"name": name, "kind": kind, "reason": reason})
             continue
@@ -972,7 +977,8 @@ def _plan_steps(model, method, covariances, ratio, ranks, budget, layers, center
     # 1. select  2. plan (statistics prepared once)  3. ranks -- no decomposition yet
     chosen, named, skipped, asked = select_step(model, layers, explicit, ratio, canon)
     _warn_foreign_statistics(model, covariances)
-    plans = _plan(model, chosen, method, covariances, centered, options, paths, named, skipped)
+    plans = _plan(model, chosen, method, covariances, centered, options, paths,
+                  True if named else set(explicit), skipped)
     if not plans:
         raise ValueError("no layer can be compressed: "
                          + ("; ".join(f"{s['name']!r}: {s['reason']}" for s in skipped)

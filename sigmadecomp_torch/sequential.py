@@ -61,7 +61,7 @@ from ._batches import (as_batches, batch_mask, check_device, check_not_meta, che
                        user_stacklevel, warn_mask_use)
 from .covariance import LayerStats, select_layers
 from .parallel import agree, checking, first_given, resolve_group
-from .selection import dense_reasons
+from .selection import dense_reasons, obstacle, param_owners
 
 __all__ = ["CrossStats", "collect_cross_covariances", "corrected_target",
            "sequential_compress", "refit_after"]
@@ -770,6 +770,10 @@ def _candidates(model, layers, ranks, ratio):
     if not named:  # layers surgery leaves dense are reported with their obstacle up front
         dense = dense_reasons(model, [n for n, m in chosen  # (grouped convs: handled later)
                                       if not (isinstance(m, nn.Conv2d) and m.groups != 1)])
+        for n, m in chosen:  # a layer given its own ranks is named: it raises, as in compress
+            if n in explicit and (n in dense or (isinstance(m, nn.Conv2d) and m.groups != 1)):
+                reason = dense.get(n) or obstacle(model, m, [n], param_owners(model))
+                raise ValueError(f"layer {n!r} cannot be compressed: {reason}")
         skipped += [{"name": n, "kind": type(m).__name__, "reason": dense[n]}
                     for n, m in chosen if n in dense]
         chosen = [(n, m) for n, m in chosen if n not in dense]

@@ -677,3 +677,25 @@ def test_statistics_under_names_no_module_has_are_named_in_a_warning():
         with pytest.raises(ValueError, match="'0.1' cannot be compressed: no statistics"):
             compress(wrapped, "tucker2", covariances={k: stats[k] for k in ("1", "2")},
                      ratio=2, layers=["0.1"], progress=False)
+
+
+def test_a_layer_given_its_own_ranks_is_named_and_raises_when_it_cannot_be_compressed():
+    # ranks={'1': 4} names the grouped conv '1': with ratio= for the others too, one-shot and
+    # sequential, it raises as ranks= alone does, instead of being skipped without a word
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3),
+                          nn.Conv2d(8, 4, 3))
+    data = [torch.randn(2, 3, 12, 12)]
+    msg = r"layer '1' cannot be compressed: grouped convolution \(groups=8\)"
+    for kw in (dict(), dict(ratio=2), dict(ratio=2, data=data, sequential=True)):
+        with pytest.raises(ValueError, match=msg):
+            compress(model, "svd", ranks={"1": 4}, progress=False, **kw)
+    # not named: skipped with its reason, the others compressed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in (dict(), dict(data=data, sequential=True)):
+            _, report = compress(model, "svd", ratio=2, progress=False, **kw)
+            assert [r["name"] for r in report.layers] == ["2"]
+            assert any(s["name"] == "1" and "grouped" in s["reason"] for s in report.skipped)
