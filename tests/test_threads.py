@@ -9,6 +9,14 @@ from sigmadecomp import _backend, _threads
 from sigmadecomp import cp, sigma_svd, tt_conv, tt_linear, tt_svd, tucker2
 from tests._helpers import random_psd
 
+
+@pytest.fixture(autouse=True)
+def short_last_window(monkeypatch):
+    """Each test starts with a short last idle-cores window, whatever an earlier real
+    reading left behind: a long one makes free_cores trust the sample alone and ignore
+    the (often monkeypatched) load average. Restored after each test."""
+    monkeypatch.setattr(_threads, "_LAST_WINDOW", 0.0)
+
 torch = pytest.importorskip("torch")
 
 
