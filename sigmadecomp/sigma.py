@@ -224,16 +224,24 @@ def _sq_sigma_norm(D, S):
     return xp.clip(val, 0.0, None) if hasattr(xp, "clip") else xp.maximum(val, 0.0)
 
 
+#: A matrix whose largest entry lies in this range is used as it is by :func:`_unit_scaled`
+#: (products with it neither under- nor overflow); only one outside it is divided (an
+#: (n, n) copy, which on the largest layers costs real memory).
+SAFE_MATRIX_SCALE = (1e-100, 1e100)
+
+
 def _unit_scaled(D, S, *more):
-    """``(D, *more, S)`` divided by ``max|D|`` and ``max|S|`` (NumPy or torch, float64), and
-    the factor ``max|D| * sqrt(max|S|)`` that multiplies a Sigma-norm back: squared norms
-    of the scaled arrays neither under- nor overflow, whatever the user's scale."""
+    """``(D, *more, S)`` divided by ``max|D|`` and, at extreme magnitudes only, ``max|S|``
+    (NumPy or torch, float64), and the factor ``max|D| * sqrt(s)`` that multiplies a
+    Sigma-norm back: squared norms of the scaled arrays neither under- nor overflow,
+    whatever the user's scale."""
     xp = B.namespace(D)
     a = float(xp.max(xp.abs(D))) if math.prod(D.shape) else 0.0
     s = 1.0 if S is None else (float(xp.max(xp.abs(S))) if S.shape[0] else 0.0)
     a = a if a > 0.0 else 1.0
-    s = s if s > 0.0 else 1.0
-    scaled = [D / a] + [m / a for m in more] + ([None] if S is None else [S / s])
+    s = s if s > 0.0 and not SAFE_MATRIX_SCALE[0] <= s <= SAFE_MATRIX_SCALE[1] else 1.0
+    scaled = [D / a] + [m / a for m in more] + ([None] if S is None
+                                                 else [S / s if s != 1.0 else S])
     return scaled, a * float(np.sqrt(s))
 
 

@@ -50,7 +50,7 @@ from torch import nn
 from sigmadecomp import ranks as _ranks
 from sigmadecomp.exceptions import CompressionWarning
 from sigmadecomp.prepared import PreparedSigma
-from sigmadecomp.sigma import _sq_sigma_norm, relative_sigma_error
+from sigmadecomp.sigma import _sq_sigma_norm, _unit_scaled, relative_sigma_error
 
 from . import latency as _latency
 from . import parallel as _parallel
@@ -599,28 +599,18 @@ def decompose_layer(plan):
     return new, row, result
 
 
-# a statistic whose largest entry lies in this range is used as it is by _relative_error
-_SAFE_SCALE = (1e-100, 1e100)
-
-
 def _relative_error(K, D, M, S):
     """``sqrt(tr(D M D^T) / tr(K S K^T))`` in float64, each quadratic form measured by the
-    library's Sigma-norm policy (:func:`sigmadecomp.sigma_norm`): a value that is negative
-    beyond rounding (a float32 or slightly indefinite statistic) is measured in the
-    nearest PSD matrix, never clamped to 0. Scaled first, so that neither under- nor
+    library's Sigma-norm policy (:func:`sigmadecomp.sigma_norm`: a value that is negative
+    beyond rounding, of a float32 or slightly indefinite statistic, is measured in the
+    nearest PSD matrix, never clamped to 0), each scaled so that neither under- nor
     overflows."""
-    a = float(K.abs().max()) if K.numel() else 0.0
-    a = a if a > 0.0 else 1.0
-    parts = []
-    for X, Y in ((D, M), (K, S)):
-        s = float(Y.abs().max()) if Y.numel() else 0.0
-        # rescale the statistic only at extreme magnitudes: an (n, n) copy per layer
-        # costs memory on the largest layers, and products of ordinary ones are safe
-        s = s if s > 0.0 and not _SAFE_SCALE[0] <= s <= _SAFE_SCALE[1] else 1.0
-        parts.append(float(_sq_sigma_norm(X / a, Y / s if s != 1.0 else Y)) * s)
-    num, den = parts
+    (Dn, Mn), fd = _unit_scaled(D, M)
+    (Kn, Sn), fk = _unit_scaled(K, S)
+    num = float(_sq_sigma_norm(Dn, Mn))
+    den = float(_sq_sigma_norm(Kn, Sn))
     if den > 0:
-        return math.sqrt(num / den)
+        return (fd / fk) * math.sqrt(num / den)
     return 0.0 if num == 0 else math.inf
 
 
