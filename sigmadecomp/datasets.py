@@ -29,17 +29,14 @@ __all__ = [
 ]
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-INSTALL_HINT = (
-    "install it with:  sudo apt-get install dataset-fashion-mnist  "
-    "(or pass a directory holding train-images-idx3-ubyte[.gz], "
-    "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-    "t10k-labels-idx1-ubyte[.gz]; the environment variable "
-    "SIGMADECOMP_FASHION_MNIST may name that directory)"
-)
-
 # the four IDX files of Fashion-MNIST (each may also be gzip'ed, name + ".gz")
 _FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+INSTALL_HINT = (
+    "install it with:  sudo apt-get install dataset-fashion-mnist  "
+    "(or pass a directory holding " + ", ".join(f + "[.gz]" for f in _FASHION_FILES)
+    + "; the environment variable SIGMADECOMP_FASHION_MNIST may name that directory)"
+)
 
 _IDX_DTYPES = {
     0x08: np.uint8,

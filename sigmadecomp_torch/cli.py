@@ -467,7 +467,7 @@ def _check_budget_size(args, model, layers, stats):
     """Refuse a --budget below the cost of the compressed layers' smallest ranks (as the
     allocation does, once the statistics are at hand); warn about one at or above their
     original size."""
-    from sigmadecomp._validation import COUNT_SLACK
+    from sigmadecomp.allocation import _check_budget as budget_count
     from sigmadecomp.costs import METHODS, layer_params
 
     from .formats import LAYER_METHODS, layer_method_for
@@ -486,8 +486,8 @@ def _check_budget_size(args, model, layers, stats):
     if not dense:
         return
     b = args.budget
-    # (the allocator's own count: a fraction keeps the same slack against float rounding)
-    budget = int(b) if b >= 1 else math.floor(b * dense * (1 + COUNT_SLACK))
+    # the allocator's own count (a fraction keeps its slack against float rounding)
+    budget = budget_count(int(b) if b >= 1 else float(b), dense, "weight parameters")
     if least > budget:
         asked = (f"--budget={budget}" if b >= 1 else
                  f"--budget={b:g} (a fraction: {budget} of {dense} weight parameters)")
